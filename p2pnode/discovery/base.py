@@ -1,0 +1,71 @@
+"""The discovery seam: where a node announces itself and finds the other peers of its run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from p2pnode.proto import peer_pb2
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a peer announces about itself.
+
+    :param peer_id: the peer's id (base58 libp2p id for real peers).
+    :param maddrs: multiaddrs at which it can be reached (empty in the simulator).
+    :param round: rounds it has completed.
+    :param task: the task name it trains.
+    :param config_hash: hash of its model-relevant config; peers with another hash are not used.
+    :param capabilities: feature names it supports (for example ``"gossip"``).
+    :param timestamp: when the record was written, seconds since the epoch (virtual seconds in the simulator).
+    """
+
+    peer_id: str
+    maddrs: tuple[str, ...] = ()
+    round: int = 0
+    task: str = ""
+    config_hash: str = ""
+    capabilities: tuple[str, ...] = field(default_factory=tuple)
+    timestamp: float = 0.0
+
+    def to_proto(self) -> peer_pb2.PeerRecord:
+        return peer_pb2.PeerRecord(peer_id=self.peer_id, maddrs=list(self.maddrs), round=self.round,
+                                   task=self.task, config_hash=self.config_hash,
+                                   capabilities=list(self.capabilities), timestamp=self.timestamp)
+
+    @classmethod
+    def from_proto(cls, rec: peer_pb2.PeerRecord) -> PeerInfo:
+        return cls(peer_id=rec.peer_id, maddrs=tuple(rec.maddrs), round=rec.round, task=rec.task,
+                   config_hash=rec.config_hash, capabilities=tuple(rec.capabilities), timestamp=rec.timestamp)
+
+
+class PeerDirectory(ABC):
+    """Run-scoped membership: announce yourself, list the others.
+
+    A directory is bound to one run id and one config hash: `peers()` returns only live records of the
+    same run and config hash, never this node itself, sorted by peer id, and counts the records it
+    dropped in `mismatched` (other config) and `invalid` (failed the schema).
+    """
+
+    def __init__(self) -> None:
+        self.mismatched = 0
+        self.invalid = 0
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (for example, periodic refresh of this node's record)."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Withdraw this node's record and stop background work."""
+
+    @abstractmethod
+    async def announce(self, info: PeerInfo) -> None:
+        """Publish or refresh this node's record; it expires unless refreshed."""
+
+    @abstractmethod
+    async def withdraw(self) -> None:
+        """Remove this node's record (graceful leave)."""
+
+    @abstractmethod
+    async def peers(self) -> list[PeerInfo]:
+        """Live peers of this run with the same config hash, excluding this node, sorted by peer id."""

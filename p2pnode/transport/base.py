@@ -1,0 +1,190 @@
+"""The transport seam: every protocol talks to peers only through `Transport`.
+
+Two implementations run the same framing and dispatch code in this module:
+
+- `p2pnode.transport.p2p.P2PTransport`: hivemind's libp2p daemon (real network);
+- `p2pnode.transport.memory.MemoryTransport`: an in-memory network on a virtual clock (simulator).
+
+A concrete transport only moves encoded bytes (`_send`) and hands received bytes to `_dispatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message as ProtoMessage
+
+from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
+from p2pnode.proto import peer_pb2
+from p2pnode.transport import codec
+from p2pnode.transport.codec import Message
+
+logger = logging.getLogger(__name__)
+
+#: A request handler: (sender peer id, request) -> response. Raise `BadMessage` to refuse a request.
+Handler = Callable[[str, Message[Any]], Awaitable[Message[Any]]]
+
+_ERROR_CODES: dict[str, int] = {
+    "unknown_method": peer_pb2.UNKNOWN_METHOD,
+    "malformed": peer_pb2.MALFORMED,
+    "oversized": peer_pb2.OVERSIZED,
+    "bad_shape": peer_pb2.BAD_SHAPE,
+    "non_finite": peer_pb2.NON_FINITE,
+    "wrong_run": peer_pb2.WRONG_RUN,
+    "unavailable": peer_pb2.UNAVAILABLE,
+    "internal": peer_pb2.INTERNAL,
+    "stale": peer_pb2.STALE,
+}
+_ERROR_NAMES = {v: k for k, v in _ERROR_CODES.items()}
+
+
+@dataclass
+class TrafficStats:
+    """Counters of one transport. Bytes count whole encoded messages (envelopes and tensor bytes)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+    failed_calls: int = 0
+    #: Messages this node refused, by reason code (``malformed``, ``oversized``, ``bad_shape``, ...).
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "calls": self.calls,
+            "failed_calls": self.failed_calls,
+            "rejected": dict(sorted(self.rejected.items())),
+        }
+
+
+@dataclass
+class _Route:
+    request_type: type[ProtoMessage]
+    handler: Handler
+
+
+class Transport(ABC):
+    """Request/response messaging between peers, with tensors as raw bytes.
+
+    :param max_message_bytes: largest message this node sends or accepts, in bytes (default 1 GiB).
+    """
+
+    def __init__(self, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.stats = TrafficStats()
+        self._routes: dict[str, _Route] = {}
+        #: Called as on_reject(peer_id, reason, message) whenever this node refuses a message.
+        self.on_reject: Callable[[str, str, str], None] | None = None
+
+    # -- identity and lifecycle -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def peer_id(self) -> str:
+        """This node's peer id (base58 libp2p id for the real transport)."""
+
+    def addresses(self) -> list[str]:
+        """Addresses at which other peers can reach this node (multiaddrs for the real transport)."""
+        return []
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start listening. Handlers may be registered before or after."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop listening and release resources; calls in flight fail with `PeerUnreachable`."""
+
+    # -- serving ----------------------------------------------------------------------------------
+    def register(self, method: str, request_type: type[ProtoMessage], handler: Handler) -> None:
+        """Serve `method`: requests are parsed as `request_type` and passed to `handler`."""
+        if method in self._routes:
+            raise ValueError(f"method {method!r} is already registered")
+        self._routes[method] = _Route(request_type, handler)
+
+    def reject(self, peer_id: str, reason: str, message: str) -> None:
+        """Count and log a refused message (also used by protocols for checks they make themselves)."""
+        self.stats.rejected[reason] += 1
+        logger.warning("%s rejected a message from %s: %s (%s)", self.peer_id[-8:], peer_id[-8:], message, reason)
+        if self.on_reject is not None:
+            self.on_reject(peer_id, reason, message)
+
+    async def _dispatch(self, peer_id: str, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        """Decode a request, run its handler and encode the response (or an error envelope)."""
+        self.stats.bytes_received += len(data)
+        method = ""
+        try:
+            env, tensors = codec.decode(data, self.max_message_bytes)
+            method = env.method
+            route = self._routes.get(method)
+            if route is None:
+                raise BadMessage(f"unknown method {method!r}", code="unknown_method")
+            request = Message(codec.parse_body(env, route.request_type), tensors)
+            response = await route.handler(peer_id, request)
+            parts = codec.encode(method, response.body, response.tensors)
+        except BadMessage as e:
+            self.reject(peer_id, e.code, str(e))
+            parts = self._error(method, e.code, str(e))
+        except TransportError as e:
+            parts = self._error(method, e.code if e.code in _ERROR_CODES else "internal", str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.exception("handler %r failed for a request from %s", method, peer_id)
+            parts = self._error(method, "internal", f"{type(e).__name__}: {e}")
+        self.stats.bytes_sent += codec.encoded_size(parts)
+        return parts
+
+    @staticmethod
+    def _error(method: str, code: str, message: str) -> list[memoryview]:
+        return codec.encode(method, peer_pb2.Ping(), error=_ERROR_CODES.get(code, peer_pb2.INTERNAL),
+                            error_message=message[:1000])
+
+    # -- calling ----------------------------------------------------------------------------------
+    @abstractmethod
+    async def _send(self, peer_id: str, method: str, parts: Sequence[memoryview], timeout: float
+                    ) -> bytes | bytearray | memoryview:
+        """Deliver an encoded request to `peer_id` and return its encoded response.
+
+        Raises `PeerUnreachable` when the peer cannot be reached or does not answer within `timeout`.
+        """
+
+    async def call(self, peer_id: str, method: str, request: Message[Any], response_type: type[codec.B],
+                   timeout: float) -> Message[codec.B]:
+        """Send `request` to `peer_id` and wait at most `timeout` seconds for its response.
+
+        Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
+        (the response is malformed; also counted in `stats.rejected`).
+        """
+        parts = codec.encode(method, request.body, request.tensors)
+        size = codec.encoded_size(parts)
+        if size > self.max_message_bytes:
+            raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",
+                                 code="oversized")
+        self.stats.calls += 1
+        self.stats.bytes_sent += size
+        try:
+            data = await asyncio.wait_for(self._send(peer_id, method, parts, timeout), timeout)
+        except TimeoutError as e:
+            self.stats.failed_calls += 1
+            raise PeerUnreachable(f"{peer_id} did not answer {method} within {timeout:.1f} s") from e
+        except TransportError:
+            self.stats.failed_calls += 1
+            raise
+        self.stats.bytes_received += len(data)
+        try:
+            env, tensors = codec.decode(data, self.max_message_bytes)
+            if env.error != peer_pb2.OK:
+                self.stats.failed_calls += 1
+                raise RemoteError(f"{peer_id} refused {method}: {env.error_message}",
+                                  code=_ERROR_NAMES.get(env.error, "internal"))
+            return Message(codec.parse_body(env, response_type), tensors)
+        except BadMessage as e:
+            self.stats.failed_calls += 1
+            self.reject(peer_id, e.code, str(e))
+            raise

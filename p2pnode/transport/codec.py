@@ -1,0 +1,217 @@
+"""Wire format of one request or response: a length-prefixed `Envelope` followed by raw tensor bytes.
+
+Layout (all integers little-endian)::
+
+    u32 envelope_length | Envelope (protobuf) | tensor 0 bytes | tensor 1 bytes | ...
+
+Tensors travel as raw little-endian bytes with a dtype name and a shape from `TensorSpec`; the receiver
+checks the dtype against an allowlist and the sizes against the envelope before it builds any tensor.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+
+from p2pnode.errors import BadMessage
+from p2pnode.proto import peer_pb2
+
+HEADER = struct.Struct("<I")
+#: Largest envelope (the protobuf part, without tensor bytes) a receiver accepts, in bytes.
+MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+#: Default largest whole message (envelope and tensor bytes), in bytes: 1 GiB.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+#: Most tensors one message may carry.
+MAX_TENSORS = 4096
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+B = TypeVar("B", bound=ProtoMessage)
+
+
+@dataclass
+class Message(Generic[B]):
+    """A request or response: a protobuf `body` and named tensors that travel as raw bytes."""
+
+    body: B
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # Viewing as uint8 is zero-copy; bfloat16 has no numpy dtype, so go through bytes of uint8.
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def encode(
+    method: str,
+    body: ProtoMessage,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    *,
+    error: int = 0,
+    error_message: str = "",
+) -> list[memoryview]:
+    """Encode one message as a list of buffers to write in order (no copy of tensor data)."""
+    env = peer_pb2.Envelope(method=method, body=body.SerializeToString(), error=error,  # type: ignore[arg-type]
+                            error_message=error_message)
+    parts: list[memoryview] = []
+    total = 0
+    for name, t in (tensors or {}).items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which cannot be sent; "
+                             f"allowed: {sorted(DTYPES)}")
+        env.tensors.add(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
+        buf = _tensor_bytes(t)
+        total += buf.nbytes
+        parts.append(buf)
+    env.payload_bytes = total
+    head = env.SerializeToString()
+    return [memoryview(HEADER.pack(len(head)) + head), *parts]
+
+
+def encoded_size(parts: Sequence[memoryview]) -> int:
+    """Total number of bytes of an encoded message."""
+    return sum(p.nbytes for p in parts)
+
+
+def join(parts: Sequence[memoryview]) -> bytes:
+    """Concatenate an encoded message into one `bytes` object."""
+    return b"".join(parts)
+
+
+def parse_header(prefix: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
+    """Read the envelope length from the first 4 bytes and check it against the limits."""
+    if len(prefix) < HEADER.size:
+        raise BadMessage("message shorter than its 4-byte header", code="malformed")
+    (n,) = HEADER.unpack_from(prefix)
+    if n > MAX_ENVELOPE_BYTES or n > max_message_bytes:
+        raise BadMessage(f"envelope of {n} bytes exceeds the limit of {min(MAX_ENVELOPE_BYTES, max_message_bytes)}",
+                         code="oversized")
+    return int(n)
+
+
+def parse_envelope(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+                   ) -> peer_pb2.Envelope:
+    """Parse and check an envelope (without its tensor bytes)."""
+    env = peer_pb2.Envelope()
+    try:
+        env.ParseFromString(bytes(data))
+    except (DecodeError, ValueError) as e:
+        raise BadMessage(f"cannot parse envelope: {e}", code="malformed") from e
+    if len(env.tensors) > MAX_TENSORS:
+        raise BadMessage(f"{len(env.tensors)} tensors in one message; the limit is {MAX_TENSORS}", code="malformed")
+    if env.payload_bytes + len(data) + HEADER.size > max_message_bytes:
+        raise BadMessage(f"message of {env.payload_bytes + len(data)} bytes exceeds the limit of "
+                         f"{max_message_bytes} bytes", code="oversized")
+    expected = 0
+    for spec in env.tensors:
+        if spec.dtype not in DTYPES:
+            raise BadMessage(f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}", code="bad_shape")
+        if any(d < 0 for d in spec.shape) or len(spec.shape) > 16:
+            raise BadMessage(f"tensor {spec.name!r} has an invalid shape {list(spec.shape)}", code="malformed")
+        numel = 1
+        for d in spec.shape:
+            numel *= d
+        expected += numel * DTYPES[spec.dtype].itemsize
+    if expected != env.payload_bytes:
+        raise BadMessage(f"tensor specs need {expected} bytes but the envelope announces {env.payload_bytes}",
+                         code="malformed")
+    return env
+
+
+def decode_tensors(env: peer_pb2.Envelope, payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Build tensors over `payload` (no copy when `payload` is a writable buffer)."""
+    if len(payload) != env.payload_bytes:
+        raise BadMessage(f"received {len(payload)} tensor bytes, envelope announces {env.payload_bytes}",
+                         code="malformed")
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    view = memoryview(payload)
+    for spec in env.tensors:
+        dtype = DTYPES[spec.dtype]
+        numel = 1
+        for d in spec.shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if spec.name in out:
+            raise BadMessage(f"tensor {spec.name!r} appears twice", code="malformed")
+        if nbytes == 0:
+            out[spec.name] = torch.empty(tuple(spec.shape), dtype=dtype)
+        else:
+            chunk = view[offset:offset + nbytes]
+            if chunk.readonly:
+                chunk = memoryview(bytearray(chunk))
+            out[spec.name] = torch.frombuffer(chunk, dtype=torch.uint8).view(dtype).reshape(tuple(spec.shape))
+        offset += nbytes
+    return out
+
+
+def decode(data: bytes | bytearray | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+           ) -> tuple[peer_pb2.Envelope, dict[str, torch.Tensor]]:
+    """Decode a whole message held in memory."""
+    view = memoryview(data)
+    if view.nbytes > max_message_bytes:
+        raise BadMessage(f"message of {view.nbytes} bytes exceeds the limit of {max_message_bytes} bytes",
+                         code="oversized")
+    n = parse_header(view, max_message_bytes)
+    if view.nbytes < HEADER.size + n:
+        raise BadMessage("message ends inside its envelope", code="malformed")
+    env = parse_envelope(view[HEADER.size:HEADER.size + n], max_message_bytes)
+    payload = view[HEADER.size + n:]
+    return env, decode_tensors(env, payload)
+
+
+def parse_body(env: peer_pb2.Envelope, body_type: type[B]) -> B:
+    """Parse the method-specific body of an envelope."""
+    body = body_type()
+    try:
+        body.ParseFromString(env.body)
+    except (DecodeError, ValueError) as e:
+        raise BadMessage(f"cannot parse {body_type.__name__} body: {e}", code="malformed") from e
+    return body
+
+
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> None:
+    """Check that `tensors` has exactly the expected names, shapes and dtypes, and only finite values.
+
+    Raises `BadMessage` with code ``bad_shape`` or ``non_finite``.
+    """
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(expected))[:3]
+        raise BadMessage(f"tensor names differ from this run's model (missing {missing}, unexpected {extra})",
+                         code="bad_shape")
+    for name, (shape, dtype) in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape):
+            raise BadMessage(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}", code="bad_shape")
+        if t.dtype != dtype:
+            raise BadMessage(f"tensor {name!r} has dtype {t.dtype}, expected {dtype}", code="bad_shape")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadMessage(f"tensor {name!r} holds NaN or Inf", code="non_finite")
