@@ -1,0 +1,150 @@
+"""Shared helpers for tests that start real hivemind DHTs and p2pd daemons on 127.0.0.1.
+
+Everything started here is stopped here: `NetworkGuard` records the ``/tmp/hivemind-*.sock`` files and
+the child processes that exist before a test, and afterwards stops the processes and removes the socket
+files that the test left behind (and reports them, so a leak is visible instead of silent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import hivemind
+from hivemind.p2p import P2P
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+#: How long a DHT may take to start or stop, in seconds.
+DHT_TIMEOUT = 15.0
+SOCKET_GLOB = "/tmp/hivemind-*.sock"
+#: Helper processes that belong to this process for its whole life and exit with it: torch starts
+#: ``torch_shm_manager`` once when hivemind first shares a tensor between processes.
+PROCESS_ALLOWLIST = frozenset({"torch_shm_manag", "torch_shm_manager"})
+
+
+def descendant_pids(root: int | None = None) -> set[int]:
+    """Pids of all live descendants of `root` (default: this process), read from /proc."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat_path) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields we need follow the last ")".
+        rest = stat[stat.rfind(")") + 2:].split()
+        if rest[0] == "Z":  # a zombie is already dead; its parent reaps it
+            continue
+        pid = int(stat_path.split("/")[2])
+        children.setdefault(int(rest[1]), []).append(pid)
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+@dataclass
+class NetworkGuard:
+    """Remembers what existed before a test and removes what the test left behind.
+
+    Use as a context manager. On exit, processes started during the test that are still alive after a
+    grace period are killed, new ``/tmp/hivemind-*.sock`` files are removed, and both are listed in
+    `leaked_processes` / `leaked_sockets`.
+    """
+
+    grace_s: float = 5.0
+    sockets_before: set[str] = field(default_factory=set)
+    pids_before: set[int] = field(default_factory=set)
+    leaked_processes: list[str] = field(default_factory=list)
+    leaked_sockets: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> NetworkGuard:
+        self.sockets_before = set(glob.glob(SOCKET_GLOB))
+        self.pids_before = descendant_pids()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def new_processes(self) -> set[int]:
+        """Descendants started since `__enter__`, except the allowlisted helpers."""
+        new = descendant_pids() - self.pids_before
+        return {pid for pid in new if process_name(pid) not in PROCESS_ALLOWLIST}
+
+    def cleanup(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        new = self.new_processes()
+        while new and time.monotonic() < deadline:
+            time.sleep(0.05)
+            new = self.new_processes()
+        for pid in sorted(new):
+            self.leaked_processes.append(f"{pid} ({process_name(pid)})")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for path in sorted(set(glob.glob(SOCKET_GLOB)) - self.sockets_before):
+            self.leaked_sockets.append(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+async def start_p2p(initial_peers: Sequence[str] = ()) -> P2P:
+    """Start a p2pd listening on 127.0.0.1 (optionally bootstrapped from `initial_peers`)."""
+    return await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=[LOOPBACK])
+
+
+def start_dhts(n: int, **kwargs: object) -> list[hivemind.DHT]:
+    """Start `n` DHTs on 127.0.0.1, each bootstrapped from the first one.
+
+    Call before starting threads of your own: `hivemind.DHT` forks.
+    """
+    first = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], **kwargs)  # type: ignore[arg-type]
+    dhts = [first]
+    try:
+        maddrs = [str(a) for a in first.get_visible_maddrs()]
+        for _ in range(n - 1):
+            dhts.append(hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=maddrs,
+                                     **kwargs))  # type: ignore[arg-type]
+    except BaseException:
+        stop_dhts(dhts)
+        raise
+    return dhts
+
+
+def stop_dhts(dhts: Sequence[hivemind.DHT]) -> None:
+    """Stop DHTs (each stops its own p2pd)."""
+    for dht in dhts:
+        with contextlib.suppress(Exception):
+            dht.shutdown()
+
+
+async def shutdown_replicas(dhts: Sequence[hivemind.DHT]) -> None:
+    """Shut down the `P2P` replicas made by ``dht.replicate_p2p()`` (this removes their client sockets)."""
+    for dht in dhts:
+        replica = getattr(dht, "_p2p_replica", None)
+        if replica is not None:
+            await replica.shutdown()
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[NetworkGuard]:
+    """Context manager form of `NetworkGuard`."""
+    with NetworkGuard() as guard:
+        yield guard

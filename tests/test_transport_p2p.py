@@ -1,0 +1,264 @@
+"""P2PTransport between two real p2pd daemons on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import torch
+from hivemind.p2p import PeerID
+from netutil import NetworkGuard, shutdown_replicas, start_dhts, start_p2p, stop_dhts
+
+from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
+from p2pnode.proto import peer_pb2
+from p2pnode.transport import TrafficStats, codec
+from p2pnode.transport.codec import Message
+from p2pnode.transport.p2p import RPC_HANDLER, P2PTransport
+
+# One event loop for the module, so that most tests share one pair of daemons (starting p2pd takes ~0.5 s).
+pytestmark = [pytest.mark.network, pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
+
+
+async def echo(sender: str, request: Message[Any]) -> Message[Any]:
+    """Answer with the same round and every tensor plus one."""
+    return Message(peer_pb2.Pong(round=request.body.round), {k: v + 1 for k, v in request.tensors.items()})
+
+
+async def refuse(sender: str, request: Message[Any]) -> Message[Any]:
+    raise BadMessage("tensor has the wrong shape", code="bad_shape")
+
+
+async def crash(sender: str, request: Message[Any]) -> Message[Any]:
+    raise ValueError("boom")
+
+
+async def slow(sender: str, request: Message[Any]) -> Message[Any]:
+    await asyncio.sleep(5)
+    return Message(peer_pb2.Pong())
+
+
+async def make_pair(**kwargs: Any) -> tuple[P2PTransport, P2PTransport]:
+    p2p_a = await start_p2p()
+    a = await P2PTransport.create(p2p_a, owns_p2p=True)
+    try:
+        p2p_b = await start_p2p(a.addresses())
+        b = await P2PTransport.create(p2p_b, owns_p2p=True, **kwargs)
+    except BaseException:
+        await a.shutdown()
+        raise
+    for t in (a, b):
+        t.register("echo", peer_pb2.Ping, echo)
+        t.register("refuse", peer_pb2.Ping, refuse)
+        t.register("crash", peer_pb2.Ping, crash)
+        t.register("slow", peer_pb2.Ping, slow)
+    return a, b
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_pair() -> AsyncIterator[tuple[P2PTransport, P2PTransport]]:
+    with NetworkGuard() as guard:
+        a, b = await make_pair()
+        try:
+            yield a, b
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
+
+
+@pytest.fixture
+def pair(shared_pair: tuple[P2PTransport, P2PTransport]) -> tuple[P2PTransport, P2PTransport]:
+    """The shared pair, with fresh counters."""
+    for t in shared_pair:
+        t.stats = TrafficStats()
+    return shared_pair
+
+
+@contextlib.asynccontextmanager
+async def fresh_pair(**kwargs: Any) -> AsyncIterator[tuple[P2PTransport, P2PTransport]]:
+    with NetworkGuard() as guard:
+        a, b = await make_pair(**kwargs)
+        try:
+            yield a, b
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
+
+
+async def test_identity_and_addresses(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    assert a.peer_id != b.peer_id
+    assert PeerID.from_base58(a.peer_id).to_base58() == a.peer_id
+    assert a.addresses() and all(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in a.addresses())
+    assert all(addr.endswith(f"/p2p/{a.peer_id}") for addr in a.addresses())
+
+
+async def test_round_trip_with_tensors(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    big = torch.randn(5 * 1024 * 1024)  # 20 MiB of float32
+    tensors = {
+        "big": big,
+        "half": torch.arange(12, dtype=torch.float16).reshape(3, 4),
+        "bf": torch.ones(7, dtype=torch.bfloat16),
+        "ints": torch.arange(10, dtype=torch.int64),
+        "empty": torch.empty(0, 3),
+    }
+    request = Message(peer_pb2.Ping(round=7), tensors)
+    reply = await a.call(b.peer_id, "echo", request, peer_pb2.Pong, timeout=20)
+    assert reply.body.round == 7
+    assert set(reply.tensors) == set(tensors)
+    for name, t in tensors.items():
+        assert reply.tensors[name].dtype == t.dtype and reply.tensors[name].shape == t.shape
+        assert torch.equal(reply.tensors[name], t + 1), name
+    # Both directions work, and the counters add up on both sides.
+    back = await b.call(a.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, timeout=10)
+    assert back.body.round == 1
+    assert a.stats.calls == 1 and b.stats.calls == 1
+    assert a.stats.bytes_sent > big.numel() * 4 and b.stats.bytes_received > big.numel() * 4
+    assert not a.stats.rejected and not b.stats.rejected
+
+
+async def test_concurrent_calls(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    replies = await asyncio.gather(*(
+        a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=i), {"x": torch.full((1000,), float(i))}),
+               peer_pb2.Pong, timeout=10)
+        for i in range(8)))
+    for i, r in enumerate(replies):
+        assert r.body.round == i and torch.equal(r.tensors["x"], torch.full((1000,), float(i + 1)))
+
+
+async def test_remote_errors(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    with pytest.raises(RemoteError) as info:
+        await a.call(b.peer_id, "refuse", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+    assert info.value.code == "bad_shape"
+    assert b.stats.rejected["bad_shape"] == 1
+    with pytest.raises(RemoteError) as info:
+        await a.call(b.peer_id, "crash", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+    assert info.value.code == "internal" and "boom" in str(info.value)
+    with pytest.raises(RemoteError) as info:
+        await a.call(b.peer_id, "no.such.method", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+    assert info.value.code == "unknown_method"
+    assert b.stats.rejected["unknown_method"] == 1
+    assert a.stats.failed_calls == 3
+
+
+async def test_oversized_request_is_refused_by_receiver() -> None:
+    async with fresh_pair(max_message_bytes=1 << 20) as (a, b):
+        big = {"x": torch.zeros(4 * 1024 * 1024)}  # 16 MiB > the receiver's 1 MiB
+        with pytest.raises(RemoteError) as info:
+            await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), big), peer_pb2.Pong, timeout=10)
+        assert info.value.code == "oversized"
+        assert b.stats.rejected["oversized"] == 1
+        # The refusal came before the payload was read.
+        assert b.stats.bytes_received < 1 << 20
+        # The sender refuses to send beyond its own limit, without touching the network.
+        with pytest.raises(TransportError) as own:
+            await b.call(a.peer_id, "echo", Message(peer_pb2.Ping(), big), peer_pb2.Pong, timeout=10)
+        assert own.value.code == "oversized"
+        # And the receiver still serves requests within its limit.
+        ok = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=3)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 3
+
+
+async def test_timeout_closes_the_stream(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachable):
+        await a.call(b.peer_id, "slow", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=0.5)
+    assert time.monotonic() - start < 2.0
+    assert not a._outbound  # the timed-out call closed its stream
+    assert a.stats.failed_calls == 1
+
+
+async def test_peer_that_shut_down_is_unreachable() -> None:
+    async with fresh_pair() as (a, b):
+        await a.call(b.peer_id, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+        await b.shutdown()
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachable):
+            await a.call(b.peer_id, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=3)
+        assert time.monotonic() - start < 3.5
+        with pytest.raises(PeerUnreachable):
+            await a.call("not-a-peer-id", "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=3)
+        # Calls on a transport that is shut down fail the same way.
+        with pytest.raises(PeerUnreachable):
+            await b.call(a.peer_id, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=3)
+
+
+async def send_raw(a: P2PTransport, b: P2PTransport, data: bytes) -> peer_pb2.Envelope:
+    """Send raw bytes on a stream to b's handler and parse the error envelope it answers with."""
+    _, reader, writer = await a.p2p.call_binary_stream_handler(PeerID.from_base58(b.peer_id), RPC_HANDLER)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readexactly(4)
+            env_bytes = await reader.readexactly(codec.parse_header(head))
+        return codec.parse_envelope(env_bytes)
+    finally:
+        writer.close()
+
+
+async def test_garbage_frames_are_rejected_and_counted(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    # An envelope that is not protobuf.
+    env = await send_raw(a, b, codec.HEADER.pack(16) + b"\xff" * 16)
+    assert env.error == peer_pb2.MALFORMED
+    # An envelope length beyond the receiver's limit.
+    env = await send_raw(a, b, codec.HEADER.pack(1 << 30) + b"\x00" * 64)
+    assert env.error == peer_pb2.OVERSIZED
+    # A well-formed envelope announcing a dtype that is not allowed.
+    bad = peer_pb2.Envelope(method="echo", payload_bytes=16)
+    bad.tensors.add(name="x", dtype="complex128", shape=[1])
+    head = bad.SerializeToString()
+    env = await send_raw(a, b, codec.HEADER.pack(len(head)) + head + b"\x00" * 16)
+    assert env.error == peer_pb2.BAD_SHAPE
+    # Specs that do not add up to the announced payload.
+    bad = peer_pb2.Envelope(method="echo", payload_bytes=8)
+    bad.tensors.add(name="x", dtype="float32", shape=[4])
+    head = bad.SerializeToString()
+    env = await send_raw(a, b, codec.HEADER.pack(len(head)) + head + b"\x00" * 8)
+    assert env.error == peer_pb2.MALFORMED
+    # A stream cut inside a request is dropped without an answer or a crash.
+    _, _, writer = await a.p2p.call_binary_stream_handler(PeerID.from_base58(b.peer_id), RPC_HANDLER)
+    writer.write(codec.HEADER.pack(100) + b"\x00" * 10)
+    await writer.drain()
+    writer.close()
+    assert b.stats.rejected["malformed"] == 2
+    assert b.stats.rejected["oversized"] == 1
+    assert b.stats.rejected["bad_shape"] == 1
+    # The receiver keeps serving.
+    ok = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=5), {"x": torch.ones(3)}), peer_pb2.Pong,
+                      timeout=10)
+    assert ok.body.round == 5 and torch.equal(ok.tensors["x"], torch.full((3,), 2.0))
+
+
+async def test_transports_on_dht_replicas() -> None:
+    """The node's setup: each transport shares its DHT's p2pd and peer id; peers are found through the DHT."""
+    with NetworkGuard() as guard:
+        dhts = start_dhts(2)
+        try:
+            transports = [await P2PTransport.create(await dht.replicate_p2p()) for dht in dhts]
+            try:
+                for dht, t in zip(dhts, transports, strict=True):
+                    assert t.peer_id == dht.peer_id.to_base58()
+                    t.register("echo", peer_pb2.Ping, echo)
+                a, b = transports
+                request = Message(peer_pb2.Ping(round=2), {"w": torch.zeros(1000)})
+                reply = await a.call(b.peer_id, "echo", request, peer_pb2.Pong, timeout=10)
+                assert reply.body.round == 2 and torch.equal(reply.tensors["w"], torch.ones(1000))
+            finally:
+                for t in transports:
+                    await t.shutdown()
+                await shutdown_replicas(dhts)
+        finally:
+            stop_dhts(dhts)
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
