@@ -1,0 +1,275 @@
+"""The daemon's state directory and its ``control.json``: how local clients find a running node.
+
+Layout of the state directory (default ``~/.p2pnode``, or ``$P2PNODE_STATE_DIR``, or ``--state-dir``)::
+
+    <state dir>/            mode 0700
+        control.json        mode 0600: {"address", "token", "peer_id", "pid", "started_at", "format"}
+
+``control.json`` exists while a daemon runs. It holds the control API's address and the bearer token
+that every Control call must present, so only the user who runs the daemon (and root) can control it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from p2pnode.errors import P2PNodeError
+
+if TYPE_CHECKING:
+    from p2pnode.daemon.control import ControlServer
+    from p2pnode.daemon.node import Node
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable that overrides the default state directory.
+STATE_DIR_ENV = "P2PNODE_STATE_DIR"
+#: The default state directory, before ``~`` is expanded.
+DEFAULT_STATE_DIR = "~/.p2pnode"
+CONTROL_FILE = "control.json"
+#: Version of the control file's layout; a reader refuses files of another version.
+CONTROL_FORMAT = 1
+#: How long `start_control` waits for an answer from the node named by an existing control file, in seconds.
+PROBE_TIMEOUT_S = 1.0
+
+
+class StateDirError(P2PNodeError):
+    """The state directory cannot be used (not a directory, not ours, or held by another running node)."""
+
+
+class ControlFileError(P2PNodeError):
+    """``control.json`` exists but cannot be read or does not hold what a daemon writes."""
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    """What ``control.json`` holds.
+
+    :param address: the control API's address, ``"127.0.0.1:PORT"`` or ``"unix:PATH"``.
+    :param token: the bearer token of the control API.
+    :param peer_id: the node's peer id.
+    :param pid: the daemon's process id.
+    :param started_at: when the file was written, in seconds since the Unix epoch.
+    """
+
+    address: str
+    token: str
+    peer_id: str
+    pid: int
+    started_at: float = 0.0
+
+
+def default_state_dir() -> Path:
+    """``$P2PNODE_STATE_DIR`` if set and not empty, else ``~/.p2pnode`` (``~`` expanded)."""
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).expanduser()
+
+
+def ensure_state_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """Create the state directory (and its parents) if needed, restrict it to mode 0700, return its path.
+
+    :param path: the directory; None (default) takes `default_state_dir()`. ``~`` is expanded.
+    :raises StateDirError: when the path exists but is not a directory, or its mode cannot be set.
+    """
+    p = Path(path).expanduser() if path is not None else default_state_dir()
+    try:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir's mode is masked by the umask and does nothing for an existing directory; the control
+        # token lives here, so make sure nobody else can list or open it.
+        if stat.S_IMODE(p.stat().st_mode) != 0o700:
+            p.chmod(0o700)
+    except FileExistsError as e:
+        raise StateDirError(f"state dir {p} exists and is not a directory") from e
+    except OSError as e:
+        raise StateDirError(f"cannot use state dir {p}: {e.strerror or e}") from e
+    return p
+
+
+def control_file_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Path of ``control.json`` in `state_dir`."""
+    return Path(state_dir).expanduser() / CONTROL_FILE
+
+
+def new_token() -> str:
+    """A fresh control token: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def write_control_file(state_dir: str | os.PathLike[str], address: str, token: str, peer_id: str,
+                       pid: int | None = None) -> Path:
+    """Write ``control.json`` atomically with mode 0600 and return its path.
+
+    Atomic: the content goes to a temporary file in the same directory, which is flushed to disk and
+    then renamed over ``control.json``, so a reader sees either the old file or the whole new one,
+    never a half-written one (even after a crash).
+
+    :param pid: the daemon's process id; None (default) takes this process's.
+    """
+    directory = Path(state_dir).expanduser()
+    info = ControlInfo(address=address, token=token, peer_id=peer_id, pid=os.getpid() if pid is None else pid,
+                       started_at=time.time())
+    data = json.dumps({"format": CONTROL_FORMAT, **asdict(info)}, indent=2).encode() + b"\n"
+    # mkstemp creates the file with mode 0600 from the start: the token is never readable by others,
+    # not even for a moment.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".control.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, directory / CONTROL_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return directory / CONTROL_FILE
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry change (the rename) to disk; not all file systems allow it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_control_file(state_dir: str | os.PathLike[str]) -> ControlInfo | None:
+    """The content of ``control.json`` in `state_dir`, or None when there is none (no daemon started there).
+
+    :raises ControlFileError: when the file exists but is unreadable or malformed.
+    """
+    path = control_file_path(state_dir)
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ControlFileError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        if data.get("format", CONTROL_FORMAT) != CONTROL_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {CONTROL_FORMAT}")
+        info = ControlInfo(address=str(data["address"]), token=str(data["token"]),
+                           peer_id=str(data.get("peer_id", "")), pid=int(data.get("pid", 0)),
+                           started_at=float(data.get("started_at", 0.0)))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ControlFileError(f"{path} is not a valid control file ({e}); remove it if no node runs "
+                               "with this state dir") from e
+    if not info.address or not info.token:
+        raise ControlFileError(f"{path} has no address or no token; remove it if no node runs with this "
+                               "state dir")
+    return info
+
+
+def remove_control_file(state_dir: str | os.PathLike[str], token: str | None = None) -> bool:
+    """Remove ``control.json``; return True when a file was removed.
+
+    :param token: when given, remove the file only if it still holds this token. A daemon passes its
+        own token, so that it never deletes the file of another daemon that has since taken over the
+        same state directory.
+    """
+    path = control_file_path(state_dir)
+    if token is not None:
+        try:
+            current = read_control_file(state_dir)
+        except ControlFileError:
+            return False
+        if current is None or current.token != token:
+            return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+async def _answers(address: str, timeout_s: float) -> bool:
+    """Whether a health service answers at `address` within `timeout_s` seconds (any status counts)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+    return True
+
+
+async def start_control(node: Node, state_dir: str | os.PathLike[str], on_leave: Callable[[], None], *,
+                        host: str = "127.0.0.1", port: int = 0) -> ControlServer:
+    """Start the control API of `node` and publish it in ``<state_dir>/control.json``.
+
+    Creates the state dir (0700) and a fresh token, starts a `ControlServer`, then writes the control
+    file (0600). The server's ``stop()`` removes the file again (only if it is still this server's).
+
+    :param on_leave: called when a client asks the node to leave (see `ControlServer`).
+    :param host: ``"127.0.0.1"`` (default) or ``"unix:PATH"``.
+    :param port: TCP port; 0 (default) picks a free one.
+    :raises StateDirError: when another node that still answers already uses `state_dir`.
+    """
+    from p2pnode.daemon.control import ControlServer
+
+    directory = ensure_state_dir(state_dir)
+    try:
+        existing = read_control_file(directory)
+    except ControlFileError as e:
+        logger.warning("replacing an unreadable control file: %s", e)
+        existing = None
+    # Two daemons on one state dir would fight over control.json, and the CLI would find only one of them.
+    if existing is not None and await _answers(existing.address, PROBE_TIMEOUT_S):
+        raise StateDirError(f"another node (peer {existing.peer_id}, pid {existing.pid}) is running with "
+                            f"state dir {directory}; stop it first or pass a different --state-dir")
+    if existing is not None:
+        logger.info("replacing a stale control file of pid %d in %s", existing.pid, directory)
+    token = new_token()
+    server = ControlServer(node, token=token, on_leave=on_leave, host=host, port=port)
+    address = await server.start()
+    try:
+        write_control_file(directory, address, token, node.peer_id)
+    except BaseException:
+        await server.stop(grace_s=0)
+        raise
+    server.add_stop_callback(lambda: _remove_quietly(directory, token))
+    return server
+
+
+def _remove_quietly(directory: Path, token: str) -> None:
+    try:
+        remove_control_file(directory, token)
+    except OSError as e:  # a read-only or vanished state dir must not break shutdown
+        logger.warning("could not remove %s: %s", control_file_path(directory), e)
+
+
+__all__ = [
+    "CONTROL_FILE",
+    "DEFAULT_STATE_DIR",
+    "STATE_DIR_ENV",
+    "ControlFileError",
+    "ControlInfo",
+    "StateDirError",
+    "control_file_path",
+    "default_state_dir",
+    "ensure_state_dir",
+    "new_token",
+    "read_control_file",
+    "remove_control_file",
+    "start_control",
+    "write_control_file",
+]

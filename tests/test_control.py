@@ -1,0 +1,385 @@
+"""The control API: real nodes on the in-memory network, the real gRPC server, the real CLI commands.
+
+The gRPC server runs on the test's event loop, so the (blocking) CLI runs in a worker thread
+(`asyncio.to_thread`); calling it on the loop's thread would deadlock. Direct calls use the aio client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import grpc
+import pytest
+from click.testing import CliRunner, Result
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, register
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.control import SERVICE_NAME, ControlServer
+from p2pnode.daemon.node import Node
+from p2pnode.daemon.statedir import (
+    StateDirError,
+    ensure_state_dir,
+    new_token,
+    read_control_file,
+    remove_control_file,
+    start_control,
+    write_control_file,
+)
+from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
+from p2pnode.proto import control_pb2, control_pb2_grpc
+from p2pnode.protocols.compute import ThreadCompute
+from p2pnode.training.tasks import get_task
+from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
+
+pytestmark = pytest.mark.timeout(60)
+
+NODES = 3
+ROUNDS = 3
+
+
+@dataclass
+class Swarm:
+    nodes: list[Node]
+    state_dir: Path
+    control: ControlServer
+    leaves: list[float] = field(default_factory=list)
+
+    @property
+    def node(self) -> Node:
+        """The node whose control API is served."""
+        return self.nodes[0]
+
+
+def _make_nodes(count: int) -> list[Node]:
+    """`count` digits-mlp gossip nodes on an in-memory network with instant links, each training on its
+    own worker thread, as in the daemon (the simulator's virtual clock is not used here)."""
+    network = MemoryNetwork(NetworkModel(LinkModel(latency_s=0.0, bandwidth_bytes_per_s=math.inf)))
+    # Wall-clock records, like the real DHT's: the control API reports their age in real seconds.
+    registry = MemoryRegistry(clock=time.time)
+    task = get_task("digits-mlp")
+    nodes = []
+    for i in range(count):
+        config = NodeConfig(run_id="control-test", task="digits-mlp", shard=(i, count), device="cpu",
+                            local_steps=2, exchange_timeout_s=5.0, min_round_time_s=0.02).validate()
+        pid = f"peer-{i}"
+        transport = network.transport(pid)
+        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id,
+                                    config_hash=config.config_hash, ttl_s=config.announce_ttl_s)
+        trainer = build_trainer(config, task)
+        compute = ThreadCompute()
+        protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
+                                  compute=compute, rng=random.Random(i))
+        nodes.append(Node(config, trainer=trainer, transport=transport, directory=directory,
+                          protocol=protocol, compute=compute))
+    return nodes
+
+
+@pytest.fixture
+async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
+    nodes = _make_nodes(NODES)
+    for node in nodes:
+        await node.start()
+    leaves: list[float] = []
+
+    def on_leave() -> None:
+        leaves.append(time.time())
+        nodes[0].stop()
+
+    state_dir = tmp_path / "state"
+    control = await start_control(nodes[0], state_dir, on_leave)
+    s = Swarm(nodes=nodes, state_dir=state_dir, control=control, leaves=leaves)
+    try:
+        yield s
+    finally:
+        await control.stop(grace_s=0)
+        for node in nodes:
+            await node.shutdown()
+
+
+def _cli() -> click.Group:
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    return cli
+
+
+async def invoke(args: Sequence[str]) -> Result:
+    """Run `p2pnode ARGS` in a worker thread (the gRPC server needs this thread's event loop)."""
+    return await asyncio.to_thread(CliRunner().invoke, _cli(), list(args), catch_exceptions=False)
+
+
+def _metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _run_rounds(nodes: list[Node], rounds: int) -> None:
+    await asyncio.gather(*(n.run(rounds=rounds) for n in nodes))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+async def test_status_and_peers_report_rounds_and_peers(swarm: Swarm) -> None:
+    await _run_rounds(swarm.nodes, ROUNDS)
+    result = await invoke(["status", "--json", "--state-dir", str(swarm.state_dir)])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["peer_id"] == swarm.node.peer_id
+    assert status["round"] == ROUNDS
+    assert status["peers"] == NODES - 1
+    assert status["state"] == "running"
+    assert 0.0 <= status["accuracy"] <= 1.0
+    assert status["loss"] > 0
+    assert status["bytes_sent"] == swarm.node.transport.stats.bytes_sent > 0
+    assert status["bytes_received"] == swarm.node.transport.stats.bytes_received > 0
+    assert status["rejected"] == {}
+    assert status["pid"] == os.getpid()
+
+    human = await invoke(["status", "--state-dir", str(swarm.state_dir)])
+    assert human.exit_code == 0
+    assert swarm.node.peer_id in human.stdout
+    assert any(line.split() == ["round", str(ROUNDS)] for line in human.stdout.splitlines())
+
+    peers = await invoke(["peers", "--json", "--state-dir", str(swarm.state_dir)])
+    assert peers.exit_code == 0, peers.output
+    listed = json.loads(peers.stdout)
+    assert [p["peer_id"] for p in listed] == [n.peer_id for n in swarm.nodes[1:]]
+    assert all(p["round"] >= 1 and 0 <= p["age_s"] < 30 for p in listed)
+    table = await invoke(["peers", "--state-dir", str(swarm.state_dir)])
+    assert table.stdout.splitlines()[0].split()[:3] == ["PEER", "ID", "ROUND"]
+    assert len(table.stdout.splitlines()) == NODES
+
+
+async def test_state_dir_from_environment(swarm: Swarm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PNODE_STATE_DIR", str(swarm.state_dir))
+    result = await invoke(["status", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["peer_id"] == swarm.node.peer_id
+
+
+async def test_no_daemon_exits_4(tmp_path: Path) -> None:
+    result = await invoke(["status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == EXIT_NO_DAEMON
+    assert f"no running node found in {tmp_path}" in result.stderr
+    assert f"p2pnode run --state-dir {tmp_path}" in result.stderr
+
+
+async def test_stale_control_file_exits_5(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port that nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_control_file(ensure_state_dir(tmp_path), f"127.0.0.1:{port}", new_token(), "gone", pid=0)
+    result = await invoke(["peers", "--state-dir", str(tmp_path), "--timeout", "1"])
+    assert result.exit_code == EXIT_UNREACHABLE
+    assert "does not answer" in result.stderr and "stale" in result.stderr
+
+    (tmp_path / "control.json").write_text("{not json")
+    result = await invoke(["status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == EXIT_UNREACHABLE
+    assert "not a valid control file" in result.stderr
+
+
+async def test_wrong_token_is_refused(swarm: Swarm) -> None:
+    address = swarm.control.address
+    assert address is not None
+    write_control_file(swarm.state_dir, address, "not-the-token", swarm.node.peer_id)
+    result = await invoke(["status", "--state-dir", str(swarm.state_dir)])
+    assert result.exit_code == EXIT_UNAUTHORIZED
+    assert "refused the token" in result.stderr and "UNAUTHENTICATED" not in result.stdout
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        for metadata in (None, _metadata("not-the-token"), (("authorization", "Basic abc"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Status(control_pb2.StatusRequest(), metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "control token" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Watch(control_pb2.WatchRequest(), metadata=_metadata("nope"), timeout=5):
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Leave(control_pb2.LeaveRequest(), metadata=_metadata("nope"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert swarm.leaves == []
+
+
+async def test_leave_calls_on_leave(swarm: Swarm) -> None:
+    runner = asyncio.create_task(swarm.node.run())  # until stopped
+    result = await invoke(["leave", "--state-dir", str(swarm.state_dir), "--reason", "test"])
+    assert result.exit_code == 0, result.output
+    assert "is leaving" in result.stdout
+    assert len(swarm.leaves) == 1
+    await asyncio.wait_for(runner, 30)  # on_leave stopped the round loop
+
+
+async def test_watch_cli_prints_round_events(swarm: Swarm) -> None:
+    runners = [asyncio.create_task(n.run()) for n in swarm.nodes]
+    try:
+        result = await invoke(["watch", "--json", "--count", "2", "--state-dir", str(swarm.state_dir)])
+    finally:
+        for n in swarm.nodes:
+            n.stop()
+        await asyncio.gather(*runners)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(events) == 2
+    assert events[1]["round"] == events[0]["round"] + 1
+    assert all(e["peer_id"] == swarm.node.peer_id and e["peers"] == NODES - 1 for e in events)
+
+
+# ------------------------------------------------------------------------------------------ gRPC API
+
+
+async def test_watch_streams_rounds_and_ends_when_node_stops(swarm: Swarm) -> None:
+    info = read_control_file(swarm.state_dir)
+    assert info is not None
+    async with grpc.aio.insecure_channel(info.address) as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        call = stub.Watch(control_pb2.WatchRequest(), metadata=_metadata(info.token))
+        await call.wait_for_connection()  # the server has subscribed: no round will be missed
+        await _run_rounds(swarm.nodes, ROUNDS)
+        events = [await call.read() for _ in range(ROUNDS)]
+        assert [e.round for e in events] == list(range(1, ROUNDS + 1))
+        assert all(e.peer_id == swarm.node.peer_id and e.peers == NODES - 1 for e in events)
+        assert events[-1].HasField("accuracy") and events[-1].train_loss > 0
+        assert events[-1].bytes_sent > 0
+        await swarm.node.shutdown()
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_metrics_and_status_rpc(swarm: Swarm) -> None:
+    await _run_rounds(swarm.nodes, 2)
+    info = read_control_file(swarm.state_dir)
+    assert info is not None
+    async with grpc.aio.insecure_channel(info.address) as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        m = await stub.Metrics(control_pb2.MetricsRequest(), metadata=_metadata(info.token), timeout=5)
+        st = swarm.node.transport.stats
+        assert (m.round, m.calls, m.failed_calls) == (2, st.calls, st.failed_calls)
+        assert m.bytes_sent == st.bytes_sent
+        assert m.calls >= 2 and m.peers == NODES - 1 and m.HasField("accuracy") and m.HasField("loss")
+        s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
+        assert (s.round, s.task, s.run_id, s.topology) == (2, "digits-mlp", "control-test", "gossip")
+        assert s.uptime_s > 0
+
+
+async def test_health_serving_then_not_serving(swarm: Swarm) -> None:
+    address = swarm.control.address
+    assert address is not None
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):  # no token needed
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        result = await invoke(["health", "--state-dir", str(swarm.state_dir)])
+        assert result.exit_code == 0 and result.stdout.startswith("SERVING")
+
+        await swarm.node.shutdown()
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        result = await invoke(["health", "--address", address])
+        assert result.exit_code == 1 and result.stdout.startswith("NOT_SERVING")
+
+
+async def test_stop_removes_control_file_and_refuses_second_daemon(swarm: Swarm) -> None:
+    with pytest.raises(StateDirError, match="another node"):
+        await start_control(swarm.nodes[1], swarm.state_dir, lambda: None)
+    assert read_control_file(swarm.state_dir) is not None
+    await swarm.control.stop()
+    assert not (swarm.state_dir / "control.json").exists()
+    result = await invoke(["status", "--state-dir", str(swarm.state_dir)])
+    assert result.exit_code == EXIT_NO_DAEMON
+
+
+async def test_unix_socket(tmp_path: Path) -> None:
+    nodes = _make_nodes(1)
+    await nodes[0].start()
+    token = new_token()
+    server = ControlServer(nodes[0], token=token, on_leave=lambda: None, host=f"unix:{tmp_path}/control.sock")
+    try:
+        address = await server.start()
+        assert address == f"unix:{tmp_path}/control.sock"
+        assert stat.S_IMODE(os.stat(tmp_path / "control.sock").st_mode) == 0o600
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await control_pb2_grpc.ControlStub(channel).Status(
+                control_pb2.StatusRequest(), metadata=_metadata(token), timeout=5)
+        assert reply.peer_id == nodes[0].peer_id and reply.round == 0 and not reply.HasField("accuracy")
+    finally:
+        await server.stop()
+        await nodes[0].shutdown()
+
+
+# ------------------------------------------------------------------------------------------ state dir
+
+
+async def test_state_dir_and_control_file_permissions(swarm: Swarm) -> None:
+    assert stat.S_IMODE(swarm.state_dir.stat().st_mode) == 0o700
+    path = swarm.state_dir / "control.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    info = read_control_file(swarm.state_dir)
+    assert info is not None
+    assert info.address == swarm.control.address and info.peer_id == swarm.node.peer_id
+    assert info.pid == os.getpid() and len(info.token) >= 43
+    assert sorted(p.name for p in swarm.state_dir.iterdir()) == ["control.json"]  # no temporary files left
+
+
+def test_state_dir_helpers(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    assert stat.S_IMODE(ensure_state_dir(loose).stat().st_mode) == 0o700
+    nested = ensure_state_dir(tmp_path / "a" / "b")
+    assert nested.is_dir() and stat.S_IMODE(nested.stat().st_mode) == 0o700
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateDirError, match="not a directory"):
+        ensure_state_dir(tmp_path / "file")
+
+    assert read_control_file(nested) is None
+    write_control_file(nested, "127.0.0.1:1", "token-a", "peer", pid=123)
+    write_control_file(nested, "127.0.0.1:2", "token-b", "peer", pid=124)  # replaces atomically
+    info = read_control_file(nested)
+    assert info is not None and (info.address, info.token, info.pid) == ("127.0.0.1:2", "token-b", 124)
+    assert not remove_control_file(nested, token="token-a")  # another daemon's file stays
+    assert remove_control_file(nested, token="token-b")
+    assert not remove_control_file(nested)
+    assert new_token() != new_token()
+
+
+async def test_watch_ends_when_client_leaves_or_server_stops(swarm: Swarm) -> None:
+    info = read_control_file(swarm.state_dir)
+    assert info is not None
+    async with grpc.aio.insecure_channel(info.address) as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        gone = stub.Watch(control_pb2.WatchRequest(), metadata=_metadata(info.token))
+        await gone.wait_for_connection()
+        assert len(swarm.node._watchers) == 1
+        gone.cancel()
+        for _ in range(100):  # the server notices the cancellation and unsubscribes from the node
+            if not swarm.node._watchers:
+                break
+            await asyncio.sleep(0.02)
+        assert swarm.node._watchers == []
+
+        open_call = stub.Watch(control_pb2.WatchRequest(), metadata=_metadata(info.token))
+        await open_call.wait_for_connection()
+        t0 = time.monotonic()
+        await swarm.control.stop(grace_s=10)
+        assert await open_call.code() == grpc.StatusCode.OK  # ended cleanly, not cancelled
+        assert time.monotonic() - t0 < 5
