@@ -63,7 +63,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     # Viewing as uint8 is zero-copy; bfloat16 has no numpy dtype, so go through bytes of uint8.
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
 
 
 def encode(

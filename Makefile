@@ -1,0 +1,47 @@
+# p2pnode: `make run` starts a local swarm of 4 real daemons; `make test` runs every check and test.
+# Both create their own virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0; on a machine without a local wheel pip downloads it from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install run sim test lint protos check-protos bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/p2pnode swarm --nodes 4 --rounds 30
+
+sim: install
+	$(VENV)/bin/p2pnode sim --nodes 64 --task digits-mlp --topology gossip --rule mean --rounds 40 --seed 1 \
+		--out results.json --plot curve.png
+
+lint: install
+	$(VENV)/bin/ruff check p2pnode simulator tests benchmarks
+	$(VENV)/bin/mypy
+
+check-protos: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/check_protos.sh
+
+protos: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen_protos.sh
+
+test: lint check-protos
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/aggregators.py
+	$(PY) benchmarks/transport.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

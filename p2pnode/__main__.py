@@ -1,0 +1,3 @@
+from p2pnode.cli.main import main
+
+main()

@@ -1,0 +1,190 @@
+"""`p2pnode`: start and join nodes, run local swarms and simulations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2pnode import __version__
+from p2pnode.cli.control_cmds import register
+from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
+from p2pnode.config import NodeConfig
+from p2pnode.errors import P2PNodeError
+from p2pnode.log import setup_logging
+
+#: Exit codes: 0 clean stop, 2 bad usage or config, 3 start-up failure.
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="p2pnode")
+def cli() -> None:
+    """Train one model together across machines, with no central server."""
+
+
+async def _serve(config: NodeConfig, state_dir: Path) -> None:
+    from p2pnode.daemon.control import ControlServer
+    from p2pnode.daemon.real import create_real_node
+    from p2pnode.daemon.statedir import ensure_state_dir, start_control
+
+    ensure_state_dir(state_dir)
+    node = await create_real_node(config)
+    loop = asyncio.get_running_loop()
+    control: ControlServer | None = None
+    try:
+        await node.start()
+        # Leave (over the control API) finishes the round in progress, then shuts down like SIGTERM.
+        control = await start_control(node, state_dir, on_leave=node.stop)
+        ready = (f"p2pnode ready peer_id={node.peer_id} maddrs={','.join(node.transport.addresses())} "
+                 f"control={control.address}")
+        click.echo(ready)
+        sys.stdout.flush()
+        runner = asyncio.ensure_future(node.run())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runner.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await node.shutdown()
+        if control is not None:
+            await control.stop()
+
+
+def _run(kw: dict[str, Any]) -> None:
+    try:
+        config = config_from_options(kw)
+    except P2PNodeError as e:
+        raise click.UsageError(str(e)) from e
+    setup_logging(kw["log_level"], kw["json_logs"])
+    try:
+        asyncio.run(_serve(config, kw["state_dir"]))
+    except P2PNodeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_STARTUP)
+
+
+@cli.command()
+@node_options
+@training_options
+def run(**kw: Any) -> None:
+    """Start a node in the foreground; Ctrl-C or SIGTERM stops it cleanly.
+
+    It prints one line when it is ready:
+    `p2pnode ready peer_id=<id> maddrs=<multiaddrs> control=<addr>`.
+    """
+    _run(kw)
+
+
+@cli.command()
+@click.argument("multiaddr", nargs=-1, required=True)
+@node_options
+@training_options
+def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
+    """Start a node that joins the swarm of MULTIADDR (same as `run --initial-peer MULTIADDR`)."""
+    kw["initial_peers"] = tuple(kw["initial_peers"]) + multiaddr
+    _run(kw)
+
+
+@cli.command()
+@click.option("--nodes", default=16, show_default=True, type=int, help="Number of simulated nodes.")
+@click.option("--rounds", default=20, show_default=True, type=int, help="Rounds to simulate.")
+@training_options
+@click.option("--latency-ms", default=5.0, show_default=True, type=float, help="One-way link latency, ms.")
+@click.option("--bandwidth-mbps", default=100.0, show_default=True, type=float, help="Link bandwidth, Mbit/s.")
+@click.option("--loss", "msg_loss", default=0.0, show_default=True, type=float,
+              help="Probability that a message is lost.")
+@click.option("--step-time-ms", default=10.0, show_default=True, type=float,
+              help="Modelled compute time of one training step, virtual ms.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw accuracy and bytes per round to this PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path | None, quiet: bool,
+        **kw: Any) -> None:
+    """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
+
+    The same seed gives the same results file, byte for byte. Wall-clock time goes to stdout only.
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulator import SimConfig, run_simulation
+
+    try:
+        cfg = SimConfig(nodes=nodes, rounds=rounds, task=kw["task"], topology=kw["topology"], rule=kw["rule"],
+                        rule_params=parse_params(kw["rule_params"]), seed=kw["seed"], alpha=kw["alpha"],
+                        local_steps=kw["local_steps"], lr=kw["lr"], batch_size=kw["batch_size"], init=kw["init"],
+                        latency_ms=kw["latency_ms"], bandwidth_mbps=kw["bandwidth_mbps"], loss=msg_loss,
+                        step_time_ms=kw["step_time_ms"])
+        cfg.node_config(0)
+    except P2PNodeError as e:
+        raise click.UsageError(str(e)) from e
+    setup_logging("WARNING")
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]sim"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), disable=quiet) as progress:
+        bar = progress.add_task("", total=rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+            progress.update(bar, advance=1, description=f"acc={acc} MB={row['bytes'] / 1e6:.2f}")
+
+        results = run_simulation(cfg, on_round)
+    wall = time.perf_counter() - t0
+    last = results["rounds"][-1] if results["rounds"] else {}
+    click.echo(f"sim done: nodes={nodes} rounds={rounds} final_accuracy={results['final_accuracy']} "
+               f"total_MB={results['total_bytes'] / 1e6:.2f} virtual_s={last.get('time_s', 0):.2f} "
+               f"wall_s={wall:.1f}")
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        click.echo(f"results written to {out}")
+    if plot is not None:
+        from simulator.plot import plot_results
+
+        plot_results(results, plot)
+        click.echo(f"plot written to {plot}")
+
+
+@cli.command()
+@click.option("--nodes", default=4, show_default=True, type=int, help="Number of daemons to start.")
+@click.option("--rounds", default=30, show_default=True, type=int, help="Rounds every node runs.")
+@training_options
+@click.option("--min-round-time", default=0.5, show_default=True, type=float,
+              help="Shortest round of each node, in seconds.")
+@click.option("--run-id", default="local-swarm", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Device of every node.")
+def swarm(**kw: Any) -> None:
+    """Start a local swarm of real daemons on 127.0.0.1 and show their progress live.
+
+    Each node is a separate process with its own hivemind DHT and libp2p daemon; node 0 is started
+    first and the others join it. Ends with a summary table.
+    """
+    from p2pnode.cli.swarm import run_swarm
+
+    sys.exit(run_swarm(kw))
+
+
+register(cli)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except P2PNodeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Click options shared by `run`, `join` and `sim`, and their conversion into a `NodeConfig`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2pnode.config import NodeConfig
+from p2pnode.errors import ConfigError
+
+F = Callable[..., Any]
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"2/8"`` -> (2, 8)."""
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError as e:
+        raise ConfigError(f"shard={value!r}: expected INDEX/COUNT, for example 0/4") from e
+    return index, count
+
+
+def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("trim=1", "tau=0.5")`` -> {"trim": 1, "tau": 0.5} (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"rule parameter {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def training_options(f: F) -> F:
+    """Options of the run-wide training setup (task, rule, seed, data split, local steps)."""
+    opts = [
+        click.option("--task", default="digits-mlp", show_default=True,
+                     help="Task: digits-mlp, cifar10-resnet18, or package.module:factory."),
+        click.option("--topology", default="gossip", show_default=True, type=click.Choice(["gossip"]),
+                     help="Who exchanges with whom."),
+        click.option("--rule", default="mean", show_default=True, help="Aggregation rule for merging models."),
+        click.option("--rule-param", "rule_params", multiple=True, metavar="KEY=VALUE",
+                     help="Parameter of the rule (repeatable), for example trim=1."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the run."),
+        click.option("--alpha", default=None, type=float, help="Dirichlet alpha for a non-IID split (unset: IID)."),
+        click.option("--local-steps", default=None, type=int, help="Local SGD steps per round [task default]."),
+        click.option("--lr", default=None, type=float, help="Learning rate [task default]."),
+        click.option("--batch-size", default=None, type=int, help="Batch size [task default]."),
+        click.option("--init", "init", default="shared", show_default=True,
+                     type=click.Choice(["shared", "independent"]),
+                     help="One initial model for all nodes, or one per node."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def node_options(f: F) -> F:
+    """Options of one real node."""
+    opts = [
+        click.option("--run-id", default="default", show_default=True, help="Name of the run to take part in."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--port", default=0, show_default=True, type=int, help="Port to listen on (0: any free)."),
+        click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
+                     help="Multiaddr of a peer to join (repeatable)."),
+        click.option("--rounds", default=None, type=int, help="Rounds to run (default: until stopped)."),
+        click.option("--shard", default="0/1", show_default=True,
+                     help="This node's share of the task's training data, INDEX/COUNT."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--min-round-time", default=1.0, show_default=True, type=float,
+                     help="Shortest round, in seconds (paces the swarm)."),
+        click.option("--exchange-timeout", default=30.0, show_default=True, type=float,
+                     help="Seconds allowed for one model exchange."),
+        click.option("--wait-for-peers", default=0, show_default=True, type=int,
+                     help="Before the first round, wait until this many peers are visible (at most 60 s)."),
+        click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="P2PNODE_STATE_DIR",
+                     default=Path("~/.p2pnode").expanduser(), show_default="~/.p2pnode",
+                     help="Where the node keeps its control address and token (env P2PNODE_STATE_DIR)."),
+        click.option("--json-logs", is_flag=True, help="Log JSON lines (one per event) instead of text."),
+        click.option("--log-level", default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def config_from_options(kw: dict[str, Any]) -> NodeConfig:
+    """Build and validate a `NodeConfig` from the options of `run`/`join`."""
+    return NodeConfig(
+        run_id=kw["run_id"], task=kw["task"], topology=kw["topology"], rule=kw["rule"],
+        rule_params=parse_params(kw["rule_params"]), model_seed_mode=kw["init"], seed=kw["seed"],
+        shard=parse_shard(kw["shard"]), alpha=kw["alpha"], local_steps=kw["local_steps"], lr=kw["lr"],
+        batch_size=kw["batch_size"], device=kw["device"], rounds=kw["rounds"],
+        min_round_time_s=kw["min_round_time"], exchange_timeout_s=kw["exchange_timeout"], host=kw["host"],
+        port=kw["port"], initial_peers=list(kw["initial_peers"]), wait_for_peers=kw["wait_for_peers"],
+    ).validate()

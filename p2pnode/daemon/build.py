@@ -1,0 +1,45 @@
+"""Builds the parts of a node from its config; shared by the daemon and the simulator (one code path)."""
+
+from __future__ import annotations
+
+import random
+
+from p2pnode.config import NodeConfig
+from p2pnode.discovery import PeerDirectory
+from p2pnode.protocols import GossipProtocol, GossipSettings, RoundProtocol
+from p2pnode.protocols.compute import Compute
+from p2pnode.training.tasks import Task, get_task
+from p2pnode.training.trainer import Trainer
+from p2pnode.transport import Transport
+
+
+def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: int | None = None,
+                  num_nodes: int | None = None, device: str | None = None,
+                  label_map: object = None) -> Trainer:
+    """The node's trainer: its shard of the task's data and the run's initial model.
+
+    With ``model_seed_mode = "shared"`` every node starts from the model built with the run's seed;
+    with ``"independent"`` each node builds its own from ``seed + 1000 + shard index``.
+    """
+    task = task or get_task(config.task)
+    index, count = config.shard
+    index = index if node_index is None else node_index
+    count = count if num_nodes is None else num_nodes
+    model_seed = config.seed if config.model_seed_mode == "shared" else config.seed + 1000 + index
+    return Trainer(task, node_index=index, num_nodes=count, seed=config.seed, alpha=config.alpha,
+                   device=device or config.device, batch_size=config.batch_size, lr=config.lr,
+                   model_seed=model_seed)
+
+
+def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
+                   compute: Compute, rng: random.Random, step_cost_s: float = 0.0) -> RoundProtocol:
+    """The round protocol named by ``config.topology``."""
+    local_steps = config.local_steps or trainer.task.default_local_steps
+    if config.topology == "gossip":
+        settings = GossipSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
+                                  rule=config.rule, rule_params=dict(config.rule_params),
+                                  exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
+                                  step_cost_s=step_cost_s)
+        return GossipProtocol(settings, transport=transport, directory=directory, trainer=trainer,
+                              compute=compute, rng=rng)
+    raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier

@@ -1,0 +1,47 @@
+"""Builds small groups of real `Node`s over the in-memory network for protocol tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.node import Node
+from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
+from p2pnode.protocols.compute import VirtualCompute
+from p2pnode.transport.memory import MemoryNetwork
+
+
+@dataclass
+class Group:
+    network: MemoryNetwork
+    registry: MemoryRegistry
+    nodes: list[Node]
+
+
+def make_config(index: int, count: int, **overrides: object) -> NodeConfig:
+    base: dict[str, object] = {"run_id": "test", "task": "digits-mlp", "seed": 3, "shard": (index, count),
+                               "device": "cpu", "local_steps": 5, "exchange_timeout_s": 2.0}
+    base.update(overrides)
+    return NodeConfig(**base).validate()  # type: ignore[arg-type]
+
+
+async def make_group(count: int, **overrides: object) -> Group:
+    """`count` started nodes of one run on one in-memory network (call inside `run_virtual`)."""
+    network = MemoryNetwork(seed=0)
+    registry = MemoryRegistry()
+    nodes = []
+    for i in range(count):
+        config = make_config(i, count, **overrides)
+        pid = f"node-{i}"
+        transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
+        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
+        trainer = build_trainer(config)
+        protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
+                                  compute=VirtualCompute(), rng=random.Random(i), step_cost_s=0.01)
+        node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
+                    compute=VirtualCompute())
+        await node.start()
+        nodes.append(node)
+    return Group(network, registry, nodes)

@@ -1,0 +1,187 @@
+"""Real swarms on 127.0.0.1: hivemind DHT + p2pd per node, gossip on digits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from netutil import NetworkGuard, descendant_pids, process_name
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.real import create_real_node
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _flat(node: Any) -> torch.Tensor:
+    return torch.cat([v.flatten() for v in node.trainer.state().values()])
+
+
+def _max_distance(nodes: list[Any]) -> float:
+    flats = [_flat(n) for n in nodes]
+    return max(float((a - b).norm()) for a, b in itertools.combinations(flats, 2))
+
+
+async def _wait_for_peers(nodes: list[Any], count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)
+
+
+async def test_three_real_nodes_discover_train_and_agree() -> None:
+    """3 real nodes: discovery through the DHT, 10 gossip rounds, accuracy >= 0.85, models converge."""
+    with NetworkGuard() as guard:
+        nodes = []
+        try:
+            for i in range(3):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="it", seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
+                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=40,
+                                    model_seed_mode="independent").validate()
+                node = await create_real_node(config)
+                await node.start()
+                nodes.append(node)
+            await _wait_for_peers(nodes, 2)
+            distances = [_max_distance(nodes)]
+            for _ in range(10):
+                await asyncio.gather(*(n.run_round() for n in nodes))
+                distances.append(_max_distance(nodes))
+            accs = [n.last_report.accuracy for n in nodes]
+            assert all(a is not None and a >= 0.85 for a in accs), accs
+            # Independent initial models drift together: the largest pairwise distance shrinks.
+            assert distances[-1] < 0.5 * distances[0], distances
+            assert all(n.last_report.combined >= 2 for n in nodes)
+            assert all(n.transport.stats.bytes_sent > 0 for n in nodes)
+        finally:
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
+
+
+READY = re.compile(r"^p2pnode ready peer_id=(\S+) maddrs=(\S+) control=(\S+)$")
+
+
+class Daemon:
+    """A `p2pnode run` process in its own session, with its JSON round events collected."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "p2pnode", "run", "--json-logs", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.rounds: list[dict[str, Any]] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._out, daemon=True).start()
+        threading.Thread(target=self._err, daemon=True).start()
+
+    def _out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def _err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == "round":
+                self.rounds.append(rec)
+
+    def ready(self, timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.proc.poll() is None, "".join(self.stderr[-30:])
+                continue
+            m = READY.match(line)
+            if m:
+                return m
+        raise AssertionError("no ready line: " + "".join(self.stderr[-30:]))
+
+    @property
+    def round(self) -> int:
+        return self.rounds[-1]["round"] if self.rounds else 0
+
+    def group_pids(self) -> set[int]:
+        return {self.proc.pid} | descendant_pids(self.proc.pid)
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_cli_swarm_survives_a_killed_node_and_stops_cleanly(tmp_path: Path) -> None:
+    """`p2pnode run` + `p2pnode join`: one daemon is killed (-9) mid-run, the other two keep training,
+    and SIGTERM stops them with exit code 0 and no p2pd left behind."""
+    common = ["--run-id", "cli-it", "--min-round-time", "0.3", "--exchange-timeout", "3", "--device", "cpu"]
+    daemons: list[Daemon] = []
+    try:
+        first = Daemon([*common, "--shard", "0/3", "--state-dir", str(tmp_path / "n0")])
+        daemons.append(first)
+        peer_id, maddrs, control = first.ready().groups()
+        assert f"/p2p/{peer_id}" in maddrs
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", control)
+        for i in (1, 2):
+            d = Daemon([*common, "--shard", f"{i}/3", "--initial-peer", maddrs.split(",")[0],
+                        "--state-dir", str(tmp_path / f"n{i}")])
+            d.ready()
+            daemons.append(d)
+        _wait(lambda: all(d.rounds and d.rounds[-1]["peers"] == 2 for d in daemons), 60, "all to see 2 peers")
+        victim = daemons[2]
+        victim_pids = victim.group_pids()
+        assert any(process_name(p) == "p2pd" for p in victim_pids)
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        survivors = daemons[:2]
+        at_kill = [d.round for d in survivors]
+        _wait(lambda: all(d.round >= r + 5 for d, r in zip(survivors, at_kill, strict=True)), 90,
+              "survivors to train 5 more rounds")
+        status = subprocess.run([sys.executable, "-m", "p2pnode", "status", "--json", "--state-dir",
+                                 str(tmp_path / "n0")], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        st = json.loads(status.stdout)
+        assert st["peer_id"] == peer_id and st["round"] >= at_kill[0] + 5 and st["peers"] >= 1
+        assert st["bytes_sent"] > 0 and st["bytes_received"] > 0
+        for d in survivors:
+            pids = d.group_pids()
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(20) == 0, "".join(d.stderr[-30:])
+            time.sleep(0.5)
+            alive = [p for p in pids if os.path.exists(f"/proc/{p}") and process_name(p) != "?"]
+            assert not [p for p in alive if process_name(p) == "p2pd"], "p2pd left behind after SIGTERM"
+        assert all(d.rounds[-1]["accuracy"] >= 0.85 for d in survivors)
+        # A clean stop removes the control file it wrote.
+        assert not (tmp_path / "n0" / "control.json").exists()
+    finally:
+        for d in daemons:
+            if d.proc.poll() is None:
+                os.killpg(d.proc.pid, signal.SIGKILL)
+                d.proc.wait()
