@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import click
 from p2pnode import __version__
 from p2pnode.cli.control_cmds import register
 from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
-from p2pnode.config import NodeConfig
+from p2pnode.cli.serve import serve
 from p2pnode.errors import P2PNodeError
 from p2pnode.log import setup_logging
 
@@ -30,36 +28,6 @@ def cli() -> None:
     """Train one model together across machines, with no central server."""
 
 
-async def _serve(config: NodeConfig, state_dir: Path) -> None:
-    from p2pnode.daemon.control import ControlServer
-    from p2pnode.daemon.real import create_real_node
-    from p2pnode.daemon.statedir import ensure_state_dir, start_control
-
-    ensure_state_dir(state_dir)
-    node = await create_real_node(config)
-    loop = asyncio.get_running_loop()
-    control: ControlServer | None = None
-    try:
-        await node.start()
-        # Leave (over the control API) finishes the round in progress, then shuts down like SIGTERM.
-        control = await start_control(node, state_dir, on_leave=node.stop)
-        ready = (f"p2pnode ready peer_id={node.peer_id} maddrs={','.join(node.transport.addresses())} "
-                 f"control={control.address}")
-        click.echo(ready)
-        sys.stdout.flush()
-        runner = asyncio.ensure_future(node.run())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runner.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await node.shutdown()
-        if control is not None:
-            await control.stop()
-
-
 def _run(kw: dict[str, Any]) -> None:
     try:
         config = config_from_options(kw)
@@ -67,7 +35,7 @@ def _run(kw: dict[str, Any]) -> None:
         raise click.UsageError(str(e)) from e
     setup_logging(kw["log_level"], kw["json_logs"])
     try:
-        asyncio.run(_serve(config, kw["state_dir"]))
+        asyncio.run(serve(config, kw["state_dir"]))
     except P2PNodeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_STARTUP)
