@@ -36,6 +36,7 @@ import glob
 import multiprocessing as mp
 import os
 import platform
+import resource
 import signal
 import socket
 import statistics
@@ -44,7 +45,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -114,6 +114,38 @@ def slice_bounds(numel: int, n: int) -> list[tuple[int, int]]:
     return [(numel * j // n, numel * (j + 1) // n) for j in range(n)]
 
 
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(stat_path) as f:
+                stat = f.read()
+            fields = stat[stat.rfind(")") + 2:].split()
+            table[int(stat_path.split("/")[2])] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its live descendants (p2pd, DHT, averager)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += table.get(p, (0, 0.0))[1]
+        todo += children.get(p, [])
+    return total
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- raw TCP -------------------------------------------------------------------------------------
 def raw_tcp_receiver(spec: WorkerSpec, conn: Connection) -> None:
     srv = socket.create_server(("127.0.0.1", 0))
@@ -138,22 +170,23 @@ def raw_tcp_receiver(spec: WorkerSpec, conn: Connection) -> None:
     conn.send(("bye", None))
 
 
-def bench_raw_tcp(nbytes: int, repeats: int) -> list[float]:
+def bench_raw_tcp(name: str, nbytes: int, repeats: int) -> Result:
     """The sender is this process; the receiver a child process."""
     with Cluster("raw_tcp", 1, nbytes, {}) as cluster:
         (port,) = cluster.infos
         payload = memoryview(model_tensor(nbytes, 1.0).numpy()).cast("B")
-        times = []
+        times, cpus = [], []
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(ROUND_TIMEOUT)
             for _ in range(repeats + 1):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), own_cpu() + tree_cpu(cluster.procs[0].pid)
                 sock.sendall(struct.pack("<Q", nbytes))
                 sock.sendall(payload)
                 if sock.recv(1) != b"k":
                     raise RuntimeError("raw TCP receiver did not acknowledge")
                 times.append(time.perf_counter() - t0)
-        return times[1:]
+                cpus.append(own_cpu() + tree_cpu(cluster.procs[0].pid) - cpu0)
+        return Result(name, times[1:], cpus[1:], nbytes)
 
 
 # -- our transport -------------------------------------------------------------------------------
@@ -169,7 +202,7 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     torch.set_num_threads(1)
     opts = spec.options
     transport = await P2PTransport.create(initial_peers=opts.get("initial_peers") or None,
-                                          host_maddrs=[LOOPBACK], **opts.get("transport", {}))
+                                          host_maddrs=[LOOPBACK], direct=opts.get("direct", True))
     try:
         numel = spec.nbytes // 4
         bounds = slice_bounds(numel, spec.n)
@@ -214,7 +247,7 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
             elif msg == "go":
                 step = arg
                 await asyncio.to_thread(barrier.wait, ROUND_TIMEOUT)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
                 ok = True
                 if spec.kind == "ours_pair":
                     if spec.rank == 1:
@@ -234,9 +267,13 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                     async with asyncio.timeout(ROUND_TIMEOUT):
                         await mine["done"].wait()
                     out[lo:hi] = mine["acc"]
-                    ok = bool(torch.allclose(out, torch.full_like(out, (spec.n - 1) / 2)))
                 elapsed = time.perf_counter() - t0
-                conn.send(("done", (elapsed, ok)))
+                # Once everyone is done, no node still works for this round: its CPU time is complete.
+                await asyncio.to_thread(barrier.wait, ROUND_TIMEOUT)
+                cpu = tree_cpu(os.getpid()) - cpu0
+                if spec.kind == "ours_allreduce":  # checked outside the timed part
+                    ok = bool(torch.allclose(out, torch.full_like(out, (spec.n - 1) / 2)))
+                conn.send(("done", (elapsed, ok, cpu)))
             elif msg == "stop":
                 break
     finally:
@@ -275,14 +312,16 @@ def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                         raise RuntimeError(f"matchmaking failed: {control.result()}")
                     time.sleep(0.01)
                 barrier.wait(ROUND_TIMEOUT)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
                 control.allow_allreduce()
                 control.result(timeout=ROUND_TIMEOUT)
                 elapsed = time.perf_counter() - t0
+                barrier.wait(ROUND_TIMEOUT)
+                cpu = tree_cpu(os.getpid()) - cpu0
                 with averager.get_tensors() as tensors:
                     # hivemind reports success even when a slice was not averaged: check every value.
                     ok = bool(torch.allclose(tensors[0], torch.full_like(tensors[0], expected)))
-                conn.send(("done", (elapsed, ok)))
+                conn.send(("done", (elapsed, ok, cpu)))
             elif msg == "stop":
                 break
     finally:
@@ -346,21 +385,26 @@ class Cluster:
             raise RuntimeError(f"{self.kind} worker {rank} sent {msg!r}, expected {what!r}")
         return arg
 
-    def rounds(self, repeats: int) -> tuple[list[float], bool]:
-        """Run one warm-up and `repeats` timed rounds; returns the slowest worker's time of each."""
+    def rounds(self, repeats: int) -> tuple[list[float], list[float], bool]:
+        """Run one warm-up and `repeats` timed rounds.
+
+        Returns the slowest worker's time of each round, the CPU seconds of each round (all workers and
+        their child processes together), and whether every worker ended with the right values.
+        """
         for conn in self.conns:
             conn.send(("peers", self.infos))
         for rank in range(self.n):
             self._expect(rank, "ok", START_TIMEOUT)
-        times, all_ok = [], True
+        times, cpus, all_ok = [], [], True
         for step in range(repeats + 1):
             for conn in self.conns:
                 conn.send(("go", step))
             results = [self._expect(rank, "done", ROUND_TIMEOUT) for rank in range(self.n)]
             if step > 0:
-                times.append(max(t for t, _ in results))
-                all_ok = all_ok and all(ok for _, ok in results)
-        return times, all_ok
+                times.append(max(t for t, _, _ in results))
+                cpus.append(sum(c for _, _, c in results))
+                all_ok = all_ok and all(ok for _, ok, _ in results)
+        return times, cpus, all_ok
 
     def close(self) -> None:
         for conn in self.conns:
@@ -374,7 +418,12 @@ class Cluster:
                 print(f"  worker {proc.pid} did not stop; killing its process group", file=sys.stderr)
                 kill_tree(proc.pid)
                 proc.join(5)
-        for path in set(glob.glob("/tmp/hivemind-*.sock")) - self.sockets_before:
+        # Remove the socket files the workers left behind, but not those of other programs running
+        # hivemind on this machine at the same time: a file still bound by a live process is not ours.
+        bound = set()
+        with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+            bound = {line.split()[7] for line in f if len(line.split()) >= 8}
+        for path in set(glob.glob("/tmp/hivemind-*.sock")) - self.sockets_before - bound:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -422,6 +471,7 @@ def machine() -> dict[str, str]:
 class Result:
     name: str
     times: list[float]
+    cpus: list[float]
     nbytes: int
     ok: bool = True
 
@@ -433,74 +483,86 @@ class Result:
     def mbps(self) -> float:
         return self.nbytes / MB / self.median
 
+    @property
+    def cpu_per_gb(self) -> float:
+        """CPU seconds of all processes involved per GB of model."""
+        return statistics.median(self.cpus) / (self.nbytes / 1e9)
+
+
+#: (key, label, kind, number of nodes or None for --nodes, options). Keys are what --only / --skip take.
+PLAN: list[tuple[str, str, str, int | None, dict[str, Any]]] = [
+    ("raw_tcp", "raw TCP, 1 connection", "raw_tcp", 1, {}),
+    ("pair_libp2p", "ours, 1 call, libp2p streams", "ours_pair", 2, {"direct": False}),
+    ("pair_direct", "ours, 1 call, direct TLS", "ours_pair", 2, {"direct": True}),
+    ("ar2_libp2p", "ours all-reduce, 2 nodes, libp2p streams", "ours_allreduce", 2, {"direct": False}),
+    ("ar2_direct", "ours all-reduce, 2 nodes, direct TLS", "ours_allreduce", 2, {"direct": True}),
+    ("hivemind2", "hivemind averager, 2 peers", "hivemind", 2, {}),
+    ("arN_libp2p", "ours all-reduce, {n} nodes, libp2p streams", "ours_allreduce", None, {"direct": False}),
+    ("arN_direct", "ours all-reduce, {n} nodes, direct TLS", "ours_allreduce", None, {"direct": True}),
+    ("hivemindN", "hivemind averager, {n} peers", "hivemind", None, {}),
+]
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=100.0, help="model size in MB (10^6 bytes); default 100")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement; default 5")
     parser.add_argument("--nodes", type=int, default=8, help="peers of the large all-reduces; default 8")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                         help="event loop of our nodes; default asyncio")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        help="measurements to skip: raw_tcp ours_pair ours_allreduce2 ours_allreduceN "
-                             "hivemind2 hivemindN")
+    keys = [key for key, *_ in PLAN]
+    parser.add_argument("--only", nargs="*", choices=keys, help="run only these measurements")
+    parser.add_argument("--skip", nargs="*", choices=keys, default=[], help="skip these measurements")
     args = parser.parse_args(argv)
     nbytes = int(args.mb * MB) // 4 * 4
     n = args.nodes
     info = machine()
+    with contextlib.suppress(OSError):
+        info["load average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"model: {nbytes / MB:.1f} MB float32, median of {args.repeats} (after one warm-up), "
           f"loop={args.loop}")
     cmd = ["python", "benchmarks/transport.py", *(argv if argv is not None else sys.argv[1:])]
     print(f"command: {' '.join(cmd)}")
-    ours_opts: dict[str, Any] = {"loop": args.loop}
 
-    plan: list[tuple[str, Callable[[], Result]]] = [
-        ("raw_tcp", lambda: Result("raw TCP, 1 stream", bench_raw_tcp(nbytes, args.repeats), nbytes)),
-        ("ours_pair", lambda: cluster_result("ours: P2PTransport call, 2 nodes", "ours_pair", 2, nbytes,
-                                             args.repeats, ours_opts)),
-        ("ours_allreduce2", lambda: cluster_result("ours: all-reduce, 2 nodes", "ours_allreduce", 2, nbytes,
-                                                   args.repeats, ours_opts)),
-        ("hivemind2", lambda: cluster_result("hivemind averager, 2 peers", "hivemind", 2, nbytes,
-                                             args.repeats, {})),
-        ("ours_allreduceN", lambda: cluster_result(f"ours: all-reduce, {n} nodes", "ours_allreduce", n,
-                                                   nbytes, args.repeats, ours_opts)),
-        ("hivemindN", lambda: cluster_result(f"hivemind averager, {n} peers", "hivemind", n, nbytes,
-                                             args.repeats, {})),
-    ]
     results: dict[str, Result] = {}
-    for key, run in plan:
-        if key in args.skip:
+    for key, label, kind, nodes, options in PLAN:
+        if key in args.skip or (args.only and key not in args.only):
             continue
+        name = label.format(n=n)
         print(f"running {key} ...", flush=True)
-        results[key] = run()
-        r = results[key]
-        print(f"  {r.name}: {r.median:.3f} s, {r.mbps:,.0f} MB/s"
+        if kind == "raw_tcp":
+            r = bench_raw_tcp(name, nbytes, args.repeats)
+        else:
+            opts = dict(options, loop=args.loop) if kind != "hivemind" else dict(options)
+            with Cluster(kind, nodes or n, nbytes, opts) as cluster:
+                times, cpus, ok = cluster.rounds(args.repeats)
+            r = Result(name, times, cpus, nbytes, ok)
+        results[key] = r
+        print(f"  {r.name}: {r.median:.3f} s, {r.mbps:,.0f} MB/s, {r.cpu_per_gb:.1f} CPU s/GB"
               f"{'' if r.ok else '  (VALUES WRONG: not every slice was averaged)'}", flush=True)
 
     print()
-    print("| path | median s | MB/s | all values right | runs (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| path | median s | MB/s | CPU s/GB | values right | runs (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in results.values():
-        print(f"| {r.name} | {r.median:.3f} | {r.mbps:,.0f} | {'yes' if r.ok else 'NO'} | "
-              f"{', '.join(f'{t:.3f}' for t in r.times)} |")
+        runs = ", ".join(f"{t:.3f}" for t in r.times)
+        print(f"| {r.name} | {r.median:.3f} | {r.mbps:,.0f} | {r.cpu_per_gb:.1f} | {'yes' if r.ok else 'NO'} "
+              f"| {runs} |")
     print()
-    if "raw_tcp" in results and "ours_pair" in results:
-        ratio = results["ours_pair"].mbps / results["raw_tcp"].mbps
-        print(f"ours / raw TCP (bandwidth, 2 nodes): {ratio:.2f} (target >= 0.50)")
-    for suffix, peers in (("2", 2), ("N", n)):
-        h, o = results.get(f"hivemind{suffix}"), results.get(f"ours_allreduce{suffix}")
-        if h and o:
-            print(f"hivemind / ours (all-reduce time, {peers} peers): {h.median / o.median:.1f}x "
-                  "(target >= 5x)")
-
-
-def cluster_result(name: str, kind: str, n: int, nbytes: int, repeats: int,
-                   options: dict[str, Any]) -> Result:
-    with Cluster(kind, n, nbytes, options) as cluster:
-        times, ok = cluster.rounds(repeats)
-    return Result(name, times, nbytes, ok)
+    raw = results.get("raw_tcp")
+    for key in ("pair_libp2p", "pair_direct"):
+        if raw and key in results:
+            ratio = results[key].mbps / raw.mbps
+            print(f"{results[key].name} / raw TCP (MB/s): {ratio:.2f} (target >= 0.50)")
+    for hkey, peers in (("hivemind2", 2), ("hivemindN", n)):
+        for channel in ("libp2p", "direct"):
+            okey = f"ar{'2' if hkey == 'hivemind2' else 'N'}_{channel}"
+            if hkey in results and okey in results:
+                ratio = results[hkey].median / results[okey].median
+                print(f"hivemind / ours ({channel}), all-reduce time, {peers} peers: {ratio:.1f}x "
+                      "(target >= 5x)")
 
 
 if __name__ == "__main__":

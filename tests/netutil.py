@@ -2,7 +2,8 @@
 
 Everything started here is stopped here: `NetworkGuard` records the ``/tmp/hivemind-*.sock`` files and
 the child processes that exist before a test, and afterwards stops the processes and removes the socket
-files that the test left behind (and reports them, so a leak is visible instead of silent).
+files that the test left behind (and reports them, so a leak is visible instead of silent). Socket
+files of other programs running hivemind at the same time are left alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def descendant_pids(root: int | None = None) -> set[int]:
     return out
 
 
+def bound_unix_sockets() -> dict[str, int]:
+    """Path -> inode of every unix socket some process has bound (read from /proc/net/unix)."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8:
+                out[fields[7]] = int(fields[6])
+    return out
+
+
+def own_socket_inodes() -> set[int]:
+    """Inodes of the sockets this process holds open."""
+    inodes = set()
+    for fd in glob.glob("/proc/self/fd/*"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -99,7 +123,14 @@ class NetworkGuard:
             self.leaked_processes.append(f"{pid} ({process_name(pid)})")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # Other programs on this machine may run hivemind at the same time: a socket file that appeared
+        # during the test is ours to remove only if nothing listens on it any more (a leftover) or if
+        # this very process still listens on it (a leak). Anyone else's live socket is left alone.
+        bound, mine = bound_unix_sockets(), own_socket_inodes()
         for path in sorted(set(glob.glob(SOCKET_GLOB)) - self.sockets_before):
+            inode = bound.get(path)
+            if inode is not None and inode not in mine:
+                continue
             self.leaked_sockets.append(path)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

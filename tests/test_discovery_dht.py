@@ -10,8 +10,8 @@ from pathlib import Path
 import hivemind
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
-from netutil import LOOPBACK, NetworkGuard, start_dhts, stop_dhts
 
+from netutil import LOOPBACK, NetworkGuard, start_dhts, stop_dhts
 from p2pnode.discovery.base import PeerInfo
 from p2pnode.discovery.dht import DHTDirectory, peer_id_of_public_key, signed_dht_options
 from p2pnode.proto import peer_pb2

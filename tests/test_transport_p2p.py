@@ -12,12 +12,13 @@ import pytest
 import pytest_asyncio
 import torch
 from hivemind.p2p import PeerID
-from netutil import NetworkGuard, shutdown_replicas, start_dhts, start_p2p, stop_dhts
 
+from netutil import NetworkGuard, shutdown_replicas, start_dhts, start_p2p, stop_dhts
 from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import TrafficStats, codec
 from p2pnode.transport.codec import Message
+from p2pnode.transport.direct import PinMismatch, TLSConnection
 from p2pnode.transport.p2p import RPC_HANDLER, P2PTransport
 
 # One event loop for the module, so that most tests share one pair of daemons (starting p2pd takes ~0.5 s).
@@ -116,10 +117,19 @@ async def test_round_trip_with_tensors(pair: tuple[P2PTransport, P2PTransport]) 
     for name, t in tensors.items():
         assert reply.tensors[name].dtype == t.dtype and reply.tensors[name].shape == t.shape
         assert torch.equal(reply.tensors[name], t + 1), name
+    assert a.direct_messages == 1  # 20 MiB is above the direct threshold
+    # The same over libp2p streams only.
+    a.direct_enabled = False
+    try:
+        reply = await a.call(b.peer_id, "echo", request, peer_pb2.Pong, timeout=20)
+    finally:
+        a.direct_enabled = True
+    assert a.direct_messages == 1
+    assert torch.equal(reply.tensors["big"], big + 1)
     # Both directions work, and the counters add up on both sides.
     back = await b.call(a.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, timeout=10)
     assert back.body.round == 1
-    assert a.stats.calls == 1 and b.stats.calls == 1
+    assert a.stats.calls == 2 and b.stats.calls == 1
     assert a.stats.bytes_sent > big.numel() * 4 and b.stats.bytes_received > big.numel() * 4
     assert not a.stats.rejected and not b.stats.rejected
 
@@ -262,3 +272,108 @@ async def test_transports_on_dht_replicas() -> None:
         finally:
             stop_dhts(dhts)
     assert not guard.leaked_processes and not guard.leaked_sockets, guard
+
+
+# -- direct channel -----------------------------------------------------------------------------------
+async def test_direct_connections_are_reused_and_renewed(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    x = {"x": torch.arange(600_000, dtype=torch.float32)}  # 2.4 MB
+    before = a.direct_messages
+    for _ in range(2):
+        reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=10)
+        assert torch.equal(reply.tensors["x"], x["x"] + 1)
+    assert a.direct_messages == before + 2
+    assert a._pool.get(b.peer_id, b._direct.fingerprint) is not None  # type: ignore[union-attr]
+    # The peer drops its side of every connection (as after its idle timeout): the next call notices
+    # that the reused connection is dead and succeeds on a fresh one.
+    reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=10)
+    assert b._direct is not None
+    for task in list(b._direct._connections):
+        task.cancel()
+    await asyncio.sleep(0.1)
+    reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=9), x), peer_pb2.Pong, timeout=10)
+    assert reply.body.round == 9 and torch.equal(reply.tensors["x"], x["x"] + 1)
+    assert a.direct_messages == before + 4 and a.direct_fallbacks == 0
+
+
+async def test_direct_channel_refuses_bad_tokens_and_wrong_certificates(
+        pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    assert b._direct is not None and b.direct_address is not None
+    host, port = b.direct_address
+    # A client that expects another certificate refuses the server before sending anything.
+    with pytest.raises(PinMismatch):
+        await TLSConnection.connect(host, port, b"\x00" * 32, timeout=5)
+    # A client with the right certificate but no valid token is disconnected.
+    refused = b._direct.refused_tokens
+    conn = await TLSConnection.connect(host, port, b._direct.fingerprint, timeout=5)
+    try:
+        await conn.write(memoryview(b"\x01" * 32), 5)
+        with pytest.raises(asyncio.IncompleteReadError):
+            await conn.readexactly(1, 5)
+    finally:
+        conn.close()
+    # A token is good for one message only.
+    ticket = b._direct.issue(a.peer_id)
+    assert b._direct.redeem(ticket.token) == a.peer_id
+    assert b._direct.redeem(ticket.token) is None
+    assert b._direct.refused_tokens == refused + 1
+    ok = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=4), {"x": torch.ones(500_000)}),
+                      peer_pb2.Pong, timeout=10)
+    assert ok.body.round == 4
+
+
+async def test_direct_timeout_closes_the_connection(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachable):
+        await a.call(b.peer_id, "slow", Message(peer_pb2.Ping(), {"x": torch.ones(500_000)}), peer_pb2.Pong,
+                     timeout=0.5)
+    assert time.monotonic() - start < 2.0
+    assert not a._outbound_tls and not a._outbound
+
+
+async def test_falls_back_to_libp2p_when_direct_fails() -> None:
+    """A peer without the direct channel, and one whose direct address cannot be reached."""
+    with NetworkGuard() as guard:
+        a = await P2PTransport.create()
+        b = await P2PTransport.create(initial_peers=a.addresses(), direct=False)
+        # 127.0.0.2 is loopback too, but nothing listens there: the connection is refused.
+        c = await P2PTransport.create(initial_peers=a.addresses(), direct_advertise_host="127.0.0.2")
+        try:
+            for t in (b, c):
+                t.register("echo", peer_pb2.Ping, echo)
+            x = {"x": torch.arange(1_000_000, dtype=torch.float32)}
+            for peer in (b, c):
+                for _ in range(2):
+                    reply = await a.call(peer.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong,
+                                         timeout=10)
+                    assert torch.equal(reply.tensors["x"], x["x"] + 1)
+            assert a.direct_messages == 0
+            assert a.direct_fallbacks == 2  # once per peer, then the peer is remembered
+        finally:
+            for t in (a, b, c):
+                await t.shutdown()
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
+
+
+def test_receive_buffers_are_reused_only_when_free() -> None:
+    from p2pnode.transport.p2p import POOLED_MIN_BYTES, ReceiveBuffers
+
+    pool = ReceiveBuffers(max_bytes=8 * POOLED_MIN_BYTES)
+    first = pool.take(2 * POOLED_MIN_BYTES)
+    held = torch.frombuffer(first[:1024], dtype=torch.uint8)  # a tensor kept by a handler
+    del first
+    second = pool.take(2 * POOLED_MIN_BYTES)
+    assert pool.reused == 0  # the first buffer is still referenced by `held`
+    second[:4] = b"abcd"
+    del second
+    third = pool.take(2 * POOLED_MIN_BYTES)
+    assert pool.reused == 1 and bytes(third[:4]) == b"abcd"  # the free one came back, not `held`'s
+    del held, third
+    small = pool.take(1000)  # small messages never use the pool
+    assert len(small) == 1000 and pool.reused == 1
+    # The pool never keeps more than max_bytes.
+    big = [pool.take(3 * POOLED_MIN_BYTES) for _ in range(4)]
+    assert sum(len(b) for b in pool._bufs) <= pool.max_bytes
+    del big

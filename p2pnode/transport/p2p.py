@@ -1,11 +1,17 @@
-"""`P2PTransport`: the real transport, over hivemind's libp2p daemon (p2pd).
+"""`P2PTransport`: the real transport, over hivemind's libp2p daemon (p2pd), with a direct TLS fast path.
 
 Every request is one libp2p stream to the peer's single handler (`RPC_HANDLER`, ``"p2pnode.rpc"``); the
 method name travels in the envelope. On the stream the caller writes one framed request (see
-`p2pnode.transport.codec`) and the receiver answers with one framed response, both written in chunks
+`p2pnode.transport.codec`) and the receiver answers with one framed response, both written in pieces
 of `CHUNK_BYTES`. A reader first reads the 4-byte header and the envelope, checks them against its size
 limits, and only then allocates one buffer for the whole message and reads the tensor bytes into it,
 so an oversized or malformed message is refused before its payload is read.
+
+Messages of at least ``direct_threshold`` bytes (default 1 MiB) take the direct channel when both peers
+enable it (`p2pnode.transport.direct`): a ticket is asked for over libp2p, then the message travels over
+a pinned TLS 1.3 connection. If the peer does not offer the channel or cannot be reached directly,
+the message goes over libp2p instead (and that peer is not tried directly again for
+``direct_retry_s``).
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -15,8 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import ipaddress
 import logging
-from collections.abc import Sequence
+import ssl
+import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
@@ -24,13 +35,24 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from p2pnode.errors import BadMessage, PeerUnreachable, TransportError
+from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
 from p2pnode.transport.base import Transport
+from p2pnode.transport.codec import Message
+from p2pnode.transport.direct import (
+    DEFAULT_CONNECT_TIMEOUT,
+    ConnectionPool,
+    DirectServer,
+    Ticket,
+    TLSConnection,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Name of the one libp2p stream handler a transport registers.
 RPC_HANDLER = "p2pnode.rpc"
+#: Method (inside the envelope) that asks a peer for a direct-channel ticket.
+DIRECT_TICKET_METHOD = "_p2pnode.direct_ticket"
 #: Size of the pieces in which a message is written and read, in bytes (1 MiB). Near 1 MB avoids the
 #: allocator churn measured with 4 MB pieces and keeps per-piece overhead small.
 CHUNK_BYTES = 1 << 20
@@ -42,8 +64,18 @@ DEFAULT_CONTROL_TIMEOUT = 10.0
 #: Default budget of inbound request bytes held in receive buffers at once (all peers together), in
 #: multiples of ``max_message_bytes``. Requests beyond it are answered ``unavailable``.
 DEFAULT_INFLIGHT_MESSAGES = 2
+#: Default smallest message that takes the direct channel, in bytes (1 MiB): below it, the extra round
+#: trip for the ticket costs more than the faster channel saves.
+DEFAULT_DIRECT_THRESHOLD = 1 << 20
+#: Default time during which a peer that could not be reached directly is only called over libp2p, in s.
+DEFAULT_DIRECT_RETRY = 60.0
+#: Default most bytes of receive buffers kept for reuse (512 MiB); 0 turns reuse off.
+DEFAULT_RECEIVE_POOL_BYTES = 512 << 20
+#: Messages smaller than this get a fresh buffer (reuse pays off for large ones only), in bytes.
+POOLED_MIN_BYTES = 1 << 20
 
 _STREAM_ERRORS = (asyncio.IncompleteReadError, ConnectionError, OSError, P2PDaemonError)
+_TLS_ERRORS = (asyncio.IncompleteReadError, OSError, ssl.SSLError)
 
 
 class _Busy(TransportError):
@@ -53,62 +85,146 @@ class _Busy(TransportError):
         super().__init__(message, code="unavailable")
 
 
-async def write_parts(writer: asyncio.StreamWriter, parts: Sequence[memoryview], idle_timeout: float) -> None:
-    """Write an encoded message in pieces of `CHUNK_BYTES`.
+# -- framing over either channel --------------------------------------------------------------------
+class StreamIO:
+    """A libp2p stream (reader and writer from p2pd) as a message source and sink.
 
-    :param idle_timeout: longest wait, in seconds, for the other side to take one piece.
-    :raises TimeoutError: the other side did not read for `idle_timeout` seconds.
+    :param idle_timeout: longest wait for the next bytes, or for the peer to take the next piece, in s.
     """
-    for part in parts:
-        view = part.cast("B") if part.format != "B" else part
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 idle_timeout: float) -> None:
+        self.reader, self.writer, self.idle_timeout = reader, writer, idle_timeout
+
+    async def readexactly(self, n: int) -> bytes:
+        async with asyncio.timeout(self.idle_timeout):
+            return await self.reader.readexactly(n)
+
+    async def readinto(self, view: memoryview) -> None:
+        pos, total = 0, view.nbytes
+        while pos < total:
+            async with asyncio.timeout(self.idle_timeout):
+                chunk = await self.reader.read(min(CHUNK_BYTES, total - pos))
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
+            view[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+
+    async def write(self, view: memoryview) -> None:
         for offset in range(0, view.nbytes, CHUNK_BYTES):
-            writer.write(view[offset:offset + CHUNK_BYTES])
-            async with asyncio.timeout(idle_timeout):
-                await writer.drain()
+            self.writer.write(view[offset:offset + CHUNK_BYTES])
+            async with asyncio.timeout(self.idle_timeout):
+                await self.writer.drain()
 
 
-async def read_message(reader: asyncio.StreamReader, max_message_bytes: int, idle_timeout: float,
-                       reserve: Any = None) -> bytearray:
+class TLSIO:
+    """A direct-channel connection as a message source and sink (see `StreamIO`)."""
+
+    def __init__(self, conn: TLSConnection, idle_timeout: float) -> None:
+        self.conn, self.idle_timeout = conn, idle_timeout
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self.conn.readexactly(n, self.idle_timeout)
+
+    async def readinto(self, view: memoryview) -> None:
+        await self.conn.readinto(view, self.idle_timeout)
+
+    async def write(self, view: memoryview) -> None:
+        await self.conn.write(view, self.idle_timeout)
+
+
+MessageIO = StreamIO | TLSIO
+
+
+class ReceiveBuffers:
+    """Receive buffers that are reused once nothing refers to them any more.
+
+    A fresh 100 MB buffer costs about as much CPU as receiving it over a plain socket (zero-filling and
+    page faults), so large buffers are kept and handed out again. A buffer is free when its only
+    reference is this pool's: tensors decoded from a message keep a reference to its buffer (through
+    the memoryview they were built on), so a buffer whose tensors a handler kept is never overwritten.
+
+    :param max_bytes: most bytes kept for reuse (default 512 MiB); 0 turns reuse off.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_RECEIVE_POOL_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._bufs: list[bytearray] = []
+        self.reused = 0
+
+    def take(self, nbytes: int) -> memoryview:
+        """A writable buffer of exactly `nbytes` bytes (its contents are undefined)."""
+        if nbytes < POOLED_MIN_BYTES or nbytes > self.max_bytes:
+            return memoryview(bytearray(nbytes))
+        best = -1
+        for i in range(len(self._bufs)):
+            size = len(self._bufs[i])
+            # 2 references: this list and getrefcount's argument. Sizes up to 2x avoid wasting a huge
+            # buffer on a small message.
+            if (nbytes <= size <= 2 * nbytes and sys.getrefcount(self._bufs[i]) == 2
+                    and (best < 0 or size < len(self._bufs[best]))):
+                best = i
+        if best >= 0:
+            self.reused += 1
+            return memoryview(self._bufs[best])[:nbytes]
+        buf = bytearray(nbytes)
+        self._admit(buf)
+        return memoryview(buf)
+
+    def _admit(self, buf: bytearray) -> None:
+        total = sum(len(b) for b in self._bufs)
+        if total + len(buf) > self.max_bytes:
+            # Drop free buffers, oldest first, until the new one fits.
+            i = 0
+            while i < len(self._bufs) and total + len(buf) > self.max_bytes:
+                if sys.getrefcount(self._bufs[i]) == 2:
+                    total -= len(self._bufs[i])
+                    del self._bufs[i]
+                else:
+                    i += 1
+        if total + len(buf) <= self.max_bytes:
+            self._bufs.append(buf)
+
+
+async def write_message(io: MessageIO, parts: Sequence[memoryview]) -> None:
+    """Write an encoded message (its parts in order)."""
+    for part in parts:
+        await io.write(part.cast("B") if part.format != "B" else part)
+
+
+async def read_message(io: MessageIO, max_message_bytes: int,
+                       reserve: Callable[[int], None] | None = None,
+                       buffers: ReceiveBuffers | None = None) -> memoryview:
     """Read one framed message, checking the limits before its payload is read.
 
     The header and envelope are read and checked first (`codec.parse_header`, `codec.parse_envelope`);
-    then one buffer of the announced size is allocated and the tensor bytes are read into it in pieces.
+    then one buffer of the announced size is allocated and the tensor bytes are read into it.
 
     :param max_message_bytes: largest accepted message, in bytes.
-    :param idle_timeout: longest wait for the next bytes, in seconds.
-    :param reserve: optional callable ``reserve(nbytes)`` called before the buffer is allocated; it may
-        raise to refuse the message (used for the receive budget).
+    :param reserve: optional ``reserve(nbytes)``, called before the buffer is allocated; it may raise to
+        refuse the message (used for the receive budget).
+    :param buffers: where to take the buffer from (default: a fresh one).
     :raises BadMessage: the message is malformed or oversized (nothing after the envelope was read).
     :raises asyncio.IncompleteReadError: the stream ended inside the message.
-    :raises TimeoutError: no bytes arrived for `idle_timeout` seconds.
+    :raises TimeoutError: no bytes arrived for the channel's idle timeout.
     """
-    async with asyncio.timeout(idle_timeout):
-        head = await reader.readexactly(codec.HEADER.size)
+    head = await io.readexactly(codec.HEADER.size)
     n = codec.parse_header(head, max_message_bytes)
-    async with asyncio.timeout(idle_timeout):
-        env_bytes = await reader.readexactly(n)
+    env_bytes = await io.readexactly(n)
     env = codec.parse_envelope(env_bytes, max_message_bytes)
     start = codec.HEADER.size + n
     total = start + env.payload_bytes
     if reserve is not None:
         reserve(total)
-    buf = bytearray(total)
+    buf = buffers.take(total) if buffers is not None else memoryview(bytearray(total))
     buf[:codec.HEADER.size] = head
     buf[codec.HEADER.size:start] = env_bytes
-    view = memoryview(buf)
-    pos = start
-    while pos < total:
-        async with asyncio.timeout(idle_timeout):
-            chunk = await reader.read(min(CHUNK_BYTES, total - pos))
-        if not chunk:
-            raise asyncio.IncompleteReadError(b"", total - pos)
-        view[pos:pos + len(chunk)] = chunk
-        pos += len(chunk)
+    await io.readinto(buf[start:])
     return buf
 
 
 class P2PTransport(Transport):
-    """Request/response messaging over libp2p streams of hivemind's p2pd.
+    """Request/response messaging over libp2p streams of hivemind's p2pd, with a direct TLS fast path.
 
     Create it with `P2PTransport.create` (it registers the stream handler). Either pass a `P2P` that
     someone else owns (normally ``await dht.replicate_p2p()``), or let `create` start a p2pd of its own.
@@ -121,12 +237,29 @@ class P2PTransport(Transport):
         take the response, in seconds (default 30).
     :param max_inflight_bytes: inbound request bytes held at once, in bytes (default 2x
         ``max_message_bytes``); requests beyond it are answered with the ``unavailable`` error code.
+    :param direct: offer and use the direct TLS channel for large messages (default True).
+    :param direct_threshold: smallest message sent over the direct channel, in bytes (default 1 MiB).
+    :param direct_host: IP address the direct channel listens on (default: the first non-loopback IPv4
+        address among the visible libp2p multiaddrs, else 127.0.0.1).
+    :param direct_advertise_host: IP address given to peers (default: `direct_host`; required when
+        listening on 0.0.0.0).
+    :param direct_port: TCP port of the direct channel (default 0: any free port).
+    :param direct_connect_timeout: longest wait for a direct connection and handshake, in s (default 5).
+    :param direct_retry_s: after a failed direct connection, how long that peer is only called over
+        libp2p, in seconds (default 60).
+    :param receive_pool_bytes: most bytes of large receive buffers kept for reuse (default 512 MiB;
+        0: off), see `ReceiveBuffers`.
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
                  max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
                  handler_name: str = RPC_HANDLER, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 max_inflight_bytes: int | None = None) -> None:
+                 max_inflight_bytes: int | None = None, direct: bool = True,
+                 direct_threshold: int = DEFAULT_DIRECT_THRESHOLD, direct_host: str | None = None,
+                 direct_advertise_host: str | None = None, direct_port: int = 0,
+                 direct_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 direct_retry_s: float = DEFAULT_DIRECT_RETRY,
+                 receive_pool_bytes: int = DEFAULT_RECEIVE_POOL_BYTES) -> None:
         super().__init__(max_message_bytes=max_message_bytes)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
@@ -136,6 +269,7 @@ class P2PTransport(Transport):
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
                                    else DEFAULT_INFLIGHT_MESSAGES * max_message_bytes)
         self._inflight_bytes = 0
+        self.buffers = ReceiveBuffers(receive_pool_bytes)
         self._maddrs: list[str] = []
         self._started = False
         self._closed = False
@@ -143,30 +277,46 @@ class P2PTransport(Transport):
         self._serving: set[asyncio.Task[Any]] = set()
         #: Writers of outbound calls in flight, closed on shutdown so that those calls fail promptly.
         self._outbound: set[asyncio.StreamWriter] = set()
+        # Direct channel.
+        self.direct_enabled = direct
+        self.direct_threshold = direct_threshold
+        self._direct_host = direct_host
+        self._direct_advertise_host = direct_advertise_host
+        self._direct_port = direct_port
+        self.direct_connect_timeout = direct_connect_timeout
+        self.direct_retry_s = direct_retry_s
+        self._direct: DirectServer | None = None
+        self._pool = ConnectionPool()
+        self._outbound_tls: set[TLSConnection] = set()
+        #: Peers not to try directly before the given time (time.monotonic()).
+        self._no_direct_until: dict[str, float] = {}
+        #: Messages sent over the direct channel / sent over libp2p because the direct one failed.
+        self.direct_messages = 0
+        self.direct_fallbacks = 0
 
     # -- construction and lifecycle ---------------------------------------------------------------
     @classmethod
-    async def create(cls, p2p: P2P | None = None, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                     handler_name: str = RPC_HANDLER, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                     max_inflight_bytes: int | None = None, owns_p2p: bool | None = None,
-                     **p2p_kwargs: Any) -> P2PTransport:
+    async def create(cls, p2p: P2P | None = None, *, owns_p2p: bool | None = None,
+                     **options: Any) -> P2PTransport:
         """Create and start a transport.
 
         :param p2p: an existing `P2P` (for example ``await dht.replicate_p2p()``); when None, a new p2pd
-            is started with `p2p_kwargs` (default: listening on ``/ip4/127.0.0.1/tcp/0``) and owned by
-            the transport.
+            is started (listening on ``/ip4/127.0.0.1/tcp/0`` unless ``host_maddrs`` is given) and owned
+            by the transport.
         :param owns_p2p: whether `shutdown` stops the `P2P` (default: only when the transport started it).
-        Other parameters: see the class.
+        :param options: the class's keyword parameters (``max_message_bytes``, ``direct``, ...); any other
+            keyword goes to `P2P.create` (only when `p2p` is None).
         """
         own = p2p is None
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "p2p", "owns_p2p"}
+        mine = {k: v for k, v in options.items() if k in names}
+        p2p_kwargs = {k: v for k, v in options.items() if k not in names}
         if p2p is None:
             p2p_kwargs.setdefault("host_maddrs", ["/ip4/127.0.0.1/tcp/0"])
             p2p = await P2P.create(**p2p_kwargs)
         elif p2p_kwargs:
-            raise TypeError(f"P2P options {sorted(p2p_kwargs)} given together with an existing P2P")
-        transport = cls(p2p, owns_p2p=own if owns_p2p is None else owns_p2p,
-                        max_message_bytes=max_message_bytes, handler_name=handler_name,
-                        idle_timeout=idle_timeout, max_inflight_bytes=max_inflight_bytes)
+            raise TypeError(f"unknown options {sorted(p2p_kwargs)} (P2P options need p2p=None)")
+        transport = cls(p2p, owns_p2p=own if owns_p2p is None else owns_p2p, **mine)
         try:
             await transport.start()
         except BaseException:
@@ -184,6 +334,11 @@ class P2PTransport(Transport):
         """Base58 libp2p peer id of this node."""
         return self._peer_id
 
+    @property
+    def direct_address(self) -> tuple[str, int] | None:
+        """(host, port) the direct channel gives to peers, or None when it is off."""
+        return None if self._direct is None else (self._direct.advertise_host, self._direct.port)
+
     def addresses(self) -> list[str]:
         """Multiaddrs (with ``/p2p/<peer id>``) at which p2pd listens, as seen when the transport started."""
         return list(self._maddrs)
@@ -194,14 +349,23 @@ class P2PTransport(Transport):
         return self.addresses()
 
     async def start(self) -> None:
-        """Register the stream handler with p2pd (idempotent)."""
+        """Register the stream handler with p2pd and start the direct channel (idempotent)."""
         if self._started:
             return
         if self._closed:
             raise TransportError("transport is shut down", code="unavailable")
         async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
-            await self._p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
             self._maddrs = [str(a) for a in await self._p2p.get_visible_maddrs()]
+        if self.direct_enabled:
+            host = self._direct_host or _first_ipv4(self._maddrs)
+            self._direct = DirectServer(host=host, port=self._direct_port,
+                                        advertise_host=self._direct_advertise_host,
+                                        handshake_timeout=self.direct_connect_timeout,
+                                        idle_timeout=2 * self.idle_timeout)
+            await self._direct.start(self._serve_direct)
+            self.register(DIRECT_TICKET_METHOD, peer_pb2.Envelope, self._issue_ticket)
+        async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
+            await self._p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
         self._started = True
 
     async def shutdown(self) -> None:
@@ -217,6 +381,11 @@ class P2PTransport(Transport):
                     await self._p2p.remove_binary_stream_handler(self.handler_name)
         for writer in list(self._outbound):
             writer.close()
+        for conn in list(self._outbound_tls):
+            conn.close()
+        self._pool.close_all()
+        if self._direct is not None:
+            await self._direct.shutdown()
         tasks = [t for t in self._serving if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -237,7 +406,7 @@ class P2PTransport(Transport):
         if task is not None:
             self._serving.add(task)
         try:
-            await self.serve_one(info.peer_id.to_base58(), reader, writer)
+            await self.serve_one(info.peer_id.to_base58(), StreamIO(reader, writer, self.idle_timeout))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -247,12 +416,14 @@ class P2PTransport(Transport):
             if task is not None:
                 self._serving.discard(task)
 
-    async def serve_one(self, sender: str, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> bool:
+    async def _serve_direct(self, sender: str, conn: TLSConnection) -> bool:
+        return await self.serve_one(sender, TLSIO(conn, self.idle_timeout))
+
+    async def serve_one(self, sender: str, io: MessageIO) -> bool:
         """Read one request from `sender`, dispatch it and write the response.
 
-        Used by the libp2p handler and by the direct channel. Returns False when the stream is finished
-        (closed by the peer, broken, or a malformed request was answered and the stream must be closed).
+        Returns False when the channel must be closed (closed or broken by the peer, or a refused
+        request whose remaining bytes were not read).
         """
         reserved = 0
 
@@ -263,22 +434,21 @@ class P2PTransport(Transport):
 
         try:
             try:
-                data = await read_message(reader, self.max_message_bytes, self.idle_timeout, reserve)
+                data = await read_message(io, self.max_message_bytes, reserve, self.buffers)
             except BadMessage as e:
-                # Refused before the payload was read: answer with the reason, then close the stream
-                # (its remaining bytes are not read).
+                # Refused before the payload was read: answer with the reason, then close.
                 self.reject(sender, e.code, str(e))
-                await self._answer_error(writer, e.code, str(e))
+                await self._answer_error(io, e.code, str(e))
                 return False
             except _Busy as e:
                 logger.warning("refusing a request from %s: %s", sender[-8:], e)
-                await self._answer_error(writer, e.code, str(e))
+                await self._answer_error(io, e.code, str(e))
                 return False
             except asyncio.IncompleteReadError as e:
                 if e.partial or e.expected != codec.HEADER.size:
                     logger.debug("stream from %s ended inside a request", sender[-8:])
                 return False
-            except (TimeoutError, ConnectionError, OSError) as e:
+            except (TimeoutError, OSError, ssl.SSLError) as e:
                 logger.debug("stream from %s failed while reading a request: %r", sender[-8:], e)
                 return False
             parts = await self._dispatch(sender, data)
@@ -286,22 +456,42 @@ class P2PTransport(Transport):
         finally:
             self._inflight_bytes -= reserved
         try:
-            await write_parts(writer, parts, self.idle_timeout)
-        except (TimeoutError, ConnectionError, OSError) as e:
+            await write_message(io, parts)
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             # The caller gave up (timed out or was cancelled); it reports the failure on its side.
             logger.debug("could not answer %s: %r", sender[-8:], e)
             return False
         return True
 
-    async def _answer_error(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
-        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
-            await write_parts(writer, self._error("", code, message), self.idle_timeout)
+    async def _answer_error(self, io: MessageIO, code: str, message: str) -> None:
+        with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
+            await write_message(io, self._error("", code, message))
+
+    async def _issue_ticket(self, sender: str, request: Message[peer_pb2.Envelope]
+                            ) -> Message[peer_pb2.Envelope]:
+        """Direct channel: check the envelope of the message the sender wants to send, then admit it."""
+        codec.parse_envelope(request.body.SerializeToString(), self.max_message_bytes)  # BadMessage if not ok
+        if self._direct is None:
+            raise TransportError("direct channel is off", code="unavailable")
+        ticket = self._direct.issue(sender)
+        return Message(peer_pb2.Envelope(method=DIRECT_TICKET_METHOD, body=ticket.to_bytes()))
 
     # -- calling ----------------------------------------------------------------------------------
     async def _send(self, peer_id: str, method: str, parts: Sequence[memoryview], timeout: float
                     ) -> bytes | bytearray | memoryview:
         if self._closed:
             raise PeerUnreachable(f"cannot call {peer_id}: this transport is shut down")
+        if (self.direct_enabled and codec.encoded_size(parts) >= self.direct_threshold
+                and self._no_direct_until.get(peer_id, 0.0) <= time.monotonic()):
+            deadline = time.monotonic() + timeout
+            data = await self._send_direct(peer_id, parts, timeout)
+            if data is not None:
+                return data
+            self.direct_fallbacks += 1
+            timeout = max(0.0, deadline - time.monotonic())
+        return await self._send_libp2p(peer_id, parts, timeout)
+
+    async def _send_libp2p(self, peer_id: str, parts: Sequence[memoryview], timeout: float) -> memoryview:
         try:
             pid = PeerID.from_base58(peer_id)
         except ValueError as e:
@@ -312,30 +502,23 @@ class P2PTransport(Transport):
             raise PeerUnreachable(f"cannot open a stream to {peer_id}: {e}") from e
         self._outbound.add(writer)
         try:
-            return await self.exchange(peer_id, reader, writer, parts, timeout)
+            return await self._exchange_stream(peer_id, StreamIO(reader, writer, timeout), parts)
         finally:
             # Also runs when the base class cancels a timed-out call: closing the socket makes p2pd
             # reset the libp2p stream, so the peer's handler stops too.
             self._outbound.discard(writer)
             writer.close()
 
-    async def exchange(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       parts: Sequence[memoryview], timeout: float) -> bytearray:
-        """Write a request and read its response on an open stream (used by both channels).
+    async def _exchange_stream(self, peer_id: str, io: StreamIO, parts: Sequence[memoryview]) -> memoryview:
+        """Write a request and read its response on a libp2p stream.
 
         The request is written by a separate task while the response is awaited, so that an early
         refusal (for example ``oversized``, sent before the payload is read) reaches the caller as the
         peer's error rather than as a broken pipe.
-
-        :raises PeerUnreachable: the stream broke or ended before a whole response arrived.
-        :raises BadMessage: the response is malformed or exceeds ``max_message_bytes`` (also counted).
         """
-        write_task = asyncio.create_task(write_parts(writer, parts, timeout))
+        write_task = asyncio.create_task(write_message(io, parts))
         try:
-            return await read_message(reader, self.max_message_bytes, timeout)
-        except BadMessage as e:
-            self.reject(peer_id, e.code, f"response: {e}")
-            raise
+            return await self._read_response(peer_id, io)
         except asyncio.IncompleteReadError as e:
             cause = _task_error(write_task) or e
             raise PeerUnreachable(f"{peer_id} closed the stream before answering: {cause!r}") from e
@@ -346,6 +529,95 @@ class P2PTransport(Transport):
                 write_task.cancel()
             # Mark the outcome as retrieved: its errors are reported through the read side.
             write_task.add_done_callback(_task_error)
+
+    async def _read_response(self, peer_id: str, io: MessageIO) -> memoryview:
+        try:
+            return await read_message(io, self.max_message_bytes, buffers=self.buffers)
+        except BadMessage as e:
+            self.reject(peer_id, e.code, f"response: {e}")
+            raise
+
+    async def _send_direct(self, peer_id: str, parts: Sequence[memoryview], timeout: float
+                           ) -> memoryview | None:
+        """Send over the direct channel; None means "use libp2p instead" (the peer has no direct channel
+        or cannot be reached directly). A refusal of the ticket is returned as the peer's response."""
+        head = parts[0]
+        inner = peer_pb2.Envelope.FromString(bytes(head[codec.HEADER.size:]))
+        request = codec.encode(DIRECT_TICKET_METHOD, inner)
+        reply = await self._send_libp2p(peer_id, request, timeout)
+        try:
+            env, _ = codec.decode(reply, self.max_message_bytes)
+            if env.error == peer_pb2.UNKNOWN_METHOD or env.error == peer_pb2.UNAVAILABLE:
+                self._no_direct_until[peer_id] = time.monotonic() + self.direct_retry_s
+                return None
+            if env.error != peer_pb2.OK:
+                return reply  # the peer refused this message (for example oversized): the caller's error
+            ticket = Ticket.from_bytes(codec.parse_body(env, peer_pb2.Envelope).body)
+        except (BadMessage, ValueError) as e:
+            code = e.code if isinstance(e, BadMessage) else "malformed"
+            self.reject(peer_id, code, f"direct-channel ticket: {e}")
+            raise BadMessage(f"{peer_id} sent an invalid direct-channel ticket: {e}", code=code) from e
+
+        conn = self._pool.get(peer_id, ticket.fingerprint)
+        if conn is not None:
+            data = await self._direct_exchange(peer_id, conn, ticket, parts, timeout, pooled=True)
+            if data is not None:
+                return data
+        try:
+            conn = await TLSConnection.connect(ticket.host, ticket.port, ticket.fingerprint,
+                                               min(self.direct_connect_timeout, timeout))
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            logger.info("no direct connection to %s at %s:%d (%r); using libp2p for %.0f s",
+                        peer_id[-8:], ticket.host, ticket.port, e, self.direct_retry_s)
+            self._no_direct_until[peer_id] = time.monotonic() + self.direct_retry_s
+            return None
+        return await self._direct_exchange(peer_id, conn, ticket, parts, timeout, pooled=False)
+
+    async def _direct_exchange(self, peer_id: str, conn: TLSConnection, ticket: Ticket,
+                               parts: Sequence[memoryview], timeout: float, *,
+                               pooled: bool) -> memoryview | None:
+        """Send the token, the request, and read the response on a direct connection.
+
+        Returns None when a reused (`pooled`) connection turned out to be dead: it may have been closed
+        by the peer while idle. The caller then retries once on a fresh connection with the same token;
+        tokens are one-time, so the peer cannot handle the message twice.
+        """
+        self._outbound_tls.add(conn)
+        done = False
+        try:
+            io = TLSIO(conn, timeout)
+            await conn.write(memoryview(ticket.token), timeout)
+            await write_message(io, parts)
+            data = await self._read_response(peer_id, io)
+            done = True
+            self.direct_messages += 1
+            return data
+        except _TLS_ERRORS as e:
+            if pooled:
+                return None
+            raise PeerUnreachable(f"direct connection to {peer_id} broke: {e!r}") from e
+        finally:
+            self._outbound_tls.discard(conn)
+            if done and not self._closed:
+                self._pool.put(peer_id, conn)
+            else:
+                conn.close()
+
+
+def _first_ipv4(maddrs: Sequence[str]) -> str:
+    """The IPv4 address of the first non-loopback ``/ip4/...`` multiaddr, else of the first loopback one,
+    else 127.0.0.1. (p2pd listening on 0.0.0.0 lists every interface, loopback included.)"""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for maddr in maddrs:
+        fields = maddr.split("/")
+        if len(fields) > 2 and fields[1] == "ip4":
+            with contextlib.suppress(ValueError):
+                ip = ipaddress.ip_address(fields[2])
+                if not ip.is_unspecified:
+                    found.append(ip)
+    for ip in sorted(found, key=lambda ip: ip.is_loopback):  # stable: keeps p2pd's order otherwise
+        return str(ip)
+    return "127.0.0.1"
 
 
 def _task_error(task: asyncio.Task[Any]) -> BaseException | None:
