@@ -1,0 +1,39 @@
+"""Aggregation rules: pure tensor math that turns p peers' models or updates into one.
+
+Public API:
+
+- `available_rules()`, `aggregate(rule, updates, weights=None, **params)`,
+  `aggregate_states(rule, states, weights=None, **params)` (registry.py): the entry points.
+- `rule_info(rule)`, `max_byzantine(rule, p, **params)`, `RuleInfo` (registry.py): what each rule is
+  and how many Byzantine inputs it tolerates.
+- `OuterOptimizer` (outer.py): DiLoCo-style Nesterov outer step on any rule's output.
+- `solve_flag`, `FlagSolution` (flag.py): the Flag Aggregator's solver on a Gram matrix.
+
+Modules: mean.py (weighted mean), robust.py (median, trimmed mean, Krum, Multi-Krum, geometric median,
+centered clipping), vca.py (variance-corrected averaging), flag.py (Flag Aggregator), gram.py (one-pass
+Gram matrix), sorting.py (sorting networks for order statistics), inputs.py (validation, chunked
+layout), checks.py (parameter checks). Rules and their choices: docs/aggregation.md.
+"""
+
+from p2pnode.aggregation.flag import FlagSolution, solve_flag
+from p2pnode.aggregation.outer import OuterOptimizer
+from p2pnode.aggregation.registry import (
+    RuleInfo,
+    aggregate,
+    aggregate_states,
+    available_rules,
+    max_byzantine,
+    rule_info,
+)
+
+__all__ = [
+    "FlagSolution",
+    "OuterOptimizer",
+    "RuleInfo",
+    "aggregate",
+    "aggregate_states",
+    "available_rules",
+    "max_byzantine",
+    "rule_info",
+    "solve_flag",
+]
