@@ -1,0 +1,116 @@
+"""Secure aggregation over the Transport seam: the host that serves the aggregator side, and the entry points.
+
+One `SecAggHost` per node registers the four methods (``secagg.advertise``, ``secagg.share``,
+``secagg.masked``, ``secagg.unmask``) on the node's transport and routes each request to the open
+instance of its (run, round). A node opens an instance when it aggregates a round
+(`SecAggHost.aggregate`); a trainer of the round runs a `SecAggUser`, which only makes calls. So the
+same node can aggregate one round while it trains in another, and several aggregators of one round
+(MoDeST with a > 1) run independent instances with fresh keys, as they must: otherwise two colluding
+aggregators that saw different survivor sets could together learn both secrets of one user.
+
+Requests for a (run, round) with no open instance are answered ``unavailable`` while the round may
+still open (users retry for `SecAggSettings.open_timeout_s`) and ``stale`` once it has finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from p2pnode.errors import BadMessage, TransportError
+from p2pnode.proto import secagg_pb2
+from p2pnode.secagg.aggregator import MaskedObserver, SecAggAggregator
+from p2pnode.secagg.errors import SecAggError
+from p2pnode.secagg.settings import SecAggSettings, Session, plan
+from p2pnode.secagg.stages import STAGES, Stage, Status
+from p2pnode.secagg.state import SecAggResult
+from p2pnode.secagg.wire import REQUEST_TYPES
+from p2pnode.transport.base import Transport
+from p2pnode.transport.codec import Message
+
+#: Finished (run, round) pairs remembered per host, to answer late messages ``stale``.
+_FINISHED_MEMORY = 256
+
+
+class SecAggHost:
+    """Serves the secagg methods on `transport` and routes them to this node's open instances.
+
+    :param transport: this node's transport; the host registers the four ``secagg.*`` methods on it
+        (so create one host per transport).
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._open: dict[tuple[str, int], SecAggAggregator] = {}
+        #: Finished instances: (run, round) -> (digest, whether it produced a sum).
+        self._finished: collections.OrderedDict[tuple[str, int], tuple[bytes, bool]] = collections.OrderedDict()
+        for stage in STAGES:
+            transport.register(stage.method, REQUEST_TYPES[stage], functools.partial(self._serve, stage))
+
+    def open(self, session: Session, settings: SecAggSettings, *, identity_keys: Mapping[str, bytes] | None = None,
+             on_masked_input: MaskedObserver | None = None) -> SecAggAggregator:
+        """Open the instance `session` with this node as its aggregator; run it with `SecAggAggregator.run`.
+
+        Prefer `aggregate`, which also closes it. Raises `SecAggError` when this node is not the
+        session's aggregator or the (run, round) is already open here, `ConfigError` for bad settings.
+        """
+        if session.aggregator != self.transport.peer_id:
+            raise SecAggError(f"session names {session.aggregator!r} as aggregator, not this node "
+                              f"({self.transport.peer_id!r})")
+        key = (session.run_id, session.round)
+        if key in self._open:
+            raise SecAggError(f"a secagg instance for run {session.run_id!r} round {session.round} is already open")
+        agg = SecAggAggregator(plan(session, settings), identity_keys=identity_keys, on_masked_input=on_masked_input)
+        self._open[key] = agg
+        self._finished.pop(key, None)
+        return agg
+
+    def close(self, session: Session) -> None:
+        """Forget the instance of `session`; later messages for it are answered ``stale``.
+
+        Exception: once an instance has produced its sum, the unmask stage may have closed early (every
+        secret had enough shares); a late unmask message of that instance is answered with
+        ``accepted=0`` rather than refused, since its sender did nothing wrong.
+        """
+        key = (session.run_id, session.round)
+        agg = self._open.pop(key, None)
+        if agg is not None:
+            self._finished[key] = (agg.plan.digest, agg.state.status is Status.DONE)
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    async def aggregate(self, session: Session, settings: SecAggSettings, *,
+                        identity_keys: Mapping[str, bytes] | None = None,
+                        on_masked_input: MaskedObserver | None = None) -> SecAggResult:
+        """Run the instance `session` as its aggregator and return the sum.
+
+        Raises `SecAggAborted` when too few users remain at some stage (nothing about any single input
+        is revealed then), `ConfigError` for unusable settings.
+        """
+        agg = self.open(session, settings, identity_keys=identity_keys, on_masked_input=on_masked_input)
+        try:
+            return await agg.run()
+        finally:
+            self.close(session)
+
+    async def dispatch(self, stage: Stage, sender: str, msg: Message[Any]) -> Message[Any]:
+        """Handle a user's message of `stage` from `sender` (also the in-process path when a node is both
+        a user and the aggregator of one instance)."""
+        session = msg.body.session
+        key = (session.run_id, session.round)
+        agg = self._open.get(key)
+        if agg is None:
+            if key in self._finished:
+                digest, done = self._finished[key]
+                if stage is Stage.UNMASK and done and session.digest == digest:
+                    return Message(secagg_pb2.SecAggUnmaskReply(accepted=0))
+                raise BadMessage(f"secagg {stage.label} message for run {session.run_id!r} round {session.round}, "
+                                 f"whose instance has finished", code="stale")
+            raise TransportError(f"no secagg instance open here for run {session.run_id!r} round {session.round} "
+                                 f"(not yet, or this node does not aggregate it)", code="unavailable")
+        return await agg.handle(stage, sender, msg)
+
+    async def _serve(self, stage: Stage, sender: str, msg: Message[Any]) -> Message[Any]:
+        return await self.dispatch(stage, sender, msg)
