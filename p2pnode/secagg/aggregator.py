@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import secagg_pb2
@@ -56,7 +57,7 @@ MaskedObserver = Callable[[int, np.ndarray], None]
 
 
 class _ReconstructionFailed(Exception):
-    """No t-subset of a secret's shares opens its commitment (raised off the event loop)."""
+    """No t-subset of a secret's shares opens its commitment (or matches its public key)."""
 
 
 class SecAggAggregator:
@@ -86,6 +87,8 @@ class SecAggAggregator:
         self._ready = asyncio.Event()
         self._compute_s = 0.0
         self._shared_keys: set[bytes] = set()
+        #: Set after a corrupt share: the unmask stage then waits for every survivor's shares.
+        self._want_all = False
 
     # -- helpers ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -270,8 +273,11 @@ class SecAggAggregator:
         t = self.plan.threshold
         need_b, need_s = self._needed()
         b, s = self._share_counts()
+        everyone = set(self.state.revealed) >= self.state.completed[Stage.MASKED]
+        if self._want_all:  # a corrupt share was seen: wait for every share there may be
+            return everyone
         enough = all(b.get(u, 0) >= t for u in need_b) and all(s.get(v, 0) >= t for v in need_s)
-        return enough or set(self.state.revealed) >= self.state.completed[Stage.MASKED]
+        return enough or everyone
 
     def _abort(self, reason: str) -> SecAggAborted:
         st = self.state
@@ -306,6 +312,10 @@ class SecAggAggregator:
                     raise self._abort(f"user {u} has {live} live share holders after stage {stage.label}; the "
                                       f"threshold is {t}")
 
+    async def _wait_ready(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), max(0.0, timeout))
+
     async def run(self) -> SecAggResult:
         """Drive the stages to the end; return the sum or raise `SecAggAborted`."""
         st = self.state
@@ -314,18 +324,19 @@ class SecAggAggregator:
             for stage in STAGES:
                 st.stage, st.open = stage, True
                 self._ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), self.plan.settings.timeouts.of(stage))
+                deadline = loop.time() + self.plan.settings.timeouts.of(stage)
+                await self._wait_ready(deadline - loop.time())
                 st.open = False
                 done = frozenset(st.arrived(stage))
                 st.completed[stage] = done
                 self._check_stage(stage, done)
                 if stage is not Stage.UNMASK:
                     self._closed[stage].set()
-            try:
-                result = await loop.run_in_executor(None, self._finish)
-            except _ReconstructionFailed as e:
-                raise self._abort(str(e)) from None
+            secrets = await self._reconstruct_all(deadline)
+            t0 = time.perf_counter()
+            result = await loop.run_in_executor(None, self._finish, secrets)
+            self._compute_s += time.perf_counter() - t0
+            result.compute_s = self._compute_s
             st.status = Status.DONE
             self._closed[Stage.UNMASK].set()
             return result
@@ -335,6 +346,29 @@ class SecAggAggregator:
             if st.status is Status.RUNNING:
                 self._abort(f"{type(e).__name__}: {e}" if not isinstance(e, asyncio.CancelledError) else "cancelled")
             raise
+
+    async def _reconstruct_all(self, deadline: float) -> tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]:
+        """Reconstruct every needed secret; on a corrupt share, reopen the stage for more shares until the deadline.
+
+        Runs on the event loop (Shamir and X25519 only; cheap), so no late share is lost meanwhile.
+        """
+        st = self.state
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                with self._timed():
+                    return self._secrets()
+            except _ReconstructionFailed as e:
+                pending = set(st.completed[Stage.MASKED]) - set(st.revealed)
+                if not pending or loop.time() >= deadline:
+                    raise self._abort(str(e)) from None
+                logger.warning("secagg: %s; waiting for the shares of %d more user(s)", e, len(pending))
+                self._want_all = True
+                st.open = True
+                self._ready.clear()
+                await self._wait_ready(deadline - loop.time())
+                st.open = False
+                st.completed[Stage.UNMASK] = frozenset(st.revealed)
 
     # -- reconstruction -----------------------------------------------------------------------
     def _reconstruct(self, owner: int, shares: Mapping[int, int], check: Callable[[int], bool], what: str) -> int:
@@ -352,17 +386,10 @@ class SecAggAggregator:
         raise _ReconstructionFailed(f"the {what} of user {owner} does not match its advertised commitment with "
                                     f"any {t} of its {len(xs)} revealed shares: a share holder sent a corrupt share")
 
-    def _finish(self) -> SecAggResult:
-        with self._timed():
-            result = self._finish_inner()
-        result.compute_s = self._compute_s
-        return result
-
-    def _finish_inner(self) -> SecAggResult:
+    def _secrets(self) -> tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]:
+        """The self-mask seeds of U3 and the mask keys of the dropped users adjacent to U3."""
         st = self.state
-        plan = self.plan
-        digest = plan.digest
-        u3 = st.completed[Stage.MASKED]
+        digest = self.plan.digest
         need_b, need_s = self._needed()
         b_by_owner: dict[int, dict[int, int]] = {u: {} for u in need_b}
         s_by_owner: dict[int, dict[int, int]] = {v: {} for v in need_s}
@@ -372,17 +399,15 @@ class SecAggAggregator:
             for o, v in ss.items():
                 if o in s_by_owner:
                     s_by_owner[o][revealer] = v
-        assert st.masked_sum is not None
-        total = st.masked_sum
-        gen = MaskGenerator(plan.settings.prg, plan.word_bits)
+        seeds = []
         for u in need_b:
             commit = st.keys[u].self_mask_commitment
 
             def opens(secret: int, u: int = u, commit: bytes = commit) -> bool:
                 return secret < 2**256 and keys.commitment_matches(commit, digest, u, secret.to_bytes(32, "big"))
 
-            seed = self._reconstruct(u, b_by_owner[u], opens, "self-mask seed").to_bytes(32, "big")
-            gen.apply(total, seed, -1)
+            seeds.append(self._reconstruct(u, b_by_owner[u], opens, "self-mask seed").to_bytes(32, "big"))
+        dropped = []
         for v in need_s:
             mask_pk = st.keys[v].mask_public_key
 
@@ -392,17 +417,31 @@ class SecAggAggregator:
                 except ValueError:
                     return False
 
-            sk = keys.int_to_private(self._reconstruct(v, s_by_owner[v], matches, "mask key"))
+            dropped.append((v, keys.int_to_private(self._reconstruct(v, s_by_owner[v], matches, "mask key"))))
+        return seeds, dropped
+
+    def _finish(self, secrets: tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]) -> SecAggResult:
+        """Remove the masks from the sum and decode it (the heavy part: runs in an executor)."""
+        st = self.state
+        plan = self.plan
+        u3 = st.completed[Stage.MASKED]
+        seeds, dropped_keys = secrets
+        assert st.masked_sum is not None
+        total = st.masked_sum
+        gen = MaskGenerator(plan.settings.prg, plan.word_bits)
+        for seed in seeds:
+            gen.apply(total, seed, -1)
+        for v, sk in dropped_keys:
             for u in plan.graph[v - 1]:
                 if u in u3:
-                    seed = keys.mask_seed(keys.agree(sk, st.keys[u].mask_public_key), digest, u, v)
+                    seed = keys.mask_seed(keys.agree(sk, st.keys[u].mask_public_key), plan.digest, u, v)
                     gen.apply(total, seed, pair_sign(v, u))  # the term v would have added
         weighted, extras, weight = plan.encoding.decode_sum(total, len(u3))
         users = plan.session.users
         dropped: dict[str, tuple[str, ...]] = {}
         previous = frozenset(range(1, plan.n + 1))
         for stage in STAGES:
-            now = st.completed[stage] if stage is not Stage.UNMASK else frozenset(st.revealed)
+            now = st.completed[stage]
             dropped[stage.label] = tuple(users[i - 1] for i in sorted(previous - now))
             previous = now
         return SecAggResult(
