@@ -16,6 +16,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from p2pnode.aggregation import available_rules
 from p2pnode.errors import ConfigError
 from p2pnode.secagg import graph
 from p2pnode.secagg.prg import ALGORITHMS
@@ -240,8 +241,6 @@ def plan(session: Session, settings: SecAggSettings) -> Plan:
 
 #: Rules that reduce to a (weighted) sum of per-user vectors, so they run on what secure aggregation reveals.
 SUM_RULES: tuple[str, ...] = ("mean", "vca")
-#: Rules that need every update in the clear.
-CLEAR_RULES: tuple[str, ...] = ("flag", "median", "trimmed_mean", "krum", "multikrum", "geomed", "centered_clip")
 
 
 def check_rule_compatible(rule: str, *, across_samples: bool = False) -> None:
@@ -249,24 +248,24 @@ def check_rule_compatible(rule: str, *, across_samples: bool = False) -> None:
 
     Inside one sample the aggregator learns only the sum of the users' vectors, so only rules that
     reduce to a sum work: ``mean`` (the weight travels as an extra coordinate) and ``vca`` (each user
-    adds its per-layer variances as extra coordinates; the sum gives the VCA target).
+    adds its per-layer variances as extra coordinates; the sum gives the VCA target). Every other rule
+    of `p2pnode.aggregation` (``flag``, ``median``, ``krum``, ...) needs each update in the clear.
 
     :param rule: the aggregation rule's name.
     :param across_samples: True when the rule combines the outputs of several secure instances (one
-        per sample or group, MoDeST with more than one aggregator), not individual updates; then robust
-        rules are allowed: "secure within a sample, robust across samples" (docs/secagg.md).
+        per sample or group, MoDeST with more than one aggregator), not individual updates; then every
+        rule is allowed: "secure within a sample, robust across samples" (docs/secagg.md).
 
     Raises `ConfigError` with the reason and the alternatives.
     """
     if rule in SUM_RULES:
         return
-    if rule in CLEAR_RULES:
-        if across_samples:
-            return
-        raise ConfigError(
-            f"aggregation rule {rule!r} needs each update in the clear, but with secagg the aggregator of a "
-            f"sample sees only their sum; use one of {', '.join(SUM_RULES)} inside a sample, or apply "
-            f"{rule!r} across the secure sums of several samples (MoDeST with a > 1 aggregators), or turn "
-            f"secagg off")
-    raise ConfigError(f"aggregation rule {rule!r} is unknown to secagg; it composes with "
-                      f"{', '.join(SUM_RULES)} (and with {', '.join(CLEAR_RULES)} only across samples)")
+    known = available_rules()
+    if rule not in known:
+        raise ConfigError(f"unknown aggregation rule {rule!r}; available: {', '.join(known)}")
+    if across_samples:
+        return
+    raise ConfigError(
+        f"aggregation rule {rule!r} needs each update in the clear, but with secagg the aggregator of a sample "
+        f"sees only their sum; use {' or '.join(SUM_RULES)} inside a sample, apply {rule!r} across the secure "
+        f"sums of several samples (MoDeST with a > 1 aggregators), or turn secagg off")
