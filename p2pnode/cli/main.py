@@ -12,6 +12,7 @@ import click
 
 from p2pnode import __version__
 from p2pnode.cli.control_cmds import register
+from p2pnode.cli.daemon_options import settings_from_options
 from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
 from p2pnode.cli.serve import serve
 from p2pnode.errors import P2PNodeError
@@ -31,11 +32,12 @@ def cli() -> None:
 def _run(kw: dict[str, Any]) -> None:
     try:
         config = config_from_options(kw)
+        settings = settings_from_options(kw)
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
     setup_logging(kw["log_level"], kw["json_logs"])
     try:
-        asyncio.run(serve(config, kw["state_dir"]))
+        asyncio.run(serve(config, settings))
     except P2PNodeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_STARTUP)

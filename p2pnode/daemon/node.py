@@ -1,32 +1,59 @@
 """The node: composes a trainer, a transport, a peer directory and a round protocol, and runs rounds.
 
 `Node` itself knows nothing about hivemind or the simulator; `p2pnode.daemon.real.create_real_node` and
-`simulator.runner` build it with the real or the in-memory seams.
+`simulator.runner` build it with the real or the in-memory seams. Around the protocol's rounds the node
+adds what every deployment needs (each switched by `DaemonSettings`):
+
+- resume from the newest valid checkpoint at start, and write checkpoints every few rounds
+  (`p2pnode.daemon.checkpoint`);
+- late joiner state sync: at start, fetch the model and round of the most advanced peers when they are
+  ahead (`p2pnode.protocols.statesync`), and serve this node's model to joiners;
+- the merge quorum: a round that merged fewer models than ``min_merge`` is reported and counted as
+  partial, and its merge is undone;
+- metrics of every round (`p2pnode.daemon.metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from p2pnode.config import NodeConfig
+from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointStore, capture, restore
+from p2pnode.daemon.metrics import NodeMetrics
+from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerDirectory, PeerInfo
 from p2pnode.protocols import RoundProtocol, RoundReport
 from p2pnode.protocols.compute import Compute
+from p2pnode.protocols.statesync import StateSyncServer, SyncResult, fetch_state
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 
 logger = logging.getLogger(__name__)
 
+#: Capability announced in the directory by nodes that serve their model to joiners.
+STATESYNC_CAPABILITY = "statesync"
+#: How often the directory is polled while waiting for peers, in seconds.
+PEER_POLL_S = 0.5
+
 
 @dataclass
 class NodeStatus:
-    """A snapshot of a node, as `p2pnode status` shows it. Byte counts are whole messages."""
+    """A snapshot of a node, as `p2pnode status` shows it. Byte counts are whole messages.
+
+    :param partial_rounds: rounds that combined less than asked (quorum not met, or part of the model).
+    :param last_checkpoint_round: round of the newest checkpoint written or resumed; None if none.
+    :param resumed_from: where the model of the first round came from: ``fresh`` (the task's initial
+        model), ``checkpoint`` or ``peers`` (state sync).
+    """
 
     peer_id: str
     run_id: str
@@ -40,6 +67,9 @@ class NodeStatus:
     rejected: dict[str, int]
     maddrs: list[str]
     state: str
+    partial_rounds: int = 0
+    last_checkpoint_round: int | None = None
+    resumed_from: str = "fresh"
 
 
 class Node:
@@ -52,22 +82,47 @@ class Node:
     :param protocol: the round protocol, built over the three above.
     :param compute: where training runs (a worker thread in the daemon, inline in the simulator).
     :param on_shutdown: extra clean-up run last on shutdown (for example stopping the DHT process).
+    :param settings: node-local settings (checkpoints, sync, quorum); default
+        `DaemonSettings.in_memory()`: nothing persisted, no sync, no quorum.
+    :param checkpoints: where checkpoints are read and written; None: no checkpoints.
     """
 
     def __init__(self, config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
                  protocol: RoundProtocol, compute: Compute,
-                 on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None,
+                 settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None) -> None:
         self.config = config
         self.trainer = trainer
         self.transport = transport
         self.directory = directory
         self.protocol = protocol
         self.compute = compute
+        self.settings = (settings or DaemonSettings.in_memory()).validate()
+        self.checkpoints = checkpoints
         self._on_shutdown = on_shutdown
         self.last_report: RoundReport | None = None
         self.state = "created"
+        self.partial_rounds = 0
+        self.last_checkpoint_round: int | None = None
+        self.resumed_from = "fresh"
+        #: The state sync of this start, if one fetched a model.
+        self.sync_result: SyncResult | None = None
+        self.metrics = NodeMetrics(self)
         self._stop = asyncio.Event()
         self._watchers: list[asyncio.Queue[RoundReport | None]] = []
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._in_round = False
+        self.sync_server: StateSyncServer | None = None
+        if self.settings.serve_state:
+            self.sync_server = StateSyncServer(transport, run_id=config.run_id, config_hash=config.config_hash,
+                                               chunk_bytes=self.settings.sync_chunk_bytes)
+        # The quorum needs the model as it was before the protocol merged. Protocols change the model only
+        # through Trainer.load_state, so the node records the model at the first load_state of a round.
+        self._load_unguarded = trainer.load_state
+        self._guard_armed = False
+        self._pre_merge: dict[str, torch.Tensor] | None = None
+        if self.settings.min_merge > 1:
+            trainer.load_state = self._guarded_load_state  # type: ignore[method-assign]
 
     @property
     def peer_id(self) -> str:
@@ -78,42 +133,252 @@ class Node:
         return self.protocol.round
 
     def info(self) -> PeerInfo:
+        caps = (self.config.topology, STATESYNC_CAPABILITY) if self.sync_server else (self.config.topology,)
         return PeerInfo(peer_id=self.peer_id, maddrs=tuple(self.transport.addresses()), round=self.round,
                         task=self.config.task, config_hash=self.config.config_hash,
-                        capabilities=(self.config.topology,), timestamp=time.time())
+                        capabilities=caps, timestamp=time.time())
 
+    # -------------------------------------------------------------------------------------- start
     async def start(self) -> None:
-        """Start serving and announce this node in the directory."""
+        """Start serving, resume from a checkpoint or sync from peers, and announce this node.
+
+        :raises CheckpointMismatch: the state dir holds checkpoints of another run config only.
+        """
         await self.transport.start()
         await self.directory.start()
+        self.state = "starting"
+        await self._resume()
+        if self.settings.sync_on_join:
+            await self.sync_from_peers()
+        self._publish_state()
+        # Announced only now: a peer that exchanged with this node before it resumed or synced would
+        # merge a stale model into its own.
         await self.directory.announce(self.info())
         self.state = "running"
         logger.info("node %s started: run=%s task=%s topology=%s rule=%s", self.peer_id, self.config.run_id,
                     self.config.task, self.config.topology, self.config.rule)
 
+    async def _resume(self) -> None:
+        store = self.checkpoints
+        cfg = self.config
+        ckpt: Checkpoint | None = None
+        if store is not None and not self.settings.resume:
+            moved = await asyncio.to_thread(store.set_aside, cfg.config_hash)
+            if moved is not None:
+                logger.info("--no-resume: earlier checkpoints of this run moved to %s", moved)
+        elif store is not None:
+            await asyncio.to_thread(store.remove_temporary)
+            ckpt = await asyncio.to_thread(store.load_latest, cfg.config_hash, run_id=cfg.run_id, task=cfg.task)
+        if ckpt is None:
+            logger.info("starting from round %d with the task's initial model", self.round,
+                        extra={"event": {"event": "resume", "round": self.round, "source": "fresh"}})
+            return
+        found = ckpt
+        await self.compute.run(lambda: restore(self.trainer, found))
+        self.protocol.round = ckpt.round
+        self._state_adopted()
+        self.resumed_from = "checkpoint"
+        self.last_checkpoint_round = ckpt.round
+        self.metrics.last_checkpoint_round.set(ckpt.round)
+        logger.info("resumed from the checkpoint of round %d (%s)", ckpt.round, ckpt.path,
+                    extra={"event": {"event": "resume", "round": ckpt.round, "source": "checkpoint",
+                                     "path": str(ckpt.path)}})
+
+    async def _visible_peers(self, wait_s: float) -> list[PeerInfo]:
+        """Peers in the directory now, or the first ones to appear within `wait_s` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                peers = await self.directory.peers()
+            except Exception as e:  # a slow directory must not stop the start
+                logger.warning("peer directory unavailable: %s", e)
+                peers = []
+            if peers or loop.time() >= deadline or self._stop.is_set():
+                return peers
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), PEER_POLL_S)
+
+    async def sync_from_peers(self) -> SyncResult | None:
+        """Fetch the model and round of the most advanced peers if they are ahead of this node.
+
+        When initial peers are configured, waits up to ``settings.sync_wait_s`` for peers to appear.
+        Never raises: a failed sync leaves this node on its own model (logged and counted).
+        """
+        s = self.settings
+        wait_s = s.sync_wait_s if self.config.initial_peers else 0.0
+        peers = await self._visible_peers(wait_s)
+        ahead = [p for p in peers if p.round > self.round and STATESYNC_CAPABILITY in p.capabilities]
+        if not ahead:
+            logger.info("state sync: no peer is ahead of round %d (%d visible)", self.round, len(peers))
+            return None
+        previous = self.state
+        self.state = "syncing"
+        logger.info("state sync: %d peer(s) ahead (up to round %d); fetching their model", len(ahead),
+                    max(p.round for p in ahead))
+        try:
+            result = await fetch_state(self.transport, ahead, run_id=self.config.run_id,
+                                       config_hash=self.config.config_hash, spec=self.trainer.spec,
+                                       min_round=self.round, sources=s.sync_sources, parallel=s.sync_parallel,
+                                       request_timeout_s=s.sync_request_timeout_s, timeout_s=s.sync_timeout_s)
+        except Exception as e:  # a peer's bug must not keep this node from starting
+            logger.exception("state sync failed: %s", e)
+            result = None
+        finally:
+            self.state = previous
+        if result is None:
+            self.metrics.syncs.labels(result="failed").inc()
+            logger.warning("state sync: no peer could give its model; starting from round %d with this node's "
+                           "own model", self.round,
+                           extra={"event": {"event": "sync", "ok": False, "round": self.round}})
+            return None
+        fetched = result
+        await self.compute.run(lambda: self._load_unguarded(fetched.state))
+        self.protocol.round = result.round
+        self._state_adopted()
+        self.sync_result = result
+        self.resumed_from = "peers"
+        self.metrics.syncs.labels(result="ok").inc()
+        self.metrics.sync_bytes.inc(result.bytes_fetched)
+        logger.info("state sync: took the model of round %d from %d peer(s) in %.1f s (%.2f MB, %d chunk retries)",
+                    result.round, len(result.sources), result.seconds, result.bytes_fetched / 1e6,
+                    result.failed_chunks,
+                    extra={"event": {"event": "sync", "ok": True, "round": result.round, "sources": result.sources,
+                                     "chunks_from": result.chunks_from, "bytes": result.bytes_fetched,
+                                     "failed_chunks": result.failed_chunks, "seconds": round(result.seconds, 3),
+                                     "model_sha256": result.model_sha256}})
+        return result
+
+    def _state_adopted(self) -> None:
+        """Tell the protocol that the trainer's model was replaced outside a round (resume, sync, undo)."""
+        hook = getattr(self.protocol, "state_loaded", None)
+        if callable(hook):
+            hook()
+        elif hasattr(self.protocol, "_published"):
+            # GossipProtocol serves `_published` (its model as of its last merge) to peers and has no
+            # hook yet; without this refresh it would hand peers the model it had before.
+            setattr(self.protocol, "_published", self.trainer.state())  # noqa: B010
+
+    def _publish_state(self, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        if self.sync_server is not None:
+            self.sync_server.publish(self.round, state if state is not None else self.trainer.state())
+
+    # -------------------------------------------------------------------------------------- rounds
+    def _guarded_load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self._guard_armed and self._pre_merge is None:
+            self._pre_merge = self.trainer.state()
+        self._load_unguarded(state)
+
+    async def _apply_quorum(self, report: RoundReport) -> tuple[RoundReport, str | None]:
+        """Mark a round that combined less than asked as partial; undo its merge if below the quorum."""
+        quorum = self.settings.min_merge
+        if report.combined < quorum:
+            pre, self._pre_merge = self._pre_merge, None
+            test_loss, accuracy = report.test_loss, report.accuracy
+            if pre is not None:  # a merge was applied: put back the model as trained, before the merge
+                before = pre
+                await self.compute.run(lambda: self._load_unguarded(before))
+                self._state_adopted()
+                if accuracy is not None:  # the report must describe the model the node keeps
+                    test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
+            extra = {**report.extra, "partial": "quorum", "offered": report.combined, "quorum": quorum,
+                     "merge_applied": False}
+            logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for; the merge "
+                           "is not applied", report.round, report.combined, quorum)
+            return dataclasses.replace(report, combined=1, fraction=0.0, test_loss=test_loss, accuracy=accuracy,
+                                       extra=extra), "quorum"
+        if report.combined > 1 and report.fraction < 1.0:
+            logger.warning("round %d is partial: the merge combined %.0f %% of the model", report.round,
+                           report.fraction * 100)
+            return dataclasses.replace(report, extra={**report.extra, "partial": "fraction"}), "fraction"
+        reason = report.extra.get("partial")
+        return report, (str(reason) if reason else None)
+
     async def run_round(self) -> RoundReport:
-        """Run one round of the protocol, refresh the directory record, and publish the report."""
-        report = await self.protocol.run_round()
+        """Run one round of the protocol, check its merge, checkpoint, refresh the directory record, and
+        publish the report."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self._pre_merge = None
+        self._guard_armed = self.settings.min_merge > 1
+        self._in_round = True
+        try:
+            report = await self.protocol.run_round()
+            report, partial = await self._apply_quorum(report)
+        finally:
+            self._guard_armed = False
+            self._in_round = False
+        duration = loop.time() - t0
         self.last_report = report
+        if partial is not None:
+            self.partial_rounds += 1
+        self.metrics.observe_round(report, duration, partial)
+        self._publish_state()
+        await self._maybe_checkpoint()
         try:
             await self.directory.announce(self.info())
         except Exception as e:  # the next round retries; training must not stop for the directory
             logger.warning("could not refresh the directory record: %s", e)
-        self._log(report)
+        self._log(report, partial, duration)
         for q in self._watchers:
             q.put_nowait(report)
         return report
 
-    def _log(self, r: RoundReport) -> None:
+    def _log(self, r: RoundReport, partial: str | None, duration_s: float) -> None:
         acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
         event = {"event": "round", "peer_id": self.peer_id, **asdict(r),
                  "bytes_sent": self.transport.stats.bytes_sent,
                  "bytes_received": self.transport.stats.bytes_received,
-                 "rejected": sum(self.transport.stats.rejected.values())}
-        logger.info("peer=%s round=%d loss=%.4f acc=%s peers=%d merged=%d sent=%.2fMB", self.peer_id[-8:],
+                 "rejected": sum(self.transport.stats.rejected.values()),
+                 "partial": partial, "duration_s": round(duration_s, 4)}
+        logger.info("peer=%s round=%d loss=%.4f acc=%s peers=%d merged=%d sent=%.2fMB%s", self.peer_id[-8:],
                     r.round, r.train_loss, acc, r.peers, r.combined, self.transport.stats.bytes_sent / 1e6,
-                    extra={"event": event})
+                    f" partial={partial}" if partial else "", extra={"event": event})
 
+    # -------------------------------------------------------------------------------------- checkpoints
+    async def _maybe_checkpoint(self) -> None:
+        every = self.settings.checkpoint_every
+        if self.checkpoints is None or every <= 0 or self.round % every:
+            return
+        await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Take a checkpoint of the model now and write it in the background (one write at a time).
+
+        The copy is taken on the compute thread, between rounds; the file is written on another thread
+        while the next round runs. Waits for the previous write first, so writes never pile up.
+        """
+        if self.checkpoints is None:
+            return
+        await self.wait_for_checkpoint()
+        cfg = self.config
+        round_ = self.round
+        ckpt = await self.compute.run(lambda: capture(self.trainer, round_=round_, config_hash=cfg.config_hash,
+                                                      run_id=cfg.run_id, task=cfg.task, peer_id=self.peer_id))
+        self._checkpoint_task = asyncio.ensure_future(self._write_checkpoint(self.checkpoints, ckpt))
+
+    async def wait_for_checkpoint(self) -> None:
+        """Wait until the checkpoint being written (if any) is on disk."""
+        task, self._checkpoint_task = self._checkpoint_task, None
+        if task is not None:
+            await task
+
+    async def _write_checkpoint(self, store: CheckpointStore, ckpt: Checkpoint) -> None:
+        t0 = time.monotonic()
+        try:
+            path = await asyncio.to_thread(store.write, ckpt)
+        except CheckpointError as e:  # a full disk must not stop training; the next round tries again
+            self.metrics.checkpoint_failures.inc()
+            logger.warning("checkpoint of round %d failed: %s", ckpt.round, e)
+            return
+        self.last_checkpoint_round = ckpt.round
+        self.metrics.checkpoints.inc()
+        self.metrics.last_checkpoint_round.set(ckpt.round)
+        logger.debug("checkpoint of round %d written to %s", ckpt.round, path,
+                     extra={"event": {"event": "checkpoint", "round": ckpt.round, "path": str(path),
+                                      "seconds": round(time.monotonic() - t0, 4)}})
+
+    # -------------------------------------------------------------------------------------- run
     async def wait_for_peers(self, count: int, timeout: float) -> int:
         """Wait until `count` peers are visible in the directory or `timeout` seconds pass; return how many."""
         loop = asyncio.get_running_loop()
@@ -135,6 +400,7 @@ class Node:
     async def run(self, rounds: int | None = None) -> None:
         """Run rounds until `rounds` are done (None: until `stop()`), pacing by `min_round_time_s`.
 
+        `rounds` counts from round 0: a node resumed at round 7 with ``rounds=10`` runs 3 more.
         Before the first round, waits for `config.wait_for_peers` peers (at most `config.wait_timeout_s`).
         """
         target = rounds if rounds is not None else self.config.rounds
@@ -169,16 +435,28 @@ class Node:
                           round=self.round, peers=r.peers if r else 0, accuracy=r.accuracy if r else None,
                           loss=r.train_loss if r else None, bytes_sent=st.bytes_sent,
                           bytes_received=st.bytes_received, rejected=dict(st.rejected),
-                          maddrs=self.transport.addresses(), state=self.state)
+                          maddrs=self.transport.addresses(), state=self.state, partial_rounds=self.partial_rounds,
+                          last_checkpoint_round=self.last_checkpoint_round, resumed_from=self.resumed_from)
 
     async def shutdown(self) -> None:
-        """Leave gracefully: withdraw the directory record, stop serving, release every resource."""
+        """Leave gracefully: finish the checkpoint in progress (and write one of the last round if it has
+        none), withdraw the directory record, stop serving, release every resource."""
         if self.state == "stopped":
             return
         self.state = "stopping"
         self._stop.set()
         for q in self._watchers:
             q.put_nowait(None)
+        try:
+            await self.wait_for_checkpoint()
+            # Not after a round cut short (cancelled mid-way): its model is neither the last round's nor
+            # the next's, and the last periodic checkpoint is the better one to resume from.
+            if (self.checkpoints is not None and self.settings.checkpoint_every > 0 and not self._in_round
+                    and self.round > (self.last_checkpoint_round or 0)):
+                await self.checkpoint()
+                await self.wait_for_checkpoint()
+        except Exception as e:
+            logger.warning("final checkpoint failed: %s", e)
         for step in (self.directory.shutdown, self.protocol.close, self.transport.shutdown):
             try:
                 await step()

@@ -1,20 +1,36 @@
 """Wires a `Node` to the real network: a hivemind DHT (its own process and p2pd) on the given address,
-a `P2PTransport` over the same libp2p identity, and a `DHTDirectory` for run-scoped peer records."""
+a `P2PTransport` over the same libp2p identity, and a `DHTDirectory` for run-scoped peer records.
+
+With a state dir (`DaemonSettings.state_dir`), the node locks it, keeps its identity key there (so
+its peer id survives restarts) and its checkpoints. Without one, nothing is persisted: the node gets a
+fresh identity and writes no checkpoints.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import hivemind
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.checkpoint import CheckpointStore
+from p2pnode.daemon.identity import StateDirLock, load_or_create_identity
+from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_threads, apply_gpu_memory_limit
 from p2pnode.daemon.node import Node
-from p2pnode.discovery.dht import DHTDirectory
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.daemon.statedir import ensure_state_dir
+from p2pnode.discovery.dht import DHTDirectory, signed_dht_options
 from p2pnode.errors import P2PNodeError
 from p2pnode.protocols.compute import ThreadCompute
+from p2pnode.transport import Transport
 from p2pnode.transport.p2p import P2PTransport
 
 logger = logging.getLogger(__name__)
@@ -28,35 +44,87 @@ def _host_maddr(host: str, port: int) -> str:
     return f"/{family}/{host}/tcp/{port}"
 
 
-async def create_real_node(config: NodeConfig) -> Node:
+async def create_real_node(config: NodeConfig, settings: DaemonSettings | None = None) -> Node:
     """Start the DHT and libp2p daemon for `config` and return a `Node` ready to `start()`.
+
+    :param settings: node-local settings; None (default) is ``DaemonSettings()`` without a state dir:
+        signed records and state sync on, nothing persisted.
+    :raises StateDirError: another node uses the state dir.
+    :raises P2PNodeError: the DHT could not start (bad address, initial peers unreachable, ...).
 
     The trainer (and its data) is built first, then the DHT: hivemind's DHT forks a process, which must
     happen before this process starts its training thread.
     """
+    settings = (settings if settings is not None else DaemonSettings()).validate()
+    apply_cpu_threads(settings.cpu_threads)
     trainer = build_trainer(config)
+    apply_gpu_memory_limit(trainer.device, gib=settings.max_gpu_memory_gib,
+                           fraction=settings.max_gpu_memory_fraction)
+    lock: StateDirLock | None = None
+    scratch: Path | None = None
+    dht_kwargs: dict[str, Any] = {}
+    signer = None
     try:
-        dht = hivemind.DHT(start=True, host_maddrs=[_host_maddr(config.host, config.port)],
-                           initial_peers=list(config.initial_peers), await_ready=True,
-                           startup_timeout=DHT_START_TIMEOUT_S)
-    except Exception as e:
-        raise P2PNodeError(f"could not start the DHT on {config.host}:{config.port} with initial peers "
-                           f"{config.initial_peers or 'none'}: {e}") from e
+        if settings.state_dir is not None:
+            ensure_state_dir(settings.state_dir)
+            lock = StateDirLock(settings.state_dir).acquire()
+            identity = load_or_create_identity(settings.state_dir)
+            key_path = identity.path
+            logger.info("identity %s (peer id %s)", key_path, identity.peer_id)
+            # A key made just now cannot be in use elsewhere: skip p2pd's check (it costs a second p2pd).
+            check_free = settings.check_identity_free and not identity.created
+        elif settings.signed_records:
+            # Signing needs the key as a file for p2pd; a fresh one is never in use, so no check.
+            scratch = Path(tempfile.mkdtemp(prefix="p2pnode-identity-"))
+            key_path = load_or_create_identity(scratch).path
+            check_free = False
+        if settings.signed_records:
+            dht_kwargs = signed_dht_options(str(key_path), check_if_identity_free=check_free)
+            signer = dht_kwargs["record_validators"][0]
+        elif settings.state_dir is not None:
+            dht_kwargs = {"identity_path": str(key_path), "check_if_identity_free": check_free}
+        try:
+            dht = hivemind.DHT(start=True, host_maddrs=[_host_maddr(config.host, config.port)],
+                               initial_peers=list(config.initial_peers), await_ready=True,
+                               startup_timeout=DHT_START_TIMEOUT_S, **dht_kwargs)
+        except Exception as e:
+            raise P2PNodeError(f"could not start the DHT on {config.host}:{config.port} with initial peers "
+                               f"{config.initial_peers or 'none'}: {e}") from e
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    finally:
+        if scratch is not None:  # p2pd has read the key, and the signer holds it in memory
+            shutil.rmtree(scratch, ignore_errors=True)
     try:
         p2p = await dht.replicate_p2p()
-        transport = await P2PTransport.create(p2p, max_message_bytes=config.max_message_bytes)
+        p2p_transport = await P2PTransport.create(p2p, max_message_bytes=config.max_message_bytes)
+        transport: Transport = p2p_transport
+        rate = settings.upload_bytes_per_s
+        if rate is not None:
+            transport = ThrottledTransport(p2p_transport, TokenBucket(rate))
+            logger.info("upload capped at %.1f Mbit/s", settings.max_upload_mbps)
         directory = DHTDirectory(dht, config.run_id, config.config_hash, ttl=config.announce_ttl_s,
-                                 peer_id=transport.peer_id)
+                                 peer_id=transport.peer_id, signer=signer)
     except BaseException:
         dht.shutdown()
+        if lock is not None:
+            lock.release()
         raise
     compute = ThreadCompute()
     protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
                               compute=compute, rng=random.Random(f"{config.seed}/{transport.peer_id}"))
+    checkpoints = None
+    if settings.state_dir is not None:
+        checkpoints = CheckpointStore.in_state_dir(settings.state_dir, keep=settings.keep_checkpoints)
 
     async def stop_dht() -> None:
         await asyncio.to_thread(dht.shutdown)
         await asyncio.to_thread(dht.join, 10.0)
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                lock.release()
 
     return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=compute, on_shutdown=stop_dht)
+                compute=compute, on_shutdown=stop_dht, settings=settings, checkpoints=checkpoints)

@@ -1,0 +1,183 @@
+"""The node's persistent identity key and the state dir lock.
+
+Identity: ``<state dir>/identity.key`` holds the node's libp2p private key (an RSA key in the protobuf
+format p2pd reads, as hivemind's ``P2P.generate_identity`` writes it). hivemind's DHT starts p2pd with
+it (``identity_path``), so the node keeps its libp2p peer id across restarts, and its DHT records can
+be signed with it (`p2pnode.discovery.dht.signed_dht_options`). The file is created once, atomically
+(written to a temporary file with mode 0600, fsynced, then linked to its final name, so a crash never
+leaves a half-written key) and is kept with owner-only permissions (0400).
+
+Lock: ``<state dir>/daemon.lock`` holds a POSIX record lock while a daemon uses the state dir, so a
+second daemon on the same state dir (and so the same identity) is refused before it starts p2pd. The
+kernel releases the lock when the process dies, even by SIGKILL. POSIX locks belong to the process and
+are not inherited by forked children (hivemind forks its DHT process), so an orphaned child can never
+keep a state dir locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+
+from p2pnode.daemon.statedir import StateDirError
+from p2pnode.errors import P2PNodeError
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.key"
+LOCK_FILE = "daemon.lock"
+#: Mode of the identity file: readable by its owner only.
+IDENTITY_MODE = 0o400
+#: State dirs locked by this process: POSIX locks do not exclude the process that holds them.
+_HELD: set[Path] = set()
+
+
+class IdentityError(P2PNodeError):
+    """The identity key file exists but cannot be used (unreadable, damaged, or readable by others)."""
+
+
+def identity_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Path of the identity key in `state_dir`."""
+    return Path(state_dir).expanduser() / IDENTITY_FILE
+
+
+def _new_key_bytes() -> bytes:
+    key = RSAPrivateKey()  # what hivemind's P2P.generate_identity makes: a 2048-bit RSA key
+    return crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString()
+
+
+def _check(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IdentityError(f"cannot read the identity key {path}: {e.strerror or e}") from e
+    try:
+        proto = crypto_pb2.PrivateKey.FromString(data)
+        if not proto.data:
+            raise ValueError("empty key")
+        PeerID.from_identity(data)
+    except Exception as e:  # any parse failure means the same thing to the user
+        raise IdentityError(f"the identity key {path} is damaged ({e}); restore it from a backup to keep this "
+                            f"node's peer id, or delete it to start under a new peer id") from e
+    return data
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's identity key file.
+
+    :param path: the key file.
+    :param peer_id: the base58 libp2p peer id of the key.
+    :param created: True when this call created the key (so no other peer can be using it).
+    """
+
+    path: Path
+    peer_id: str
+    created: bool
+
+
+def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
+    """Return the identity key of `state_dir`, creating it if the state dir has none.
+
+    A key readable by others is tightened to 0400 with a warning (the private key may have leaked).
+
+    :raises IdentityError: the key file exists but is damaged or unreadable.
+    """
+    directory = Path(state_dir).expanduser()
+    path = directory / IDENTITY_FILE
+    created = False
+    if not path.exists():
+        data = _new_key_bytes()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".identity.", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, IDENTITY_MODE)
+            try:
+                # link() fails if the name exists: a key created meanwhile is never overwritten.
+                os.link(tmp, path)
+                created = True
+            except FileExistsError:
+                pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        logger.info("created a new identity key in %s", path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning("the identity key %s had mode %o (readable by others); set to %o", path, mode, IDENTITY_MODE)
+        path.chmod(IDENTITY_MODE)
+    data = _check(path)
+    return Identity(path, PeerID.from_identity(data).to_base58(), created)
+
+
+class StateDirLock:
+    """An exclusive lock on a state dir for the life of this process (see the module doc).
+
+    :raises StateDirError: from `acquire` when another live process holds it.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(state_dir).expanduser() / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> StateDirLock:
+        key = self.path.resolve()
+        if key in _HELD:
+            raise StateDirError(f"another node of this process is running with state dir {self.path.parent}; "
+                                "give each node its own --state-dir")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(os.pread(fd, 32, 0).split()[0])})"
+            os.close(fd)
+            raise StateDirError(f"another node{holder} is running with state dir {self.path.parent}; stop it "
+                                "first or pass a different --state-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        _HELD.add(key)
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+            _HELD.discard(self.path.resolve())
+
+    def __enter__(self) -> StateDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+__all__ = ["IDENTITY_FILE", "IDENTITY_MODE", "LOCK_FILE", "Identity", "IdentityError", "StateDirLock",
+           "identity_path", "load_or_create_identity"]
