@@ -303,7 +303,7 @@ def test_small_chunks_give_the_same_result(rule: str, monkeypatch: pytest.Monkey
     big = aggregate_states(rule, states)
     monkeypatch.setattr(agg_inputs, "CPU_SCRATCH_BYTES", 8 * 7 * 5)
     monkeypatch.setattr(agg_inputs, "CPU_ACCUMULATE_CHUNK", 7)
-    monkeypatch.setattr(agg_robust, "SORT_SCRATCH_BYTES", 8 * 7 * 11)
+    monkeypatch.setattr(agg_robust, "SORT_CHUNK", 11)
     small = aggregate_states(rule, states)
     for k in big:
         assert torch.allclose(big[k].double(), small[k].double(), atol=1e-9), k

@@ -20,9 +20,10 @@ from p2pnode.errors import AggregationError
 #: Floating-point dtypes accepted as inputs.
 FLOAT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
-#: Elements per chunk for elementwise passes (mean, combinations) on CPU: a 128 KiB float32 block per
-#: input stays in L2 while p inputs stream through it (2-3x faster than whole-vector `add_` passes).
-CPU_ACCUMULATE_CHUNK = 1 << 15
+#: Elements per chunk for elementwise passes (mean, combinations) on CPU: a 64 KiB float32 block stays in
+#: L2 while p inputs stream through it (2-3x faster than whole-vector `add_` passes), and it is below
+#: torch's parallel grain (32768), so no call opens a thread pool that a busy machine would stall.
+CPU_ACCUMULATE_CHUNK = 1 << 14
 #: Bytes of the ``(p, chunk)`` float64 scratch buffer of the Gram pass on CPU (4 MiB: fastest measured).
 CPU_SCRATCH_BYTES = 1 << 22
 #: Elements per chunk on accelerators, where kernel launches, not caches, are the cost.

@@ -7,7 +7,7 @@ below are what the tests check: with ``h`` the mean of the ``n_h = p - f`` hones
 ``R = max_i |h_i - h|`` their spread, the output ``z`` satisfies ``|z - h| <= C * R`` whatever the
 Byzantine inputs are.
 
-Memory: the coordinate-wise rules keep one ``(p, chunk)`` scratch block (8 MiB on CPU); the others run
+Memory: the coordinate-wise rules keep one ``(p, chunk)`` scratch block (1 MiB on CPU); the others run
 on the ``p x p`` Gram matrix (`p2pnode.aggregation.gram`) and read the inputs twice.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from p2pnode.aggregation.checks import check_float, check_int
@@ -33,8 +34,9 @@ from p2pnode.aggregation.mean import mean
 from p2pnode.aggregation.sorting import apply_network, selection_network
 from p2pnode.errors import AggregationError
 
-#: Bytes of the scratch block sorted per chunk on CPU (fits in L3 with room to spare).
-SORT_SCRATCH_BYTES = 1 << 23
+#: Elements per input sorted per chunk on CPU: below torch's parallel grain (32768), so no step opens a
+#: thread pool, and p rows of it stay in L2.
+SORT_CHUNK = 1 << 14
 
 
 def _order_statistic_pass(batch: Batch, ranks: tuple[int, ...]) -> list[torch.Tensor]:
@@ -42,8 +44,7 @@ def _order_statistic_pass(batch: Batch, ranks: tuple[int, ...]) -> list[torch.Te
     p = batch.p
     dev = batch.device
     buf_dtype = torch.float64 if torch.float64 in batch.dtypes else torch.float32
-    itemsize = torch.finfo(buf_dtype).bits // 8
-    chunk = SORT_SCRATCH_BYTES // (itemsize * p) if dev.type == "cpu" else DEVICE_CHUNK
+    chunk = SORT_CHUNK if dev.type == "cpu" else DEVICE_CHUNK
     chunk = max(1, min(chunk, sum(batch.sizes)))
     net = selection_network(p, ranks)
     buf = torch.empty((p, chunk), dtype=buf_dtype, device=dev)
@@ -52,11 +53,19 @@ def _order_statistic_pass(batch: Batch, ranks: tuple[int, ...]) -> list[torch.Te
     for n, segs in iter_chunks(batch.sizes, chunk):
         fill_rows(buf, batch.vectors, segs)
         block = buf[:, :n]
-        if not bool(torch.isfinite(block).all()):
+        # on CPU the checks and the reduction go through numpy too (see `apply_network` for why)
+        arr = block.numpy() if dev.type == "cpu" else None
+        finite = bool(np.isfinite(arr).all()) if arr is not None else bool(torch.isfinite(block).all())
+        if not finite:
             # the culprit may be hidden by the order statistic, so it is found before sorting
             raise_non_finite(first_non_finite(batch.vectors))
         apply_network(block, net)
-        res = block[lo] if hi - lo == 1 else block[lo:hi].mean(dim=0)
+        if hi - lo == 1:
+            res = block[lo]
+        elif arr is not None:
+            res = torch.from_numpy(arr[lo:hi].mean(axis=0))
+        else:
+            res = block[lo:hi].mean(dim=0)
         for s in segs:
             out[s.piece][s.start : s.stop].copy_(res[s.offset : s.offset + s.stop - s.start])
     return out

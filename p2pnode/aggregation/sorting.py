@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 Comparator = tuple[int, int]
@@ -57,7 +58,21 @@ def selection_network(n: int, ranks: tuple[int, ...]) -> tuple[Comparator, ...]:
 
 
 def apply_network(rows: torch.Tensor, network: Iterable[Comparator]) -> None:
-    """Sort the rows of a ``(n, c)`` tensor in place, column by column (NaN-free input expected)."""
+    """Sort the rows of a ``(n, c)`` tensor in place, column by column (NaN-free input expected).
+
+    On CPU (float32/float64) the steps run through numpy on the same memory: numpy's element-wise calls
+    cost about a microsecond and never open a thread pool, whereas each torch call on a large row opens
+    an OpenMP region, which stalls badly when the cores are busy (e.g. training next to us).
+    """
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        arr = rows.numpy()
+        tmp = np.empty(arr.shape[1], dtype=arr.dtype)
+        for i, j in network:
+            a, b = arr[i], arr[j]
+            np.minimum(a, b, out=tmp)
+            np.maximum(a, b, out=b)
+            a[...] = tmp
+        return
     for i, j in network:
         a, b = rows[i], rows[j]
         lo = torch.minimum(a, b)
