@@ -95,7 +95,8 @@ def advert(ctx: Ctx, peer: str, *, index: int | None = None, sign_with: Ed25519P
     keys = secagg_pb2.SecAggKeys(index=idx, cipher_public_key=cpk, mask_public_key=mpk, self_mask_commitment=commit)
     if sign_with is not None:
         keys.signature = K.sign(sign_with, K.advertise_payload(d, idx, peer, cpk, mpk, commit))
-    return secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=keys)
+    return secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=keys, members=ctx.session.users,
+                                      dim=ctx.session.dim)
 
 
 @dataclass
@@ -302,12 +303,15 @@ def test_forged_and_unsigned_keys_are_refused() -> None:
     ("signature", b"s" * 5000, "oversized"),
     ("index", 2, "malformed"),
     ("cipher_public_key", "mask", "malformed"),  # both keys equal
+    ("members", "members", "malformed"),  # a sample other than the one the digest covers
 ])
 def test_malformed_advertisements(field_name: str, bad: Any, code: str) -> None:
     async def attack(ctx: Ctx) -> str:
         body = advert(ctx, "p4")
         if bad == "mask":
             body.keys.cipher_public_key = body.keys.mask_public_key
+        elif bad == "members":
+            body.members.append("p9")
         else:
             setattr(body.keys, field_name, bad)
         with pytest.raises(RemoteError) as info:

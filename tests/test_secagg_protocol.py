@@ -19,9 +19,11 @@ from p2pnode.secagg import (
     Contribution,
     SecAggAborted,
     SecAggHost,
+    SecAggResult,
     SecAggSettings,
     SecAggUser,
     Session,
+    SessionClaim,
     Status,
     run_instance,
     run_local,
@@ -233,6 +235,35 @@ def test_users_wait_for_an_aggregator_that_opens_late_and_one_that_is_also_a_use
 
     total = run_virtual(main())
     assert total == pytest.approx([6.0, 6.0, 6.0], abs=4 * STEP)
+
+
+def test_aggregator_opens_the_instance_from_its_users_claim() -> None:
+    async def main() -> tuple[list[float], list[SessionClaim]]:
+        net = MemoryNetwork()
+        ids = ("a", "b", "c")
+        settings = SecAggSettings(threshold=2)
+        host = SecAggHost(net.transport("agg"))
+        claims: list[SessionClaim] = []
+        opened: list[asyncio.Task[SecAggResult]] = []
+
+        def on_unopened(claim: SessionClaim) -> None:
+            claims.append(claim)
+            # A MoDeST aggregator checks the claim against what it knows (its sample, the model size).
+            if not opened and claim.sender in claim.users and claim.dim == 2:
+                session = Session(claim.run_id, claim.round, "agg", claim.users, dim=claim.dim)
+                opened.append(asyncio.ensure_future(host.aggregate(session, settings)))
+
+        host.on_unopened = on_unopened
+        session = Session("run", 5, "agg", ids, dim=2)
+        users = [SecAggUser(session, settings, net.transport(p), randomness=SeededRandomness(p.encode()))
+                 for p in ids]
+        reports = await asyncio.gather(*(u.run(Contribution(torch.ones(2))) for u in users))
+        assert all(r.status is Status.DONE for r in reports)
+        return (await opened[0]).weighted_sum.tolist(), claims
+
+    total, claims = run_virtual(main())
+    assert total == pytest.approx([3.0, 3.0], abs=3 * STEP)
+    assert claims[0].users == ("a", "b", "c") and claims[0].round == 5
 
 
 def test_weighted_mean() -> None:

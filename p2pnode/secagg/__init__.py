@@ -9,7 +9,8 @@ Public API:
 - `SecAggSettings`, `StageTimeouts`, `Session`, `plan` (settings.py): what a run configures, one
   instance, and the parameters every party derives from them; `check_rule_compatible`.
 - `SecAggHost` (protocol.py): serves the aggregator side on a node's transport; `SecAggHost.aggregate`
-  runs one instance as its server and returns a `SecAggResult`.
+  runs one instance as its server and returns a `SecAggResult`; `SecAggHost.on_unopened` tells an
+  aggregator about an instance its users have started (`SessionClaim`).
 - `SecAggUser` (user.py): a trainer's side of one instance; `SecAggUser.run` takes a `Contribution`
   (or an awaitable of it) and returns a `UserReport`.
 - `run_local`, `run_instance` (local.py): the real protocol among many peers over the in-memory network.
@@ -25,7 +26,7 @@ point and the overflow bound), graph.py (Harary graph and parameter choice), sta
 from p2pnode.secagg.compose import layer_variances, split_layers, variance_correct
 from p2pnode.secagg.errors import SecAggAborted, SecAggError
 from p2pnode.secagg.local import LocalOutcome, run_instance, run_local
-from p2pnode.secagg.protocol import SecAggHost
+from p2pnode.secagg.protocol import SecAggHost, SessionClaim
 from p2pnode.secagg.settings import (
     Plan,
     SecAggSettings,
@@ -50,6 +51,7 @@ __all__ = [
     "SecAggSettings",
     "SecAggUser",
     "Session",
+    "SessionClaim",
     "Stage",
     "StageTimeouts",
     "Status",

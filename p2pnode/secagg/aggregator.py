@@ -151,6 +151,10 @@ class SecAggAggregator:
 
     async def _advertise(self, index: int, sender: str, body: secagg_pb2.SecAggAdvertise) -> Message[Any]:
         k = body.keys
+        s = self.plan.session
+        if tuple(body.members) != s.users or body.dim != s.dim or body.extras != s.extras:
+            raise BadMessage(f"user {index} describes another sample or vector layout than this instance's",
+                             code="malformed")
         if k.index != index:
             raise BadMessage(f"user {index} advertised keys under index {k.index}", code="malformed")
         check_bytes("cipher_public_key", k.cipher_public_key, keys.KEY_BYTES)

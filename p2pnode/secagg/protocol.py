@@ -9,29 +9,51 @@ same node can aggregate one round while it trains in another, and several aggreg
 aggregators that saw different survivor sets could together learn both secrets of one user.
 
 Requests for a (run, round) with no open instance are answered ``unavailable`` while the round may
-still open (users retry for `SecAggSettings.open_timeout_s`) and ``stale`` once it has finished.
+still open (users retry for `SecAggSettings.open_timeout_s`) and ``stale`` once it has finished. An
+aggregator that learns of a round from its users (MoDeST's aggregators are driven by what trainers
+send) sets `SecAggHost.on_unopened`: it is called with the user's `SessionClaim` (the members and the
+layout that user's advertisement carries) for a (run, round) that has no instance yet, and may then
+check the claim and open the instance with `SecAggHost.aggregate`, while the user retries.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import secagg_pb2
 from p2pnode.secagg.aggregator import MaskedObserver, SecAggAggregator
 from p2pnode.secagg.errors import SecAggError
-from p2pnode.secagg.settings import SecAggSettings, Session, plan
+from p2pnode.secagg.settings import MAX_USERS, SecAggSettings, Session, plan
 from p2pnode.secagg.stages import STAGES, Stage, Status
 from p2pnode.secagg.state import SecAggResult
-from p2pnode.secagg.wire import REQUEST_TYPES
+from p2pnode.secagg.wire import REQUEST_TYPES, check_count
 from p2pnode.transport.base import Transport
 from p2pnode.transport.codec import Message
 
 #: Finished (run, round) pairs remembered per host, to answer late messages ``stale``.
 _FINISHED_MEMORY = 256
+
+
+@dataclass(frozen=True)
+class SessionClaim:
+    """What a user's advertisement says about an instance the aggregator has not opened yet.
+
+    Not trusted: the aggregator must check it (is it the sample of this round, is the sender in it,
+    is ``dim`` the model's size) before opening a `Session` from it. Users whose view differs are then
+    refused (``wrong_run``) because the session digest covers all of it.
+    """
+
+    run_id: str
+    round: int
+    sender: str
+    users: tuple[str, ...]
+    dim: int
+    extras: int
 
 
 class SecAggHost:
@@ -46,6 +68,9 @@ class SecAggHost:
         self._open: dict[tuple[str, int], SecAggAggregator] = {}
         #: Finished instances: (run, round) -> (digest, whether it produced a sum).
         self._finished: collections.OrderedDict[tuple[str, int], tuple[bytes, bool]] = collections.OrderedDict()
+        #: Called with a `SessionClaim` when an advertisement arrives for a (run, round) with no instance
+        #: (not for finished ones); it must not block (start a task to open the instance).
+        self.on_unopened: Callable[[SessionClaim], None] | None = None
         for stage in STAGES:
             transport.register(stage.method, REQUEST_TYPES[stage], functools.partial(self._serve, stage))
 
@@ -108,6 +133,11 @@ class SecAggHost:
                     return Message(secagg_pb2.SecAggUnmaskReply(accepted=0))
                 raise BadMessage(f"secagg {stage.label} message for run {session.run_id!r} round {session.round}, "
                                  f"whose instance has finished", code="stale")
+            if stage is Stage.ADVERTISE and self.on_unopened is not None:
+                body = msg.body
+                check_count("members", body.members, MAX_USERS)
+                self.on_unopened(SessionClaim(session.run_id, session.round, sender, tuple(body.members),
+                                              int(body.dim), int(body.extras)))
             raise TransportError(f"no secagg instance open here for run {session.run_id!r} round {session.round} "
                                  f"(not yet, or this node does not aggregate it)", code="unavailable")
         return await agg.handle(stage, sender, msg)

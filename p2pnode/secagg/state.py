@@ -96,6 +96,8 @@ class UserReport:
         survivors: size of U3 as announced by the aggregator (0 if not reached).
         partners: number of users it masked with.
         compute_s: wall-clock seconds spent in protocol computation (keys, shares, masks, encoding).
+        mask_s: the part of `compute_s` spent generating the masks, which does not depend on the input
+            and so runs while the input is being trained.
     """
 
     peer_id: str
@@ -106,6 +108,7 @@ class UserReport:
     survivors: int = 0
     partners: int = 0
     compute_s: float = 0.0
+    mask_s: float = 0.0
 
 
 @dataclass

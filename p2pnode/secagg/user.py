@@ -85,6 +85,7 @@ class SecAggUser:
         self.stop_before = stop_before
         self.state: UserState | None = None
         self._compute_s = 0.0
+        self._mask_s = 0.0
 
     # -- helpers ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -100,7 +101,7 @@ class SecAggUser:
         return UserReport(peer_id=self.peer_id, index=self.index, status=status,
                           completed=st.completed if st else None, reason=reason,
                           survivors=len(st.survivors) if st else 0, partners=len(st.partners) if st else 0,
-                          compute_s=self._compute_s)
+                          compute_s=self._compute_s, mask_s=self._mask_s)
 
     async def _call(self, stage: Stage, body: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
         """Send this stage's message and return the reply body (retrying while the instance is not open)."""
@@ -219,8 +220,8 @@ class SecAggUser:
         return acc
 
     def _masked(self, premask: np.ndarray, c: Contribution) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(int.from_bytes(self.rnd.token_bytes(8), "big") >> 1)
-        words = self.plan.encoding.encode(c.vector, c.weight, c.extras, generator=gen)
+        rng = np.random.default_rng(int.from_bytes(self.rnd.token_bytes(16), "big"))  # rounding noise only
+        words = self.plan.encoding.encode(c.vector, c.weight, c.extras, rng=rng)
         np.add(words, premask, out=words)  # wraps modulo 2^bits
         return torch.from_numpy(words.view(np.int32 if self.plan.word_bits == 32 else np.int64))
 
@@ -277,7 +278,10 @@ class SecAggUser:
         self.state = st
         if self._silent(Stage.ADVERTISE):
             return self._report(Status.RUNNING, "silent from stage advertise")
-        reply = await self._call(Stage.ADVERTISE, secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=mine))
+        s = p.session
+        advertise = secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=mine, members=s.users, dim=s.dim,
+                                               extras=s.extras)
+        reply = await self._call(Stage.ADVERTISE, advertise)
         with self._timed():
             self._on_keys(st, mine, reply)
             cts = self._share(st)
@@ -290,7 +294,8 @@ class SecAggUser:
         st.completed = Stage.SHARE
         t0 = time.perf_counter()
         premask = await loop.run_in_executor(None, self._premask, st)
-        self._compute_s += time.perf_counter() - t0
+        self._mask_s = time.perf_counter() - t0
+        self._compute_s += self._mask_s
         if inspect.isawaitable(contribution):
             contribution = await contribution
         c: Contribution = contribution
