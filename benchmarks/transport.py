@@ -6,7 +6,11 @@ Run from the repository root::
     python benchmarks/transport.py --mb 20 --repeats 3 --skip hivemind8
 
 What is measured (every participant is its own OS process, every node its own p2pd; one warm-up round
-is run and discarded before the timed repeats; the figure is the median over repeats):
+is run and discarded before the timed repeats; the figure is the median over repeats). Measurements
+that are compared with each other (raw TCP and our single call; our all-reduces and hivemind's at the
+same size) are started together and their rounds interleaved, so that load from other programs on the
+machine falls on all of them alike. CPU time is that of every process involved (workers, their p2pd,
+DHT and averager processes), in seconds per GB of model:
 
 - ``raw_tcp``: one TCP connection between two processes; the sender writes the whole model with
   ``sendall`` and waits for a 1-byte acknowledgement; the receiver reads into a preallocated buffer.
@@ -170,23 +174,39 @@ def raw_tcp_receiver(spec: WorkerSpec, conn: Connection) -> None:
     conn.send(("bye", None))
 
 
-def bench_raw_tcp(name: str, nbytes: int, repeats: int) -> Result:
-    """The sender is this process; the receiver a child process."""
-    with Cluster("raw_tcp", 1, nbytes, {}) as cluster:
-        (port,) = cluster.infos
-        payload = memoryview(model_tensor(nbytes, 1.0).numpy()).cast("B")
-        times, cpus = [], []
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.settimeout(ROUND_TIMEOUT)
-            for _ in range(repeats + 1):
-                t0, cpu0 = time.perf_counter(), own_cpu() + tree_cpu(cluster.procs[0].pid)
-                sock.sendall(struct.pack("<Q", nbytes))
-                sock.sendall(payload)
-                if sock.recv(1) != b"k":
-                    raise RuntimeError("raw TCP receiver did not acknowledge")
-                times.append(time.perf_counter() - t0)
-                cpus.append(own_cpu() + tree_cpu(cluster.procs[0].pid) - cpu0)
-        return Result(name, times[1:], cpus[1:], nbytes)
+class RawTCP:
+    """Raw TCP measurement: the sender is this process, the receiver a child process."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.cluster = Cluster("raw_tcp", 1, nbytes, {})
+        self.sock: socket.socket | None = None
+
+    def __enter__(self) -> RawTCP:
+        self.cluster.__enter__()
+        (port,) = self.cluster.infos
+        self.payload = memoryview(model_tensor(self.nbytes, 1.0).numpy()).cast("B")
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(ROUND_TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.cluster.close()
+
+    def prepare(self) -> None:
+        pass
+
+    def round(self, step: int) -> tuple[float, float, bool]:
+        assert self.sock is not None
+        child = self.cluster.procs[0].pid
+        t0, cpu0 = time.perf_counter(), own_cpu() + tree_cpu(child)
+        self.sock.sendall(struct.pack("<Q", self.nbytes))
+        self.sock.sendall(self.payload)
+        if self.sock.recv(1) != b"k":
+            raise RuntimeError("raw TCP receiver did not acknowledge")
+        return time.perf_counter() - t0, own_cpu() + tree_cpu(child) - cpu0, True
 
 
 # -- our transport -------------------------------------------------------------------------------
@@ -385,26 +405,21 @@ class Cluster:
             raise RuntimeError(f"{self.kind} worker {rank} sent {msg!r}, expected {what!r}")
         return arg
 
-    def rounds(self, repeats: int) -> tuple[list[float], list[float], bool]:
-        """Run one warm-up and `repeats` timed rounds.
-
-        Returns the slowest worker's time of each round, the CPU seconds of each round (all workers and
-        their child processes together), and whether every worker ended with the right values.
-        """
+    def prepare(self) -> None:
+        """Tell every worker who its peers are."""
         for conn in self.conns:
             conn.send(("peers", self.infos))
         for rank in range(self.n):
             self._expect(rank, "ok", START_TIMEOUT)
-        times, cpus, all_ok = [], [], True
-        for step in range(repeats + 1):
-            for conn in self.conns:
-                conn.send(("go", step))
-            results = [self._expect(rank, "done", ROUND_TIMEOUT) for rank in range(self.n)]
-            if step > 0:
-                times.append(max(t for t, _, _ in results))
-                cpus.append(sum(c for _, _, c in results))
-                all_ok = all_ok and all(ok for _, ok, _ in results)
-        return times, cpus, all_ok
+
+    def round(self, step: int) -> tuple[float, float, bool]:
+        """Run one round: the slowest worker's time, the CPU seconds of all workers and their child
+        processes together, and whether every worker ended with the right values."""
+        for conn in self.conns:
+            conn.send(("go", step))
+        results = [self._expect(rank, "done", ROUND_TIMEOUT) for rank in range(self.n)]
+        return (max(t for t, _, _ in results), sum(c for _, _, c in results),
+                all(ok for _, ok, _ in results))
 
     def close(self) -> None:
         for conn in self.conns:
@@ -503,6 +518,14 @@ PLAN: list[tuple[str, str, str, int | None, dict[str, Any]]] = [
 ]
 
 
+#: Measurements compared with each other run together (see `main`).
+GROUPS = [
+    ("raw_tcp", "pair_libp2p", "pair_direct"),
+    ("ar2_libp2p", "ar2_direct", "hivemind2"),
+    ("arN_libp2p", "arN_direct", "hivemindN"),
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -526,22 +549,39 @@ def main(argv: list[str] | None = None) -> None:
     cmd = ["python", "benchmarks/transport.py", *(argv if argv is not None else sys.argv[1:])]
     print(f"command: {' '.join(cmd)}")
 
+    # The measurements of one group run side by side, their rounds interleaved (a, b, c, a, b, c, ...), so
+    # that load from other programs on the machine affects each of them alike and the ratios hold.
     results: dict[str, Result] = {}
-    for key, label, kind, nodes, options in PLAN:
-        if key in args.skip or (args.only and key not in args.only):
+    for group in GROUPS:
+        chosen = [entry for entry in PLAN if entry[0] in group and entry[0] not in args.skip
+                  and (not args.only or entry[0] in args.only)]
+        if not chosen:
             continue
-        name = label.format(n=n)
-        print(f"running {key} ...", flush=True)
-        if kind == "raw_tcp":
-            r = bench_raw_tcp(name, nbytes, args.repeats)
-        else:
-            opts = dict(options, loop=args.loop) if kind != "hivemind" else dict(options)
-            with Cluster(kind, nodes or n, nbytes, opts) as cluster:
-                times, cpus, ok = cluster.rounds(args.repeats)
-            r = Result(name, times, cpus, nbytes, ok)
-        results[key] = r
-        print(f"  {r.name}: {r.median:.3f} s, {r.mbps:,.0f} MB/s, {r.cpu_per_gb:.1f} CPU s/GB"
-              f"{'' if r.ok else '  (VALUES WRONG: not every slice was averaged)'}", flush=True)
+        print(f"running {', '.join(key for key, *_ in chosen)} (interleaved) ...", flush=True)
+        with contextlib.ExitStack() as stack:
+            runners: list[tuple[str, str, Any]] = []
+            for key, label, kind, nodes, options in chosen:
+                if kind == "raw_tcp":
+                    runner: Any = stack.enter_context(RawTCP(nbytes))
+                else:
+                    opts = dict(options, loop=args.loop) if kind != "hivemind" else dict(options)
+                    runner = stack.enter_context(Cluster(kind, nodes or n, nbytes, opts))
+                runner.prepare()
+                runners.append((key, label.format(n=n), runner))
+            for key, name, _ in runners:
+                results[key] = Result(name, [], [], nbytes)
+            for step in range(args.repeats + 1):  # round 0 is the warm-up
+                for key, _, runner in runners:
+                    elapsed, cpu, ok = runner.round(step)
+                    if step > 0:
+                        r = results[key]
+                        r.times.append(elapsed)
+                        r.cpus.append(cpu)
+                        r.ok = r.ok and ok
+        for key, _, _ in runners:
+            r = results[key]
+            print(f"  {r.name}: {r.median:.3f} s, {r.mbps:,.0f} MB/s, {r.cpu_per_gb:.1f} CPU s/GB"
+                  f"{'' if r.ok else '  (VALUES WRONG: not every slice was averaged)'}", flush=True)
 
     print()
     print("| path | median s | MB/s | CPU s/GB | values right | runs (s) |")

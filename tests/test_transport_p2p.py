@@ -81,14 +81,16 @@ def pair(shared_pair: tuple[P2PTransport, P2PTransport]) -> tuple[P2PTransport, 
 
 
 @contextlib.asynccontextmanager
-async def fresh_pair(**kwargs: Any) -> AsyncIterator[tuple[P2PTransport, P2PTransport]]:
+async def extra_peer(a: P2PTransport, **kwargs: Any) -> AsyncIterator[P2PTransport]:
+    """One more transport with its own p2pd, bootstrapped from `a`, stopped (and checked) on exit."""
     with NetworkGuard() as guard:
-        a, b = await make_pair(**kwargs)
+        t = await P2PTransport.create(initial_peers=a.addresses(), **kwargs)
         try:
-            yield a, b
+            for name, handler in (("echo", echo), ("slow", slow)):
+                t.register(name, peer_pb2.Ping, handler)
+            yield t
         finally:
-            await a.shutdown()
-            await b.shutdown()
+            await t.shutdown()
     assert not guard.leaked_processes and not guard.leaked_sockets, guard
 
 
@@ -160,14 +162,18 @@ async def test_remote_errors(pair: tuple[P2PTransport, P2PTransport]) -> None:
     assert a.stats.failed_calls == 3
 
 
-async def test_oversized_request_is_refused_by_receiver() -> None:
-    async with fresh_pair(max_message_bytes=1 << 20) as (a, b):
+async def test_oversized_request_is_refused_by_receiver(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, b = pair
+    b.max_message_bytes = 1 << 20
+    try:
         big = {"x": torch.zeros(4 * 1024 * 1024)}  # 16 MiB > the receiver's 1 MiB
-        with pytest.raises(RemoteError) as info:
-            await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), big), peer_pb2.Pong, timeout=10)
-        assert info.value.code == "oversized"
-        assert b.stats.rejected["oversized"] == 1
-        # The refusal came before the payload was read.
+        for direct in (True, False):  # refused at the ticket, or on the libp2p stream
+            a.direct_enabled = direct
+            with pytest.raises(RemoteError) as info:
+                await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), big), peer_pb2.Pong, timeout=10)
+            assert info.value.code == "oversized"
+        assert b.stats.rejected["oversized"] == 2
+        # The refusals came before the payload was read.
         assert b.stats.bytes_received < 1 << 20
         # The sender refuses to send beyond its own limit, without touching the network.
         with pytest.raises(TransportError) as own:
@@ -176,6 +182,9 @@ async def test_oversized_request_is_refused_by_receiver() -> None:
         # And the receiver still serves requests within its limit.
         ok = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=3)), peer_pb2.Pong, timeout=10)
         assert ok.body.round == 3
+    finally:
+        a.direct_enabled = True
+        b.max_message_bytes = codec.DEFAULT_MAX_MESSAGE_BYTES
 
 
 async def test_timeout_closes_the_stream(pair: tuple[P2PTransport, P2PTransport]) -> None:
@@ -188,8 +197,9 @@ async def test_timeout_closes_the_stream(pair: tuple[P2PTransport, P2PTransport]
     assert a.stats.failed_calls == 1
 
 
-async def test_peer_that_shut_down_is_unreachable() -> None:
-    async with fresh_pair() as (a, b):
+async def test_peer_that_shut_down_is_unreachable(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    a, _ = pair
+    async with extra_peer(a) as b:
         await a.call(b.peer_id, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
         await b.shutdown()
         start = time.monotonic()
@@ -296,6 +306,19 @@ async def test_direct_connections_are_reused_and_renewed(pair: tuple[P2PTranspor
     assert a.direct_messages == before + 4 and a.direct_fallbacks == 0
 
 
+async def test_direct_concurrent_exchanges_in_both_directions(pair: tuple[P2PTransport, P2PTransport]) -> None:
+    """Many rounds over reused connections, both ways at once: none may stall."""
+    a, b = pair
+    x = {"x": torch.arange(700_000, dtype=torch.float32)}  # 2.8 MB
+    before = a.direct_messages + b.direct_messages
+    for i in range(6):
+        replies = await asyncio.gather(*(
+            src.call(dst.peer_id, "echo", Message(peer_pb2.Ping(round=i), x), peer_pb2.Pong, timeout=5)
+            for src, dst in ((a, b), (b, a), (a, b), (b, a))))
+        assert all(r.body.round == i and torch.equal(r.tensors["x"], x["x"] + 1) for r in replies)
+    assert a.direct_messages + b.direct_messages == before + 24
+
+
 async def test_direct_channel_refuses_bad_tokens_and_wrong_certificates(
         pair: tuple[P2PTransport, P2PTransport]) -> None:
     a, b = pair
@@ -333,28 +356,20 @@ async def test_direct_timeout_closes_the_connection(pair: tuple[P2PTransport, P2
     assert not a._outbound_tls and not a._outbound
 
 
-async def test_falls_back_to_libp2p_when_direct_fails() -> None:
+async def test_falls_back_to_libp2p_when_direct_fails(pair: tuple[P2PTransport, P2PTransport]) -> None:
     """A peer without the direct channel, and one whose direct address cannot be reached."""
-    with NetworkGuard() as guard:
-        a = await P2PTransport.create()
-        b = await P2PTransport.create(initial_peers=a.addresses(), direct=False)
-        # 127.0.0.2 is loopback too, but nothing listens there: the connection is refused.
-        c = await P2PTransport.create(initial_peers=a.addresses(), direct_advertise_host="127.0.0.2")
-        try:
-            for t in (b, c):
-                t.register("echo", peer_pb2.Ping, echo)
-            x = {"x": torch.arange(1_000_000, dtype=torch.float32)}
-            for peer in (b, c):
-                for _ in range(2):
-                    reply = await a.call(peer.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong,
-                                         timeout=10)
-                    assert torch.equal(reply.tensors["x"], x["x"] + 1)
-            assert a.direct_messages == 0
-            assert a.direct_fallbacks == 2  # once per peer, then the peer is remembered
-        finally:
-            for t in (a, b, c):
-                await t.shutdown()
-    assert not guard.leaked_processes and not guard.leaked_sockets, guard
+    a, _ = pair
+    # 127.0.0.2 is loopback too, but nothing listens there: the connection is refused.
+    async with extra_peer(a, direct=False) as b, extra_peer(a, direct_advertise_host="127.0.0.2") as c:
+        x = {"x": torch.arange(1_000_000, dtype=torch.float32)}
+        direct_before = a.direct_messages
+        for peer in (b, c):
+            for _ in range(2):
+                reply = await a.call(peer.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong,
+                                     timeout=10)
+                assert torch.equal(reply.tensors["x"], x["x"] + 1)
+        assert a.direct_messages == direct_before
+        assert a.direct_fallbacks == 2  # once per peer, then the peer is remembered
 
 
 def test_receive_buffers_are_reused_only_when_free() -> None:

@@ -67,6 +67,8 @@ DEFAULT_INFLIGHT_MESSAGES = 2
 #: Default smallest message that takes the direct channel, in bytes (1 MiB): below it, the extra round
 #: trip for the ticket costs more than the faster channel saves.
 DEFAULT_DIRECT_THRESHOLD = 1 << 20
+#: Longest time a refused request's remaining bytes are read and dropped before the stream closes, in s.
+REFUSAL_DRAIN_S = 5.0
 #: Default time during which a peer that could not be reached directly is only called over libp2p, in s.
 DEFAULT_DIRECT_RETRY = 60.0
 #: Default most bytes of receive buffers kept for reuse (512 MiB); 0 turns reuse off.
@@ -115,6 +117,18 @@ class StreamIO:
             self.writer.write(view[offset:offset + CHUNK_BYTES])
             async with asyncio.timeout(self.idle_timeout):
                 await self.writer.drain()
+
+    async def drain(self, seconds: float) -> None:
+        """Read and drop what the peer still sends, until it closes the stream or `seconds` pass.
+
+        After an early refusal the caller is still sending its payload. Closing at once would make p2pd
+        reset the stream, and a reset can overtake the refusal we wrote: the caller would see a broken
+        stream instead of the reason. The caller closes as soon as it has read the refusal.
+        """
+        with contextlib.suppress(TimeoutError, OSError, asyncio.IncompleteReadError):
+            async with asyncio.timeout(seconds):
+                while await self.reader.read(CHUNK_BYTES):
+                    pass
 
 
 class TLSIO:
@@ -464,8 +478,13 @@ class P2PTransport(Transport):
         return True
 
     async def _answer_error(self, io: MessageIO, code: str, message: str) -> None:
+        """Answer a request refused before its payload was read."""
         with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
             await write_message(io, self._error("", code, message))
+        if isinstance(io, StreamIO):
+            await io.drain(min(self.idle_timeout, REFUSAL_DRAIN_S))
+        # On the direct channel, refusals of size happen at the ticket; a message that differs from its
+        # ticket is not worth draining: the connection is closed and the caller sees it break.
 
     async def _issue_ticket(self, sender: str, request: Message[peer_pb2.Envelope]
                             ) -> Message[peer_pb2.Envelope]:
