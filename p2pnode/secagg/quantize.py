@@ -63,14 +63,12 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether `t` holds no NaN or Inf: one float64 sum (finite float32 values cannot overflow it), and
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether `a` holds no NaN or Inf: one float64 sum (finite float32 values cannot overflow it), and
     an element-wise check only when the sum is not finite."""
-    if t.numel() == 0:
+    if a.size == 0 or math.isfinite(float(np.sum(a, dtype=np.float64))):
         return True
-    if math.isfinite(float(torch.sum(t, dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
+    return bool(np.isfinite(a).all())
 
 
 @dataclass(frozen=True)
@@ -179,15 +177,16 @@ class FixedPoint:
             raise ValueError(f"expected {self.extras} extra coordinates, got {ex.numel()}")
         if not (math.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be in (0, max_weight={self.max_weight}], got {weight!r}")
-        if not (_all_finite(x) and _all_finite(ex)):
+        xn, en = _as_numpy(x), _as_numpy(ex)
+        if not (_all_finite(xn) and _all_finite(en)):
             raise ValueError("the contribution holds NaN or Inf")
         gen = rng if rng is not None else np.random.default_rng()
         scale = weight / self.max_weight
         out = np.empty(self.length, dtype=word_dtype(self.word_bits))
-        self._quantize_into(out[:self.dim], _as_numpy(x), scale, -self.clip, self.clip, gen)
+        self._quantize_into(out[:self.dim], xn, scale, -self.clip, self.clip, gen)
         if self.extras:
             lo, hi = self.extra_range
-            self._quantize_into(out[self.dim:self.dim + self.extras], _as_numpy(ex), scale, lo, hi, gen)
+            self._quantize_into(out[self.dim:self.dim + self.extras], en, scale, lo, hi, gen)
         out[-1] = round(scale * self.levels)
         return out
 
