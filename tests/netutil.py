@@ -89,9 +89,16 @@ def process_name(pid: int) -> str:
 class NetworkGuard:
     """Remembers what existed before a test and removes what the test left behind.
 
-    Use as a context manager. On exit, processes started during the test that are still alive after a
-    grace period are killed, new ``/tmp/hivemind-*.sock`` files are removed, and both are listed in
-    `leaked_processes` / `leaked_sockets`.
+    Use as a context manager. On exit:
+
+    - processes started during the test that are still alive after a grace period are killed and
+      listed in `leaked_processes`;
+    - new ``/tmp/hivemind-*.sock`` files that this process still listens on (a `P2P` handle nobody shut
+      down) are removed and listed in `leaked_sockets`;
+    - new socket files nobody listens on any more are removed and listed in `stale_sockets`. They are
+      left by a process that ended without removing them: a p2pd stopped the hard way because its DHT
+      did not stop within its grace period (happens on a loaded machine), or another program;
+    - socket files that another live program listens on are left alone.
     """
 
     grace_s: float = 5.0
@@ -99,6 +106,7 @@ class NetworkGuard:
     pids_before: set[int] = field(default_factory=set)
     leaked_processes: list[str] = field(default_factory=list)
     leaked_sockets: list[str] = field(default_factory=list)
+    stale_sockets: list[str] = field(default_factory=list)
 
     def __enter__(self) -> NetworkGuard:
         self.sockets_before = set(glob.glob(SOCKET_GLOB))
@@ -123,15 +131,16 @@ class NetworkGuard:
             self.leaked_processes.append(f"{pid} ({process_name(pid)})")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        # Other programs on this machine may run hivemind at the same time: a socket file that appeared
-        # during the test is ours to remove only if nothing listens on it any more (a leftover) or if
-        # this very process still listens on it (a leak). Anyone else's live socket is left alone.
+        # Other programs on this machine may run hivemind at the same time: their live sockets stay.
         bound, mine = bound_unix_sockets(), own_socket_inodes()
         for path in sorted(set(glob.glob(SOCKET_GLOB)) - self.sockets_before):
             inode = bound.get(path)
-            if inode is not None and inode not in mine:
+            if inode is None:
+                self.stale_sockets.append(path)
+            elif inode in mine:
+                self.leaked_sockets.append(path)
+            else:
                 continue
-            self.leaked_sockets.append(path)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -146,6 +155,9 @@ def start_dhts(n: int, **kwargs: object) -> list[hivemind.DHT]:
 
     Call before starting threads of your own: `hivemind.DHT` forks.
     """
+    # A generous grace period to stop: on a loaded machine the default 3 s is sometimes too short, and
+    # the DHT process is then killed before it stops its p2pd cleanly.
+    kwargs.setdefault("shutdown_timeout", DHT_TIMEOUT)
     first = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], **kwargs)  # type: ignore[arg-type]
     dhts = [first]
     try:
