@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from p2pnode.secagg.prg import MaskGenerator, word_dtype
 from p2pnode.secagg.settings import Plan
 from p2pnode.secagg.stages import STAGES, Stage, Status
 from p2pnode.secagg.state import AggregatorState, SecAggResult
+from p2pnode.secagg.timing import CpuClock, cpu_call
 from p2pnode.secagg.wire import (
     MASKED_TENSOR,
     check_bytes,
@@ -85,20 +86,12 @@ class SecAggAggregator:
         self.on_masked_input = on_masked_input
         self._closed = {s: asyncio.Event() for s in STAGES}
         self._ready = asyncio.Event()
-        self._compute_s = 0.0
+        self._cpu = CpuClock()
         self._shared_keys: set[bytes] = set()
         #: Set after a corrupt share: the unmask stage then waits for every survivor's shares.
         self._want_all = False
 
     # -- helpers ------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._compute_s += time.perf_counter() - t0
-
     def _index(self, sender: str) -> int:
         users = self.plan.session.users
         if sender not in users:
@@ -216,7 +209,7 @@ class SecAggAggregator:
     async def _masked(self, index: int, msg: Message[Any]) -> Message[Any]:
         enc = self.plan.encoding
         check_tensors(msg.tensors, {MASKED_TENSOR: ((enc.length,), masked_dtype(self.plan.word_bits))})
-        with self._timed():
+        with self._cpu.timed():
             words = msg.tensors[MASKED_TENSOR].numpy().view(word_dtype(self.plan.word_bits))
             st = self.state
             if st.masked_sum is None:
@@ -337,10 +330,9 @@ class SecAggAggregator:
                 if stage is not Stage.UNMASK:
                     self._closed[stage].set()
             secrets = await self._reconstruct_all(deadline)
-            t0 = time.perf_counter()
-            result = await loop.run_in_executor(None, self._finish, secrets)
-            self._compute_s += time.perf_counter() - t0
-            result.compute_s = self._compute_s
+            result, spent = await loop.run_in_executor(None, cpu_call, functools.partial(self._finish, secrets))
+            self._cpu.seconds += spent
+            result.compute_s = self._cpu.seconds
             st.status = Status.DONE
             self._closed[Stage.UNMASK].set()
             return result
@@ -360,7 +352,7 @@ class SecAggAggregator:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                with self._timed():
+                with self._cpu.timed():
                     return self._secrets()
             except _ReconstructionFailed as e:
                 pending = set(st.completed[Stage.MASKED]) - set(st.revealed)

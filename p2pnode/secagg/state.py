@@ -52,7 +52,7 @@ class SecAggResult:
         dropped: peer ids first missing at each stage, by stage label.
         users: size of the sample.
         neighbours, threshold, word_bits: the instance's resolved parameters.
-        compute_s: wall-clock seconds the aggregator spent in protocol computation (sums, Shamir
+        compute_s: CPU seconds (thread time) the aggregator spent in protocol computation (sums, Shamir
             reconstruction, mask regeneration, decoding); waits for the network excluded.
         rejected: messages refused, by reason code.
     """
@@ -95,7 +95,7 @@ class UserReport:
         reason: why it stopped early, or None.
         survivors: size of U3 as announced by the aggregator (0 if not reached).
         partners: number of users it masked with.
-        compute_s: wall-clock seconds spent in protocol computation (keys, shares, masks, encoding).
+        compute_s: CPU seconds (thread time) spent in protocol computation (keys, shares, masks, encoding).
         mask_s: the part of `compute_s` spent generating the masks, which does not depend on the input
             and so runs while the input is being trained.
     """

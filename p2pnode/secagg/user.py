@@ -22,11 +22,10 @@ survivor list that contradicts what the user saw) stops the user without reveali
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import inspect
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from p2pnode.secagg.randomness import Randomness, SystemRandomness
 from p2pnode.secagg.settings import SecAggSettings, Session, plan
 from p2pnode.secagg.stages import Stage, Status
 from p2pnode.secagg.state import Contribution, UserReport, UserState
+from p2pnode.secagg.timing import CpuClock, cpu_call
 from p2pnode.secagg.wire import MASKED_TENSOR, REPLY_TYPES, session_proto
 from p2pnode.transport.base import Transport
 from p2pnode.transport.codec import Message
@@ -84,24 +84,16 @@ class SecAggUser:
         self.local = local if session.aggregator == self.peer_id else None
         self.stop_before = stop_before
         self.state: UserState | None = None
-        self._compute_s = 0.0
+        self._cpu = CpuClock()
         self._mask_s = 0.0
 
     # -- helpers ------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._compute_s += time.perf_counter() - t0
-
     def _report(self, status: Status, reason: str | None = None) -> UserReport:
         st = self.state
         return UserReport(peer_id=self.peer_id, index=self.index, status=status,
                           completed=st.completed if st else None, reason=reason,
                           survivors=len(st.survivors) if st else 0, partners=len(st.partners) if st else 0,
-                          compute_s=self._compute_s, mask_s=self._mask_s)
+                          compute_s=self._cpu.seconds, mask_s=self._mask_s)
 
     async def _call(self, stage: Stage, body: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
         """Send this stage's message and return the reply body (retrying while the instance is not open)."""
@@ -273,7 +265,7 @@ class SecAggUser:
     async def _run(self, contribution: Contribution | Awaitable[Contribution]) -> UserReport:
         p = self.plan
         loop = asyncio.get_running_loop()
-        with self._timed():
+        with self._cpu.timed():
             st, mine = self._start()
         self.state = st
         if self._silent(Stage.ADVERTISE):
@@ -282,38 +274,35 @@ class SecAggUser:
         advertise = secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=mine, members=s.users, dim=s.dim,
                                                extras=s.extras)
         reply = await self._call(Stage.ADVERTISE, advertise)
-        with self._timed():
+        with self._cpu.timed():
             self._on_keys(st, mine, reply)
             cts = self._share(st)
         st.completed = Stage.ADVERTISE
         if self._silent(Stage.SHARE):
             return self._report(Status.RUNNING, "silent from stage share")
         reply = await self._call(Stage.SHARE, secagg_pb2.SecAggShare(session=session_proto(p), ciphertexts=cts))
-        with self._timed():
+        with self._cpu.timed():
             self._on_shares(st, reply)
         st.completed = Stage.SHARE
-        t0 = time.perf_counter()
-        premask = await loop.run_in_executor(None, self._premask, st)
-        self._mask_s = time.perf_counter() - t0
-        self._compute_s += self._mask_s
+        premask, self._mask_s = await loop.run_in_executor(None, cpu_call, functools.partial(self._premask, st))
+        self._cpu.seconds += self._mask_s
         if inspect.isawaitable(contribution):
             contribution = await contribution
         c: Contribution = contribution
-        t0 = time.perf_counter()
-        masked = await loop.run_in_executor(None, self._masked, premask, c)
-        self._compute_s += time.perf_counter() - t0
+        masked, spent = await loop.run_in_executor(None, cpu_call, functools.partial(self._masked, premask, c))
+        self._cpu.seconds += spent
         del premask
         if self._silent(Stage.MASKED):
             return self._report(Status.RUNNING, "silent from stage masked")
         body = secagg_pb2.SecAggMasked(session=session_proto(p))
         reply = await self._call(Stage.MASKED, body, {MASKED_TENSOR: masked})
         del masked
-        with self._timed():
+        with self._cpu.timed():
             self._on_survivors(st, reply)
         st.completed = Stage.MASKED
         if self._silent(Stage.UNMASK):
             return self._report(Status.RUNNING, "silent from stage unmask")
-        with self._timed():
+        with self._cpu.timed():
             body = self._reveal(st)
         await self._call(Stage.UNMASK, body)
         st.completed = Stage.UNMASK
