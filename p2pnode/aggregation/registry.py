@@ -46,6 +46,8 @@ class RuleInfo:
         needs_updates: works on directions/distances, so protocols should feed it model updates (the
             difference from the round's start model), not whole models.
         params: the rule's keyword parameters and their defaults (``f`` excluded).
+        fn: the implementation, ``fn(batch, weights, f, **params) -> list of output pieces``.
+        max_f: ``max_f(p, params)``, the largest tolerated f for p inputs (negative: p is too small).
     """
 
     name: str
