@@ -10,9 +10,18 @@ from typing import Any
 
 from p2pnode.errors import ConfigError
 
-TOPOLOGIES = ("gossip",)
+TOPOLOGIES = ("gossip", "modest", "fl", "dpsgd")
 #: Keys that must be equal on all peers of a run: a peer whose hash of these differs is not used.
 RUN_KEYS = ("run_id", "task", "topology", "rule", "model_seed_mode")
+#: Further run-wide keys, per topology (hashed only for that topology, so other runs keep their hash).
+TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {
+    "modest": ("sample_size", "aggregators", "success_fraction", "sample_key", "outer_lr", "outer_momentum",
+               "outer_nesterov"),
+    "fl": ("sample_size", "success_fraction", "fl_server", "outer_lr", "outer_momentum", "outer_nesterov"),
+    "dpsgd": ("dpsgd_graph", "dpsgd_degree"),
+}
+SAMPLE_KEYS = ("model", "round")
+DPSGD_GRAPHS = ("exponential", "regular")
 
 
 @dataclass
@@ -27,7 +36,9 @@ class NodeConfig:
     run_id: str = "default"
     #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
     task: str = "digits-mlp"
-    #: Who exchanges with whom: ``gossip``.
+    #: Who exchanges with whom: ``gossip`` (push-pull with random peers), ``modest`` (a sample of trainers and
+    #: aggregators per round), ``fl`` (federated learning with one fixed server, a baseline) or ``dpsgd``
+    #: (every node averages with its graph neighbours every round, a baseline). See docs/protocols.md.
     topology: str = "gossip"
     #: Aggregation rule used to merge models (see `p2pnode.aggregation.available_rules()`).
     rule: str = "mean"
@@ -70,6 +81,48 @@ class NodeConfig:
     #: Largest message sent or accepted, in bytes.
     max_message_bytes: int = 1 << 30
 
+    # -- modest and fl (algorithms.md 3.5; the authors' values in brackets where ours differ) ---------------
+    #: ``s``: trainers per round (default 10).
+    sample_size: int = 10
+    #: ``a``: aggregators per round (default 1; fl always uses its one server).
+    aggregators: int = 1
+    #: ``sf``: an aggregator completes with ``floor(sf * s)`` trained models, in (0, 1] (default 1.0).
+    success_fraction: float = 1.0
+    #: Seconds from an aggregation's first model to its deadline (default 60 [5 s code default, 2 s in the
+    #: MW'23 simulations, 300 s in the latest code]).
+    aggregation_timeout_s: float = 60.0
+    #: Models an aggregator needs at its deadline (default 3, the latest code's liveness rule); with fewer
+    #: it sends the base model to more peers (top-up).
+    liveness_min: int = 3
+    #: Top-ups before an aggregator combines what it has (default 2).
+    max_topups: int = 2
+    #: Seconds before a candidate that does not answer pings counts as unavailable (default 5).
+    ping_timeout_s: float = 5.0
+    #: A ping is re-sent every this many seconds until `ping_timeout_s` (default 1).
+    ping_interval_s: float = 1.0
+    #: Rounds without activity after which a peer leaves the active set (default 50 [1000 in the sims]).
+    inactivity_threshold: int = 50
+    #: Peers told about a join or leave (default None: ``min(10 * sample_size, view size)``).
+    join_fanout: int | None = None
+    #: ``model``: the order of round k is keyed by the digest of model k-2, against sample grinding
+    #: (default); ``round``: by the round number only (the reference).
+    sample_key: str = "model"
+    #: Longest wait of a round for a model, in seconds; an idle node then refreshes its view (default 20).
+    idle_timeout_s: float = 20.0
+    #: fl: peer id of the server (default None: the lowest peer id of the initial view).
+    fl_server: str | None = None
+    #: Outer optimizer (DiLoCo-style Nesterov SGD on the pseudo-gradient) for modest and fl: its learning
+    #: rate, or None (default) for none; its momentum (default 0.9) and Nesterov flag (default True).
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+
+    # -- dpsgd ---------------------------------------------------------------------------------------------
+    #: Communication graph: ``exponential`` (one-peer exponential, default) or ``regular`` (random regular).
+    dpsgd_graph: str = "exponential"
+    #: Degree of the ``regular`` graph (default 4).
+    dpsgd_degree: int = 4
+
     def validate(self) -> NodeConfig:
         """Check every value once; raise `ConfigError` naming the key and the allowed values."""
         if self.topology not in TOPOLOGIES:
@@ -102,13 +155,45 @@ class NodeConfig:
 
         if self.rule not in available_rules():
             raise ConfigError(f"rule={self.rule!r} is unknown; allowed: {', '.join(available_rules())}")
+        self._validate_topology_settings()
         return self
+
+    def _validate_topology_settings(self) -> None:
+        for key in ("sample_size", "aggregators", "liveness_min", "inactivity_threshold", "dpsgd_degree"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.max_topups < 0:
+            raise ConfigError(f"max_topups={self.max_topups}: must be >= 0")
+        if self.join_fanout is not None and self.join_fanout < 1:
+            raise ConfigError(f"join_fanout={self.join_fanout}: must be >= 1 (or unset for min(10 * s, view))")
+        if not 0 < self.success_fraction <= 1:
+            raise ConfigError(f"success_fraction={self.success_fraction}: must be in (0, 1]")
+        for key in ("aggregation_timeout_s", "ping_timeout_s", "ping_interval_s", "idle_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be > 0")
+        if self.sample_key not in SAMPLE_KEYS:
+            raise ConfigError(f"sample_key={self.sample_key!r}; allowed: {', '.join(SAMPLE_KEYS)}")
+        if self.dpsgd_graph not in DPSGD_GRAPHS:
+            raise ConfigError(f"dpsgd_graph={self.dpsgd_graph!r}; allowed: {', '.join(DPSGD_GRAPHS)}")
+        if self.outer_lr is not None:
+            if self.topology not in ("modest", "fl"):
+                raise ConfigError(f"outer_lr={self.outer_lr} needs topology modest or fl (got {self.topology!r}); "
+                                  f"unset it for {self.topology}")
+            if not self.outer_lr > 0:
+                raise ConfigError(f"outer_lr={self.outer_lr}: must be > 0")
+            if not 0 <= self.outer_momentum < 1:
+                raise ConfigError(f"outer_momentum={self.outer_momentum}: must be in [0, 1)")
+        if self.topology == "modest" and self.aggregators > self.sample_size:
+            raise ConfigError(f"aggregators={self.aggregators} exceeds sample_size={self.sample_size}; "
+                              f"allowed: 1..{self.sample_size}")
 
     @property
     def config_hash(self) -> str:
         """SHA-256 (hex, first 16 chars) of the run-wide keys."""
         run = {k: getattr(self, k) for k in RUN_KEYS}
         run["rule_params"] = self.rule_params
+        for k in TOPOLOGY_RUN_KEYS.get(self.topology, ()):
+            run[k] = getattr(self, k)
         blob = json.dumps(run, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

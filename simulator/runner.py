@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +17,14 @@ from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer
 from p2pnode.daemon.node import Node
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
+from p2pnode.errors import ConfigError
 from p2pnode.protocols.compute import VirtualCompute
+from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
+
+EVENT_DRIVEN = ("modest", "fl")
 
 
 @dataclass
@@ -27,13 +32,29 @@ class SimConfig:
     """One simulated run.
 
     :param nodes: number of nodes.
-    :param rounds: rounds every live node runs.
+    :param rounds: rounds to simulate. For ``gossip`` and ``dpsgd`` every live node runs each round in
+        lockstep; for ``modest`` and ``fl`` a round is one model version (one completed aggregation).
     :param latency_ms: one-way latency of every link, in milliseconds (default 5).
     :param bandwidth_mbps: bandwidth of every link, in Mbit/s (default 100).
     :param loss: probability that a message is lost (default 0).
     :param step_time_ms: modelled compute time of one training step, in virtual milliseconds (default 10).
     :param exchange_timeout_s: time allowed for one exchange, in virtual seconds (default 5).
     :param init: ``shared`` (one initial model for all) or ``independent`` (one per node).
+    :param sample_size: modest/fl: trainers per round ``s`` (default 10).
+    :param aggregators: modest: aggregators per round ``a`` (default 1).
+    :param success_fraction: modest/fl: ``sf`` (default 1.0).
+    :param aggregation_timeout_s: modest/fl: aggregation deadline, in virtual seconds (default 10; a
+        simulated round of digits-mlp takes about 0.15 s).
+    :param sample_key: modest: ``model`` (default, against grinding) or ``round``.
+    :param dpsgd_graph: dpsgd: ``exponential`` (default) or ``regular``; ``dpsgd_degree``: its degree (4).
+    :param crash_fraction: share of the nodes, chosen by the seed, that stop answering (default 0). In fl
+        the server is never chosen: it is the reference.
+    :param crash_round: they stop right after round ``crash_round - 1`` completes, i.e. they take no part
+        in round ``crash_round`` and later (default 1).
+    :param rejoin_round: they come back (and announce a join) right after round ``rejoin_round - 1``;
+        None (default): never.
+    :param rejoin_fraction: share of the crashed nodes that come back, chosen by the seed (default 1.0).
+    :param outer_lr: modest/fl: outer Nesterov optimizer's learning rate (default None: none).
     Other fields are those of `NodeConfig`.
     """
 
@@ -55,13 +76,37 @@ class SimConfig:
     step_time_ms: float = 10.0
     exchange_timeout_s: float = 5.0
     eval_every: int = 1
+    sample_size: int = 10
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    aggregation_timeout_s: float = 10.0
+    sample_key: str = "model"
+    dpsgd_graph: str = "exponential"
+    dpsgd_degree: int = 4
+    outer_lr: float | None = None
+    crash_fraction: float = 0.0
+    crash_round: int = 1
+    rejoin_round: int | None = None
+    rejoin_fraction: float = 1.0
 
     def node_config(self, index: int) -> NodeConfig:
+        if not 0.0 <= self.crash_fraction <= 1.0:
+            raise ConfigError(f"crash_fraction={self.crash_fraction}: must be in [0, 1]")
+        if self.crash_round < 1:
+            raise ConfigError(f"crash_round={self.crash_round}: must be >= 1")
+        if self.rejoin_round is not None and self.rejoin_round <= self.crash_round:
+            raise ConfigError(f"rejoin_round={self.rejoin_round}: must be > crash_round={self.crash_round}")
+        if not 0.0 <= self.rejoin_fraction <= 1.0:
+            raise ConfigError(f"rejoin_fraction={self.rejoin_fraction}: must be in [0, 1]")
         return NodeConfig(run_id=f"sim-{self.seed}", task=self.task, topology=self.topology, rule=self.rule,
                           rule_params=dict(self.rule_params), model_seed_mode=self.init, seed=self.seed,
                           shard=(index, self.nodes), alpha=self.alpha, local_steps=self.local_steps, lr=self.lr,
                           batch_size=self.batch_size, device="cpu", rounds=self.rounds,
-                          exchange_timeout_s=self.exchange_timeout_s, eval_every=self.eval_every).validate()
+                          exchange_timeout_s=self.exchange_timeout_s, eval_every=self.eval_every,
+                          sample_size=self.sample_size, aggregators=self.aggregators,
+                          success_fraction=self.success_fraction, aggregation_timeout_s=self.aggregation_timeout_s,
+                          sample_key=self.sample_key, dpsgd_graph=self.dpsgd_graph,
+                          dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr).validate()
 
 
 def sim_peer_id(index: int) -> str:
@@ -75,6 +120,180 @@ def _node_rng(seed: int, index: int) -> random.Random:
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class _Churn:
+    """Which nodes crash and come back, and when (see `SimConfig`)."""
+
+    def __init__(self, cfg: SimConfig, network: MemoryNetwork, nodes: list[Node]) -> None:
+        self.cfg = cfg
+        self.network = network
+        eligible = list(range(cfg.nodes))
+        if cfg.topology == "fl":
+            eligible.remove(0)  # the server (lowest peer id) is the reference: it stays up
+        count = round(cfg.crash_fraction * cfg.nodes)
+        count = min(count, len(eligible))
+        rng = random.Random(f"crash/{cfg.seed}")
+        self.victims = sorted(rng.sample(eligible, count)) if count else []
+        back = round(cfg.rejoin_fraction * len(self.victims))
+        self.returning = sorted(rng.sample(self.victims, back)) if back else []
+        self.nodes = nodes
+        self.crashed = False
+        self.rejoined = False
+
+    def crash_due(self, completed: int) -> bool:
+        return bool(self.victims) and not self.crashed and completed >= self.cfg.crash_round - 1
+
+    def rejoin_due(self, completed: int) -> bool:
+        r = self.cfg.rejoin_round
+        return self.crashed and not self.rejoined and r is not None and completed >= r - 1
+
+    def crash(self) -> list[int]:
+        self.crashed = True
+        for i in self.victims:
+            self.network.crash(self.nodes[i].peer_id)
+        return self.victims
+
+    def rejoin(self) -> list[int]:
+        self.rejoined = True
+        for i in self.returning:
+            self.network.revive(self.nodes[i].peer_id)
+        return self.returning
+
+
+def _bytes_sent(nodes: list[Node]) -> int:
+    return sum(n.transport.stats.bytes_sent for n in nodes)
+
+
+async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, churn: _Churn,
+                    on_round: RoundCallback | None) -> dict[str, Any]:
+    """gossip, dpsgd: every live node runs each round; the round ends when all of them are done."""
+    loop = asyncio.get_running_loop()
+    rounds: list[dict[str, Any]] = []
+    sent_before = 0
+    for r in range(1, cfg.rounds + 1):
+        if churn.crash_due(r - 1):
+            churn.crash()
+        if churn.rejoin_due(r - 1):
+            churn.rejoin()
+        live = [n for n in nodes if network.is_alive(n.peer_id)]
+        reports = await asyncio.gather(*(n.run_round() for n in live))
+        sent = _bytes_sent(nodes)
+        accs = [rep.accuracy for rep in reports if rep.accuracy is not None]
+        losses = [rep.train_loss for rep in reports]
+        row = {
+            "round": r,
+            "time_s": round(loop.time(), 6),
+            "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
+            "loss": round(sum(losses) / len(losses), 6) if losses else None,
+            "bytes": sent - sent_before,
+            "active_nodes": len(live),
+            "participants": len(live),
+        }
+        sent_before = sent
+        rounds.append(row)
+        if on_round is not None:
+            on_round(row)
+    return {"rounds": rounds}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, churn: _Churn,
+                        on_round: RoundCallback | None) -> dict[str, Any]:
+    """modest, fl: every node runs its own round loop, as a daemon does; a round is one model version.
+
+    Row ``r`` is written when the first aggregator completes version ``r``; later completions of the
+    same version (``a > 1``) are merged into it. The run ends at version ``rounds``, or when no version
+    completes for a long (virtual) while, which is reported as ``stalled``.
+    """
+    loop = asyncio.get_running_loop()
+    protocols = [n.protocol for n in nodes]
+    assert all(isinstance(p, ModestProtocol) for p in protocols)
+    rows: dict[int, dict[str, Any]] = {}
+    evals: dict[int, list[float]] = {}
+    progress = asyncio.Event()
+    drivers: dict[int, asyncio.Task[None]] = {}
+    sent_before = 0
+
+    async def drive(i: int, rejoin: bool = False) -> None:
+        node = nodes[i]
+        if rejoin:
+            await node.protocol.rejoin()  # type: ignore[attr-defined]
+        while True:
+            await node.run_round()
+
+    def start(i: int, rejoin: bool = False) -> None:
+        drivers[i] = loop.create_task(drive(i, rejoin))
+
+    def churn_step(completed: int) -> None:
+        if churn.crash_due(completed):
+            for i in churn.crash():
+                drivers.pop(i).cancel()  # the process stops: no more rounds, no more answers
+        if churn.rejoin_due(completed):
+            for i in churn.rejoin():
+                start(i, rejoin=True)
+
+    def on_aggregate(ev: AggregationEvent) -> None:
+        nonlocal sent_before
+        row = rows.get(ev.index)
+        first = row is None
+        if row is None:
+            sent = _bytes_sent(nodes)
+            row = {
+                "round": ev.index,
+                "time_s": round(ev.time_s, 6),
+                "accuracy": None,
+                "loss": round(ev.train_loss, 6) if ev.train_loss is not None else None,
+                "bytes": sent - sent_before,
+                "active_nodes": sum(network.is_alive(n.peer_id) for n in nodes),
+                "participants": len(ev.contributors),
+                "sample": list(ev.contributors),
+                "aggregators": [ev.aggregator],
+            }
+            sent_before = sent
+            rows[ev.index] = row
+            evals[ev.index] = []
+        elif ev.aggregator not in row["aggregators"]:
+            row["aggregators"] = sorted([*row["aggregators"], ev.aggregator])
+            row["sample"] = sorted(set(row["sample"]) | set(ev.contributors))
+            row["participants"] = len(row["sample"])
+        if ev.accuracy is not None:
+            evals[ev.index].append(ev.accuracy)
+            row["accuracy"] = _mean(evals[ev.index])
+        if first:
+            if on_round is not None:
+                on_round(row)
+            churn_step(ev.index)
+        progress.set()
+
+    for p in protocols:
+        p.on_aggregate = on_aggregate  # type: ignore[attr-defined]
+    churn_step(0)
+    for i in range(len(nodes)):
+        if network.is_alive(nodes[i].peer_id):
+            start(i)
+    # No new version for this long (virtual seconds) means the swarm is stuck: stop and say so.
+    stall_limit_s = 20 * cfg.aggregation_timeout_s + 600.0
+    stalled = False
+    while max(rows, default=0) < cfg.rounds:
+        progress.clear()
+        try:
+            await asyncio.wait_for(progress.wait(), stall_limit_s)
+        except TimeoutError:
+            stalled = True
+            break
+    for task in drivers.values():
+        task.cancel()
+    await asyncio.gather(*drivers.values(), return_exceptions=True)
+    events: Counter[str] = Counter()
+    for p in protocols:
+        events.update(p.counters)  # type: ignore[attr-defined]
+        p.settings.leave_on_close = False  # type: ignore[attr-defined]  # the whole run ends: no leave storm
+    ordered = [rows[r] for r in sorted(rows) if r <= cfg.rounds]
+    return {"rounds": ordered, "stalled": stalled, "protocol_events": dict(sorted(events.items()))}
 
 
 async def _simulate(cfg: SimConfig, on_round: RoundCallback | None) -> dict[str, Any]:
@@ -98,36 +317,29 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None) -> dict[str,
                           compute=compute))
     for node in nodes:
         await node.start()
-    loop = asyncio.get_running_loop()
-    rounds: list[dict[str, Any]] = []
-    sent_before = 0
-    for r in range(1, cfg.rounds + 1):
-        live = [n for n in nodes if network.is_alive(n.peer_id)]
-        reports = await asyncio.gather(*(n.run_round() for n in live))
-        sent = sum(n.transport.stats.bytes_sent for n in nodes)
-        accs = [rep.accuracy for rep in reports if rep.accuracy is not None]
-        losses = [rep.train_loss for rep in reports]
-        row = {
-            "round": r,
-            "time_s": round(loop.time(), 6),
-            "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
-            "loss": round(sum(losses) / len(losses), 6) if losses else None,
-            "bytes": sent - sent_before,
-            "active_nodes": len(live),
-        }
-        sent_before = sent
-        rounds.append(row)
-        if on_round is not None:
-            on_round(row)
+    churn = _Churn(cfg, network, nodes)
+    if cfg.topology in EVENT_DRIVEN:
+        out = await _event_driven(cfg, nodes, network, churn, on_round)
+    else:
+        out = await _lockstep(cfg, nodes, network, churn, on_round)
     for node in nodes:
+        if not network.is_alive(node.peer_id):
+            network.revive(node.peer_id)  # let crashed nodes release their resources like the others
         await node.shutdown()
+    rounds = out.pop("rounds")
     final = next((row["accuracy"] for row in reversed(rounds) if row["accuracy"] is not None), None)
-    return {
+    result = {
         "config": dataclasses.asdict(cfg),
         "rounds": rounds,
         "final_accuracy": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
     }
+    if churn.victims:
+        result["crashed"] = [sim_peer_id(i) for i in churn.victims]
+        if cfg.rejoin_round is not None:
+            result["rejoined"] = [sim_peer_id(i) for i in churn.returning]
+    result.update(out)
+    return result
 
 
 def run_simulation(cfg: SimConfig, on_round: RoundCallback | None = None) -> dict[str, Any]:

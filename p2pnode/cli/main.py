@@ -75,6 +75,13 @@ def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
               help="Probability that a message is lost.")
 @click.option("--step-time-ms", default=10.0, show_default=True, type=float,
               help="Modelled compute time of one training step, virtual ms.")
+@click.option("--crash-fraction", default=0.0, show_default=True, type=float,
+              help="Share of the nodes (chosen by the seed) that stop answering at --crash-round.")
+@click.option("--crash-round", default=1, show_default=True, type=int,
+              help="First round without the crashed nodes.")
+@click.option("--rejoin-round", default=None, type=int, help="First round in which they are back (default: never).")
+@click.option("--rejoin-fraction", default=1.0, show_default=True, type=float,
+              help="Share of the crashed nodes that come back at --rejoin-round.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy and bytes per round to this PNG.")
@@ -83,7 +90,9 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
         **kw: Any) -> None:
     """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
 
-    The same seed gives the same results file, byte for byte. Wall-clock time goes to stdout only.
+    For gossip and dpsgd a round is one step of every live node, in lockstep; for modest and fl it is one
+    model version (one completed aggregation). The same seed gives the same results file, byte for byte.
+    Wall-clock time goes to stdout only.
     """
     import time
 
@@ -96,7 +105,16 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         rule_params=parse_params(kw["rule_params"]), seed=kw["seed"], alpha=kw["alpha"],
                         local_steps=kw["local_steps"], lr=kw["lr"], batch_size=kw["batch_size"], init=kw["init"],
                         latency_ms=kw["latency_ms"], bandwidth_mbps=kw["bandwidth_mbps"], loss=msg_loss,
-                        step_time_ms=kw["step_time_ms"])
+                        step_time_ms=kw["step_time_ms"], sample_size=kw["sample_size"],
+                        aggregators=kw["aggregators"], success_fraction=kw["success_fraction"],
+                        sample_key=kw["sample_key"], dpsgd_graph=kw["dpsgd_graph"], dpsgd_degree=kw["dpsgd_degree"],
+                        outer_lr=kw["outer_lr"], crash_fraction=kw["crash_fraction"],
+                        crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
+                        rejoin_fraction=kw["rejoin_fraction"])
+        if kw["aggregation_timeout"] is not None:
+            cfg.aggregation_timeout_s = kw["aggregation_timeout"]
+        if kw["fl_server"] is not None:
+            raise P2PNodeError("--fl-server is for real swarms; the simulator's fl server is node-0000")
         cfg.node_config(0)
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
@@ -113,9 +131,10 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
         results = run_simulation(cfg, on_round)
     wall = time.perf_counter() - t0
     last = results["rounds"][-1] if results["rounds"] else {}
-    click.echo(f"sim done: nodes={nodes} rounds={rounds} final_accuracy={results['final_accuracy']} "
+    stalled = " STALLED (no new model version for a long while)" if results.get("stalled") else ""
+    click.echo(f"sim done: nodes={nodes} rounds={len(results['rounds'])} final_accuracy={results['final_accuracy']} "
                f"total_MB={results['total_bytes'] / 1e6:.2f} virtual_s={last.get('time_s', 0):.2f} "
-               f"wall_s={wall:.1f}")
+               f"wall_s={wall:.1f}{stalled}")
     if out is not None:
         out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         click.echo(f"results written to {out}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from p2pnode.config import NodeConfig
+from p2pnode.config import DPSGD_GRAPHS, SAMPLE_KEYS, TOPOLOGIES, NodeConfig
 from p2pnode.errors import ConfigError
 
 F = Callable[..., Any]
@@ -43,8 +43,9 @@ def training_options(f: F) -> F:
     opts = [
         click.option("--task", default="digits-mlp", show_default=True,
                      help="Task: digits-mlp, cifar10-resnet18, or package.module:factory."),
-        click.option("--topology", default="gossip", show_default=True, type=click.Choice(["gossip"]),
-                     help="Who exchanges with whom."),
+        click.option("--topology", default="gossip", show_default=True, type=click.Choice(list(TOPOLOGIES)),
+                     help="Who exchanges with whom: gossip, modest (sampled trainers and aggregators), "
+                          "fl (one fixed server; baseline), dpsgd (neighbour averaging; baseline)."),
         click.option("--rule", default="mean", show_default=True, help="Aggregation rule for merging models."),
         click.option("--rule-param", "rule_params", multiple=True, metavar="KEY=VALUE",
                      help="Parameter of the rule (repeatable), for example trim=1."),
@@ -56,6 +57,26 @@ def training_options(f: F) -> F:
         click.option("--init", "init", default="shared", show_default=True,
                      type=click.Choice(["shared", "independent"]),
                      help="One initial model for all nodes, or one per node."),
+        click.option("--sample-size", default=10, show_default=True, type=int,
+                     help="modest/fl: trainers per round (s)."),
+        click.option("--aggregators", default=1, show_default=True, type=int,
+                     help="modest: aggregators per round (a)."),
+        click.option("--success-fraction", default=1.0, show_default=True, type=float,
+                     help="modest/fl: an aggregator completes with floor(F * s) trained models."),
+        click.option("--aggregation-timeout", default=None, type=float,
+                     help="modest/fl: seconds from an aggregation's first model to its deadline "
+                          "[60; 10 in the simulator]."),
+        click.option("--sample-key", default="model", show_default=True, type=click.Choice(list(SAMPLE_KEYS)),
+                     help="modest: key the sample order of round k by the digest of model k-2 (model, against "
+                          "sample grinding) or by the round number only (round, the reference)."),
+        click.option("--fl-server", default=None, help="fl: peer id of the server [lowest peer id at start]."),
+        click.option("--outer-lr", default=None, type=float,
+                     help="modest/fl: learning rate of the outer Nesterov optimizer (unset: none)."),
+        click.option("--dpsgd-graph", default="exponential", show_default=True,
+                     type=click.Choice(list(DPSGD_GRAPHS)),
+                     help="dpsgd: one-peer exponential graph, or a random regular graph."),
+        click.option("--dpsgd-degree", default=4, show_default=True, type=int,
+                     help="dpsgd: degree of the regular graph."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -101,4 +122,17 @@ def config_from_options(kw: dict[str, Any]) -> NodeConfig:
         batch_size=kw["batch_size"], device=kw["device"], rounds=kw["rounds"],
         min_round_time_s=kw["min_round_time"], exchange_timeout_s=kw["exchange_timeout"], host=kw["host"],
         port=kw["port"], initial_peers=list(kw["initial_peers"]), wait_for_peers=kw["wait_for_peers"],
+        **topology_settings(kw),
     ).validate()
+
+
+def topology_settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """The `NodeConfig` fields of the modest, fl and dpsgd options (absent options keep their defaults)."""
+    out: dict[str, Any] = {}
+    for key in ("sample_size", "aggregators", "success_fraction", "sample_key", "fl_server", "outer_lr",
+                "dpsgd_graph", "dpsgd_degree"):
+        if key in kw:
+            out[key] = kw[key]
+    if kw.get("aggregation_timeout") is not None:
+        out["aggregation_timeout_s"] = kw["aggregation_timeout"]
+    return out

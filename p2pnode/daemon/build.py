@@ -6,7 +6,16 @@ import random
 
 from p2pnode.config import NodeConfig
 from p2pnode.discovery import PeerDirectory
-from p2pnode.protocols import GossipProtocol, GossipSettings, RoundProtocol
+from p2pnode.protocols import (
+    DpsgdProtocol,
+    DpsgdSettings,
+    FLProtocol,
+    GossipProtocol,
+    GossipSettings,
+    ModestProtocol,
+    ModestSettings,
+    RoundProtocol,
+)
 from p2pnode.protocols.compute import Compute
 from p2pnode.training.tasks import Task, get_task
 from p2pnode.training.trainer import Trainer
@@ -42,4 +51,29 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
                                   step_cost_s=step_cost_s)
         return GossipProtocol(settings, transport=transport, directory=directory, trainer=trainer,
                               compute=compute, rng=rng)
+    if config.topology in ("modest", "fl"):
+        modest = ModestSettings(
+            run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
+            sample_size=config.sample_size, aggregators=config.aggregators,
+            success_fraction=config.success_fraction, aggregation_timeout_s=config.aggregation_timeout_s,
+            liveness_min=config.liveness_min, max_topups=config.max_topups, ping_timeout_s=config.ping_timeout_s,
+            ping_interval_s=config.ping_interval_s, inactivity_threshold=config.inactivity_threshold,
+            join_fanout=config.join_fanout, sample_key=config.sample_key, rule=config.rule,
+            rule_params=dict(config.rule_params), outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
+            outer_nesterov=config.outer_nesterov, idle_timeout_s=config.idle_timeout_s,
+            exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s)
+        if config.topology == "fl":
+            modest.fixed_aggregator = config.fl_server
+            return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
+                              rng=rng)
+        return ModestProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
+                              rng=rng)
+    if config.topology == "dpsgd":
+        dpsgd = DpsgdSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
+                              graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,
+                              rule=config.rule, rule_params=dict(config.rule_params),
+                              exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
+                              step_cost_s=step_cost_s)
+        return DpsgdProtocol(dpsgd, transport=transport, directory=directory, trainer=trainer, compute=compute,
+                             rng=rng)
     raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier

@@ -19,6 +19,11 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
     STALE: _ClassVar[ErrorCode]
+
+class MemberStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMBER_JOIN: _ClassVar[MemberStatus]
+    MEMBER_LEAVE: _ClassVar[MemberStatus]
 OK: ErrorCode
 UNKNOWN_METHOD: ErrorCode
 MALFORMED: ErrorCode
@@ -29,6 +34,8 @@ WRONG_RUN: ErrorCode
 UNAVAILABLE: ErrorCode
 INTERNAL: ErrorCode
 STALE: ErrorCode
+MEMBER_JOIN: MemberStatus
+MEMBER_LEAVE: MemberStatus
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -99,3 +106,167 @@ class PeerRecord(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     timestamp: float
     def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class MemberEntry(_message.Message):
+    __slots__ = ("peer_id", "last_active_round", "index", "status")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    last_active_round: int
+    index: int
+    status: MemberStatus
+    def __init__(self, peer_id: _Optional[str] = ..., last_active_round: _Optional[int] = ..., index: _Optional[int] = ..., status: _Optional[_Union[MemberStatus, str]] = ...) -> None: ...
+
+class MembershipView(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[MemberEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[MemberEntry, _Mapping]]] = ...) -> None: ...
+
+class ModestPing(_message.Message):
+    __slots__ = ("run_id", "config_hash", "round_estimate", "index")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    round_estimate: int
+    index: int
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round_estimate: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class ModestPong(_message.Message):
+    __slots__ = ("round_estimate", "index", "model_round")
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    round_estimate: int
+    index: int
+    model_round: int
+    def __init__(self, round_estimate: _Optional[int] = ..., index: _Optional[int] = ..., model_round: _Optional[int] = ...) -> None: ...
+
+class ModestAdvert(_message.Message):
+    __slots__ = ("run_id", "config_hash", "status", "index", "round_estimate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    status: MemberStatus
+    index: int
+    round_estimate: int
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., status: _Optional[_Union[MemberStatus, str]] = ..., index: _Optional[int] = ..., round_estimate: _Optional[int] = ...) -> None: ...
+
+class ModestAdvertAck(_message.Message):
+    __slots__ = ("round_estimate", "view")
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    round_estimate: int
+    view: MembershipView
+    def __init__(self, round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
+
+class ModestModel(_message.Message):
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "parent_digest", "combined")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    COMBINED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    round: int
+    round_estimate: int
+    view: MembershipView
+    parent_digest: bytes
+    combined: int
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., parent_digest: _Optional[bytes] = ..., combined: _Optional[int] = ...) -> None: ...
+
+class ModestModelAck(_message.Message):
+    __slots__ = ("accepted", "round_estimate")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    round_estimate: int
+    def __init__(self, accepted: _Optional[bool] = ..., round_estimate: _Optional[int] = ...) -> None: ...
+
+class ModestUpdate(_message.Message):
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    round: int
+    round_estimate: int
+    view: MembershipView
+    base_digest: bytes
+    train_loss: float
+    examples: int
+    parent_digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ...) -> None: ...
+
+class ModestAggAck(_message.Message):
+    __slots__ = ("round", "success", "reason", "round_estimate", "contributors", "sample")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    success: bool
+    reason: str
+    round_estimate: int
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    sample: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., success: _Optional[bool] = ..., reason: _Optional[str] = ..., round_estimate: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sample: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModestBaseRequest(_message.Message):
+    __slots__ = ("run_id", "config_hash", "round", "digest")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    round: int
+    digest: bytes
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class ModestBaseResponse(_message.Message):
+    __slots__ = ("found", "round")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    round: int
+    def __init__(self, found: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+
+class DpsgdModel(_message.Message):
+    __slots__ = ("run_id", "config_hash", "round", "degree")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    round: int
+    degree: int
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ...) -> None: ...
+
+class DpsgdAck(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...

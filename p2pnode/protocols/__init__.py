@@ -1,9 +1,26 @@
 """Round protocols: async state machines over the Transport and PeerDirectory seams.
 
-The daemon and the simulator run these same classes.
+The daemon and the simulator run these same classes: ``gossip`` (push-pull gossip learning),
+``modest`` (decentralized sampling), and the baselines ``fl`` (one fixed server) and ``dpsgd``
+(neighbour averaging every round). See docs/protocols.md.
 """
 
 from p2pnode.protocols.base import RoundProtocol, RoundReport
+from p2pnode.protocols.dpsgd import DpsgdProtocol, DpsgdSettings
+from p2pnode.protocols.fl import FLProtocol
 from p2pnode.protocols.gossip import GossipProtocol, GossipSettings
+from p2pnode.protocols.modest import AggregationEvent, ModestProtocol, ModestSettings, candidate_order
 
-__all__ = ["GossipProtocol", "GossipSettings", "RoundProtocol", "RoundReport"]
+__all__ = [
+    "AggregationEvent",
+    "DpsgdProtocol",
+    "DpsgdSettings",
+    "FLProtocol",
+    "GossipProtocol",
+    "GossipSettings",
+    "ModestProtocol",
+    "ModestSettings",
+    "RoundProtocol",
+    "RoundReport",
+    "candidate_order",
+]

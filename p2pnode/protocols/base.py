@@ -70,6 +70,10 @@ class PeerHealth:
         self._heard[peer_id] = round_
         self._skip_until.pop(peer_id, None)
 
+    def usable(self, peer_id: str, round_: int) -> bool:
+        """Whether `peer_id` is not in back-off at round `round_`."""
+        return self._skip_until.get(peer_id, -1) <= round_
+
     def recently_heard(self, round_: int, window: int = 3) -> list[str]:
         return sorted(p for p, r in self._heard.items() if r >= round_ - window)
 

@@ -1,0 +1,264 @@
+"""D-PSGD (Lian et al. 2017) with Metropolis-Hastings weights, as a baseline.
+
+Spec: ``algorithms.md`` section 1.3. Every round every node trains ``local_steps`` steps, pushes its
+model to its out-neighbours, waits (at most ``exchange_timeout_s``) for the models of its in-neighbours
+for the same round, and averages:
+
+    x_i <- W_ii x_i + sum_j W_ij x_j,   W_ij = 1 / (1 + max(d_i, d_j)),   W_ii = 1 - sum_j W_ij
+
+where the sum runs over the neighbours whose model arrived (a missing neighbour's weight stays with the
+node, so the weights always sum to 1). Two communication graphs over the sorted peer ids, fixed at the
+first round:
+
+- ``exponential`` (default; the authors' D-PSGD baseline): the time-varying one-peer exponential graph.
+  In round ``k``, node ``i`` sends to ``i + 2^j`` and receives from ``i - 2^j`` (mod ``n``), with
+  ``j = k mod ceil(log2 n)``. Every node has one in- and one out-neighbour, so ``W_ij = W_ii = 1/2``.
+- ``regular``: a random ``degree``-regular undirected graph drawn from the run's seed (the same on every
+  node); neighbours exchange both ways, ``W_ij = 1 / (degree + 1)``.
+
+Traffic per round: ``n`` model transfers on the exponential graph, ``n * degree`` on a regular one.
+A neighbour that misses a round is skipped for 1, 2, 4, ... rounds (at most 16), neither sent to nor
+waited for, so a crashed neighbour costs one timeout, not one per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2pnode.aggregation import aggregate_states, rule_info
+from p2pnode.discovery import PeerDirectory
+from p2pnode.errors import BadMessage, TransportError
+from p2pnode.proto import peer_pb2
+from p2pnode.protocols.base import PeerHealth, RoundReport
+from p2pnode.protocols.compute import Compute
+from p2pnode.training.trainer import Trainer
+from p2pnode.transport import Message, Transport
+from p2pnode.transport.codec import check_tensors
+
+logger = logging.getLogger(__name__)
+
+PUSH = "dpsgd.push"
+GRAPHS = ("exponential", "regular")
+#: Rounds ahead of its own that a node keeps pushed models for (a neighbour may be slightly faster).
+_LOOKAHEAD = 2
+
+
+def exponential_neighbours(n: int, i: int, round_: int) -> tuple[int, int]:
+    """(out-neighbour, in-neighbour) of node `i` of `n` in round `round_` of the one-peer exponential graph."""
+    if n < 2:
+        return i, i
+    hops = max(1, math.ceil(math.log2(n)))
+    step = 2 ** (round_ % hops)
+    return (i + step) % n, (i - step) % n
+
+
+def random_regular_graph(n: int, degree: int, seed: int) -> list[list[int]]:
+    """Neighbour lists of a random simple `degree`-regular graph on `n` nodes, a pure function of `seed`.
+
+    Pairing (configuration) model with restarts. Raises `ValueError` when no such graph exists
+    (``degree >= n`` or ``n * degree`` odd).
+    """
+    if degree < 0 or degree >= max(n, 1) or (n * degree) % 2:
+        raise ValueError(f"no {degree}-regular graph on {n} nodes (need degree < n and n * degree even)")
+    rng = random.Random(f"regular/{n}/{degree}/{seed}")
+    for _ in range(1000):
+        stubs = [v for v in range(n) for _ in range(degree)]
+        rng.shuffle(stubs)
+        adj: list[set[int]] = [set() for _ in range(n)]
+        ok = True
+        for a, b in zip(stubs[::2], stubs[1::2], strict=True):
+            if a == b or b in adj[a]:
+                ok = False
+                break
+            adj[a].add(b)
+            adj[b].add(a)
+        if ok:
+            return [sorted(s) for s in adj]
+    raise ValueError(f"could not draw a simple {degree}-regular graph on {n} nodes")
+
+
+def metropolis_hastings(own_degree: int, neighbour_degrees: list[int]) -> tuple[float, list[float]]:
+    """(self weight, neighbour weights): ``1 / (1 + max(d_i, d_j))`` each, the rest to self."""
+    weights = [1.0 / (1 + max(own_degree, d)) for d in neighbour_degrees]
+    return 1.0 - sum(weights), weights
+
+
+@dataclass
+class DpsgdSettings:
+    """Settings of D-PSGD.
+
+    :param run_id: the run; requests from other runs are refused (``wrong_run``).
+    :param config_hash: hash of the run-wide config.
+    :param local_steps: minibatch steps per round.
+    :param graph: ``exponential`` (default) or ``regular``.
+    :param degree: degree of the ``regular`` graph (default 4).
+    :param seed: seed of the ``regular`` graph (the run's seed).
+    :param rule: ``mean`` (default: the Metropolis-Hastings weighted average) or another rule, which is
+        then applied unweighted to the node's model and its neighbours'.
+    :param rule_params: extra parameters of the rule.
+    :param exchange_timeout_s: longest wait for a push or for the neighbours' models, in seconds (default 30).
+    :param eval_every: evaluate on the test split every this many rounds (0: never; default 1).
+    :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
+    """
+
+    run_id: str
+    config_hash: str
+    local_steps: int
+    graph: str = "exponential"
+    degree: int = 4
+    seed: int = 0
+    rule: str = "mean"
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    exchange_timeout_s: float = 30.0
+    eval_every: int = 1
+    step_cost_s: float = 0.0
+
+
+class DpsgdProtocol:
+    """One node's D-PSGD rounds (see the module docstring)."""
+
+    def __init__(self, settings: DpsgdSettings, *, transport: Transport, directory: PeerDirectory,
+                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+        if settings.graph not in GRAPHS:
+            raise ValueError(f"graph={settings.graph!r}; allowed: {', '.join(GRAPHS)}")
+        self.settings = settings
+        self.transport = transport
+        self.directory = directory
+        self.trainer = trainer
+        self.compute = compute
+        self.rng = rng
+        self.round = 0
+        self.me = transport.peer_id
+        self.health = PeerHealth()
+        self._spec = trainer.spec
+        self._weighted = rule_info(settings.rule).weighted and settings.rule == "mean"
+        self._peers: list[str] | None = None
+        self._adjacency: list[list[int]] | None = None
+        # (round, sender) -> (model, sender's degree)
+        self._inbox: dict[tuple[int, str], tuple[dict[str, torch.Tensor], int]] = {}
+        self._arrived = asyncio.Event()
+        transport.register(PUSH, peer_pb2.DpsgdModel, self._on_push)
+
+    # -- graph ----------------------------------------------------------------------------------------
+    async def _membership(self) -> list[str]:
+        if self._peers is None:
+            try:
+                listed = [p.peer_id for p in await self.directory.peers()]
+            except Exception as e:
+                logger.warning("peer directory unavailable at the first round: %s", e)
+                listed = []
+            self._peers = sorted({*listed, self.me})
+            if self.settings.graph == "regular":
+                n = len(self._peers)
+                degree = min(self.settings.degree, n - 1)
+                if (n * degree) % 2:
+                    degree -= 1
+                self._adjacency = random_regular_graph(n, degree, self.settings.seed)
+        return self._peers
+
+    def _neighbours(self, round_: int) -> tuple[list[str], list[str], int]:
+        """(out-neighbours, in-neighbours, own degree) in round `round_`."""
+        assert self._peers is not None
+        i = self._peers.index(self.me)
+        n = len(self._peers)
+        if n < 2:
+            return [], [], 0
+        if self._adjacency is not None:
+            nb = [self._peers[j] for j in self._adjacency[i]]
+            return nb, nb, len(nb)
+        out, in_ = exponential_neighbours(n, i, round_)
+        return [self._peers[out]], [self._peers[in_]], 1
+
+    # -- serving --------------------------------------------------------------------------------------
+    async def _on_push(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.DpsgdModel = msg.body
+        if body.run_id != self.settings.run_id or body.config_hash != self.settings.config_hash:
+            raise BadMessage(f"{sender} is in run {body.run_id!r} with config {body.config_hash!r}",
+                             code="wrong_run")
+        check_tensors(msg.tensors, self._spec)
+        r = int(body.round)
+        if not self.round <= r <= self.round + _LOOKAHEAD or body.degree > 1 << 20:
+            return Message(peer_pb2.DpsgdAck(accepted=False))  # stale or far ahead: not for this round
+        self._inbox[(r, sender)] = (msg.tensors, int(body.degree))
+        self.health.heard_from(sender, self.round)
+        self._arrived.set()
+        return Message(peer_pb2.DpsgdAck(accepted=True))
+
+    # -- one round ------------------------------------------------------------------------------------
+    async def _push(self, peer: str, msg: Message[peer_pb2.DpsgdModel]) -> None:
+        try:
+            await self.transport.call(peer, PUSH, msg, peer_pb2.DpsgdAck, timeout=self.settings.exchange_timeout_s)
+        except TransportError as e:
+            logger.info("push to %s failed: %s", peer[-8:], e)
+            self.health.failed(peer, self.round)
+
+    async def _collect(self, expected: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.exchange_timeout_s
+        r = self.round
+        while True:
+            missing = [p for p in expected if (r, p) not in self._inbox]
+            if not missing or loop.time() >= deadline:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        got = {p: self._inbox.pop((r, p)) for p in expected if (r, p) in self._inbox}
+        for p in expected:
+            if p not in got:
+                self.health.failed(p, r)
+        return got
+
+    async def run_round(self) -> RoundReport:
+        """Train, push to the out-neighbours, average with the in-neighbours' models, evaluate."""
+        s = self.settings
+        peers = await self._membership()
+
+        def train() -> tuple[float, dict[str, torch.Tensor]]:
+            return self.trainer.train(s.local_steps), self.trainer.state()
+
+        train_loss, own = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        out, in_, degree = self._neighbours(self.round)
+        body = peer_pb2.DpsgdModel(run_id=s.run_id, config_hash=s.config_hash, round=self.round, degree=degree)
+        msg = Message(body, own)
+        targets = [p for p in out if self.health.usable(p, self.round)]
+        expected = [p for p in in_ if self.health.usable(p, self.round)]
+        _, got = await asyncio.gather(asyncio.gather(*(self._push(p, msg) for p in targets)),
+                                      self._collect(expected))
+        received = [got[p] for p in in_ if p in got]
+        if received:
+            states = [own, *(st for st, _ in received)]
+            w_self, w = metropolis_hastings(degree, [d for _, d in received])
+
+            def merge() -> None:
+                if self._weighted:
+                    merged = aggregate_states("mean", states, weights=[w_self, *w])
+                else:
+                    merged = aggregate_states(s.rule, states, **s.rule_params)
+                self.trainer.load_state(merged)
+
+            await self.compute.run(merge)
+        # Drop what can no longer be used (older rounds), keep models pushed early for later rounds.
+        for key in [k for k in self._inbox if k[0] <= self.round]:
+            del self._inbox[key]
+        self.round += 1
+        test_loss: float | None = None
+        accuracy: float | None = None
+        if s.eval_every and self.round % s.eval_every == 0:
+            test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
+        return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss, accuracy=accuracy,
+                           peers=len(peers) - 1, combined=1 + len(received), fraction=1.0,
+                           partner=out[0] if out else None, failures=len(in_) - len(received),
+                           extra={"role": "trainer"})
+
+    async def close(self) -> None:
+        self._inbox.clear()

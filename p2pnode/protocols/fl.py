@@ -1,0 +1,37 @@
+"""Federated learning (FedAvg with client sampling) as a baseline: one fixed aggregator, the server.
+
+It runs the code of `p2pnode.protocols.modest` with a fixed aggregator, as the authors' FL baseline
+does ("a fixed aggregator with unlimited slots"):
+
+- the server is ``fixed_aggregator`` or, when that is None, the lowest peer id of the initial view (all
+  nodes that start together agree on it; set it explicitly in a real swarm that nodes join later);
+- the server never trains; each round it samples ``s`` trainers among the other peers, in the order of
+  `p2pnode.protocols.modest.candidate_order` (skipping those that do not answer a ping), and waits for
+  ``floor(sf * s)`` trained models;
+- trainers always upload to the server: there is no other aggregator to resend to;
+- if the whole sample disappears, the server sends its model again to a fresh sample.
+
+Traffic per round: ``2 s`` model transfers, the reference for MoDeST's ``2 a s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from p2pnode.discovery import PeerDirectory
+from p2pnode.protocols.compute import Compute
+from p2pnode.protocols.modest import ModestProtocol, ModestSettings
+from p2pnode.training.trainer import Trainer
+from p2pnode.transport import Transport
+
+
+class FLProtocol(ModestProtocol):
+    """FedAvg with a server among the peers (see the module docstring). Settings as `ModestSettings`."""
+
+    def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
+                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+        settings = dataclasses.replace(settings, aggregators=1,
+                                       fixed_aggregator_auto=settings.fixed_aggregator is None)
+        super().__init__(settings, transport=transport, directory=directory, trainer=trainer, compute=compute,
+                         rng=rng)

@@ -1,0 +1,1096 @@
+"""MoDeST: decentralized sampling that emulates federated learning without a server.
+
+Spec: ``algorithms.md`` section 3 (de Vos, Dhasade, Kermarrec, Lavoie, Pouwelse, Sharma: "MoDeST:
+Mostly-Consistent Decentralized Sampling Training", arXiv 2302.13837; the latest variant of the authors'
+code, with aggregator acknowledgements and the liveness rule). Protocol notes and design choices:
+``docs/protocols.md``.
+
+Rounds. Round ``k`` is model version ``k``. Version 0 is the run's common initial model. The sample
+``S_k`` (``sample_size`` nodes) trains version ``k``; each trainer sends its trained model to the
+aggregators ``A_{k+1}`` (``aggregators`` nodes), which combine ``floor(success_fraction * s)`` of them
+with the configured rule (and the optional outer optimizer) into version ``k+1``, send it to
+``S_{k+1}``, and acknowledge the trainers. Both lists come from one pure function,
+`candidate_order` (SHA-256 of peer id and round), over the node's population view
+(`p2pnode.protocols.membership.View`), skipping candidates that do not answer a ping.
+
+Nodes are reactive: a node only works when a model reaches it. `ModestProtocol.run_round` therefore
+waits for the next model (at most ``idle_timeout_s``), trains it, uploads it, waits for the
+acknowledgement, and returns; a node that gets no model returns an idle report after the timeout. The
+aggregator role runs in the background, driven by the uploads it receives.
+
+Recovery (our additions, where the spec leaves the swarm stuck; see ``docs/protocols.md``):
+
+- *top-up*: an aggregator whose deadline passes with fewer than ``liveness_min`` models fetches the
+  base model from a contributor and sends it to fresh live candidates, at most ``max_topups`` times;
+  then it aggregates what it has rather than drop the round (a dropped round leaves no one with a
+  newer model, and training would stop for good);
+- *relaunch*: a trainer whose update went into version ``k+1`` watches the sample of ``k+1``; if none of
+  its members answers pings, the first live contributor (lowest peer id) sends version ``k`` again, as
+  version ``k+1``, to a fresh sample.
+
+Sample grinding. Peer ids are self-chosen, so a Sybil could pick ids that hash to the top of future
+orderings. With ``sample_key="model"`` (default) the order of round ``k >= 2`` is keyed by the SHA-256
+of model version ``k-1``, which nobody knows before aggregation ``k-1`` completes, by which time the
+Sybil's ids must already be in the views. Trainers of ``k-1`` (who hold that model) and the aggregators
+of ``k`` (who receive its digest with every update) derive the same key, so samples stay consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2pnode.aggregation import OuterOptimizer, aggregate_states, rule_info
+from p2pnode.discovery import PeerDirectory
+from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
+from p2pnode.proto import peer_pb2
+from p2pnode.protocols.base import PeerHealth, RoundReport
+from p2pnode.protocols.compute import Compute
+from p2pnode.protocols.membership import JOIN, LEAVE, MAX_WIRE_NUMBER, Entry, View, from_proto, initial_view
+from p2pnode.training.trainer import Trainer
+from p2pnode.transport import Message, Transport
+from p2pnode.transport.codec import check_tensors
+
+logger = logging.getLogger(__name__)
+
+PING = "modest.ping"
+MEMBERSHIP = "modest.membership"
+MODEL = "modest.model"
+UPDATE = "modest.update"
+BASE = "modest.base"
+#: Prefix of the outer optimizer's state tensors, which travel with a model.
+OUTER_PREFIX = "outer/"
+SAMPLE_KEYS = ("model", "round")
+
+State = dict[str, torch.Tensor]
+
+
+def candidate_order(peer_ids: Sequence[str], round: int, *, key: bytes = b"") -> list[str]:
+    """The order in which peers are considered for the sample and aggregators of `round`.
+
+    Peers (duplicates removed) sorted by ``SHA-256(key || utf8(peer_id) || b"-" || ascii(round))``, ties
+    by peer id. A pure function of its arguments: every node with the same view derives the same
+    order. With the default empty `key` this is the reference ordering with SHA-256 instead of MD5.
+    """
+    suffix = b"-" + str(int(round)).encode("ascii")
+    return sorted(sorted(set(peer_ids)), key=lambda p: hashlib.sha256(key + p.encode("utf-8") + suffix).digest())
+
+
+def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
+    """SHA-256 over a model's entries (sorted names, dtypes, shapes and raw bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return h.digest()
+
+
+@dataclass
+class ModestSettings:
+    """Settings of MoDeST (and of `fl`, which is MoDeST with a fixed aggregator).
+
+    The authors' defaults are given in brackets where ours differ (``algorithms.md`` 3.5).
+
+    :param run_id: the run; requests from other runs are refused (``wrong_run``).
+    :param config_hash: hash of the run-wide config; requests with another hash are refused.
+    :param local_steps: minibatch steps per training (the authors: one local epoch, batch 20).
+    :param sample_size: ``s``, trainers per round (default 10).
+    :param aggregators: ``a``, aggregators per round (default 1).
+    :param success_fraction: ``sf``; an aggregator completes with ``floor(sf * s)`` models (default 1.0).
+    :param aggregation_timeout_s: seconds from an aggregation's first model to its deadline (default 60
+        [5 s in the code's defaults, 2 s in the MW'23 simulations, 300 s in the latest code]).
+    :param liveness_min: models needed at the deadline to aggregate (default 3); with fewer, top-up.
+    :param max_topups: top-ups before an aggregator uses what it has (default 2; ours).
+    :param ping_timeout_s: seconds before a silent candidate counts as unavailable (default 5).
+    :param ping_interval_s: a ping is re-sent every this many seconds until the timeout (default 1).
+    :param inactivity_threshold: rounds without activity before a peer leaves the active set (default 50).
+    :param join_fanout: peers told about a join or leave (default None: ``min(10 * s, view size)``).
+    :param sample_key: ``"model"`` (default: key round ``k``'s order by the digest of model ``k-1``, against
+        grinding) or ``"round"`` (the reference: round number only).
+    :param rule: aggregation rule (default ``mean``); rules that need updates get ``model - base``.
+    :param rule_params: extra parameters of the rule.
+    :param outer_lr: outer optimizer's learning rate, or None (default) for no outer optimizer.
+    :param outer_momentum: outer optimizer's momentum (default 0.9).
+    :param outer_nesterov: Nesterov momentum for the outer optimizer (default True).
+    :param fixed_aggregator: a server's peer id (the ``fl`` baseline); None for MoDeST.
+    :param fixed_aggregator_auto: with ``fixed_aggregator`` None, use the lowest peer id of the initial
+        view as the server (``fl``; default False).
+    :param idle_timeout_s: longest wait of `ModestProtocol.run_round` for a model (default 20).
+    :param exchange_timeout_s: time allowed for one model transfer, in seconds (default 30).
+    :param max_resends: resends of one update to the next aggregator after a failure (default 3).
+    :param ack_timeout_s: longest wait for an aggregator's acknowledgement, in seconds (default 600). An
+        aggregator that stops answering pings is given up on long before: this bounds one that answers
+        pings but never completes (its deadlines, top-ups and the pings of its next sample take time).
+    :param eval_every: aggregators evaluate every this many versions (0: never; default 1).
+    :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
+    :param leave_on_close: announce a graceful LEAVE when the protocol closes (default True).
+    """
+
+    run_id: str
+    config_hash: str
+    local_steps: int
+    sample_size: int = 10
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    aggregation_timeout_s: float = 60.0
+    liveness_min: int = 3
+    max_topups: int = 2
+    ping_timeout_s: float = 5.0
+    ping_interval_s: float = 1.0
+    inactivity_threshold: int = 50
+    join_fanout: int | None = None
+    sample_key: str = "model"
+    rule: str = "mean"
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    fixed_aggregator: str | None = None
+    fixed_aggregator_auto: bool = False
+    idle_timeout_s: float = 20.0
+    exchange_timeout_s: float = 30.0
+    max_resends: int = 3
+    ack_timeout_s: float = 600.0
+    eval_every: int = 1
+    step_cost_s: float = 0.0
+    leave_on_close: bool = True
+
+    @property
+    def threshold(self) -> int:
+        """Models an aggregator waits for: ``max(1, floor(sf * s))``."""
+        return max(1, math.floor(self.success_fraction * self.sample_size + 1e-9))
+
+
+@dataclass
+class AggregationEvent:
+    """One completed aggregation, as the aggregator saw it.
+
+    :param index: the model version produced.
+    :param aggregator: the aggregator's peer id.
+    :param contributors: trainers whose models were combined, sorted.
+    :param sample: peers that accepted the new model (the next sample), in arrival order.
+    :param train_loss: mean training loss reported by the contributors.
+    :param accuracy: accuracy of the new model on the test split, or None when not evaluated.
+    :param test_loss: loss of the new model on the test split, or None.
+    :param time_s: loop time of the completion, in seconds (virtual seconds in the simulator).
+    :param degraded: completed with fewer models than ``liveness_min`` after the top-ups.
+    :param topups: top-ups this aggregation needed.
+    :param rule: the rule really used (``mean`` when the configured rule refused too few inputs).
+    """
+
+    index: int
+    aggregator: str
+    contributors: list[str]
+    sample: list[str]
+    train_loss: float | None
+    accuracy: float | None
+    test_loss: float | None
+    time_s: float
+    degraded: bool
+    topups: int
+    rule: str
+
+
+@dataclass
+class _Incoming:
+    round: int
+    state: State
+    outer: State
+    sender: str
+    parent: bytes = b""  # digest of version round - 1
+    combined: int = 1
+
+
+@dataclass
+class _Base:
+    """A model version this node holds (to train from, to serve to aggregators, to send again)."""
+
+    round: int
+    digest: bytes
+    state: State
+    outer: State
+    parent: bytes  # digest of version round - 1
+    combined: int
+
+
+@dataclass
+class _Upload:
+    state: State
+    base_digest: bytes
+    parent_digest: bytes
+    train_loss: float
+
+
+def _short(peer_id: str) -> str:
+    """A peer id for logs: libp2p ids are long, so their last 8 characters."""
+    return peer_id if len(peer_id) <= 12 else peer_id[-8:]
+
+
+def _majority(values: Iterable[bytes]) -> bytes:
+    """The most frequent value (ties: the smallest), deterministic."""
+    counts = Counter(values)
+    return max(sorted(counts), key=lambda d: counts[d]) if counts else b""
+
+
+@dataclass
+class _Result:
+    success: bool
+    reason: str
+    contributors: list[str] = field(default_factory=list)
+    sample: list[str] = field(default_factory=list)
+
+
+class _Aggregation:
+    """The state of one aggregation index at one aggregator: open -> completing -> done."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.models: dict[str, _Upload] = {}
+        self.state = "open"
+        self.topups = 0
+        self.future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        self.timer: asyncio.Task[None] | None = None
+
+    def resolve(self, result: _Result) -> None:
+        self.state = "done"
+        if not self.future.done():
+            self.future.set_result(result)
+        if self.timer is not None and self.timer is not asyncio.current_task():
+            self.timer.cancel()
+
+
+@dataclass
+class _Watch:
+    """A trainer's watch on the sample of version `index` (relaunch when all of it is gone)."""
+
+    index: int
+    base_round: int
+    sample: list[str]
+    contributors: list[str]
+    since: float
+
+
+class ModestProtocol:
+    """One node's MoDeST rounds over a `Transport` and a `PeerDirectory` (see the module docstring).
+
+    `round` is the node's round estimate: the highest model version it has seen evidence of.
+    `on_aggregate`, when set, is called with an `AggregationEvent` after each aggregation this node
+    completes (the simulator uses it to record rounds). `counters` counts protocol events:
+    ``aggregations``, ``topups``, ``relaunches``, ``resends``, ``late``, ``aborted``, ``degraded_rounds``,
+    ``base_pulls``.
+    """
+
+    def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
+                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.directory = directory
+        self.trainer = trainer
+        self.compute = compute
+        self.rng = rng
+        self.round = 0
+        self.me = transport.peer_id
+        self._me_short = _short(self.me)
+        self.view = View(self.me, settings.inactivity_threshold)
+        self.health = PeerHealth()
+        self.server: str | None = settings.fixed_aggregator
+        self.on_aggregate: Callable[[AggregationEvent], None] | None = None
+        self.counters: Counter[str] = Counter()
+        self._spec = trainer.spec
+        info = rule_info(settings.rule)
+        self._needs_updates = info.needs_updates
+        self._needs_base = info.needs_updates or settings.outer_lr is not None
+        self._own_index = 0
+        self._inbox: _Incoming | None = None
+        self._wake = asyncio.Event()
+        self._accepted_round = -1
+        self._model_round = 0
+        self._held_combined = 1
+        self._bases: dict[int, _Base] = {}
+        self._aggregations: dict[int, _Aggregation] = {}
+        self._completed_index = 0
+        self._started = False
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watch: _Watch | None = None
+        self._last_dir_refresh = -math.inf
+        self._events: list[AggregationEvent] = []
+        transport.register(PING, peer_pb2.ModestPing, self._on_ping)
+        transport.register(MEMBERSHIP, peer_pb2.ModestAdvert, self._on_membership)
+        transport.register(MODEL, peer_pb2.ModestModel, self._on_model)
+        transport.register(UPDATE, peer_pb2.ModestUpdate, self._on_update)
+        transport.register(BASE, peer_pb2.ModestBaseRequest, self._on_base)
+
+    # -- small helpers ------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _note_round(self, r: int) -> None:
+        if r > self.round:
+            self.round = r
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s: background task failed", self._me_short, exc_info=task.exception())
+
+    def _key(self, index: int, grandparent: bytes) -> bytes:
+        """The ordering key of round `index`: the digest of version ``index - 2`` (``sample_key=model``, index >= 3).
+
+        Two rounds back rather than one: two versions ``index - 1`` that split off one version
+        ``index - 2`` (an aggregator that crashed before acknowledging, so that its trainers went to the
+        next one) then still share the aggregators of ``index``, which merges them again.
+        """
+        return grandparent if self.settings.sample_key == "model" and index >= 3 else b""
+
+    def _active_count(self) -> int:
+        active = self.view.active(self.round)
+        return len([p for p in active if p != self.server])
+
+    def _threshold(self) -> int:
+        # A swarm smaller than s would never fill a sample: cap by the trainers this node knows of.
+        return max(1, min(self.settings.threshold,
+                          math.floor(self.settings.success_fraction * self._active_count() + 1e-9)))
+
+    def _exclude(self, extra: Iterable[str] = ()) -> set[str]:
+        out = set(extra)
+        if self.server is not None:
+            out.add(self.server)
+        return out
+
+    def _prune_bases(self) -> None:
+        keep = {self._model_round, self._model_round - 1, self._completed_index, self._completed_index - 1}
+        if self._watch is not None:
+            keep.add(self._watch.base_round)
+        for r in [r for r in self._bases if r not in keep]:
+            del self._bases[r]
+
+    def _outer_tensors(self, outer: Mapping[str, torch.Tensor]) -> State:
+        # 0-d tensors (the step counter) travel as shape (1,): the wire codec cannot view a 0-d int64 as bytes.
+        return {OUTER_PREFIX + k: (v.reshape(1) if v.dim() == 0 else v) for k, v in outer.items()}
+
+    # -- checks of incoming messages -----------------------------------------------------------------
+    def _check_run(self, sender: str, body: Any) -> None:
+        if body.run_id != self.settings.run_id or body.config_hash != self.settings.config_hash:
+            raise BadMessage(f"{sender} is in run {body.run_id!r} with config {body.config_hash!r}; this node is "
+                             f"in run {self.settings.run_id!r} with config {self.settings.config_hash!r}",
+                             code="wrong_run")
+
+    def _check_round(self, *values: int) -> None:
+        if any(v >= MAX_WIRE_NUMBER for v in values):
+            raise BadMessage("round number out of range", code="malformed")
+
+    def _split_model(self, tensors: Mapping[str, torch.Tensor], *, outer_allowed: bool) -> tuple[State, State]:
+        """Check a received model (and its outer optimizer state); raise `BadMessage` when malformed."""
+        model = {k: v for k, v in tensors.items() if not k.startswith(OUTER_PREFIX)}
+        outer = {k[len(OUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(OUTER_PREFIX)}
+        check_tensors(model, self._spec)
+        if outer and not (outer_allowed and self.settings.outer_lr is not None):
+            raise BadMessage("unexpected outer optimizer state in this message", code="bad_shape")
+        for name, t in outer.items():
+            if name == "steps":
+                if t.dtype != torch.int64 or t.numel() != 1 or t.dim() > 1 or int(t.reshape(())) < 0:
+                    raise BadMessage("outer optimizer 'steps' must be a non-negative int64 scalar", code="bad_shape")
+                continue
+            param = name[len("momentum/"):] if name.startswith("momentum/") else None
+            if param is None or param not in self._spec:
+                raise BadMessage(f"unknown outer optimizer entry {name[:60]!r}", code="bad_shape")
+            if tuple(t.shape) != self._spec[param][0] or not t.is_floating_point():
+                raise BadMessage(f"outer optimizer entry {name[:60]!r} has the wrong shape or dtype", code="bad_shape")
+            if not bool(torch.isfinite(t).all()):
+                raise BadMessage(f"outer optimizer entry {name[:60]!r} holds NaN or Inf", code="non_finite")
+        return model, outer
+
+    def _merge_view(self, msg: peer_pb2.MembershipView, claimed_round: int) -> None:
+        entries = from_proto(msg, max_round=claimed_round)
+        mine = entries.pop(self.me, None)
+        if mine is not None and not self._closing and (
+                mine.index > self._own_index or (mine.index == self._own_index and mine.status == LEAVE)):
+            # Someone holds a newer entry for us (a forged or outdated LEAVE): refute it with a larger index.
+            self._own_index = mine.index + 1
+            self.view.set(self.me, Entry(self.round, self._own_index, JOIN))
+        self.view.merge(entries)
+        self._note_round(self.view.max_active_round())
+
+    def _heard(self, sender: str, r: int) -> None:
+        self._note_round(r)
+        self.view.heard_from(sender, self.round)
+        self.health.heard_from(sender, self.round)
+
+    # -- handlers -----------------------------------------------------------------------------------
+    async def _on_ping(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.ModestPing = msg.body
+        self._check_run(sender, body)
+        self._check_round(body.round_estimate)
+        self._heard(sender, body.round_estimate)
+        return Message(peer_pb2.ModestPong(round_estimate=self.round, index=self._own_index,
+                                           model_round=self._model_round))
+
+    async def _on_membership(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.ModestAdvert = msg.body
+        self._check_run(sender, body)
+        self._check_round(body.round_estimate, body.index)
+        if body.status == JOIN:
+            self._note_round(body.round_estimate)
+            self.view.receive_join(sender, Entry(self.round, body.index, JOIN))
+            self.health.heard_from(sender, self.round)
+            return Message(peer_pb2.ModestAdvertAck(round_estimate=self.round, view=self.view.to_proto()))
+        if body.status == LEAVE:
+            self.view.receive_leave(sender, Entry(self.round, body.index, LEAVE))
+            return Message(peer_pb2.ModestAdvertAck(round_estimate=self.round))
+        raise BadMessage(f"unknown membership status {body.status}", code="malformed")
+
+    async def _on_model(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.ModestModel = msg.body
+        self._check_run(sender, body)
+        self._check_round(body.round, body.round_estimate)
+        model, outer = self._split_model(msg.tensors, outer_allowed=True)
+        self._merge_view(body.view, max(body.round_estimate, body.round))
+        self._heard(sender, max(body.round_estimate, body.round))
+        accepted = self._offer(_Incoming(int(body.round), model, outer, sender, bytes(body.parent_digest),
+                                         max(1, int(body.combined))))
+        return Message(peer_pb2.ModestModelAck(accepted=accepted, round_estimate=self.round))
+
+    async def _on_update(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.ModestUpdate = msg.body
+        self._check_run(sender, body)
+        self._check_round(body.round, body.round_estimate)
+        model, _ = self._split_model(msg.tensors, outer_allowed=False)
+        if not math.isfinite(body.train_loss):
+            raise BadMessage("train_loss is not finite", code="non_finite")
+        self._merge_view(body.view, max(body.round_estimate, body.round))
+        self._heard(sender, max(body.round_estimate, body.round))
+        result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
+                                            bytes(body.parent_digest), float(body.train_loss))
+        return Message(result)
+
+    async def _on_base(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        body: peer_pb2.ModestBaseRequest = msg.body
+        self._check_run(sender, body)
+        base = self._bases.get(int(body.round))
+        if base is None or (body.digest and bytes(body.digest) != base.digest):
+            return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
+        return Message(peer_pb2.ModestBaseResponse(found=True, round=body.round),
+                       {**base.state, **self._outer_tensors(base.outer)})
+
+    # -- receiving models ---------------------------------------------------------------------------
+    def _offer(self, inc: _Incoming) -> bool:
+        """Take `inc` as the next model to train if it is newer than any accepted so far."""
+        if self._closing or inc.round <= self._accepted_round:
+            return False
+        self._accepted_round = inc.round
+        self._inbox = inc
+        self._note_round(inc.round)
+        if self._watch is not None and inc.round >= self._watch.index:
+            self._watch = None
+        self._wake.set()
+        return True
+
+    async def _next_model(self, timeout: float) -> _Incoming | None:
+        if self._inbox is None:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                return None
+        inc, self._inbox = self._inbox, None
+        return inc
+
+    # -- membership ---------------------------------------------------------------------------------
+    def _fanout(self, population: int) -> int:
+        if self.settings.join_fanout is not None:
+            return min(self.settings.join_fanout, population)
+        return min(10 * self.settings.sample_size, population)
+
+    async def _advertise(self, status: int) -> None:
+        """Tell a random subset of the view about our join or leave; merge the views that come back."""
+        self._own_index += 1
+        self.view.set(self.me, Entry(self.round, self._own_index, status))
+        others = [p for p in self.view.joined() if p != self.me]
+        targets = self.rng.sample(others, self._fanout(len(others)))
+        body = peer_pb2.ModestAdvert(run_id=self.settings.run_id, config_hash=self.settings.config_hash,
+                                     status=status, index=self._own_index,  # type: ignore[arg-type]
+                                     round_estimate=self.round)
+
+        async def tell(peer: str) -> None:
+            try:
+                resp = await self.transport.call(peer, MEMBERSHIP, Message(body), peer_pb2.ModestAdvertAck,
+                                                 timeout=self.settings.ping_timeout_s)
+            except TransportError as e:
+                logger.debug("%s: advert to %s failed: %s", self._me_short, _short(peer), e)
+                return
+            if status == JOIN:
+                try:
+                    self._merge_view(resp.body.view, resp.body.round_estimate)
+                except BadMessage as e:
+                    self.transport.reject(peer, e.code, str(e))
+                    return
+                self._heard(peer, resp.body.round_estimate)
+
+        await asyncio.gather(*(tell(p) for p in targets))
+
+    async def _refresh_from_directory(self, *, force: bool = False) -> None:
+        """Long-term membership: peers listed in the directory are alive; unknown ones join (pending)."""
+        now = self._now()
+        if not force and now - self._last_dir_refresh < self.settings.idle_timeout_s / 2:
+            return
+        self._last_dir_refresh = now
+        try:
+            peers = await self.directory.peers()
+        except Exception as e:  # a slow or stale directory must not stop the protocol: views carry on
+            logger.warning("%s: peer directory unavailable: %s", self._me_short, e)
+            return
+        for info in peers:
+            if info.peer_id in self.view:
+                self.view.heard_from(info.peer_id, self.round)
+            else:
+                self.view.receive_join(info.peer_id, Entry(self.round, 0, JOIN))
+
+    async def _start(self) -> None:
+        """First round: bootstrap from the directory, or join a swarm already in progress."""
+        self._started = True
+        try:
+            peers = await self.directory.peers()
+        except Exception as e:
+            logger.warning("%s: peer directory unavailable at start: %s", self._me_short, e)
+            peers = []
+        self._last_dir_refresh = self._now()
+        progress = max((p.round for p in peers), default=0)
+        if progress > 0:
+            self._note_round(progress)
+            for p in peers:
+                self.view.set(p.peer_id, Entry(p.round, 0, JOIN))
+            await self._advertise(JOIN)
+            if self.server is None and self.settings.fixed_aggregator_auto:
+                self.server = min(self.view)
+            logger.info("%s: joined a run at round %d with %d peers in view", self._me_short, self.round,
+                        len(self.view))
+            return
+        # Merge (not replace): handlers may have run before this node's first round.
+        self.view.merge(initial_view(self.me, [p.peer_id for p in peers], round_=0,
+                                     inactivity_threshold=self.settings.inactivity_threshold))
+        if self.server is None and self.settings.fixed_aggregator_auto:
+            self.server = min(self.view)
+        # Bootstrap: the first s of the initial ordering train version 0, without pings.
+        first = [p for p in candidate_order(self.view.active(0), 0) if p != self.server][:self.settings.sample_size]
+        if self.me in first:
+            self._offer(_Incoming(0, self.trainer.state(), {}, self.me))  # parent b"", combined 1
+
+    async def rejoin(self) -> None:
+        """Come back after being unresponsive: forget work in progress and announce a JOIN."""
+        self._inbox = None
+        self._watch = None
+        if not self._started:
+            await self._start()
+            return
+        await self._advertise(JOIN)
+
+    # -- availability -------------------------------------------------------------------------------
+    async def _ping(self, peer: str, round_: int) -> peer_pb2.ModestPong | None:
+        """Ping `peer` every ``ping_interval_s`` until it answers or ``ping_timeout_s`` passes."""
+        s = self.settings
+        body = peer_pb2.ModestPing(run_id=s.run_id, config_hash=s.config_hash, round_estimate=self.round,
+                                   index=self._own_index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.ping_timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            t0 = loop.time()
+            try:
+                resp = await self.transport.call(peer, PING, Message(body), peer_pb2.ModestPong,
+                                                 timeout=min(s.ping_interval_s, remaining))
+            except PeerUnreachable:
+                # Re-ping on the interval (a fast failure, e.g. no route yet, must not spin).
+                await asyncio.sleep(max(0.0, min(s.ping_interval_s - (loop.time() - t0), deadline - loop.time())))
+                continue
+            except TransportError:
+                break
+            self._heard(peer, resp.body.round_estimate)
+            self.health.succeeded(peer, self.round)
+            return resp.body
+        self.health.failed(peer, round_)
+        return None
+
+    async def _available(self, round_: int, count: int, key: bytes, exclude: Iterable[str] = ()) -> list[str]:
+        """Up to `count` responsive peers of ``candidate_order(active peers, round_, key)``, in arrival order.
+
+        The first `count` candidates are pinged in parallel; each one that does not answer is replaced by
+        the next unused candidate. This node counts as available without a ping. Candidates in back-off
+        after a failed ping are skipped without one.
+        """
+        if count <= 0:
+            return []
+        skip = set(exclude)
+        order = [p for p in candidate_order(self.view.active(round_), round_, key=key) if p not in skip]
+        position = {p: i for i, p in enumerate(order)}
+        it = iter(order)
+        found: list[str] = []
+        pending: dict[asyncio.Task[peer_pb2.ModestPong | None], str] = {}
+        loop = asyncio.get_running_loop()
+
+        def launch() -> None:
+            while len(found) + len(pending) < count:
+                p = next(it, None)
+                if p is None:
+                    return
+                if p == self.me:
+                    found.append(p)
+                elif self.health.usable(p, round_):
+                    pending[loop.create_task(self._ping(p, round_))] = p
+
+        launch()
+        try:
+            while pending and len(found) < count:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: position[pending[t]]):  # deterministic order
+                    peer = pending.pop(task)
+                    if task.result() is not None and len(found) < count:
+                        found.append(peer)
+                launch()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        return found
+
+    # -- trainer side -------------------------------------------------------------------------------
+    async def run_round(self) -> RoundReport:
+        """Wait for the next model (at most ``idle_timeout_s``), train it, upload it, and report.
+
+        Returns after the aggregators acknowledged (or the uploads failed), after a newer model
+        arrived, or, for a node that got no model, after the idle timeout.
+        """
+        if not self._started:
+            await self._start()
+        inc = await self._next_model(self.settings.idle_timeout_s)
+        if inc is None:
+            await self._on_idle()
+            return self._report("idle")
+        return await self._train_and_upload(inc)
+
+    async def _train_and_upload(self, inc: _Incoming) -> RoundReport:
+        s = self.settings
+        k = inc.round
+
+        def work() -> tuple[float, State]:
+            # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
+            self.trainer.load_state(inc.state)
+            loss = self.trainer.train(s.local_steps)
+            return loss, self.trainer.state()
+
+        loss, trained = await self.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
+        self._model_round = max(self._model_round, k)
+        self._held_combined = inc.combined
+        base_digest = model_digest(inc.state)
+        self._bases[k] = _Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
+        self._prune_bases()
+        if self._accepted_round > k or self._closing:
+            self.counters["aborted"] += 1  # a newer model arrived while training: this work is stale
+            return self._report("aborted", train_loss=loss)
+        if not math.isfinite(loss):
+            logger.warning("%s: training diverged in round %d (loss %s); not uploading", self._me_short, k, loss)
+            return self._report("diverged", train_loss=loss)
+        acks = await self._upload(k, trained, loss, base_digest, inc.parent)
+        ok = [a for a in acks if a is not None and a[1].success]
+        return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
+                            partner=ok[0][0] if ok else None)
+
+    async def _upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes
+                      ) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
+        """Send the model trained from version `k` to the aggregators of ``k + 1``; resend on failure."""
+        s = self.settings
+        self.view.flush_pending()  # a model send: pending joins enter the view that travels with it
+        index = k + 1
+        key = self._key(index, parent_digest)
+        body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=self.round,
+                                     view=self.view.to_proto(), base_digest=base_digest, train_loss=loss,
+                                     examples=self.trainer.num_examples, parent_digest=parent_digest)
+        msg = Message(body, state)
+        if self.server is not None:
+            first = [self.server]
+        else:
+            first = await self._available(index, s.aggregators, key)
+        tried = set(first)
+        return list(await asyncio.gather(*(self._deliver(agg, msg, k, key, tried) for agg in first)))
+
+    async def _deliver(self, agg: str, msg: Message[peer_pb2.ModestUpdate], k: int, key: bytes, tried: set[str]
+                       ) -> tuple[str, peer_pb2.ModestAggAck] | None:
+        resends = 0
+        while True:
+            ack = await self._send_update(agg, msg, k)
+            if ack is not None and (ack.success or ack.reason == "late"):
+                self._note_round(int(ack.round) + (1 if ack.success else 0))
+                if ack.success and self.server is None:  # in fl the server watches its own samples
+                    self._watch = _Watch(index=k + 1, base_round=k, sample=list(ack.sample),
+                                         contributors=list(ack.contributors), since=self._now())
+                    self._prune_bases()
+                return agg, ack
+            if self._accepted_round > k or self._closing:
+                return None  # a newer model is here: stop waiting (this aggregator is not at fault)
+            if ack is None:
+                self.health.failed(agg, k + 1)
+            if self.server is not None:
+                return None
+            if resends >= self.settings.max_resends:
+                return None
+            resends += 1
+            self.counters["resends"] += 1
+            nxt = await self._available(k + 1, 1, key, exclude=tried)
+            if not nxt:
+                return None
+            agg = nxt[0]
+            tried.add(agg)
+
+    async def _send_update(self, agg: str, msg: Message[peer_pb2.ModestUpdate], k: int
+                           ) -> peer_pb2.ModestAggAck | None:
+        """Upload to one aggregator and wait for its acknowledgement; None when it is gone or we moved on."""
+        body = msg.body
+        if agg == self.me:
+            return await self._receive_update(self.me, k, msg.tensors, bytes(body.base_digest),
+                                              bytes(body.parent_digest), body.train_loss)
+        call = asyncio.get_running_loop().create_task(
+            self.transport.call(agg, UPDATE, msg, peer_pb2.ModestAggAck, timeout=self.settings.ack_timeout_s))
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=self.settings.ping_timeout_s)
+                if call in done:
+                    try:
+                        resp = call.result()
+                    except TransportError as e:
+                        logger.info("%s: upload of round %d to %s failed: %s", self._me_short, k, _short(agg), e)
+                        return None
+                    self._heard(agg, resp.body.round_estimate)
+                    return resp.body
+                if self._accepted_round > k or self._closing:
+                    return None
+                # Liveness: an aggregator that stops answering pings has crashed; do not wait it out.
+                if await self._ping(agg, k + 1) is None:
+                    logger.info("%s: aggregator %s stopped answering during round %d", self._me_short, _short(agg), k)
+                    return None
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransportError):
+                    await call
+
+    # -- idle work: watching for a lost sample, directory refresh ------------------------------------
+    async def _on_idle(self) -> None:
+        await self._refresh_from_directory(force=True)
+        if self._watch is not None:
+            await self._check_watch()
+
+    async def _check_watch(self) -> None:
+        w = self._watch
+        if w is None:
+            return
+        if self.round > w.index or self._accepted_round >= w.index:
+            self._watch = None  # the swarm moved on
+            self._prune_bases()
+            return
+        if self._now() - w.since < self.settings.idle_timeout_s:
+            return
+        # One answer is enough (alive, or already further): ping the sample one member at a time.
+        for peer in [p for p in w.sample if p != self.me]:
+            pong = await self._ping(peer, w.index)
+            if self._watch is not w:
+                return
+            if self.round > w.index:
+                self._watch = None
+                self._prune_bases()
+                return
+            if pong is not None:
+                w.since = self._now()  # the sample is alive and working
+                return
+        # Nobody of the sample answers: the first live contributor (lowest peer id) relaunches.
+        earlier = [c for c in sorted(w.contributors) if c < self.me and c != self.server]
+        if earlier and any(p is not None for p in await asyncio.gather(*(self._ping(c, w.index) for c in earlier))):
+            w.since = self._now()
+            return
+        if self._watch is w:
+            await self._relaunch(w)
+
+    async def _relaunch(self, w: _Watch) -> None:
+        base = self._bases.get(w.base_round)
+        if base is None:
+            self._watch = None
+            return
+        self.counters["relaunches"] += 1
+        self.view.flush_pending()
+        sample = await self._available(w.index, self.settings.sample_size, self._key(w.index, base.parent),
+                                       exclude=self._exclude(w.sample))
+        accepted = await self._push_model(sample, w.index, base.state, base.outer, parent=base.digest,
+                                          combined=base.combined)
+        logger.warning("%s: the sample of version %d stopped answering; sent version %d again as %d to %d peers",
+                       self._me_short, w.index, w.base_round, w.index, len(accepted))
+        w.sample, w.since = accepted, self._now()
+
+    # -- aggregator side ----------------------------------------------------------------------------
+    async def _receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
+                              parent_digest: bytes, train_loss: float) -> peer_pb2.ModestAggAck:
+        """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends."""
+        index = round_ + 1
+
+        def ack(success: bool, reason: str, result: _Result | None = None) -> peer_pb2.ModestAggAck:
+            return peer_pb2.ModestAggAck(round=round_, success=success, reason=reason, round_estimate=self.round,
+                                         contributors=result.contributors if result else [],
+                                         sample=result.sample if result else [])
+
+        if self._closing:
+            return ack(False, "leaving")
+        agg = self._aggregations.get(index)
+        if index <= self._completed_index or (agg is not None and agg.state != "open"):
+            self.counters["late"] += 1
+            return ack(False, "late")  # the index is complete: late models are ignored
+        if agg is None:
+            agg = _Aggregation(index)
+            self._aggregations[index] = agg
+            agg.timer = self._spawn(self._deadline(agg))
+        if sender not in agg.models:  # one model per sender: the first one counts
+            agg.models[sender] = _Upload(state, base_digest, parent_digest, train_loss)
+        if len(agg.models) >= self._threshold() and agg.state == "open":
+            self._spawn(self._complete(agg))
+        result = await asyncio.shield(agg.future)
+        if result.success and sender in result.contributors:
+            return ack(True, result.reason, result)
+        return ack(False, result.reason if not result.success else "late", result)
+
+    async def _deadline(self, agg: _Aggregation) -> None:
+        s = self.settings
+        while agg.state == "open":
+            await asyncio.sleep(s.aggregation_timeout_s)
+            if agg.state != "open":
+                return
+            n = len(agg.models)
+            if n >= min(s.liveness_min, self._threshold()):
+                await self._complete(agg)
+                return
+            if agg.topups < s.max_topups and await self._topup(agg):
+                continue
+            if agg.state == "open":
+                logger.warning("%s: aggregation %d ends with %d model(s), below liveness_min=%d",
+                               self._me_short, agg.index, n, s.liveness_min)
+                await self._complete(agg, degraded=True)
+            return
+
+    def _base_digest(self, agg: _Aggregation) -> bytes:
+        return _majority(u.base_digest for u in agg.models.values())
+
+    def _parent_digest(self, agg: _Aggregation) -> bytes:
+        return _majority(u.parent_digest for u in agg.models.values())
+
+    async def _get_base(self, agg: _Aggregation) -> _Base | None:
+        """Model ``index - 1`` (the contributors' start), from this node or pulled from a contributor."""
+        k = agg.index - 1
+        digest = self._base_digest(agg)
+        base = self._bases.get(k)
+        if base is not None and base.digest == digest:
+            return base
+        s = self.settings
+        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest)
+        for peer in sorted(agg.models):
+            if peer == self.me or agg.models[peer].base_digest != digest:
+                continue
+            try:
+                resp = await self.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
+                                                 timeout=s.exchange_timeout_s)
+                if not resp.body.found:
+                    continue
+                model, outer = self._split_model(resp.tensors, outer_allowed=True)
+                if model_digest(model) != digest:
+                    raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
+            except BadMessage as e:
+                self.transport.reject(peer, e.code, str(e))
+                continue
+            except TransportError as e:
+                logger.info("%s: base pull from %s failed: %s", self._me_short, _short(peer), e)
+                continue
+            base = _Base(k, digest, model, outer, self._parent_digest(agg), 1)
+            self._bases[k] = base
+            self.counters["base_pulls"] += 1
+            return base
+        return None
+
+    async def _topup(self, agg: _Aggregation) -> bool:
+        """Send the base model to fresh live candidates so that more trained models arrive."""
+        agg.topups += 1
+        self.counters["topups"] += 1
+        base = await self._get_base(agg)
+        if base is None or agg.state != "open":
+            return False
+        need = self._threshold() - len(agg.models)
+        recruits = await self._available(agg.index, need, self._key(agg.index, self._parent_digest(agg)),
+                                         exclude=self._exclude(agg.models))
+        accepted = await self._push_model(recruits, base.round, base.state, base.outer,
+                                          parent=self._parent_digest(agg), combined=base.combined)
+        logger.info("%s: aggregation %d had %d model(s) at its deadline; sent version %d to %d more peers",
+                    self._me_short, agg.index, len(agg.models), base.round, len(accepted))
+        return bool(accepted)
+
+    def _combine(self, states: Sequence[State], base: _Base | None) -> tuple[State, State, str]:
+        """Aggregate trained models into the next version (and step the outer optimizer)."""
+        s = self.settings
+        params = dict(s.rule_params)
+        rule = s.rule
+        try:
+            if self._needs_updates:
+                assert base is not None
+                updates = [{k: st[k] - base.state[k] for k in st} for st in states]
+                delta = aggregate_states(rule, updates, **params)
+                combined = {k: base.state[k] + delta[k] for k in base.state}
+            else:
+                combined = aggregate_states(rule, states, **params)
+        except AggregationError as e:
+            # e.g. a robust rule refuses too few inputs after a degraded round: fall back, and say so.
+            logger.warning("%s: rule %s refused %d input(s) (%s); using mean", self._me_short, rule, len(states), e)
+            rule = "mean"
+            combined = aggregate_states("mean", states)
+        outer_state: State = {}
+        if s.outer_lr is not None and base is not None:
+            opt = OuterOptimizer(lr=s.outer_lr, momentum=s.outer_momentum, nesterov=s.outer_nesterov)
+            opt.load_state_dict(base.outer)
+            combined = opt.step_towards(base.state, combined)
+            outer_state = opt.state_dict()
+        return combined, outer_state, rule
+
+    async def _complete(self, agg: _Aggregation, *, degraded: bool = False) -> None:
+        """Aggregate, send the new model to the next sample, acknowledge the trainers: once per index."""
+        if agg.state != "open":
+            return
+        agg.state = "completing"
+        s = self.settings
+        contributors = sorted(agg.models)
+        try:
+            base = await self._get_base(agg) if self._needs_base else None
+            if self._needs_base and base is None:
+                raise AggregationError(f"no contributor could send the base model of round {agg.index - 1}")
+            states = [agg.models[c].state for c in contributors]
+            new_state, outer_state, rule = await self.compute.run(lambda: self._combine(states, base))
+        except Exception as e:
+            logger.error("%s: aggregation %d failed: %s", self._me_short, agg.index, e)
+            agg.resolve(_Result(False, "dropped"))
+            return
+        index = agg.index
+        parent = self._base_digest(agg)
+        grandparent = self._parent_digest(agg)
+        self._completed_index = max(self._completed_index, index)
+        self._note_round(index)
+        self._bases[index] = _Base(index, model_digest(new_state), new_state, outer_state, parent, len(contributors))
+        for other in list(self._aggregations.values()):
+            if other.index < index and other.state == "open":
+                other.resolve(_Result(False, "late"))
+        self.view.flush_pending()  # a model send: pending joins enter the view
+        sample = await self._available(index, s.sample_size, self._key(index, grandparent), exclude=self._exclude())
+        accepted = await self._push_model(sample, index, new_state, outer_state, parent=parent,
+                                          combined=len(contributors))
+        result = _Result(True, "aggregated", contributors, accepted)
+        agg.resolve(result)
+        for i in [i for i in self._aggregations if i <= index - 2]:
+            del self._aggregations[i]
+        self._prune_bases()
+        if self.server == self.me:
+            # The server watches its own sample: if all of it disappears, it sends the model again.
+            self._watch = _Watch(index=index, base_round=index, sample=accepted, contributors=[self.me],
+                                 since=self._now())
+        accuracy = test_loss = None
+        if s.eval_every and index % s.eval_every == 0:
+            def evaluate() -> tuple[float, float]:
+                self.trainer.load_state(new_state)
+                return self.trainer.evaluate()
+
+            test_loss, accuracy = await self.compute.run(evaluate)
+            self._model_round = max(self._model_round, index)
+        losses = [agg.models[c].train_loss for c in contributors]
+        if degraded:
+            self.counters["degraded_rounds"] += 1
+        event = AggregationEvent(index=index, aggregator=self.me, contributors=contributors, sample=accepted,
+                                 train_loss=sum(losses) / len(losses) if losses else None, accuracy=accuracy,
+                                 test_loss=test_loss, time_s=self._now(), degraded=degraded, topups=agg.topups,
+                                 rule=rule)
+        self.counters["aggregations"] += 1
+        self._events.append(event)
+        acc = "-" if accuracy is None else f"{accuracy:.3f}"
+        logger.info("%s: aggregated version %d from %d model(s) by %s; acc=%s; sent to %d peers", self._me_short,
+                    index, len(contributors), rule, acc, len(accepted))
+        if self.on_aggregate is not None:
+            self.on_aggregate(event)
+
+    async def _push_model(self, targets: Sequence[str], round_: int, state: State, outer: State, *,
+                          parent: bytes, combined: int) -> list[str]:
+        """Send version `round_` (and the view) to `targets`; return those that accepted it, in order."""
+        if not targets:
+            return []
+        s = self.settings
+        body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
+                                    round_estimate=self.round, view=self.view.to_proto(), parent_digest=parent,
+                                    combined=combined)
+        msg = Message(body, {**state, **self._outer_tensors(outer)})
+
+        async def one(peer: str) -> bool:
+            if peer == self.me:
+                return self._offer(_Incoming(round_, state, outer, self.me, parent, combined))
+            try:
+                resp = await self.transport.call(peer, MODEL, msg, peer_pb2.ModestModelAck,
+                                                 timeout=s.exchange_timeout_s)
+            except TransportError as e:
+                logger.info("%s: sending version %d to %s failed: %s", self._me_short, round_, _short(peer), e)
+                self.health.failed(peer, round_)
+                return False
+            self._heard(peer, resp.body.round_estimate)
+            return bool(resp.body.accepted)
+
+        results = await asyncio.gather(*(one(p) for p in targets))
+        return [p for p, ok in zip(targets, results, strict=True) if ok]
+
+    # -- reports and shutdown -----------------------------------------------------------------------
+    def _report(self, role: str, *, train_loss: float = math.nan, failures: int = 0,
+                partner: str | None = None) -> RoundReport:
+        events, self._events = self._events, []
+        last = events[-1] if events else None
+        return RoundReport(round=self.round, train_loss=float(train_loss),
+                           test_loss=last.test_loss if last else None, accuracy=last.accuracy if last else None,
+                           peers=len(self.view.active(self.round)) - 1,
+                           combined=len(last.contributors) if last else self._held_combined,
+                           fraction=1.0, partner=partner, failures=failures,
+                           extra={"role": role, "aggregated": [e.index for e in events]})
+
+    async def close(self) -> None:
+        """Answer waiting trainers with ``leaving``, stop background work, and announce a LEAVE."""
+        if self._closing:
+            return
+        self._closing = True
+        for agg in self._aggregations.values():
+            if agg.state != "done":
+                agg.resolve(_Result(False, "leaving"))
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.settings.leave_on_close and self._started:
+            try:
+                await self._advertise(LEAVE)
+            except Exception as e:  # leaving must never fail a shutdown
+                logger.warning("%s: could not announce the leave: %s", self._me_short, e)
+        self._inbox = None
+        self._bases.clear()

@@ -1,0 +1,56 @@
+"""D-PSGD: Metropolis-Hastings weights, the communication graphs, and a small run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from p2pnode.protocols.dpsgd import exponential_neighbours, metropolis_hastings, random_regular_graph
+from simulator import SimConfig, run_simulation
+
+
+def test_metropolis_hastings_path_graph_known_answer() -> None:
+    # Path 1-2-3 with degrees (1, 2, 1): W = [[2/3, 1/3, 0], [1/3, 1/3, 1/3], [0, 1/3, 2/3]] (algorithms.md 1.3).
+    rows = [metropolis_hastings(1, [2]), metropolis_hastings(2, [1, 1]), metropolis_hastings(1, [2])]
+    assert rows[0][0] == pytest.approx(2 / 3) and rows[0][1] == [pytest.approx(1 / 3)]
+    assert rows[1][0] == pytest.approx(1 / 3) and rows[1][1] == [pytest.approx(1 / 3)] * 2
+    x = [0.0, 3.0, 6.0]
+    step = [rows[0][0] * x[0] + rows[0][1][0] * x[1],
+            rows[1][0] * x[1] + rows[1][1][0] * x[0] + rows[1][1][1] * x[2],
+            rows[2][0] * x[2] + rows[2][1][0] * x[1]]
+    assert step == [pytest.approx(1.0), pytest.approx(3.0), pytest.approx(5.0)]  # the mean stays 3
+
+
+def test_one_peer_exponential_graph_is_a_permutation_each_round() -> None:
+    n = 100
+    hops = math.ceil(math.log2(n))
+    for r in range(2 * hops):
+        outs = [exponential_neighbours(n, i, r)[0] for i in range(n)]
+        ins = [exponential_neighbours(n, i, r)[1] for i in range(n)]
+        assert sorted(outs) == list(range(n)) and sorted(ins) == list(range(n))
+        assert all(exponential_neighbours(n, outs[i], r)[1] == i for i in range(n))  # i -> j means j <- i
+    assert exponential_neighbours(100, 0, 0)[0] == 1 and exponential_neighbours(100, 0, 6)[0] == 64
+
+
+def test_random_regular_graph_is_simple_regular_and_reproducible() -> None:
+    g = random_regular_graph(100, 4, seed=7)
+    assert all(len(nb) == 4 and i not in nb for i, nb in enumerate(g))
+    assert all(i in g[j] for i, nb in enumerate(g) for j in nb)  # undirected
+    assert g == random_regular_graph(100, 4, seed=7) and g != random_regular_graph(100, 4, seed=8)
+    with pytest.raises(ValueError):
+        random_regular_graph(5, 3, seed=0)  # n * degree odd
+
+
+@pytest.mark.parametrize("graph", ["exponential", "regular"])
+def test_dpsgd_learns_and_sends_the_expected_traffic(graph: str) -> None:
+    threads = torch.get_num_threads()
+    res = run_simulation(SimConfig(nodes=16, rounds=8, seed=0, topology="dpsgd", dpsgd_graph=graph))
+    assert torch.get_num_threads() == threads
+    rows = res["rounds"]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
+    # Every node sends one model per out-neighbour every round (headers differ by a few bytes of varint).
+    transfers = 16 * (1 if graph == "exponential" else 4)
+    model_bytes = 4810 * 4  # digits-mlp: 64*64 + 64 + 64*10 + 10 float32
+    assert all(transfers * model_bytes < r["bytes"] < transfers * (model_bytes + 400) for r in rows)
