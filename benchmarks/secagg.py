@@ -6,8 +6,8 @@ Run from the repository root::
     python benchmarks/secagg.py --dims 1000000 --peers 20 --repeats 5
 
 What is measured. Both rounds run among ``--peers`` users and one aggregator, each with its own
-`MemoryTransport` on one `MemoryNetwork` (default link: 5 ms, 100 Mbit/s, uplink FIFO) on the virtual
-clock, all in this one process and thread:
+`MemoryTransport` on one `MemoryNetwork` (links: 5 ms, ``--mbit`` Mbit/s (default 100), uplink FIFO)
+on the virtual clock, all in this one process and thread:
 
 - ``plain``: every user sends its float32 vector of d coordinates to the aggregator (one call, the
   tensor as raw bytes); the aggregator adds each arrival into a float32 sum and answers once all are in.
@@ -61,7 +61,7 @@ from p2pnode.secagg import SecAggSettings, run_instance  # noqa: E402
 from p2pnode.secagg.prg import ALGORITHMS, MaskGenerator  # noqa: E402
 from p2pnode.transport.clock import run_virtual  # noqa: E402
 from p2pnode.transport.codec import Message  # noqa: E402
-from p2pnode.transport.memory import MemoryNetwork  # noqa: E402
+from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel  # noqa: E402
 
 
 def machine() -> str:
@@ -82,9 +82,14 @@ def machine() -> str:
             f"{torch.__version__}, {torch.get_num_threads()} torch threads; commit {commit}")
 
 
-async def plain_round(xs: list[torch.Tensor]) -> dict[str, float]:
+def network(mbit: float) -> MemoryNetwork:
+    """The in-memory network with every link at `mbit` Mbit/s and 5 ms."""
+    return MemoryNetwork(NetworkModel(LinkModel(latency_s=0.005, bandwidth_bytes_per_s=mbit * 125_000)))
+
+
+async def plain_round(xs: list[torch.Tensor], mbit: float) -> dict[str, float]:
     """Users send float32 vectors; the aggregator sums them and answers when all are in."""
-    net = MemoryNetwork()
+    net = network(mbit)
     agg = net.transport("aggregator")
     n = len(xs)
     total = torch.zeros_like(xs[0])
@@ -113,8 +118,8 @@ async def plain_round(xs: list[torch.Tensor]) -> dict[str, float]:
             "bytes": float(net.bytes_sent_total)}
 
 
-async def secure_round(xs: list[torch.Tensor]) -> dict[str, float]:
-    net = MemoryNetwork()
+async def secure_round(xs: list[torch.Tensor], mbit: float) -> dict[str, float]:
+    net = network(mbit)
     out = await run_instance(xs, SecAggSettings(), network=net, seed=1)
     assert out.result is not None, out.error
     slowest = max(out.reports, key=lambda r: r.compute_s)
@@ -122,9 +127,9 @@ async def secure_round(xs: list[torch.Tensor]) -> dict[str, float]:
             "agg_s": out.result.compute_s, "bytes": float(net.bytes_sent_total)}
 
 
-def timed(kind: str, xs: list[torch.Tensor]) -> dict[str, float]:
+def timed(kind: str, xs: list[torch.Tensor], mbit: float) -> dict[str, float]:
     t0, c0 = time.perf_counter(), time.process_time()
-    r = run_virtual(plain_round(xs) if kind == "plain" else secure_round(xs))
+    r = run_virtual(plain_round(xs, mbit) if kind == "plain" else secure_round(xs, mbit))
     r["wall_s"] = time.perf_counter() - t0
     r["cpu_s"] = time.process_time() - c0
     r["round_s"] = r["net_s"] + (r["user_s"] - r["mask_s"]) + r["agg_s"]
@@ -155,19 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="1000000,10000000", help="comma-separated vector lengths d")
     ap.add_argument("--peers", type=int, default=10, help="users per round (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per figure (default 3)")
+    ap.add_argument("--mbit", type=float, default=100.0, help="link bandwidth in Mbit/s (default 100)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: every party is one thread, as on its own machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine())
-    print(f"peers={args.peers}, repeats={args.repeats}, link 5 ms / 100 Mbit/s (MemoryNetwork default)\n")
+    print(f"peers={args.peers}, repeats={args.repeats}, links 5 ms / {args.mbit:g} Mbit/s, uplink FIFO\n")
     for d in (int(x) for x in args.dims.split(",")):
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(d, generator=g) for _ in range(args.peers)]
         res: dict[str, dict[str, float]] = {}
         for kind in ("plain", "secure"):
-            timed(kind, xs)  # warm-up
-            res[kind] = median_of([timed(kind, xs) for _ in range(args.repeats)])
+            timed(kind, xs, args.mbit)  # warm-up
+            res[kind] = median_of([timed(kind, xs, args.mbit) for _ in range(args.repeats)])
         print(f"d = {d:,}")
         print(f"  {'':8} {'wall_s':>8} {'cpu_s':>8} {'net_s':>8} {'user_s':>8} {'mask_s':>8} {'agg_s':>8} "
               f"{'round_s':>16} {'MB':>10}")
