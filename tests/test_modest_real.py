@@ -1,0 +1,86 @@
+"""MoDeST over the real network: hivemind DHT + libp2p (P2PTransport) on 127.0.0.1, nodes in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from netutil import NetworkGuard
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.node import Node
+from p2pnode.daemon.real import create_real_node
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)
+
+
+async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leaving() -> None:
+    with NetworkGuard() as guard:
+        nodes: list[Node] = []
+        tasks: list[asyncio.Task[None]] = []
+        events: list[AggregationEvent] = []
+        progress = asyncio.Event()
+
+        def on_aggregate(ev: AggregationEvent) -> None:
+            events.append(ev)
+            progress.set()
+
+        async def until(version: int, timeout: float = 120.0) -> None:
+            deadline = time.monotonic() + timeout
+            while max((e.index for e in events), default=0) < version:
+                progress.clear()
+                await asyncio.wait_for(progress.wait(), max(0.1, deadline - time.monotonic()))
+
+        try:
+            for i in range(5):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="modest-it", seed=5, shard=(i, 5), device="cpu", initial_peers=initial,
+                                    topology="modest", sample_size=3, aggregation_timeout_s=10.0,
+                                    ping_timeout_s=3.0, idle_timeout_s=5.0, exchange_timeout_s=10.0,
+                                    announce_ttl_s=20.0, local_steps=20).validate()
+                node = await create_real_node(config, DaemonSettings.in_memory())
+                await node.start()
+                assert isinstance(node.protocol, ModestProtocol)
+                node.protocol.on_aggregate = on_aggregate
+                nodes.append(node)
+            await _wait_for_peers(nodes, 4)
+
+            async def loop(node: Node) -> None:
+                while True:
+                    await node.run_round()
+
+            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            await until(4)
+            by_version = {e.index: e for e in events}
+            assert all(len(by_version[v].contributors) == 3 for v in range(1, 5))
+            # The aggregator of the last version leaves gracefully; the others carry on without it.
+            leaver = next(n for n in nodes if n.peer_id == by_version[4].aggregator)
+            tasks[nodes.index(leaver)].cancel()
+            await leaver.shutdown()
+            await until(8)
+            later = [e for e in events if e.index >= 6]
+            assert later and all(leaver.peer_id not in e.contributors + e.sample for e in later)
+            accuracy = max(e.index for e in events), [e.accuracy for e in events]
+            assert events[-1].accuracy is not None and events[-1].accuracy > 0.7, accuracy
+            assert all(n.transport.stats.rejected.total() == 0 for n in nodes if n is not leaver)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
