@@ -109,8 +109,8 @@ async def run_instance(
     ids = [user_id(i, n) for i in range(n)]
     n_extras = 0 if extras is None else int(extras[0].numel())
     session = Session(run_id, round_, AGGREGATOR, tuple(ids), dim=int(inputs[0].numel()), extras=n_extras)
-    signing = {p: Ed25519PrivateKey.from_private_bytes(SeededRandomness(str(seed).encode(), p.encode()
-                                                                        ).token_bytes(32)) for p in ids}
+    signing = {p: Ed25519PrivateKey.from_private_bytes(
+        SeededRandomness(str(seed).encode(), b"identity/" + p.encode()).token_bytes(32)) for p in ids}
     identity_keys = {p: k.public_key().public_bytes_raw() for p, k in signing.items()} if identities else None
     host = SecAggHost(net.transport(AGGREGATOR))
     users = [
