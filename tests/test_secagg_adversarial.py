@@ -61,7 +61,7 @@ def value(i: int) -> torch.Tensor:
 
 @dataclass
 class Ctx:
-    """What an attack sees: the network, the instance and its helpers."""
+    """What an attack sees: the network, the instance and its transports."""
 
     net: MemoryNetwork
     session: Session

@@ -91,7 +91,7 @@ class SecAggAggregator:
         #: Set after a corrupt share: the unmask stage then waits for every survivor's shares.
         self._want_all = False
 
-    # -- helpers ------------------------------------------------------------------------------
+    # -- internals ----------------------------------------------------------------------------
     def _index(self, sender: str) -> int:
         users = self.plan.session.users
         if sender not in users:

@@ -87,7 +87,7 @@ class SecAggUser:
         self._cpu = CpuClock()
         self._mask_s = 0.0
 
-    # -- helpers ------------------------------------------------------------------------------
+    # -- internals ----------------------------------------------------------------------------
     def _report(self, status: Status, reason: str | None = None) -> UserReport:
         st = self.state
         return UserReport(peer_id=self.peer_id, index=self.index, status=status,
