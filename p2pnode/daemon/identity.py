@@ -97,6 +97,7 @@ def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
     path = directory / IDENTITY_FILE
     created = False
     if not path.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = _new_key_bytes()
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".identity.", suffix=".tmp")  # mode 0600
         try:
