@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_statesync import memory_node
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_trainer
@@ -20,9 +21,12 @@ from p2pnode.daemon.checkpoint import (
     read,
     restore,
 )
+from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport.clock import run_virtual
+from p2pnode.transport.memory import MemoryNetwork
 from simutil import make_config
 
 
@@ -169,39 +173,36 @@ def test_temporary_files_are_ignored_and_cleaned(tmp_path: Path) -> None:
 
 
 def test_node_resumes_round_and_model_from_its_state_dir(tmp_path: Path) -> None:
-    """A memory-network node with checkpoints: 3 rounds, shut down, a new node on the same state dir
-    resumes at round 3 with the same model; --no-resume starts over and moves the old files aside."""
-    from simutil import make_group
+    """A memory-network node with checkpoints runs 3 rounds and stops; a new node on the same state dir
+    resumes at round 3 with the same model and momentum; --no-resume starts over and moves the old files
+    aside."""
 
-    settings = DaemonSettings.in_memory(checkpoint_every=1, keep_checkpoints=2, resume=True)
+    def node(resume: bool) -> Node:
+        settings = DaemonSettings.in_memory(checkpoint_every=1, keep_checkpoints=2, resume=resume)
+        return memory_node(MemoryNetwork(seed=0), MemoryRegistry(), 0, 1, settings,
+                           CheckpointStore.in_state_dir(tmp_path, keep=2), eval_every=0)
 
     async def first() -> dict[str, torch.Tensor]:
-        group = await make_group(1, eval_every=0)
-        node = group.nodes[0]
-        node.checkpoints = CheckpointStore.in_state_dir(tmp_path, keep=2)
-        node.settings = settings
-        await node.run(rounds=3)
-        state = node.trainer.state()
-        await node.shutdown()
-        return state
+        n = node(True)
+        await n.start()
+        await n.run(rounds=3)
+        await n.shutdown()
+        return n.trainer.state()
 
-    async def second(resume: bool) -> tuple[int, dict[str, torch.Tensor], str]:
-        group = await make_group(1, eval_every=0)
-        node = group.nodes[0]
-        node.settings = DaemonSettings.in_memory(checkpoint_every=1, resume=resume)
-        node.checkpoints = CheckpointStore.in_state_dir(tmp_path, keep=2)
-        await node._resume()
-        out = (node.round, node.trainer.state(), node.resumed_from)
-        await node.shutdown()
+    async def again(resume: bool) -> tuple[int, dict[str, torch.Tensor], str]:
+        n = node(resume)
+        await n.start()
+        out = (n.round, n.trainer.state(), n.resumed_from)
+        n.stop()
+        await n.shutdown()
         return out
 
     state = run_virtual(first())
-    files = CheckpointStore.in_state_dir(tmp_path).files()
-    assert [r for r, _, _ in files] == [3, 2]
-    round_, resumed, source = run_virtual(second(True))
+    assert [r for r, _, _ in CheckpointStore.in_state_dir(tmp_path).files()] == [3, 2]
+    round_, resumed, source = run_virtual(again(True))
     assert (round_, source) == (3, "checkpoint")
     assert all(torch.equal(state[k], resumed[k]) for k in state)
-    round_, _, source = run_virtual(second(False))
+    round_, _, source = run_virtual(again(False))
     assert (round_, source) == (0, "fresh")
     assert CheckpointStore.in_state_dir(tmp_path).files() == []
     assert any(p.name.startswith("replaced-") for p in (tmp_path / "checkpoints").iterdir())
