@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import glob
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -84,6 +85,8 @@ def worker_main(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     # The workers are spawned (a clean interpreter each), which makes "spawn" their default start method;
     # hivemind's averager is a default-context Process that must fork (its state does not pickle).
     mp.set_start_method("fork", force=True)
+    logging.basicConfig(level=spec.options.get("log_level", "WARNING"),
+                        format=f"%(asctime)s {spec.kind}[{spec.rank}] %(levelname)s %(name)s: %(message)s")
     try:
         if spec.kind in ("ours_pair", "ours_allreduce"):
             run_loop(spec.options.get("loop", "asyncio"), ours_worker(spec, conn, barrier))
@@ -534,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=8, help="peers of the large all-reduces; default 8")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                         help="event loop of our nodes; default asyncio")
+    parser.add_argument("--log-level", default="WARNING", help="log level of our nodes; default WARNING")
     keys = [key for key, *_ in PLAN]
     parser.add_argument("--only", nargs="*", choices=keys, help="run only these measurements")
     parser.add_argument("--skip", nargs="*", choices=keys, default=[], help="skip these measurements")
@@ -564,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
                 if kind == "raw_tcp":
                     runner: Any = stack.enter_context(RawTCP(nbytes))
                 else:
-                    opts = dict(options, loop=args.loop) if kind != "hivemind" else dict(options)
+                    opts = (dict(options, loop=args.loop, log_level=args.log_level) if kind != "hivemind"
+                            else dict(options))
                     runner = stack.enter_context(Cluster(kind, nodes or n, nbytes, opts))
                 runner.prepare()
                 runners.append((key, label.format(n=n), runner))

@@ -326,10 +326,10 @@ async def test_direct_channel_refuses_bad_tokens_and_wrong_certificates(
     host, port = b.direct_address
     # A client that expects another certificate refuses the server before sending anything.
     with pytest.raises(PinMismatch):
-        await TLSConnection.connect(host, port, b"\x00" * 32, timeout=5)
+        await TLSConnection.connect(host, port, b"\x00" * 32, connect_timeout=5)
     # A client with the right certificate but no valid token is disconnected.
     refused = b._direct.refused_tokens
-    conn = await TLSConnection.connect(host, port, b._direct.fingerprint, timeout=5)
+    conn = await TLSConnection.connect(host, port, b._direct.fingerprint, connect_timeout=5)
     try:
         await conn.write(memoryview(b"\x01" * 32), 5)
         with pytest.raises(asyncio.IncompleteReadError):

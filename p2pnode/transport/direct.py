@@ -56,8 +56,15 @@ TOKEN_BYTES = 32
 FINGERPRINT_BYTES = 32
 #: Default lifetime of an unused ticket, in seconds.
 DEFAULT_TICKET_TTL = 30.0
-#: Default longest wait for a TCP connect plus TLS handshake, in seconds.
+#: Default longest wait for a TCP connection to a peer's direct address, in seconds. Only the TCP
+#: connect: it decides whether the address is reachable at all (else libp2p is used instead).
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Default longest wait for a TLS handshake plus the first token, in seconds. Generous: a peer whose
+#: event loop is busy moving other tensors may take seconds on a loaded machine, and a handshake given up
+#: on one side only breaks a call that the other side already started.
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+#: Most accepted connections still in their handshake (not yet admitted by a token); more are closed.
+MAX_PENDING_HANDSHAKES = 256
 #: Default time a server keeps an idle connection open waiting for the next token, in seconds.
 DEFAULT_SERVER_IDLE = 60.0
 #: Default time a client keeps an idle connection for reuse, in seconds (below the server's, so that a
@@ -174,13 +181,16 @@ class TLSConnection:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    async def connect(cls, host: str, port: int, fingerprint: bytes, timeout: float) -> TLSConnection:
+    async def connect(cls, host: str, port: int, fingerprint: bytes, connect_timeout: float,
+                      handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> TLSConnection:
         """Connect, complete a TLS 1.3 handshake and check the server certificate's fingerprint.
 
-        :param timeout: longest wait for connect and handshake together, in seconds.
+        :param connect_timeout: longest wait for the TCP connection, in seconds.
+        :param handshake_timeout: longest wait for the TLS handshake after that, in seconds (default 30).
         :raises OSError: the connection could not be made.
         :raises ssl.SSLError: the handshake failed (`PinMismatch`: wrong certificate).
-        :raises TimeoutError: no connection within `timeout`.
+        :raises TimeoutError: no connection within `connect_timeout`, or no handshake within
+            `handshake_timeout`.
         """
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -189,11 +199,12 @@ class TLSConnection:
         conn: TLSConnection | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(connect_timeout):
                 await loop.sock_connect(sock, (host, port))
-                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-                sslobj = client_context().wrap_bio(incoming, outgoing, server_side=False)
-                conn = cls(sock, sslobj, incoming, outgoing)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            sslobj = client_context().wrap_bio(incoming, outgoing, server_side=False)
+            conn = cls(sock, sslobj, incoming, outgoing)
+            async with asyncio.timeout(handshake_timeout):
                 await conn._handshake()
             cert = conn._ssl.getpeercert(binary_form=True) or b""
             actual = hashlib.sha256(cert).digest()
@@ -313,12 +324,13 @@ class DirectServer:
     :param advertise_host: IP address written into tickets (default: `host`; set it when listening on
         ``0.0.0.0``).
     :param ticket_ttl: lifetime of an unused ticket, in seconds (default 30).
-    :param handshake_timeout: longest wait for a client's handshake and first token, in seconds (default 5).
+    :param handshake_timeout: longest wait for a client's handshake and first token, in seconds
+        (default 30).
     :param idle_timeout: how long an idle connection waits for its next token, in seconds (default 60).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
-                 ticket_ttl: float = DEFAULT_TICKET_TTL, handshake_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 ticket_ttl: float = DEFAULT_TICKET_TTL, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  idle_timeout: float = DEFAULT_SERVER_IDLE) -> None:
         self.host = host
         self.port = port
@@ -334,6 +346,7 @@ class DirectServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._pending_handshakes = 0
         self._serve: ServeCallback | None = None
         #: Connections closed because of a bad, expired, reused or foreign token.
         self.refused_tokens = 0
@@ -398,16 +411,24 @@ class DirectServer:
                 logger.warning("direct channel: accept failed: %r", e)
                 await asyncio.sleep(0.5)
                 continue
+            if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
+                logger.warning("direct channel: %d connections are still in their handshake; closing a new one",
+                               self._pending_handshakes)
+                sock.close()
+                continue
             task = asyncio.create_task(self._connection(sock))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
     async def _connection(self, sock: socket.socket) -> None:
+        self._pending_handshakes += 1
+        pending = True
         try:
             conn = await TLSConnection.accept(sock, self._ctx, self.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as e:
-            logger.debug("direct channel: handshake failed: %r", e)
+            logger.info("direct channel: a handshake failed: %r", e)
             sock.close()
+            self._pending_handshakes -= 1
             return
         bound: str | None = None
         try:
@@ -417,6 +438,9 @@ class DirectServer:
                                                    else self.idle_timeout)
                 except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
                     return  # closed, broken or idle: the normal end of a connection
+                if pending:
+                    self._pending_handshakes -= 1
+                    pending = False
                 peer = self.redeem(token)
                 if peer is None or (bound is not None and peer != bound):
                     self.refused_tokens += 1
@@ -432,6 +456,8 @@ class DirectServer:
         except Exception:
             logger.exception("direct channel: unexpected error while serving %s", (bound or "?")[-8:])
         finally:
+            if pending:
+                self._pending_handshakes -= 1
             conn.close()
 
 

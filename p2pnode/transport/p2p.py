@@ -41,6 +41,7 @@ from p2pnode.transport.base import Transport
 from p2pnode.transport.codec import Message
 from p2pnode.transport.direct import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     ConnectionPool,
     DirectServer,
     Ticket,
@@ -258,7 +259,8 @@ class P2PTransport(Transport):
     :param direct_advertise_host: IP address given to peers (default: `direct_host`; required when
         listening on 0.0.0.0).
     :param direct_port: TCP port of the direct channel (default 0: any free port).
-    :param direct_connect_timeout: longest wait for a direct connection and handshake, in s (default 5).
+    :param direct_connect_timeout: longest wait for the TCP connection to a peer's direct address, in s
+        (default 5); the TLS handshake that follows may take the rest of the call's timeout.
     :param direct_retry_s: after a failed direct connection, how long that peer is only called over
         libp2p, in seconds (default 60).
     :param receive_pool_bytes: most bytes of large receive buffers kept for reuse (default 512 MiB;
@@ -374,7 +376,7 @@ class P2PTransport(Transport):
             host = self._direct_host or _first_ipv4(self._maddrs)
             self._direct = DirectServer(host=host, port=self._direct_port,
                                         advertise_host=self._direct_advertise_host,
-                                        handshake_timeout=self.direct_connect_timeout,
+                                        handshake_timeout=max(self.idle_timeout, DEFAULT_HANDSHAKE_TIMEOUT),
                                         idle_timeout=2 * self.idle_timeout)
             await self._direct.start(self._serve_direct)
             self.register(DIRECT_TICKET_METHOD, peer_pb2.Envelope, self._issue_ticket)
@@ -584,7 +586,7 @@ class P2PTransport(Transport):
                 return data
         try:
             conn = await TLSConnection.connect(ticket.host, ticket.port, ticket.fingerprint,
-                                               min(self.direct_connect_timeout, timeout))
+                                               min(self.direct_connect_timeout, timeout), timeout)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             logger.info("no direct connection to %s at %s:%d (%r); using libp2p for %.0f s",
                         peer_id[-8:], ticket.host, ticket.port, e, self.direct_retry_s)
