@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from google.protobuf.message import Message as ProtoMessage
 
+from p2pnode.errors import ConfigError
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.base import Handler
 from p2pnode.transport.codec import B
@@ -44,7 +45,7 @@ def apply_gpu_memory_limit(device: torch.device, *, gib: float | None = None,
     """Cap this process's allocations on `device` to `gib` GiB or `fraction` of its memory.
 
     :returns: the fraction applied, or None when nothing was capped (no cap asked, or a CPU device).
-    :raises ValueError: `gib` is more than the device has.
+    :raises ConfigError: `gib` is more than the device has.
     """
     if gib is None and fraction is None:
         return None
@@ -56,7 +57,8 @@ def apply_gpu_memory_limit(device: torch.device, *, gib: float | None = None,
     if gib is not None:
         fraction = gib * (1 << 30) / total
         if fraction > 1:
-            raise ValueError(f"max_gpu_memory_gib={gib}: the GPU {index} has only {total / (1 << 30):.1f} GiB")
+            raise ConfigError(f"max_gpu_memory_gib={gib}: GPU {index} has only {total / (1 << 30):.1f} GiB; "
+                              "allowed: up to that, or a fraction in (0, 1]")
     assert fraction is not None
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     logger.info("GPU %d memory capped at %.2f GiB (%.0f %% of %.1f GiB)", index, fraction * total / (1 << 30),

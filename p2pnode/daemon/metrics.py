@@ -50,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from p2pnode import __version__
+from p2pnode.errors import P2PNodeError
 
 if TYPE_CHECKING:
     from p2pnode.daemon.node import Node
@@ -154,9 +155,13 @@ class NodeMetrics:
         """Serve ``/metrics`` over HTTP on a background thread; return the running server.
 
         :param port: TCP port; 0 picks a free one (see `MetricsServer.port`).
-        :raises OSError: the address cannot be bound.
+        :raises P2PNodeError: the address cannot be bound (port in use, not an address of this machine).
         """
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise P2PNodeError(f"the metrics endpoint could not listen on {host}:{port}: {e.strerror or e}; "
+                               "pick another --metrics-port (0: any free port)") from e
         out = MetricsServer(host=host, port=int(server.server_port), _server=server, _thread=thread)
         logger.info("metrics endpoint on http://%s/metrics", out.address,
                     extra={"event": {"event": "metrics", "address": out.address}})

@@ -371,6 +371,10 @@ class Node:
             self.metrics.checkpoint_failures.inc()
             logger.warning("checkpoint of round %d failed: %s", ckpt.round, e)
             return
+        except Exception:  # nor may anything else: this task is awaited by the round loop
+            self.metrics.checkpoint_failures.inc()
+            logger.exception("checkpoint of round %d failed", ckpt.round)
+            return
         self.last_checkpoint_round = ckpt.round
         self.metrics.checkpoints.inc()
         self.metrics.last_checkpoint_round.set(ckpt.round)
