@@ -118,6 +118,7 @@ def test_kill_9_at_random_moments_always_resumes_a_valid_checkpoint(tmp_path: Pa
                     read(p)
                 except CorruptCheckpoint as e:  # pragma: no cover - the failure this test exists for
                     raise AssertionError(f"kill {i}: a checkpoint under its final name is damaged: {e}") from e
+    print(f"{KILLS} kills: {early} during start-up, {mid_write} inside a checkpoint write; resumed rounds {resumes}")
     assert peer_id is not None and peer_id == load_or_create_identity(state).peer_id
     assert resumes[-1] > 0 and resumes == sorted(resumes), resumes
     assert early >= 1, "no kill landed during start-up; change SEED"

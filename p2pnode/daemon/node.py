@@ -283,8 +283,12 @@ class Node:
                     test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
             extra = {**report.extra, "partial": "quorum", "offered": report.combined, "quorum": quorum,
                      "merge_applied": False}
-            logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for; the merge "
-                           "is not applied", report.round, report.combined, quorum)
+            if pre is None:
+                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for, nothing "
+                               "merged", report.round, report.combined, quorum)
+            else:
+                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for; the merge "
+                               "is not applied", report.round, report.combined, quorum)
             return dataclasses.replace(report, combined=1, fraction=0.0, test_loss=test_loss, accuracy=accuracy,
                                        extra=extra), "quorum"
         if report.combined > 1 and report.fraction < 1.0:
