@@ -529,6 +529,40 @@ GROUPS = [
 ]
 
 
+def available_memory() -> float:
+    """MemAvailable from /proc/meminfo, in bytes (infinite if unknown)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float("inf")
+
+
+def run_batch(batch: list[tuple[str, str, str, int | None, dict[str, Any]]], n: int, nbytes: int,
+              args: argparse.Namespace, results: dict[str, Result]) -> None:
+    """Start the measurements of `batch` together and run their rounds interleaved."""
+    with contextlib.ExitStack() as stack:
+        runners: list[tuple[str, Any]] = []
+        for key, label, kind, nodes, options in batch:
+            if kind == "raw_tcp":
+                runner: Any = stack.enter_context(RawTCP(nbytes))
+            else:
+                opts = (dict(options, loop=args.loop, log_level=args.log_level) if kind != "hivemind"
+                        else dict(options))
+                runner = stack.enter_context(Cluster(kind, nodes or n, nbytes, opts))
+            runner.prepare()
+            runners.append((key, runner))
+            results[key] = Result(label.format(n=n), [], [], nbytes)
+        for step in range(args.repeats + 1):  # round 0 is the warm-up
+            for key, runner in runners:
+                elapsed, cpu, ok = runner.round(step)
+                if step > 0:
+                    r = results[key]
+                    r.times.append(elapsed)
+                    r.cpus.append(cpu)
+                    r.ok = r.ok and ok
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -561,29 +595,16 @@ def main(argv: list[str] | None = None) -> None:
                   and (not args.only or entry[0] in args.only)]
         if not chosen:
             continue
-        print(f"running {', '.join(key for key, *_ in chosen)} (interleaved) ...", flush=True)
-        with contextlib.ExitStack() as stack:
-            runners: list[tuple[str, str, Any]] = []
-            for key, label, kind, nodes, options in chosen:
-                if kind == "raw_tcp":
-                    runner: Any = stack.enter_context(RawTCP(nbytes))
-                else:
-                    opts = (dict(options, loop=args.loop, log_level=args.log_level) if kind != "hivemind"
-                            else dict(options))
-                    runner = stack.enter_context(Cluster(kind, nodes or n, nbytes, opts))
-                runner.prepare()
-                runners.append((key, label.format(n=n), runner))
-            for key, name, _ in runners:
-                results[key] = Result(name, [], [], nbytes)
-            for step in range(args.repeats + 1):  # round 0 is the warm-up
-                for key, _, runner in runners:
-                    elapsed, cpu, ok = runner.round(step)
-                    if step > 0:
-                        r = results[key]
-                        r.times.append(elapsed)
-                        r.cpus.append(cpu)
-                        r.ok = r.ok and ok
-        for key, _, _ in runners:
+        # Side by side only when memory allows (about 1.5 GB per worker at 100 MB: torch, the model,
+        # buffers); otherwise one after another.
+        workers = sum(nodes or n for _, _, _, nodes, _ in chosen)
+        need = workers * (0.6e9 + 9 * nbytes) + 2e9
+        batches = [chosen] if available_memory() > need else [[entry] for entry in chosen]
+        mode = "interleaved" if len(batches) == 1 and len(chosen) > 1 else "one after another"
+        print(f"running {', '.join(key for key, *_ in chosen)} ({mode}) ...", flush=True)
+        for batch in batches:
+            run_batch(batch, n, nbytes, args, results)
+        for key, *_ in chosen:
             r = results[key]
             print(f"  {r.name}: {r.median:.3f} s, {r.mbps:,.0f} MB/s, {r.cpu_per_gb:.1f} CPU s/GB"
                   f"{'' if r.ok else '  (VALUES WRONG: not every slice was averaged)'}", flush=True)
