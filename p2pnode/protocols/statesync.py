@@ -70,9 +70,10 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return _numel(shape) * dtype.itemsize
 
 
-def _raw(t: torch.Tensor) -> bytes:
+def _raw(t: torch.Tensor) -> memoryview:
+    """The raw (little-endian, on the hosts torch supports) bytes of `t`, without a copy when it is on the CPU."""
     t = t.detach().to("cpu").contiguous()
-    return t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -88,8 +89,13 @@ class Snapshot:
 
     @classmethod
     def build(cls, round_: int, state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Snapshot:
-        parts = [_raw(t) for t in state.values()]
-        data = bytearray(b"".join(parts))
+        # One copy of the model: each tensor's bytes go straight into their place in the buffer.
+        data = bytearray(sum(t.numel() * t.element_size() for t in state.values()))
+        offset = 0
+        for t in state.values():
+            raw = _raw(t)
+            data[offset:offset + raw.nbytes] = raw
+            offset += raw.nbytes
         hashes = [hashlib.sha256(memoryview(data)[i:i + chunk_bytes]).digest()
                   for i in range(0, len(data), chunk_bytes)]
         specs = [(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in state.items()]
@@ -262,7 +268,7 @@ class _Download:
     """Fetches the chunks of one manifest from the peers of its group (see the module doc, step 3)."""
 
     def __init__(self, transport: Transport, cand: _Candidate, run_id: str, config_hash: str, *,
-                 parallel: int, timeout: float, max_peer_failures: int, have: dict[bytes, bytes]) -> None:
+                 parallel: int, timeout: float, max_peer_failures: int, have: dict[bytes, memoryview]) -> None:
         self.transport, self.cand, self.run_id, self.config_hash = transport, cand, run_id, config_hash
         self.m = cand.manifest
         self.parallel, self.timeout, self.max_peer_failures = parallel, timeout, max_peer_failures
@@ -305,14 +311,15 @@ class _Download:
                 or data.numel() != size or resp.body.index != index):
             self.transport.reject(peer, "malformed", f"state sync chunk {index} has the wrong layout")
             return False
-        raw = data.numpy().tobytes()
-        self.bytes_fetched += len(raw)
+        raw = memoryview(data.numpy()) if size else memoryview(b"")  # type: ignore[arg-type]
+        self.bytes_fetched += size
         if hashlib.sha256(raw).digest() != want:
             self.transport.reject(peer, "bad_hash", f"state sync chunk {index} does not match its SHA-256")
             return False
         start = index * self.m.chunk_bytes
         self.data[start:start + size] = raw
-        self.have[want] = raw
+        # Verified bytes, by hash, for a later manifest that lists the same chunk (a view: no copy).
+        self.have[want] = memoryview(self.data)[start:start + size]
         self.chunks_from[peer] += 1
         return True
 
@@ -321,9 +328,9 @@ class _Download:
         todo: collections.deque[int] = collections.deque()
         for index, h in enumerate(self.m.chunk_sha256):
             cached = self.have.get(bytes(h))
-            if cached is not None and len(cached) == self._size(index):
+            if cached is not None and cached.nbytes == self._size(index):
                 start = index * self.m.chunk_bytes
-                self.data[start:start + len(cached)] = cached
+                self.data[start:start + cached.nbytes] = cached
             else:
                 todo.append(index)
         tried: dict[int, set[str]] = collections.defaultdict(set)
@@ -402,7 +409,7 @@ async def fetch_state(transport: Transport, peers: Sequence[PeerInfo], *, run_id
         else:
             groups[key] = cand
     ordered = sorted(groups.values(), key=lambda c: (-c.manifest.round, -len(c.peers)))
-    have: dict[bytes, bytes] = {}
+    have: dict[bytes, memoryview] = {}
     fetched = failed = 0
     for cand in ordered:
         if loop.time() >= deadline:
