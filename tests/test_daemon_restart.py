@@ -5,7 +5,9 @@ disk; no checkpoint file under its final name may ever be damaged (writes are at
 the kill lands in the middle of a checkpoint write (seen as a temporary file left behind).
 
 The task is digits-mlp with a wide hidden layer (about 10 MB per checkpoint with momentum), so that
-writing a checkpoint takes a good part of each round and random kills often land inside a write.
+writing a checkpoint takes a good part of each round. Kill moments (seeded): during start-up, at a
+random time while rounds run, or a random few milliseconds after a round ends, while its checkpoint is
+being written.
 """
 
 from __future__ import annotations
@@ -104,7 +106,15 @@ def test_kill_9_at_random_moments_always_resumes_a_valid_checkpoint(tmp_path: Pa
                     d.proc.send_signal(signal.SIGTERM)
                     assert d.proc.wait(30) == 0, "".join(d.stderr[-20:])
                     break
-                time.sleep(rng.uniform(0.05, 1.5))
+                if rng.random() < 0.5:
+                    # Just after a round: its checkpoint is being written now (it takes a few tens of ms).
+                    seen = len(d.rounds)
+                    deadline = time.monotonic() + 30
+                    while len(d.rounds) == seen and time.monotonic() < deadline:
+                        time.sleep(0.001)
+                    time.sleep(rng.uniform(0.0, 0.03))
+                else:
+                    time.sleep(rng.uniform(0.05, 1.5))
                 _kill(d)
             assert not _events(d, "checkpoint_corrupt"), _events(d, "checkpoint_corrupt")
         finally:
