@@ -46,6 +46,8 @@ class SimConfig:
     :param aggregation_timeout_s: modest/fl: aggregation deadline, in virtual seconds (default 10; a
         simulated round of digits-mlp takes about 0.15 s).
     :param sample_key: modest: ``model`` (default, against grinding) or ``round``.
+    :param inactivity_threshold: modest/fl: rounds without activity before a peer leaves the active set
+        (default 50, the authors').
     :param dpsgd_graph: dpsgd: ``exponential`` (default) or ``regular``; ``dpsgd_degree``: its degree (4).
     :param crash_fraction: share of the nodes, chosen by the seed, that stop answering (default 0). In fl
         the server is never chosen: it is the reference.
@@ -81,6 +83,7 @@ class SimConfig:
     success_fraction: float = 1.0
     aggregation_timeout_s: float = 10.0
     sample_key: str = "model"
+    inactivity_threshold: int = 50
     dpsgd_graph: str = "exponential"
     dpsgd_degree: int = 4
     outer_lr: float | None = None
@@ -105,7 +108,8 @@ class SimConfig:
                           exchange_timeout_s=self.exchange_timeout_s, eval_every=self.eval_every,
                           sample_size=self.sample_size, aggregators=self.aggregators,
                           success_fraction=self.success_fraction, aggregation_timeout_s=self.aggregation_timeout_s,
-                          sample_key=self.sample_key, dpsgd_graph=self.dpsgd_graph,
+                          sample_key=self.sample_key, inactivity_threshold=self.inactivity_threshold,
+                          dpsgd_graph=self.dpsgd_graph,
                           dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr).validate()
 
 

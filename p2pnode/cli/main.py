@@ -75,6 +75,8 @@ def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
               help="Probability that a message is lost.")
 @click.option("--step-time-ms", default=10.0, show_default=True, type=float,
               help="Modelled compute time of one training step, virtual ms.")
+@click.option("--inactivity-threshold", default=50, show_default=True, type=int,
+              help="modest/fl: rounds without activity before a peer leaves the active set.")
 @click.option("--crash-fraction", default=0.0, show_default=True, type=float,
               help="Share of the nodes (chosen by the seed) that stop answering at --crash-round.")
 @click.option("--crash-round", default=1, show_default=True, type=int,
@@ -108,7 +110,8 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         step_time_ms=kw["step_time_ms"], sample_size=kw["sample_size"],
                         aggregators=kw["aggregators"], success_fraction=kw["success_fraction"],
                         sample_key=kw["sample_key"], dpsgd_graph=kw["dpsgd_graph"], dpsgd_degree=kw["dpsgd_degree"],
-                        outer_lr=kw["outer_lr"], crash_fraction=kw["crash_fraction"],
+                        outer_lr=kw["outer_lr"], inactivity_threshold=kw["inactivity_threshold"],
+                        crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
                         rejoin_fraction=kw["rejoin_fraction"])
         if kw["aggregation_timeout"] is not None:

@@ -29,10 +29,13 @@ Recovery (our additions, where the spec leaves the swarm stuck; see ``docs/proto
   version ``k+1``, to a fresh sample.
 
 Sample grinding. Peer ids are self-chosen, so a Sybil could pick ids that hash to the top of future
-orderings. With ``sample_key="model"`` (default) the order of round ``k >= 2`` is keyed by the SHA-256
-of model version ``k-1``, which nobody knows before aggregation ``k-1`` completes, by which time the
-Sybil's ids must already be in the views. Trainers of ``k-1`` (who hold that model) and the aggregators
-of ``k`` (who receive its digest with every update) derive the same key, so samples stay consistent.
+orderings. With ``sample_key="model"`` (default) the order of round ``k >= 3`` is keyed by the SHA-256
+of model version ``k-2``, which nobody knows before aggregation ``k-2`` completes; an id must be in the
+views before then (a join takes effect at the next model send), so ids cannot be chosen against the key.
+The trainers of ``k-1`` (their model carries its parent's digest) and the aggregators of ``k`` (every
+update carries it) derive the same key, so samples stay consistent; two rounds back rather than one so
+that two versions ``k-1`` split off one version ``k-2`` still meet at the same aggregator of ``k``.
+The aggregator of ``k-2`` could still grind its model's bytes to steer round ``k``: see docs/protocols.md.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ class ModestSettings:
     :param ping_interval_s: a ping is re-sent every this many seconds until the timeout (default 1).
     :param inactivity_threshold: rounds without activity before a peer leaves the active set (default 50).
     :param join_fanout: peers told about a join or leave (default None: ``min(10 * s, view size)``).
-    :param sample_key: ``"model"`` (default: key round ``k``'s order by the digest of model ``k-1``, against
+    :param sample_key: ``"model"`` (default: key round ``k``'s order by the digest of model ``k-2``, against
         grinding) or ``"round"`` (the reference: round number only).
     :param rule: aggregation rule (default ``mean``); rules that need updates get ``model - base``.
     :param rule_params: extra parameters of the rule.
