@@ -1,4 +1,4 @@
-"""Shared helpers for tests that start real hivemind DHTs and p2pd daemons on 127.0.0.1.
+"""Shared fixtures and utilities for tests that start real hivemind DHTs and p2pd daemons on 127.0.0.1.
 
 Everything started here is stopped here: `NetworkGuard` records the ``/tmp/hivemind-*.sock`` files and
 the child processes that exist before a test, and afterwards stops the processes and removes the socket
@@ -23,7 +23,7 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: How long a DHT may take to start or stop, in seconds.
 DHT_TIMEOUT = 15.0
 SOCKET_GLOB = "/tmp/hivemind-*.sock"
-#: Helper processes that belong to this process for its whole life and exit with it: torch starts
+#: Auxiliary processes that belong to this process for its whole life and exit with it: torch starts
 #: ``torch_shm_manager`` once when hivemind first shares a tensor between processes.
 PROCESS_ALLOWLIST = frozenset({"torch_shm_manag", "torch_shm_manager"})
 
@@ -117,7 +117,7 @@ class NetworkGuard:
         self.cleanup()
 
     def new_processes(self) -> set[int]:
-        """Descendants started since `__enter__`, except the allowlisted helpers."""
+        """Descendants started since `__enter__`, except the allowlisted auxiliary processes."""
         new = descendant_pids() - self.pids_before
         return {pid for pid in new if process_name(pid) not in PROCESS_ALLOWLIST}
 
