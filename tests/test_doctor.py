@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,20 @@ NAMES = ["p2pd", "initial peers", "reachability", "clock", "gpu", "state dir", "
 
 
 def _run(*args: str) -> Result:
+    """`p2pnode doctor ARGS` in this process (for checks that start no DHT process)."""
     return CliRunner().invoke(doctor, list(args), catch_exceptions=False)
 
 
-def _statuses(result: Result) -> dict[str, str]:
-    return {c["name"]: c["status"] for c in json.loads(result.stdout)}
+def _run_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`p2pnode doctor ARGS` in a process of its own, as a user runs it. Checks that start a DHT run there:
+    hivemind forks the DHT process, and a fork of the test process would inherit the grpc objects of
+    earlier tests."""
+    code = "from p2pnode.cli.doctor import doctor; doctor()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
+
+
+def _statuses(stdout: str) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in json.loads(stdout)}
 
 
 @pytest.mark.network
@@ -32,14 +43,14 @@ def test_doctor_against_a_running_node(tmp_path: Path) -> None:
     d = Daemon(["--state-dir", str(state), "--device", "cpu", "--min-round-time", "0.5"])
     try:
         peer_id, maddrs, _ = d.ready().groups()
-        text = _run("--initial-peer", maddrs.split(",")[0], "--state-dir", str(state))
-        assert text.exit_code == 0, text.output
+        text = _run_process("--initial-peer", maddrs.split(",")[0], "--state-dir", str(state))
+        assert text.returncode == 0, text.stdout + text.stderr
         lines = text.stdout.splitlines()
         for name in NAMES:  # every check is reported, in order
             assert any(line[6:].startswith(name) for line in lines), (name, text.stdout)
         assert lines[-1] == "7 checks: none failed"
-        as_json = _run(maddrs.split(",")[0], "--state-dir", str(state), "--json")
-        assert as_json.exit_code == 0
+        as_json = _run_process(maddrs.split(",")[0], "--state-dir", str(state), "--json")
+        assert as_json.returncode == 0
         checks = {c["name"]: c for c in json.loads(as_json.stdout)}
         assert list(checks) == NAMES
         for name in ("p2pd", "initial peers", "reachability", "clock", "state dir", "identity"):
@@ -57,12 +68,12 @@ def test_doctor_against_a_running_node(tmp_path: Path) -> None:
 @pytest.mark.network
 def test_doctor_with_a_dead_peer_fails_and_says_what_to_do(tmp_path: Path) -> None:
     identity = load_or_create_identity(tmp_path)  # a real peer id that nobody runs
-    result = _run("--initial-peer", f"/ip4/127.0.0.1/tcp/9/p2p/{identity.peer_id}", "--state-dir",
-                  str(tmp_path / "s"), "--timeout", "5")
-    assert result.exit_code == 1
+    result = _run_process("--initial-peer", f"/ip4/127.0.0.1/tcp/9/p2p/{identity.peer_id}", "--state-dir",
+                          str(tmp_path / "s"), "--timeout", "5")
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL  initial peers" in result.stdout and "fix: check the addresses" in result.stdout
     statuses = _statuses(_run("--initial-peer", "/ip4/127.0.0.1/tcp/9", "--state-dir", str(tmp_path / "s"),
-                              "--json"))
+                              "--json").stdout)
     assert statuses["initial peers"] == "fail"  # no /p2p/<peer id>
     assert statuses["reachability"] == statuses["clock"] == "skip"
 

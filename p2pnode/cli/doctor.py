@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import ipaddress
 import json
 import os
@@ -148,8 +149,12 @@ async def check_peers(peers: list[str], host: str, port: int, timeout: float) ->
         return [Check("initial peers", "fail", f"no /p2p/<peer id> in {', '.join(bad)}",
                       "give the full multiaddr that the node prints in its ready line, ending in /p2p/<peer id>"),
                 *(Check(n, "skip", "no initial peer could be asked") for n in names[1:])]
+    # On this (the main) thread, after a garbage collection: hivemind forks the DHT process, and objects
+    # that only another thread's stack holds, or uncollected garbage, would be finalized in the child,
+    # where grpc's hang.
+    gc.collect()
     try:
-        dht = await asyncio.to_thread(_start_dht, good, host, port, timeout)
+        dht = _start_dht(good, host, port, timeout)
     except Exception as e:
         return [Check("initial peers", "fail", f"none of {len(good)} initial peer(s) answered: {e}",
                       "check the addresses, that the nodes run, and that no firewall blocks their TCP ports"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import shutil
@@ -83,6 +84,9 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
             signer = dht_kwargs["record_validators"][0]
         elif settings.state_dir is not None:
             dht_kwargs = {"identity_path": str(key_path), "check_if_identity_free": check_free}
+        # hivemind forks the DHT process. Collect garbage first, so that the child never finalizes objects
+        # of this process that are not fork-safe (grpc's hang when finalized in a forked child).
+        gc.collect()
         try:
             dht = hivemind.DHT(start=True, host_maddrs=[_host_maddr(config.host, config.port)],
                                initial_peers=list(config.initial_peers), await_ready=True,
