@@ -40,7 +40,7 @@ def test_same_seed_same_json_byte_for_byte(tmp_path: Path) -> None:
     assert outs[0] != outs[2]
     data = json.loads(outs[0])
     assert set(data) == {"config", "rounds", "final_accuracy", "total_bytes"}
-    assert set(data["rounds"][0]) == {"round", "time_s", "accuracy", "loss", "bytes", "active_nodes"}
+    assert set(data["rounds"][0]) == {"round", "time_s", "accuracy", "loss", "bytes", "active_nodes", "participants"}
     assert "wall" not in outs[0].decode()
 
 

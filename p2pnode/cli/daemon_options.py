@@ -39,7 +39,7 @@ def daemon_options(f: F) -> F:
         click.option("--metrics-host", default="127.0.0.1", show_default=True,
                      help="Address of the metrics endpoint."),
         click.option("--max-gpu-memory", default=None, metavar="GIB|FRACTION",
-                     help="Cap on this process's GPU memory: GiB (8, 8GiB) or a fraction (0.5, 50%%)."),
+                     help="Cap on this process's GPU memory: GiB (8, 8GiB) or a fraction (0.5, 50%)."),
         click.option("--cpu-threads", default=None, type=int, help="CPU threads for training [torch default]."),
         click.option("--max-upload-mbps", default=None, type=float,
                      help="Cap on the average upload rate to peers, in Mbit/s [default: none]."),

@@ -12,7 +12,8 @@ import click
 
 from p2pnode import __version__
 from p2pnode.cli.control_cmds import register
-from p2pnode.cli.daemon_options import settings_from_options
+from p2pnode.cli.daemon_options import daemon_options, settings_from_options
+from p2pnode.cli.doctor import doctor
 from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
 from p2pnode.cli.serve import serve
 from p2pnode.errors import P2PNodeError
@@ -46,6 +47,7 @@ def _run(kw: dict[str, Any]) -> None:
 @cli.command()
 @node_options
 @training_options
+@daemon_options
 def run(**kw: Any) -> None:
     """Start a node in the foreground; Ctrl-C or SIGTERM stops it cleanly.
 
@@ -59,6 +61,7 @@ def run(**kw: Any) -> None:
 @click.argument("multiaddr", nargs=-1, required=True)
 @node_options
 @training_options
+@daemon_options
 def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
     """Start a node that joins the swarm of MULTIADDR (same as `run --initial-peer MULTIADDR`)."""
     kw["initial_peers"] = tuple(kw["initial_peers"]) + multiaddr
@@ -168,6 +171,7 @@ def swarm(**kw: Any) -> None:
 
 
 register(cli)
+cli.add_command(doctor)
 
 
 def main() -> None:
