@@ -23,6 +23,10 @@ READY = re.compile(r"^p2pnode ready peer_id=(\S+) maddrs=(\S*) control=(\S+)")
 #: Seconds to wait for a daemon's ready line, and for all daemons to stop after SIGTERM.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
+#: Options of `training_options` passed on to each daemon as ``--name value`` when set.
+FORWARDED = ("topology", "alpha", "local_steps", "lr", "batch_size", "sample_size", "aggregators",
+             "success_fraction", "aggregation_timeout", "sample_key", "fl_server", "outer_lr", "dpsgd_graph",
+             "dpsgd_degree")
 
 
 @dataclass
@@ -43,7 +47,8 @@ def _args(kw: dict[str, Any], index: int, initial: list[str]) -> list[str]:
             "--rule", kw["rule"], "--seed", str(kw["seed"]), "--shard", f"{index}/{kw['nodes']}",
             "--init", kw["init"], "--device", kw["device"], "--min-round-time", str(kw["min_round_time"]),
             "--exchange-timeout", "10", "--wait-for-peers", str(kw["nodes"] - 1)]
-    for key in ("alpha", "local_steps", "lr", "batch_size"):
+    # Every run-wide training option goes to every daemon: the run's config hash must agree on all of them.
+    for key in FORWARDED:
         if kw.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(kw[key])]
     for p in kw.get("rule_params", ()):

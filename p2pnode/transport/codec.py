@@ -63,7 +63,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     # Viewing as uint8 is zero-copy; bfloat16 has no numpy dtype, so go through bytes of uint8.
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    # reshape first: a 0-dim tensor of a multi-byte dtype cannot be viewed as uint8 directly.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def encode(
