@@ -1,0 +1,120 @@
+"""MoDeST over the real network with a crash: six daemons on 127.0.0.1 (hivemind DHT + libp2p), sample size 3;
+the aggregator of a round dies mid-round (its libp2p daemon and DHT process are killed with SIGKILL, its handler
+never answers, nothing is withdrawn). The survivors carry on and all reach accuracy >= 0.85 on digits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from netutil import NetworkGuard, descendant_pids
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.node import Node
+from p2pnode.daemon.real import create_real_node
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+NODES = 6
+#: The first aggregation index whose aggregator is killed when it receives its first trained model.
+CRASH_AT = 4
+
+
+async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)
+
+
+def _crash(node: Node) -> None:
+    """Kill the node's libp2p daemon and DHT process as a power cut would: no leave, no record withdrawn."""
+    dht_pid = node.directory.dht.pid  # type: ignore[attr-defined]
+    # The DHT process started the libp2p daemon that this node's transport shares: kill both.
+    for pid in [*descendant_pids(dht_pid), dht_pid]:
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> None:
+    with NetworkGuard() as guard:
+        nodes: list[Node] = []
+        tasks: dict[str, asyncio.Task[None]] = {}
+        events: list[AggregationEvent] = []
+        victim: list[Node] = []
+        progress = asyncio.Event()
+
+        def on_aggregate(ev: AggregationEvent) -> None:
+            events.append(ev)
+            progress.set()
+
+        def arm(node: Node) -> None:
+            proto: Any = node.protocol
+            real = proto._receive_update
+
+            async def receive(sender: str, round_: int, *args: Any, **kwargs: Any) -> Any:
+                if not victim and round_ + 1 >= CRASH_AT:
+                    victim.append(node)
+                    _crash(node)
+                    tasks[node.peer_id].cancel()
+                    await asyncio.Event().wait()  # a dead process never answers
+                return await real(sender, round_, *args, **kwargs)
+
+            proto._receive_update = receive
+
+        try:
+            for i in range(NODES):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="modest-crash", seed=11, shard=(i, NODES), device="cpu",
+                                    initial_peers=initial, topology="modest", sample_size=3,
+                                    aggregation_timeout_s=8.0, ping_timeout_s=2.0, idle_timeout_s=5.0,
+                                    exchange_timeout_s=8.0, announce_ttl_s=20.0, local_steps=20).validate()
+                node = await create_real_node(config, DaemonSettings.in_memory())
+                await node.start()
+                assert isinstance(node.protocol, ModestProtocol)
+                node.protocol.on_aggregate = on_aggregate
+                arm(node)
+                nodes.append(node)
+            await _wait_for_peers(nodes, NODES - 1)
+
+            async def loop(node: Node) -> None:
+                while True:
+                    await node.run_round()
+
+            for n in nodes:
+                tasks[n.peer_id] = asyncio.get_running_loop().create_task(loop(n))
+            deadline = time.monotonic() + 150.0
+            while not (victim and events and events[-1].index >= CRASH_AT + 10
+                       and (events[-1].accuracy or 0.0) >= 0.85):
+                progress.clear()
+                assert time.monotonic() < deadline, (len(victim), [(e.index, e.accuracy) for e in events])
+                await asyncio.wait_for(progress.wait(), max(0.1, deadline - time.monotonic()))
+            dead = victim[0]
+            after = [e for e in events if e.index > CRASH_AT]
+            # Rounds kept completing without the dead node, which took no part after it died.
+            assert len(after) >= 10
+            table = [(e.index, e.aggregator[-6:], [c[-6:] for c in e.contributors]) for e in after]
+            assert all(dead.peer_id not in e.contributors and e.aggregator != dead.peer_id for e in after[3:]), \
+                (dead.peer_id[-6:], table)
+            for t in tasks.values():
+                t.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            survivors = [n for n in nodes if n is not dead]
+            accuracy = [n.trainer.evaluate()[1] for n in survivors]
+            assert all(a >= 0.85 for a in accuracy), accuracy
+        finally:
+            for t in tasks.values():
+                t.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
