@@ -8,6 +8,7 @@ files of other programs running hivemind at the same time are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -15,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import hivemind
 from hivemind.p2p import P2P
@@ -191,3 +193,15 @@ def guarded() -> Iterator[NetworkGuard]:
     """Context manager form of `NetworkGuard`."""
     with NetworkGuard() as guard:
         yield guard
+
+
+async def wait_for_directory_peers(nodes: Sequence[Any], count: int, timeout: float = 60.0) -> None:
+    """Wait until every node's peer directory lists at least `count` peers; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from netutil import NetworkGuard, descendant_pids
+from netutil import NetworkGuard, descendant_pids, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
@@ -25,16 +25,6 @@ NODES = 6
 #: The first aggregation index whose aggregator is killed when it receives its first trained model.
 CRASH_AT = 4
 
-
-async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [len(await n.directory.peers()) for n in nodes]
-        if all(s >= count for s in seen):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
-        await asyncio.sleep(0.3)
 
 
 def _crash(node: Node) -> None:
@@ -84,7 +74,7 @@ async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> Non
                 node.protocol.on_aggregate = on_aggregate
                 arm(node)
                 nodes.append(node)
-            await _wait_for_peers(nodes, NODES - 1)
+            await wait_for_directory_peers(nodes, NODES - 1)
 
             async def loop(node: Node) -> None:
                 while True:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from netutil import NetworkGuard
+from netutil import NetworkGuard, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
@@ -16,16 +16,6 @@ from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-
-async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [len(await n.directory.peers()) for n in nodes]
-        if all(s >= count for s in seen):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
-        await asyncio.sleep(0.3)
 
 
 async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leaving() -> None:
@@ -57,7 +47,7 @@ async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leavi
                 assert isinstance(node.protocol, ModestProtocol)
                 node.protocol.on_aggregate = on_aggregate
                 nodes.append(node)
-            await _wait_for_peers(nodes, 4)
+            await wait_for_directory_peers(nodes, 4)
 
             async def loop(node: Node) -> None:
                 while True:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from netutil import NetworkGuard, descendant_pids, process_name
+from netutil import NetworkGuard, descendant_pids, process_name, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.real import create_real_node
 
@@ -35,16 +35,6 @@ def _max_distance(nodes: list[Any]) -> float:
     return max(float((a - b).norm()) for a, b in itertools.combinations(flats, 2))
 
 
-async def _wait_for_peers(nodes: list[Any], count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [len(await n.directory.peers()) for n in nodes]
-        if all(s >= count for s in seen):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
-        await asyncio.sleep(0.3)
-
 
 async def test_three_real_nodes_discover_train_and_agree() -> None:
     """3 real nodes: discovery through the DHT, 10 gossip rounds, accuracy >= 0.85, models converge."""
@@ -59,7 +49,7 @@ async def test_three_real_nodes_discover_train_and_agree() -> None:
                 node = await create_real_node(config)
                 await node.start()
                 nodes.append(node)
-            await _wait_for_peers(nodes, 2)
+            await wait_for_directory_peers(nodes, 2)
             distances = [_max_distance(nodes)]
             for _ in range(10):
                 await asyncio.gather(*(n.run_round() for n in nodes))
