@@ -1,7 +1,7 @@
 """A direct TLS 1.3 data channel for bulk messages, authenticated through the libp2p channel.
 
 Why: messages through p2pd cross three sockets and two Go daemons; on the measured 2-core machine that
-reaches 10-20 % of a plain TCP socket (see ``docs/benchmarks-transport.md``). Peers that can reach each
+reaches 10-20 % of a plain TCP socket (see ``docs/benchmarks.md``). Peers that can reach each
 other directly move large messages over one TLS 1.3 connection instead; libp2p stays the control path
 and the fallback (peers behind NAT).
 
