@@ -250,3 +250,31 @@ def test_control_clients_do_not_import_torch(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ shipped files
+
+def test_example_config_file_is_valid() -> None:
+    example = ROOT / "docs" / "config.example.toml"
+    result = invoke(["config", "check", "--config", str(example)])
+    assert result.exit_code == 0, result.output
+    got = show(["--config", str(example)])
+    assert got["rule_params"]["value"] == ["trim=1"] and got["run_id"]["source"] == "file"
+
+
+def test_compose_environment_is_valid_for_run() -> None:
+    """Each service of docker-compose.yml, as its entry script starts it (`p2pnode run` with the service's
+    environment, plus --initial-peer for joiners), makes a valid configuration."""
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert len(services) == 4
+    for name, service in services.items():
+        env = {k: str(v) for k, v in service["environment"].items()}
+        role, *flags = service["command"]
+        if role == "join":
+            flags = ["--initial-peer", "/ip4/127.0.0.1/tcp/4001/p2p/QmBootstrap", *flags]
+        got = show(flags, env)
+        assert got["run_id"]["value"] == "compose-swarm", name
+        assert got["shard"]["value"] == f"{name[-1]}/4" and got["shard"]["origin"] == "P2PNODE_SHARD"
+        assert got["wait_for_peers"]["value"] == 3
+        assert got["_"]["valid"], got["_"]["error"]
