@@ -67,6 +67,8 @@ RUN /opt/p2pnode/bin/pip install --no-cache-dir --disable-pip-version-check /tmp
  && /opt/p2pnode/bin/p2pnode --version
 COPY docker/swarm-node.sh /usr/local/bin/p2pnode-swarm-node
 
+# Every option of `p2pnode run` is also a P2PNODE_* variable (`docker run -e P2PNODE_RUN_ID=... -e
+# P2PNODE_INITIAL_PEERS=...`; list in docs/daemon.md), and /data/config.toml is read when present.
 ENV PATH=/opt/p2pnode/bin:$PATH \
     P2PNODE_STATE_DIR=/data \
     PYTHONUNBUFFERED=1 \

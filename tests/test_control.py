@@ -142,7 +142,10 @@ async def test_status_and_peers_report_rounds_and_peers(swarm: Swarm) -> None:
     assert status["peer_id"] == swarm.node.peer_id
     assert status["round"] == ROUNDS
     assert status["peers"] == NODES - 1
-    assert status["state"] == "running"
+    assert status["state"] == "training"
+    assert status["partial_rounds"] == swarm.node.partial_rounds
+    assert status["last_checkpoint_round"] is None  # these nodes keep no checkpoints
+    assert status["resumed_from"] == "fresh"
     assert 0.0 <= status["accuracy"] <= 1.0
     assert status["loss"] > 0
     assert status["bytes_sent"] == swarm.node.transport.stats.bytes_sent > 0
@@ -154,6 +157,8 @@ async def test_status_and_peers_report_rounds_and_peers(swarm: Swarm) -> None:
     assert human.exit_code == 0
     assert swarm.node.peer_id in human.stdout
     assert any(line.split() == ["round", str(ROUNDS)] for line in human.stdout.splitlines())
+    assert any(line.split() == ["state", "training"] for line in human.stdout.splitlines())
+    assert any(line.split() == ["resumed", "from", "fresh"] for line in human.stdout.splitlines())
 
     peers = await invoke(["peers", "--json", "--state-dir", str(swarm.state_dir)])
     assert peers.exit_code == 0, peers.output
@@ -278,6 +283,12 @@ async def test_metrics_and_status_rpc(swarm: Swarm) -> None:
         s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
         assert (s.round, s.task, s.run_id, s.topology) == (2, "digits-mlp", "control-test", "gossip")
         assert s.uptime_s > 0
+        assert s.node_state == control_pb2.NODE_STATE_TRAINING and s.state == "running"
+        assert not s.HasField("last_checkpoint_round") and s.resumed_from == "fresh"
+        # What a resumed node with partial rounds reports (set by the checkpoint and quorum code paths).
+        swarm.node.last_checkpoint_round, swarm.node.resumed_from, swarm.node.partial_rounds = 2, "checkpoint", 1
+        s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
+        assert (s.last_checkpoint_round, s.resumed_from, s.partial_rounds) == (2, "checkpoint", 1)
 
 
 async def test_health_serving_then_not_serving(swarm: Swarm) -> None:

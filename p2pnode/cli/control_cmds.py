@@ -225,11 +225,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(fmt.format(*r).rstrip() for r in [headers, *rows])
 
 
+def node_state(reply: control_pb2.StatusReply) -> str:
+    """The node's lifecycle state in one lower-case word: created, starting, syncing, training, stopping or
+    stopped (from `node_state`; a daemon too old to send it gives its `state` word instead)."""
+    if reply.node_state == control_pb2.NODE_STATE_UNSPECIFIED:
+        return reply.state or "unknown"
+    return control_pb2.NodeState.Name(reply.node_state).removeprefix("NODE_STATE_").lower()
+
+
 def status_dict(reply: control_pb2.StatusReply, address: str) -> dict[str, Any]:
     """`StatusReply` as the JSON object `p2pnode status --json` prints (None for unset values)."""
     return {
         "peer_id": reply.peer_id, "run_id": reply.run_id, "task": reply.task, "topology": reply.topology,
-        "rule": reply.rule, "state": reply.state, "round": reply.round, "peers": reply.peers,
+        "rule": reply.rule, "state": node_state(reply), "round": reply.round, "peers": reply.peers,
+        "partial_rounds": reply.partial_rounds,
+        "last_checkpoint_round": _opt(reply, "last_checkpoint_round"),
+        "resumed_from": reply.resumed_from or None,
         "accuracy": _opt(reply, "accuracy"), "loss": _opt(reply, "loss"), "bytes_sent": reply.bytes_sent,
         "bytes_received": reply.bytes_received, "rejected": dict(sorted(reply.rejected.items())),
         "maddrs": list(reply.maddrs), "pid": reply.pid, "uptime_s": round(reply.uptime_s, 3),
@@ -282,8 +293,12 @@ def status(state_dir: Path | None, timeout: float, as_json: bool) -> None:
     click.echo(key_values([
         ("peer id", reply.peer_id),
         ("run", f"{reply.run_id} (task {reply.task}, {reply.topology}/{reply.rule})"),
-        ("state", reply.state),
+        ("state", node_state(reply)),
         ("round", str(reply.round)),
+        ("partial rounds", str(reply.partial_rounds)),
+        ("last checkpoint", "-" if not reply.HasField("last_checkpoint_round")
+         else f"round {reply.last_checkpoint_round}"),
+        ("resumed from", reply.resumed_from or "-"),
         ("peers", str(reply.peers)),
         ("accuracy", _num(acc, 3)),
         ("loss", _num(_opt(reply, "loss"))),

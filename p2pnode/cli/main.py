@@ -11,12 +11,14 @@ from typing import Any
 import click
 
 from p2pnode import __version__
+from p2pnode.cli.config_cmds import config
 from p2pnode.cli.control_cmds import register
 from p2pnode.cli.daemon_options import daemon_options, settings_from_options
 from p2pnode.cli.doctor import doctor
+from p2pnode.cli.layered import LayeredCommand, explain_config_error
 from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
 from p2pnode.cli.serve import serve
-from p2pnode.errors import P2PNodeError
+from p2pnode.errors import ConfigError, P2PNodeError
 from p2pnode.log import setup_logging
 
 #: Exit codes: 0 clean stop, 2 bad usage or config, 3 start-up failure.
@@ -34,6 +36,8 @@ def _run(kw: dict[str, Any]) -> None:
     try:
         config = config_from_options(kw)
         settings = settings_from_options(kw)
+    except ConfigError as e:
+        raise explain_config_error(click.get_current_context(), e) from e
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
     setup_logging(kw["log_level"], kw["json_logs"])
@@ -44,7 +48,7 @@ def _run(kw: dict[str, Any]) -> None:
         sys.exit(EXIT_STARTUP)
 
 
-@cli.command()
+@cli.command(cls=LayeredCommand)
 @node_options
 @training_options
 @daemon_options
@@ -53,11 +57,14 @@ def run(**kw: Any) -> None:
 
     It prints one line when it is ready:
     `p2pnode ready peer_id=<id> maddrs=<multiaddrs> control=<addr>`.
+
+    Every option can also be set in a TOML file (--config) or a P2PNODE_* environment variable;
+    `p2pnode config show` prints the effective values and where each came from.
     """
     _run(kw)
 
 
-@cli.command()
+@cli.command(cls=LayeredCommand)
 @click.argument("multiaddr", nargs=-1, required=True)
 @node_options
 @training_options
@@ -172,6 +179,7 @@ def swarm(**kw: Any) -> None:
 
 register(cli)
 cli.add_command(doctor)
+cli.add_command(config)
 
 
 def main() -> None:

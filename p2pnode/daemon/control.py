@@ -49,6 +49,12 @@ LIST_PEERS_TIMEOUT_S = 10.0
 STOP_GRACE_S = 1.0
 #: Node states in which the node no longer runs rounds.
 _ENDED_STATES = frozenset({"stopping", "stopped"})
+#: `Node.state` words -> `NodeState` values of the Status reply ("running" is reported as TRAINING).
+NODE_STATES: dict[str, control_pb2.NodeState] = {
+    "created": control_pb2.NODE_STATE_CREATED, "starting": control_pb2.NODE_STATE_STARTING,
+    "syncing": control_pb2.NODE_STATE_SYNCING, "running": control_pb2.NODE_STATE_TRAINING,
+    "stopping": control_pb2.NODE_STATE_STOPPING, "stopped": control_pb2.NODE_STATE_STOPPED,
+}
 
 
 def _bearer_token(metadata: Any) -> str | None:
@@ -150,7 +156,11 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             peer_id=st.peer_id, run_id=st.run_id, task=st.task, round=st.round, peers=st.peers,
             bytes_sent=st.bytes_sent, bytes_received=st.bytes_received, rejected=st.rejected,
             maddrs=st.maddrs, state=st.state, topology=node.config.topology, rule=node.config.rule,
-            pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__)
+            pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__,
+            partial_rounds=st.partial_rounds, resumed_from=st.resumed_from,
+            node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED))
+        if st.last_checkpoint_round is not None:
+            reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:
             reply.accuracy = st.accuracy
         if st.loss is not None:

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,12 +7,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_CREATED: _ClassVar[NodeState]
+    NODE_STATE_STARTING: _ClassVar[NodeState]
+    NODE_STATE_SYNCING: _ClassVar[NodeState]
+    NODE_STATE_TRAINING: _ClassVar[NodeState]
+    NODE_STATE_STOPPING: _ClassVar[NodeState]
+    NODE_STATE_STOPPED: _ClassVar[NodeState]
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_CREATED: NodeState
+NODE_STATE_STARTING: NodeState
+NODE_STATE_SYNCING: NodeState
+NODE_STATE_TRAINING: NodeState
+NODE_STATE_STOPPING: NodeState
+NODE_STATE_STOPPED: NodeState
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version")
+    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +54,10 @@ class StatusReply(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    NODE_STATE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     task: str
@@ -53,7 +75,11 @@ class StatusReply(_message.Message):
     pid: int
     uptime_s: float
     version: str
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+    partial_rounds: int
+    last_checkpoint_round: int
+    resumed_from: str
+    node_state: NodeState
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()
