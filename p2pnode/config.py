@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {
     "fl": ("sample_size", "success_fraction", "fl_server", "outer_lr", "outer_momentum", "outer_nesterov"),
     "dpsgd": ("dpsgd_graph", "dpsgd_degree"),
 }
+#: Run-wide keys of secure aggregation, hashed when it is on.
+SECAGG_RUN_KEYS = ("secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip")
 SAMPLE_KEYS = ("model", "round")
 DPSGD_GRAPHS = ("exponential", "regular")
 
@@ -117,6 +120,21 @@ class NodeConfig:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
 
+    # -- secure aggregation (modest and fl; algorithms.md 5, docs/secagg.md) ---------------------------------
+    #: Secure aggregation inside each sample: the aggregator learns only the sum of the trainers' updates
+    #: (SecAgg / SecAgg+ with dropout recovery). Needs topology modest or fl and rule mean or vca (default off).
+    secagg: bool = False
+    #: ``k``: other trainers each trainer masks and shares with (default None: all of the sample up to 32
+    #: trainers, else the smallest k of docs/secagg.md, about O(log n)); even unless it covers the sample.
+    secagg_neighbours: int | None = None
+    #: ``t``: shares needed to reconstruct a trainer's secrets, a strict majority of its k + 1 holders
+    #: (default None: the smallest integer above 2/3 of them, 7 of 10). A round with fewer than ``t``
+    #: trainers left is aborted, counted and reported; its updates are not applied.
+    secagg_threshold: int | None = None
+    #: Coordinates of the (model - base) update are clipped to [-clip, clip] before the fixed-point
+    #: encoding with 2^22 levels (default 8.0: step 3.8e-6).
+    secagg_clip: float = 8.0
+
     # -- dpsgd ---------------------------------------------------------------------------------------------
     #: Communication graph: ``exponential`` (one-peer exponential, default) or ``regular`` (random regular).
     dpsgd_graph: str = "exponential"
@@ -183,9 +201,34 @@ class NodeConfig:
                 raise ConfigError(f"outer_lr={self.outer_lr}: must be > 0")
             if not 0 <= self.outer_momentum < 1:
                 raise ConfigError(f"outer_momentum={self.outer_momentum}: must be in [0, 1)")
+        self._validate_secagg()
         if self.topology == "modest" and self.aggregators > self.sample_size:
             raise ConfigError(f"aggregators={self.aggregators} exceeds sample_size={self.sample_size}; "
                               f"allowed: 1..{self.sample_size}")
+
+    def _validate_secagg(self) -> None:
+        if not self.secagg:
+            return
+        if self.topology not in ("modest", "fl"):
+            raise ConfigError(f"secagg needs topology modest or fl, where an aggregator combines the updates of a "
+                              f"sample; {self.topology!r} has no such aggregator (peers exchange whole models), so "
+                              f"turn secagg off or use --topology modest")
+        from p2pnode.secagg.settings import check_rule_compatible  # local: config is a leaf module
+
+        check_rule_compatible(self.rule)
+        if self.secagg_neighbours is not None and self.secagg_neighbours < 1:
+            raise ConfigError(f"secagg_neighbours={self.secagg_neighbours}: must be >= 1 (or unset for the default)")
+        if self.sample_size < 2:
+            raise ConfigError(f"secagg needs sample_size >= 2 (a sum of one update is that update), got "
+                              f"{self.sample_size}")
+        if self.secagg_threshold is not None:
+            quorum = max(1, math.floor(self.success_fraction * self.sample_size + 1e-9))
+            if not 2 <= self.secagg_threshold <= quorum:
+                raise ConfigError(f"secagg_threshold={self.secagg_threshold}: must be in 2..{quorum} "
+                                  f"(floor(success_fraction * sample_size)): an aggregator cannot complete with "
+                                  f"fewer updates than that anyway")
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+            raise ConfigError(f"secagg_clip={self.secagg_clip}: must be a finite number > 0")
 
     @property
     def config_hash(self) -> str:
@@ -194,6 +237,9 @@ class NodeConfig:
         run["rule_params"] = self.rule_params
         for k in TOPOLOGY_RUN_KEYS.get(self.topology, ()):
             run[k] = getattr(self, k)
+        if self.secagg:  # hashed only when on, so that the hash of runs without it stays as it was
+            for k in SECAGG_RUN_KEYS:
+                run[k] = getattr(self, k)
         blob = json.dumps(run, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -20,6 +20,7 @@ from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.secagg import Stage
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
@@ -91,6 +92,14 @@ class SimConfig:
     crash_round: int = 1
     rejoin_round: int | None = None
     rejoin_fraction: float = 1.0
+    secagg: bool = False
+    secagg_neighbours: int | None = None
+    secagg_threshold: int | None = None
+    secagg_clip: float = 8.0
+    #: secagg fault injection: peer id (``node-NNNN``) -> stage label (``advertise``, ``share``, ``masked``,
+    #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
+    #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
+    secagg_silent: dict[str, str] = field(default_factory=dict)
 
     def node_config(self, index: int) -> NodeConfig:
         if not 0.0 <= self.crash_fraction <= 1.0:
@@ -110,7 +119,9 @@ class SimConfig:
                           success_fraction=self.success_fraction, aggregation_timeout_s=self.aggregation_timeout_s,
                           sample_key=self.sample_key, inactivity_threshold=self.inactivity_threshold,
                           dpsgd_graph=self.dpsgd_graph,
-                          dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr).validate()
+                          dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr, secagg=self.secagg,
+                          secagg_neighbours=self.secagg_neighbours, secagg_threshold=self.secagg_threshold,
+                          secagg_clip=self.secagg_clip).validate()
 
 
 def sim_peer_id(index: int) -> str:
@@ -124,6 +135,8 @@ def _node_rng(seed: int, index: int) -> random.Random:
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
+#: Called with every `AggregationEvent` of modest and fl runs (it carries the new model: research, tests).
+EventCallback = Callable[[AggregationEvent], None]
 
 
 class _Churn:
@@ -206,7 +219,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, churn: _Churn,
-                        on_round: RoundCallback | None) -> dict[str, Any]:
+                        on_round: RoundCallback | None, on_event: EventCallback | None = None) -> dict[str, Any]:
     """modest, fl: every node runs its own round loop, as a daemon does; a round is one model version.
 
     Row ``r`` is written when the first aggregator completes version ``r``; later completions of the
@@ -242,6 +255,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
 
     def on_aggregate(ev: AggregationEvent) -> None:
         nonlocal sent_before
+        if on_event is not None:
+            on_event(ev)
         row = rows.get(ev.index)
         first = row is None
         if row is None:
@@ -257,6 +272,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
                 "sample": list(ev.contributors),
                 "aggregators": [ev.aggregator],
             }
+            if ev.secure:  # who is in the secure mean, who is not, and whether it was aborted
+                row["secagg"] = {"dropped": list(ev.dropped), "aborted": ev.aborted is not None}
             sent_before = sent
             rows[ev.index] = row
             evals[ev.index] = []
@@ -275,6 +292,12 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
 
     for p in protocols:
         p.on_aggregate = on_aggregate  # type: ignore[attr-defined]
+    for peer, label in cfg.secagg_silent.items():
+        stage = next((st for st in Stage if st.label == label), None)
+        if stage is None:
+            raise ConfigError(f"secagg_silent: unknown stage {label!r}; allowed: {', '.join(st.label for st in Stage)}")
+        index = int(peer.rsplit("-", 1)[-1])
+        protocols[index].secagg_silent_from = stage  # type: ignore[attr-defined]
     churn_step(0)
     for i in range(len(nodes)):
         if network.is_alive(nodes[i].peer_id):
@@ -300,7 +323,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     return {"rounds": ordered, "stalled": stalled, "protocol_events": dict(sorted(events.items()))}
 
 
-async def _simulate(cfg: SimConfig, on_round: RoundCallback | None) -> dict[str, Any]:
+async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: EventCallback | None = None
+                    ) -> dict[str, Any]:
     link = LinkModel(latency_s=cfg.latency_ms / 1000, bandwidth_bytes_per_s=cfg.bandwidth_mbps * 1e6 / 8,
                      loss=cfg.loss)
     network = MemoryNetwork(NetworkModel(link), seed=cfg.seed)
@@ -323,7 +347,7 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None) -> dict[str,
         await node.start()
     churn = _Churn(cfg, network, nodes)
     if cfg.topology in EVENT_DRIVEN:
-        out = await _event_driven(cfg, nodes, network, churn, on_round)
+        out = await _event_driven(cfg, nodes, network, churn, on_round, on_event)
     else:
         out = await _lockstep(cfg, nodes, network, churn, on_round)
     for node in nodes:
@@ -346,8 +370,11 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None) -> dict[str,
     return result
 
 
-def run_simulation(cfg: SimConfig, on_round: RoundCallback | None = None) -> dict[str, Any]:
+def run_simulation(cfg: SimConfig, on_round: RoundCallback | None = None,
+                   on_event: EventCallback | None = None) -> dict[str, Any]:
     """Run `cfg` on the virtual clock and return the results (JSON-ready; same seed, same results).
+
+    `on_round` gets each result row as it is written; `on_event` (modest and fl) every aggregation event.
 
     Uses one torch thread while it runs: the models are small, and it keeps results bit-for-bit
     reproducible across machines with different core counts.
@@ -355,6 +382,6 @@ def run_simulation(cfg: SimConfig, on_round: RoundCallback | None = None) -> dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_virtual(_simulate(cfg, on_round))
+        return run_virtual(_simulate(cfg, on_round, on_event))
     finally:
         torch.set_num_threads(threads)

@@ -121,6 +121,8 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         aggregators=kw["aggregators"], success_fraction=kw["success_fraction"],
                         sample_key=kw["sample_key"], dpsgd_graph=kw["dpsgd_graph"], dpsgd_degree=kw["dpsgd_degree"],
                         outer_lr=kw["outer_lr"], inactivity_threshold=kw["inactivity_threshold"],
+                        secagg=kw["secagg"], secagg_neighbours=kw["secagg_neighbours"],
+                        secagg_threshold=kw["secagg_threshold"], secagg_clip=kw["secagg_clip"],
                         crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
                         rejoin_fraction=kw["rejoin_fraction"])

@@ -72,6 +72,17 @@ def training_options(f: F) -> F:
         click.option("--fl-server", default=None, help="fl: peer id of the server [lowest peer id at start]."),
         click.option("--outer-lr", default=None, type=float,
                      help="modest/fl: learning rate of the outer Nesterov optimizer (unset: none)."),
+        click.option("--secagg/--no-secagg", default=False, show_default=True,
+                     help="modest/fl: secure aggregation inside each sample; the aggregator learns only the sum "
+                          "of the updates (rule mean or vca)."),
+        click.option("--secagg-neighbours", default=None, type=int,
+                     help="secagg: trainers each trainer masks and shares with, k [the whole sample up to 32, "
+                          "else about O(log n)]."),
+        click.option("--secagg-threshold", default=None, type=int,
+                     help="secagg: shares needed to recover a trainer's secrets, t [above 2/3 of k + 1]; a round "
+                          "with fewer trainers left is aborted."),
+        click.option("--secagg-clip", default=8.0, show_default=True, type=float,
+                     help="secagg: updates are clipped to [-C, C] before the fixed-point encoding."),
         click.option("--dpsgd-graph", default="exponential", show_default=True,
                      type=click.Choice(list(DPSGD_GRAPHS)),
                      help="dpsgd: one-peer exponential graph, or a random regular graph."),
@@ -130,7 +141,7 @@ def topology_settings(kw: dict[str, Any]) -> dict[str, Any]:
     """The `NodeConfig` fields of the modest, fl and dpsgd options (absent options keep their defaults)."""
     out: dict[str, Any] = {}
     for key in ("sample_size", "aggregators", "success_fraction", "sample_key", "fl_server", "outer_lr",
-                "dpsgd_graph", "dpsgd_degree"):
+                "dpsgd_graph", "dpsgd_degree", "secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"):
         if key in kw:
             out[key] = kw[key]
     if kw.get("aggregation_timeout") is not None:

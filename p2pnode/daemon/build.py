@@ -17,6 +17,7 @@ from p2pnode.protocols import (
     RoundProtocol,
 )
 from p2pnode.protocols.compute import Compute
+from p2pnode.secagg import SecAggSettings, StageTimeouts
 from p2pnode.training.tasks import Task, get_task
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
@@ -61,7 +62,8 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
             join_fanout=config.join_fanout, sample_key=config.sample_key, rule=config.rule,
             rule_params=dict(config.rule_params), outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
             outer_nesterov=config.outer_nesterov, idle_timeout_s=config.idle_timeout_s,
-            exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s)
+            exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s,
+            secagg=secagg_settings(config))
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
@@ -77,3 +79,19 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
         return DpsgdProtocol(dpsgd, transport=transport, directory=directory, trainer=trainer, compute=compute,
                              rng=rng)
     raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier
+
+
+def secagg_settings(config: NodeConfig) -> SecAggSettings | None:
+    """The secure-aggregation settings of a modest or fl run, or None when ``config.secagg`` is off.
+
+    Stage timeouts are fractions of ``aggregation_timeout_s`` (T): advertise, share and unmask T/4 each,
+    masked T (it covers local training, which runs after the share stage); users retry for T/2 while the
+    aggregator has not opened the instance, and allow ``exchange_timeout_s`` for a reply on the wire.
+    """
+    if not config.secagg:
+        return None
+    t = config.aggregation_timeout_s
+    return SecAggSettings(threshold=config.secagg_threshold, neighbours=config.secagg_neighbours,
+                          clip=config.secagg_clip,
+                          timeouts=StageTimeouts(advertise_s=t / 4, share_s=t / 4, masked_s=t, unmask_s=t / 4),
+                          open_timeout_s=t / 2, grace_s=config.exchange_timeout_s)

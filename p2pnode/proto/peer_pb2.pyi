@@ -170,7 +170,7 @@ class ModestAdvertAck(_message.Message):
     def __init__(self, round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ...) -> None: ...
 
 class ModestModel(_message.Message):
-    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "parent_digest", "combined")
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "parent_digest", "combined", "sample", "sample_key")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,8 @@ class ModestModel(_message.Message):
     VIEW_FIELD_NUMBER: _ClassVar[int]
     PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     COMBINED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_KEY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     round: int
@@ -185,7 +187,9 @@ class ModestModel(_message.Message):
     view: MembershipView
     parent_digest: bytes
     combined: int
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., parent_digest: _Optional[bytes] = ..., combined: _Optional[int] = ...) -> None: ...
+    sample: _containers.RepeatedScalarFieldContainer[str]
+    sample_key: bytes
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., parent_digest: _Optional[bytes] = ..., combined: _Optional[int] = ..., sample: _Optional[_Iterable[str]] = ..., sample_key: _Optional[bytes] = ...) -> None: ...
 
 class ModestModelAck(_message.Message):
     __slots__ = ("accepted", "round_estimate")
@@ -196,7 +200,7 @@ class ModestModelAck(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round_estimate: _Optional[int] = ...) -> None: ...
 
 class ModestUpdate(_message.Message):
-    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest")
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest", "secure")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,7 @@ class ModestUpdate(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     round: int
@@ -215,7 +220,8 @@ class ModestUpdate(_message.Message):
     train_loss: float
     examples: int
     parent_digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ...) -> None: ...
+    secure: bool
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ..., secure: _Optional[bool] = ...) -> None: ...
 
 class ModestAggAck(_message.Message):
     __slots__ = ("round", "success", "reason", "round_estimate", "contributors", "sample")

@@ -31,18 +31,20 @@ class SecAggKeys(_message.Message):
     def __init__(self, index: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., self_mask_commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggAdvertise(_message.Message):
-    __slots__ = ("session", "keys", "members", "dim", "extras")
+    __slots__ = ("session", "keys", "members", "dim", "extras", "context")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session: SecAggSession
     keys: SecAggKeys
     members: _containers.RepeatedScalarFieldContainer[str]
     dim: int
     extras: int
-    def __init__(self, session: _Optional[_Union[SecAggSession, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., extras: _Optional[int] = ...) -> None: ...
+    context: bytes
+    def __init__(self, session: _Optional[_Union[SecAggSession, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ..., dim: _Optional[int] = ..., extras: _Optional[int] = ..., context: _Optional[bytes] = ...) -> None: ...
 
 class SecAggAdvertiseReply(_message.Message):
     __slots__ = ("keys",)

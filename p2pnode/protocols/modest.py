@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -55,11 +56,28 @@ import torch
 
 from p2pnode.aggregation import OuterOptimizer, aggregate_states, rule_info
 from p2pnode.discovery import PeerDirectory
-from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
+from p2pnode.errors import AggregationError, BadMessage, ConfigError, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.base import PeerHealth, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.membership import JOIN, LEAVE, MAX_WIRE_NUMBER, Entry, View, from_proto, initial_view
+from p2pnode.secagg import (
+    Contribution,
+    SecAggError,
+    SecAggHost,
+    SecAggResult,
+    SecAggSettings,
+    SecAggUser,
+    Session,
+    SessionClaim,
+    Stage,
+    check_rule_compatible,
+    layer_variances,
+    plan,
+    split_layers,
+    variance_correct,
+)
+from p2pnode.secagg.aggregator import SecAggAggregator
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -74,6 +92,11 @@ BASE = "modest.base"
 #: Prefix of the outer optimizer's state tensors, which travel with a model.
 OUTER_PREFIX = "outer/"
 SAMPLE_KEYS = ("model", "round")
+#: Largest sample a model message may list, and longest peer id in it (characters).
+MAX_SAMPLE = 4096
+MAX_PEER_ID = 256
+#: Transport refusal code of a secure-aggregation claim that the sample order does not support.
+WRONG_SAMPLE = "wrong_sample"
 
 State = dict[str, torch.Tensor]
 
@@ -142,6 +165,10 @@ class ModestSettings:
     :param eval_every: aggregators evaluate every this many versions (0: never; default 1).
     :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
     :param leave_on_close: announce a graceful LEAVE when the protocol closes (default True).
+    :param secagg: secure aggregation inside each sample (`p2pnode.secagg`), or None (default) for none.
+        With it, trainers send their update ``model - base`` masked, the aggregator learns only the mean
+        of the survivors (rules ``mean`` and ``vca`` only), and an aggregation below the threshold is
+        aborted: the model goes on unchanged and ``secagg_aborted`` counts it (see docs/secagg.md).
     """
 
     run_id: str
@@ -172,6 +199,7 @@ class ModestSettings:
     eval_every: int = 1
     step_cost_s: float = 0.0
     leave_on_close: bool = True
+    secagg: SecAggSettings | None = None
 
     @property
     def threshold(self) -> int:
@@ -193,7 +221,13 @@ class AggregationEvent:
     :param time_s: loop time of the completion, in seconds (virtual seconds in the simulator).
     :param degraded: completed with fewer models than ``liveness_min`` after the top-ups.
     :param topups: top-ups this aggregation needed.
-    :param rule: the rule really used (``mean`` when the configured rule refused too few inputs).
+    :param rule: the rule really used (``mean`` when the configured rule refused too few inputs; ``none``
+        for an aborted secure aggregation).
+    :param secure: the models were combined by secure aggregation (only their mean was seen).
+    :param dropped: secure aggregation: members of the sample whose input is not in the mean, sorted.
+    :param aborted: secure aggregation: why it was aborted (too few trainers left); the new version is
+        then the base model unchanged, and `contributors` is empty. None when it completed.
+    :param state: the new model version (not copied: do not modify it).
     """
 
     index: int
@@ -207,6 +241,10 @@ class AggregationEvent:
     degraded: bool
     topups: int
     rule: str
+    secure: bool = False
+    dropped: list[str] = field(default_factory=list)
+    aborted: str | None = None
+    state: State | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -217,6 +255,10 @@ class _Incoming:
     sender: str
     parent: bytes = b""  # digest of version round - 1
     combined: int = 1
+    # With secagg: the sample of `round` (the users of the secure aggregation of round + 1) and the key
+    # that ordered its candidates (the aggregator of round + 1 checks the sample against it).
+    sample: tuple[str, ...] = ()
+    sample_key: bytes = b""
 
 
 @dataclass
@@ -268,6 +310,10 @@ class _Aggregation:
         self.topups = 0
         self.future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self.timer: asyncio.Task[None] | None = None
+        # Secure aggregation: the instance (opened from the first acceptable claim) and a signal for
+        # each trainer's metadata (its update travels masked in the instance).
+        self.instance: SecAggAggregator | None = None
+        self.arrived = asyncio.Event()
 
     def resolve(self, result: _Result) -> None:
         self.state = "done"
@@ -295,7 +341,11 @@ class ModestProtocol:
     `on_aggregate`, when set, is called with an `AggregationEvent` after each aggregation this node
     completes (the simulator uses it to record rounds). `counters` counts protocol events:
     ``aggregations``, ``topups``, ``relaunches``, ``resends``, ``late``, ``aborted``, ``degraded_rounds``,
-    ``base_pulls``.
+    ``base_pulls``; with secure aggregation also ``secagg_rounds`` (completed), ``secagg_aborted`` (below
+    the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
+    support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node).
+    `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
+    (fault injection for the simulator and the tests).
     """
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
@@ -318,6 +368,21 @@ class ModestProtocol:
         info = rule_info(settings.rule)
         self._needs_updates = info.needs_updates
         self._needs_base = info.needs_updates or settings.outer_lr is not None
+        self._secagg = settings.secagg
+        self._host: SecAggHost | None = None
+        self.secagg_silent_from: Stage | None = None
+        # Floating entries, in a fixed order, are what secure aggregation sums (as model - base); others
+        # (integer buffers) keep the base's value.
+        self._float_names = sorted(n for n, (_, dtype) in self._spec.items() if dtype.is_floating_point)
+        self._dim = sum(math.prod(self._spec[n][0]) for n in self._float_names)
+        self._vca_extras = len(self._float_names) if settings.rule == "vca" else 0
+        self._digests: dict[int, set[bytes]] = {}
+        self._refused: set[tuple[int, str]] = set()
+        if self._secagg is not None:
+            check_rule_compatible(settings.rule)
+            self._needs_base = True  # the mean of the updates is applied to the base model
+            self._host = SecAggHost(transport)
+            self._host.on_unopened = self._on_claim
         self._own_index = 0
         self._inbox: _Incoming | None = None
         self._wake = asyncio.Event()
@@ -366,6 +431,15 @@ class ModestProtocol:
         next one) then still share the aggregators of ``index``, which merges them again.
         """
         return grandparent if self.settings.sample_key == "model" and index >= 3 else b""
+
+    def _know(self, round_: int, digest: bytes) -> None:
+        """Remember that model version `round_` has `digest` (checks of secure-aggregation claims use it)."""
+        if round_ < 0 or len(digest) != 32:
+            return
+        self._digests.setdefault(round_, set()).add(digest)
+        if len(self._digests) > 16:
+            for r in sorted(self._digests)[:-16]:
+                del self._digests[r]
 
     def _active_count(self) -> int:
         active = self.view.active(self.round)
@@ -469,23 +543,41 @@ class ModestProtocol:
         self._check_run(sender, body)
         self._check_round(body.round, body.round_estimate)
         model, outer = self._split_model(msg.tensors, outer_allowed=True)
+        if len(body.sample) > MAX_SAMPLE or any(len(p) > MAX_PEER_ID for p in body.sample):
+            raise BadMessage(f"the sample of version {body.round} lists {len(body.sample)} peers (at most "
+                             f"{MAX_SAMPLE}) or an over-long peer id", code="oversized")
+        if len(body.sample_key) > 64:
+            raise BadMessage(f"sample_key: {len(body.sample_key)} bytes, at most 64", code="oversized")
         self._merge_view(body.view, max(body.round_estimate, body.round))
         self._heard(sender, max(body.round_estimate, body.round))
+        self._know(int(body.round) - 1, bytes(body.parent_digest))
         accepted = self._offer(_Incoming(int(body.round), model, outer, sender, bytes(body.parent_digest),
-                                         max(1, int(body.combined))))
+                                         max(1, int(body.combined)), tuple(body.sample), bytes(body.sample_key)))
         return Message(peer_pb2.ModestModelAck(accepted=accepted, round_estimate=self.round))
 
     async def _on_update(self, sender: str, msg: Message[Any]) -> Message[Any]:
         body: peer_pb2.ModestUpdate = msg.body
         self._check_run(sender, body)
         self._check_round(body.round, body.round_estimate)
-        model, _ = self._split_model(msg.tensors, outer_allowed=False)
+        if self._secagg is not None or body.secure:
+            # With secagg an update travels only masked: refuse one in the clear (and the converse).
+            if self._secagg is None:
+                raise BadMessage("secure update, but this run does not use secure aggregation", code="malformed")
+            if not body.secure or msg.tensors:
+                raise BadMessage("update in the clear, but this run uses secure aggregation: the trained model "
+                                 "must travel masked (secagg)", code="malformed")
+            model: State = {}
+        else:
+            model, _ = self._split_model(msg.tensors, outer_allowed=False)
         if not math.isfinite(body.train_loss):
             raise BadMessage("train_loss is not finite", code="non_finite")
         self._merge_view(body.view, max(body.round_estimate, body.round))
         self._heard(sender, max(body.round_estimate, body.round))
+        self._know(int(body.round), bytes(body.base_digest))
+        self._know(int(body.round) - 1, bytes(body.parent_digest))
         result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
-                                            bytes(body.parent_digest), float(body.train_loss))
+                                            bytes(body.parent_digest), float(body.train_loss),
+                                            secure=self._secagg is not None)
         return Message(result)
 
     async def _on_base(self, sender: str, msg: Message[Any]) -> Message[Any]:
@@ -598,7 +690,8 @@ class ModestProtocol:
         # Bootstrap: the first s of the initial ordering train version 0, without pings.
         first = [p for p in candidate_order(self.view.active(0), 0) if p != self.server][:self.settings.sample_size]
         if self.me in first:
-            self._offer(_Incoming(0, self.trainer.state(), {}, self.me))  # parent b"", combined 1
+            # parent b"", combined 1; the bootstrap sample is the first s candidates, keyed by b"".
+            self._offer(_Incoming(0, self.trainer.state(), {}, self.me, sample=tuple(first)))
 
     async def rejoin(self) -> None:
         """Come back after being unresponsive: forget work in progress and announce a JOIN."""
@@ -693,6 +786,8 @@ class ModestProtocol:
         return await self._train_and_upload(inc)
 
     async def _train_and_upload(self, inc: _Incoming) -> RoundReport:
+        if self._secagg is not None:
+            return await self._train_and_upload_secure(inc)
         s = self.settings
         k = inc.round
 
@@ -719,6 +814,81 @@ class ModestProtocol:
         return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
                             partner=ok[0][0] if ok else None)
 
+    async def _train_and_upload_secure(self, inc: _Incoming) -> RoundReport:
+        """Train version ``k = inc.round`` and contribute ``model - base`` masked to each aggregator of ``k + 1``.
+
+        One `SecAggUser` per aggregator (independent instances), started before training: the advertise
+        and share stages and the masks run while the model trains; the update then goes into the masked
+        stage, and the metadata (view, digests, loss) goes as a `ModestUpdate` without tensors, whose
+        acknowledgement says whether the update is in the mean. No resend to another aggregator: a new
+        instance would need the whole sample again.
+        """
+        s = self.settings
+        assert self._secagg is not None and self._host is not None
+        k = inc.round
+        sample = tuple(dict.fromkeys(inc.sample))
+        if self.me not in sample or len(sample) < 2:
+            self.counters["secagg_no_sample"] += 1
+            logger.warning("%s: version %d came without a sample naming this node; not training it",
+                           self._me_short, k)
+            return self._report("no_sample")
+        index = k + 1
+        self.view.flush_pending()  # a model send follows: pending joins enter the view that travels with it
+        key = self._key(index, inc.parent)
+        aggregators = [self.server] if self.server is not None else await self._available(index, s.aggregators, key)
+        loop = asyncio.get_running_loop()
+        training: asyncio.Future[Contribution] = loop.create_future()
+        silent, self.secagg_silent_from = self.secagg_silent_from, None
+        runs = []
+        for a in aggregators:
+            session = Session(s.run_id, index, a, sample, dim=self._dim, extras=self._vca_extras)
+            try:
+                user = SecAggUser(session, self._secagg, self.transport, local=self._host.dispatch,
+                                  context=inc.sample_key, stop_before=silent)
+            except (ConfigError, SecAggError) as e:
+                logger.warning("%s: cannot take part in the secure aggregation of version %d at %s: %s",
+                               self._me_short, index, _short(a), e)
+                continue
+            runs.append(self._spawn(user.run(training)))
+
+        def work() -> tuple[float, State]:
+            self.trainer.load_state(inc.state)
+            loss = self.trainer.train(s.local_steps)
+            return loss, self.trainer.state()
+
+        loss, trained = await self.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
+        self._model_round = max(self._model_round, k)
+        self._held_combined = inc.combined
+        base_digest = model_digest(inc.state)
+        self._know(k, base_digest)
+        self._bases[k] = _Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
+        self._prune_bases()
+        stale = self._accepted_round > k or self._closing
+        if stale or not math.isfinite(loss):
+            # No input: the users stop before the masked stage and count as dropped there.
+            training.set_exception(SecAggError("no input: training was superseded" if stale else "training diverged"))
+            await asyncio.gather(*runs, return_exceptions=True)
+            if stale:
+                self.counters["aborted"] += 1
+                return self._report("aborted", train_loss=loss)
+            logger.warning("%s: training diverged in round %d (loss %s); not uploading", self._me_short, k, loss)
+            return self._report("diverged", train_loss=loss)
+        vector = torch.cat([(trained[n].detach().cpu().to(torch.float64) - inc.state[n].detach().cpu().to(torch.float64)
+                             ).reshape(-1) for n in self._float_names])
+        extras = layer_variances([trained[n] for n in self._float_names]) if self._vca_extras else None
+        body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=self.round,
+                                     view=self.view.to_proto(), base_digest=base_digest, train_loss=loss,
+                                     examples=self.trainer.num_examples, parent_digest=inc.parent, secure=True)
+        msg: Message[peer_pb2.ModestUpdate] = Message(body, {})
+        tried = set(aggregators)
+        acks_task = asyncio.gather(*(self._deliver(a, msg, k, key, tried, resend=False) for a in aggregators))
+        training.set_result(Contribution(vector=vector, extras=extras))
+        acks = list(await acks_task)
+        await asyncio.gather(*runs, return_exceptions=True)
+        ok = [a for a in acks if a is not None and a[1].success]
+        return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
+                            partner=ok[0][0] if ok else None)
+
     async def _upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes
                       ) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
         """Send the model trained from version `k` to the aggregators of ``k + 1``; resend on failure."""
@@ -737,8 +907,8 @@ class ModestProtocol:
         tried = set(first)
         return list(await asyncio.gather(*(self._deliver(agg, msg, k, key, tried) for agg in first)))
 
-    async def _deliver(self, agg: str, msg: Message[peer_pb2.ModestUpdate], k: int, key: bytes, tried: set[str]
-                       ) -> tuple[str, peer_pb2.ModestAggAck] | None:
+    async def _deliver(self, agg: str, msg: Message[peer_pb2.ModestUpdate], k: int, key: bytes, tried: set[str],
+                       *, resend: bool = True) -> tuple[str, peer_pb2.ModestAggAck] | None:
         resends = 0
         while True:
             ack = await self._send_update(agg, msg, k)
@@ -753,7 +923,7 @@ class ModestProtocol:
                 return None  # a newer model is here: stop waiting (this aggregator is not at fault)
             if ack is None:
                 self.health.failed(agg, k + 1)
-            if self.server is not None:
+            if self.server is not None or not resend:
                 return None
             if resends >= self.settings.max_resends:
                 return None
@@ -771,7 +941,7 @@ class ModestProtocol:
         body = msg.body
         if agg == self.me:
             return await self._receive_update(self.me, k, msg.tensors, bytes(body.base_digest),
-                                              bytes(body.parent_digest), body.train_loss)
+                                              bytes(body.parent_digest), body.train_loss, secure=body.secure)
         call = asyncio.get_running_loop().create_task(
             self.transport.call(agg, UPDATE, msg, peer_pb2.ModestAggAck, timeout=self.settings.ack_timeout_s))
         try:
@@ -840,18 +1010,23 @@ class ModestProtocol:
             return
         self.counters["relaunches"] += 1
         self.view.flush_pending()
-        sample = await self._available(w.index, self.settings.sample_size, self._key(w.index, base.parent),
-                                       exclude=self._exclude(w.sample))
+        key = self._key(w.index, base.parent)
+        sample = await self._available(w.index, self.settings.sample_size, key, exclude=self._exclude(w.sample))
         accepted = await self._push_model(sample, w.index, base.state, base.outer, parent=base.digest,
-                                          combined=base.combined)
+                                          combined=base.combined, sample_key=key)
         logger.warning("%s: the sample of version %d stopped answering; sent version %d again as %d to %d peers",
                        self._me_short, w.index, w.base_round, w.index, len(accepted))
         w.sample, w.since = accepted, self._now()
 
     # -- aggregator side ----------------------------------------------------------------------------
     async def _receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
-                              parent_digest: bytes, train_loss: float) -> peer_pb2.ModestAggAck:
-        """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends."""
+                              parent_digest: bytes, train_loss: float, *, secure: bool = False
+                              ) -> peer_pb2.ModestAggAck:
+        """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends.
+
+        `secure`: the update's metadata only (its model travels masked in the secure instance of that
+        aggregation, which a claim must have opened).
+        """
         index = round_ + 1
 
         def ack(success: bool, reason: str, result: _Result | None = None) -> peer_pb2.ModestAggAck:
@@ -865,6 +1040,14 @@ class ModestProtocol:
         if index <= self._completed_index or (agg is not None and agg.state != "open"):
             self.counters["late"] += 1
             return ack(False, "late")  # the index is complete: late models are ignored
+        if secure:
+            if agg is None or agg.instance is None or sender not in agg.instance.plan.session.users:
+                return ack(False, "refused")  # no secure instance here that this trainer belongs to
+            agg.models.setdefault(sender, _Upload({}, base_digest, parent_digest, train_loss))
+            agg.arrived.set()
+            result = await asyncio.shield(agg.future)
+            ok = result.success and sender in result.contributors
+            return ack(ok, result.reason, result)
         if agg is None:
             agg = _Aggregation(index)
             self._aggregations[index] = agg
@@ -877,6 +1060,130 @@ class ModestProtocol:
         if result.success and sender in result.contributors:
             return ack(True, result.reason, result)
         return ack(False, result.reason if not result.success else "late", result)
+
+    # -- secure aggregation: the aggregator side ----------------------------------------------------
+    def _secagg_settings(self, n: int, threshold: int) -> SecAggSettings:
+        """The run's secagg settings with the masked-stage quorum of this aggregator.
+
+        The masked stage closes once ``max(t, floor(sf * s))`` inputs are in (capped by the sample): MoDeST's
+        wait for ``sf * s`` models, but never below the secagg threshold, which could only abort.
+        """
+        assert self._secagg is not None
+        return dataclasses.replace(self._secagg, masked_quorum=min(n, max(threshold, self._threshold())))
+
+    def _check_claim(self, claim: SessionClaim) -> str | None:
+        """Why the claimed sample of a secure aggregation is refused, or None when `candidate_order` supports it.
+
+        The sample of version ``k = claim.round - 1`` is the first responsive candidates of
+        ``candidate_order(active peers, k, key)``. Every member must be in this node's view and among the
+        first ``2 s`` candidates (room for ``s`` unresponsive ones skipped and for small view differences);
+        the key must be the one the run uses for round ``k`` (the digest of version ``k - 2`` with
+        ``sample_key=model``: when this node knows that version's digest, the key must be one of them).
+        """
+        s = self.settings
+        index, k, users = claim.round, claim.round - 1, set(claim.users)
+        if claim.run_id != s.run_id:
+            return f"run {claim.run_id!r} is not this node's run {s.run_id!r}"
+        if index < 1 or index >= MAX_WIRE_NUMBER:
+            return f"round {index} is never aggregated"
+        existing = self._aggregations.get(index)
+        if index <= self._completed_index or (existing is not None and existing.state != "open"):
+            return f"version {index} is already complete here"
+        if self.server is not None and self.server != self.me:
+            return "this node is not the run's aggregator"
+        if claim.sender not in users:
+            return "the sender is not in the sample it claims"
+        if len(users) > s.sample_size or (self.server is not None and self.server in users):
+            return f"the sample lists {len(users)} peers, more than s = {s.sample_size} trainers"
+        if claim.dim != self._dim or claim.extras != self._vca_extras:
+            return f"layout dim={claim.dim} extras={claim.extras}; this model needs {self._dim} and {self._vca_extras}"
+        key = claim.context
+        if s.sample_key == "model" and k >= 3:
+            known = self._digests.get(k - 2)
+            if len(key) != 32 or (known and key not in known):
+                return f"the ordering key is not the digest of model version {k - 2}"
+        elif key:
+            return f"round {k} is ordered without a key"
+        unknown = sorted(u for u in users if u not in self.view)
+        if unknown:
+            return f"{len(unknown)} member(s) of the claimed sample are not in this node's view, e.g. {unknown[0]!r}"
+        pool = (set(self.view.active(k)) | users) - self._exclude()
+        order = candidate_order(sorted(pool), k, key=key)
+        window = set(order[:2 * s.sample_size])
+        outside = sorted(users - window)
+        if outside:
+            return (f"{len(outside)} member(s), e.g. {outside[0]!r}, are not among the first {2 * s.sample_size} "
+                    f"candidates of round {k}")
+        return None
+
+    def _on_claim(self, claim: SessionClaim) -> None:
+        """`SecAggHost.on_unopened`: open the secure aggregation of ``claim.round`` when the claim checks out."""
+        assert self._host is not None and self._secagg is not None
+        if self._closing:
+            return
+        reason = self._check_claim(claim)
+        if reason is not None:
+            if (claim.round, claim.sender) not in self._refused:  # the user retries: count each claimant once
+                if len(self._refused) > 4096:
+                    self._refused.clear()
+                self._refused.add((claim.round, claim.sender))
+                self.counters["secagg_refused"] += 1
+                self.transport.reject(claim.sender, WRONG_SAMPLE,
+                                      f"secure aggregation of version {claim.round} refused: {reason}")
+            return
+        index = claim.round
+        agg = self._aggregations.get(index)
+        if agg is None:
+            agg = _Aggregation(index)
+            self._aggregations[index] = agg
+        if agg.instance is not None:
+            return
+        session = Session(self.settings.run_id, index, self.me, claim.users, dim=self._dim, extras=self._vca_extras)
+        try:
+            p = plan(session, self._secagg)
+            agg.instance = self._host.open(session, self._secagg_settings(p.n, p.threshold))
+        except (ConfigError, SecAggError) as e:  # e.g. a sample too small for the configured threshold
+            self.counters["secagg_refused"] += 1
+            self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {index}: {e}")
+            return
+        self._spawn(self._secure_round(agg, agg.instance))
+
+    async def _await_metadata(self, agg: _Aggregation, needed: Iterable[str], *, timeout: float,
+                              any_one: bool = False) -> None:
+        """Wait (at most `timeout` seconds) for the metadata updates of `needed` (or of any one trainer)."""
+        want = set(needed)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (agg.models if any_one else want <= set(agg.models)):
+            agg.arrived.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(agg.arrived.wait(), remaining)
+
+    async def _secure_round(self, agg: _Aggregation, instance: SecAggAggregator) -> None:
+        """Run the secure aggregation of `agg` as its server, then complete it (or abort it, loudly)."""
+        s = self.settings
+        session = instance.plan.session
+        assert self._host is not None
+        try:
+            try:
+                result = await instance.run()
+            finally:
+                self._host.close(session)
+        except SecAggError as e:  # SecAggAborted: too few trainers left at some stage
+            self.counters["secagg_aborted"] += 1
+            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
+                           self._me_short, agg.index, e)
+            await self._await_metadata(agg, session.users, timeout=s.aggregation_timeout_s, any_one=True)
+            await self._complete(agg, aborted=str(e))
+            return
+        self.counters["secagg_rounds"] += 1
+        await self._await_metadata(agg, result.survivors, timeout=s.exchange_timeout_s)
+        logger.info("%s: secure aggregation of version %d: %d of %d trainers in the sum (t=%d)", self._me_short,
+                    agg.index, len(result.survivors), result.users, result.threshold)
+        await self._complete(agg, secure=result)
 
     async def _deadline(self, agg: _Aggregation) -> None:
         s = self.settings
@@ -968,27 +1275,67 @@ class ModestProtocol:
             logger.warning("%s: rule %s refused %d input(s) (%s); using mean", self._me_short, rule, len(states), e)
             rule = "mean"
             combined = aggregate_states("mean", states)
-        outer_state: State = {}
-        if s.outer_lr is not None and base is not None:
-            opt = OuterOptimizer(lr=s.outer_lr, momentum=s.outer_momentum, nesterov=s.outer_nesterov)
-            opt.load_state_dict(base.outer)
-            combined = opt.step_towards(base.state, combined)
-            outer_state = opt.state_dict()
+        combined, outer_state = self._outer_step(combined, base)
         return combined, outer_state, rule
 
-    async def _complete(self, agg: _Aggregation, *, degraded: bool = False) -> None:
-        """Aggregate, send the new model to the next sample, acknowledge the trainers: once per index."""
+    def _outer_step(self, combined: State, base: _Base | None) -> tuple[State, State]:
+        """Step the outer optimizer (if any) from the base towards `combined`; return the model and its state."""
+        s = self.settings
+        if s.outer_lr is None or base is None:
+            return combined, {}
+        opt = OuterOptimizer(lr=s.outer_lr, momentum=s.outer_momentum, nesterov=s.outer_nesterov)
+        opt.load_state_dict(base.outer)
+        combined = opt.step_towards(base.state, combined)
+        return combined, opt.state_dict()
+
+    def _combine_secure(self, result: SecAggResult, base: _Base) -> tuple[State, State, str]:
+        """The next version from a secure aggregation: base + mean update (vca: rescaled), then the outer step."""
+        shapes = [self._spec[n][0] for n in self._float_names]
+        deltas = split_layers(result.mean(), shapes)
+        combined = {k: v.clone() for k, v in base.state.items()}  # integer buffers keep the base's value
+        layers = [base.state[n].to(torch.float64) + d for n, d in zip(self._float_names, deltas, strict=True)]
+        if self.settings.rule == "vca":
+            # Each trainer appended the variance of each of its trained layers: their mean is VCA's target.
+            every = self.settings.rule_params.get("correct", "matrices") == "all"
+            layers = variance_correct(layers, result.extras_mean(),
+                                      corrected=[every or len(sh) >= 2 for sh in shapes])
+        for n, layer in zip(self._float_names, layers, strict=True):
+            combined[n] = layer.to(base.state[n].dtype)
+        combined, outer_state = self._outer_step(combined, base)
+        return combined, outer_state, self.settings.rule
+
+    async def _complete(self, agg: _Aggregation, *, degraded: bool = False, secure: SecAggResult | None = None,
+                        aborted: str | None = None) -> None:
+        """Aggregate, send the new model to the next sample, acknowledge the trainers: once per index.
+
+        `secure`: the result of the secure aggregation (its survivors are the contributors). `aborted`:
+        the secure aggregation was aborted for this reason; the new version is the base unchanged (no
+        update is applied), so that the swarm goes on.
+        """
         if agg.state != "open":
             return
         agg.state = "completing"
         s = self.settings
-        contributors = sorted(agg.models)
+        if secure is not None:
+            contributors = list(secure.survivors)
+        elif aborted is not None:
+            contributors = []
+        else:
+            contributors = sorted(agg.models)
         try:
             base = await self._get_base(agg) if self._needs_base else None
             if self._needs_base and base is None:
                 raise AggregationError(f"no contributor could send the base model of round {agg.index - 1}")
-            states = [agg.models[c].state for c in contributors]
-            new_state, outer_state, rule = await self.compute.run(lambda: self._combine(states, base))
+            if secure is not None:
+                assert base is not None
+                sec, base_ = secure, base
+                new_state, outer_state, rule = await self.compute.run(lambda: self._combine_secure(sec, base_))
+            elif aborted is not None:
+                assert base is not None
+                new_state, outer_state, rule = base.state, base.outer, "none"
+            else:
+                states = [agg.models[c].state for c in contributors]
+                new_state, outer_state, rule = await self.compute.run(lambda: self._combine(states, base))
         except Exception as e:
             logger.error("%s: aggregation %d failed: %s", self._me_short, agg.index, e)
             agg.resolve(_Result(False, "dropped"))
@@ -999,14 +1346,17 @@ class ModestProtocol:
         self._completed_index = max(self._completed_index, index)
         self._note_round(index)
         self._bases[index] = _Base(index, model_digest(new_state), new_state, outer_state, parent, len(contributors))
+        self._know(index, self._bases[index].digest)
+        self._know(index - 1, parent)
         for other in list(self._aggregations.values()):
             if other.index < index and other.state == "open":
                 other.resolve(_Result(False, "late"))
         self.view.flush_pending()  # a model send: pending joins enter the view
-        sample = await self._available(index, s.sample_size, self._key(index, grandparent), exclude=self._exclude())
+        key = self._key(index, grandparent)
+        sample = await self._available(index, s.sample_size, key, exclude=self._exclude())
         accepted = await self._push_model(sample, index, new_state, outer_state, parent=parent,
-                                          combined=len(contributors))
-        result = _Result(True, "aggregated", contributors, accepted)
+                                          combined=max(1, len(contributors)), sample_key=key)
+        result = _Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)
         agg.resolve(result)
         for i in [i for i in self._aggregations if i <= index - 2]:
             del self._aggregations[i]
@@ -1023,14 +1373,17 @@ class ModestProtocol:
 
             test_loss, accuracy = await self.compute.run(evaluate)
             self._model_round = max(self._model_round, index)
-        losses = [agg.models[c].train_loss for c in contributors]
+        losses = [agg.models[c].train_loss for c in contributors if c in agg.models]
         if degraded:
             self.counters["degraded_rounds"] += 1
         event = AggregationEvent(index=index, aggregator=self.me, contributors=contributors, sample=accepted,
                                  train_loss=sum(losses) / len(losses) if losses else None, accuracy=accuracy,
                                  test_loss=test_loss, time_s=self._now(), degraded=degraded, topups=agg.topups,
-                                 rule=rule)
-        self.counters["aggregations"] += 1
+                                 rule=rule, secure=self._secagg is not None,
+                                 dropped=sorted(set(agg.instance.plan.session.users) - set(contributors))
+                                 if agg.instance is not None else [], aborted=aborted, state=new_state)
+        if aborted is None:
+            self.counters["aggregations"] += 1
         self._events.append(event)
         acc = "-" if accuracy is None else f"{accuracy:.3f}"
         logger.info("%s: aggregated version %d from %d model(s) by %s; acc=%s; sent to %d peers", self._me_short,
@@ -1039,19 +1392,26 @@ class ModestProtocol:
             self.on_aggregate(event)
 
     async def _push_model(self, targets: Sequence[str], round_: int, state: State, outer: State, *,
-                          parent: bytes, combined: int) -> list[str]:
-        """Send version `round_` (and the view) to `targets`; return those that accepted it, in order."""
+                          parent: bytes, combined: int, sample_key: bytes = b"") -> list[str]:
+        """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
+
+        With secure aggregation the message also names `targets` as the sample of `round_`, and
+        `sample_key` as the key that ordered its candidates: the users and the checkable claim of the
+        secure aggregation of ``round_ + 1``.
+        """
         if not targets:
             return []
         s = self.settings
+        sample = tuple(targets) if self._secagg is not None else ()
+        key = sample_key if self._secagg is not None else b""
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=self.round, view=self.view.to_proto(), parent_digest=parent,
-                                    combined=combined)
+                                    combined=combined, sample=sample, sample_key=key)
         msg = Message(body, {**state, **self._outer_tensors(outer)})
 
         async def one(peer: str) -> bool:
             if peer == self.me:
-                return self._offer(_Incoming(round_, state, outer, self.me, parent, combined))
+                return self._offer(_Incoming(round_, state, outer, self.me, parent, combined, sample, key))
             try:
                 resp = await self.transport.call(peer, MODEL, msg, peer_pb2.ModestModelAck,
                                                  timeout=s.exchange_timeout_s)

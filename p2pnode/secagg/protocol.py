@@ -54,6 +54,12 @@ class SessionClaim:
     users: tuple[str, ...]
     dim: int
     extras: int
+    #: Opaque bytes the user attached for the caller's check (MoDeST: the sample's ordering key).
+    context: bytes = b""
+
+
+#: Largest `SessionClaim.context`, in bytes.
+MAX_CONTEXT_BYTES = 64
 
 
 class SecAggHost:
@@ -136,8 +142,14 @@ class SecAggHost:
             if stage is Stage.ADVERTISE and self.on_unopened is not None:
                 body = msg.body
                 check_count("members", body.members, MAX_USERS)
+                if len(body.context) > MAX_CONTEXT_BYTES:
+                    raise BadMessage(f"secagg advertise context: {len(body.context)} bytes, at most "
+                                     f"{MAX_CONTEXT_BYTES} allowed", code="oversized")
                 self.on_unopened(SessionClaim(session.run_id, session.round, sender, tuple(body.members),
-                                              int(body.dim), int(body.extras)))
+                                              int(body.dim), int(body.extras), bytes(body.context)))
+                agg = self._open.get(key)
+                if agg is not None:  # the claim opened it: serve this advertisement now, not on the retry
+                    return await agg.handle(stage, sender, msg)
             raise TransportError(f"no secagg instance open here for run {session.run_id!r} round {session.round} "
                                  f"(not yet, or this node does not aggregate it)", code="unavailable")
         return await agg.handle(stage, sender, msg)

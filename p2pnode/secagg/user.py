@@ -66,12 +66,18 @@ class SecAggUser:
     :param local: how to reach the aggregator when this node is the aggregator too (`SecAggHost.dispatch`).
     :param stop_before: go silent before this stage (fault injection: the simulator's and the tests'
         dropouts); None (default) runs to the end.
+    :param context: opaque bytes (at most 64) sent with the advertisement for the aggregator's check of
+        the claim before it opens the instance (`SessionClaim.context`; MoDeST: the sample's ordering
+        key); default empty.
     """
 
     def __init__(self, session: Session, settings: SecAggSettings, transport: Transport, *,
                  identity: Ed25519PrivateKey | None = None, identity_keys: Mapping[str, bytes] | None = None,
                  randomness: Randomness | None = None, local: LocalDispatch | None = None,
-                 stop_before: Stage | None = None) -> None:
+                 stop_before: Stage | None = None, context: bytes = b"") -> None:
+        if len(context) > 64:
+            raise SecAggError(f"secagg context is {len(context)} bytes; at most 64 allowed")
+        self.context = bytes(context)
         self.plan = plan(session, settings)
         self.transport = transport
         self.peer_id = transport.peer_id
@@ -272,7 +278,7 @@ class SecAggUser:
             return self._report(Status.RUNNING, "silent from stage advertise")
         s = p.session
         advertise = secagg_pb2.SecAggAdvertise(session=session_proto(p), keys=mine, members=s.users, dim=s.dim,
-                                               extras=s.extras)
+                                               extras=s.extras, context=self.context)
         reply = await self._call(Stage.ADVERTISE, advertise)
         with self._cpu.timed():
             self._on_keys(st, mine, reply)
