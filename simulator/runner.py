@@ -248,7 +248,9 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     def churn_step(completed: int) -> None:
         if churn.crash_due(completed):
             for i in churn.crash():
-                drivers.pop(i).cancel()  # the process stops: no more rounds, no more answers
+                driver = drivers.pop(i, None)  # None with crash_round 1: it crashes before it starts
+                if driver is not None:
+                    driver.cancel()  # the process stops: no more rounds, no more answers
         if churn.rejoin_due(completed):
             for i in churn.rejoin():
                 start(i, rejoin=True)

@@ -1,0 +1,177 @@
+"""MoDeST with secure aggregation (--secagg): the same model as the plain mean, dropouts, aborts, claims.
+
+Simulator runs (in-memory network, virtual clock) with the real protocol code on both sides; the
+checks compare the model an aggregator produced with and without secure aggregation, coordinate by
+coordinate, within the fixed-point bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from p2pnode.config import NodeConfig
+from p2pnode.errors import ConfigError
+from p2pnode.protocols import candidate_order
+from p2pnode.protocols.modest import WRONG_SAMPLE, AggregationEvent, ModestProtocol
+from p2pnode.secagg import SecAggSettings, SecAggUser, Session, SessionClaim, Status
+from p2pnode.transport.clock import run_virtual
+from simulator import SimConfig, run_simulation
+from simutil import make_group
+
+#: Per-coordinate bound on the error of a securely aggregated mean: each update is quantized with
+#: step 2 c / Q (c = 8, Q = 2^22), so their mean is off by at most that; plus float32 rounding.
+TOLERANCE = 2 * 8.0 / 2**22 + 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(cfg: SimConfig) -> tuple[dict[str, object], dict[int, AggregationEvent]]:
+    events: dict[int, AggregationEvent] = {}
+
+    def keep(ev: AggregationEvent) -> None:
+        events.setdefault(ev.index, ev)
+
+    return run_simulation(cfg, on_event=keep), events
+
+
+def _max_diff(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> float:
+    assert a is not None and b is not None and a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:
+    base = {"nodes": 20, "topology": "modest", "sample_size": 10, "seed": 1}
+    plain, plain_events = _run(SimConfig(rounds=1, **base))  # type: ignore[arg-type]
+    secure, events = _run(SimConfig(rounds=10, secagg=True, **base))  # type: ignore[arg-type]
+    # Round 1: the same sample and the same updates, so the same model up to the fixed-point error.
+    assert events[1].secure and events[1].aborted is None and events[1].dropped == []
+    assert events[1].contributors == plain_events[1].contributors and len(events[1].contributors) == 10
+    diff = _max_diff(events[1].state, plain_events[1].state)
+    assert 0 < diff <= TOLERANCE
+    assert secure["stalled"] is False
+    assert secure["protocol_events"]["secagg_rounds"] >= 10  # type: ignore[index]
+    assert "secagg_aborted" not in secure["protocol_events"]  # type: ignore[operator]
+    rounds = secure["rounds"]
+    assert isinstance(rounds, list) and len(rounds) == 10
+    assert all(r["participants"] == 10 and not r["secagg"]["aborted"] for r in rounds)
+    assert secure["final_accuracy"] is not None and secure["final_accuracy"] >= 0.85  # type: ignore[operator]
+
+
+def test_a_trainer_that_vanishes_after_its_masked_input_is_still_in_the_exact_mean() -> None:
+    # Plain reference: one node (chosen by the seed) is down from the start, so version 1 is the mean of
+    # the other nine trainers (sf = 0.9).
+    base = {"nodes": 10, "topology": "modest", "sample_size": 10, "success_fraction": 0.9, "seed": 4, "rounds": 1}
+    plain, plain_events = _run(SimConfig(crash_fraction=0.1, **base))  # type: ignore[arg-type]
+    crashed = plain["crashed"]
+    assert isinstance(crashed, list) and len(crashed) == 1
+    gone = crashed[0]
+    assert gone not in plain_events[1].contributors and len(plain_events[1].contributors) == 9
+    # Secure: `gone` is in the sample but never sends its masked input; `late` sends it and then vanishes
+    # (it reveals no shares), so its self mask must be rebuilt from the others' shares.
+    late = next(p for p in plain_events[1].contributors if p != plain_events[1].aggregator)
+    secure, events = _run(SimConfig(secagg=True, secagg_silent={gone: "masked", late: "unmask"},
+                                    **base))  # type: ignore[arg-type]
+    ev = events[1]
+    assert ev.secure and ev.aborted is None
+    assert ev.dropped == [gone] and late in ev.contributors
+    assert ev.contributors == plain_events[1].contributors
+    diff = _max_diff(ev.state, plain_events[1].state)
+    assert diff <= TOLERANCE
+    assert secure["protocol_events"]["secagg_rounds"] == 1  # type: ignore[index]
+
+
+def test_below_the_threshold_the_round_is_aborted_counted_and_not_applied() -> None:
+    # s = 10, t = 7: four trainers go silent before sharing their keys, so six remain: abort.
+    silent = {f"node-{i:04d}": "share" for i in range(4)}
+    cfg = SimConfig(nodes=10, topology="modest", sample_size=10, seed=2, rounds=2, secagg=True, secagg_silent=silent)
+    result, events = _run(cfg)
+    first = events[1]
+    assert first.aborted is not None and "share" in first.aborted
+    assert first.contributors == [] and first.rule == "none"
+    initial = NodeConfig(run_id=cfg.node_config(0).run_id, seed=2, shard=(0, 10), device="cpu")
+    from p2pnode.daemon.build import build_trainer
+
+    assert _max_diff(first.state, build_trainer(initial).state()) == 0.0  # nothing applied
+    assert result["protocol_events"]["secagg_aborted"] == 1  # type: ignore[index]
+    rounds = result["rounds"]
+    assert isinstance(rounds, list)
+    assert rounds[0]["secagg"]["aborted"] is True and rounds[0]["participants"] == 0
+    # The swarm goes on from the unchanged model: the next round is a normal secure one.
+    assert events[2].aborted is None and len(events[2].contributors) == 10
+
+
+def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
+    async def main() -> None:
+        group = await make_group(12, topology="modest", sample_size=3, aggregation_timeout_s=5.0,
+                                 idle_timeout_s=5.0, secagg=True)
+        protocols = [n.protocol for n in group.nodes]
+        for p in protocols:
+            assert isinstance(p, ModestProtocol)
+            await p._start()
+        agg = protocols[0]
+        assert isinstance(agg, ModestProtocol)
+        order = candidate_order(agg.view.active(0), 0)
+        outsider = order[-1]  # ranked 12th: outside the first 2 s = 6 candidates of round 0
+        assert outsider != agg.me
+        forged = (outsider, *order[:2])
+        user_node = next(n for n in group.nodes if n.peer_id == outsider)
+        settings = SecAggSettings(open_timeout_s=1.0, retry_interval_s=0.25)
+        user = SecAggUser(Session("test", 1, agg.me, forged, dim=agg._dim), settings, user_node.transport)
+        report = await user.run(asyncio.sleep(0))  # type: ignore[arg-type]
+        assert report.status is Status.ABORTED
+        assert agg.counters["secagg_refused"] == 1  # once per claimant, not once per retry
+        assert agg.transport.stats.rejected[WRONG_SAMPLE] == 1
+        assert 1 not in agg._aggregations or agg._aggregations[1].instance is None
+        # Further refusals: a sample that does not name its sender, the wrong layout, a made-up key.
+        honest = tuple(order[:3])
+        sender = next(p for p in honest if p != agg.me)
+        for claim in (SessionClaim("test", 1, outsider, honest, agg._dim, 0),
+                      SessionClaim("test", 1, sender, honest, agg._dim + 1, 0),
+                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"\x01" * 32)):
+            assert agg._check_claim(claim) is not None
+        # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
+        agg._on_claim(SessionClaim("test", 1, sender, honest, agg._dim, 0))
+        assert agg._aggregations[1].instance is not None
+        assert agg.counters["secagg_refused"] == 1
+        for node in group.nodes:
+            await node.shutdown()
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"topology": "modest", "rule": "flag"}, "use mean or vca"),
+    ({"topology": "modest", "rule": "median"}, "use mean or vca"),
+    ({"topology": "modest", "rule": "krum"}, "use mean or vca"),
+    ({"topology": "gossip"}, "secagg needs topology modest or fl"),
+    ({"topology": "dpsgd"}, "secagg needs topology modest or fl"),
+    ({"topology": "modest", "secagg_threshold": 11}, "secagg_threshold=11"),
+    ({"topology": "modest", "success_fraction": 0.5, "secagg_threshold": 6}, "must be in 2..5"),
+    ({"topology": "modest", "secagg_clip": 0.0}, "secagg_clip"),
+    ({"topology": "modest", "secagg_neighbours": 0}, "secagg_neighbours"),
+    ({"topology": "modest", "sample_size": 1}, "sample_size >= 2"),
+])
+def test_config_refuses_what_secure_aggregation_cannot_do(overrides: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        NodeConfig(secagg=True, **overrides).validate()  # type: ignore[arg-type]
+
+
+def test_config_accepts_mean_and_vca_and_hashes_secagg_only_when_on() -> None:
+    for topology in ("modest", "fl"):
+        for rule in ("mean", "vca"):
+            NodeConfig(topology=topology, rule=rule, secagg=True).validate()
+    plain = NodeConfig(topology="modest")
+    assert NodeConfig(topology="modest", secagg_clip=1.0).config_hash == plain.config_hash
+    assert NodeConfig(topology="modest", secagg=True).config_hash != plain.config_hash
+    assert NodeConfig(topology="modest", secagg=True, secagg_threshold=8).config_hash != \
+        NodeConfig(topology="modest", secagg=True).config_hash
