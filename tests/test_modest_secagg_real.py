@@ -1,0 +1,85 @@
+"""MoDeST with secure aggregation over the real network: hivemind DHT + libp2p on 127.0.0.1, in-process nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from netutil import NetworkGuard
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.node import Node
+from p2pnode.daemon.real import create_real_node
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)
+
+
+async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
+    with NetworkGuard() as guard:
+        nodes: list[Node] = []
+        tasks: list[asyncio.Task[None]] = []
+        events: list[AggregationEvent] = []
+        progress = asyncio.Event()
+
+        def on_aggregate(ev: AggregationEvent) -> None:
+            events.append(ev)
+            progress.set()
+
+        async def until(version: int, timeout: float = 90.0) -> None:
+            deadline = time.monotonic() + timeout
+            while max((e.index for e in events), default=0) < version:
+                progress.clear()
+                await asyncio.wait_for(progress.wait(), max(0.1, deadline - time.monotonic()))
+
+        try:
+            for i in range(5):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="modest-secagg-it", seed=7, shard=(i, 5), device="cpu",
+                                    initial_peers=initial, topology="modest", sample_size=4, secagg=True,
+                                    aggregation_timeout_s=10.0, ping_timeout_s=3.0, idle_timeout_s=5.0,
+                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=30).validate()
+                node = await create_real_node(config, DaemonSettings.in_memory())
+                await node.start()
+                assert isinstance(node.protocol, ModestProtocol)
+                node.protocol.on_aggregate = on_aggregate
+                nodes.append(node)
+            await _wait_for_peers(nodes, 4)
+
+            async def loop(node: Node) -> None:
+                while True:
+                    await node.run_round()
+
+            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            await until(3)
+            by_version = {e.index: e for e in events}
+            for v in (1, 2, 3):
+                ev = by_version[v]
+                assert ev.secure and ev.aborted is None and ev.rule == "mean"
+                assert len(ev.contributors) == 4 and ev.dropped == []
+            accuracies = [by_version[v].accuracy for v in (1, 2, 3)]
+            assert all(a is not None for a in accuracies)
+            assert accuracies[-1] > 0.8, accuracies  # type: ignore[operator]  # measured: 0.82, 0.91, 0.93
+            counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
+            assert sum(c["secagg_rounds"] for c in counters) >= 3
+            assert not any(c["secagg_aborted"] or c["secagg_refused"] for c in counters), counters
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
