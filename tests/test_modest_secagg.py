@@ -51,7 +51,7 @@ def _max_diff(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | No
 
 def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:
     base = {"nodes": 20, "topology": "modest", "sample_size": 10, "seed": 1}
-    plain, plain_events = _run(SimConfig(rounds=1, **base))  # type: ignore[arg-type]
+    _, plain_events = _run(SimConfig(rounds=1, **base))  # type: ignore[arg-type]
     secure, events = _run(SimConfig(rounds=10, secagg=True, **base))  # type: ignore[arg-type]
     # Round 1: the same sample and the same updates, so the same model up to the fixed-point error.
     assert events[1].secure and events[1].aborted is None and events[1].dropped == []

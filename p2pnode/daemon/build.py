@@ -84,14 +84,17 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
 def secagg_settings(config: NodeConfig) -> SecAggSettings | None:
     """The secure-aggregation settings of a modest or fl run, or None when ``config.secagg`` is off.
 
-    Stage timeouts are fractions of ``aggregation_timeout_s`` (T): advertise, share and unmask T/4 each,
-    masked T (it covers local training, which runs after the share stage); users retry for T/2 while the
-    aggregator has not opened the instance, and allow ``exchange_timeout_s`` for a reply on the wire.
+    Stage timeouts derive from ``aggregation_timeout_s`` (T) and ``ping_timeout_s`` (P): advertise T/2 + P
+    (trainers find the aggregator by pinging candidates, and each dead one ahead of it costs a ping
+    timeout, so the first claim can open the instance well before the last trainer gets there), share
+    and unmask T/4, masked T (it covers local training, which runs after the share stage). Users retry
+    for T/2 + P while the aggregator has not opened the instance, and allow ``exchange_timeout_s`` for a
+    reply on the wire. Every stage closes early once every expected trainer has sent its message.
     """
     if not config.secagg:
         return None
-    t = config.aggregation_timeout_s
+    t, ping = config.aggregation_timeout_s, config.ping_timeout_s
     return SecAggSettings(threshold=config.secagg_threshold, neighbours=config.secagg_neighbours,
                           clip=config.secagg_clip,
-                          timeouts=StageTimeouts(advertise_s=t / 4, share_s=t / 4, masked_s=t, unmask_s=t / 4),
-                          open_timeout_s=t / 2, grace_s=config.exchange_timeout_s)
+                          timeouts=StageTimeouts(advertise_s=t / 2 + ping, share_s=t / 4, masked_s=t, unmask_s=t / 4),
+                          open_timeout_s=t / 2 + ping, grace_s=config.exchange_timeout_s)

@@ -886,6 +886,21 @@ class ModestProtocol:
         acks = list(await acks_task)
         await asyncio.gather(*runs, return_exceptions=True)
         ok = [a for a in acks if a is not None and a[1].success]
+        completed = [a[1] for a in acks if a is not None and a[1].reason in ("late", "aborted")]
+        known = [list(c.sample) for c in completed if c.sample]
+        if completed and not known:
+            pass  # the aggregator had already finished version k + 1 (without this input): the swarm moved on
+        elif not ok and self.server is None and self._accepted_round <= k and not self._closing:
+            # No aggregator took the update (it crashed, refused the claim, or aborted) and there is no
+            # resend under secagg: watch version k + 1 like a contributor, so that when no one of its
+            # sample answers, this node sends version k again as k + 1. Not only the lowest live member:
+            # this node cannot tell which members trained, and a live one that did not would never
+            # relaunch. The relaunches are identical (same base, same order), so trainers keep the first.
+            # An aggregator that completed (without this input) or aborted names the sample of k + 1: watch
+            # that one; after a crash or a refusal there is none, and the relaunch follows the idle timeout.
+            self._watch = _Watch(index=index, base_round=k, sample=known[0] if known else [],
+                                 contributors=[self.me], since=self._now())
+            self._prune_bases()
         return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
                             partner=ok[0][0] if ok else None)
 
@@ -923,8 +938,10 @@ class ModestProtocol:
                 return None  # a newer model is here: stop waiting (this aggregator is not at fault)
             if ack is None:
                 self.health.failed(agg, k + 1)
-            if self.server is not None or not resend:
+            if self.server is not None:
                 return None
+            if not resend:
+                return (agg, ack) if ack is not None else None
             if resends >= self.settings.max_resends:
                 return None
             resends += 1
@@ -1047,7 +1064,9 @@ class ModestProtocol:
             agg.arrived.set()
             result = await asyncio.shield(agg.future)
             ok = result.success and sender in result.contributors
-            return ack(ok, result.reason, result)
+            # Completed without this trainer's input (it came after the quorum): "late", as in plain rounds.
+            late = result.success and not ok and result.reason != "aborted"
+            return ack(ok, "late" if late else result.reason, result)
         if agg is None:
             agg = _Aggregation(index)
             self._aggregations[index] = agg
