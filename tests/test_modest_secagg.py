@@ -67,6 +67,25 @@ def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:
     assert secure["final_accuracy"] is not None and secure["final_accuracy"] >= 0.85  # type: ignore[operator]
 
 
+@pytest.mark.parametrize(("overrides", "tolerance"), [
+    # VCA: each trainer appends its layers' variances; the rescaling is smooth, so a looser bound.
+    ({"rule": "vca"}, 1e-4),
+    ({"outer_lr": 0.7}, TOLERANCE),  # the outer optimizer steps on the secure mean update
+    ({"topology": "fl"}, TOLERANCE),  # the fixed server plays the secagg server
+    ({"aggregators": 2}, TOLERANCE),  # two independent instances, one per aggregator
+], ids=["vca", "outer", "fl", "two-aggregators"])
+def test_secure_aggregation_composes(overrides: dict[str, object], tolerance: float) -> None:
+    base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 2}
+    base.update(overrides)
+    _, plain_events = _run(SimConfig(**base))  # type: ignore[arg-type]
+    secure, events = _run(SimConfig(secagg=True, **base))  # type: ignore[arg-type]
+    assert events[1].secure and events[1].aborted is None
+    assert events[1].contributors == plain_events[1].contributors and len(events[1].contributors) == 6
+    assert events[1].rule == plain_events[1].rule
+    assert _max_diff(events[1].state, plain_events[1].state) <= tolerance
+    assert events[2].secure and events[2].aborted is None and secure["stalled"] is False
+
+
 def test_a_trainer_that_vanishes_after_its_masked_input_is_still_in_the_exact_mean() -> None:
     # Plain reference: one node (chosen by the seed) is down from the start, so version 1 is the mean of
     # the other nine trainers (sf = 0.9).
