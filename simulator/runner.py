@@ -21,6 +21,7 @@ from p2pnode.errors import ConfigError
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.secagg import Stage
+from p2pnode.secagg.randomness import SeededRandomness
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
@@ -342,7 +343,9 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                                     ttl_s=config.announce_ttl_s)
         trainer = build_trainer(config, task)
         protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                                  compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000)
+                                  compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000,
+                                  # seeded secagg keys and rounding: the same seed gives the same results
+                                  secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()))
         nodes.append(Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
                           compute=compute))
     for node in nodes:

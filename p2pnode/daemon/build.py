@@ -18,6 +18,7 @@ from p2pnode.protocols import (
 )
 from p2pnode.protocols.compute import Compute
 from p2pnode.secagg import SecAggSettings, StageTimeouts
+from p2pnode.secagg.randomness import Randomness
 from p2pnode.training.tasks import Task, get_task
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
@@ -42,8 +43,13 @@ def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: i
 
 
 def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
-                   compute: Compute, rng: random.Random, step_cost_s: float = 0.0) -> RoundProtocol:
-    """The round protocol named by ``config.topology``."""
+                   compute: Compute, rng: random.Random, step_cost_s: float = 0.0,
+                   secagg_randomness: Randomness | None = None) -> RoundProtocol:
+    """The round protocol named by ``config.topology``.
+
+    `secagg_randomness`: secret randomness of secure aggregation (default None: the OS CSPRNG); the
+    simulator passes a seeded stream so that its runs are reproducible.
+    """
     local_steps = config.local_steps or trainer.task.default_local_steps
     if config.topology == "gossip":
         settings = GossipSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
@@ -67,9 +73,9 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng)
+                              rng=rng, secagg_randomness=secagg_randomness)
         return ModestProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng)
+                              rng=rng, secagg_randomness=secagg_randomness)
     if config.topology == "dpsgd":
         dpsgd = DpsgdSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
                               graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,

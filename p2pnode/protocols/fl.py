@@ -22,6 +22,7 @@ import random
 from p2pnode.discovery import PeerDirectory
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.modest import ModestProtocol, ModestSettings
+from p2pnode.secagg.randomness import Randomness
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 
@@ -30,8 +31,9 @@ class FLProtocol(ModestProtocol):
     """FedAvg with a server among the peers (see the module docstring). Settings as `ModestSettings`."""
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random,
+                 secagg_randomness: Randomness | None = None) -> None:
         settings = dataclasses.replace(settings, aggregators=1,
                                        fixed_aggregator_auto=settings.fixed_aggregator is None)
         super().__init__(settings, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                         rng=rng)
+                         rng=rng, secagg_randomness=secagg_randomness)

@@ -78,6 +78,7 @@ from p2pnode.secagg import (
     variance_correct,
 )
 from p2pnode.secagg.aggregator import SecAggAggregator
+from p2pnode.secagg.randomness import Randomness, SystemRandomness
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -345,11 +346,13 @@ class ModestProtocol:
     the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
     support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node).
     `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
-    (fault injection for the simulator and the tests).
+    (fault injection for the simulator and the tests). `secagg_randomness`: the secret randomness of
+    this node's secagg users (default: the OS CSPRNG; the simulator passes a seeded stream).
     """
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random,
+                 secagg_randomness: Randomness | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -369,6 +372,9 @@ class ModestProtocol:
         self._needs_updates = info.needs_updates
         self._needs_base = info.needs_updates or settings.outer_lr is not None
         self._secagg = settings.secagg
+        # Secret randomness of this node's secagg users: the OS CSPRNG unless a seeded stream is given (the
+        # simulator, for reproducible runs; never in a real run: the seed is public).
+        self._secagg_rnd: Randomness = secagg_randomness if secagg_randomness is not None else SystemRandomness()
         self._host: SecAggHost | None = None
         self.secagg_silent_from: Stage | None = None
         # Floating entries, in a fixed order, are what secure aggregation sums (as model - base); others
@@ -844,7 +850,7 @@ class ModestProtocol:
             session = Session(s.run_id, index, a, sample, dim=self._dim, extras=self._vca_extras)
             try:
                 user = SecAggUser(session, self._secagg, self.transport, local=self._host.dispatch,
-                                  context=inc.sample_key, stop_before=silent)
+                                  randomness=self._secagg_rnd, context=inc.sample_key, stop_before=silent)
             except (ConfigError, SecAggError) as e:
                 logger.warning("%s: cannot take part in the secure aggregation of version %d at %s: %s",
                                self._me_short, index, _short(a), e)
