@@ -19,6 +19,8 @@ modulus 2^32, 2^22 levels, clip 8, AES-256-CTR masks). The task is digits-mlp wi
   one thread: training, masks, Shamir, encodings, message copies), on this machine.
 - ``cpu_s``: process CPU seconds per model version (``time.process_time``).
 - ``acc``: test accuracy of the last version.
+- ``pulls``: base models the aggregators pulled from a trainer in the whole run (secure rounds need the
+  base, version ``k``, to apply the mean update; plain ``mean`` rounds do not).
 
 One warm-up run (2 rounds) comes first and is not reported.
 """
@@ -59,7 +61,8 @@ def run(hidden: int, secagg: bool, rounds: int, nodes: int, sample: int, seed: i
     n = len(rows)
     return {"hidden": hidden, "secagg": secagg, "rounds": n, "KB": sum(r["bytes"] for r in rows) / n / 1e3,
             "virt_s": rows[-1]["time_s"] / n, "wall_s": wall / n, "cpu_s": cpu / n, "acc": result["final_accuracy"],
-            "aborted": result["protocol_events"].get("secagg_aborted", 0), "stalled": result["stalled"]}
+            "aborted": result["protocol_events"].get("secagg_aborted", 0), "stalled": result["stalled"],
+            "base_pulls": result["protocol_events"].get("base_pulls", 0)}
 
 
 def main() -> None:
@@ -73,15 +76,17 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the task factory lives here
     run(64, True, 2, args.nodes, args.sample, args.seed)  # warm-up: data loading, imports, first allocations
-    print(f"{'hidden':>6} {'secagg':>6} {'KB/round':>9} {'virt_s':>7} {'wall_s':>7} {'cpu_s':>6} {'acc':>6}")
+    print(f"{'hidden':>6} {'secagg':>6} {'KB/round':>9} {'virt_s':>7} {'wall_s':>7} {'cpu_s':>6} {'acc':>6} "
+          f"{'pulls':>5}")
     for hidden in args.hidden:
         for secagg in (False, True):
             r = run(hidden, secagg, args.rounds, args.nodes, args.sample, args.seed)
             if args.json:
                 print(json.dumps(r))
             else:
+                stalled = " STALLED" if r["stalled"] else ""
                 print(f"{hidden:>6} {secagg!s:>6} {r['KB']:>9.1f} {r['virt_s']:>7.3f} {r['wall_s']:>7.3f} "
-                      f"{r['cpu_s']:>6.3f} {r['acc']:>6.3f}" + (" STALLED" if r["stalled"] else ""))
+                      f"{r['cpu_s']:>6.3f} {r['acc']:>6.3f} {r['base_pulls']:>5}{stalled}")
 
 
 if __name__ == "__main__":
