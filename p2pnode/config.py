@@ -213,9 +213,12 @@ class NodeConfig:
             raise ConfigError(f"secagg needs topology modest or fl, where an aggregator combines the updates of a "
                               f"sample; {self.topology!r} has no such aggregator (peers exchange whole models), so "
                               f"turn secagg off or use --topology modest")
-        from p2pnode.secagg.settings import check_rule_compatible  # local: config is a leaf module
+        from p2pnode.secagg.settings import SUM_RULES  # local: config is a leaf module
 
-        check_rule_compatible(self.rule)
+        if self.rule not in SUM_RULES:
+            raise ConfigError(f"rule={self.rule!r} cannot run with secagg: it needs each update in the clear, but "
+                              f"with secagg the aggregator of a sample sees only the sum of the updates; allowed "
+                              f"rules with secagg: {', '.join(SUM_RULES)} (or turn secagg off)")
         if self.secagg_neighbours is not None and self.secagg_neighbours < 1:
             raise ConfigError(f"secagg_neighbours={self.secagg_neighbours}: must be >= 1 (or unset for the default)")
         if self.sample_size < 2:

@@ -169,9 +169,9 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    ({"topology": "modest", "rule": "flag"}, "use mean or vca"),
-    ({"topology": "modest", "rule": "median"}, "use mean or vca"),
-    ({"topology": "modest", "rule": "krum"}, "use mean or vca"),
+    ({"topology": "modest", "rule": "flag"}, "allowed rules with secagg: mean, vca"),
+    ({"topology": "modest", "rule": "median"}, "allowed rules with secagg: mean, vca"),
+    ({"topology": "modest", "rule": "krum"}, "allowed rules with secagg: mean, vca"),
     ({"topology": "gossip"}, "secagg needs topology modest or fl"),
     ({"topology": "dpsgd"}, "secagg needs topology modest or fl"),
     ({"topology": "modest", "secagg_threshold": 11}, "secagg_threshold=11"),
