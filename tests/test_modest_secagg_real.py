@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from netutil import NetworkGuard
 from p2pnode.config import NodeConfig
@@ -13,6 +14,7 @@ from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.secagg import Contribution, Stage
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -76,6 +78,75 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
             counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
             assert sum(c["secagg_rounds"] for c in counters) >= 3
             assert not any(c["secagg_aborted"] or c["secagg_refused"] for c in counters), counters
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
+
+
+async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_one_after_its_masked_input(
+) -> None:
+    """One trainer goes silent before its masked input, another right after it: the version is the exact
+    mean of the four inputs that arrived (the second one's included, its self mask rebuilt from shares)."""
+    with NetworkGuard() as guard:
+        nodes: list[Node] = []
+        tasks: list[asyncio.Task[None]] = []
+        events: list[AggregationEvent] = []
+        inputs: dict[str, torch.Tensor] = {}
+        done = asyncio.Event()
+
+        def on_aggregate(ev: AggregationEvent) -> None:
+            events.append(ev)
+            done.set()
+
+        try:
+            for i in range(5):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="modest-secagg-drop", seed=11, shard=(i, 5), device="cpu",
+                                    initial_peers=initial, topology="modest", sample_size=5, success_fraction=0.8,
+                                    secagg=True, secagg_threshold=3, aggregation_timeout_s=10.0,
+                                    ping_timeout_s=3.0, idle_timeout_s=5.0, exchange_timeout_s=10.0,
+                                    announce_ttl_s=20.0, local_steps=10).validate()
+                node = await create_real_node(config, DaemonSettings.in_memory())
+                await node.start()
+                protocol = node.protocol
+                assert isinstance(protocol, ModestProtocol)
+                protocol.on_aggregate = on_aggregate
+
+                def keep(k: int, c: Contribution, peer: str = node.peer_id) -> None:
+                    if k == 0:
+                        inputs[peer] = c.vector.clone()
+
+                protocol.on_secagg_input = keep
+                nodes.append(node)
+            await _wait_for_peers(nodes, 4)
+            before, after = nodes[1], nodes[2]
+            before.protocol.secagg_silent_from = Stage.MASKED  # type: ignore[attr-defined]
+            after.protocol.secagg_silent_from = Stage.UNMASK  # type: ignore[attr-defined]
+            initial_state = nodes[0].trainer.state()
+
+            async def loop(node: Node) -> None:
+                while True:
+                    await node.run_round()
+
+            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            await asyncio.wait_for(done.wait(), 90.0)
+            ev = events[0]
+            assert ev.index == 1 and ev.secure and ev.aborted is None
+            assert ev.dropped == [before.peer_id]
+            survivors = sorted(n.peer_id for n in nodes if n is not before)
+            assert ev.contributors == survivors and after.peer_id in ev.contributors
+            # The version equals the base plus the plain mean of exactly the four inputs that arrived.
+            mean = torch.stack([inputs[p] for p in survivors]).mean(0)
+            protocol = nodes[0].protocol
+            assert isinstance(protocol, ModestProtocol) and ev.state is not None
+            names = protocol._float_names
+            expected = torch.cat([initial_state[n].double().reshape(-1) for n in names]) + mean
+            got = torch.cat([ev.state[n].double().reshape(-1) for n in names])
+            assert float((got - expected).abs().max()) <= 2 * 8.0 / 2**22 + 1e-6
         finally:
             for t in tasks:
                 t.cancel()

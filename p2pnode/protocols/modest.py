@@ -377,6 +377,8 @@ class ModestProtocol:
         self._secagg_rnd: Randomness = secagg_randomness if secagg_randomness is not None else SystemRandomness()
         self._host: SecAggHost | None = None
         self.secagg_silent_from: Stage | None = None
+        #: Called on a trainer with (round, its own contribution) before it is masked (tests, research).
+        self.on_secagg_input: Callable[[int, Contribution], None] | None = None
         # Floating entries, in a fixed order, are what secure aggregation sums (as model - base); others
         # (integer buffers) keep the base's value.
         self._float_names = sorted(n for n, (_, dtype) in self._spec.items() if dtype.is_floating_point)
@@ -888,7 +890,10 @@ class ModestProtocol:
         msg: Message[peer_pb2.ModestUpdate] = Message(body, {})
         tried = set(aggregators)
         acks_task = asyncio.gather(*(self._deliver(a, msg, k, key, tried, resend=False) for a in aggregators))
-        training.set_result(Contribution(vector=vector, extras=extras))
+        contribution = Contribution(vector=vector, extras=extras)
+        if self.on_secagg_input is not None:
+            self.on_secagg_input(k, contribution)
+        training.set_result(contribution)
         acks = list(await acks_task)
         await asyncio.gather(*runs, return_exceptions=True)
         ok = [a for a in acks if a is not None and a[1].success]
