@@ -26,7 +26,7 @@ STOP_TIMEOUT_S = 20.0
 #: Options of `training_options` passed on to each daemon as ``--name value`` when set.
 FORWARDED = ("topology", "alpha", "local_steps", "lr", "batch_size", "sample_size", "aggregators",
              "success_fraction", "aggregation_timeout", "sample_key", "fl_server", "outer_lr", "dpsgd_graph",
-             "dpsgd_degree")
+             "dpsgd_degree", "secagg_neighbours", "secagg_threshold", "secagg_clip")
 
 
 @dataclass
@@ -51,6 +51,8 @@ def _args(kw: dict[str, Any], index: int, initial: list[str]) -> list[str]:
     for key in FORWARDED:
         if kw.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(kw[key])]
+    if kw.get("secagg"):
+        args.append("--secagg")
     for p in kw.get("rule_params", ()):
         args += ["--rule-param", p]
     for m in initial:
