@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from netutil import NetworkGuard
+from netutil import NetworkGuard, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
@@ -17,17 +17,6 @@ from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.secagg import Contribution, Stage
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-async def _wait_for_peers(nodes: list[Node], count: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [len(await n.directory.peers()) for n in nodes]
-        if all(s >= count for s in seen):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
-        await asyncio.sleep(0.3)
 
 
 async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
@@ -59,7 +48,7 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
                 assert isinstance(node.protocol, ModestProtocol)
                 node.protocol.on_aggregate = on_aggregate
                 nodes.append(node)
-            await _wait_for_peers(nodes, 4)
+            await wait_for_directory_peers(nodes, 4)
 
             async def loop(node: Node) -> None:
                 while True:
@@ -122,7 +111,7 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
 
                 protocol.on_secagg_input = keep
                 nodes.append(node)
-            await _wait_for_peers(nodes, 4)
+            await wait_for_directory_peers(nodes, 4)
             before, after = nodes[1], nodes[2]
             before.protocol.secagg_silent_from = Stage.MASKED  # type: ignore[attr-defined]
             after.protocol.secagg_silent_from = Stage.UNMASK  # type: ignore[attr-defined]
