@@ -202,3 +202,16 @@ def test_secure_simulations_are_reproducible() -> None:
     first, second = run_simulation(cfg), run_simulation(cfg)
     assert first == second
     assert first["protocol_events"]["secagg_rounds"] >= 3  # type: ignore[index]
+
+
+def test_swarm_passes_the_secagg_options_to_every_daemon() -> None:
+    from p2pnode.cli.swarm import _args
+
+    kw = {"state_root": "/tmp/s", "run_id": "r", "task": "digits-mlp", "rule": "mean", "seed": 0, "nodes": 3,
+          "init": "shared", "device": "cpu", "min_round_time": 1.0, "topology": "modest", "secagg": True,
+          "secagg_threshold": 3, "secagg_neighbours": None, "secagg_clip": 2.0}
+    args = _args(kw, 0, [])
+    assert "--secagg" in args
+    assert args[args.index("--secagg-threshold") + 1] == "3" and args[args.index("--secagg-clip") + 1] == "2.0"
+    assert "--secagg-neighbours" not in args
+    assert "--secagg" not in _args({**kw, "secagg": False}, 0, [])
