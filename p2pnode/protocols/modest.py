@@ -441,7 +441,11 @@ class ModestProtocol:
         return grandparent if self.settings.sample_key == "model" and index >= 3 else b""
 
     def _know(self, round_: int, digest: bytes) -> None:
-        """Remember that model version `round_` has `digest` (checks of secure-aggregation claims use it)."""
+        """Remember that model version `round_` has `digest` (checks of secure-aggregation claims use it).
+
+        Fed from the models this node received or built, not from trainers' uploads: a claimant must not
+        be able to vouch for its own key.
+        """
         if round_ < 0 or len(digest) != 32:
             return
         self._digests.setdefault(round_, set()).add(digest)
@@ -581,8 +585,6 @@ class ModestProtocol:
             raise BadMessage("train_loss is not finite", code="non_finite")
         self._merge_view(body.view, max(body.round_estimate, body.round))
         self._heard(sender, max(body.round_estimate, body.round))
-        self._know(int(body.round), bytes(body.base_digest))
-        self._know(int(body.round) - 1, bytes(body.parent_digest))
         result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
                                             bytes(body.parent_digest), float(body.train_loss),
                                             secure=self._secagg is not None)
@@ -903,12 +905,12 @@ class ModestProtocol:
             pass  # the aggregator had already finished version k + 1 (without this input): the swarm moved on
         elif not ok and self.server is None and self._accepted_round <= k and not self._closing:
             # No aggregator took the update (it crashed, refused the claim, or aborted) and there is no
-            # resend under secagg: watch version k + 1 like a contributor, so that when no one of its
-            # sample answers, this node sends version k again as k + 1. Not only the lowest live member:
-            # this node cannot tell which members trained, and a live one that did not would never
-            # relaunch. The relaunches are identical (same base, same order), so trainers keep the first.
-            # An aggregator that completed (without this input) or aborted names the sample of k + 1: watch
-            # that one; after a crash or a refusal there is none, and the relaunch follows the idle timeout.
+            # resend under secagg: watch version k + 1 like a contributor. When no member of its sample
+            # (named by an aggregator that aborted or completed without this input; none after a crash or
+            # a refusal) answers after the idle timeout, this node sends version k again as k + 1. Every
+            # such trainer does, not only the lowest live one: it cannot tell which members trained, and a
+            # live one that did not would never relaunch. The copies are identical (same base, same
+            # order), so trainers keep the first.
             self._watch = _Watch(index=index, base_round=k, sample=known[0] if known else [],
                                  contributors=[self.me], since=self._now())
             self._prune_bases()
