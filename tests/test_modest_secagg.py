@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from p2pnode.config import NodeConfig
+from p2pnode.daemon.metrics import parse_exposition
 from p2pnode.errors import ConfigError
 from p2pnode.protocols import candidate_order
 from p2pnode.protocols.modest import WRONG_SAMPLE, AggregationEvent, ModestProtocol
@@ -164,6 +165,10 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
         agg._on_claim(SessionClaim("test", 1, sender, honest, agg._dim, 0))
         assert agg._aggregations[1].instance is not None
         assert agg.counters["secagg_refused"] == 1
+        # Operators see the refusals in the node's metrics.
+        scraped = parse_exposition(group.nodes[0].metrics.exposition().decode())
+        assert scraped['p2pnode_protocol_events_total{event="secagg_refused"}'] == 1
+        assert scraped['p2pnode_rejected_messages_total{reason="wrong_sample"}'] == 1
         for node in group.nodes:
             await node.shutdown()
 

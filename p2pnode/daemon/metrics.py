@@ -29,6 +29,9 @@ name                                       type       meaning
 ``bytes_sent_total``, ``bytes_received_total`` counter bytes to / from peers (whole messages)
 ``calls_total``, ``failed_calls_total``    counter    requests to peers, and failed ones
 ``rejected_messages_total{reason}``        counter    messages refused, by reason code
+``protocol_events_total{event}``           counter    events counted by the round protocol (modest, fl:
+                                                      aggregations, topups, relaunches, ...; with secagg
+                                                      secagg_rounds, secagg_aborted, secagg_refused)
 ``checkpoints_written_total``              counter    checkpoints written
 ``checkpoint_failures_total``              counter    checkpoints that could not be written
 ``last_checkpoint_round``                  gauge      round of the newest checkpoint written or resumed
@@ -39,6 +42,7 @@ name                                       type       meaning
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Iterator
@@ -107,6 +111,13 @@ class _NodeCollector(Collector):
         for reason, count in sorted(st.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        counters = getattr(node.protocol, "counters", None)  # modest and fl count their events
+        if isinstance(counters, collections.Counter):
+            events = CounterMetricFamily(PREFIX + "protocol_events", "Events counted by the round protocol, by event",
+                                         labels=["event"])
+            for event, count in sorted(counters.items()):
+                events.add_metric([event], count)
+            yield events
         yield CounterMetricFamily(PREFIX + "directory_mismatched", "Directory records of another config skipped",
                                   value=node.directory.mismatched)
         yield CounterMetricFamily(PREFIX + "directory_invalid", "Directory records failing the schema skipped",
