@@ -876,7 +876,11 @@ class ModestProtocol:
         stale = self._accepted_round > k or self._closing
         if stale or not math.isfinite(loss):
             # No input: the users stop before the masked stage and count as dropped there.
-            training.set_exception(SecAggError("no input: training was superseded" if stale else "training diverged"))
+            if runs:
+                training.set_exception(SecAggError("no input: training was superseded" if stale
+                                                   else "training diverged"))
+            else:
+                training.cancel()  # nobody awaits it
             await asyncio.gather(*runs, return_exceptions=True)
             if stale:
                 self.counters["aborted"] += 1
@@ -1246,8 +1250,8 @@ class ModestProtocol:
         k = agg.index - 1
         digest = self._base_digest(agg)
         base = self._bases.get(k)
-        if base is not None and base.digest == digest:
-            return base
+        if base is not None and (base.digest == digest or not agg.models):
+            return base  # (no models: an aborted secure aggregation whose trainers all vanished)
         s = self.settings
         req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest)
         for peer in sorted(agg.models):
