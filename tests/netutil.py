@@ -205,3 +205,12 @@ async def wait_for_directory_peers(nodes: Sequence[Any], count: int, timeout: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
         await asyncio.sleep(0.3)
+
+
+def crash_node(node: Any) -> None:
+    """Crash an in-process node's network as a power cut would: SIGKILL its DHT process and the libp2p daemon
+    that the DHT started (which the node's transport shares). Nothing is withdrawn and no peer is told."""
+    dht_pid = node.directory.dht.pid
+    for pid in [*descendant_pids(dht_pid), dht_pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

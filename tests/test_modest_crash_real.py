@@ -5,14 +5,12 @@ never answers, nothing is withdrawn). The survivors carry on and all reach accur
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from typing import Any
 
 import pytest
 
-from netutil import NetworkGuard, descendant_pids, wait_for_directory_peers
+from netutil import NetworkGuard, crash_node, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
@@ -25,14 +23,6 @@ NODES = 6
 #: The first aggregation index whose aggregator is killed when it receives its first trained model.
 CRASH_AT = 4
 
-
-
-def _crash(node: Node) -> None:
-    """Kill the node's libp2p daemon and DHT process as a power cut would: no leave, no record withdrawn."""
-    dht_pid = node.directory.dht.pid  # type: ignore[attr-defined]
-    # The DHT process started the libp2p daemon that this node's transport shares: kill both.
-    for pid in [*descendant_pids(dht_pid), dht_pid]:
-        os.kill(pid, signal.SIGKILL)
 
 
 async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> None:
@@ -54,7 +44,7 @@ async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> Non
             async def receive(sender: str, round_: int, *args: Any, **kwargs: Any) -> Any:
                 if not victim and round_ + 1 >= CRASH_AT:
                     victim.append(node)
-                    _crash(node)
+                    crash_node(node)
                     tasks[node.peer_id].cancel()
                     await asyncio.Event().wait()  # a dead process never answers
                 return await real(sender, round_, *args, **kwargs)
