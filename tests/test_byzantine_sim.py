@@ -102,3 +102,15 @@ def test_cli_sim_refuses_byzantine_without_attack() -> None:
     assert result.exit_code == 2 and "needs an attack" in result.output
     result = CliRunner().invoke(cli, ["sim", "--nodes", "4", "--byzantine", "4", "--attack", "ipm", "--quiet"])
     assert result.exit_code == 2 and "at least one honest" in result.output
+
+
+def test_attackers_forge_under_secure_aggregation_too() -> None:
+    """Masking hides an update, it does not vet it: a scaled attacker wrecks the secure mean."""
+    res = run_simulation(SimConfig(nodes=12, rounds=4, topology="modest", secagg=True, seed=1, sample_size=6,
+                                   byzantine=2, attack="scaled"))
+    assert res["final_accuracy"] is not None and res["final_accuracy"] < 0.5
+
+
+def test_cli_refuses_an_unknown_attack() -> None:
+    result = CliRunner().invoke(cli, ["sim", "--nodes", "4", "--byzantine", "1", "--attack", "nope", "--quiet"])
+    assert result.exit_code == 2 and "attack='nope' is unknown" in result.output

@@ -96,11 +96,12 @@ def training_options(f: F) -> F:
 
 def byzantine_options(f: F) -> F:
     """Options of attacking nodes (for tests of a swarm's defences) and of the defences themselves."""
-    from p2pnode.attacks import available_attacks
-
+    # Names are checked by NodeConfig.validate: importing the attack registry here would load torch for
+    # every command, the light control clients included.
     opts = [
-        click.option("--attack", default=None, type=click.Choice(available_attacks()),
-                     help="Run as an ATTACKER that sends forged models (testing only; logged loudly)."),
+        click.option("--attack", default=None, metavar="NAME",
+                     help="Run as an ATTACKER that sends forged models (testing only; logged loudly): sign_flip, "
+                          "gaussian, scaled, alie, ipm, random or label_flip."),
         click.option("--attack-param", "attack_params", multiple=True, metavar="KEY=VALUE",
                      help="Parameter of the attack (repeatable), for example factor=10."),
         click.option("--robust-window", default=None, type=int,
