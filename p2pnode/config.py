@@ -134,6 +134,22 @@ class NodeConfig:
     #: Coordinates of the (model - base) update are clipped to [-clip, clip] before the fixed-point
     #: encoding with 2^22 levels (default 8.0: step 3.8e-6).
     secagg_clip: float = 8.0
+    # -- Byzantine peers (local: never hashed, so an attacker is indistinguishable by its config) -----------
+    #: Attack this node runs (``p2pnode.attacks.available_attacks()``), or None (default) for an honest node.
+    #: For testing a swarm's defences only: the node forges what it sends.
+    attack: str | None = None
+    #: Parameters of the attack (for example ``{"factor": 10}``).
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    #: gossip: merges over which received models are kept for the rule (None, the default: 4 for a robust
+    #: rule, 1 otherwise). See docs/protocols.md for the trade-off.
+    robust_window: int | None = None
+    #: Weight of the old suspicion score in each update, in [0, 1) (default 0.8).
+    suspicion_decay: float = 0.8
+    #: Leave out peers whose suspicion exceeds `suspect_threshold`: gossip does not pick or merge them, a
+    #: MoDeST aggregator does not combine their models (default False).
+    exclude_suspects: bool = False
+    #: Suspicion score above which a peer is a suspect (default 1.0).
+    suspect_threshold: float = 1.0
 
     # -- dpsgd ---------------------------------------------------------------------------------------------
     #: Communication graph: ``exponential`` (one-peer exponential, default) or ``regular`` (random regular).
@@ -174,7 +190,39 @@ class NodeConfig:
         if self.rule not in available_rules():
             raise ConfigError(f"rule={self.rule!r} is unknown; allowed: {', '.join(available_rules())}")
         self._validate_topology_settings()
+        self._validate_byzantine_settings()
         return self
+
+    def _validate_byzantine_settings(self) -> None:
+        if self.attack is not None:
+            from p2pnode.attacks import attack_info, available_attacks  # local: config is a leaf module
+            from p2pnode.errors import AggregationError
+
+            if self.attack not in available_attacks():
+                raise ConfigError(f"attack={self.attack!r} is unknown; allowed: {', '.join(available_attacks())}")
+            unknown = sorted(set(self.attack_params) - set(attack_info(self.attack).params))
+            if unknown:
+                allowed = ", ".join(attack_info(self.attack).params) or "none"
+                raise ConfigError(f"attack_params {unknown} are not parameters of {self.attack}; allowed: {allowed}")
+            try:
+                for k, v in self.attack_params.items():
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                        raise AggregationError(f"attack parameter {k}={v!r}: must be a number")
+            except AggregationError as e:
+                raise ConfigError(str(e)) from e
+        elif self.attack_params:
+            raise ConfigError(f"attack_params={self.attack_params} given without an attack")
+        if self.robust_window is not None and self.robust_window < 1:
+            raise ConfigError(f"robust_window={self.robust_window}: must be >= 1")
+        if self.robust_window is not None and self.topology != "gossip":
+            raise ConfigError(f"robust_window={self.robust_window} needs topology gossip (got {self.topology!r}); "
+                              "modest and fl aggregators apply the rule to their sample's models")
+        if self.exclude_suspects and self.topology == "dpsgd":
+            raise ConfigError("exclude_suspects needs topology gossip, modest or fl: dpsgd does not score peers")
+        if not 0.0 <= self.suspicion_decay < 1.0:
+            raise ConfigError(f"suspicion_decay={self.suspicion_decay}: must be in [0, 1)")
+        if not self.suspect_threshold > 0:
+            raise ConfigError(f"suspect_threshold={self.suspect_threshold}: must be > 0")
 
     def _validate_topology_settings(self) -> None:
         for key in ("sample_size", "aggregators", "liveness_min", "inactivity_threshold", "dpsgd_degree"):

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.build import build_attacker, build_protocol, build_trainer
 from p2pnode.daemon.node import Node
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
+from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.secagg import Stage
@@ -59,6 +60,15 @@ class SimConfig:
         None (default): never.
     :param rejoin_fraction: share of the crashed nodes that come back, chosen by the seed (default 1.0).
     :param outer_lr: modest/fl: outer Nesterov optimizer's learning rate (default None: none).
+    :param byzantine: number of attacking nodes, chosen by the seed (default 0; in fl never the server).
+    :param attack: what they do (``p2pnode.attacks.available_attacks()``); needed when ``byzantine > 0``.
+    :param attack_params: the attack's parameters.
+    :param omniscient: attackers see the honest updates of the same round (default True, the attack papers'
+        threat model); False: they use only what they hold themselves, as in the daemon.
+    :param robust_window: gossip: merges over which received models are kept for the rule (default None:
+        4 for a robust rule, 1 otherwise).
+    :param exclude_suspects: leave out peers whose suspicion exceeds ``suspect_threshold`` (default 1.0).
+    Accuracy in the results is that of honest nodes only (attackers' own models are not counted).
     Other fields are those of `NodeConfig`.
     """
 
@@ -101,6 +111,32 @@ class SimConfig:
     #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
     #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
     secagg_silent: dict[str, str] = field(default_factory=dict)
+    byzantine: int = 0
+    attack: str | None = None
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    omniscient: bool = True
+    robust_window: int | None = None
+    suspicion_decay: float = 0.8
+    exclude_suspects: bool = False
+    suspect_threshold: float = 1.0
+
+    def byzantine_indices(self) -> list[int]:
+        """The attacking nodes, chosen by the seed (in fl never node 0, the server)."""
+        if self.byzantine < 0:
+            raise ConfigError(f"byzantine={self.byzantine}: must be >= 0")
+        if self.byzantine == 0:
+            return []
+        if self.attack is None:
+            raise ConfigError(f"byzantine={self.byzantine} needs an attack (--attack NAME)")
+        eligible = list(range(1, self.nodes)) if self.topology == "fl" else list(range(self.nodes))
+        if self.byzantine >= len(eligible):
+            raise ConfigError(f"byzantine={self.byzantine}: must leave at least one honest trainer of "
+                              f"{len(eligible)}")
+        return sorted(random.Random(f"byzantine/{self.seed}").sample(eligible, self.byzantine))
+
+    def byzantine_indices_ids(self) -> list[str]:
+        """Peer ids of `byzantine_indices`."""
+        return [sim_peer_id(i) for i in self.byzantine_indices()]
 
     def node_config(self, index: int) -> NodeConfig:
         if not 0.0 <= self.crash_fraction <= 1.0:
@@ -122,7 +158,12 @@ class SimConfig:
                           dpsgd_graph=self.dpsgd_graph,
                           dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr, secagg=self.secagg,
                           secagg_neighbours=self.secagg_neighbours, secagg_threshold=self.secagg_threshold,
-                          secagg_clip=self.secagg_clip).validate()
+                          secagg_clip=self.secagg_clip,
+                          attack=self.attack if index in self.byzantine_indices() else None,
+                          attack_params=dict(self.attack_params) if index in self.byzantine_indices() else {},
+                          robust_window=self.robust_window, suspicion_decay=self.suspicion_decay,
+                          exclude_suspects=self.exclude_suspects,
+                          suspect_threshold=self.suspect_threshold).validate()
 
 
 def sim_peer_id(index: int) -> str:
@@ -185,7 +226,11 @@ def _bytes_sent(nodes: list[Node]) -> int:
 
 async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, churn: _Churn,
                     on_round: RoundCallback | None) -> dict[str, Any]:
-    """gossip, dpsgd: every live node runs each round; the round ends when all of them are done."""
+    """gossip, dpsgd: every live node runs each round; the round ends when all of them are done.
+
+    Accuracy and loss of a row are the means over the honest nodes.
+    """
+    honest = {n.peer_id for n in nodes if n.config.attack is None}
     loop = asyncio.get_running_loop()
     rounds: list[dict[str, Any]] = []
     sent_before = 0
@@ -197,9 +242,10 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
         live = [n for n in nodes if network.is_alive(n.peer_id)]
         reports = await asyncio.gather(*(n.run_round() for n in live))
         sent = _bytes_sent(nodes)
-        accs = [rep.accuracy for rep in reports if rep.accuracy is not None]
-        losses = [rep.train_loss for rep in reports]
-        row = {
+        counted = [rep for n, rep in zip(live, reports, strict=True) if n.peer_id in honest]
+        accs = [rep.accuracy for rep in counted if rep.accuracy is not None]
+        losses = [rep.train_loss for rep in counted]
+        row: dict[str, Any] = {
             "round": r,
             "time_s": round(loop.time(), 6),
             "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
@@ -208,6 +254,9 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
             "active_nodes": len(live),
             "participants": len(live),
         }
+        ignored = sorted({p for rep in counted for p in rep.extra.get("ignored", [])})
+        if ignored:
+            row["ignored"] = ignored
         sent_before = sent
         rounds.append(row)
         if on_round is not None:
@@ -230,6 +279,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     loop = asyncio.get_running_loop()
     protocols = [n.protocol for n in nodes]
     assert all(isinstance(p, ModestProtocol) for p in protocols)
+    attackers = {n.peer_id for n in nodes if n.config.attack is not None}
     rows: dict[int, dict[str, Any]] = {}
     evals: dict[int, list[float]] = {}
     progress = asyncio.Event()
@@ -284,7 +334,9 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
             row["aggregators"] = sorted([*row["aggregators"], ev.aggregator])
             row["sample"] = sorted(set(row["sample"]) | set(ev.contributors))
             row["participants"] = len(row["sample"])
-        if ev.accuracy is not None:
+        if ev.ignored:
+            row["ignored"] = sorted(set(row.get("ignored", [])) | set(ev.ignored))
+        if ev.accuracy is not None and ev.aggregator not in attackers:
             evals[ev.index].append(ev.accuracy)
             row["accuracy"] = _mean(evals[ev.index])
         if first:
@@ -335,6 +387,11 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     task = get_task(cfg.task)
     compute = VirtualCompute()
     nodes: list[Node] = []
+    byzantine = set(cfg.byzantine_indices())
+    # Omniscient attackers read the honest updates of their round; trainings of one sample start within a
+    # few link latencies of each other in modest/fl, at the same instant in gossip/dpsgd.
+    settle_s = 4 * cfg.latency_ms / 1000 + 0.01 if cfg.topology in EVENT_DRIVEN else 1e-6
+    board = HonestBoard(settle_s=settle_s)
     for i in range(cfg.nodes):
         config = cfg.node_config(i)
         pid = sim_peer_id(i)
@@ -342,12 +399,19 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
                                     ttl_s=config.announce_ttl_s)
         trainer = build_trainer(config, task)
+        attacker = build_attacker(config, peer_id=pid, population=cfg.nodes, colluders=max(1, len(byzantine)),
+                                  oracle=board.updates if cfg.omniscient else None)
         protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
                                   compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000,
                                   # seeded secagg keys and rounding: the same seed gives the same results
-                                  secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()))
-        nodes.append(Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                          compute=compute))
+                                  secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
+                                  attacker=attacker)
+        if i not in byzantine and cfg.omniscient and byzantine and hasattr(protocol, "on_trained"):
+            protocol.on_trained = board.hook(pid)
+        node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
+                    compute=compute)
+        node.loud_attack = False
+        nodes.append(node)
     for node in nodes:
         await node.start()
     churn = _Churn(cfg, network, nodes)
@@ -367,12 +431,38 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
         "final_accuracy": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
     }
+    if byzantine:
+        result["byzantine"] = [sim_peer_id(i) for i in sorted(byzantine)]
+        result["accuracy_over"] = "honest nodes"
+    if byzantine or cfg.exclude_suspects:
+        result.update(_suspicion_summary(nodes, {sim_peer_id(i) for i in byzantine}))
     if churn.victims:
         result["crashed"] = [sim_peer_id(i) for i in churn.victims]
         if cfg.rejoin_round is not None:
             result["rejoined"] = [sim_peer_id(i) for i in churn.returning]
     result.update(out)
     return result
+
+
+def _suspicion_summary(nodes: list[Node], attackers: set[str]) -> dict[str, Any]:
+    """Per peer, the mean suspicion score given by the honest nodes that observed it; and, with attackers,
+    ``suspicion_auc``: the chance that a random attacker scores above a random honest peer (ties count 1/2)."""
+    totals: dict[str, list[float]] = {}
+    for node in nodes:
+        if node.peer_id in attackers:
+            continue
+        for peer, score in node.suspicion().items():
+            totals.setdefault(peer, []).append(score)
+    if not totals:
+        return {}
+    mean = {p: round(sum(v) / len(v), 6) for p, v in sorted(totals.items())}
+    out: dict[str, Any] = {"suspicion": mean}
+    bad = [mean[p] for p in mean if p in attackers]
+    good = [mean[p] for p in mean if p not in attackers]
+    if bad and good:
+        wins = sum(1.0 if b > g else 0.5 if b == g else 0.0 for b in bad for g in good)
+        out["suspicion_auc"] = round(wins / (len(bad) * len(good)), 6)
+    return out
 
 
 def run_simulation(cfg: SimConfig, on_round: RoundCallback | None = None,

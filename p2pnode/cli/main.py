@@ -16,7 +16,14 @@ from p2pnode.cli.control_cmds import register
 from p2pnode.cli.daemon_options import daemon_options, settings_from_options
 from p2pnode.cli.doctor import doctor
 from p2pnode.cli.layered import LayeredCommand, explain_config_error
-from p2pnode.cli.options import config_from_options, node_options, parse_params, training_options
+from p2pnode.cli.options import (
+    byzantine_options,
+    byzantine_settings,
+    config_from_options,
+    node_options,
+    parse_params,
+    training_options,
+)
 from p2pnode.cli.serve import serve
 from p2pnode.errors import ConfigError, P2PNodeError
 from p2pnode.log import setup_logging
@@ -51,6 +58,7 @@ def _run(kw: dict[str, Any]) -> None:
 @cli.command(cls=LayeredCommand)
 @node_options
 @training_options
+@byzantine_options
 @daemon_options
 def run(**kw: Any) -> None:
     """Start a node in the foreground; Ctrl-C or SIGTERM stops it cleanly.
@@ -68,6 +76,7 @@ def run(**kw: Any) -> None:
 @click.argument("multiaddr", nargs=-1, required=True)
 @node_options
 @training_options
+@byzantine_options
 @daemon_options
 def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
     """Start a node that joins the swarm of MULTIADDR (same as `run --initial-peer MULTIADDR`)."""
@@ -94,12 +103,19 @@ def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
 @click.option("--rejoin-round", default=None, type=int, help="First round in which they are back (default: never).")
 @click.option("--rejoin-fraction", default=1.0, show_default=True, type=float,
               help="Share of the crashed nodes that come back at --rejoin-round.")
+@click.option("--byzantine", default=0, show_default=True, type=int,
+              help="Number of attacking nodes (chosen by the seed) running --attack; accuracy is then over the "
+                   "honest nodes only.")
+@click.option("--local-attackers", is_flag=True,
+              help="Attackers use only what they hold themselves, as in the daemon (default: they see the honest "
+                   "updates of the same round).")
+@byzantine_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy and bytes per round to this PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path | None, quiet: bool,
-        **kw: Any) -> None:
+        byzantine: int, local_attackers: bool, **kw: Any) -> None:
     """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
 
     For gossip and dpsgd a round is one step of every live node, in lockstep; for modest and fl it is one
@@ -125,12 +141,14 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         secagg_threshold=kw["secagg_threshold"], secagg_clip=kw["secagg_clip"],
                         crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
-                        rejoin_fraction=kw["rejoin_fraction"])
+                        rejoin_fraction=kw["rejoin_fraction"], byzantine=byzantine,
+                        omniscient=not local_attackers, **byzantine_settings(kw))
         if kw["aggregation_timeout"] is not None:
             cfg.aggregation_timeout_s = kw["aggregation_timeout"]
         if kw["fl_server"] is not None:
             raise P2PNodeError("--fl-server is for real swarms; the simulator's fl server is node-0000")
-        cfg.node_config(0)
+        for i in [0, *cfg.byzantine_indices()]:
+            cfg.node_config(i)
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
     setup_logging("WARNING")
@@ -147,9 +165,10 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
     wall = time.perf_counter() - t0
     last = results["rounds"][-1] if results["rounds"] else {}
     stalled = " STALLED (no new model version for a long while)" if results.get("stalled") else ""
-    click.echo(f"sim done: nodes={nodes} rounds={len(results['rounds'])} final_accuracy={results['final_accuracy']} "
-               f"total_MB={results['total_bytes'] / 1e6:.2f} virtual_s={last.get('time_s', 0):.2f} "
-               f"wall_s={wall:.1f}{stalled}")
+    byz = f" byzantine={byzantine} attack={kw['attack']}" if byzantine else ""
+    click.echo(f"sim done: nodes={nodes}{byz} rounds={len(results['rounds'])} "
+               f"final_accuracy={results['final_accuracy']} total_MB={results['total_bytes'] / 1e6:.2f} "
+               f"virtual_s={last.get('time_s', 0):.2f} wall_s={wall:.1f}{stalled}")
     if out is not None:
         out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         click.echo(f"results written to {out}")

@@ -30,7 +30,7 @@ def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"rule parameter {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"parameter {item!r}: expected KEY=VALUE")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -94,6 +94,39 @@ def training_options(f: F) -> F:
     return f
 
 
+def byzantine_options(f: F) -> F:
+    """Options of attacking nodes (for tests of a swarm's defences) and of the defences themselves."""
+    # Names are checked by NodeConfig.validate: importing the attack registry here would load torch for
+    # every command, the light control clients included.
+    opts = [
+        click.option("--attack", default=None, metavar="NAME",
+                     help="Run as an ATTACKER that sends forged models (testing only; logged loudly): sign_flip, "
+                          "gaussian, scaled, alie, ipm, random or label_flip."),
+        click.option("--attack-param", "attack_params", multiple=True, metavar="KEY=VALUE",
+                     help="Parameter of the attack (repeatable), for example factor=10."),
+        click.option("--robust-window", default=None, type=int,
+                     help="gossip: merges over which received models are kept for the rule [4 for a robust "
+                          "rule, else 1]."),
+        click.option("--exclude-suspects", is_flag=True,
+                     help="Leave out peers whose suspicion score exceeds --suspect-threshold (gossip: not picked "
+                          "or merged; modest: their models not aggregated)."),
+        click.option("--suspect-threshold", default=1.0, show_default=True, type=float,
+                     help="Suspicion score above which a peer is a suspect."),
+        click.option("--suspicion-decay", default=0.8, show_default=True, type=float,
+                     help="Weight of the old suspicion score in each update, in [0, 1)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def byzantine_settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """The `NodeConfig` fields of `byzantine_options`."""
+    return {"attack": kw.get("attack"), "attack_params": parse_params(tuple(kw.get("attack_params") or ())),
+            "robust_window": kw.get("robust_window"), "exclude_suspects": bool(kw.get("exclude_suspects")),
+            "suspect_threshold": kw.get("suspect_threshold", 1.0), "suspicion_decay": kw.get("suspicion_decay", 0.8)}
+
+
 def node_options(f: F) -> F:
     """Options of one real node."""
     opts = [
@@ -133,7 +166,7 @@ def config_from_options(kw: dict[str, Any]) -> NodeConfig:
         batch_size=kw["batch_size"], device=kw["device"], rounds=kw["rounds"],
         min_round_time_s=kw["min_round_time"], exchange_timeout_s=kw["exchange_timeout"], host=kw["host"],
         port=kw["port"], initial_peers=list(kw["initial_peers"]), wait_for_peers=kw["wait_for_peers"],
-        **topology_settings(kw),
+        **topology_settings(kw), **byzantine_settings(kw),
     ).validate()
 
 

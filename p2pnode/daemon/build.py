@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from p2pnode.config import NodeConfig
 from p2pnode.discovery import PeerDirectory
+from p2pnode.errors import ConfigError
 from p2pnode.protocols import (
     DpsgdProtocol,
     DpsgdSettings,
@@ -16,6 +18,7 @@ from p2pnode.protocols import (
     ModestSettings,
     RoundProtocol,
 )
+from p2pnode.protocols.adversary import Attacker, HonestOracle
 from p2pnode.protocols.compute import Compute
 from p2pnode.secagg import SecAggSettings, StageTimeouts
 from p2pnode.secagg.randomness import Randomness
@@ -24,40 +27,59 @@ from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 
 
+def build_attacker(config: NodeConfig, *, peer_id: str = "", population: int | None = None, colluders: int = 1,
+                   oracle: HonestOracle | None = None) -> Attacker | None:
+    """The node's `Attacker` when ``config.attack`` is set, else None (see `p2pnode.protocols.adversary`)."""
+    if config.attack is None:
+        return None
+    return Attacker(config.attack, config.attack_params, seed=config.seed, peer_id=peer_id, population=population,
+                    colluders=colluders, oracle=oracle)
+
+
 def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: int | None = None,
-                  num_nodes: int | None = None, device: str | None = None,
-                  label_map: object = None) -> Trainer:
+                  num_nodes: int | None = None, device: str | None = None) -> Trainer:
     """The node's trainer: its shard of the task's data and the run's initial model.
 
     With ``model_seed_mode = "shared"`` every node starts from the model built with the run's seed;
-    with ``"independent"`` each node builds its own from ``seed + 1000 + shard index``.
+    with ``"independent"`` each node builds its own from ``seed + 1000 + shard index``. A node with
+    ``attack = "label_flip"`` trains on flipped labels.
     """
     task = task or get_task(config.task)
     index, count = config.shard
     index = index if node_index is None else node_index
     count = count if num_nodes is None else num_nodes
     model_seed = config.seed if config.model_seed_mode == "shared" else config.seed + 1000 + index
+    attacker = build_attacker(config)
+    num_classes = getattr(task, "num_classes", None)
+    label_map = attacker.label_map(num_classes) if attacker is not None and isinstance(num_classes, int) else None
+    if attacker is not None and attacker.attack == "label_flip" and label_map is None:
+        raise ConfigError(f"label_flip needs a classification task with num_classes; {task.name!r} has none")
     return Trainer(task, node_index=index, num_nodes=count, seed=config.seed, alpha=config.alpha,
                    device=device or config.device, batch_size=config.batch_size, lr=config.lr,
-                   model_seed=model_seed)
+                   model_seed=model_seed, label_map=label_map)
 
 
 def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
                    compute: Compute, rng: random.Random, step_cost_s: float = 0.0,
-                   secagg_randomness: Randomness | None = None) -> RoundProtocol:
+                   secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> RoundProtocol:
     """The round protocol named by ``config.topology``.
 
     `secagg_randomness`: secret randomness of secure aggregation (default None: the OS CSPRNG); the
     simulator passes a seeded stream so that its runs are reproducible.
+    `attacker`: the node's forging; None (default) builds it from ``config.attack`` (no oracle).
     """
     local_steps = config.local_steps or trainer.task.default_local_steps
+    if attacker is None:
+        attacker = build_attacker(config, peer_id=transport.peer_id)
+    byz: dict[str, Any] = {"suspicion_decay": config.suspicion_decay, "exclude_suspects": config.exclude_suspects,
+           "suspect_threshold": config.suspect_threshold}
     if config.topology == "gossip":
         settings = GossipSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
                                   rule=config.rule, rule_params=dict(config.rule_params),
                                   exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
-                                  step_cost_s=step_cost_s)
+                                  step_cost_s=step_cost_s, robust_window=config.robust_window, **byz)
         return GossipProtocol(settings, transport=transport, directory=directory, trainer=trainer,
-                              compute=compute, rng=rng)
+                              compute=compute, rng=rng, attacker=attacker)
     if config.topology in ("modest", "fl"):
         modest = ModestSettings(
             run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
@@ -69,13 +91,13 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
             rule_params=dict(config.rule_params), outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
             outer_nesterov=config.outer_nesterov, idle_timeout_s=config.idle_timeout_s,
             exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s,
-            secagg=secagg_settings(config))
+            secagg=secagg_settings(config), **byz)
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng, secagg_randomness=secagg_randomness)
+                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)
         return ModestProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng, secagg_randomness=secagg_randomness)
+                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)
     if config.topology == "dpsgd":
         dpsgd = DpsgdSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
                               graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,
@@ -83,7 +105,7 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
                               exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
                               step_cost_s=step_cost_s)
         return DpsgdProtocol(dpsgd, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                             rng=rng)
+                             rng=rng, attacker=attacker)
     raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier
 
 

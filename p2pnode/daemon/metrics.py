@@ -37,6 +37,9 @@ name                                       type       meaning
 ``last_checkpoint_round``                  gauge      round of the newest checkpoint written or resumed
 ``state_syncs_total{result}``              counter    state syncs at start (``ok``, ``failed``)
 ``state_sync_bytes_total``                 counter    chunk bytes fetched by state syncs
+``peer_suspicion{peer}``                   gauge      suspicion score of a peer (the `MAX_SUSPICION_PEERS`
+                                                      highest; docs/protocols.md, "Byzantine peers")
+``attacker``                               gauge      1 when this node itself runs an attack (tests only)
 =========================================  =========  ==================================================
 """
 
@@ -63,6 +66,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREFIX = "p2pnode_"
+#: Peers exported by ``peer_suspicion`` (the highest scores): caps the metric's label cardinality.
+MAX_SUSPICION_PEERS = 20
 #: Buckets of the round duration histogram, in seconds.
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -118,6 +123,15 @@ class _NodeCollector(Collector):
             for event, count in sorted(counters.items()):
                 events.add_metric([event], count)
             yield events
+        suspicion = GaugeMetricFamily(PREFIX + "peer_suspicion",
+                                      f"Suspicion score of a peer (distance from the robust aggregate, normalised and "
+                                      f"decayed; the {MAX_SUSPICION_PEERS} highest)", labels=["peer"])
+        scores = node.suspicion()
+        for peer, score in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_SUSPICION_PEERS]:
+            suspicion.add_metric([peer], score)
+        yield suspicion
+        yield GaugeMetricFamily(PREFIX + "attacker", "1 when this node runs an attack (testing only), else 0",
+                                value=1.0 if node.config.attack is not None else 0.0)
         yield CounterMetricFamily(PREFIX + "directory_mismatched", "Directory records of another config skipped",
                                   value=node.directory.mismatched)
         yield CounterMetricFamily(PREFIX + "directory_invalid", "Directory records failing the schema skipped",

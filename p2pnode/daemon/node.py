@@ -107,6 +107,8 @@ class Node:
         self.resumed_from = "fresh"
         #: The state sync of this start, if one fetched a model.
         self.sync_result: SyncResult | None = None
+        #: Log the ATTACKER warnings of a node configured with an attack (the simulator turns them off).
+        self.loud_attack = True
         self.metrics = NodeMetrics(self)
         self._stop = asyncio.Event()
         self._watchers: list[asyncio.Queue[RoundReport | None]] = []
@@ -157,6 +159,12 @@ class Node:
         self.state = "running"
         logger.info("node %s started: run=%s task=%s topology=%s rule=%s", self.peer_id, self.config.run_id,
                     self.config.task, self.config.topology, self.config.rule)
+        if self.config.attack is not None and self.loud_attack:
+            logger.warning("ATTACKER: this node runs the %s attack (params %s) and sends forged %s to its peers; "
+                           "for testing a swarm's defences only", self.config.attack, self.config.attack_params or {},
+                           "models" if self.config.attack != "label_flip" else "models trained on flipped labels",
+                           extra={"event": {"event": "attacker", "attack": self.config.attack,
+                                            "params": self.config.attack_params}})
 
     async def _resume(self) -> None:
         store = self.checkpoints
@@ -328,7 +336,14 @@ class Node:
             q.put_nowait(report)
         return report
 
+    def suspicion(self) -> dict[str, float]:
+        """The protocol's per-peer suspicion scores (empty for protocols that do not score peers)."""
+        tracker = getattr(self.protocol, "suspicion", None)
+        return tracker.scores() if tracker is not None else {}
+
     def _log(self, r: RoundReport, partial: str | None, duration_s: float) -> None:
+        if self.config.attack is not None and self.loud_attack:
+            logger.warning("ATTACKER: round %d sent forged data (%s attack)", r.round, self.config.attack)
         acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
         event = {"event": "round", "peer_id": self.peer_id, **asdict(r),
                  "bytes_sent": self.transport.stats.bytes_sent,

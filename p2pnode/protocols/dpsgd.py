@@ -36,6 +36,7 @@ from p2pnode.aggregation import aggregate_states, rule_info
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import peer_pb2
+from p2pnode.protocols.adversary import Attacker, TrainedHook
 from p2pnode.protocols.base import PeerHealth, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.training.trainer import Trainer
@@ -125,7 +126,7 @@ class DpsgdProtocol:
     """One node's D-PSGD rounds (see the module docstring)."""
 
     def __init__(self, settings: DpsgdSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None) -> None:
         if settings.graph not in GRAPHS:
             raise ValueError(f"graph={settings.graph!r}; allowed: {', '.join(GRAPHS)}")
         self.settings = settings
@@ -137,6 +138,11 @@ class DpsgdProtocol:
         self.round = 0
         self.me = transport.peer_id
         self.health = PeerHealth()
+        #: A Byzantine node's forging of the model it pushes (None: honest).
+        self.attacker = attacker
+        #: Called after each local training with (round, start model, trained model); the simulator's
+        #: omniscient attackers read honest updates through it. Never set in the daemon.
+        self.on_trained: TrainedHook | None = None
         self._spec = trainer.spec
         self._weighted = rule_info(settings.rule).weighted and settings.rule == "mean"
         self._peers: list[str] | None = None
@@ -223,13 +229,24 @@ class DpsgdProtocol:
         s = self.settings
         peers = await self._membership()
 
-        def train() -> tuple[float, dict[str, torch.Tensor]]:
-            return self.trainer.train(s.local_steps), self.trainer.state()
+        attacking = self.attacker is not None and self.attacker.model_attack
+        keep_start = attacking or self.on_trained is not None
 
-        train_loss, own = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+            start = self.trainer.state() if keep_start else None
+            return self.trainer.train(s.local_steps), self.trainer.state(), start
+
+        train_loss, own, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        sent = own
+        if start is not None:
+            if self.on_trained is not None:
+                self.on_trained(self.round, start, own)
+            if attacking:
+                assert self.attacker is not None
+                sent = await self.attacker.forge(self.round, start, own)
         out, in_, degree = self._neighbours(self.round)
         body = peer_pb2.DpsgdModel(run_id=s.run_id, config_hash=s.config_hash, round=self.round, degree=degree)
-        msg = Message(body, own)
+        msg = Message(body, sent)
         targets = [p for p in out if self.health.usable(p, self.round)]
         expected = [p for p in in_ if self.health.usable(p, self.round)]
         _, got = await asyncio.gather(asyncio.gather(*(self._push(p, msg) for p in targets)),

@@ -20,6 +20,7 @@ import dataclasses
 import random
 
 from p2pnode.discovery import PeerDirectory
+from p2pnode.protocols.adversary import Attacker
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.modest import ModestProtocol, ModestSettings
 from p2pnode.secagg.randomness import Randomness
@@ -32,8 +33,8 @@ class FLProtocol(ModestProtocol):
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random,
-                 secagg_randomness: Randomness | None = None) -> None:
+                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> None:
         settings = dataclasses.replace(settings, aggregators=1,
                                        fixed_aggregator_auto=settings.fixed_aggregator is None)
         super().__init__(settings, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                         rng=rng, secagg_randomness=secagg_randomness)
+                         rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)

@@ -7,24 +7,36 @@ aggregation rule. A peer that is slow, gone, or answers with garbage costs one t
 never the node: the round goes on with what arrived, and the node keeps its last good model.
 
 A node with no peers trains alone and keeps looking for peers every round.
+
+Robust window. A single pairwise average cannot be made robust: with a robust rule (one that
+tolerates ``f >= 1``) a node keeps the newest model of each sender over its last ``robust_window``
+merges and applies the rule to its own model and all of them, so the rule sees enough inputs for an
+honest majority. Rules that work on updates (flag, krum, multikrum, geomed, centered_clip) get
+``model - start``, where ``start`` is the node's model at the start of the round. Each merge also scores
+the senders of the models that arrived since the last merge (`p2pnode.protocols.suspicion`); with
+``exclude_suspects`` a node neither picks a suspect as partner nor merges what a suspect sends.
+Trade-off (docs/protocols.md): a longer window gives the rule more inputs (robustness) but merges
+older models (staleness) and holds up to ``max_inbox`` models in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states
+from p2pnode.aggregation import aggregate_states, max_byzantine, rule_info
 from p2pnode.discovery import PeerDirectory
-from p2pnode.errors import BadMessage, TransportError
+from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
+from p2pnode.protocols.adversary import Attacker, TrainedHook
 from p2pnode.protocols.base import PeerHealth, RoundReport
 from p2pnode.protocols.compute import Compute
+from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -32,6 +44,26 @@ from p2pnode.transport.codec import check_tensors
 logger = logging.getLogger(__name__)
 
 EXCHANGE = "gossip.exchange"
+#: Default robust window (merges) for rules that tolerate Byzantine inputs; 1 for the others.
+ROBUST_WINDOW = 4
+
+State = dict[str, torch.Tensor]
+
+
+def is_robust(rule: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether `rule` tolerates at least one Byzantine input among a handful (mean and vca do not)."""
+    return max_byzantine(rule, 9, **{k: v for k, v in (params or {}).items() if k == "trim"}) >= 1
+
+
+def default_window(rule: str, params: Mapping[str, Any] | None = None) -> int:
+    """`ROBUST_WINDOW` for a robust rule, else 1 (merge what arrived since the last merge)."""
+    return ROBUST_WINDOW if is_robust(rule, params) else 1
+
+
+@dataclass
+class _Entry:
+    epoch: int  # the node's merge count when the model arrived
+    state: State
 
 
 @dataclass
@@ -47,6 +79,11 @@ class GossipSettings:
     :param eval_every: evaluate on the test split every this many rounds (0: never; default 1).
     :param max_inbox: most pushed models kept between two merges, newest per sender (default 16).
     :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
+    :param robust_window: merges over which received models are kept and merged again (None, the default:
+        `ROBUST_WINDOW` = 4 for a robust rule, 1 otherwise; 1 merges only what arrived since the last merge).
+    :param suspicion_decay: weight of the old suspicion score in each update, in [0, 1) (default 0.8).
+    :param exclude_suspects: neither pick nor merge peers whose suspicion exceeds `suspect_threshold`.
+    :param suspect_threshold: suspicion score above which a peer is a suspect (default 1.0).
     """
 
     run_id: str
@@ -58,13 +95,24 @@ class GossipSettings:
     eval_every: int = 1
     max_inbox: int = 16
     step_cost_s: float = 0.0
+    robust_window: int | None = None
+    suspicion_decay: float = DEFAULT_DECAY
+    exclude_suspects: bool = False
+    suspect_threshold: float = DEFAULT_THRESHOLD
+
+    @property
+    def window(self) -> int:
+        """The robust window in effect (see `robust_window`)."""
+        return self.robust_window if self.robust_window is not None else default_window(self.rule, self.rule_params)
 
 
 class GossipProtocol:
     """One node's gossip rounds over a `Transport` and a `PeerDirectory`."""
 
     def __init__(self, settings: GossipSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None) -> None:
+        if settings.window < 1:
+            raise ValueError(f"robust_window must be >= 1, got {settings.window}")
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -76,7 +124,20 @@ class GossipProtocol:
         self._spec = trainer.spec
         # What peers receive from us: the model as of our last merge (never a half-trained model).
         self._published: dict[str, torch.Tensor] = trainer.state()
-        self._inbox: dict[str, dict[str, torch.Tensor]] = {}
+        # Newest model of each sender with the merge count at its arrival, oldest first.
+        self._window: dict[str, _Entry] = {}
+        self._epoch = 0
+        self._needs_updates = rule_info(settings.rule).needs_updates
+        self._robust = is_robust(settings.rule, settings.rule_params) or settings.window > 1
+        #: A Byzantine node's forging (None for an honest node).
+        self.attacker = attacker
+        #: Called after each local training with (round, start model, trained model); the simulator's
+        #: omniscient attackers read honest updates through it. Never set in the daemon.
+        self.on_trained: TrainedHook | None = None
+        self.suspicion = SuspicionTracker(settings.suspicion_decay)
+        #: Senders whose models the last merge ignored as suspects, and models it combined (own included).
+        self.last_ignored: list[str] = []
+        self.last_combined = 1
         transport.register(EXCHANGE, peer_pb2.ModelExchange, self._on_exchange)
 
     # -- serving ------------------------------------------------------------------------------
@@ -95,12 +156,27 @@ class GossipProtocol:
 
     async def _on_exchange(self, sender: str, msg: Message[Any]) -> Message[Any]:
         self._check(sender, msg)  # raises BadMessage: counted and refused by the transport
-        if sender not in self._inbox and len(self._inbox) >= self.settings.max_inbox:
-            self._inbox.pop(next(iter(self._inbox)))  # drop the oldest sender
-        self._inbox.pop(sender, None)
-        self._inbox[sender] = msg.tensors
+        self._keep(sender, msg.tensors)
         self.health.heard_from(sender, self.round)
         return self._request()
+
+    def _keep(self, sender: str, state: State) -> None:
+        """Put `sender`'s newest model in the window (one entry per sender; the oldest sender goes first)."""
+        self._window.pop(sender, None)
+        while len(self._window) >= self.settings.max_inbox:
+            self._window.pop(next(iter(self._window)))
+        self._window[sender] = _Entry(self._epoch, state)
+
+    def _take_window(self) -> tuple[dict[str, State], set[str]]:
+        """The models to merge now (sender -> model) and the senders whose model is new since the last merge;
+        advances the merge count and drops entries that fall out of the window."""
+        first = self._epoch - self.settings.window + 1
+        inputs = {p: e.state for p, e in self._window.items() if e.epoch >= first}
+        fresh = {p for p, e in self._window.items() if e.epoch >= self._epoch}
+        self._epoch += 1
+        keep_from = self._epoch - self.settings.window + 1
+        self._window = {p: e for p, e in self._window.items() if e.epoch >= keep_from}
+        return inputs, fresh
 
     # -- one round ----------------------------------------------------------------------------
     async def _candidates(self) -> list[str]:
@@ -110,7 +186,10 @@ class GossipProtocol:
             logger.warning("peer directory unavailable this round: %s", e)
             listed = []
         me = self.transport.peer_id
-        return sorted(set(listed) | {p for p in self.health.recently_heard(self.round) if p != me})
+        found = set(listed) | {p for p in self.health.recently_heard(self.round) if p != me}
+        if self.settings.exclude_suspects:
+            found -= self.suspicion.suspects(self.settings.suspect_threshold)
+        return sorted(found)
 
     async def _exchange(self, peer: str) -> dict[str, torch.Tensor] | None:
         """Push our model to `peer` and pull its model; None (and a back-off) when that fails."""
@@ -130,41 +209,97 @@ class GossipProtocol:
         self.health.succeeded(peer, self.round)
         return resp.tensors
 
-    def _merge(self, received: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def _merge(self, start: State, received: Mapping[str, State], fresh: set[str]) -> None:
+        """Merge the own model with `received` (sender -> model) by the rule; score the `fresh` senders."""
+        self.last_ignored = []
+        self.last_combined = 1
         if not received:
             return
+        s = self.settings
+        if s.exclude_suspects:
+            suspects = self.suspicion.suspects(s.suspect_threshold)
+            self.last_ignored = sorted(p for p in received if p in suspects)
+        senders = [p for p in received if p not in self.last_ignored]
         own = self.trainer.state()
-        params = dict(self.settings.rule_params)
-        if self.settings.rule == "vca":
-            params.setdefault("self_index", 0)
-        merged = aggregate_states(self.settings.rule, [own, *received], **params)
-        self.trainer.load_state(merged)
+        merged = own
+        if senders:
+            params = dict(s.rule_params)
+            if s.rule == "vca":
+                params.setdefault("self_index", 0)
+            states = [own, *(received[p] for p in senders)]
+            try:
+                if self._needs_updates:
+                    # Direction-based rules need updates: every model relative to this round's start.
+                    updates = [{k: st[k] - start[k] for k in start} for st in states]
+                    delta = aggregate_states(s.rule, updates, **params)
+                    merged = {k: start[k] + delta[k] for k in start}
+                else:
+                    merged = aggregate_states(s.rule, states, **params)
+            except AggregationError as e:
+                # Too few inputs for the rule (e.g. multikrum needs 3): keep the own model rather than
+                # merge models that no rule vetted; the window fills up within a few rounds.
+                logger.debug("merge skipped: %s", e)
+                senders = []
+                merged = own
+            else:
+                self.trainer.load_state(merged)
+        self.last_combined = 1 + len(senders)
+        # Suspicion: the fresh models (suspects' included, so that a reformed peer can recover).
+        scored = {p: received[p] for p in received if p in fresh}
+        if scored:
+            others = [own] + [received[p] for p in senders if p not in fresh]
+            self.suspicion.observe_states(scored, merged, others=others, reference=start)
 
     async def run_round(self) -> RoundReport:
         """Train, exchange with one random live peer, merge, evaluate; return the round's report."""
         s = self.settings
-        train_loss = await self.compute.run(lambda: self.trainer.train(s.local_steps),
-                                            cost_s=s.step_cost_s * s.local_steps)
+        attacking = self.attacker is not None and self.attacker.model_attack
+
+        def train() -> tuple[float, State]:
+            # The start model: reference of the updates (direction rules, forging, the suspicion's direction term).
+            start = self.trainer.state()
+            return self.trainer.train(s.local_steps), start
+
+        train_loss, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        trained: State | None = None
+        if self._robust and not attacking:
+            # A robust rule votes: peers must get the model trained this round, or every input but the
+            # own one lags a round behind and the vote keeps the old model (no progress at all).
+            trained = self.trainer.state()
+            self._published = trained
+        if attacking or self.on_trained is not None:
+            trained = trained if trained is not None else self.trainer.state()
+            if self.on_trained is not None:
+                self.on_trained(self.round, start, trained)
+            if attacking:
+                assert self.attacker is not None
+                seen = [e.state for e in self._window.values()]
+                self._published = await self.attacker.forge(self.round, start, trained, seen)
+                logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
+                             self.attacker.attack)
         candidates = await self._candidates()
         partner = self.health.choose(candidates, self.round, self.rng)
         failures = 0
         pulled = await self._exchange(partner) if partner is not None else None
         if partner is not None and pulled is None:
             failures += 1
-        received = list(self._inbox.values())
-        self._inbox.clear()
-        if pulled is not None:
-            received.append(pulled)
-        await self.compute.run(lambda: self._merge(received))
-        self._published = self.trainer.state()
+        if partner is not None and pulled is not None:
+            self._keep(partner, pulled)
+        received, fresh = self._take_window()
+        await self.compute.run(lambda: self._merge(start, received, fresh))
+        if not attacking:  # an attacker keeps sending its forged model
+            self._published = self.trainer.state()
         self.round += 1
         test_loss: float | None = None
         accuracy: float | None = None
         if s.eval_every and self.round % s.eval_every == 0:
             test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
+        combined = self.last_combined
+        extra: dict[str, Any] = {"ignored": list(self.last_ignored)} if self.last_ignored else {}
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss,
-                           accuracy=accuracy, peers=len(candidates), combined=1 + len(received),
-                           fraction=1.0, partner=partner if pulled is not None else None, failures=failures)
+                           accuracy=accuracy, peers=len(candidates), combined=combined,
+                           fraction=1.0, partner=partner if pulled is not None else None, failures=failures,
+                           extra=extra)
 
     async def close(self) -> None:
-        self._inbox.clear()
+        self._window.clear()

@@ -58,9 +58,11 @@ from p2pnode.aggregation import OuterOptimizer, aggregate_states, rule_info
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, ConfigError, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
+from p2pnode.protocols.adversary import Attacker, TrainedHook
 from p2pnode.protocols.base import PeerHealth, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.membership import JOIN, LEAVE, MAX_WIRE_NUMBER, Entry, View, from_proto, initial_view
+from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
 from p2pnode.secagg import (
     Contribution,
     SecAggError,
@@ -170,6 +172,10 @@ class ModestSettings:
         With it, trainers send their update ``model - base`` masked, the aggregator learns only the mean
         of the survivors (rules ``mean`` and ``vca`` only), and an aggregation below the threshold is
         aborted: the model goes on unchanged and ``secagg_aborted`` counts it (see docs/secagg.md).
+    :param suspicion_decay: weight of the old suspicion score in each update, in [0, 1) (default 0.8).
+    :param exclude_suspects: as an aggregator, leave out the models of peers whose suspicion exceeds
+        `suspect_threshold` (they stay in the samples, which must be the same on every node).
+    :param suspect_threshold: suspicion score above which a peer is a suspect (default 1.0).
     """
 
     run_id: str
@@ -201,6 +207,9 @@ class ModestSettings:
     step_cost_s: float = 0.0
     leave_on_close: bool = True
     secagg: SecAggSettings | None = None
+    suspicion_decay: float = DEFAULT_DECAY
+    exclude_suspects: bool = False
+    suspect_threshold: float = DEFAULT_THRESHOLD
 
     @property
     def threshold(self) -> int:
@@ -229,6 +238,7 @@ class AggregationEvent:
     :param aborted: secure aggregation: why it was aborted (too few trainers left); the new version is
         then the base model unchanged, and `contributors` is empty. None when it completed.
     :param state: the new model version (not copied: do not modify it).
+    :param ignored: trainers whose models were left out as suspects (``exclude_suspects``).
     """
 
     index: int
@@ -246,6 +256,7 @@ class AggregationEvent:
     dropped: list[str] = field(default_factory=list)
     aborted: str | None = None
     state: State | None = field(default=None, repr=False)
+    ignored: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -352,7 +363,7 @@ class ModestProtocol:
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random,
-                 secagg_randomness: Randomness | None = None) -> None:
+                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -360,6 +371,13 @@ class ModestProtocol:
         self.compute = compute
         self.rng = rng
         self.round = 0
+        #: A Byzantine node's forging of the models it uploads as a trainer (None: honest).
+        self.attacker = attacker
+        #: Called after each local training with (version, start model, trained model); the simulator's
+        #: omniscient attackers read honest updates through it. Never set in the daemon.
+        self.on_trained: TrainedHook | None = None
+        #: Suspicion scores of the trainers this node aggregated (`p2pnode.protocols.suspicion`).
+        self.suspicion = SuspicionTracker(settings.suspicion_decay)
         self.me = transport.peer_id
         self._me_short = _short(self.me)
         self.view = View(self.me, settings.inactivity_threshold)
@@ -819,6 +837,10 @@ class ModestProtocol:
         if not math.isfinite(loss):
             logger.warning("%s: training diverged in round %d (loss %s); not uploading", self._me_short, k, loss)
             return self._report("diverged", train_loss=loss)
+        if self.on_trained is not None:
+            self.on_trained(k, inc.state, trained)
+        if self.attacker is not None and self.attacker.model_attack:
+            trained = await self.attacker.forge(k, inc.state, trained)
         acks = await self._upload(k, trained, loss, base_digest, inc.parent)
         ok = [a for a in acks if a is not None and a[1].success]
         return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
@@ -887,6 +909,10 @@ class ModestProtocol:
                 return self._report("aborted", train_loss=loss)
             logger.warning("%s: training diverged in round %d (loss %s); not uploading", self._me_short, k, loss)
             return self._report("diverged", train_loss=loss)
+        if self.on_trained is not None:
+            self.on_trained(k, inc.state, trained)
+        if self.attacker is not None and self.attacker.model_attack:
+            trained = await self.attacker.forge(k, inc.state, trained)  # masked like an honest update
         vector = torch.cat([(trained[n].detach().cpu().to(torch.float64) - inc.state[n].detach().cpu().to(torch.float64)
                              ).reshape(-1) for n in self._float_names])
         extras = layer_variances([trained[n] for n in self._float_names]) if self._vca_extras else None
@@ -1352,12 +1378,21 @@ class ModestProtocol:
             return
         agg.state = "completing"
         s = self.settings
+        received = sorted(agg.models) if secure is None and aborted is None else []
+        ignored: list[str] = []
         if secure is not None:
             contributors = list(secure.survivors)
         elif aborted is not None:
             contributors = []
         else:
-            contributors = sorted(agg.models)
+            contributors = received
+            if s.exclude_suspects:
+                # Samples must stay the same on every node, so suspects are not dropped from them: this
+                # aggregator only leaves their models out (and keeps scoring them, so a peer can recover).
+                suspects = self.suspicion.suspects(s.suspect_threshold)
+                kept = [c for c in received if c not in suspects]
+                if kept:
+                    contributors, ignored = kept, [c for c in received if c in suspects]
         try:
             base = await self._get_base(agg) if self._needs_base else None
             if self._needs_base and base is None:
@@ -1372,6 +1407,7 @@ class ModestProtocol:
             else:
                 states = [agg.models[c].state for c in contributors]
                 new_state, outer_state, rule = await self.compute.run(lambda: self._combine(states, base))
+                self._score(agg, received, new_state, base)
         except Exception as e:
             logger.error("%s: aggregation %d failed: %s", self._me_short, agg.index, e)
             agg.resolve(_Result(False, "dropped"))
@@ -1417,7 +1453,8 @@ class ModestProtocol:
                                  test_loss=test_loss, time_s=self._now(), degraded=degraded, topups=agg.topups,
                                  rule=rule, secure=self._secagg is not None,
                                  dropped=sorted(set(agg.instance.plan.session.users) - set(contributors))
-                                 if agg.instance is not None else [], aborted=aborted, state=new_state)
+                                 if agg.instance is not None else [], aborted=aborted, state=new_state,
+                                 ignored=ignored)
         if aborted is None:
             self.counters["aggregations"] += 1
         self._events.append(event)
@@ -1426,6 +1463,22 @@ class ModestProtocol:
                     index, len(contributors), rule, acc, len(accepted))
         if self.on_aggregate is not None:
             self.on_aggregate(event)
+
+    def _score(self, agg: _Aggregation, received: Sequence[str], new_state: State, base: _Base | None) -> None:
+        """Update the suspicion of the trainers of `agg` by their distance to the new model (all received
+        models, ignored suspects included; this node's own model counts for the median only).
+
+        With an outer optimizer the new model is the outer step's result rather than the rule's output: it
+        moves every distance alike, so the scores stay comparable but are less sharp.
+        """
+        peers = {c: agg.models[c].state for c in received if c != self.me}
+        own = [agg.models[self.me].state] if self.me in agg.models else []
+        if base is None:  # without a base (mean, median...), the one this node trained from, if it matches
+            held = self._bases.get(agg.index - 1)
+            base = held if held is not None and held.digest == self._base_digest(agg) else None
+        if peers:
+            self.suspicion.observe_states(peers, new_state, others=own,
+                                          reference=base.state if base is not None else None)
 
     async def _push_model(self, targets: Sequence[str], round_: int, state: State, outer: State, *,
                           parent: bytes, combined: int, sample_key: bytes = b"") -> list[str]:

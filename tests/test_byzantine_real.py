@@ -1,0 +1,91 @@
+"""Real attackers: 5 honest daemons and 1 daemon running the ``scaled`` attack, on 127.0.0.1 (hivemind DHT
+and libp2p per node), gossip on digits. With ``flag`` over the robust window the honest nodes learn
+(accuracy >= 0.85); with ``mean`` the attacker wrecks them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from netutil import NetworkGuard
+from p2pnode.cli.options import byzantine_settings, parse_params
+from p2pnode.config import NodeConfig
+from p2pnode.daemon.real import create_real_node
+from p2pnode.daemon.settings import DaemonSettings
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+HONEST = 5
+
+
+async def _wait_for_peers(nodes: list[Any], count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [len(await n.directory.peers()) for n in nodes]
+        if all(s >= count for s in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
+        await asyncio.sleep(0.3)
+
+
+async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
+    """Final accuracies of the honest nodes, and the attacker node (after shutdown). With a robust rule,
+    checks that the honest nodes that scored the attacker rank it as their most suspicious peer."""
+    nodes: list[Any] = []
+    try:
+        for i in range(HONEST + 1):
+            attack = "scaled" if i == HONEST else None
+            initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+            config = NodeConfig(run_id=f"byz-{rule}", seed=5, shard=(i, HONEST + 1), device="cpu",
+                                initial_peers=initial, exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=40,
+                                rule=rule, attack=attack).validate()
+            # No state sync: every node starts at round 0 together, in lockstep.
+            node = await create_real_node(config, DaemonSettings(sync_on_join=False))
+            await node.start()
+            nodes.append(node)
+        await _wait_for_peers(nodes, HONEST)
+        for _ in range(rounds):
+            await asyncio.gather(*(n.run_round() for n in nodes))
+        honest = nodes[:HONEST]
+        accs = [n.last_report.accuracy for n in honest]
+        attacker = nodes[HONEST]
+        if rule != "mean":
+            # Mean over the honest nodes that scored each peer: the attacker is the most suspicious.
+            totals: dict[str, list[float]] = {}
+            for n in honest:
+                for peer, score in n.suspicion().items():
+                    totals.setdefault(peer, []).append(score)
+            mean = {p: sum(v) / len(v) for p, v in totals.items()}
+            assert max(mean, key=mean.__getitem__) == attacker.peer_id, mean
+        return accs, attacker
+    finally:
+        for n in nodes:
+            await n.shutdown()
+
+
+async def test_flag_over_the_robust_window_resists_a_real_scaled_attacker(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="p2pnode.daemon.node")
+    with NetworkGuard() as guard:
+        accs, attacker = await _swarm("flag", rounds=10)
+        assert all(a is not None and a >= 0.85 for a in accs), accs
+        assert attacker.protocol.attacker.forged >= 10
+        # The attacker says so, loudly, at start and every round.
+        loud = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ATTACKER")]
+        assert any("runs the scaled attack" in m for m in loud) and len(loud) >= 11
+        accs_mean, _ = await _swarm("mean", rounds=6)
+        assert sum(a or 0.0 for a in accs_mean) / HONEST < 0.85, accs_mean
+        assert not all(a is not None and a >= 0.85 for a in accs_mean), accs_mean
+    assert not guard.leaked_processes, guard.leaked_processes
+
+
+def test_run_options_make_an_attacker_config() -> None:
+    kw = {"attack": "scaled", "attack_params": ("factor=10",), "robust_window": 3, "exclude_suspects": True,
+          "suspect_threshold": 2.0, "suspicion_decay": 0.5}
+    cfg = NodeConfig(**byzantine_settings(kw)).validate()
+    assert cfg.attack == "scaled" and cfg.attack_params == parse_params(("factor=10",)) == {"factor": 10}
+    assert cfg.robust_window == 3 and cfg.exclude_suspects and cfg.suspect_threshold == 2.0
