@@ -94,6 +94,8 @@ def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
 @click.option("--rejoin-round", default=None, type=int, help="First round in which they are back (default: never).")
 @click.option("--rejoin-fraction", default=1.0, show_default=True, type=float,
               help="Share of the crashed nodes that come back at --rejoin-round.")
+@click.option("--record-variance", is_flag=True,
+              help="Add each round's per-layer weight variance, averaged over the live nodes, to the results.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy and bytes per round to this PNG.")
@@ -125,7 +127,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         secagg_threshold=kw["secagg_threshold"], secagg_clip=kw["secagg_clip"],
                         crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
-                        rejoin_fraction=kw["rejoin_fraction"])
+                        rejoin_fraction=kw["rejoin_fraction"], record_variance=kw["record_variance"])
         if kw["aggregation_timeout"] is not None:
             cfg.aggregation_timeout_s = kw["aggregation_timeout"]
         if kw["fl_server"] is not None:
