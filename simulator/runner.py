@@ -205,7 +205,7 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
         sent = _bytes_sent(nodes)
         accs = [rep.accuracy for rep in reports if rep.accuracy is not None]
         losses = [rep.train_loss for rep in reports]
-        row = {
+        row: dict[str, Any] = {
             "round": r,
             "time_s": round(loop.time(), 6),
             "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
