@@ -1,9 +1,9 @@
 """Push-pull gossip learning.
 
-Each round a node trains `local_steps` minibatch steps, picks a random live peer, sends it its model and
-receives the peer's model in the response (push-pull), then merges its own model with every model it
-received since its last merge (the pulled one and those pushed to it by other peers) by the configured
-aggregation rule. A peer that is slow, gone, or answers with garbage costs one timeout and a counter,
+Each round a node trains `local_steps` minibatch steps, picks a random live peer, sends it its freshly
+trained model and receives the peer's model in the response (push-pull), then merges its own model with
+every model it received since its last merge (the pulled one and those pushed to it by other peers) by
+the configured aggregation rule. A peer that is slow, gone, or answers with garbage costs one timeout and a counter,
 never the node: the round goes on with what arrived, and the node keeps its last good model.
 
 A node with no peers trains alone and keeps looking for peers every round.
@@ -74,7 +74,8 @@ class GossipProtocol:
         self.round = 0
         self.health = PeerHealth()
         self._spec = trainer.spec
-        # What peers receive from us: the model as of our last merge (never a half-trained model).
+        # What peers receive from us: a complete snapshot (never a half-trained model): the model as
+        # of our last merge, replaced by the freshly trained one as soon as a round's training ends.
         self._published: dict[str, torch.Tensor] = trainer.state()
         self._inbox: dict[str, dict[str, torch.Tensor]] = {}
         transport.register(EXCHANGE, peer_pb2.ModelExchange, self._on_exchange)
@@ -145,6 +146,11 @@ class GossipProtocol:
         s = self.settings
         train_loss = await self.compute.run(lambda: self.trainer.train(s.local_steps),
                                             cost_s=s.step_cost_s * s.local_steps)
+        # Peers get the model as just trained (gossip learning sends the updated model). Serving the
+        # model of the last merge instead would withhold a round of training from every exchange, and
+        # with `vca` it would pin each layer's variance at its initial value: the target is the
+        # received models' variance, which would then never include what training added.
+        self._published = self.trainer.state()
         candidates = await self._candidates()
         partner = self.health.choose(candidates, self.round, self.rng)
         failures = 0
