@@ -3,7 +3,8 @@
 Usage (from the repository root)::
 
     python experiments/vca/run.py --jobs 2    # 36 runs: gossip+vca, gossip+mean, fl; IID and Dirichlet 0.3;
-                                              # independent and shared initialisation; seeds 0, 1, 2
+                                              # independent and shared initialisation; seeds 0, 1, 2;
+                                              # plus 4 runs on the paper's 8-regular graph (seed 0)
     python experiments/vca/plot.py            # the table (experiments/vca/summary.md, summary.json) and PNGs
 
 Every run is one ``p2pnode sim`` command (printed before it runs) with ``--record-variance``, so any of
@@ -43,7 +44,8 @@ def split_name(alpha: float | None) -> str:
 
 
 def run_name(method: str, alpha: float | None, init: str, seed: int) -> str:
-    """Name of a run: ``<method>-<split>-<init>-s<seed>``; method is ``gossip-vca``, ``gossip-mean`` or ``fl``."""
+    """Name of a run: ``<method>-<split>-<init>-s<seed>``; method is ``gossip-vca``, ``gossip-mean``, ``fl``,
+    ``regular8-vca`` or ``regular8-mean``."""
     return f"{method}-{split_name(alpha)}-{init}-s{seed}"
 
 
@@ -61,6 +63,17 @@ def runs() -> list[tuple[str, list[str]]]:
                                 [*common, "--topology", "gossip", "--rule", rule]))
                 out.append((run_name("fl", alpha, init, seed),
                             [*common, "--topology", "fl", "--rule", "mean", "--sample-size", str(FL_SAMPLE)]))
+    # The paper's own topology: a random 8-regular graph on which every node merges all its neighbours'
+    # models each round (`dpsgd --dpsgd-graph regular`). vca with self_index=0 is the authors' merge,
+    # 0.5 own + 0.5 mean of the 8 received, with the target taken from the received models; mean is
+    # the Metropolis-Hastings average, 1/9 each. Seed 0 only, independent initialisation.
+    for alpha in ALPHAS:
+        split = [] if alpha is None else ["--alpha", str(alpha)]
+        common = ["--nodes", str(NODES), "--rounds", str(ROUNDS), "--seed", "0", "--init", "independent", *split,
+                  "--record-variance", "--topology", "dpsgd", "--dpsgd-graph", "regular", "--dpsgd-degree", "8"]
+        out.append((run_name("regular8-vca", alpha, "independent", 0),
+                    [*common, "--rule", "vca", "--rule-param", "self_index=0"]))
+        out.append((run_name("regular8-mean", alpha, "independent", 0), [*common, "--rule", "mean"]))
     return [(name, [sys.executable, "-m", "p2pnode", "sim", "--quiet", "--out", str(RESULTS / f"{name}.json"),
                     *args]) for name, args in out]
 
