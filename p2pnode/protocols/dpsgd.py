@@ -24,6 +24,7 @@ waited for, so a crashed neighbour costs one timeout, not one per round.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -70,6 +71,12 @@ def random_regular_graph(n: int, degree: int, seed: int) -> list[list[int]]:
     """
     if degree < 0 or degree >= max(n, 1) or (n * degree) % 2:
         raise ValueError(f"no {degree}-regular graph on {n} nodes (need degree < n and n * degree even)")
+    # Every node of a run draws the same graph: in the simulator that is n draws in one process.
+    return [list(nb) for nb in _cached_regular_graph(n, degree, seed)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_regular_graph(n: int, degree: int, seed: int) -> tuple[tuple[int, ...], ...]:
     rng = random.Random(f"regular/{n}/{degree}/{seed}")
     for _ in range(1000):
         stubs = [v for v in range(n) for _ in range(degree)]
@@ -83,8 +90,8 @@ def random_regular_graph(n: int, degree: int, seed: int) -> list[list[int]]:
             adj[a].add(b)
             adj[b].add(a)
         if ok:
-            return [sorted(s) for s in adj]
-    return _swapped_regular_graph(n, degree, rng)
+            return tuple(tuple(sorted(s)) for s in adj)
+    return tuple(tuple(nb) for nb in _swapped_regular_graph(n, degree, rng))
 
 
 def _swapped_regular_graph(n: int, degree: int, rng: random.Random, swaps_per_edge: int = 10) -> list[list[int]]:
