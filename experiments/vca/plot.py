@@ -12,7 +12,12 @@ Writes, next to this script:
 - ``accuracy.png``: mean test accuracy per round (mean over seeds, band: min to max), one panel per
   split and initialisation;
 - ``variance.png``: per-layer weight variance over rounds (averaged over the live nodes, then over the
-  seeds), gossip ``vca`` vs gossip ``mean`` (and ``fl`` for reference), independent initialisation.
+  seeds), ``vca`` vs ``mean`` (and ``fl`` for reference), independent initialisation.
+
+- ``regular8.png``: the runs on the 8-regular graph (seed 0): accuracy and the output layer's variance
+  for vca, mean, the 0.5/0.5 merge without correction, and vca with equal weights.
+
+Rows and curves appear for the runs whose files exist.
 """
 
 from __future__ import annotations
@@ -31,9 +36,18 @@ from run import ALPHAS, INITS, RESULTS, SEEDS, run_name, split_name  # noqa: E40
 
 from simulator.analysis import rounds_to_target  # noqa: E402
 
-METHODS = ("gossip-vca", "gossip-mean", "fl")
-LABELS = {"gossip-vca": "gossip + vca", "gossip-mean": "gossip + mean", "fl": "FL (server, mean)"}
-COLORS = {"gossip-vca": "tab:blue", "gossip-mean": "tab:orange", "fl": "tab:green"}
+#: Methods of the main comparison (3 seeds), then those on the 8-regular graph (seed 0).
+MAIN = ("gossip-vca", "gossip-mean", "fl")
+REGULAR = ("regular8-vca", "regular8-mean", "regular8-half", "regular8-vcaeq")
+METHODS = MAIN + REGULAR
+LABELS = {"gossip-vca": "gossip + vca", "gossip-mean": "gossip + mean", "fl": "FL (server, mean)",
+          "regular8-vca": "8-regular + vca", "regular8-mean": "8-regular + mean",
+          "regular8-half": "8-regular + 0.5 own/0.5 received, uncorrected",
+          "regular8-vcaeq": "8-regular + vca, equal weights"}
+COLORS = {"gossip-vca": "tab:blue", "gossip-mean": "tab:orange", "fl": "tab:green", "regular8-vca": "tab:blue",
+          "regular8-mean": "tab:orange", "regular8-half": "tab:red", "regular8-vcaeq": "tab:purple"}
+#: The paper's topology (seed 0 only) is drawn dashed.
+STYLES = dict.fromkeys(REGULAR, "--")
 TARGETS = (0.80, 0.85, 0.90)
 HEADLINE = 0.85
 #: Rounds averaged for the "end" accuracy: the last ten.
@@ -95,7 +109,7 @@ def _curves(method: str, alpha: float | None, init: str, key: str) -> list[list[
     return [[row[key] for row in r["rounds"]] for r in runs if r is not None]
 
 
-def plot_accuracy(path: Path) -> None:
+def plot_accuracy(path: Path, methods: tuple[str, ...] = (*MAIN, "regular8-vca", "regular8-mean")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,16 +119,16 @@ def plot_accuracy(path: Path) -> None:
     for i, alpha in enumerate(ALPHAS):
         for j, init in enumerate(INITS):
             ax = axes[i][j]
-            for method in METHODS:
+            for method in methods:
                 curves = _curves(method, alpha, init, "accuracy")
                 if not curves:
                     continue
                 xs = list(range(1, len(curves[0]) + 1))
                 mean = [statistics.fmean(c[k] for c in curves) for k in range(len(xs))]
-                ax.plot(xs, mean, color=COLORS[method], label=LABELS[method])
+                ax.plot(xs, mean, color=COLORS[method], ls=STYLES.get(method, "-"), label=LABELS[method])
                 ax.fill_between(xs, [min(c[k] for c in curves) for k in range(len(xs))],
                                 [max(c[k] for c in curves) for k in range(len(xs))], color=COLORS[method], alpha=0.15)
-            ax.axhline(HEADLINE, color="grey", lw=0.8, ls="--")
+            ax.axhline(HEADLINE, color="grey", lw=0.8, ls=":")
             title = "IID" if alpha is None else f"Dirichlet {alpha}"
             ax.set_title(f"{title}, {init} initialisation")
             ax.set_ylim(0, 1)
@@ -125,7 +139,7 @@ def plot_accuracy(path: Path) -> None:
                 ax.set_ylabel("mean test accuracy")
     axes[0][0].legend(loc="lower right")
     fig.suptitle(f"100 nodes, digits-mlp: mean over seeds {', '.join(map(str, SEEDS))} (band: min-max); "
-                 f"dashed: target {HEADLINE}")
+                 f"dotted: target {HEADLINE}; dashed: 8-regular graph, seed 0")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -138,21 +152,22 @@ def plot_variance(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     first = next(r for r in (load(run_name("gossip-vca", None, "independent", s)) for s in SEEDS) if r is not None)
-    layers = list(first["rounds"][0]["layer_variance"])
+    # Weight matrices first (the tensors vca rescales), then biases, each in layer order.
+    layers = sorted(first["rounds"][0]["layer_variance"], key=lambda n: (not n.endswith("weight"), n))
     fig, axes = plt.subplots(len(ALPHAS), len(layers), figsize=(14, 6.5), dpi=100, sharex=True)
     for i, alpha in enumerate(ALPHAS):
         for j, layer in enumerate(layers):
             ax = axes[i][j]
-            for method in METHODS:
+            for method in (*MAIN, "regular8-vca", "regular8-mean"):
                 curves = _curves(method, alpha, "independent", "layer_variance")
                 if not curves:
                     continue
                 xs = list(range(1, len(curves[0]) + 1))
                 ax.plot(xs, [statistics.fmean(c[k][layer] for c in curves) for k in range(len(xs))],
-                        color=COLORS[method], label=LABELS[method])
+                        color=COLORS[method], ls=STYLES.get(method, "-"), label=LABELS[method])
             # The initial variance of a PyTorch Linear layer, U(+-1/sqrt(fan_in)): 1 / (3 fan_in).
             if layer.endswith("weight"):
-                ax.axhline(1 / (3 * 64), color="grey", lw=0.8, ls="--")
+                ax.axhline(1 / (3 * 64), color="grey", lw=0.8, ls=":")
             ax.set_yscale("log")
             split = "IID" if alpha is None else f"Dir {alpha}"
             ax.set_title(f"{layer} ({split})", fontsize=10)
@@ -163,7 +178,41 @@ def plot_variance(path: Path) -> None:
                 ax.set_ylabel("variance of the weights\n(mean over live nodes)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Per-layer weight variance, independent initialisation (mean over seeds); "
-                 "dashed: variance at initialisation, 1/(3*64)")
+                 "dotted: variance at initialisation, 1/(3*64); dashed: 8-regular graph, seed 0")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_regular(path: Path) -> None:
+    """Accuracy and the variance of the output layer's weights on the 8-regular graph: which part of vca helps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(ALPHAS), figsize=(11, 7.5), dpi=100, sharex=True)
+    for j, alpha in enumerate(ALPHAS):
+        for method in REGULAR:
+            run = load(run_name(method, alpha, "independent", 0))
+            if run is None:
+                continue
+            xs = [row["round"] for row in run["rounds"]]
+            axes[0][j].plot(xs, [row["accuracy"] for row in run["rounds"]], color=COLORS[method], label=LABELS[method])
+            axes[1][j].plot(xs, [row["layer_variance"]["3.weight"] for row in run["rounds"]], color=COLORS[method])
+        split = "IID" if alpha is None else f"Dirichlet {alpha}"
+        axes[0][j].set_title(f"{split}: mean test accuracy")
+        axes[0][j].axhline(HEADLINE, color="grey", lw=0.8, ls=":")
+        axes[0][j].set_ylim(0, 1)
+        axes[1][j].set_title(f"{split}: variance of 3.weight (mean over nodes)")
+        axes[1][j].axhline(1 / (3 * 64), color="grey", lw=0.8, ls=":")
+        axes[1][j].set_yscale("log")
+        axes[1][j].set_xlabel("round")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("100 nodes on a random 8-regular graph (every node merges its 8 neighbours each round), "
+                 "independent initialisation, seed 0")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -177,7 +226,8 @@ def main() -> None:
     print(md)
     plot_accuracy(HERE / "accuracy.png")
     plot_variance(HERE / "variance.png")
-    print(f"wrote {HERE / 'summary.md'}, {HERE / 'accuracy.png'}, {HERE / 'variance.png'}")
+    plot_regular(HERE / "regular8.png")
+    print(f"wrote {HERE / 'summary.md'} and the PNGs accuracy, variance, regular8 in {HERE}")
 
 
 if __name__ == "__main__":

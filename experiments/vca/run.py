@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python experiments/vca/run.py --jobs 2    # 36 runs: gossip+vca, gossip+mean, fl; IID and Dirichlet 0.3;
                                               # independent and shared initialisation; seeds 0, 1, 2;
-                                              # plus 4 runs on the paper's 8-regular graph (seed 0)
+                                              # plus 8 runs on the paper's 8-regular graph (seed 0)
     python experiments/vca/plot.py            # the table (experiments/vca/summary.md, summary.json) and PNGs
 
 Every run is one ``p2pnode sim`` command (printed before it runs) with ``--record-variance``, so any of
@@ -45,7 +45,8 @@ def split_name(alpha: float | None) -> str:
 
 def run_name(method: str, alpha: float | None, init: str, seed: int) -> str:
     """Name of a run: ``<method>-<split>-<init>-s<seed>``; method is ``gossip-vca``, ``gossip-mean``, ``fl``,
-    ``regular8-vca`` or ``regular8-mean``."""
+    or ``regular8-`` and ``vca``, ``mean``, ``half`` (0.5/0.5 merge, no correction) or ``vcaeq`` (equal
+    weights, corrected)."""
     return f"{method}-{split_name(alpha)}-{init}-s{seed}"
 
 
@@ -74,6 +75,11 @@ def runs() -> list[tuple[str, list[str]]]:
         out.append((run_name("regular8-vca", alpha, "independent", 0),
                     [*common, "--rule", "vca", "--rule-param", "self_index=0"]))
         out.append((run_name("regular8-mean", alpha, "independent", 0), [*common, "--rule", "mean"]))
+        # Which part of vca does what: the authors' 0.5 own + 0.5 received merge without the correction
+        # (strength 0 leaves the scale at 1), and the correction on the plain 1/9 each average.
+        out.append((run_name("regular8-half", alpha, "independent", 0),
+                    [*common, "--rule", "vca", "--rule-param", "self_index=0", "--rule-param", "strength=0"]))
+        out.append((run_name("regular8-vcaeq", alpha, "independent", 0), [*common, "--rule", "vca"]))
     return [(name, [sys.executable, "-m", "p2pnode", "sim", "--quiet", "--out", str(RESULTS / f"{name}.json"),
                     *args]) for name, args in out]
 
