@@ -26,6 +26,7 @@ from p2pnode.secagg.randomness import SeededRandomness
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
+from simulator.analysis import layer_variance
 
 EVENT_DRIVEN = ("modest", "fl")
 
@@ -69,6 +70,10 @@ class SimConfig:
         4 for a robust rule, 1 otherwise).
     :param exclude_suspects: leave out peers whose suspicion exceeds ``suspect_threshold`` (default 1.0).
     Accuracy in the results is that of honest nodes only (attackers' own models are not counted).
+    :param record_variance: add ``layer_variance`` to every round's row: for each floating-point entry
+        of the model with more than one element, the population variance of its elements averaged over
+        the live nodes' current models (see `simulator.analysis.layer_variance`). Default False; when
+        False the results (rows and ``config``) are exactly those of a run without this option.
     Other fields are those of `NodeConfig`.
     """
 
@@ -137,6 +142,7 @@ class SimConfig:
     def byzantine_indices_ids(self) -> list[str]:
         """Peer ids of `byzantine_indices`."""
         return [sim_peer_id(i) for i in self.byzantine_indices()]
+    record_variance: bool = False
 
     def node_config(self, index: int) -> NodeConfig:
         if not 0.0 <= self.crash_fraction <= 1.0:
@@ -258,6 +264,8 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
         if ignored:
             row["ignored"] = ignored
         sent_before = sent
+        if cfg.record_variance:
+            row["layer_variance"] = layer_variance(n.trainer.state() for n in live)
         rounds.append(row)
         if on_round is not None:
             on_round(row)
@@ -328,6 +336,10 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
             if ev.secure:  # who is in the secure mean, who is not, and whether it was aborted
                 row["secagg"] = {"dropped": list(ev.dropped), "aborted": ev.aborted is not None}
             sent_before = sent
+            if cfg.record_variance:
+                # The live nodes' models at the moment version ev.index first completes.
+                row["layer_variance"] = layer_variance(n.trainer.state() for n in nodes
+                                                       if network.is_alive(n.peer_id))
             rows[ev.index] = row
             evals[ev.index] = []
         elif ev.aggregator not in row["aggregators"]:
@@ -426,7 +438,7 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     rounds = out.pop("rounds")
     final = next((row["accuracy"] for row in reversed(rounds) if row["accuracy"] is not None), None)
     result = {
-        "config": dataclasses.asdict(cfg),
+        "config": _config_dict(cfg),
         "rounds": rounds,
         "final_accuracy": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
@@ -462,6 +474,15 @@ def _suspicion_summary(nodes: list[Node], attackers: set[str]) -> dict[str, Any]
     if bad and good:
         wins = sum(1.0 if b > g else 0.5 if b == g else 0.0 for b in bad for g in good)
         out["suspicion_auc"] = round(wins / (len(bad) * len(good)), 6)
+    return out
+
+
+def _config_dict(cfg: SimConfig) -> dict[str, Any]:
+    """``cfg`` as written into the results; opt-in recording flags appear only when set, so that a run
+    without them gives the same file, byte for byte, as before those flags existed."""
+    out = dataclasses.asdict(cfg)
+    if not cfg.record_variance:
+        del out["record_variance"]
     return out
 
 

@@ -43,6 +43,17 @@ def test_random_regular_graph_is_simple_regular_and_reproducible() -> None:
         random_regular_graph(5, 3, seed=0)  # n * degree odd
 
 
+@pytest.mark.parametrize(("n", "degree"), [(100, 8), (30, 8), (12, 8), (50, 7), (20, 19)])
+def test_dense_regular_graphs_are_drawn_too(n: int, degree: int) -> None:
+    # Plain pairing almost never gives a simple graph at degree 8; the edge-swap fallback does.
+    g = random_regular_graph(n, degree, seed=3)
+    assert all(len(nb) == degree and v not in nb for v, nb in enumerate(g))
+    assert all(v in g[u] for v, nb in enumerate(g) for u in nb)
+    assert g == random_regular_graph(n, degree, seed=3)
+    if degree < n - 1:
+        assert g != random_regular_graph(n, degree, seed=4)
+
+
 @pytest.mark.parametrize("graph", ["exponential", "regular"])
 def test_dpsgd_learns_and_sends_the_expected_traffic(graph: str) -> None:
     threads = torch.get_num_threads()

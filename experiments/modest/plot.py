@@ -1,7 +1,7 @@
 """Plots and summary tables of the MoDeST experiments, from the files written by run.py.
 
 Usage (from the repository root): ``python experiments/modest/plot.py``. Writes the PNGs next to this
-script and prints the tables used in docs/experiments-modest.md; also writes ``summary.json``.
+script and prints the tables used in docs/experiments.md (MoDeST section); also writes ``summary.json``.
 """
 
 from __future__ import annotations

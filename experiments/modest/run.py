@@ -1,4 +1,4 @@
-"""Runs the MoDeST experiments of docs/experiments-modest.md with `p2pnode sim` and keeps the result files.
+"""Runs the MoDeST experiments of docs/experiments.md (MoDeST section) with `p2pnode sim` and keeps the result files.
 
 Usage (from the repository root)::
 

@@ -110,6 +110,8 @@ def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
               help="Attackers use only what they hold themselves, as in the daemon (default: they see the honest "
                    "updates of the same round).")
 @byzantine_options
+@click.option("--record-variance", is_flag=True,
+              help="Add each round's per-layer weight variance, averaged over the live nodes, to the results.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy and bytes per round to this PNG.")
@@ -142,7 +144,8 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
                         rejoin_fraction=kw["rejoin_fraction"], byzantine=byzantine,
-                        omniscient=not local_attackers, **byzantine_settings(kw))
+                        omniscient=not local_attackers, **byzantine_settings(kw),
+                        record_variance=kw["record_variance"])
         if kw["aggregation_timeout"] is not None:
             cfg.aggregation_timeout_s = kw["aggregation_timeout"]
         if kw["fl_server"] is not None:

@@ -263,7 +263,7 @@ class Node:
         if callable(hook):
             hook()
         elif hasattr(self.protocol, "_published"):
-            # GossipProtocol serves `_published` (its model as of its last merge) to peers and has no
+            # GossipProtocol serves `_published` (its latest complete model) to peers and has no
             # hook yet; without this refresh it would hand peers the model it had before.
             setattr(self.protocol, "_published", self.trainer.state())  # noqa: B010
 

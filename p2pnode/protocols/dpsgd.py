@@ -24,6 +24,7 @@ waited for, so a crashed neighbour costs one timeout, not one per round.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -63,11 +64,20 @@ def exponential_neighbours(n: int, i: int, round_: int) -> tuple[int, int]:
 def random_regular_graph(n: int, degree: int, seed: int) -> list[list[int]]:
     """Neighbour lists of a random simple `degree`-regular graph on `n` nodes, a pure function of `seed`.
 
-    Pairing (configuration) model with restarts. Raises `ValueError` when no such graph exists
+    Pairing (configuration) model with restarts. A pairing is simple with probability about
+    ``exp(-(degree^2 - 1) / 4)``: 2 % for degree 4, but 1e-7 for degree 8 (the VCA paper's graph), so
+    when 1000 pairings fail the graph is drawn by degree-preserving random edge swaps from a circulant
+    one instead (`_swapped_regular_graph`). Raises `ValueError` when no such graph exists
     (``degree >= n`` or ``n * degree`` odd).
     """
     if degree < 0 or degree >= max(n, 1) or (n * degree) % 2:
         raise ValueError(f"no {degree}-regular graph on {n} nodes (need degree < n and n * degree even)")
+    # Every node of a run draws the same graph: in the simulator that is n draws in one process.
+    return [list(nb) for nb in _cached_regular_graph(n, degree, seed)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_regular_graph(n: int, degree: int, seed: int) -> tuple[tuple[int, ...], ...]:
     rng = random.Random(f"regular/{n}/{degree}/{seed}")
     for _ in range(1000):
         stubs = [v for v in range(n) for _ in range(degree)]
@@ -81,8 +91,41 @@ def random_regular_graph(n: int, degree: int, seed: int) -> list[list[int]]:
             adj[a].add(b)
             adj[b].add(a)
         if ok:
-            return [sorted(s) for s in adj]
-    raise ValueError(f"could not draw a simple {degree}-regular graph on {n} nodes")
+            return tuple(tuple(sorted(s)) for s in adj)
+    return tuple(tuple(nb) for nb in _swapped_regular_graph(n, degree, rng))
+
+
+def _swapped_regular_graph(n: int, degree: int, rng: random.Random, swaps_per_edge: int = 10) -> list[list[int]]:
+    """A random simple `degree`-regular graph: a circulant graph shuffled by random double-edge swaps.
+
+    Start: node ``v`` is joined to ``v +- 1 .. v +- degree // 2`` (and, for an odd degree, which needs an
+    even ``n``, to ``v + n / 2``); simple because ``degree < n``. Each swap picks two edges ``(a, b)``,
+    ``(c, d)`` and rewires them to ``(a, d)``, ``(c, b)``, skipped if that would make a loop or a double
+    edge, so every node keeps its degree. ``swaps_per_edge`` (default 10) tries per edge mix the graph
+    well (the chain mixes in a number of swaps of the order of the number of edges).
+    """
+    edges: list[tuple[int, int]] = [(v, (v + k) % n) for v in range(n) for k in range(1, degree // 2 + 1)]
+    if degree % 2:
+        edges += [(v, v + n // 2) for v in range(n // 2)]
+    adj: list[set[int]] = [set() for _ in range(n)]
+    for a, b in edges:
+        adj[a].add(b)
+        adj[b].add(a)
+    for _ in range(swaps_per_edge * len(edges)):
+        i, j = rng.randrange(len(edges)), rng.randrange(len(edges))
+        (a, b), (c, d) = edges[i], edges[j]
+        if rng.random() < 0.5:
+            c, d = d, c  # both rewirings of the pair are possible
+        if len({a, b, c, d}) < 4 or d in adj[a] or b in adj[c]:
+            continue
+        for u, v in ((a, b), (c, d)):
+            adj[u].discard(v)
+            adj[v].discard(u)
+        for u, v in ((a, d), (c, b)):
+            adj[u].add(v)
+            adj[v].add(u)
+        edges[i], edges[j] = (a, d), (c, b)
+    return [sorted(s) for s in adj]
 
 
 def metropolis_hastings(own_degree: int, neighbour_degrees: list[int]) -> tuple[float, list[float]]:

@@ -1,9 +1,9 @@
 """Push-pull gossip learning.
 
-Each round a node trains `local_steps` minibatch steps, picks a random live peer, sends it its model and
-receives the peer's model in the response (push-pull), then merges its own model with every model it
-received since its last merge (the pulled one and those pushed to it by other peers) by the configured
-aggregation rule. A peer that is slow, gone, or answers with garbage costs one timeout and a counter,
+Each round a node trains `local_steps` minibatch steps, picks a random live peer, sends it its freshly
+trained model and receives the peer's model in the response (push-pull), then merges its own model with
+every model it received since its last merge (the pulled one and those pushed to it by other peers) by
+the configured aggregation rule. A peer that is slow, gone, or answers with garbage costs one timeout and a counter,
 never the node: the round goes on with what arrived, and the node keeps its last good model.
 
 A node with no peers trains alone and keeps looking for peers every round.
@@ -122,7 +122,8 @@ class GossipProtocol:
         self.round = 0
         self.health = PeerHealth()
         self._spec = trainer.spec
-        # What peers receive from us: the model as of our last merge (never a half-trained model).
+        # What peers receive from us: a complete snapshot (never a half-trained model): the model as
+        # of our last merge, replaced by the freshly trained one as soon as a round's training ends.
         self._published: dict[str, torch.Tensor] = trainer.state()
         # Newest model of each sender with the merge count at its arrival, oldest first.
         self._window: dict[str, _Entry] = {}
@@ -261,22 +262,22 @@ class GossipProtocol:
             return self.trainer.train(s.local_steps), start
 
         train_loss, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
-        trained: State | None = None
-        if self._robust and not attacking:
-            # A robust rule votes: peers must get the model trained this round, or every input but the
-            # own one lags a round behind and the vote keeps the old model (no progress at all).
-            trained = self.trainer.state()
+        trained = self.trainer.state()
+        if not attacking:
+            # Peers get the model as just trained (gossip learning sends the updated model). Serving the model
+            # of the last merge instead would withhold a round of training from every exchange: with `vca` it
+            # pins each layer's variance at its initial value (the target is the received models' variance),
+            # and with a robust rule every input but the own one lags a round behind, so the vote keeps the
+            # old model.
             self._published = trained
-        if attacking or self.on_trained is not None:
-            trained = trained if trained is not None else self.trainer.state()
-            if self.on_trained is not None:
-                self.on_trained(self.round, start, trained)
-            if attacking:
-                assert self.attacker is not None
-                seen = [e.state for e in self._window.values()]
-                self._published = await self.attacker.forge(self.round, start, trained, seen)
-                logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
-                             self.attacker.attack)
+        if self.on_trained is not None:
+            self.on_trained(self.round, start, trained)
+        if attacking:
+            assert self.attacker is not None
+            seen = [e.state for e in self._window.values()]
+            self._published = await self.attacker.forge(self.round, start, trained, seen)
+            logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
+                         self.attacker.attack)
         candidates = await self._candidates()
         partner = self.health.choose(candidates, self.round, self.rng)
         failures = 0
