@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import glob
 import os
 import signal
@@ -152,21 +153,43 @@ async def start_p2p(initial_peers: Sequence[str] = ()) -> P2P:
     return await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=[LOOPBACK])
 
 
-def start_dhts(n: int, **kwargs: object) -> list[hivemind.DHT]:
-    """Start `n` DHTs on 127.0.0.1, each bootstrapped from the first one.
+def start_dht(**kwargs: object) -> hivemind.DHT:
+    """Start one DHT on 127.0.0.1; retry once if its process does not come up within `DHT_TIMEOUT`.
 
-    Call before starting threads of your own: `hivemind.DHT` forks.
+    hivemind forks the DHT process. A fork inherits the locks that other threads of this process (gRPC
+    servers and channels of earlier tests, thread pools) hold at that instant, and the child can then hang
+    before it is ready; garbage is collected first and a hung child is killed and started again.
     """
+    kwargs.setdefault("host_maddrs", [LOOPBACK])
     # A generous grace period to stop: on a loaded machine the default 3 s is sometimes too short, and
     # the DHT process is then killed before it stops its p2pd cleanly.
     kwargs.setdefault("shutdown_timeout", DHT_TIMEOUT)
-    first = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], **kwargs)  # type: ignore[arg-type]
+    for attempt in range(2):
+        gc.collect()
+        dht = hivemind.DHT(start=True, await_ready=False, **kwargs)  # type: ignore[arg-type]
+        try:
+            dht.wait_until_ready(timeout=DHT_TIMEOUT * 2)
+            return dht
+        except TimeoutError:
+            for pid in [*descendant_pids(dht.pid), dht.pid]:
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(pid, signal.SIGKILL)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def start_dhts(n: int, **kwargs: object) -> list[hivemind.DHT]:
+    """Start `n` DHTs on 127.0.0.1, each bootstrapped from the first one (see `start_dht`).
+
+    Call before starting threads of your own: `hivemind.DHT` forks.
+    """
+    first = start_dht(**kwargs)
     dhts = [first]
     try:
         maddrs = [str(a) for a in first.get_visible_maddrs()]
         for _ in range(n - 1):
-            dhts.append(hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=maddrs,
-                                     **kwargs))  # type: ignore[arg-type]
+            dhts.append(start_dht(initial_peers=maddrs, **kwargs))
     except BaseException:
         stop_dhts(dhts)
         raise

@@ -11,7 +11,7 @@ import hivemind
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
 
-from netutil import DHT_TIMEOUT, LOOPBACK, NetworkGuard, start_dhts, stop_dhts
+from netutil import NetworkGuard, start_dht, start_dhts, stop_dhts
 from p2pnode.discovery.base import PeerInfo
 from p2pnode.discovery.dht import DHTDirectory, peer_id_of_public_key, signed_dht_options
 from p2pnode.proto import peer_pb2
@@ -33,8 +33,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[hivem
         try:
             maddrs = [str(a) for a in dhts[0].get_visible_maddrs()]
             for opts in options[1:]:
-                dhts.append(hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=maddrs,
-                                         shutdown_timeout=DHT_TIMEOUT, **opts))
+                dhts.append(start_dht(initial_peers=maddrs, **opts))
             yield list(zip(dhts, options, strict=True))
         finally:
             stop_dhts(dhts)

@@ -9,7 +9,7 @@ import torch
 from p2pnode.aggregation import aggregate_states
 from p2pnode.daemon.build import build_trainer
 from p2pnode.transport.clock import run_virtual
-from tests.simutil import make_config, make_group
+from simutil import make_config, make_group
 
 OVERRIDES: dict[str, object] = {"rule": "vca", "model_seed_mode": "independent", "local_steps": 5, "lr": 0.2}
 
