@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import torch
 
-from netutil import NetworkGuard, wait_for_directory_peers
+from netutil import NetworkGuard, crash_node, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.errors import PeerUnreachable
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.secagg import Contribution, Stage
 
@@ -78,7 +80,7 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
 
 async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_one_after_its_masked_input(
 ) -> None:
-    """One trainer goes silent before its masked input, another right after it: the version is the exact
+    """One trainer is killed before it sends its masked input, another right after: the version is the exact
     mean of the four inputs that arrived (the second one's included, its self mask rebuilt from shares)."""
     with NetworkGuard() as guard:
         nodes: list[Node] = []
@@ -112,9 +114,30 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
                 protocol.on_secagg_input = keep
                 nodes.append(node)
             await wait_for_directory_peers(nodes, 4)
-            before, after = nodes[1], nodes[2]
-            before.protocol.secagg_silent_from = Stage.MASKED  # type: ignore[attr-defined]
-            after.protocol.secagg_silent_from = Stage.UNMASK  # type: ignore[attr-defined]
+            # The first trainer to send its masked input to another node is killed just before sending it, the
+            # second just after (the aggregator's own input never crosses the network, so it is never picked).
+            killed: list[Node] = []
+
+            def kill_at_masked_input(node: Node) -> None:
+                real_call = node.transport.call
+
+                async def call(peer: str, method: str, *args: Any, **kwargs: Any) -> Any:
+                    if node in killed:  # what a node whose libp2p daemon is gone gets from every call
+                        raise PeerUnreachable("this node's libp2p daemon was killed")
+                    if method == Stage.MASKED.method and not killed:
+                        killed.append(node)
+                        crash_node(node)
+                        raise PeerUnreachable("this node's libp2p daemon was killed")
+                    reply = await real_call(peer, method, *args, **kwargs)
+                    if method == Stage.MASKED.method and len(killed) == 1:
+                        killed.append(node)
+                        crash_node(node)
+                    return reply
+
+                node.transport.call = call  # type: ignore[method-assign]
+
+            for n in nodes:
+                kill_at_masked_input(n)
             initial_state = nodes[0].trainer.state()
 
             async def loop(node: Node) -> None:
@@ -124,6 +147,8 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
             tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
             await asyncio.wait_for(done.wait(), 90.0)
             ev = events[0]
+            assert len(killed) == 2, [n.peer_id for n in killed]
+            before, after = killed
             assert ev.index == 1 and ev.secure and ev.aborted is None
             assert ev.dropped == [before.peer_id]
             survivors = sorted(n.peer_id for n in nodes if n is not before)
