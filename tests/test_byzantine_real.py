@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import pytest
 
-from netutil import NetworkGuard
+from netutil import NetworkGuard, wait_for_directory_peers
 from p2pnode.cli.options import byzantine_settings, parse_params
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.real import create_real_node
@@ -21,16 +20,6 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 HONEST = 5
 
-
-async def _wait_for_peers(nodes: list[Any], count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [len(await n.directory.peers()) for n in nodes]
-        if all(s >= count for s in seen):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"peers seen through the DHT: {seen}, expected {count} each")
-        await asyncio.sleep(0.3)
 
 
 async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
@@ -48,7 +37,7 @@ async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
             node = await create_real_node(config, DaemonSettings(sync_on_join=False))
             await node.start()
             nodes.append(node)
-        await _wait_for_peers(nodes, HONEST)
+        await wait_for_directory_peers(nodes, HONEST)
         for _ in range(rounds):
             await asyncio.gather(*(n.run_round() for n in nodes))
         honest = nodes[:HONEST]

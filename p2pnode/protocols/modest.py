@@ -813,11 +813,9 @@ class ModestProtocol:
             return self._report("idle")
         return await self._train_and_upload(inc)
 
-    async def _train_and_upload(self, inc: _Incoming) -> RoundReport:
-        if self._secagg is not None:
-            return await self._train_and_upload_secure(inc)
+    async def _train(self, inc: _Incoming) -> tuple[float, State]:
+        """Train `local_steps` on the model `inc` carries; return (mean loss, trained state)."""
         s = self.settings
-        k = inc.round
 
         def work() -> tuple[float, State]:
             # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
@@ -825,9 +823,16 @@ class ModestProtocol:
             loss = self.trainer.train(s.local_steps)
             return loss, self.trainer.state()
 
-        loss, trained = await self.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
-        self._model_round = max(self._model_round, k)
+        result = await self.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
+        self._model_round = max(self._model_round, inc.round)
         self._held_combined = inc.combined
+        return result
+
+    async def _train_and_upload(self, inc: _Incoming) -> RoundReport:
+        if self._secagg is not None:
+            return await self._train_and_upload_secure(inc)
+        k = inc.round
+        loss, trained = await self._train(inc)
         base_digest = model_digest(inc.state)
         self._bases[k] = _Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
         self._prune_bases()
@@ -883,14 +888,7 @@ class ModestProtocol:
                 continue
             runs.append(self._spawn(user.run(training)))
 
-        def work() -> tuple[float, State]:
-            self.trainer.load_state(inc.state)
-            loss = self.trainer.train(s.local_steps)
-            return loss, self.trainer.state()
-
-        loss, trained = await self.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
-        self._model_round = max(self._model_round, k)
-        self._held_combined = inc.combined
+        loss, trained = await self._train(inc)
         base_digest = model_digest(inc.state)
         self._know(k, base_digest)
         self._bases[k] = _Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
