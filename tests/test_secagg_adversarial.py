@@ -417,6 +417,34 @@ def test_bad_unmask_messages(mode: str) -> None:
         assert out.result is not None and out.result.dropped["unmask"] == ()
 
 
+def test_a_user_whose_identity_key_is_unknown_cannot_take_part() -> None:
+    """With identity keys, a member missing from them is refused at once (the stage does not wait for it),
+    and a user that does not know a member's key stops when the aggregator relays that member's keys."""
+    known = {p: IDENTITY_KEYS[p] for p in IDS if p != "p4"}
+
+    async def main() -> tuple[Any, list[UserReport], float, dict[str, int]]:
+        net = MemoryNetwork()
+        agg_t = net.transport("agg")
+        host = SecAggHost(agg_t)
+        session = Session("run", 1, "agg", IDS, dim=D)
+        agg = asyncio.ensure_future(host.aggregate(session, SETTINGS, identity_keys=known))
+        users = [SecAggUser(session, SETTINGS, net.transport(p), identity=identity(p),
+                            identity_keys={k: v for k, v in known.items() if not (p == "p0" and k == "p1")},
+                            randomness=SeededRandomness(p.encode())) for p in IDS]
+        reports = list(await asyncio.gather(*(u.run(Contribution(value(i))) for i, u in enumerate(users))))
+        return await agg, reports, asyncio.get_running_loop().time(), dict(agg_t.stats.rejected)
+
+    result, reports, elapsed, rejected = run_virtual(main())
+    assert rejected.get("unknown_identity") == 1
+    p0, p4 = reports[0], reports[4]
+    assert p4.status is Status.ABORTED and p4.reason is not None and "no identity key is known" in p4.reason
+    assert p0.status is Status.ABORTED and p0.reason is not None and "does not know" in p0.reason
+    assert list(result.survivors) == ["p1", "p2", "p3"]
+    # Only the share stage ran to its timeout (waiting for p0, which stopped); the advertise stage did not
+    # wait for p4.
+    assert elapsed < SETTINGS.timeouts.advertise_s + SETTINGS.timeouts.share_s
+
+
 # -- what the users check in the aggregator's replies ---------------------------------------------
 
 def _user(identities: bool = True) -> tuple[SecAggUser, UserState, secagg_pb2.SecAggKeys]:

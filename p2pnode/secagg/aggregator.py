@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import secagg_pb2
 from p2pnode.secagg import keys, shamir
-from p2pnode.secagg.errors import SecAggAborted, SecAggError
+from p2pnode.secagg.errors import SecAggAborted
 from p2pnode.secagg.masking import pair_sign
 from p2pnode.secagg.prg import MaskGenerator, word_dtype
 from p2pnode.secagg.settings import Plan
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 #: Most t-subsets tried when the shares of one secret disagree with its commitment (a corrupt share).
 MAX_SUBSETS = 256
 
+#: Refusal code of a user whose identity key the aggregator does not know (it cannot take part).
+UNKNOWN_IDENTITY = "unknown_identity"
+
 #: Called with (user index, masked words) for every masked input accepted: what the aggregator sees.
 MaskedObserver = Callable[[int, np.ndarray], None]
 
@@ -67,7 +70,9 @@ class SecAggAggregator:
     :param plan: the instance (`p2pnode.secagg.settings.plan`).
     :param identity_keys: raw Ed25519 public keys of the users, by peer id. When given, every user
         must sign its advertised keys with its identity key; unsigned or badly signed keys are
-        refused. None (default): the transport's authenticated sender id is the only binding.
+        refused. A user missing from the mapping cannot take part: its keys could not be verified, so
+        its advertisement is refused (``unknown_identity``) and the advertise stage does not wait for it.
+        None (default): the transport's authenticated sender id is the only binding.
     :param on_masked_input: called with (index, words) for each accepted masked input (research and
         tests: exactly what a curious aggregator sees).
 
@@ -80,9 +85,10 @@ class SecAggAggregator:
         self.state = AggregatorState(plan)
         self.identity_keys = dict(identity_keys) if identity_keys is not None else None
         if self.identity_keys is not None:
-            missing = [u for u in plan.session.users if u not in self.identity_keys]
-            if missing:
-                raise SecAggError(f"identity keys are given but not for users {missing[:3]}")
+            # Counted as absent from the start: waiting for a message that must be refused would only hold
+            # the advertise stage open until its timeout.
+            self.state.ineligible = frozenset(i for i, u in enumerate(plan.session.users, 1)
+                                              if u not in self.identity_keys)
         self.on_masked_input = on_masked_input
         self._closed = {s: asyncio.Event() for s in STAGES}
         self._ready = asyncio.Event()
@@ -130,6 +136,9 @@ class SecAggAggregator:
             if stage is Stage.UNMASK and st.stage is Stage.UNMASK and not st.open and st.status is not Status.ABORTED:
                 # The unmask stage closed early (every secret had enough shares): a late share is not an error.
                 return Message(secagg_pb2.SecAggUnmaskReply(accepted=0))
+            if index in self.state.ineligible:
+                raise BadMessage(f"user {index} ({sender}): no identity key is known for it here, so its keys "
+                                 f"cannot be verified; it cannot take part in this instance", code=UNKNOWN_IDENTITY)
             self.state.expect(stage, index)
             if stage is Stage.ADVERTISE:
                 return await self._advertise(index, sender, msg.body)

@@ -153,6 +153,18 @@ def sign(identity: Ed25519PrivateKey, payload: bytes) -> bytes:
     return identity.sign(payload)
 
 
+def identity_from_bytes(secret: bytes) -> Ed25519PrivateKey:
+    """The Ed25519 identity key whose 32-byte private seed is `secret` (raises `ValueError` otherwise)."""
+    if len(secret) != KEY_BYTES:
+        raise ValueError(f"an Ed25519 private key has {KEY_BYTES} bytes, got {len(secret)}")
+    return Ed25519PrivateKey.from_private_bytes(secret)
+
+
+def public_identity_key(identity: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of an Ed25519 identity key (what `verify` and ``identity_keys`` take)."""
+    return identity.public_key().public_bytes_raw()
+
+
 def verify(identity_public: bytes, signature: bytes, payload: bytes) -> bool:
     """Whether `signature` is a valid Ed25519 signature of `payload` by `identity_public` (raw 32 bytes)."""
     if len(signature) != SIGNATURE_BYTES or len(identity_public) != KEY_BYTES:

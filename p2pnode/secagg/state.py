@@ -134,6 +134,8 @@ class AggregatorState:
     #: Users that completed each closed stage.
     completed: dict[Stage, frozenset[int]] = field(default_factory=dict)
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Users that cannot take part (no identity key known for them): never expected, always refused.
+    ineligible: frozenset[int] = frozenset()
 
     def arrived(self, stage: Stage) -> set[int]:
         """Users whose message of `stage` has been accepted so far."""
@@ -148,7 +150,7 @@ class AggregatorState:
     def expected(self, stage: Stage) -> frozenset[int]:
         """Users allowed to send a message of `stage`: those that completed the previous stage."""
         if stage is Stage.ADVERTISE:
-            return frozenset(range(1, self.plan.n + 1))
+            return frozenset(range(1, self.plan.n + 1)) - self.ineligible
         return self.completed[STAGES[stage - 1]]
 
     def expect(self, stage: Stage, index: int) -> None:

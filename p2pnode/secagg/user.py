@@ -61,7 +61,8 @@ class SecAggUser:
     :param transport: this node's transport; the user only makes calls, it serves nothing.
     :param identity: this node's Ed25519 identity key, to sign its advertised keys (default None).
     :param identity_keys: raw Ed25519 public keys of the users by peer id; when given, every key list
-        relayed by the aggregator must carry valid signatures (default None: rely on the transport).
+        relayed by the aggregator must carry valid signatures, and keys relayed for a user missing from
+        it stop this user (it cannot verify them) (default None: rely on the transport).
     :param randomness: source of secret randomness (default: the OS CSPRNG). Tests pass a seeded one.
     :param local: how to reach the aggregator when this node is the aggregator too (`SecAggHost.dispatch`).
     :param stop_before: go silent before this stage (fault injection: the simulator's and the tests'
@@ -163,7 +164,11 @@ class SecAggUser:
                 peer = p.session.users[k.index - 1]
                 payload = keys.advertise_payload(p.digest, k.index, peer, k.cipher_public_key, k.mask_public_key,
                                                  k.self_mask_commitment)
-                if peer not in self.identity_keys or not keys.verify(self.identity_keys[peer], k.signature, payload):
+                if peer not in self.identity_keys:
+                    # Unverifiable: the aggregator relays these keys, and it could have made them up.
+                    raise SecAggError(f"the aggregator relayed keys of user {k.index} ({peer}), whose identity key "
+                                      f"this user does not know: it cannot verify them")
+                if not keys.verify(self.identity_keys[peer], k.signature, payload):
                     raise SecAggError(f"the keys relayed for user {k.index} ({peer}) fail their identity signature: "
                                       f"forged or replayed keys")
             st.keys[k.index] = k
