@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_attacker, build_protocol, build_trainer
+from p2pnode.daemon.build import build_attacker, build_protocol, build_trainer, seeded_secagg_identity
 from p2pnode.daemon.node import Node
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
@@ -417,6 +417,7 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                                   compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000,
                                   # seeded secagg keys and rounding: the same seed gives the same results
                                   secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
+                                  secagg_identity=seeded_secagg_identity(cfg.seed, pid) if config.secagg else None,
                                   attacker=attacker)
         if i not in byzantine and cfg.omniscient and byzantine and hasattr(protocol, "on_trained"):
             protocol.on_trained = board.hook(pid)

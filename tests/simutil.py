@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
 from p2pnode.daemon.node import Node
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.protocols.compute import VirtualCompute
@@ -27,8 +28,14 @@ def make_config(index: int, count: int, **overrides: object) -> NodeConfig:
     return NodeConfig(**base).validate()  # type: ignore[arg-type]
 
 
-async def make_group(count: int, **overrides: object) -> Group:
-    """`count` started nodes of one run on one in-memory network (call inside `run_virtual`)."""
+async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterable[int] = (),
+                     **overrides: object) -> Group:
+    """`count` started nodes of one run on one in-memory network (call inside `run_virtual`).
+
+    With ``secagg=True`` each node gets its seeded secagg identity key, except the nodes whose indices are
+    in `unkeyed`; `signed_records` False makes the directories unauthenticated (``--unsigned-records``).
+    """
+    no_key = set(unkeyed)
     network = MemoryNetwork(seed=0)
     registry = MemoryRegistry()
     nodes = []
@@ -36,10 +43,13 @@ async def make_group(count: int, **overrides: object) -> Group:
         config = make_config(i, count, **overrides)
         pid = f"node-{i}"
         transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
-        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
+        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
+                                    authenticated=signed_records)
         trainer = build_trainer(config)
         protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                                  compute=VirtualCompute(), rng=random.Random(i), step_cost_s=0.01)
+                                  compute=VirtualCompute(), rng=random.Random(i), step_cost_s=0.01,
+                                  secagg_identity=seeded_secagg_identity(config.seed, pid)
+                                  if config.secagg and i not in no_key else None)
         node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
                     compute=VirtualCompute())
         await node.start()

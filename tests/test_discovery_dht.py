@@ -76,14 +76,16 @@ async def test_peer_ids_match_the_identity_keys(swarm: list[tuple[hivemind.DHT, 
 async def test_each_peer_sees_the_other_two(swarm: list[tuple[hivemind.DHT, dict]], signed: bool) -> None:
     dirs = directories(swarm, run_id(), signed=signed)
     try:
-        infos = await announce_all(dirs)
+        infos = await announce_all(dirs, secagg_key=bytes(range(32)))
         for i, d in enumerate(dirs):
+            # Only signed records bind what they claim (the secagg key among it) to their peer id.
+            assert d.authenticated is signed
             seen = await d.peers()
             expected = sorted((info for j, info in enumerate(infos) if j != i), key=lambda p: p.peer_id)
             assert [p.peer_id for p in seen] == [p.peer_id for p in expected]
             for got, want in zip(seen, expected, strict=True):
-                assert (got.maddrs, got.round, got.task, got.capabilities, got.config_hash) == (
-                    want.maddrs, want.round, want.task, want.capabilities, want.config_hash)
+                assert (got.maddrs, got.round, got.task, got.capabilities, got.config_hash, got.secagg_key) == (
+                    want.maddrs, want.round, want.task, want.capabilities, want.config_hash, want.secagg_key)
                 assert got.timestamp > 0
             assert d.invalid == 0 and d.mismatched == 0
     finally:
@@ -160,6 +162,12 @@ async def test_invalid_and_forged_records_are_skipped(swarm: list[tuple[hivemind
         assert await dht2.store(key, rec, exp + 1, subkey=own_subkey, return_future=True)
         assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
         assert dirs[0].invalid == 4
+        # A signed record whose secagg key is not a 32-byte Ed25519 public key.
+        rec = peer_pb2.PeerRecord(peer_id=await dirs[2].peer_id(), config_hash=CONFIG,
+                                  secagg_key=b"\x01" * 31).SerializeToString()
+        assert await dht2.store(key, rec, exp + 2, subkey=own_subkey, return_future=True)
+        assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
+        assert dirs[0].invalid == 6
         # Peer 2 cannot overwrite or tombstone peer 1's signed record: every DHT node refuses it.
         victim_subkey = await dirs[1].subkey()
         assert not await dht2.store(key, b"", exp + 100, subkey=victim_subkey, return_future=True)

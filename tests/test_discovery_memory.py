@@ -109,9 +109,10 @@ def test_invalid_records_are_excluded_and_counted() -> None:
         a = directory(reg, "a")
         reg.put("run", PeerInfo(peer_id="x", config_hash="h1", round=-4), ttl_s=10)
         reg.put("run", PeerInfo(peer_id="y", config_hash="h1", timestamp=float("nan")), ttl_s=10)
-        reg.put("run", PeerInfo(peer_id="z", config_hash="h1"), ttl_s=10)
+        reg.put("run", PeerInfo(peer_id="w", config_hash="h1", secagg_key=b"short"), ttl_s=10)
+        reg.put("run", PeerInfo(peer_id="z", config_hash="h1", secagg_key=bytes(32)), ttl_s=10)
         assert [p.peer_id for p in await a.peers()] == ["z"]
-        assert a.invalid == 2
+        assert a.invalid == 3
 
     run_virtual(main())
 
@@ -127,3 +128,17 @@ def test_registry_with_an_explicit_clock() -> None:
         reg.put("run", PeerInfo(peer_id="a"), ttl_s=0)
     with pytest.raises(ValueError, match="ttl_s"):
         MemoryDirectory(reg, peer_id="a", run_id="run", config_hash="h", ttl_s=-1)
+
+
+def test_the_secagg_key_travels_in_the_record_and_the_directory_says_whether_it_is_bound() -> None:
+    async def main() -> None:
+        reg = MemoryRegistry()
+        a, b = directory(reg, "a"), directory(reg, "b")
+        await b.announce(PeerInfo(peer_id="b", secagg_key=b"\x07" * 32))
+        assert [p.secagg_key for p in await a.peers()] == [b"\x07" * 32]
+        # The registry stands for signed records; an unsigned directory is modelled explicitly.
+        assert a.authenticated
+        assert not MemoryDirectory(reg, peer_id="c", run_id="run", config_hash="h1", authenticated=False).authenticated
+        assert PeerInfo.from_proto(PeerInfo(peer_id="b", secagg_key=b"\x07" * 32).to_proto()).secagg_key == b"\x07" * 32
+
+    run_virtual(main())

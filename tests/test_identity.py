@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 from test_swarm_real import Daemon
 
-from p2pnode.daemon.identity import IDENTITY_MODE, IdentityError, StateDirLock, load_or_create_identity
+from p2pnode.daemon.identity import (
+    IDENTITY_MODE,
+    SECAGG_KEY_FILE,
+    IdentityError,
+    StateDirLock,
+    load_or_create_identity,
+    load_or_create_secagg_key,
+    secagg_key_path,
+)
 from p2pnode.daemon.statedir import StateDirError
+from p2pnode.secagg import keys
 
 
 def test_identity_is_created_once_owner_only_and_stable(tmp_path: Path) -> None:
@@ -43,6 +52,34 @@ def test_damaged_identity_is_refused_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="damaged"):
         load_or_create_identity(tmp_path)
     assert len(key.read_bytes()) == 40  # the user decides: a new key means a new peer id
+
+
+def test_secagg_key_is_created_once_owner_only_and_survives_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    load_or_create_identity(state)
+    first = load_or_create_secagg_key(state)
+    path = secagg_key_path(state)
+    assert path.name == SECAGG_KEY_FILE and stat.S_IMODE(path.stat().st_mode) == IDENTITY_MODE
+    assert sorted(p.name for p in state.iterdir()) == ["identity.key", "secagg.key"]  # no temporary file
+    # A restart reads the same key: peers that learnt it from this node's record can still verify it.
+    again = load_or_create_secagg_key(state)
+    assert keys.public_identity_key(again) == keys.public_identity_key(first)
+    payload = b"advertised keys"
+    assert keys.verify(keys.public_identity_key(first), keys.sign(again, payload), payload)
+    assert keys.public_identity_key(load_or_create_secagg_key(tmp_path / "other")) != keys.public_identity_key(first)
+    os.chmod(path, 0o644)
+    load_or_create_secagg_key(state)
+    assert stat.S_IMODE(path.stat().st_mode) == IDENTITY_MODE
+
+
+def test_damaged_secagg_key_is_refused_not_replaced(tmp_path: Path) -> None:
+    load_or_create_secagg_key(tmp_path)
+    path = secagg_key_path(tmp_path)
+    os.chmod(path, 0o600)
+    path.write_bytes(b"\x01" * 16)
+    with pytest.raises(IdentityError, match="damaged"):
+        load_or_create_secagg_key(tmp_path)
+    assert path.read_bytes() == b"\x01" * 16
 
 
 _HOLDER = textwrap.dedent("""

@@ -8,18 +8,25 @@ coordinate, within the fixed-point bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pnode.config import NodeConfig
+from p2pnode.daemon.build import seeded_secagg_identity
 from p2pnode.daemon.metrics import parse_exposition
 from p2pnode.errors import ConfigError
 from p2pnode.protocols import candidate_order
 from p2pnode.protocols.modest import WRONG_SAMPLE, AggregationEvent, ModestProtocol
-from p2pnode.secagg import SecAggSettings, SecAggUser, Session, SessionClaim, Status
+from p2pnode.secagg import SecAggSettings, SecAggUser, Session, SessionClaim, Stage, Status, keys
+from p2pnode.secagg.aggregator import UNKNOWN_IDENTITY
+from p2pnode.secagg.state import UserReport
 from p2pnode.transport.clock import run_virtual
+from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
 from simutil import make_group
 
@@ -222,3 +229,159 @@ def test_swarm_passes_the_secagg_options_to_every_daemon() -> None:
     assert args[args.index("--secagg-threshold") + 1] == "3" and args[args.index("--secagg-clip") + 1] == "2.0"
     assert "--secagg-neighbours" not in args
     assert "--secagg" not in _args({**kw, "secagg": False}, 0, [])
+
+
+# -- identity binding: members' keys are signed end to end ----------------------------------------------
+
+def _substitute_relayed_keys(protocol: ModestProtocol, *, sign: bool) -> None:
+    """Make `protocol`'s node an aggregator-in-the-middle: in every advertise reply it relays, it replaces the
+    other members' keys with fresh ones of its own, signed with its own identity key (`sign`) or unsigned.
+    With those keys it could read the shares that members encrypt for each other."""
+    host = protocol._host
+    assert host is not None
+    real = host.dispatch
+
+    async def dispatch(stage: Stage, sender: str, msg: Message[Any]) -> Message[Any]:
+        reply = await real(stage, sender, msg)
+        if stage is Stage.ADVERTISE:
+            members, digest = list(msg.body.members), msg.body.session.digest
+            for k in reply.body.keys:
+                if k.index == msg.body.keys.index:
+                    continue  # its own keys go back unchanged, or it would stop at once
+                k.cipher_public_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
+                k.mask_public_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
+                k.signature = b""
+                if sign and protocol._identity is not None:
+                    k.signature = keys.sign(protocol._identity, keys.advertise_payload(
+                        digest, k.index, members[k.index - 1], k.cipher_public_key, k.mask_public_key,
+                        k.self_mask_commitment))
+        return reply
+
+    host.dispatch = dispatch  # type: ignore[method-assign]
+
+
+async def _first_version(group: Any, *, timeout_s: float = 120.0) -> tuple[AggregationEvent | None,
+                                                                             list[UserReport]]:
+    """Run every node's rounds until some node completes version 1 (or `timeout_s` virtual seconds)."""
+    events: list[AggregationEvent] = []
+    reports: list[UserReport] = []
+    first = asyncio.Event()
+
+    def on_aggregate(ev: AggregationEvent) -> None:
+        if ev.index == 1:
+            events.append(ev)
+            first.set()
+
+    def on_report(k: int, report: UserReport) -> None:
+        if k == 0:  # the members of version 1's sample trained version 0
+            reports.append(report)
+
+    for node in group.nodes:
+        node.protocol.on_aggregate = on_aggregate
+        node.protocol.on_secagg_report = on_report
+
+    async def loop(node: Any) -> None:
+        while True:
+            await node.run_round()
+
+    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first.wait(), timeout_s)
+        await asyncio.sleep(1.0)  # let the users of version 1 end
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for node in group.nodes:
+            await node.shutdown()
+    return (events[0] if events else None), reports
+
+
+def test_members_keys_are_bound_to_their_signed_records() -> None:
+    async def main() -> None:
+        group = await make_group(4, topology="modest", sample_size=4, secagg=True)
+        protocols = [n.protocol for n in group.nodes]
+        for node, p in zip(group.nodes, protocols, strict=True):
+            assert isinstance(p, ModestProtocol) and p.secagg_binding == "identity"
+            # The public key travels in the node's own record, derived from the run's seed and the peer id.
+            expected = keys.public_identity_key(seeded_secagg_identity(3, node.peer_id))
+            assert node.info().secagg_key == p.secagg_public_key == expected
+            await p._start()
+        assert all(set(p._identity_keys) == {n.peer_id for n in group.nodes} for p in protocols)  # type: ignore[attr-defined]
+        event, reports = await _first_version(group)
+        assert event is not None and event.secure and event.aborted is None and len(event.contributors) == 4
+        assert reports and all(r.status is Status.DONE for r in reports)
+        assert not any(p.counters["secagg_unknown_key"] for p in protocols)  # type: ignore[attr-defined]
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("sign", [True, False], ids=["signed-by-the-aggregator", "unsigned"])
+def test_keys_substituted_by_the_aggregator_are_refused_and_the_round_aborts(sign: bool) -> None:
+    async def main() -> None:
+        group = await make_group(6, topology="modest", sample_size=4, secagg=True, aggregation_timeout_s=5.0,
+                                 idle_timeout_s=5.0)
+        for node in group.nodes:
+            assert isinstance(node.protocol, ModestProtocol)
+            _substitute_relayed_keys(node.protocol, sign=sign)
+        event, reports = await _first_version(group)
+        # Every member that got another member's substituted keys stopped before sharing anything.
+        assert reports and all(r.status is Status.ABORTED for r in reports)
+        refused = [r for r in reports if r.reason and "fail their identity signature" in r.reason]
+        assert len(refused) >= len(reports) - 1 and all(r.completed is None for r in refused)
+        # Below the threshold: the version is reported as aborted, nothing is applied.
+        assert event is not None and event.aborted is not None and event.contributors == []
+        assert sum(n.protocol.counters["secagg_aborted"] for n in group.nodes) >= 1  # type: ignore[attr-defined]
+
+    run_virtual(main())
+
+
+def test_with_unsigned_records_keys_fall_back_to_the_transport_binding() -> None:
+    # What the signatures prevent: without them the same substitution passes the members' checks, and they
+    # encrypt their shares under the aggregator's keys (they only notice later, when shares fail to decrypt).
+    async def main() -> None:
+        group = await make_group(6, topology="modest", sample_size=4, secagg=True, aggregation_timeout_s=5.0,
+                                 idle_timeout_s=5.0, signed_records=False)
+        for node in group.nodes:
+            assert isinstance(node.protocol, ModestProtocol)
+            assert node.protocol.secagg_binding == "transport" and node.info().secagg_key == b""
+            _substitute_relayed_keys(node.protocol, sign=False)
+        _, reports = await _first_version(group)
+        fooled = [r for r in reports if r.completed is Stage.ADVERTISE]
+        assert fooled and all("identity" not in (r.reason or "") for r in reports)
+
+    run_virtual(main())
+
+
+def test_a_member_without_a_known_key_cannot_take_part_and_is_counted() -> None:
+    async def main() -> None:
+        options: dict[str, Any] = {"topology": "modest", "sample_size": 4, "secagg": True, "secagg_threshold": 3}
+        # The sample and the aggregator of version 1 depend on the peer ids only: find them with every key known.
+        reference, _ = await _first_version(await make_group(4, **options))
+        assert reference is not None and len(reference.contributors) == 4
+        index = next(i for i in range(4) if f"node-{i}" != reference.aggregator)
+        # That trainer runs without a secagg key: its record announces none, so no member can verify its keys.
+        group = await make_group(4, unkeyed=[index], **options)
+        keyless = group.nodes[index].peer_id
+        assert group.nodes[index].info().secagg_key == b""
+        event, _ = await _first_version(group)
+        assert event is not None and event.aggregator == reference.aggregator
+        assert event is not None and event.secure and event.aborted is None
+        assert keyless in event.dropped and keyless not in event.contributors and len(event.contributors) == 3
+        counted = {n.peer_id: n.protocol.counters["secagg_unknown_key"] for n in group.nodes}  # type: ignore[attr-defined]
+        assert counted[event.aggregator] >= 1
+        aggregator = next(n for n in group.nodes if n.peer_id == event.aggregator)
+        assert aggregator.transport.stats.rejected[UNKNOWN_IDENTITY] >= 1  # later versions may add theirs
+
+    run_virtual(main())
+
+
+def test_too_many_members_without_a_known_key_abort_the_round() -> None:
+    async def main() -> None:
+        group = await make_group(4, topology="modest", sample_size=4, secagg=True, secagg_threshold=3,
+                                 unkeyed=[1, 2])
+        event, _ = await _first_version(group)
+        assert event is not None and event.aborted is not None and event.contributors == []
+
+    run_virtual(main())

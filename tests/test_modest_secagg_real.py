@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,12 +13,13 @@ import torch
 
 from netutil import NetworkGuard, crash_node, wait_for_directory_peers
 from p2pnode.config import NodeConfig
+from p2pnode.daemon.identity import IDENTITY_MODE, load_or_create_secagg_key, secagg_key_path
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import PeerUnreachable
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
-from p2pnode.secagg import Contribution, Stage
+from p2pnode.secagg import Contribution, Stage, keys
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -45,9 +48,10 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
                                     initial_peers=initial, topology="modest", sample_size=4, secagg=True,
                                     aggregation_timeout_s=10.0, ping_timeout_s=3.0, idle_timeout_s=5.0,
                                     exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=30).validate()
-                node = await create_real_node(config, DaemonSettings.in_memory())
+                # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
+                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
                 await node.start()
-                assert isinstance(node.protocol, ModestProtocol)
+                assert isinstance(node.protocol, ModestProtocol) and node.protocol.secagg_binding == "identity"
                 node.protocol.on_aggregate = on_aggregate
                 nodes.append(node)
             await wait_for_directory_peers(nodes, 4)
@@ -69,6 +73,8 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
             counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
             assert sum(c["secagg_rounds"] for c in counters) >= 3
             assert not any(c["secagg_aborted"] or c["secagg_refused"] for c in counters), counters
+            # Every member's key came from its signed record, before the first sample needed it.
+            assert not any(c["secagg_unknown_key"] for c in counters), counters
         finally:
             for t in tasks:
                 t.cancel()
@@ -101,10 +107,11 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
                                     secagg=True, secagg_threshold=3, aggregation_timeout_s=10.0,
                                     ping_timeout_s=3.0, idle_timeout_s=5.0, exchange_timeout_s=10.0,
                                     announce_ttl_s=20.0, local_steps=10).validate()
-                node = await create_real_node(config, DaemonSettings.in_memory())
+                # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
+                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
                 await node.start()
                 protocol = node.protocol
-                assert isinstance(protocol, ModestProtocol)
+                assert isinstance(protocol, ModestProtocol) and protocol.secagg_binding == "identity"
                 protocol.on_aggregate = on_aggregate
 
                 def keep(k: int, c: Contribution, peer: str = node.peer_id) -> None:
@@ -167,4 +174,24 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
             await asyncio.gather(*tasks, return_exceptions=True)
             for n in nodes:
                 await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
+
+
+async def test_the_daemon_keeps_its_secagg_key_in_the_state_dir_across_restarts(tmp_path: Path) -> None:
+    with NetworkGuard() as guard:
+        config = NodeConfig(run_id="modest-secagg-key", seed=1, device="cpu", topology="modest", sample_size=2,
+                            secagg=True).validate()
+        settings = DaemonSettings.in_memory(state_dir=tmp_path, signed_records=True)
+        announced = []
+        for _ in range(2):  # a restart reads the same key
+            node = await create_real_node(config, settings)
+            try:
+                await node.start()
+                assert isinstance(node.protocol, ModestProtocol) and node.protocol.secagg_binding == "identity"
+                announced.append(node.info().secagg_key)
+            finally:
+                await node.shutdown()
+        key = load_or_create_secagg_key(tmp_path)
+        assert announced == [keys.public_identity_key(key)] * 2
+        assert stat.S_IMODE(secagg_key_path(tmp_path).stat().st_mode) == IDENTITY_MODE
     assert not guard.leaked_processes, guard.leaked_processes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from p2pnode.config import NodeConfig
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import ConfigError
@@ -21,7 +23,8 @@ from p2pnode.protocols import (
 from p2pnode.protocols.adversary import Attacker, HonestOracle
 from p2pnode.protocols.compute import Compute
 from p2pnode.secagg import SecAggSettings, StageTimeouts
-from p2pnode.secagg.randomness import Randomness
+from p2pnode.secagg import keys as secagg_keys
+from p2pnode.secagg.randomness import Randomness, SeededRandomness
 from p2pnode.training.tasks import Task, get_task
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
@@ -61,11 +64,15 @@ def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: i
 
 def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
                    compute: Compute, rng: random.Random, step_cost_s: float = 0.0,
-                   secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> RoundProtocol:
+                   secagg_randomness: Randomness | None = None, attacker: Attacker | None = None,
+                   secagg_identity: Ed25519PrivateKey | None = None) -> RoundProtocol:
     """The round protocol named by ``config.topology``.
 
     `secagg_randomness`: secret randomness of secure aggregation (default None: the OS CSPRNG); the
     simulator passes a seeded stream so that its runs are reproducible.
+    `secagg_identity`: the node's long-term Ed25519 key that binds its secagg keys end to end (default
+    None: the transport's binding only); the daemon keeps it in the state dir, the simulator derives it
+    with `seeded_secagg_identity`.
     `attacker`: the node's forging; None (default) builds it from ``config.attack`` (no oracle).
     """
     local_steps = config.local_steps or trainer.task.default_local_steps
@@ -95,9 +102,11 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)
+                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker,
+                              secagg_identity=secagg_identity)
         return ModestProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)
+                              rng=rng, secagg_randomness=secagg_randomness, attacker=attacker,
+                              secagg_identity=secagg_identity)
     if config.topology == "dpsgd":
         dpsgd = DpsgdSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
                               graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,
@@ -107,6 +116,16 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
         return DpsgdProtocol(dpsgd, transport=transport, directory=directory, trainer=trainer, compute=compute,
                              rng=rng, attacker=attacker)
     raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier
+
+
+def seeded_secagg_identity(seed: int, peer_id: str) -> Ed25519PrivateKey:
+    """A node's secagg identity key derived from the run's `seed` and its `peer_id` (simulator and tests).
+
+    Deterministic, so that simulations stay reproducible byte for byte; never for a real node: anyone
+    who knows the seed and the peer id could sign in its name.
+    """
+    return secagg_keys.identity_from_bytes(
+        SeededRandomness(str(seed).encode(), b"secagg identity/" + peer_id.encode()).token_bytes(secagg_keys.KEY_BYTES))
 
 
 def secagg_settings(config: NodeConfig) -> SecAggSettings | None:

@@ -7,6 +7,9 @@ be signed with it (`p2pnode.discovery.dht.signed_dht_options`). The file is crea
 (written to a temporary file with mode 0600, fsynced, then linked to its final name, so a crash never
 leaves a half-written key) and is kept with owner-only permissions (0400).
 
+Secure aggregation: ``<state dir>/secagg.key`` holds the node's long-term Ed25519 key that signs its
+secagg keys (`load_or_create_secagg_key`), created and protected the same way.
+
 Lock: ``<state dir>/daemon.lock`` holds a POSIX record lock while a daemon uses the state dir, so a
 second daemon on the same state dir (and so the same identity) is refused before it starts p2pd. The
 kernel releases the lock when the process dies, even by SIGKILL. POSIX locks belong to the process and
@@ -20,21 +23,26 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from p2pnode.daemon.statedir import StateDirError
 from p2pnode.errors import P2PNodeError
+from p2pnode.secagg import keys
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.key"
+#: The node's long-term Ed25519 key for secure aggregation (`load_or_create_secagg_key`).
+SECAGG_KEY_FILE = "secagg.key"
 LOCK_FILE = "daemon.lock"
 #: Mode of the identity file: readable by its owner only.
 IDENTITY_MODE = 0o400
@@ -86,6 +94,47 @@ class Identity:
     created: bool
 
 
+def _create_once(directory: Path, name: str, data: bytes) -> bool:
+    """Create ``directory/name`` holding `data` with mode `IDENTITY_MODE`, unless it exists; True if created.
+
+    Written to a temporary file (mode 0600 from the start), fsynced, then linked to its final name: a
+    crash never leaves a half-written key, and a key created meanwhile by another process is never
+    overwritten (link() fails if the name exists).
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    created = False
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, IDENTITY_MODE)
+        try:
+            os.link(tmp, directory / name)
+            created = True
+        except FileExistsError:
+            pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return created
+
+
+def _tighten(path: Path) -> None:
+    """Make a key file readable by its owner only, warning when it was not (the key may have leaked)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning("the key %s had mode %o (readable by others); set to %o", path, mode, IDENTITY_MODE)
+        path.chmod(IDENTITY_MODE)
+
+
 def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
     """Return the identity key of `state_dir`, creating it if the state dir has none.
 
@@ -97,37 +146,42 @@ def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
     path = directory / IDENTITY_FILE
     created = False
     if not path.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = _new_key_bytes()
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".identity.", suffix=".tmp")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, IDENTITY_MODE)
-            try:
-                # link() fails if the name exists: a key created meanwhile is never overwritten.
-                os.link(tmp, path)
-                created = True
-            except FileExistsError:
-                pass
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        with contextlib.suppress(OSError):
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        logger.info("created a new identity key in %s", path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        logger.warning("the identity key %s had mode %o (readable by others); set to %o", path, mode, IDENTITY_MODE)
-        path.chmod(IDENTITY_MODE)
+        created = _create_once(directory, IDENTITY_FILE, _new_key_bytes())
+        if created:
+            logger.info("created a new identity key in %s", path)
+    _tighten(path)
     data = _check(path)
     return Identity(path, PeerID.from_identity(data).to_base58(), created)
+
+
+def secagg_key_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Path of the secure-aggregation identity key in `state_dir`."""
+    return Path(state_dir).expanduser() / SECAGG_KEY_FILE
+
+
+def load_or_create_secagg_key(state_dir: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Return the node's long-term Ed25519 secure-aggregation key of `state_dir`, creating it if missing.
+
+    ``<state dir>/secagg.key`` holds the key's 32-byte private seed, raw, mode 0400, created once like
+    ``identity.key``. It signs the node's ephemeral secagg keys of every round; its public half travels
+    in the node's (signed) directory record, so peers bind it to this node's peer id. Keeping it across
+    restarts keeps that binding stable: a peer that read the record before the restart still holds the
+    right key.
+
+    :raises IdentityError: the key file exists but is damaged or unreadable.
+    """
+    directory = Path(state_dir).expanduser()
+    path = directory / SECAGG_KEY_FILE
+    if not path.exists() and _create_once(directory, SECAGG_KEY_FILE, secrets.token_bytes(keys.KEY_BYTES)):
+        logger.info("created a new secure-aggregation key in %s", path)
+    _tighten(path)
+    try:
+        return keys.identity_from_bytes(path.read_bytes())
+    except OSError as e:
+        raise IdentityError(f"cannot read the secure-aggregation key {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise IdentityError(f"the secure-aggregation key {path} is damaged ({e}); delete it to make a new one "
+                            f"(peers learn the new one from this node's next record)") from e
 
 
 class StateDirLock:
@@ -180,5 +234,6 @@ class StateDirLock:
         self.release()
 
 
-__all__ = ["IDENTITY_FILE", "IDENTITY_MODE", "LOCK_FILE", "Identity", "IdentityError", "StateDirLock",
-           "identity_path", "load_or_create_identity"]
+__all__ = ["IDENTITY_FILE", "IDENTITY_MODE", "LOCK_FILE", "SECAGG_KEY_FILE", "Identity", "IdentityError",
+           "StateDirLock", "identity_path", "load_or_create_identity", "load_or_create_secagg_key",
+           "secagg_key_path"]

@@ -136,9 +136,12 @@ class Node:
 
     def info(self) -> PeerInfo:
         caps = (self.config.topology, STATESYNC_CAPABILITY) if self.sync_server else (self.config.topology,)
+        # The secagg identity key travels in the record, which the directory signs (when records are signed):
+        # that binds it to this node's peer id for the members of its samples.
+        secagg_key: bytes = getattr(self.protocol, "secagg_public_key", b"")
         return PeerInfo(peer_id=self.peer_id, maddrs=tuple(self.transport.addresses()), round=self.round,
                         task=self.config.task, config_hash=self.config.config_hash,
-                        capabilities=caps, timestamp=time.time())
+                        capabilities=caps, timestamp=time.time(), secagg_key=secagg_key)
 
     # -------------------------------------------------------------------------------------- start
     async def start(self) -> None:

@@ -2,7 +2,8 @@
 a `P2PTransport` over the same libp2p identity, and a `DHTDirectory` for run-scoped peer records.
 
 With a state dir (`DaemonSettings.state_dir`), the node locks it, keeps its identity key there (so
-its peer id survives restarts) and its checkpoints. Without one, nothing is persisted: the node gets a
+its peer id survives restarts), its secure-aggregation key (``secagg.key``, with ``--secagg``) and its
+checkpoints. Without one, nothing is persisted: the node gets a
 fresh identity and writes no checkpoints.
 """
 
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import hivemind
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer
 from p2pnode.daemon.checkpoint import CheckpointStore
-from p2pnode.daemon.identity import StateDirLock, load_or_create_identity
+from p2pnode.daemon.identity import StateDirLock, load_or_create_identity, load_or_create_secagg_key
 from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_threads, apply_gpu_memory_limit
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
@@ -117,8 +119,18 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
             lock.release()
         raise
     compute = ThreadCompute()
+    secagg_identity: Ed25519PrivateKey | None = None
+    if config.secagg:
+        # Kept next to identity.key so that peers that read this node's record keep the right key across
+        # restarts; without a state dir a fresh key per start (announced in each new record).
+        secagg_identity = (load_or_create_secagg_key(settings.state_dir) if settings.state_dir is not None
+                           else Ed25519PrivateKey.generate())
+        if not settings.signed_records:
+            logger.warning("secure aggregation with unsigned records: members' keys are bound only to the "
+                           "transport's authenticated sender, not signed end to end")
     protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                              compute=compute, rng=random.Random(f"{config.seed}/{transport.peer_id}"))
+                              compute=compute, rng=random.Random(f"{config.seed}/{transport.peer_id}"),
+                              secagg_identity=secagg_identity)
     checkpoints = None
     if settings.state_dir is not None:
         checkpoints = CheckpointStore.in_state_dir(settings.state_dir, keep=settings.keep_checkpoints)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from p2pnode.proto import peer_pb2
 
+#: Length of `PeerInfo.secagg_key` when set: a raw Ed25519 public key, in bytes.
+SECAGG_KEY_BYTES = 32
+
 
 @dataclass(frozen=True)
 class PeerInfo:
@@ -19,6 +22,8 @@ class PeerInfo:
     :param config_hash: hash of its model-relevant config; peers with another hash are not used.
     :param capabilities: feature names it supports (for example ``"gossip"``).
     :param timestamp: when the record was written, seconds since the epoch (virtual seconds in the simulator).
+    :param secagg_key: raw Ed25519 public key (32 bytes) that signs the peer's secure-aggregation keys, or
+        empty (default) when it has none. Trust it only from an `PeerDirectory.authenticated` directory.
     """
 
     peer_id: str
@@ -28,16 +33,19 @@ class PeerInfo:
     config_hash: str = ""
     capabilities: tuple[str, ...] = field(default_factory=tuple)
     timestamp: float = 0.0
+    secagg_key: bytes = b""
 
     def to_proto(self) -> peer_pb2.PeerRecord:
         return peer_pb2.PeerRecord(peer_id=self.peer_id, maddrs=list(self.maddrs), round=self.round,
                                    task=self.task, config_hash=self.config_hash,
-                                   capabilities=list(self.capabilities), timestamp=self.timestamp)
+                                   capabilities=list(self.capabilities), timestamp=self.timestamp,
+                                   secagg_key=self.secagg_key)
 
     @classmethod
     def from_proto(cls, rec: peer_pb2.PeerRecord) -> PeerInfo:
         return cls(peer_id=rec.peer_id, maddrs=tuple(rec.maddrs), round=rec.round, task=rec.task,
-                   config_hash=rec.config_hash, capabilities=tuple(rec.capabilities), timestamp=rec.timestamp)
+                   config_hash=rec.config_hash, capabilities=tuple(rec.capabilities), timestamp=rec.timestamp,
+                   secagg_key=bytes(rec.secagg_key))
 
 
 class PeerDirectory(ABC):
@@ -46,7 +54,14 @@ class PeerDirectory(ABC):
     A directory is bound to one run id and one config hash: `peers()` returns only live records of the
     same run and config hash, never this node itself, sorted by peer id, and counts the records it
     dropped in `mismatched` (other config) and `invalid` (failed the schema).
+
+    `authenticated` says whether a record can only have been written by the peer it names (signed DHT
+    records; the simulator's registry, where each node writes only its own record). Only then is what a
+    record claims about its peer, such as ``secagg_key``, bound to that peer id.
     """
+
+    #: Whether every record returned by `peers` was written by the peer it names (see the class doc).
+    authenticated: bool = False
 
     def __init__(self) -> None:
         self.mismatched = 0

@@ -24,7 +24,9 @@ each value on store and makes every DHT node refuse values under that subkey tha
 not sign. This directory then also requires that the libp2p peer id derived from the owner key is the
 record's peer id, so a record is bound to the identity that libp2p authenticates on every stream; in
 this mode unsigned records are counted as ``invalid``. This needs the node's libp2p identity to be that
-RSA key (`signed_dht_options` arranges it).
+RSA key (`signed_dht_options` arranges it). Only signed records are `authenticated`: the Ed25519 key a
+record announces for secure aggregation (``secagg_key``) is then bound to the peer id; without signing
+it is never used (secure aggregation falls back to the transport's authenticated sender).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2pnode.discovery.base import PeerDirectory, PeerInfo
+from p2pnode.discovery.base import SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
 from p2pnode.proto import peer_pb2
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,8 @@ class DHTDirectory(PeerDirectory):
         self.ttl = ttl
         self.request_timeout = request_timeout
         self.signer = signer
+        # Signed records are bound to the peer id they name (the owner key must hash to it).
+        self.authenticated = signer is not None
         self._peer_id = peer_id
         self._info: PeerInfo | None = None
         #: Expiration time (DHT clock) of the last value this node stored under its subkey.
@@ -291,6 +295,9 @@ class DHTDirectory(PeerDirectory):
             logger.debug("record under subkey %s claims peer id %s", peer_part[-8:], rec.peer_id[-8:])
             return None
         if len(rec.maddrs) > MAX_RECORD_ITEMS or len(rec.capabilities) > MAX_RECORD_ITEMS:
+            return None
+        if len(rec.secagg_key) not in (0, SECAGG_KEY_BYTES):
+            logger.debug("record %s has a secagg key of %d bytes", peer_part[-8:], len(rec.secagg_key))
             return None
         return PeerInfo.from_proto(rec)
 

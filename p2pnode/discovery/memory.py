@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from p2pnode.discovery.base import PeerDirectory, PeerInfo
+from p2pnode.discovery.base import SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
 
 __all__ = ["MemoryDirectory", "MemoryRegistry"]
 
@@ -72,7 +72,8 @@ def _valid(info: PeerInfo) -> bool:
     return (isinstance(info.peer_id, str) and bool(info.peer_id)
             and isinstance(info.round, int) and info.round >= 0
             and isinstance(info.config_hash, str)
-            and isinstance(info.timestamp, float | int) and math.isfinite(info.timestamp))
+            and isinstance(info.timestamp, float | int) and math.isfinite(info.timestamp)
+            and isinstance(info.secagg_key, bytes) and len(info.secagg_key) in (0, SECAGG_KEY_BYTES))
 
 
 class MemoryDirectory(PeerDirectory):
@@ -83,13 +84,18 @@ class MemoryDirectory(PeerDirectory):
     :param run_id: the run this directory is scoped to.
     :param config_hash: this node's config hash; records with another hash are excluded.
     :param ttl_s: lifetime of this node's record after each `announce`, in seconds (default 30.0).
+    :param authenticated: whether records count as written by the peer they name (default True). The
+        simulator's nodes write only their own record (`announce` refuses another peer id), so the
+        registry stands for the daemon's signed DHT; `MemoryRegistry.put` bypasses that and is what an
+        unsigned directory would let anyone do. False models ``--unsigned-records``.
 
     `mismatched` and `invalid` are cumulative counters: each `peers()` call adds the records it dropped.
     """
 
     def __init__(self, registry: MemoryRegistry, *, peer_id: str, run_id: str, config_hash: str,
-                 ttl_s: float = 30.0) -> None:
+                 ttl_s: float = 30.0, authenticated: bool = True) -> None:
         super().__init__()
+        self.authenticated = authenticated
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
         self.registry = registry

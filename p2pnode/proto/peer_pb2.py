@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2pnode/proto/peer.proto\x12\rp2pnode.proto\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x01\n\x08\x45nvelope\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.p2pnode.proto.TensorSpec\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\'\n\x05\x65rror\x18\x05 \x01(\x0e\x32\x18.p2pnode.proto.ErrorCode\x12\x15\n\rerror_message\x18\x06 \x01(\t\"S\n\rModelExchange\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06weight\x18\x04 \x01(\x01\"%\n\x04Ping\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05round\x18\x01 \x01(\x04\"\x88\x01\n\nPeerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"u\n\x0bMemberEntry\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11last_active_round\x18\x02 \x01(\x12\x12\r\n\x05index\x18\x03 \x01(\x04\x12+\n\x06status\x18\x04 \x01(\x0e\x32\x1b.p2pnode.proto.MemberStatus\"=\n\x0eMembershipView\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.p2pnode.proto.MemberEntry\"X\n\nModestPing\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x16\n\x0eround_estimate\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\x04\"H\n\nModestPong\x12\x16\n\x0eround_estimate\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x13\n\x0bmodel_round\x18\x03 \x01(\x04\"\x87\x01\n\x0cModestAdvert\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.p2pnode.proto.MemberStatus\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x05 \x01(\x04\"V\n\x0fModestAdvertAck\x12\x16\n\x0eround_estimate\x18\x01 \x01(\x04\x12+\n\x04view\x18\x02 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\"\xd3\x01\n\x0bModestModel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12+\n\x04view\x18\x05 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\x12\x15\n\rparent_digest\x18\x06 \x01(\x0c\x12\x10\n\x08\x63ombined\x18\x07 \x01(\r\x12\x0e\n\x06sample\x18\x08 \x03(\t\x12\x12\n\nsample_key\x18\t \x01(\x0c\":\n\x0eModestModelAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0eround_estimate\x18\x02 \x01(\x04\"\xe9\x01\n\x0cModestUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12+\n\x04view\x18\x05 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\x12\x13\n\x0b\x62\x61se_digest\x18\x06 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x08 \x01(\x04\x12\x15\n\rparent_digest\x18\t \x01(\x0c\x12\x0e\n\x06secure\x18\n \x01(\x08\"|\n\x0cModestAggAck\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\t\x12\x0e\n\x06sample\x18\x06 \x03(\t\"W\n\x11ModestBaseRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\"2\n\x12ModestBaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"P\n\nDpsgdModel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x04 \x01(\r\"\x1c\n\x08\x44psgdAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*\x9d\x01\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x12\n\x0eUNKNOWN_METHOD\x10\x01\x12\r\n\tMALFORMED\x10\x02\x12\r\n\tOVERSIZED\x10\x03\x12\r\n\tBAD_SHAPE\x10\x04\x12\x0e\n\nNON_FINITE\x10\x05\x12\r\n\tWRONG_RUN\x10\x06\x12\x0f\n\x0bUNAVAILABLE\x10\x07\x12\x0c\n\x08INTERNAL\x10\x08\x12\t\n\x05STALE\x10\t*1\n\x0cMemberStatus\x12\x0f\n\x0bMEMBER_JOIN\x10\x00\x12\x10\n\x0cMEMBER_LEAVE\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2pnode/proto/peer.proto\x12\rp2pnode.proto\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x01\n\x08\x45nvelope\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.p2pnode.proto.TensorSpec\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\'\n\x05\x65rror\x18\x05 \x01(\x0e\x32\x18.p2pnode.proto.ErrorCode\x12\x15\n\rerror_message\x18\x06 \x01(\t\"S\n\rModelExchange\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06weight\x18\x04 \x01(\x01\"%\n\x04Ping\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05round\x18\x01 \x01(\x04\"\x9c\x01\n\nPeerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\x12\x12\n\nsecagg_key\x18\x08 \x01(\x0c\"u\n\x0bMemberEntry\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11last_active_round\x18\x02 \x01(\x12\x12\r\n\x05index\x18\x03 \x01(\x04\x12+\n\x06status\x18\x04 \x01(\x0e\x32\x1b.p2pnode.proto.MemberStatus\"=\n\x0eMembershipView\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.p2pnode.proto.MemberEntry\"X\n\nModestPing\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x16\n\x0eround_estimate\x18\x03 \x01(\x04\x12\r\n\x05index\x18\x04 \x01(\x04\"H\n\nModestPong\x12\x16\n\x0eround_estimate\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x13\n\x0bmodel_round\x18\x03 \x01(\x04\"\x87\x01\n\x0cModestAdvert\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.p2pnode.proto.MemberStatus\x12\r\n\x05index\x18\x04 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x05 \x01(\x04\"V\n\x0fModestAdvertAck\x12\x16\n\x0eround_estimate\x18\x01 \x01(\x04\x12+\n\x04view\x18\x02 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\"\xd3\x01\n\x0bModestModel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12+\n\x04view\x18\x05 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\x12\x15\n\rparent_digest\x18\x06 \x01(\x0c\x12\x10\n\x08\x63ombined\x18\x07 \x01(\r\x12\x0e\n\x06sample\x18\x08 \x03(\t\x12\x12\n\nsample_key\x18\t \x01(\x0c\":\n\x0eModestModelAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0eround_estimate\x18\x02 \x01(\x04\"\xe9\x01\n\x0cModestUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12+\n\x04view\x18\x05 \x01(\x0b\x32\x1d.p2pnode.proto.MembershipView\x12\x13\n\x0b\x62\x61se_digest\x18\x06 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x08 \x01(\x04\x12\x15\n\rparent_digest\x18\t \x01(\x0c\x12\x0e\n\x06secure\x18\n \x01(\x08\"|\n\x0cModestAggAck\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eround_estimate\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\t\x12\x0e\n\x06sample\x18\x06 \x03(\t\"W\n\x11ModestBaseRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\"2\n\x12ModestBaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\"P\n\nDpsgdModel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x04 \x01(\r\"\x1c\n\x08\x44psgdAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*\x9d\x01\n\tErrorCode\x12\x06\n\x02OK\x10\x00\x12\x12\n\x0eUNKNOWN_METHOD\x10\x01\x12\r\n\tMALFORMED\x10\x02\x12\r\n\tOVERSIZED\x10\x03\x12\r\n\tBAD_SHAPE\x10\x04\x12\x0e\n\nNON_FINITE\x10\x05\x12\r\n\tWRONG_RUN\x10\x06\x12\x0f\n\x0bUNAVAILABLE\x10\x07\x12\x0c\n\x08INTERNAL\x10\x08\x12\t\n\x05STALE\x10\t*1\n\x0cMemberStatus\x12\x0f\n\x0bMEMBER_JOIN\x10\x00\x12\x10\n\x0cMEMBER_LEAVE\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pnode.proto.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=2023
-  _globals['_ERRORCODE']._serialized_end=2180
-  _globals['_MEMBERSTATUS']._serialized_start=2182
-  _globals['_MEMBERSTATUS']._serialized_end=2231
+  _globals['_ERRORCODE']._serialized_start=2043
+  _globals['_ERRORCODE']._serialized_end=2200
+  _globals['_MEMBERSTATUS']._serialized_start=2202
+  _globals['_MEMBERSTATUS']._serialized_end=2251
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=99
   _globals['_ENVELOPE']._serialized_start=102
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PONG']._serialized_start=399
   _globals['_PONG']._serialized_end=420
   _globals['_PEERRECORD']._serialized_start=423
-  _globals['_PEERRECORD']._serialized_end=559
-  _globals['_MEMBERENTRY']._serialized_start=561
-  _globals['_MEMBERENTRY']._serialized_end=678
-  _globals['_MEMBERSHIPVIEW']._serialized_start=680
-  _globals['_MEMBERSHIPVIEW']._serialized_end=741
-  _globals['_MODESTPING']._serialized_start=743
-  _globals['_MODESTPING']._serialized_end=831
-  _globals['_MODESTPONG']._serialized_start=833
-  _globals['_MODESTPONG']._serialized_end=905
-  _globals['_MODESTADVERT']._serialized_start=908
-  _globals['_MODESTADVERT']._serialized_end=1043
-  _globals['_MODESTADVERTACK']._serialized_start=1045
-  _globals['_MODESTADVERTACK']._serialized_end=1131
-  _globals['_MODESTMODEL']._serialized_start=1134
-  _globals['_MODESTMODEL']._serialized_end=1345
-  _globals['_MODESTMODELACK']._serialized_start=1347
-  _globals['_MODESTMODELACK']._serialized_end=1405
-  _globals['_MODESTUPDATE']._serialized_start=1408
-  _globals['_MODESTUPDATE']._serialized_end=1641
-  _globals['_MODESTAGGACK']._serialized_start=1643
-  _globals['_MODESTAGGACK']._serialized_end=1767
-  _globals['_MODESTBASEREQUEST']._serialized_start=1769
-  _globals['_MODESTBASEREQUEST']._serialized_end=1856
-  _globals['_MODESTBASERESPONSE']._serialized_start=1858
-  _globals['_MODESTBASERESPONSE']._serialized_end=1908
-  _globals['_DPSGDMODEL']._serialized_start=1910
-  _globals['_DPSGDMODEL']._serialized_end=1990
-  _globals['_DPSGDACK']._serialized_start=1992
-  _globals['_DPSGDACK']._serialized_end=2020
+  _globals['_PEERRECORD']._serialized_end=579
+  _globals['_MEMBERENTRY']._serialized_start=581
+  _globals['_MEMBERENTRY']._serialized_end=698
+  _globals['_MEMBERSHIPVIEW']._serialized_start=700
+  _globals['_MEMBERSHIPVIEW']._serialized_end=761
+  _globals['_MODESTPING']._serialized_start=763
+  _globals['_MODESTPING']._serialized_end=851
+  _globals['_MODESTPONG']._serialized_start=853
+  _globals['_MODESTPONG']._serialized_end=925
+  _globals['_MODESTADVERT']._serialized_start=928
+  _globals['_MODESTADVERT']._serialized_end=1063
+  _globals['_MODESTADVERTACK']._serialized_start=1065
+  _globals['_MODESTADVERTACK']._serialized_end=1151
+  _globals['_MODESTMODEL']._serialized_start=1154
+  _globals['_MODESTMODEL']._serialized_end=1365
+  _globals['_MODESTMODELACK']._serialized_start=1367
+  _globals['_MODESTMODELACK']._serialized_end=1425
+  _globals['_MODESTUPDATE']._serialized_start=1428
+  _globals['_MODESTUPDATE']._serialized_end=1661
+  _globals['_MODESTAGGACK']._serialized_start=1663
+  _globals['_MODESTAGGACK']._serialized_end=1787
+  _globals['_MODESTBASEREQUEST']._serialized_start=1789
+  _globals['_MODESTBASEREQUEST']._serialized_end=1876
+  _globals['_MODESTBASERESPONSE']._serialized_start=1878
+  _globals['_MODESTBASERESPONSE']._serialized_end=1928
+  _globals['_DPSGDMODEL']._serialized_start=1930
+  _globals['_DPSGDMODEL']._serialized_end=2010
+  _globals['_DPSGDACK']._serialized_start=2012
+  _globals['_DPSGDACK']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)

@@ -90,7 +90,7 @@ class Pong(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp")
+    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp", "secagg_key")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MADDRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class PeerRecord(_message.Message):
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_KEY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     maddrs: _containers.RepeatedScalarFieldContainer[str]
     round: int
@@ -105,7 +106,8 @@ class PeerRecord(_message.Message):
     config_hash: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     timestamp: float
-    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    secagg_key: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ..., secagg_key: _Optional[bytes] = ...) -> None: ...
 
 class MemberEntry(_message.Message):
     __slots__ = ("peer_id", "last_active_round", "index", "status")

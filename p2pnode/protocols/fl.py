@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from p2pnode.discovery import PeerDirectory
 from p2pnode.protocols.adversary import Attacker
 from p2pnode.protocols.compute import Compute
@@ -33,8 +35,10 @@ class FLProtocol(ModestProtocol):
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random,
-                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> None:
+                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None,
+                 secagg_identity: Ed25519PrivateKey | None = None) -> None:
         settings = dataclasses.replace(settings, aggregators=1,
                                        fixed_aggregator_auto=settings.fixed_aggregator is None)
         super().__init__(settings, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                         rng=rng, secagg_randomness=secagg_randomness, attacker=attacker)
+                         rng=rng, secagg_randomness=secagg_randomness, attacker=attacker,
+                         secagg_identity=secagg_identity)

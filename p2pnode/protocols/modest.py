@@ -53,9 +53,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.aggregation import OuterOptimizer, aggregate_states, rule_info
-from p2pnode.discovery import PeerDirectory
+from p2pnode.discovery import PeerDirectory, PeerInfo
 from p2pnode.errors import AggregationError, BadMessage, ConfigError, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.adversary import Attacker, TrainedHook
@@ -79,8 +80,10 @@ from p2pnode.secagg import (
     split_layers,
     variance_correct,
 )
+from p2pnode.secagg import keys as secagg_keys
 from p2pnode.secagg.aggregator import SecAggAggregator
 from p2pnode.secagg.randomness import Randomness, SystemRandomness
+from p2pnode.secagg.state import UserReport
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -359,11 +362,21 @@ class ModestProtocol:
     `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
     (fault injection for the simulator and the tests). `secagg_randomness`: the secret randomness of
     this node's secagg users (default: the OS CSPRNG; the simulator passes a seeded stream).
+
+    `secagg_identity`: this node's long-term Ed25519 key (default None). With it and an `authenticated`
+    directory, the secure aggregation binds every member's ephemeral keys to its identity end to end:
+    the node announces the public half in its directory record (`secagg_public_key`), learns the
+    members' keys only from their own records, signs its advertised keys, and its users and its
+    aggregator verify every member's signature, so an aggregator that relays keys cannot substitute
+    them. A member whose key it does not know cannot take part (counter ``secagg_unknown_key``: one per
+    such member each time this node sets up a sample as trainer or aggregator). Without the key or with
+    unsigned records the binding is the transport's authenticated sender (`secagg_binding` says which).
     """
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random,
-                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> None:
+                 secagg_randomness: Randomness | None = None, attacker: Attacker | None = None,
+                 secagg_identity: Ed25519PrivateKey | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -394,6 +407,17 @@ class ModestProtocol:
         # simulator, for reproducible runs; never in a real run: the seed is public).
         self._secagg_rnd: Randomness = secagg_randomness if secagg_randomness is not None else SystemRandomness()
         self._host: SecAggHost | None = None
+        # Identity binding only where a record's key is bound to its peer id: with unsigned records anyone
+        # could announce a key in another peer's name, which is no better than the transport's binding.
+        self._identity = secagg_identity if settings.secagg is not None and directory.authenticated else None
+        #: Members' Ed25519 public keys by peer id, each read from that member's own directory record.
+        self._identity_keys: dict[str, bytes] = {}
+        if self._identity is not None:
+            self._identity_keys[self.me] = secagg_keys.public_identity_key(self._identity)
+        self._keys_read_at = -math.inf
+        self._keys_refresh: asyncio.Task[None] | None = None
+        #: Called with (version trained, report) for each secagg user of this node once it ends (tests, research).
+        self.on_secagg_report: Callable[[int, UserReport], None] | None = None
         self.secagg_silent_from: Stage | None = None
         #: Called on a trainer with (round, its own contribution) before it is masked (tests, research).
         self.on_secagg_input: Callable[[int, Contribution], None] | None = None
@@ -409,6 +433,10 @@ class ModestProtocol:
             self._needs_base = True  # the mean of the updates is applied to the base model
             self._host = SecAggHost(transport)
             self._host.on_unopened = self._on_claim
+            if self._identity is None:
+                logger.info("%s: secure aggregation binds keys to the transport's authenticated sender only (%s)",
+                            self._me_short, "unsigned directory records" if secagg_identity is not None
+                            else "no secagg identity key")
         self._own_index = 0
         self._inbox: _Incoming | None = None
         self._wake = asyncio.Event()
@@ -429,6 +457,61 @@ class ModestProtocol:
         transport.register(MODEL, peer_pb2.ModestModel, self._on_model)
         transport.register(UPDATE, peer_pb2.ModestUpdate, self._on_update)
         transport.register(BASE, peer_pb2.ModestBaseRequest, self._on_base)
+
+    # -- secagg identity keys --------------------------------------------------------------------------
+    @property
+    def secagg_binding(self) -> str:
+        """How members' secagg keys are bound: ``identity`` (Ed25519, end to end), ``transport``, or ``off``."""
+        if self._secagg is None:
+            return "off"
+        return "identity" if self._identity is not None else "transport"
+
+    @property
+    def secagg_public_key(self) -> bytes:
+        """The raw Ed25519 public key this node announces in its record; empty without identity binding."""
+        return self._identity_keys.get(self.me, b"") if self._identity is not None else b""
+
+    def _learn_keys(self, peers: Iterable[PeerInfo]) -> None:
+        """Take the members' identity keys from their directory records (bound to their peer ids)."""
+        if self._identity is None:
+            return
+        self._keys_read_at = self._now()
+        for info in peers:
+            if len(info.secagg_key) == secagg_keys.KEY_BYTES and info.peer_id != self.me:
+                # The latest signed record wins: a peer that replaced its key announces the new one.
+                self._identity_keys[info.peer_id] = info.secagg_key
+
+    def _keys_stale(self, members: Iterable[str]) -> bool:
+        """Whether some member's key is unknown and the directory was not read within a ping timeout.
+
+        The rate limit keeps a member without a record (crashed, or running without a key) from making
+        every round read the directory again.
+        """
+        return (any(m not in self._identity_keys for m in members)
+                and self._now() - self._keys_read_at >= self.settings.ping_timeout_s)
+
+    async def _read_keys(self) -> None:
+        """Read the directory now (views and keys); a failure leaves the keys as they were."""
+        await self._refresh_from_directory(force=True)
+        # Also after a failed read: the rate limit then lets the round go on with the keys it has.
+        self._keys_read_at = self._now()
+
+    def _keys_for(self, members: Iterable[str], *, index: int, role: str) -> dict[str, bytes] | None:
+        """The identity keys of `members` for the secure aggregation of version `index` (None: no binding).
+
+        Members whose key is unknown are left out: they cannot take part (counted and logged).
+        """
+        if self._identity is None:
+            return None
+        members = list(members)
+        known = {m: self._identity_keys[m] for m in members if m in self._identity_keys}
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            self.counters["secagg_unknown_key"] += len(unknown)
+            logger.warning("%s: no signed identity key known for %d member(s) of the secure aggregation of "
+                           "version %d (as %s), e.g. %s: they cannot take part", self._me_short, len(unknown),
+                           index, role, _short(unknown[0]))
+        return known
 
     # -- small helpers ------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -684,6 +767,7 @@ class ModestProtocol:
         except Exception as e:  # a slow or stale directory must not stop the protocol: views carry on
             logger.warning("%s: peer directory unavailable: %s", self._me_short, e)
             return
+        self._learn_keys(peers)
         for info in peers:
             if info.peer_id in self.view:
                 self.view.heard_from(info.peer_id, self.round)
@@ -698,6 +782,7 @@ class ModestProtocol:
         except Exception as e:
             logger.warning("%s: peer directory unavailable at start: %s", self._me_short, e)
             peers = []
+        self._learn_keys(peers)
         self._last_dir_refresh = self._now()
         progress = max((p.round for p in peers), default=0)
         if progress > 0:
@@ -873,6 +958,9 @@ class ModestProtocol:
         self.view.flush_pending()  # a model send follows: pending joins enter the view that travels with it
         key = self._key(index, inc.parent)
         aggregators = [self.server] if self.server is not None else await self._available(index, s.aggregators, key)
+        if self._identity is not None and self._keys_stale(sample):
+            await self._read_keys()  # a member that joined since the last read: its record has its key
+        identity_keys = self._keys_for(sample, index=index, role="trainer")
         loop = asyncio.get_running_loop()
         training: asyncio.Future[Contribution] = loop.create_future()
         silent, self.secagg_silent_from = self.secagg_silent_from, None
@@ -881,12 +969,13 @@ class ModestProtocol:
             session = Session(s.run_id, index, a, sample, dim=self._dim, extras=self._vca_extras)
             try:
                 user = SecAggUser(session, self._secagg, self.transport, local=self._host.dispatch,
-                                  randomness=self._secagg_rnd, context=inc.sample_key, stop_before=silent)
+                                  randomness=self._secagg_rnd, context=inc.sample_key, stop_before=silent,
+                                  identity=self._identity, identity_keys=identity_keys)
             except (ConfigError, SecAggError) as e:
                 logger.warning("%s: cannot take part in the secure aggregation of version %d at %s: %s",
                                self._me_short, index, _short(a), e)
                 continue
-            runs.append(self._spawn(user.run(training)))
+            runs.append(self._spawn(self._run_user(k, user, training)))
 
         loss, trained = await self._train(inc)
         base_digest = model_digest(inc.state)
@@ -944,6 +1033,13 @@ class ModestProtocol:
             self._prune_bases()
         return self._report("trainer", train_loss=loss, failures=len(acks) - len(ok),
                             partner=ok[0][0] if ok else None)
+
+    async def _run_user(self, k: int, user: SecAggUser, training: asyncio.Future[Contribution]) -> UserReport:
+        """Run one secagg user of version `k` and hand its report to `on_secagg_report`."""
+        report = await user.run(training)
+        if self.on_secagg_report is not None:
+            self.on_secagg_report(k, report)
+        return report
 
     async def _upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes
                       ) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
@@ -1191,6 +1287,13 @@ class ModestProtocol:
                 self.transport.reject(claim.sender, WRONG_SAMPLE,
                                       f"secure aggregation of version {claim.round} refused: {reason}")
             return
+        if self._identity is not None and (self._keys_stale(claim.users) or (
+                self._keys_refresh is not None and not self._keys_refresh.done())):
+            # on_unopened must not block: read the directory in the background; the claimant retries
+            # (users retry for open_timeout_s while the instance is not open) and finds it open then.
+            if self._keys_refresh is None or self._keys_refresh.done():
+                self._keys_refresh = self._spawn(self._read_keys())
+            return
         index = claim.round
         agg = self._aggregations.get(index)
         if agg is None:
@@ -1201,7 +1304,8 @@ class ModestProtocol:
         session = Session(self.settings.run_id, index, self.me, claim.users, dim=self._dim, extras=self._vca_extras)
         try:
             p = plan(session, self._secagg)
-            agg.instance = self._host.open(session, self._secagg_settings(p.n, p.threshold))
+            agg.instance = self._host.open(session, self._secagg_settings(p.n, p.threshold),
+                                           identity_keys=self._keys_for(claim.users, index=index, role="aggregator"))
         except (ConfigError, SecAggError) as e:  # e.g. a sample too small for the configured threshold
             self.counters["secagg_refused"] += 1
             self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {index}: {e}")
