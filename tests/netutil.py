@@ -237,3 +237,22 @@ def crash_node(node: Any) -> None:
     for pid in [*descendant_pids(dht_pid), dht_pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+class AggregationLog:
+    """Collects MoDeST aggregation events (set `on_aggregate` as a protocol's hook) and waits for versions."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self._progress = asyncio.Event()
+
+    def on_aggregate(self, event: Any) -> None:
+        self.events.append(event)
+        self._progress.set()
+
+    async def until(self, version: int, timeout: float = 90.0) -> None:
+        """Wait until some event has index >= `version`; fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while max((e.index for e in self.events), default=0) < version:
+            self._progress.clear()
+            await asyncio.wait_for(self._progress.wait(), max(0.1, deadline - time.monotonic()))

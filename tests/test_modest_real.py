@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
-from netutil import NetworkGuard, wait_for_directory_peers
+from netutil import AggregationLog, NetworkGuard, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
-from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.protocols.modest import ModestProtocol
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -22,18 +21,8 @@ async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leavi
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         tasks: list[asyncio.Task[None]] = []
-        events: list[AggregationEvent] = []
-        progress = asyncio.Event()
-
-        def on_aggregate(ev: AggregationEvent) -> None:
-            events.append(ev)
-            progress.set()
-
-        async def until(version: int, timeout: float = 120.0) -> None:
-            deadline = time.monotonic() + timeout
-            while max((e.index for e in events), default=0) < version:
-                progress.clear()
-                await asyncio.wait_for(progress.wait(), max(0.1, deadline - time.monotonic()))
+        log = AggregationLog()
+        events = log.events
 
         try:
             for i in range(5):
@@ -45,7 +34,7 @@ async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leavi
                 node = await create_real_node(config, DaemonSettings.in_memory())
                 await node.start()
                 assert isinstance(node.protocol, ModestProtocol)
-                node.protocol.on_aggregate = on_aggregate
+                node.protocol.on_aggregate = log.on_aggregate
                 nodes.append(node)
             await wait_for_directory_peers(nodes, 4)
 
@@ -54,14 +43,14 @@ async def test_five_real_nodes_run_modest_rounds_and_survive_an_aggregator_leavi
                     await node.run_round()
 
             tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
-            await until(4)
+            await log.until(4, timeout=120.0)
             by_version = {e.index: e for e in events}
             assert all(len(by_version[v].contributors) == 3 for v in range(1, 5))
             # The aggregator of the last version leaves gracefully; the others carry on without it.
             leaver = next(n for n in nodes if n.peer_id == by_version[4].aggregator)
             tasks[nodes.index(leaver)].cancel()
             await leaver.shutdown()
-            await until(8)
+            await log.until(8, timeout=120.0)
             later = [e for e in events if e.index >= 6]
             assert later and all(leaver.peer_id not in e.contributors + e.sample for e in later)
             accuracy = max(e.index for e in events), [e.accuracy for e in events]

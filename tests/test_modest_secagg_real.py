@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from netutil import NetworkGuard, crash_node, wait_for_directory_peers
+from netutil import AggregationLog, NetworkGuard, crash_node, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.identity import IDENTITY_MODE, load_or_create_secagg_key, secagg_key_path
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import PeerUnreachable
-from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.protocols.modest import ModestProtocol
 from p2pnode.secagg import Contribution, Stage, keys
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -28,18 +27,8 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         tasks: list[asyncio.Task[None]] = []
-        events: list[AggregationEvent] = []
-        progress = asyncio.Event()
-
-        def on_aggregate(ev: AggregationEvent) -> None:
-            events.append(ev)
-            progress.set()
-
-        async def until(version: int, timeout: float = 90.0) -> None:
-            deadline = time.monotonic() + timeout
-            while max((e.index for e in events), default=0) < version:
-                progress.clear()
-                await asyncio.wait_for(progress.wait(), max(0.1, deadline - time.monotonic()))
+        log = AggregationLog()
+        events = log.events
 
         try:
             for i in range(5):
@@ -52,7 +41,7 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
                 node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
                 await node.start()
                 assert isinstance(node.protocol, ModestProtocol) and node.protocol.secagg_binding == "identity"
-                node.protocol.on_aggregate = on_aggregate
+                node.protocol.on_aggregate = log.on_aggregate
                 nodes.append(node)
             await wait_for_directory_peers(nodes, 4)
 
@@ -61,7 +50,7 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
                     await node.run_round()
 
             tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
-            await until(3)
+            await log.until(3, timeout=90.0)
             by_version = {e.index: e for e in events}
             for v in (1, 2, 3):
                 ev = by_version[v]
@@ -91,13 +80,8 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         tasks: list[asyncio.Task[None]] = []
-        events: list[AggregationEvent] = []
+        log = AggregationLog()
         inputs: dict[str, torch.Tensor] = {}
-        done = asyncio.Event()
-
-        def on_aggregate(ev: AggregationEvent) -> None:
-            events.append(ev)
-            done.set()
 
         try:
             for i in range(5):
@@ -112,7 +96,7 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
                 await node.start()
                 protocol = node.protocol
                 assert isinstance(protocol, ModestProtocol) and protocol.secagg_binding == "identity"
-                protocol.on_aggregate = on_aggregate
+                protocol.on_aggregate = log.on_aggregate
 
                 def keep(k: int, c: Contribution, peer: str = node.peer_id) -> None:
                     if k == 0:
@@ -152,8 +136,8 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
                     await node.run_round()
 
             tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
-            await asyncio.wait_for(done.wait(), 90.0)
-            ev = events[0]
+            await log.until(1, timeout=90.0)
+            ev = log.events[0]
             assert len(killed) == 2, [n.peer_id for n in killed]
             before, after = killed
             assert ev.index == 1 and ev.secure and ev.aborted is None
