@@ -140,7 +140,7 @@ def table() -> dict[str, Any]:
 
 
 def _checks(acc: dict[str, dict[str, float | None]]) -> dict[str, Any]:
-    """The issue's targets: flag within 2 points of clean and best or tied-best (0.5 points) per attack;
+    """The experiment's targets: flag within 2 points of clean and best or tied-best (0.5 points) per attack;
     mean broken (10 points or more below clean) per attack."""
     clean_flag = acc["none"]["flag"]
     clean_mean = acc["none"]["mean"]

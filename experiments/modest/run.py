@@ -29,7 +29,7 @@ RESULTS = HERE / "results"
 NODES = 100
 ROUNDS = 100
 SEEDS = (0, 1, 2)
-#: Dirichlet concentration of the non-IID split, as in the issue (None: IID).
+#: Dirichlet concentration of the non-IID split (None: IID).
 ALPHAS = (None, 0.3)
 
 
