@@ -27,7 +27,7 @@ sim: install
 		--out results.json --plot curve.png
 
 lint: install
-	$(VENV)/bin/ruff check p2pnode simulator tests benchmarks
+	$(VENV)/bin/ruff check p2pnode simulator tests benchmarks experiments
 	$(VENV)/bin/mypy
 
 check-protos: install
