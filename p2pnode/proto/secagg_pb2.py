@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ap2pnode/proto/secagg.proto\x12\rp2pnode.proto\">\n\rSecAggSession\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x80\x01\n\nSecAggKeys\x12\r\n\x05index\x18\x01 \x01(\r\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x1c\n\x14self_mask_commitment\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xa8\x01\n\x0fSecAggAdvertise\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\'\n\x04keys\x18\x02 \x01(\x0b\x32\x19.p2pnode.proto.SecAggKeys\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x0e\n\x06\x65xtras\x18\x05 \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x06 \x01(\x0c\"?\n\x14SecAggAdvertiseReply\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.p2pnode.proto.SecAggKeys\"I\n\x10SecAggCiphertext\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"r\n\x0bSecAggShare\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\x34\n\x0b\x63iphertexts\x18\x02 \x03(\x0b\x32\x1f.p2pnode.proto.SecAggCiphertext\"H\n\x10SecAggShareReply\x12\x34\n\x0b\x63iphertexts\x18\x01 \x03(\x0b\x32\x1f.p2pnode.proto.SecAggCiphertext\"=\n\x0cSecAggMasked\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\"&\n\x11SecAggMaskedReply\x12\x11\n\tsurvivors\x18\x01 \x03(\r\".\n\x0eSecAggRevealed\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"\xae\x01\n\x0cSecAggUnmask\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\x37\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x1d.p2pnode.proto.SecAggRevealed\x12\x36\n\x0fmask_key_shares\x18\x03 \x03(\x0b\x32\x1d.p2pnode.proto.SecAggRevealed\"%\n\x11SecAggUnmaskReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ap2pnode/proto/secagg.proto\x12\rp2pnode.proto\"M\n\rSecAggSession\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\r\n\x05group\x18\x04 \x01(\r\"\x80\x01\n\nSecAggKeys\x12\r\n\x05index\x18\x01 \x01(\r\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x1c\n\x14self_mask_commitment\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xa8\x01\n\x0fSecAggAdvertise\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\'\n\x04keys\x18\x02 \x01(\x0b\x32\x19.p2pnode.proto.SecAggKeys\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x04\x12\x0e\n\x06\x65xtras\x18\x05 \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x06 \x01(\x0c\"?\n\x14SecAggAdvertiseReply\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.p2pnode.proto.SecAggKeys\"I\n\x10SecAggCiphertext\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x11\n\trecipient\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"r\n\x0bSecAggShare\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\x34\n\x0b\x63iphertexts\x18\x02 \x03(\x0b\x32\x1f.p2pnode.proto.SecAggCiphertext\"H\n\x10SecAggShareReply\x12\x34\n\x0b\x63iphertexts\x18\x01 \x03(\x0b\x32\x1f.p2pnode.proto.SecAggCiphertext\"=\n\x0cSecAggMasked\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\"&\n\x11SecAggMaskedReply\x12\x11\n\tsurvivors\x18\x01 \x03(\r\".\n\x0eSecAggRevealed\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"\xae\x01\n\x0cSecAggUnmask\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.p2pnode.proto.SecAggSession\x12\x37\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x1d.p2pnode.proto.SecAggRevealed\x12\x36\n\x0fmask_key_shares\x18\x03 \x03(\x0b\x32\x1d.p2pnode.proto.SecAggRevealed\"%\n\x11SecAggUnmaskReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,27 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pnode.proto.secagg_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SECAGGSESSION']._serialized_start=45
-  _globals['_SECAGGSESSION']._serialized_end=107
-  _globals['_SECAGGKEYS']._serialized_start=110
-  _globals['_SECAGGKEYS']._serialized_end=238
-  _globals['_SECAGGADVERTISE']._serialized_start=241
-  _globals['_SECAGGADVERTISE']._serialized_end=409
-  _globals['_SECAGGADVERTISEREPLY']._serialized_start=411
-  _globals['_SECAGGADVERTISEREPLY']._serialized_end=474
-  _globals['_SECAGGCIPHERTEXT']._serialized_start=476
-  _globals['_SECAGGCIPHERTEXT']._serialized_end=549
-  _globals['_SECAGGSHARE']._serialized_start=551
-  _globals['_SECAGGSHARE']._serialized_end=665
-  _globals['_SECAGGSHAREREPLY']._serialized_start=667
-  _globals['_SECAGGSHAREREPLY']._serialized_end=739
-  _globals['_SECAGGMASKED']._serialized_start=741
-  _globals['_SECAGGMASKED']._serialized_end=802
-  _globals['_SECAGGMASKEDREPLY']._serialized_start=804
-  _globals['_SECAGGMASKEDREPLY']._serialized_end=842
-  _globals['_SECAGGREVEALED']._serialized_start=844
-  _globals['_SECAGGREVEALED']._serialized_end=890
-  _globals['_SECAGGUNMASK']._serialized_start=893
-  _globals['_SECAGGUNMASK']._serialized_end=1067
-  _globals['_SECAGGUNMASKREPLY']._serialized_start=1069
-  _globals['_SECAGGUNMASKREPLY']._serialized_end=1106
+  _globals['_SECAGGSESSION']._serialized_end=122
+  _globals['_SECAGGKEYS']._serialized_start=125
+  _globals['_SECAGGKEYS']._serialized_end=253
+  _globals['_SECAGGADVERTISE']._serialized_start=256
+  _globals['_SECAGGADVERTISE']._serialized_end=424
+  _globals['_SECAGGADVERTISEREPLY']._serialized_start=426
+  _globals['_SECAGGADVERTISEREPLY']._serialized_end=489
+  _globals['_SECAGGCIPHERTEXT']._serialized_start=491
+  _globals['_SECAGGCIPHERTEXT']._serialized_end=564
+  _globals['_SECAGGSHARE']._serialized_start=566
+  _globals['_SECAGGSHARE']._serialized_end=680
+  _globals['_SECAGGSHAREREPLY']._serialized_start=682
+  _globals['_SECAGGSHAREREPLY']._serialized_end=754
+  _globals['_SECAGGMASKED']._serialized_start=756
+  _globals['_SECAGGMASKED']._serialized_end=817
+  _globals['_SECAGGMASKEDREPLY']._serialized_start=819
+  _globals['_SECAGGMASKEDREPLY']._serialized_end=857
+  _globals['_SECAGGREVEALED']._serialized_start=859
+  _globals['_SECAGGREVEALED']._serialized_end=905
+  _globals['_SECAGGUNMASK']._serialized_start=908
+  _globals['_SECAGGUNMASK']._serialized_end=1082
+  _globals['_SECAGGUNMASKREPLY']._serialized_start=1084
+  _globals['_SECAGGUNMASKREPLY']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SecAggSession(_message.Message):
-    __slots__ = ("run_id", "round", "digest")
+    __slots__ = ("run_id", "round", "digest", "group")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    group: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[bytes] = ..., group: _Optional[int] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("index", "cipher_public_key", "mask_public_key", "self_mask_commitment", "signature")

@@ -56,6 +56,8 @@ class SessionClaim:
     extras: int
     #: Opaque bytes the user attached for the caller's check (MoDeST: the sample's ordering key).
     context: bytes = b""
+    #: The group of the round's sample that the instance aggregates (`Session.group`; default 0).
+    group: int = 0
 
 
 #: Largest `SessionClaim.context`, in bytes.
@@ -71,10 +73,10 @@ class SecAggHost:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._open: dict[tuple[str, int], SecAggAggregator] = {}
-        #: Finished instances: (run, round) -> (digest, whether it produced a sum).
-        self._finished: collections.OrderedDict[tuple[str, int], tuple[bytes, bool]] = collections.OrderedDict()
-        #: Called with a `SessionClaim` when an advertisement arrives for a (run, round) with no instance
+        self._open: dict[tuple[str, int, int], SecAggAggregator] = {}
+        #: Finished instances: (run, round, group) -> (digest, whether it produced a sum).
+        self._finished: collections.OrderedDict[tuple[str, int, int], tuple[bytes, bool]] = collections.OrderedDict()
+        #: Called with a `SessionClaim` when an advertisement arrives for a (run, round, group) with no instance
         #: (not for finished ones); it must not block (start a task to open the instance).
         self.on_unopened: Callable[[SessionClaim], None] | None = None
         for stage in STAGES:
@@ -90,9 +92,10 @@ class SecAggHost:
         if session.aggregator != self.transport.peer_id:
             raise SecAggError(f"session names {session.aggregator!r} as aggregator, not this node "
                               f"({self.transport.peer_id!r})")
-        key = (session.run_id, session.round)
+        key = (session.run_id, session.round, session.group)
         if key in self._open:
-            raise SecAggError(f"a secagg instance for run {session.run_id!r} round {session.round} is already open")
+            raise SecAggError(f"a secagg instance for run {session.run_id!r} round {session.round} group "
+                              f"{session.group} is already open")
         agg = SecAggAggregator(plan(session, settings), identity_keys=identity_keys, on_masked_input=on_masked_input)
         self._open[key] = agg
         self._finished.pop(key, None)
@@ -105,7 +108,7 @@ class SecAggHost:
         secret had enough shares); a late unmask message of that instance is answered with
         ``accepted=0`` rather than refused, since its sender did nothing wrong.
         """
-        key = (session.run_id, session.round)
+        key = (session.run_id, session.round, session.group)
         agg = self._open.pop(key, None)
         if agg is not None:
             self._finished[key] = (agg.plan.digest, agg.state.status is Status.DONE)
@@ -130,7 +133,7 @@ class SecAggHost:
         """Handle a user's message of `stage` from `sender` (also the in-process path when a node is both
         a user and the aggregator of one instance)."""
         session = msg.body.session
-        key = (session.run_id, session.round)
+        key = (session.run_id, session.round, session.group)
         agg = self._open.get(key)
         if agg is None:
             if key in self._finished:
@@ -146,7 +149,8 @@ class SecAggHost:
                     raise BadMessage(f"secagg advertise context: {len(body.context)} bytes, at most "
                                      f"{MAX_CONTEXT_BYTES} allowed", code="oversized")
                 self.on_unopened(SessionClaim(session.run_id, session.round, sender, tuple(body.members),
-                                              int(body.dim), int(body.extras), bytes(body.context)))
+                                              int(body.dim), int(body.extras), bytes(body.context),
+                                              int(session.group)))
                 agg = self._open.get(key)
                 if agg is not None:  # the claim opened it: serve this advertisement now, not on the retry
                     return await agg.handle(stage, sender, msg)

@@ -134,6 +134,8 @@ class Session:
         (its Shamir x-coordinate) is its 1-based position in the sorted list.
     :param dim: number of model coordinates each user contributes.
     :param extras: number of extra coordinates (for example per-layer variances for VCA; default 0).
+    :param group: which group of the round's sample this instance aggregates, when the sample is split
+        into several instances (``--secagg-groups``); default 0 (the whole sample, or its first group).
     """
 
     run_id: str
@@ -142,6 +144,7 @@ class Session:
     users: tuple[str, ...]
     dim: int
     extras: int = 0
+    group: int = 0
 
     def __post_init__(self) -> None:
         users = tuple(sorted(self.users))
@@ -154,9 +157,9 @@ class Session:
             raise ConfigError(f"secagg needs at least 2 users (a sum of one input is that input), got {len(users)}")
         if len(users) > MAX_USERS:
             raise ConfigError(f"secagg accepts at most {MAX_USERS} users per instance, got {len(users)}")
-        if self.round < 0 or self.dim < 1 or self.extras < 0:
-            raise ConfigError(f"secagg: round >= 0, dim >= 1 and extras >= 0 needed, got {self.round}, "
-                              f"{self.dim}, {self.extras}")
+        if self.round < 0 or self.dim < 1 or self.extras < 0 or self.group < 0:
+            raise ConfigError(f"secagg: round >= 0, dim >= 1, extras >= 0 and group >= 0 needed, got "
+                              f"{self.round}, {self.dim}, {self.extras}, {self.group}")
 
     def index(self, peer_id: str) -> int:
         """1-based index of `peer_id` in the sample; `ConfigError` if it is not a member."""
@@ -230,12 +233,17 @@ def plan(session: Session, settings: SecAggSettings) -> Plan:
     bits = choose_word_bits(settings.levels, n, settings.modulus_bits)
     encoding = FixedPoint(dim=session.dim, extras=session.extras, clip=settings.clip, levels=settings.levels,
                           extra_range=settings.extra_range, max_weight=settings.max_weight, word_bits=bits)
-    digest = _digest([
+    fields = [
         session.run_id.encode(), str(session.round).encode(), session.aggregator.encode(),
         "\x00".join(session.users).encode(), str(session.dim).encode(), str(session.extras).encode(),
         str(k).encode(), str(t).encode(), str(bits).encode(), str(settings.levels).encode(),
         struct.pack("<4d", settings.clip, *settings.extra_range, settings.max_weight), settings.prg.encode(),
-    ])
+    ]
+    if session.group:
+        # Only a group other than 0 enters the digest, so that the digest (hence the graph and the masks)
+        # of an unsplit sample stays what it always was.
+        fields.append(b"group " + str(session.group).encode())
+    digest = _digest(fields)
     return Plan(session, settings, k, t, bits, encoding, graph.neighbours(n, k, digest), digest)
 
 

@@ -32,13 +32,13 @@ MASKED_TENSOR = "masked"
 def session_proto(plan: Plan) -> secagg_pb2.SecAggSession:
     """The session field every user message carries."""
     s = plan.session
-    return secagg_pb2.SecAggSession(run_id=s.run_id, round=s.round, digest=plan.digest)
+    return secagg_pb2.SecAggSession(run_id=s.run_id, round=s.round, digest=plan.digest, group=s.group)
 
 
 def check_session(plan: Plan, got: secagg_pb2.SecAggSession, sender: str) -> None:
     """Refuse a message of another instance (``wrong_run``)."""
     s = plan.session
-    if got.run_id != s.run_id or got.round != s.round or got.digest != plan.digest:
+    if got.run_id != s.run_id or got.round != s.round or got.group != s.group or got.digest != plan.digest:
         raise BadMessage(f"secagg message from {sender} belongs to another instance (run {got.run_id!r}, round "
                          f"{got.round}); this one is run {s.run_id!r}, round {s.round} with another sample, "
                          f"aggregator or parameters" if got.run_id == s.run_id and got.round == s.round else
