@@ -134,6 +134,11 @@ class NodeConfig:
     #: Coordinates of the (model - base) update are clipped to [-clip, clip] before the fixed-point
     #: encoding with 2^22 levels (default 8.0: step 3.8e-6).
     secagg_clip: float = 8.0
+    #: ``G``: split each sample into G secure groups, member i (in the sample's order) in group i mod G
+    #: (default 1: one instance per sample). The aggregator learns the G group means instead of one sum
+    #: and combines them with ``rule``, which may then be robust (median, krum, ...) if it tolerates
+    #: ``f`` (default 1) Byzantine groups among G. Needs secagg and sample_size >= 2G.
+    secagg_groups: int = 1
     # -- Byzantine peers (local: never hashed, so an attacker is indistinguishable by its config) -----------
     #: Attack this node runs (``p2pnode.attacks.available_attacks()``), or None (default) for an honest node.
     #: For testing a swarm's defences only: the node forges what it sends.
@@ -256,17 +261,25 @@ class NodeConfig:
 
     def _validate_secagg(self) -> None:
         if not self.secagg:
+            if self.secagg_groups != 1:
+                raise ConfigError(f"secagg_groups={self.secagg_groups} splits the secure aggregation of a sample "
+                                  f"into groups, but secagg is off; turn it on (--secagg) or leave 1")
             return
         if self.topology not in ("modest", "fl"):
             raise ConfigError(f"secagg needs topology modest or fl, where an aggregator combines the updates of a "
                               f"sample; {self.topology!r} has no such aggregator (peers exchange whole models), so "
                               f"turn secagg off or use --topology modest")
-        from p2pnode.secagg.settings import SUM_RULES  # local: config is a leaf module
+        from p2pnode.secagg.groups import check_groups  # local: config is a leaf module
+        from p2pnode.secagg.settings import SUM_RULES
 
-        if self.rule not in SUM_RULES:
+        if self.secagg_groups < 1:
+            raise ConfigError(f"secagg_groups={self.secagg_groups}: must be >= 1")
+        if self.secagg_groups == 1 and self.rule not in SUM_RULES:
             raise ConfigError(f"rule={self.rule!r} cannot run with secagg: it needs each update in the clear, but "
                               f"with secagg the aggregator of a sample sees only the sum of the updates; allowed "
-                              f"rules with secagg: {', '.join(SUM_RULES)} (or turn secagg off)")
+                              f"rules with secagg: {', '.join(SUM_RULES)} (or split each sample into secure "
+                              f"groups with --secagg-groups G and apply {self.rule!r} across the group means, "
+                              f"or turn secagg off)")
         if self.secagg_neighbours is not None and self.secagg_neighbours < 1:
             raise ConfigError(f"secagg_neighbours={self.secagg_neighbours}: must be >= 1 (or unset for the default)")
         if self.sample_size < 2:
@@ -280,6 +293,8 @@ class NodeConfig:
                                   f"fewer updates than that anyway")
         if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
             raise ConfigError(f"secagg_clip={self.secagg_clip}: must be a finite number > 0")
+        if self.secagg_groups > 1:
+            check_groups(self.rule, self.rule_params, self.secagg_groups, self.sample_size, self.secagg_threshold)
 
     @property
     def config_hash(self) -> str:
@@ -291,6 +306,8 @@ class NodeConfig:
         if self.secagg:  # hashed only when on, so that the hash of runs without it stays as it was
             for k in SECAGG_RUN_KEYS:
                 run[k] = getattr(self, k)
+            if self.secagg_groups != 1:  # likewise: one group hashes as before the option existed
+                run["secagg_groups"] = self.secagg_groups
         blob = json.dumps(run, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -112,6 +112,8 @@ class SimConfig:
     secagg_neighbours: int | None = None
     secagg_threshold: int | None = None
     secagg_clip: float = 8.0
+    #: secagg: split each sample into this many secure groups (`NodeConfig.secagg_groups`; default 1).
+    secagg_groups: int = 1
     #: secagg fault injection: peer id (``node-NNNN``) -> stage label (``advertise``, ``share``, ``masked``,
     #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
     #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
@@ -164,7 +166,7 @@ class SimConfig:
                           dpsgd_graph=self.dpsgd_graph,
                           dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr, secagg=self.secagg,
                           secagg_neighbours=self.secagg_neighbours, secagg_threshold=self.secagg_threshold,
-                          secagg_clip=self.secagg_clip,
+                          secagg_clip=self.secagg_clip, secagg_groups=self.secagg_groups,
                           attack=self.attack if index in self.byzantine_indices() else None,
                           attack_params=dict(self.attack_params) if index in self.byzantine_indices() else {},
                           robust_window=self.robust_window, suspicion_decay=self.suspicion_decay,
@@ -479,11 +481,14 @@ def _suspicion_summary(nodes: list[Node], attackers: set[str]) -> dict[str, Any]
 
 
 def _config_dict(cfg: SimConfig) -> dict[str, Any]:
-    """``cfg`` as written into the results; opt-in recording flags appear only when set, so that a run
-    without them gives the same file, byte for byte, as before those flags existed."""
+    """``cfg`` as written into the results; opt-in recording flags and settings left at their default
+    appear only when set, so that a run without them gives the same file, byte for byte, as before they
+    existed."""
     out = dataclasses.asdict(cfg)
     if not cfg.record_variance:
         del out["record_variance"]
+    if cfg.secagg_groups == 1:
+        del out["secagg_groups"]
     return out
 
 

@@ -385,3 +385,112 @@ def test_too_many_members_without_a_known_key_abort_the_round() -> None:
         assert event is not None and event.aborted is not None and event.contributors == []
 
     run_virtual(main())
+
+
+# -- secure within a group, robust across groups (--secagg-groups) ------------------------------------------
+
+def test_groups_split_the_sample_by_position() -> None:
+    from p2pnode.secagg.groups import group_of, groups_needed, split_groups
+
+    sample = ["e", "b", "a", "d", "c", "f", "g"]
+    assert split_groups(sample, 3) == [("e", "d", "g"), ("b", "c"), ("a", "f")]
+    assert [group_of(sample, m, 3) for m in sample] == [0, 1, 2, 0, 1, 2, 0]
+    assert split_groups(sample, 1) == [tuple(sample)]
+    assert groups_needed("mean", {}, 4) == 1
+    assert groups_needed("median", {}, 4) == 3  # f = 1 needs 2f + 1 group means
+    assert groups_needed("krum", {}, 6) == 5  # f = 1 needs 2f + 3
+    assert groups_needed("median", {"f": 2}, 4) == 5  # more than there are: every round would abort
+
+
+def test_two_groups_with_mean_give_the_plain_mean() -> None:
+    # The aggregator pools the group sums: the weighted mean of the two group means is the mean of all
+    # inputs that arrived, as without secure aggregation (within the fixed-point bound).
+    base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 2}
+    plain, plain_events = _run(SimConfig(**base))  # type: ignore[arg-type]
+    secure, events = _run(SimConfig(secagg=True, secagg_groups=2, **base))  # type: ignore[arg-type]
+    # The results name the setting only when it is not the default (files of older runs stay the same).
+    assert "secagg_groups" not in plain["config"] and secure["config"]["secagg_groups"] == 2  # type: ignore[index,operator]
+    ev = events[1]
+    assert ev.secure and ev.aborted is None and ev.dropped == [] and ev.rule == "mean"
+    assert ev.contributors == plain_events[1].contributors and len(ev.contributors) == 6
+    assert _max_diff(ev.state, plain_events[1].state) <= TOLERANCE
+    counters = secure["protocol_events"]
+    assert counters["secagg_rounds"] == 2 and "secagg_groups_left_out" not in counters  # type: ignore[index,operator]
+
+
+def test_median_across_four_groups_resists_a_scaled_update_that_spoils_the_mean() -> None:
+    # Seed 1: the attacker (node-0002) trains in the first sample. Alone in one secure sum it spoils the
+    # mean; across four group means the median leaves its group out.
+    base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 8, "seed": 1, "rounds": 3}
+    attack: dict[str, object] = {"byzantine": 1, "attack": "scaled"}
+    grouped: dict[str, object] = {"secagg": True, "secagg_groups": 4, "rule": "median"}
+    clean_g, clean_g_events = _run(SimConfig(**grouped, **base))  # type: ignore[arg-type]
+    attacked_g, attacked_g_events = _run(SimConfig(**grouped, **attack, **base))  # type: ignore[arg-type]
+    clean_m, clean_m_events = _run(SimConfig(secagg=True, **base))  # type: ignore[arg-type]
+    attacked_m, attacked_m_events = _run(SimConfig(secagg=True, **attack, **base))  # type: ignore[arg-type]
+    attacker = SimConfig(**attack, **base).byzantine_indices_ids()[0]  # type: ignore[arg-type]
+    assert attacker in attacked_g_events[1].contributors and attacker in attacked_m_events[1].contributors
+    assert attacked_g_events[1].rule == "median" and attacked_g_events[1].aborted is None
+    assert _max_diff(attacked_g_events[1].state, clean_g_events[1].state) < 0.2
+    assert _max_diff(attacked_m_events[1].state, clean_m_events[1].state) > 0.5
+    acc = {name: float(r["final_accuracy"])  # type: ignore[arg-type]
+           for name, r in (("clean_g", clean_g), ("attacked_g", attacked_g), ("clean_m", clean_m),
+                           ("attacked_m", attacked_m))}
+    assert abs(acc["attacked_g"] - acc["clean_g"]) < 0.05
+    assert acc["clean_m"] - acc["attacked_m"] > 0.2
+
+
+def test_a_group_below_its_threshold_is_left_out_and_counted() -> None:
+    # t = 3 in groups of 3: one silent member sinks its group; the other group's mean is applied.
+    base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
+                               "secagg": True, "secagg_groups": 2, "secagg_threshold": 3}
+    _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
+    silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
+    run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
+    ev = events[1]
+    assert ev.secure and ev.aborted is None
+    assert silent not in ev.contributors and len(ev.contributors) == 3
+    assert silent in ev.dropped or silent not in ev.sample
+    counters = run["protocol_events"]
+    assert counters["secagg_groups_left_out"] == 1 and counters["secagg_rounds"] == 1  # type: ignore[index]
+    assert "secagg_aborted" not in counters  # type: ignore[operator]
+
+
+def test_with_fewer_groups_than_the_rule_needs_the_round_aborts() -> None:
+    # median across 3 groups needs all 3 (f = 1 among 2f + 1): losing one aborts the round, counted.
+    base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
+                               "secagg": True, "secagg_groups": 3, "rule": "median"}
+    _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
+    silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
+    run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
+    ev = events[1]
+    assert ev.aborted is not None and "2 of 3 secure groups" in ev.aborted and "needs 3" in ev.aborted
+    assert ev.contributors == []
+    counters = run["protocol_events"]
+    assert counters["secagg_groups_left_out"] == 1 and counters["secagg_aborted"] == 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"rule": "median", "secagg_groups": 2}, r"at most 0 Byzantine group\(s\).*needs secagg_groups >= 3"),
+    ({"rule": "krum", "secagg_groups": 4}, r"needs secagg_groups >= 5"),
+    ({"rule": "median", "secagg_groups": 3, "rule_params": {"f": 2}}, r"f=2 is needed.*>= 5"),
+    ({"secagg_groups": 4, "sample_size": 6}, r"smallest group would have 1 member"),
+    ({"secagg_groups": 2, "sample_size": 6, "secagg_threshold": 4}, r"secagg_threshold=4 cannot be reached"),
+    ({"secagg_groups": 0}, r"secagg_groups=0: must be >= 1"),
+    ({"secagg": False, "secagg_groups": 2}, r"secagg is off"),
+    ({"rule": "median"}, "allowed rules with secagg: mean, vca"),  # one group: still only sums
+])
+def test_config_refuses_groups_where_the_rule_cannot_hold(overrides: dict[str, object], needle: str) -> None:
+    kw: dict[str, object] = {"topology": "modest", "secagg": True, "sample_size": 12}
+    kw.update(overrides)
+    with pytest.raises(ConfigError, match=needle):
+        NodeConfig(**kw).validate()  # type: ignore[arg-type]
+
+
+def test_config_accepts_robust_rules_across_enough_groups_and_hashes_groups_only_when_split() -> None:
+    NodeConfig(topology="modest", secagg=True, rule="median", secagg_groups=3, sample_size=6).validate()
+    NodeConfig(topology="fl", secagg=True, rule="krum", secagg_groups=5, sample_size=10).validate()
+    NodeConfig(topology="modest", secagg=True, rule="mean", secagg_groups=2).validate()
+    one = NodeConfig(topology="modest", secagg=True)
+    assert NodeConfig(topology="modest", secagg=True, secagg_groups=1).config_hash == one.config_hash
+    assert NodeConfig(topology="modest", secagg=True, secagg_groups=2).config_hash != one.config_hash

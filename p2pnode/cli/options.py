@@ -83,6 +83,9 @@ def training_options(f: F) -> F:
                           "with fewer trainers left is aborted."),
         click.option("--secagg-clip", default=8.0, show_default=True, type=float,
                      help="secagg: updates are clipped to [-C, C] before the fixed-point encoding."),
+        click.option("--secagg-groups", default=1, show_default=True, type=int,
+                     help="secagg: split each sample into G secure groups (member i in group i mod G); the "
+                          "aggregator combines the G group means with --rule, which may then be robust."),
         click.option("--dpsgd-graph", default="exponential", show_default=True,
                      type=click.Choice(list(DPSGD_GRAPHS)),
                      help="dpsgd: one-peer exponential graph, or a random regular graph."),
@@ -174,7 +177,8 @@ def topology_settings(kw: dict[str, Any]) -> dict[str, Any]:
     """The `NodeConfig` fields of the modest, fl and dpsgd options (absent options keep their defaults)."""
     out: dict[str, Any] = {}
     for key in ("sample_size", "aggregators", "success_fraction", "sample_key", "fl_server", "outer_lr",
-                "dpsgd_graph", "dpsgd_degree", "secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"):
+                "dpsgd_graph", "dpsgd_degree", "secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip",
+                "secagg_groups"):
         if key in kw:
             out[key] = kw[key]
     if kw.get("aggregation_timeout") is not None:

@@ -82,7 +82,9 @@ from p2pnode.secagg import (
 )
 from p2pnode.secagg import keys as secagg_keys
 from p2pnode.secagg.aggregator import SecAggAggregator
+from p2pnode.secagg.groups import check_groups, group_of, groups_needed, split_groups
 from p2pnode.secagg.randomness import Randomness, SystemRandomness
+from p2pnode.secagg.settings import SUM_RULES
 from p2pnode.secagg.state import UserReport
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
@@ -175,6 +177,10 @@ class ModestSettings:
         With it, trainers send their update ``model - base`` masked, the aggregator learns only the mean
         of the survivors (rules ``mean`` and ``vca`` only), and an aggregation below the threshold is
         aborted: the model goes on unchanged and ``secagg_aborted`` counts it (see docs/secagg.md).
+    :param secagg_groups: with `secagg`, split each sample into this many secure instances (member ``i``
+        of the sample in group ``i mod G``, `p2pnode.secagg.groups`) and combine the group means with
+        `rule` (default 1: one instance per sample). A group below its threshold is left out (counter
+        ``secagg_groups_left_out``); with fewer groups left than the rule needs the round aborts.
     :param suspicion_decay: weight of the old suspicion score in each update, in [0, 1) (default 0.8).
     :param exclude_suspects: as an aggregator, leave out the models of peers whose suspicion exceeds
         `suspect_threshold` (they stay in the samples, which must be the same on every node).
@@ -210,6 +216,7 @@ class ModestSettings:
     step_cost_s: float = 0.0
     leave_on_close: bool = True
     secagg: SecAggSettings | None = None
+    secagg_groups: int = 1
     suspicion_decay: float = DEFAULT_DECAY
     exclude_suspects: bool = False
     suspect_threshold: float = DEFAULT_THRESHOLD
@@ -329,6 +336,19 @@ class _Aggregation:
         # each trainer's metadata (its update travels masked in the instance).
         self.instance: SecAggAggregator | None = None
         self.arrived = asyncio.Event()
+        # With secure groups: the instance of each group opened so far, the outcome of each finished one
+        # (its result, or why it was left out), a signal for either, and whether new groups are refused.
+        self.group_instances: dict[int, SecAggAggregator] = {}
+        self.group_results: dict[int, SecAggResult | str] = {}
+        self.group_changed = asyncio.Event()
+        self.groups_closed = False
+
+    def secure_users(self) -> set[str]:
+        """Members of every secure instance opened for this index (the whole sample with one group)."""
+        users = set(self.instance.plan.session.users) if self.instance is not None else set()
+        for inst in self.group_instances.values():
+            users.update(inst.plan.session.users)
+        return users
 
     def resolve(self, result: _Result) -> None:
         self.state = "done"
@@ -429,7 +449,11 @@ class ModestProtocol:
         self._digests: dict[int, set[bytes]] = {}
         self._refused: set[tuple[int, str]] = set()
         if self._secagg is not None:
-            check_rule_compatible(settings.rule)
+            if settings.secagg_groups > 1:
+                check_groups(settings.rule, settings.rule_params, settings.secagg_groups, settings.sample_size,
+                             self._secagg.threshold)
+            else:
+                check_rule_compatible(settings.rule)
             self._needs_base = True  # the mean of the updates is applied to the base model
             self._host = SecAggHost(transport)
             self._host.on_unopened = self._on_claim
@@ -955,18 +979,30 @@ class ModestProtocol:
                            self._me_short, k)
             return self._report("no_sample")
         index = k + 1
+        # With groups, this node's instance holds only its group of the sample (every member derives the
+        # same groups from the sample's order); with one group it is the whole sample, as always.
+        group, members = 0, sample
+        if s.secagg_groups > 1:
+            group = group_of(sample, self.me, s.secagg_groups)
+            members = split_groups(sample, s.secagg_groups)[group]
+            if len(members) < 2:
+                # A sample smaller than 2 G (peers missing): a group of one would reveal its input.
+                self.counters["secagg_small_group"] += 1
+                logger.warning("%s: group %d of version %d's sample has only this node; not training it",
+                               self._me_short, group, k)
+                return self._report("no_sample")
         self.view.flush_pending()  # a model send follows: pending joins enter the view that travels with it
         key = self._key(index, inc.parent)
         aggregators = [self.server] if self.server is not None else await self._available(index, s.aggregators, key)
-        if self._identity is not None and self._keys_stale(sample):
+        if self._identity is not None and self._keys_stale(members):
             await self._read_keys()  # a member that joined since the last read: its record has its key
-        identity_keys = self._keys_for(sample, index=index, role="trainer")
+        identity_keys = self._keys_for(members, index=index, role="trainer")
         loop = asyncio.get_running_loop()
         training: asyncio.Future[Contribution] = loop.create_future()
         silent, self.secagg_silent_from = self.secagg_silent_from, None
         runs = []
         for a in aggregators:
-            session = Session(s.run_id, index, a, sample, dim=self._dim, extras=self._vca_extras)
+            session = Session(s.run_id, index, a, members, dim=self._dim, extras=self._vca_extras, group=group)
             try:
                 user = SecAggUser(session, self._secagg, self.transport, local=self._host.dispatch,
                                   randomness=self._secagg_rnd, context=inc.sample_key, stop_before=silent,
@@ -1195,7 +1231,7 @@ class ModestProtocol:
             self.counters["late"] += 1
             return ack(False, "late")  # the index is complete: late models are ignored
         if secure:
-            if agg is None or agg.instance is None or sender not in agg.instance.plan.session.users:
+            if agg is None or sender not in agg.secure_users():
                 return ack(False, "refused")  # no secure instance here that this trainer belongs to
             agg.models.setdefault(sender, _Upload({}, base_digest, parent_digest, train_loss))
             agg.arrived.set()
@@ -1218,13 +1254,18 @@ class ModestProtocol:
         return ack(False, result.reason if not result.success else "late", result)
 
     # -- secure aggregation: the aggregator side ----------------------------------------------------
-    def _secagg_settings(self, n: int, threshold: int) -> SecAggSettings:
+    def _secagg_settings(self, n: int, threshold: int, *, grouped: bool = False) -> SecAggSettings:
         """The run's secagg settings with the masked-stage quorum of this aggregator.
 
         The masked stage closes once ``max(t, floor(sf * s))`` inputs are in (capped by the sample): MoDeST's
-        wait for ``sf * s`` models, but never below the secagg threshold, which could only abort.
+        wait for ``sf * s`` models, but never below the secagg threshold, which could only abort. With
+        `grouped` (one of several groups of n members) the same fraction applies to the group:
+        ``max(t, floor(sf * n))``.
         """
         assert self._secagg is not None
+        if grouped:
+            share = math.floor(self.settings.success_fraction * n + 1e-9)
+            return dataclasses.replace(self._secagg, masked_quorum=min(n, max(threshold, share)))
         return dataclasses.replace(self._secagg, masked_quorum=min(n, max(threshold, self._threshold())))
 
     def _check_claim(self, claim: SessionClaim) -> str | None:
@@ -1249,8 +1290,16 @@ class ModestProtocol:
             return "this node is not the run's aggregator"
         if claim.sender not in users:
             return "the sender is not in the sample it claims"
-        if len(users) > s.sample_size or (self.server is not None and self.server in users):
-            return f"the sample lists {len(users)} peers, more than s = {s.sample_size} trainers"
+        groups = s.secagg_groups
+        if claim.group >= groups:
+            return f"group {claim.group} does not exist: this run splits a sample into {groups} group(s)"
+        if groups > 1 and existing is not None and existing.groups_closed:
+            return f"the groups of version {index} are already combined here"
+        # A group holds at most ceil(s / G) members of the sample (all s with one group).
+        largest = -(-s.sample_size // groups)
+        if len(users) > largest or (self.server is not None and self.server in users):
+            return (f"the sample lists {len(users)} peers, more than s = {s.sample_size} trainers" if groups == 1
+                    else f"group {claim.group} lists {len(users)} peers, more than ceil(s / G) = {largest}")
         if claim.dim != self._dim or claim.extras != self._vca_extras:
             return f"layout dim={claim.dim} extras={claim.extras}; this model needs {self._dim} and {self._vca_extras}"
         key = claim.context
@@ -1299,18 +1348,29 @@ class ModestProtocol:
         if agg is None:
             agg = _Aggregation(index)
             self._aggregations[index] = agg
-        if agg.instance is not None:
+        grouped = self.settings.secagg_groups > 1
+        if agg.instance is not None or claim.group in agg.group_instances or claim.group in agg.group_results:
             return
-        session = Session(self.settings.run_id, index, self.me, claim.users, dim=self._dim, extras=self._vca_extras)
+        session = Session(self.settings.run_id, index, self.me, claim.users, dim=self._dim, extras=self._vca_extras,
+                          group=claim.group)
         try:
             p = plan(session, self._secagg)
-            agg.instance = self._host.open(session, self._secagg_settings(p.n, p.threshold),
-                                           identity_keys=self._keys_for(claim.users, index=index, role="aggregator"))
+            instance = self._host.open(session, self._secagg_settings(p.n, p.threshold, grouped=grouped),
+                                       identity_keys=self._keys_for(claim.users, index=index, role="aggregator"))
         except (ConfigError, SecAggError) as e:  # e.g. a sample too small for the configured threshold
             self.counters["secagg_refused"] += 1
             self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {index}: {e}")
             return
-        self._spawn(self._secure_round(agg, agg.instance))
+        if not grouped:
+            agg.instance = instance
+            self._spawn(self._secure_round(agg, instance))
+            return
+        first = not agg.group_instances
+        agg.group_instances[claim.group] = instance
+        agg.group_changed.set()
+        self._spawn(self._secure_group(agg, claim.group, instance))
+        if first:
+            self._spawn(self._secure_groups(agg))
 
     async def _await_metadata(self, agg: _Aggregation, needed: Iterable[str], *, timeout: float,
                               any_one: bool = False) -> None:
@@ -1348,6 +1408,63 @@ class ModestProtocol:
         logger.info("%s: secure aggregation of version %d: %d of %d trainers in the sum (t=%d)", self._me_short,
                     agg.index, len(result.survivors), result.users, result.threshold)
         await self._complete(agg, secure=result)
+
+    async def _secure_group(self, agg: _Aggregation, group: int, instance: SecAggAggregator) -> None:
+        """Run the instance of one group of `agg` and record its outcome (`_secure_groups` combines them)."""
+        assert self._host is not None
+        try:
+            try:
+                outcome: SecAggResult | str = await instance.run()
+            finally:
+                self._host.close(instance.plan.session)
+        except SecAggError as e:  # below its threshold: this group is left out, the others still count
+            outcome = str(e)
+            logger.warning("%s: secure group %d of version %d left out (%s)", self._me_short, group, agg.index, e)
+        agg.group_results[group] = outcome
+        agg.group_changed.set()
+
+    async def _secure_groups(self, agg: _Aggregation) -> None:
+        """Wait for the groups of `agg`, then combine the group means with the run's rule (or abort).
+
+        A group whose trainers never open an instance here is given the trainers' open timeout (they
+        retry that long), counted from the first group's opening; after that, once every opened group
+        has finished, the missing ones are left out. Every group left out counts in
+        ``secagg_groups_left_out``. With fewer groups than `groups_needed` left, the round aborts like a
+        secure aggregation below its threshold.
+        """
+        s = self.settings
+        assert self._secagg is not None
+        loop = asyncio.get_running_loop()
+        open_until = loop.time() + self._secagg.open_timeout_s
+        while len(agg.group_results) < s.secagg_groups:
+            running = len(agg.group_instances) > len(agg.group_results)
+            remaining = open_until - loop.time()
+            if not running and remaining <= 0:
+                break
+            agg.group_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                # Instances end by their own stage timeouts; without one running, wait for the open timeout.
+                await asyncio.wait_for(agg.group_changed.wait(), None if running else remaining)
+        agg.groups_closed = True
+        results = {g: r for g, r in sorted(agg.group_results.items()) if isinstance(r, SecAggResult)}
+        if len(results) < s.secagg_groups:
+            self.counters["secagg_groups_left_out"] += s.secagg_groups - len(results)
+        needed = groups_needed(s.rule, s.rule_params, s.secagg_groups)
+        if len(results) < needed:
+            reason = (f"{len(results)} of {s.secagg_groups} secure groups completed; rule {s.rule} needs "
+                      f"{needed}")
+            self.counters["secagg_aborted"] += 1
+            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
+                           self._me_short, agg.index, reason)
+            await self._await_metadata(agg, agg.secure_users(), timeout=s.aggregation_timeout_s, any_one=True)
+            await self._complete(agg, aborted=reason)
+            return
+        self.counters["secagg_rounds"] += 1
+        survivors = sorted({u for r in results.values() for u in r.survivors})
+        await self._await_metadata(agg, survivors, timeout=s.exchange_timeout_s)
+        logger.info("%s: secure aggregation of version %d: %d of %d groups, %d trainers in the group sums",
+                    self._me_short, agg.index, len(results), s.secagg_groups, len(survivors))
+        await self._complete(agg, groups=results)
 
     async def _deadline(self, agg: _Aggregation) -> None:
         s = self.settings
@@ -1468,22 +1585,51 @@ class ModestProtocol:
         combined, outer_state = self._outer_step(combined, base)
         return combined, outer_state, self.settings.rule
 
+    def _combine_groups(self, results: Sequence[SecAggResult], base: _Base) -> tuple[State, State, str]:
+        """The next version from the secure groups that completed: base + the rule across group means.
+
+        ``mean`` and ``vca`` pool the group sums (weights and extras included), which is exactly one
+        secure sum over the union of the groups. A robust rule combines the group mean updates, each
+        one input of equal weight (a group's size is no reason to trust it more).
+        """
+        s = self.settings
+        if s.rule in SUM_RULES:
+            first = results[0]
+            pooled = dataclasses.replace(
+                first, weighted_sum=sum((r.weighted_sum for r in results[1:]), first.weighted_sum.clone()),
+                extras_sum=sum((r.extras_sum for r in results[1:]), first.extras_sum.clone()),
+                weight_sum=sum(r.weight_sum for r in results),
+                survivors=tuple(sorted({u for r in results for u in r.survivors})),
+                users=sum(r.users for r in results))
+            return self._combine_secure(pooled, base)
+        shapes = [self._spec[n][0] for n in self._float_names]
+        updates = [dict(zip(self._float_names, split_layers(r.mean(), shapes), strict=True)) for r in results]
+        delta = aggregate_states(s.rule, updates, **dict(s.rule_params))
+        combined = {k: v.clone() for k, v in base.state.items()}  # integer buffers keep the base's value
+        for n in self._float_names:
+            combined[n] = (base.state[n].to(torch.float64) + delta[n].to(torch.float64)).to(base.state[n].dtype)
+        combined, outer_state = self._outer_step(combined, base)
+        return combined, outer_state, s.rule
+
     async def _complete(self, agg: _Aggregation, *, degraded: bool = False, secure: SecAggResult | None = None,
-                        aborted: str | None = None) -> None:
+                        aborted: str | None = None, groups: Mapping[int, SecAggResult] | None = None) -> None:
         """Aggregate, send the new model to the next sample, acknowledge the trainers: once per index.
 
         `secure`: the result of the secure aggregation (its survivors are the contributors). `aborted`:
         the secure aggregation was aborted for this reason; the new version is the base unchanged (no
-        update is applied), so that the swarm goes on.
+        update is applied), so that the swarm goes on. `groups`: the results of the secure groups that
+        completed, by group (their survivors are the contributors; the rule combines the group means).
         """
         if agg.state != "open":
             return
         agg.state = "completing"
         s = self.settings
-        received = sorted(agg.models) if secure is None and aborted is None else []
+        received = sorted(agg.models) if secure is None and aborted is None and groups is None else []
         ignored: list[str] = []
         if secure is not None:
             contributors = list(secure.survivors)
+        elif groups is not None:
+            contributors = sorted({u for r in groups.values() for u in r.survivors})
         elif aborted is not None:
             contributors = []
         else:
@@ -1503,6 +1649,10 @@ class ModestProtocol:
                 assert base is not None
                 sec, base_ = secure, base
                 new_state, outer_state, rule = await self.compute.run(lambda: self._combine_secure(sec, base_))
+            elif groups is not None:
+                assert base is not None
+                parts, base_ = list(groups.values()), base
+                new_state, outer_state, rule = await self.compute.run(lambda: self._combine_groups(parts, base_))
             elif aborted is not None:
                 assert base is not None
                 new_state, outer_state, rule = base.state, base.outer, "none"
@@ -1554,8 +1704,8 @@ class ModestProtocol:
                                  train_loss=sum(losses) / len(losses) if losses else None, accuracy=accuracy,
                                  test_loss=test_loss, time_s=self._now(), degraded=degraded, topups=agg.topups,
                                  rule=rule, secure=self._secagg is not None,
-                                 dropped=sorted(set(agg.instance.plan.session.users) - set(contributors))
-                                 if agg.instance is not None else [], aborted=aborted, state=new_state,
+                                 dropped=sorted(agg.secure_users() - set(contributors)), aborted=aborted,
+                                 state=new_state,
                                  ignored=ignored)
         if aborted is None:
             self.counters["aggregations"] += 1
