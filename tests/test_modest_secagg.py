@@ -166,7 +166,8 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
         sender = next(p for p in honest if p != agg.me)
         for claim in (SessionClaim("test", 1, outsider, honest, agg._dim, 0),
                       SessionClaim("test", 1, sender, honest, agg._dim + 1, 0),
-                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"\x01" * 32)):
+                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"\x01" * 32),
+                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"", 1)):  # no group 1 with G = 1
             assert agg._check_claim(claim) is not None
         # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
         agg._on_claim(SessionClaim("test", 1, sender, honest, agg._dim, 0))
@@ -400,6 +401,18 @@ def test_groups_split_the_sample_by_position() -> None:
     assert groups_needed("median", {}, 4) == 3  # f = 1 needs 2f + 1 group means
     assert groups_needed("krum", {}, 6) == 5  # f = 1 needs 2f + 3
     assert groups_needed("median", {"f": 2}, 4) == 5  # more than there are: every round would abort
+
+
+def test_a_group_is_its_own_instance_and_group_zero_keeps_the_digest() -> None:
+    from p2pnode.secagg import plan
+
+    settings = SecAggSettings()
+    users = ("u1", "u2", "u3")
+    whole = plan(Session("run", 4, "agg", users, dim=5), settings)
+    assert plan(Session("run", 4, "agg", users, dim=5, group=0), settings).digest == whole.digest
+    assert plan(Session("run", 4, "agg", users, dim=5, group=1), settings).digest != whole.digest
+    with pytest.raises(ConfigError, match="group >= 0"):
+        Session("run", 4, "agg", users, dim=5, group=-1)
 
 
 def test_two_groups_with_mean_give_the_plain_mean() -> None:
