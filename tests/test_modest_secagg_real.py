@@ -73,6 +73,52 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
     assert not guard.leaked_processes, guard.leaked_processes
 
 
+async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them() -> None:
+    """--secagg-groups 3 --rule median: each round is three secure instances (groups of two trainers), and the
+    aggregator takes the coordinate-wise median of the three group means."""
+    with NetworkGuard() as guard:
+        nodes: list[Node] = []
+        tasks: list[asyncio.Task[None]] = []
+        log = AggregationLog()
+        try:
+            for i in range(6):
+                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+                config = NodeConfig(run_id="modest-secagg-groups", seed=3, shard=(i, 6), device="cpu",
+                                    initial_peers=initial, topology="modest", sample_size=6, secagg=True,
+                                    secagg_groups=3, rule="median", aggregation_timeout_s=10.0, ping_timeout_s=3.0,
+                                    idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0,
+                                    local_steps=30).validate()
+                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
+                await node.start()
+                assert isinstance(node.protocol, ModestProtocol)
+                node.protocol.on_aggregate = log.on_aggregate
+                nodes.append(node)
+            await wait_for_directory_peers(nodes, 5)
+
+            async def loop(node: Node) -> None:
+                while True:
+                    await node.run_round()
+
+            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            await log.until(3, timeout=120.0)
+            by_version = {e.index: e for e in log.events}
+            for v in (1, 2, 3):
+                ev = by_version[v]
+                assert ev.secure and ev.aborted is None and ev.rule == "median"
+                assert len(ev.contributors) == 6 and ev.dropped == []
+            accuracy = by_version[3].accuracy
+            assert accuracy is not None and accuracy > 0.7, [by_version[v].accuracy for v in (1, 2, 3)]
+            counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
+            assert not any(c["secagg_aborted"] or c["secagg_refused"] or c["secagg_groups_left_out"]
+                           for c in counters), counters
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for n in nodes:
+                await n.shutdown()
+    assert not guard.leaked_processes, guard.leaked_processes
+
 async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_one_after_its_masked_input(
 ) -> None:
     """One trainer is killed before it sends its masked input, another right after: the version is the exact
