@@ -103,6 +103,18 @@ def test_show_text_names_each_source(tmp_path: Path) -> None:
     assert "config_hash" in rows
 
 
+def test_config_show_and_check_take_every_option_of_run() -> None:
+    """The Byzantine options of `run` are options of `config show` and `config check` too (flag and env)."""
+    result = invoke(["config", "show", "--attack", "scaled", "--robust-window", "3"],
+                    {"P2PNODE_SUSPECT_THRESHOLD": "2.5"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert rows["attack"].split()[1:] == ["scaled", "flag", "--attack"]
+    assert rows["robust_window"].split()[1:] == ["3", "flag", "--robust-window"]
+    assert rows["suspect_threshold"].split()[1:] == ["2.5", "env", "P2PNODE_SUSPECT_THRESHOLD"]
+    bad = invoke(["config", "check", "--attack", "no-such-attack"])
+    assert bad.exit_code == 2 and "no-such-attack" in bad.output, bad.output
+
 def test_tables_flags_spelling_and_rule_params(tmp_path: Path) -> None:
     cfg = write(tmp_path / "c.toml", """\
         min-round-time = 2.5

@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
-from p2pnode.cli.daemon_options import daemon_options, settings_from_options
+from p2pnode.cli.daemon_options import run_options, settings_from_options
 from p2pnode.cli.layered import CONFIG_PARAM, LayeredCommand, explain_config_error, file_layer, source_of
-from p2pnode.cli.options import config_from_options, node_options, training_options
+from p2pnode.cli.options import config_from_options
 from p2pnode.errors import ConfigError
 
 #: Exit code of an invalid configuration (click's usage-error code, as for `run`).
@@ -70,9 +70,7 @@ def config() -> None:
 
 
 @config.command(cls=LayeredCommand, unlayered=("as_json",))
-@node_options
-@training_options
-@daemon_options
+@run_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.pass_context
 def show(ctx: click.Context, as_json: bool, **kw: Any) -> None:
@@ -104,9 +102,7 @@ def show(ctx: click.Context, as_json: bool, **kw: Any) -> None:
 
 
 @config.command(cls=LayeredCommand)
-@node_options
-@training_options
-@daemon_options
+@run_options
 @click.pass_context
 def check(ctx: click.Context, **kw: Any) -> None:
     """Validate the configuration that `p2pnode run` would use with these options; exit 2 if invalid.

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from p2pnode.cli.options import byzantine_options, node_options, training_options
 from p2pnode.daemon.settings import PROGRESS_MODES, DaemonSettings, parse_gpu_memory
 from p2pnode.errors import ConfigError
 
@@ -54,6 +55,12 @@ def daemon_options(f: F) -> F:
     return f
 
 
+def run_options(f: F) -> F:
+    """Every option of `p2pnode run`: node, training, Byzantine and daemon options. `join`, `config show` and
+    `config check` take exactly the same, so that what `config check` accepts is what `run` accepts."""
+    return node_options(training_options(byzantine_options(daemon_options(f))))
+
+
 def settings_from_options(kw: dict[str, Any]) -> DaemonSettings:
     """Build and validate `DaemonSettings` from the options of `run`/`join`.
 
@@ -88,4 +95,4 @@ def settings_from_options(kw: dict[str, Any]) -> DaemonSettings:
         raise ConfigError(f"daemon settings: {e}") from e
 
 
-__all__ = ["daemon_options", "settings_from_options"]
+__all__ = ["daemon_options", "run_options", "settings_from_options"]

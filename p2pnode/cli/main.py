@@ -13,14 +13,13 @@ import click
 from p2pnode import __version__
 from p2pnode.cli.config_cmds import config
 from p2pnode.cli.control_cmds import register
-from p2pnode.cli.daemon_options import daemon_options, settings_from_options
+from p2pnode.cli.daemon_options import run_options, settings_from_options
 from p2pnode.cli.doctor import doctor
 from p2pnode.cli.layered import LayeredCommand, explain_config_error
 from p2pnode.cli.options import (
     byzantine_options,
     byzantine_settings,
     config_from_options,
-    node_options,
     parse_params,
     training_options,
 )
@@ -56,10 +55,7 @@ def _run(kw: dict[str, Any]) -> None:
 
 
 @cli.command(cls=LayeredCommand)
-@node_options
-@training_options
-@byzantine_options
-@daemon_options
+@run_options
 def run(**kw: Any) -> None:
     """Start a node in the foreground; Ctrl-C or SIGTERM stops it cleanly.
 
@@ -74,10 +70,7 @@ def run(**kw: Any) -> None:
 
 @cli.command(cls=LayeredCommand)
 @click.argument("multiaddr", nargs=-1, required=True)
-@node_options
-@training_options
-@byzantine_options
-@daemon_options
+@run_options
 def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
     """Start a node that joins the swarm of MULTIADDR (same as `run --initial-peer MULTIADDR`)."""
     kw["initial_peers"] = tuple(kw["initial_peers"]) + multiaddr
