@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from p2pnode.daemon.statedir import fsync_dir
 from p2pnode.errors import BadMessage, P2PNodeError
 from p2pnode.proto import statesync_pb2
 from p2pnode.training.trainer import Trainer
@@ -215,15 +216,6 @@ def read(path: Path) -> Checkpoint:
     return decode(memoryview(data)[:n], path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------- the store
 class CheckpointStore:
     """The checkpoints of one state dir.
@@ -296,7 +288,7 @@ class CheckpointStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         ckpt.path = final
         self.prune(ckpt.config_hash)
         return final
@@ -309,7 +301,7 @@ class CheckpointStore:
                 path.unlink()
                 removed.append(path)
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return removed
 
     def remove_temporary(self) -> list[Path]:
@@ -371,7 +363,7 @@ class CheckpointStore:
         target.mkdir(mode=0o700, exist_ok=True)
         for _, _, path in files:
             os.replace(path, target / path.name)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return target
 
 

@@ -34,7 +34,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2pnode.daemon.statedir import StateDirError
+from p2pnode.daemon.statedir import StateDirError, fsync_dir
 from p2pnode.errors import P2PNodeError
 from p2pnode.secagg import keys
 
@@ -118,12 +118,7 @@ def _create_once(directory: Path, name: str, data: bytes) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_dir(directory)
     return created
 
 

@@ -132,11 +132,11 @@ def write_control_file(state_dir: str | os.PathLike[str], address: str, token: s
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return directory / CONTROL_FILE
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Flush a directory entry change (the rename) to disk; not all file systems allow it."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
