@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -182,6 +183,46 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
 
     run_virtual(main())
 
+
+def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_directory_read() -> None:
+    """A stale view (members missing since the last directory read, or joins still pending) is no reason to
+    refuse an honest sample: a pending join counts as known, and a missing member makes the aggregator read
+    the directory before it decides; the claimant retries meanwhile."""
+    async def main() -> None:
+        group = await make_group(8, topology="modest", sample_size=3, aggregation_timeout_s=5.0,
+                                 idle_timeout_s=5.0, secagg=True)
+        protocols = [n.protocol for n in group.nodes]
+        for p in protocols:
+            assert isinstance(p, ModestProtocol)
+            await p._start()
+        agg = protocols[0]
+        assert isinstance(agg, ModestProtocol)
+        honest = tuple(candidate_order(agg.view.active(0), 0)[:3])
+        sender = next(p for p in honest if p != agg.me)
+        member = next(p for p in honest if p not in (agg.me, sender))
+        claim = SessionClaim("test", 1, sender, honest, agg._dim, 0)
+        # A join held pending (not yet in the view) is a known member.
+        entry = agg.view._entries.pop(member)
+        agg.view.receive_join(member, entry)
+        assert agg._check_claim(claim) is None
+        # A member missing altogether: no refusal while the directory has not been read lately ...
+        agg.view._pending.pop(member)
+        agg._keys_read_at = -math.inf
+        assert agg._check_claim(claim) is not None
+        agg._on_claim(claim)
+        assert agg.counters["secagg_refused"] == 0 and 1 not in agg._aggregations
+        await asyncio.sleep(1.0)  # the background read finds the member's record
+        assert agg.view.knows(member)
+        agg._on_claim(claim)
+        assert agg._aggregations[1].instance is not None and agg.counters["secagg_refused"] == 0
+        # ... but a member that the fresh directory does not list either is refused.
+        stranger = (sender, agg.me, "QmNotAPeerOfThisRun")
+        agg._on_claim(SessionClaim("test", 2, sender, stranger, agg._dim, 0))
+        assert agg.counters["secagg_refused"] == 1
+        for node in group.nodes:
+            await node.shutdown()
+
+    run_virtual(main())
 
 @pytest.mark.parametrize(("overrides", "needle"), [
     ({"topology": "modest", "rule": "flag"}, "allowed rules with secagg: mean, vca"),

@@ -84,6 +84,10 @@ class View:
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._entries
 
+    def knows(self, peer_id: str) -> bool:
+        """Whether `peer_id` is in the view or has a join pending (held until the next model send)."""
+        return peer_id in self._entries or peer_id in self._pending
+
     def __len__(self) -> int:
         return len(self._entries)
 

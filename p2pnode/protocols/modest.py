@@ -511,8 +511,20 @@ class ModestProtocol:
         The rate limit keeps a member without a record (crashed, or running without a key) from making
         every round read the directory again.
         """
-        return (any(m not in self._identity_keys for m in members)
-                and self._now() - self._keys_read_at >= self.settings.ping_timeout_s)
+        return self._directory_stale(m not in self._identity_keys for m in members)
+
+    def _directory_stale(self, missing: Iterable[bool]) -> bool:
+        """Whether something is `missing` and the directory was not read within a ping timeout."""
+        return any(missing) and self._now() - self._keys_read_at >= self.settings.ping_timeout_s
+
+    def _reading_directory(self) -> bool:
+        """Whether a background read of the directory (`_read_directory_soon`) is running."""
+        return self._keys_refresh is not None and not self._keys_refresh.done()
+
+    def _read_directory_soon(self) -> None:
+        """Read the directory (views and keys) in the background, unless a read is already running."""
+        if self._keys_refresh is None or self._keys_refresh.done():
+            self._keys_refresh = self._spawn(self._read_keys())
 
     async def _read_keys(self) -> None:
         """Read the directory now (views and keys); a failure leaves the keys as they were."""
@@ -1309,7 +1321,9 @@ class ModestProtocol:
                 return f"the ordering key is not the digest of model version {k - 2}"
         elif key:
             return f"round {k} is ordered without a key"
-        unknown = sorted(u for u in users if u not in self.view)
+        # A pending join is a known member too: it is only held out of the view so that it cannot change the
+        # sample of the round in progress, and the claimed sample is ordered below with the claimants included.
+        unknown = sorted(u for u in users if not self.view.knows(u))
         if unknown:
             return f"{len(unknown)} member(s) of the claimed sample are not in this node's view, e.g. {unknown[0]!r}"
         pool = (set(self.view.active(k)) | users) - self._exclude()
@@ -1327,6 +1341,12 @@ class ModestProtocol:
         if self._closing:
             return
         reason = self._check_claim(claim)
+        missing = [not self.view.knows(u) for u in claim.users]
+        if reason is not None and any(missing) and (self._directory_stale(missing) or self._reading_directory()):
+            # Members missing from this node's view may only be newer than its last directory read (a stale
+            # view at start): read it in the background and let the claimant retry before refusing.
+            self._read_directory_soon()
+            return
         if reason is not None:
             if (claim.round, claim.sender) not in self._refused:  # the user retries: count each claimant once
                 if len(self._refused) > 4096:
@@ -1336,12 +1356,10 @@ class ModestProtocol:
                 self.transport.reject(claim.sender, WRONG_SAMPLE,
                                       f"secure aggregation of version {claim.round} refused: {reason}")
             return
-        if self._identity is not None and (self._keys_stale(claim.users) or (
-                self._keys_refresh is not None and not self._keys_refresh.done())):
+        if self._identity is not None and (self._keys_stale(claim.users) or self._reading_directory()):
             # on_unopened must not block: read the directory in the background; the claimant retries
             # (users retry for open_timeout_s while the instance is not open) and finds it open then.
-            if self._keys_refresh is None or self._keys_refresh.done():
-                self._keys_refresh = self._spawn(self._read_keys())
+            self._read_directory_soon()
             return
         index = claim.round
         agg = self._aggregations.get(index)
