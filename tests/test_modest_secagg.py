@@ -25,6 +25,7 @@ from p2pnode.protocols import candidate_order
 from p2pnode.protocols.modest import WRONG_SAMPLE, AggregationEvent, ModestProtocol
 from p2pnode.secagg import SecAggSettings, SecAggUser, Session, SessionClaim, Stage, Status, keys
 from p2pnode.secagg.aggregator import UNKNOWN_IDENTITY
+from p2pnode.secagg.settings import plan
 from p2pnode.secagg.state import UserReport
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
@@ -42,6 +43,13 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def claim_for(agg: ModestProtocol, index: int, sender: str, users: tuple[str, ...], *, group: int = 0) -> SessionClaim:
+    """The claim a user of `users` sends to `agg` for version `index` (with the session digest it computes)."""
+    assert agg._secagg is not None
+    session = Session("test", index, agg.me, users, dim=agg._dim, group=group)
+    return SessionClaim("test", index, sender, users, agg._dim, 0, b"", group, plan(session, agg._secagg).digest)
 
 
 def _run(cfg: SimConfig) -> tuple[dict[str, object], dict[int, AggregationEvent]]:
@@ -161,7 +169,7 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
         assert report.status is Status.ABORTED
         assert agg.counters["secagg_refused"] == 1  # once per claimant, not once per retry
         assert agg.transport.stats.rejected[WRONG_SAMPLE] == 1
-        assert 1 not in agg._aggregations or agg._aggregations[1].instance is None
+        assert 1 not in agg._aggregations or not agg._aggregations[1].opened
         # Further refusals: a sample that does not name its sender, the wrong layout, a made-up key.
         honest = tuple(order[:3])
         sender = next(p for p in honest if p != agg.me)
@@ -171,8 +179,8 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
                       SessionClaim("test", 1, sender, honest, agg._dim, 0, b"", 1)):  # no group 1 with G = 1
             assert agg._check_claim(claim) is not None
         # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
-        agg._on_claim(SessionClaim("test", 1, sender, honest, agg._dim, 0))
-        assert agg._aggregations[1].instance is not None
+        agg._on_claim(claim_for(agg, 1, sender, honest))
+        assert agg._aggregations[1].opened
         assert agg.counters["secagg_refused"] == 1
         # Operators see the refusals in the node's metrics.
         scraped = parse_exposition(group.nodes[0].metrics.exposition().decode())
@@ -200,7 +208,7 @@ def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_dir
         honest = tuple(candidate_order(agg.view.active(0), 0)[:3])
         sender = next(p for p in honest if p != agg.me)
         member = next(p for p in honest if p not in (agg.me, sender))
-        claim = SessionClaim("test", 1, sender, honest, agg._dim, 0)
+        claim = claim_for(agg, 1, sender, honest)
         # A join held pending (not yet in the view) is a known member.
         entry = agg.view._entries.pop(member)
         agg.view.receive_join(member, entry)
@@ -214,10 +222,10 @@ def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_dir
         await asyncio.sleep(1.0)  # the background read finds the member's record
         assert agg.view.knows(member)
         agg._on_claim(claim)
-        assert agg._aggregations[1].instance is not None and agg.counters["secagg_refused"] == 0
+        assert agg._aggregations[1].opened and agg.counters["secagg_refused"] == 0
         # ... but a member that the fresh directory does not list either is refused.
         stranger = (sender, agg.me, "QmNotAPeerOfThisRun")
-        agg._on_claim(SessionClaim("test", 2, sender, stranger, agg._dim, 0))
+        agg._on_claim(claim_for(agg, 2, sender, stranger))
         assert agg.counters["secagg_refused"] == 1
         for node in group.nodes:
             await node.shutdown()
@@ -430,6 +438,86 @@ def test_too_many_members_without_a_known_key_abort_the_round() -> None:
 
 
 # -- secure within a group, robust across groups (--secagg-groups) ------------------------------------------
+
+def _forge_first_claim(protocols: list[ModestProtocol]) -> dict[str, Any]:
+    """Make the first member of version 1's sample to receive version 0 claim version 1 first with a forged
+    member list (one member of the real sample swapped for another candidate of the window the aggregator
+    accepts), before it trains honestly; the other members start 0.5 s later, so the forged claim is the
+    aggregator's first. Returns ``{"forger": peer id, "members": forged list}`` once it has been sent."""
+    forged: dict[str, Any] = {}
+
+    def hook(p: ModestProtocol) -> None:
+        real = p._train_and_upload_secure
+
+        async def train(inc: Any) -> Any:
+            if inc.round != 0 or p._secagg is None:
+                return await real(inc)
+            if forged:
+                await asyncio.sleep(0.5)
+                return await real(inc)
+            forged["forger"] = p.me
+            index = inc.round + 1
+            aggregator = (await p._available(index, 1, p._key(index, inc.parent)))[0]
+            window = candidate_order(sorted(p.view.active(0)), 0, key=inc.sample_key)
+            stranger = next(q for q in window if q not in inc.sample and q != aggregator)
+            victim = next(q for q in inc.sample if q not in (p.me, aggregator))
+            members = tuple(stranger if q == victim else q for q in inc.sample)
+            forged["members"] = members
+            user = SecAggUser(Session("test", index, aggregator, members, dim=p._dim), p._secagg, p.transport,
+                              context=inc.sample_key, identity=p._identity,
+                              identity_keys=p._keys_for(members, index=index, role="trainer"))
+            never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            p._spawn(user.run(never))
+            await asyncio.sleep(0.1)  # the forged advertisement reaches the aggregator and opens its instance
+            return await real(inc)
+
+        p._train_and_upload_secure = train  # type: ignore[method-assign]
+
+    for p in protocols:
+        hook(p)
+    return forged
+
+
+def test_a_member_claiming_a_forged_member_list_first_cannot_abort_the_round() -> None:
+    # A member of the sample opens an instance first with another member list. Its instance only gets its own
+    # advertisement and aborts; the others' claim opens their own instance, which completes with the exact
+    # mean of the honest members' updates (the forger, which backs one instance per group only, is left out).
+    async def main() -> None:
+        group = await make_group(8, topology="modest", sample_size=4, secagg=True)
+        protocols = [n.protocol for n in group.nodes]
+        assert all(isinstance(p, ModestProtocol) for p in protocols)
+        forged = _forge_first_claim(protocols)  # type: ignore[arg-type]
+        inputs: dict[str, torch.Tensor] = {}
+        bases: dict[str, torch.Tensor] = {}
+        for p in protocols:
+            assert isinstance(p, ModestProtocol)
+
+            def on_input(k: int, c: Any, me: str = p.me) -> None:
+                if k == 0:
+                    inputs[me] = c.vector.clone()
+
+            def on_trained(k: int, base: Any, trained: Any, me: str = p.me, proto: Any = p) -> None:
+                if k == 0:
+                    bases[me] = torch.cat([base[n].detach().reshape(-1).double() for n in proto._float_names])
+
+            p.on_secagg_input = on_input
+            p.on_trained = on_trained
+            await p._start()
+        event, _ = await _first_version(group)
+        assert forged, "no member of version 1's sample trained version 0"
+        assert event is not None and event.secure and event.aborted is None
+        agg = next(n.protocol for n in group.nodes if n.peer_id == event.aggregator)
+        assert isinstance(agg, ModestProtocol)
+        assert agg.counters["secagg_competing_claims"] == 1
+        # The forger's honest advertisement reaches the honest instance (open by then): it is in the sum too.
+        assert sorted(event.contributors) == sorted(inputs) and len(inputs) == 4
+        assert event.state is not None
+        new = torch.cat([event.state[n].detach().reshape(-1).double() for n in agg._float_names])
+        expected = bases[event.contributors[0]] + torch.stack([inputs[c] for c in event.contributors]).mean(dim=0)
+        assert float((new - expected).abs().max()) <= TOLERANCE
+
+    run_virtual(main())
+
 
 def test_groups_split_the_sample_by_position() -> None:
     from p2pnode.secagg.groups import group_of, groups_needed, split_groups

@@ -332,22 +332,35 @@ class _Aggregation:
         self.topups = 0
         self.future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self.timer: asyncio.Task[None] | None = None
-        # Secure aggregation: the instance (opened from the first acceptable claim) and a signal for
-        # each trainer's metadata (its update travels masked in the instance).
-        self.instance: SecAggAggregator | None = None
+        # Secure aggregation: a signal for each trainer's metadata (its update travels masked in an instance).
         self.arrived = asyncio.Event()
-        # With secure groups: the instance of each group opened so far, the outcome of each finished one
-        # (its result, or why it was left out), a signal for either, and whether new groups are refused.
-        self.group_instances: dict[int, SecAggAggregator] = {}
+        # The instances of each group (group 0 alone without groups). A group can have several candidate
+        # instances, one per distinct member list claimed, so that a member claiming a forged list cannot
+        # take the group from the others; each member opens at most one per group (`openers`: (group,
+        # member) -> session digest). The first instance of a group to produce a sum decides it; a group
+        # whose last candidate aborts is decided as left out. `decided`: the instance whose outcome counts.
+        self.candidates: dict[int, list[SecAggAggregator]] = {}
+        self.opened: list[SecAggAggregator] = []
+        self.openers: dict[tuple[int, str], bytes] = {}
+        self.decided: dict[int, SecAggAggregator] = {}
+        # The outcome of each decided group (its result, or why it was left out), a signal for either, and
+        # whether new groups are refused.
         self.group_results: dict[int, SecAggResult | str] = {}
         self.group_changed = asyncio.Event()
         self.groups_closed = False
 
+    def running(self) -> bool:
+        """Whether an instance of a group not yet decided is still running."""
+        return any(insts for g, insts in self.candidates.items() if g not in self.group_results)
+
     def secure_users(self) -> set[str]:
-        """Members of every secure instance opened for this index (the whole sample with one group)."""
-        users = set(self.instance.plan.session.users) if self.instance is not None else set()
-        for inst in self.group_instances.values():
-            users.update(inst.plan.session.users)
+        """Members of the secure instances of this index: of the deciding instance of each decided group,
+        and of every instance opened for an undecided group (the whole sample with one group)."""
+        users: set[str] = set()
+        for inst in self.opened:
+            g = inst.plan.session.group
+            if g not in self.decided or self.decided[g] is inst:
+                users.update(inst.plan.session.users)
         return users
 
     def resolve(self, result: _Result) -> None:
@@ -378,7 +391,9 @@ class ModestProtocol:
     ``aggregations``, ``topups``, ``relaunches``, ``resends``, ``late``, ``aborted``, ``degraded_rounds``,
     ``base_pulls``; with secure aggregation also ``secagg_rounds`` (completed), ``secagg_aborted`` (below
     the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
-    support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node).
+    support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node),
+    ``secagg_competing_claims`` (an instance opened beside another of the same group, from a claim with
+    another member list) and ``secagg_candidates_aborted`` (such an instance that aborted while another ran).
     `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
     (fault injection for the simulator and the tests). `secagg_randomness`: the secret randomness of
     this node's secagg users (default: the OS CSPRNG; the simulator passes a seeded stream).
@@ -1348,13 +1363,7 @@ class ModestProtocol:
             self._read_directory_soon()
             return
         if reason is not None:
-            if (claim.round, claim.sender) not in self._refused:  # the user retries: count each claimant once
-                if len(self._refused) > 4096:
-                    self._refused.clear()
-                self._refused.add((claim.round, claim.sender))
-                self.counters["secagg_refused"] += 1
-                self.transport.reject(claim.sender, WRONG_SAMPLE,
-                                      f"secure aggregation of version {claim.round} refused: {reason}")
+            self._refuse(claim, reason)
             return
         if self._identity is not None and (self._keys_stale(claim.users) or self._reading_directory()):
             # on_unopened must not block: read the directory in the background; the claimant retries
@@ -1366,29 +1375,52 @@ class ModestProtocol:
         if agg is None:
             agg = _Aggregation(index)
             self._aggregations[index] = agg
-        grouped = self.settings.secagg_groups > 1
-        if agg.instance is not None or claim.group in agg.group_instances or claim.group in agg.group_results:
+        group = claim.group
+        if group in agg.group_results or any(i.plan.digest == claim.digest for i in agg.candidates.get(group, [])):
             return
+        if (group, claim.sender) in agg.openers:
+            # One instance per member and group: a member cannot open a new one for each member list it forges.
+            self._refuse(claim, f"{_short(claim.sender)} already opened another instance of group {group} of "
+                                f"version {index} here, with another member list")
+            return
+        grouped = self.settings.secagg_groups > 1
         session = Session(self.settings.run_id, index, self.me, claim.users, dim=self._dim, extras=self._vca_extras,
-                          group=claim.group)
+                          group=group)
         try:
             p = plan(session, self._secagg)
+            if p.digest != claim.digest:
+                raise SecAggError("the claimed session digest differs from this node's for the same members "
+                                  "(different secagg settings?)")
             instance = self._host.open(session, self._secagg_settings(p.n, p.threshold, grouped=grouped),
                                        identity_keys=self._keys_for(claim.users, index=index, role="aggregator"))
         except (ConfigError, SecAggError) as e:  # e.g. a sample too small for the configured threshold
             self.counters["secagg_refused"] += 1
             self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {index}: {e}")
             return
-        if not grouped:
-            agg.instance = instance
-            self._spawn(self._secure_round(agg, instance))
-            return
-        first = not agg.group_instances
-        agg.group_instances[claim.group] = instance
+        first = not agg.opened
+        agg.openers[(group, claim.sender)] = p.digest
+        agg.candidates.setdefault(group, []).append(instance)
+        agg.opened.append(instance)
+        if len(agg.candidates[group]) > 1:
+            self.counters["secagg_competing_claims"] += 1
+            logger.warning("%s: %s claims group %d of version %d with another member list than an instance "
+                           "already open; both run, the first to produce a sum counts", self._me_short,
+                           _short(claim.sender), group, index)
         agg.group_changed.set()
-        self._spawn(self._secure_group(agg, claim.group, instance))
-        if first:
+        self._spawn(self._secure_instance(agg, group, instance))
+        if grouped and first:
             self._spawn(self._secure_groups(agg))
+
+    def _refuse(self, claim: SessionClaim, reason: str) -> None:
+        """Refuse `claim` (counted once per claimant and round: users retry) and tell the claimant why."""
+        if (claim.round, claim.sender) in self._refused:
+            return
+        if len(self._refused) > 4096:
+            self._refused.clear()
+        self._refused.add((claim.round, claim.sender))
+        self.counters["secagg_refused"] += 1
+        self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {claim.round} refused: "
+                                                          f"{reason}")
 
     async def _await_metadata(self, agg: _Aggregation, needed: Iterable[str], *, timeout: float,
                               any_one: bool = False) -> None:
@@ -1404,42 +1436,52 @@ class ModestProtocol:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(agg.arrived.wait(), remaining)
 
-    async def _secure_round(self, agg: _Aggregation, instance: SecAggAggregator) -> None:
-        """Run the secure aggregation of `agg` as its server, then complete it (or abort it, loudly)."""
-        s = self.settings
-        session = instance.plan.session
-        assert self._host is not None
-        try:
-            try:
-                result = await instance.run()
-            finally:
-                self._host.close(session)
-        except SecAggError as e:  # SecAggAborted: too few trainers left at some stage
-            self.counters["secagg_aborted"] += 1
-            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
-                           self._me_short, agg.index, e)
-            await self._await_metadata(agg, session.users, timeout=s.aggregation_timeout_s, any_one=True)
-            await self._complete(agg, aborted=str(e))
-            return
-        self.counters["secagg_rounds"] += 1
-        await self._await_metadata(agg, result.survivors, timeout=s.exchange_timeout_s)
-        logger.info("%s: secure aggregation of version %d: %d of %d trainers in the sum (t=%d)", self._me_short,
-                    agg.index, len(result.survivors), result.users, result.threshold)
-        await self._complete(agg, secure=result)
+    async def _secure_instance(self, agg: _Aggregation, group: int, instance: SecAggAggregator) -> None:
+        """Run one instance of `group` of `agg` as its server and decide the group when it is the one that counts.
 
-    async def _secure_group(self, agg: _Aggregation, group: int, instance: SecAggAggregator) -> None:
-        """Run the instance of one group of `agg` and record its outcome (`_secure_groups` combines them)."""
+        The first candidate of the group to produce a sum decides it; one that aborts while another
+        candidate of the group still runs is dropped (``secagg_candidates_aborted``); the last one to
+        abort decides the group as left out. Without groups the decision completes the round (or aborts
+        it, loudly: the model goes on unchanged); with groups `_secure_groups` combines the decided groups.
+        """
         assert self._host is not None
         try:
             try:
                 outcome: SecAggResult | str = await instance.run()
             finally:
                 self._host.close(instance.plan.session)
-        except SecAggError as e:  # below its threshold: this group is left out, the others still count
+        except SecAggError as e:  # SecAggAborted: too few trainers left at some stage
             outcome = str(e)
-            logger.warning("%s: secure group %d of version %d left out (%s)", self._me_short, group, agg.index, e)
+        others = [i for i in agg.candidates.get(group, []) if i is not instance]
+        agg.candidates[group] = others
+        if group in agg.group_results or agg.state != "open":
+            return  # another instance decided the group first
+        if isinstance(outcome, str) and others:
+            self.counters["secagg_candidates_aborted"] += 1
+            logger.warning("%s: an instance of group %d of version %d aborted (%s); %d other instance(s) of the "
+                           "group still run", self._me_short, group, agg.index, outcome, len(others))
+            return
+        agg.decided[group] = instance
         agg.group_results[group] = outcome
         agg.group_changed.set()
+        if self.settings.secagg_groups > 1:
+            if isinstance(outcome, str):
+                logger.warning("%s: secure group %d of version %d left out (%s)", self._me_short, group, agg.index,
+                               outcome)
+            return
+        s = self.settings
+        if isinstance(outcome, str):
+            self.counters["secagg_aborted"] += 1
+            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
+                           self._me_short, agg.index, outcome)
+            await self._await_metadata(agg, agg.secure_users(), timeout=s.aggregation_timeout_s, any_one=True)
+            await self._complete(agg, aborted=outcome)
+            return
+        self.counters["secagg_rounds"] += 1
+        await self._await_metadata(agg, outcome.survivors, timeout=s.exchange_timeout_s)
+        logger.info("%s: secure aggregation of version %d: %d of %d trainers in the sum (t=%d)", self._me_short,
+                    agg.index, len(outcome.survivors), outcome.users, outcome.threshold)
+        await self._complete(agg, secure=outcome)
 
     async def _secure_groups(self, agg: _Aggregation) -> None:
         """Wait for the groups of `agg`, then combine the group means with the run's rule (or abort).
@@ -1455,7 +1497,7 @@ class ModestProtocol:
         loop = asyncio.get_running_loop()
         open_until = loop.time() + self._secagg.open_timeout_s
         while len(agg.group_results) < s.secagg_groups:
-            running = len(agg.group_instances) > len(agg.group_results)
+            running = agg.running()
             remaining = open_until - loop.time()
             if not running and remaining <= 0:
                 break

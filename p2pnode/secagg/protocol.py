@@ -8,12 +8,16 @@ same node can aggregate one round while it trains in another, and several aggreg
 (MoDeST with a > 1) run independent instances with fresh keys, as they must: otherwise two colluding
 aggregators that saw different survivor sets could together learn both secrets of one user.
 
-Requests for a (run, round) with no open instance are answered ``unavailable`` while the round may
-still open (users retry for `SecAggSettings.open_timeout_s`) and ``stale`` once it has finished. An
-aggregator that learns of a round from its users (MoDeST's aggregators are driven by what trainers
-send) sets `SecAggHost.on_unopened`: it is called with the user's `SessionClaim` (the members and the
-layout that user's advertisement carries) for a (run, round) that has no instance yet, and may then
-check the claim and open the instance with `SecAggHost.aggregate`, while the user retries.
+Instances are keyed by (run, round, group, session digest): the digest covers the member list and the
+layout, so two claims of one round with different member lists are two instances, and a member that
+claims a forged list first cannot take the round from the others (their claim opens its own instance;
+the forged one finds too few users and aborts). Requests for an instance that is not open are answered
+``unavailable`` while it may still open (users retry for `SecAggSettings.open_timeout_s`) and ``stale``
+once it has finished. An aggregator that learns of a round from its users (MoDeST's aggregators are
+driven by what trainers send) sets `SecAggHost.on_unopened`: it is called with the user's
+`SessionClaim` (the members and the layout that user's advertisement carries) for an instance that is
+not open yet, and may then check the claim and open the instance with `SecAggHost.aggregate`, while the
+user retries.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ class SessionClaim:
     """What a user's advertisement says about an instance the aggregator has not opened yet.
 
     Not trusted: the aggregator must check it (is it the sample of this round, is the sender in it,
-    is ``dim`` the model's size) before opening a `Session` from it. Users whose view differs are then
-    refused (``wrong_run``) because the session digest covers all of it.
+    is ``dim`` the model's size) before opening a `Session` from it. `digest` is the session digest the
+    user computed from it; users whose view differs compute another one and claim another instance.
     """
 
     run_id: str
@@ -58,10 +62,15 @@ class SessionClaim:
     context: bytes = b""
     #: The group of the round's sample that the instance aggregates (`Session.group`; default 0).
     group: int = 0
+    #: The session digest the user computed (`Plan.digest`): which instance the claim is for.
+    digest: bytes = b""
 
 
 #: Largest `SessionClaim.context`, in bytes.
 MAX_CONTEXT_BYTES = 64
+
+#: An instance at its aggregator: (run, round, group, session digest).
+_Key = tuple[str, int, int, bytes]
 
 
 class SecAggHost:
@@ -73,11 +82,11 @@ class SecAggHost:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._open: dict[tuple[str, int, int], SecAggAggregator] = {}
-        #: Finished instances: (run, round, group) -> (digest, whether it produced a sum).
-        self._finished: collections.OrderedDict[tuple[str, int, int], tuple[bytes, bool]] = collections.OrderedDict()
-        #: Called with a `SessionClaim` when an advertisement arrives for a (run, round, group) with no instance
-        #: (not for finished ones); it must not block (start a task to open the instance).
+        self._open: dict[_Key, SecAggAggregator] = {}
+        #: Finished instances -> whether each produced a sum.
+        self._finished: collections.OrderedDict[_Key, bool] = collections.OrderedDict()
+        #: Called with a `SessionClaim` when an advertisement arrives for an instance (run, round, group,
+        #: digest) that is not open (not for finished ones); it must not block (start a task to open it).
         self.on_unopened: Callable[[SessionClaim], None] | None = None
         for stage in STAGES:
             transport.register(stage.method, REQUEST_TYPES[stage], functools.partial(self._serve, stage))
@@ -87,16 +96,17 @@ class SecAggHost:
         """Open the instance `session` with this node as its aggregator; run it with `SecAggAggregator.run`.
 
         Prefer `aggregate`, which also closes it. Raises `SecAggError` when this node is not the
-        session's aggregator or the (run, round) is already open here, `ConfigError` for bad settings.
+        session's aggregator or the instance is already open here, `ConfigError` for bad settings.
         """
         if session.aggregator != self.transport.peer_id:
             raise SecAggError(f"session names {session.aggregator!r} as aggregator, not this node "
                               f"({self.transport.peer_id!r})")
-        key = (session.run_id, session.round, session.group)
+        p = plan(session, settings)
+        key = (session.run_id, session.round, session.group, p.digest)
         if key in self._open:
             raise SecAggError(f"a secagg instance for run {session.run_id!r} round {session.round} group "
-                              f"{session.group} is already open")
-        agg = SecAggAggregator(plan(session, settings), identity_keys=identity_keys, on_masked_input=on_masked_input)
+                              f"{session.group} with these members is already open")
+        agg = SecAggAggregator(p, identity_keys=identity_keys, on_masked_input=on_masked_input)
         self._open[key] = agg
         self._finished.pop(key, None)
         return agg
@@ -108,10 +118,12 @@ class SecAggHost:
         secret had enough shares); a late unmask message of that instance is answered with
         ``accepted=0`` rather than refused, since its sender did nothing wrong.
         """
-        key = (session.run_id, session.round, session.group)
-        agg = self._open.pop(key, None)
-        if agg is not None:
-            self._finished[key] = (agg.plan.digest, agg.state.status is Status.DONE)
+        agg = next((a for a in self._open.values() if a.plan.session == session), None)
+        if agg is None:
+            return
+        key = (session.run_id, session.round, session.group, agg.plan.digest)
+        del self._open[key]
+        self._finished[key] = agg.state.status is Status.DONE
         while len(self._finished) > _FINISHED_MEMORY:
             self._finished.popitem(last=False)
 
@@ -133,12 +145,11 @@ class SecAggHost:
         """Handle a user's message of `stage` from `sender` (also the in-process path when a node is both
         a user and the aggregator of one instance)."""
         session = msg.body.session
-        key = (session.run_id, session.round, session.group)
+        key = (session.run_id, session.round, session.group, bytes(session.digest))
         agg = self._open.get(key)
         if agg is None:
             if key in self._finished:
-                digest, done = self._finished[key]
-                if stage is Stage.UNMASK and done and session.digest == digest:
+                if stage is Stage.UNMASK and self._finished[key]:
                     return Message(secagg_pb2.SecAggUnmaskReply(accepted=0))
                 raise BadMessage(f"secagg {stage.label} message for run {session.run_id!r} round {session.round}, "
                                  f"whose instance has finished", code="stale")
@@ -150,12 +161,13 @@ class SecAggHost:
                                      f"{MAX_CONTEXT_BYTES} allowed", code="oversized")
                 self.on_unopened(SessionClaim(session.run_id, session.round, sender, tuple(body.members),
                                               int(body.dim), int(body.extras), bytes(body.context),
-                                              int(session.group)))
+                                              int(session.group), bytes(session.digest)))
                 agg = self._open.get(key)
                 if agg is not None:  # the claim opened it: serve this advertisement now, not on the retry
                     return await agg.handle(stage, sender, msg)
             raise TransportError(f"no secagg instance open here for run {session.run_id!r} round {session.round} "
-                                 f"(not yet, or this node does not aggregate it)", code="unavailable")
+                                 f"group {session.group} with this session digest (not yet, another member "
+                                 f"list or settings, or this node does not aggregate it)", code="unavailable")
         return await agg.handle(stage, sender, msg)
 
     async def _serve(self, stage: Stage, sender: str, msg: Message[Any]) -> Message[Any]:
