@@ -139,6 +139,11 @@ class NodeConfig:
     #: and combines them with ``rule``, which may then be robust (median, krum, ...) if it tolerates
     #: ``f`` (default 1) Byzantine groups among G. Needs secagg and sample_size >= 2G.
     secagg_groups: int = 1
+    #: With ``secagg_groups > 1``: fewest members a secure group may have (default 5, at least 2). The
+    #: aggregator learns each group's mean, so a small group says much about each member; the config is
+    #: refused when ``floor(sample_size / G)`` is smaller, and at run time a trainer whose group came out
+    #: smaller (peers missing from the sample) does not train that version (``secagg_small_group``).
+    secagg_min_group: int = 5
     # -- Byzantine peers (local: never hashed, so an attacker is indistinguishable by its config) -----------
     #: Attack this node runs (``p2pnode.attacks.available_attacks()``), or None (default) for an honest node.
     #: For testing a swarm's defences only: the node forges what it sends.
@@ -293,8 +298,12 @@ class NodeConfig:
                                   f"fewer updates than that anyway")
         if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
             raise ConfigError(f"secagg_clip={self.secagg_clip}: must be a finite number > 0")
+        if self.secagg_min_group < 2:
+            raise ConfigError(f"secagg_min_group={self.secagg_min_group}: must be >= 2 (a secure sum of one member is "
+                              f"that member's update)")
         if self.secagg_groups > 1:
-            check_groups(self.rule, self.rule_params, self.secagg_groups, self.sample_size, self.secagg_threshold)
+            check_groups(self.rule, self.rule_params, self.secagg_groups, self.sample_size, self.secagg_threshold,
+                         min_group=self.secagg_min_group)
 
     @property
     def config_hash(self) -> str:
@@ -308,6 +317,7 @@ class NodeConfig:
                 run[k] = getattr(self, k)
             if self.secagg_groups != 1:  # likewise: one group hashes as before the option existed
                 run["secagg_groups"] = self.secagg_groups
+                run["secagg_min_group"] = self.secagg_min_group
         blob = json.dumps(run, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

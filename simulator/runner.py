@@ -114,6 +114,8 @@ class SimConfig:
     secagg_clip: float = 8.0
     #: secagg: split each sample into this many secure groups (`NodeConfig.secagg_groups`; default 1).
     secagg_groups: int = 1
+    #: secagg with groups: fewest members of a group (`NodeConfig.secagg_min_group`; default 5).
+    secagg_min_group: int = 5
     #: secagg fault injection: peer id (``node-NNNN``) -> stage label (``advertise``, ``share``, ``masked``,
     #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
     #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
@@ -167,6 +169,7 @@ class SimConfig:
                           dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr, secagg=self.secagg,
                           secagg_neighbours=self.secagg_neighbours, secagg_threshold=self.secagg_threshold,
                           secagg_clip=self.secagg_clip, secagg_groups=self.secagg_groups,
+                          secagg_min_group=self.secagg_min_group,
                           attack=self.attack if index in self.byzantine_indices() else None,
                           attack_params=dict(self.attack_params) if index in self.byzantine_indices() else {},
                           robust_window=self.robust_window, suspicion_decay=self.suspicion_decay,
@@ -489,6 +492,8 @@ def _config_dict(cfg: SimConfig) -> dict[str, Any]:
         del out["record_variance"]
     if cfg.secagg_groups == 1:
         del out["secagg_groups"]
+    if cfg.secagg_min_group == 5:
+        del out["secagg_min_group"]
     return out
 
 

@@ -549,7 +549,7 @@ def test_two_groups_with_mean_give_the_plain_mean() -> None:
     # inputs that arrived, as without secure aggregation (within the fixed-point bound).
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 2}
     plain, plain_events = _run(SimConfig(**base))  # type: ignore[arg-type]
-    secure, events = _run(SimConfig(secagg=True, secagg_groups=2, **base))  # type: ignore[arg-type]
+    secure, events = _run(SimConfig(secagg=True, secagg_groups=2, secagg_min_group=3, **base))  # type: ignore[arg-type]
     # The results name the setting only when it is not the default (files of older runs stay the same).
     assert "secagg_groups" not in plain["config"] and secure["config"]["secagg_groups"] == 2  # type: ignore[index,operator]
     ev = events[1]
@@ -565,7 +565,7 @@ def test_median_across_four_groups_resists_a_scaled_update_that_spoils_the_mean(
     # mean; across four group means the median leaves its group out.
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 8, "seed": 1, "rounds": 3}
     attack: dict[str, object] = {"byzantine": 1, "attack": "scaled"}
-    grouped: dict[str, object] = {"secagg": True, "secagg_groups": 4, "rule": "median"}
+    grouped: dict[str, object] = {"secagg": True, "secagg_groups": 4, "secagg_min_group": 2, "rule": "median"}
     clean_g, clean_g_events = _run(SimConfig(**grouped, **base))  # type: ignore[arg-type]
     attacked_g, attacked_g_events = _run(SimConfig(**grouped, **attack, **base))  # type: ignore[arg-type]
     clean_m, clean_m_events = _run(SimConfig(secagg=True, **base))  # type: ignore[arg-type]
@@ -585,7 +585,7 @@ def test_median_across_four_groups_resists_a_scaled_update_that_spoils_the_mean(
 def test_a_group_below_its_threshold_is_left_out_and_counted() -> None:
     # t = 3 in groups of 3: one silent member sinks its group; the other group's mean is applied.
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
-                               "secagg": True, "secagg_groups": 2, "secagg_threshold": 3}
+                               "secagg": True, "secagg_groups": 2, "secagg_threshold": 3, "secagg_min_group": 3}
     _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
     silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
     run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
@@ -598,10 +598,22 @@ def test_a_group_below_its_threshold_is_left_out_and_counted() -> None:
     assert "secagg_aborted" not in counters  # type: ignore[operator]
 
 
+def test_a_group_smaller_than_the_minimum_does_not_train_and_is_counted() -> None:
+    # s = 10 in 2 groups of at least 5, but only 9 nodes: each sample has 9 members, so its group 1 has 4.
+    # Its members do not train (their group mean would say more than the run allows); group 0 still counts.
+    run = run_simulation(SimConfig(nodes=9, topology="modest", sample_size=10, seed=3, rounds=2, secagg=True,
+                                   secagg_groups=2))
+    counters = run["protocol_events"]
+    assert counters["secagg_small_group"] >= 8  # 4 members x 2 versions (and those of the next sample)  # type: ignore[index]
+    assert counters["secagg_rounds"] == 2 and counters["secagg_groups_left_out"] == 2  # type: ignore[index]
+    assert [row["participants"] for row in run["rounds"]] == [5, 5]  # type: ignore[index,union-attr]
+    assert run["config"]["secagg_groups"] == 2 and "secagg_min_group" not in run["config"]  # type: ignore[index,operator]
+
+
 def test_with_fewer_groups_than_the_rule_needs_the_round_aborts() -> None:
     # median across 3 groups needs all 3 (f = 1 among 2f + 1): losing one aborts the round, counted.
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
-                               "secagg": True, "secagg_groups": 3, "rule": "median"}
+                               "secagg": True, "secagg_groups": 3, "rule": "median", "secagg_min_group": 2}
     _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
     silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
     run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
@@ -616,8 +628,12 @@ def test_with_fewer_groups_than_the_rule_needs_the_round_aborts() -> None:
     ({"rule": "median", "secagg_groups": 2}, r"at most 0 Byzantine group\(s\).*needs secagg_groups >= 3"),
     ({"rule": "krum", "secagg_groups": 4}, r"needs secagg_groups >= 5"),
     ({"rule": "median", "secagg_groups": 3, "rule_params": {"f": 2}}, r"f=2 is needed.*>= 5"),
-    ({"secagg_groups": 4, "sample_size": 6}, r"smallest group would have 1 member"),
-    ({"secagg_groups": 2, "sample_size": 6, "secagg_threshold": 4}, r"secagg_threshold=4 cannot be reached"),
+    ({"secagg_groups": 4, "sample_size": 6, "secagg_min_group": 2}, r"smallest group would have 1 member"),
+    ({"secagg_groups": 3, "sample_size": 12}, r"4 member\(s\), below secagg_min_group=5.*sample_size >= 15, at "
+                                              r"most 2 group"),
+    ({"secagg_groups": 2, "secagg_min_group": 1}, r"secagg_min_group=1: must be >= 2"),
+    ({"secagg_groups": 2, "sample_size": 6, "secagg_threshold": 4, "secagg_min_group": 3},
+     r"secagg_threshold=4 cannot be reached"),
     ({"secagg_groups": 0}, r"secagg_groups=0: must be >= 1"),
     ({"secagg": False, "secagg_groups": 2}, r"secagg is off"),
     ({"rule": "median"}, "allowed rules with secagg: mean, vca"),  # one group: still only sums
@@ -630,9 +646,15 @@ def test_config_refuses_groups_where_the_rule_cannot_hold(overrides: dict[str, o
 
 
 def test_config_accepts_robust_rules_across_enough_groups_and_hashes_groups_only_when_split() -> None:
-    NodeConfig(topology="modest", secagg=True, rule="median", secagg_groups=3, sample_size=6).validate()
-    NodeConfig(topology="fl", secagg=True, rule="krum", secagg_groups=5, sample_size=10).validate()
+    NodeConfig(topology="modest", secagg=True, rule="median", secagg_groups=3, sample_size=15).validate()
+    NodeConfig(topology="modest", secagg=True, rule="median", secagg_groups=3, sample_size=6,
+               secagg_min_group=2).validate()
+    NodeConfig(topology="fl", secagg=True, rule="krum", secagg_groups=5, sample_size=25).validate()
     NodeConfig(topology="modest", secagg=True, rule="mean", secagg_groups=2).validate()
     one = NodeConfig(topology="modest", secagg=True)
     assert NodeConfig(topology="modest", secagg=True, secagg_groups=1).config_hash == one.config_hash
-    assert NodeConfig(topology="modest", secagg=True, secagg_groups=2).config_hash != one.config_hash
+    assert NodeConfig(topology="modest", secagg=True, secagg_min_group=3).config_hash == one.config_hash
+    two = NodeConfig(topology="modest", secagg=True, secagg_groups=2)
+    assert two.config_hash != one.config_hash
+    four = NodeConfig(topology="modest", secagg=True, secagg_groups=2, secagg_min_group=4)
+    assert four.config_hash != two.config_hash

@@ -85,7 +85,8 @@ async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them()
                 initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
                 config = NodeConfig(run_id="modest-secagg-groups", seed=3, shard=(i, 6), device="cpu",
                                     initial_peers=initial, topology="modest", sample_size=6, secagg=True,
-                                    secagg_groups=3, rule="median", aggregation_timeout_s=10.0, ping_timeout_s=3.0,
+                                    secagg_groups=3, secagg_min_group=2, rule="median", aggregation_timeout_s=10.0,
+                                    ping_timeout_s=3.0,
                                     idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0,
                                     local_steps=30).validate()
                 node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))

@@ -134,7 +134,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                         outer_lr=kw["outer_lr"], inactivity_threshold=kw["inactivity_threshold"],
                         secagg=kw["secagg"], secagg_neighbours=kw["secagg_neighbours"],
                         secagg_threshold=kw["secagg_threshold"], secagg_clip=kw["secagg_clip"],
-                        secagg_groups=kw["secagg_groups"],
+                        secagg_groups=kw["secagg_groups"], secagg_min_group=kw["secagg_min_group"],
                         crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
                         rejoin_fraction=kw["rejoin_fraction"], byzantine=byzantine,

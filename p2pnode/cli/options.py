@@ -86,6 +86,9 @@ def training_options(f: F) -> F:
         click.option("--secagg-groups", default=1, show_default=True, type=int,
                      help="secagg: split each sample into G secure groups (member i in group i mod G); the "
                           "aggregator combines the G group means with --rule, which may then be robust."),
+        click.option("--secagg-min-group", default=5, show_default=True, type=int,
+                     help="secagg with --secagg-groups: fewest members of a group (>= 2); the aggregator learns "
+                          "each group's mean, so small groups say much about each member."),
         click.option("--dpsgd-graph", default="exponential", show_default=True,
                      type=click.Choice(list(DPSGD_GRAPHS)),
                      help="dpsgd: one-peer exponential graph, or a random regular graph."),
@@ -178,7 +181,7 @@ def topology_settings(kw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("sample_size", "aggregators", "success_fraction", "sample_key", "fl_server", "outer_lr",
                 "dpsgd_graph", "dpsgd_degree", "secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip",
-                "secagg_groups"):
+                "secagg_groups", "secagg_min_group"):
         if key in kw:
             out[key] = kw[key]
     if kw.get("aggregation_timeout") is not None:

@@ -26,7 +26,8 @@ STOP_TIMEOUT_S = 20.0
 #: Options of `training_options` passed on to each daemon as ``--name value`` when set.
 FORWARDED = ("topology", "alpha", "local_steps", "lr", "batch_size", "sample_size", "aggregators",
              "success_fraction", "aggregation_timeout", "sample_key", "fl_server", "outer_lr", "dpsgd_graph",
-             "dpsgd_degree", "secagg_neighbours", "secagg_threshold", "secagg_clip", "secagg_groups")
+             "dpsgd_degree", "secagg_neighbours", "secagg_threshold", "secagg_clip", "secagg_groups",
+             "secagg_min_group")
 
 
 @dataclass

@@ -98,7 +98,8 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
             rule_params=dict(config.rule_params), outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
             outer_nesterov=config.outer_nesterov, idle_timeout_s=config.idle_timeout_s,
             exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s,
-            secagg=secagg_settings(config), secagg_groups=config.secagg_groups, **byz)
+            secagg=secagg_settings(config), secagg_groups=config.secagg_groups,
+            secagg_min_group=config.secagg_min_group, **byz)
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,

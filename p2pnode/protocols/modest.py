@@ -82,7 +82,7 @@ from p2pnode.secagg import (
 )
 from p2pnode.secagg import keys as secagg_keys
 from p2pnode.secagg.aggregator import SecAggAggregator
-from p2pnode.secagg.groups import check_groups, group_of, groups_needed, split_groups
+from p2pnode.secagg.groups import DEFAULT_MIN_GROUP, check_groups, group_of, groups_needed, split_groups
 from p2pnode.secagg.randomness import Randomness, SystemRandomness
 from p2pnode.secagg.settings import SUM_RULES
 from p2pnode.secagg.state import UserReport
@@ -181,6 +181,9 @@ class ModestSettings:
         of the sample in group ``i mod G``, `p2pnode.secagg.groups`) and combine the group means with
         `rule` (default 1: one instance per sample). A group below its threshold is left out (counter
         ``secagg_groups_left_out``); with fewer groups left than the rule needs the round aborts.
+    :param secagg_min_group: with ``secagg_groups > 1``, fewest members of a group (default 5): a trainer
+        whose group of a sample came out smaller does not train it (``secagg_small_group``), and an
+        aggregator refuses a group claim naming fewer.
     :param suspicion_decay: weight of the old suspicion score in each update, in [0, 1) (default 0.8).
     :param exclude_suspects: as an aggregator, leave out the models of peers whose suspicion exceeds
         `suspect_threshold` (they stay in the samples, which must be the same on every node).
@@ -217,6 +220,7 @@ class ModestSettings:
     leave_on_close: bool = True
     secagg: SecAggSettings | None = None
     secagg_groups: int = 1
+    secagg_min_group: int = DEFAULT_MIN_GROUP
     suspicion_decay: float = DEFAULT_DECAY
     exclude_suspects: bool = False
     suspect_threshold: float = DEFAULT_THRESHOLD
@@ -466,7 +470,7 @@ class ModestProtocol:
         if self._secagg is not None:
             if settings.secagg_groups > 1:
                 check_groups(settings.rule, settings.rule_params, settings.secagg_groups, settings.sample_size,
-                             self._secagg.threshold)
+                             self._secagg.threshold, min_group=settings.secagg_min_group)
             else:
                 check_rule_compatible(settings.rule)
             self._needs_base = True  # the mean of the updates is applied to the base model
@@ -1012,11 +1016,12 @@ class ModestProtocol:
         if s.secagg_groups > 1:
             group = group_of(sample, self.me, s.secagg_groups)
             members = split_groups(sample, s.secagg_groups)[group]
-            if len(members) < 2:
-                # A sample smaller than 2 G (peers missing): a group of one would reveal its input.
+            if len(members) < s.secagg_min_group:
+                # A sample smaller than G * min_group (peers missing): the group's mean would say too much
+                # about each member.
                 self.counters["secagg_small_group"] += 1
-                logger.warning("%s: group %d of version %d's sample has only this node; not training it",
-                               self._me_short, group, k)
+                logger.warning("%s: group %d of version %d's sample has %d member(s), below secagg_min_group=%d; "
+                               "not training it", self._me_short, group, k, len(members), s.secagg_min_group)
                 return self._report("no_sample")
         self.view.flush_pending()  # a model send follows: pending joins enter the view that travels with it
         key = self._key(index, inc.parent)
@@ -1327,6 +1332,8 @@ class ModestProtocol:
         if len(users) > largest or (self.server is not None and self.server in users):
             return (f"the sample lists {len(users)} peers, more than s = {s.sample_size} trainers" if groups == 1
                     else f"group {claim.group} lists {len(users)} peers, more than ceil(s / G) = {largest}")
+        if groups > 1 and len(users) < s.secagg_min_group:
+            return f"group {claim.group} lists {len(users)} peers, fewer than secagg_min_group = {s.secagg_min_group}"
         if claim.dim != self._dim or claim.extras != self._vca_extras:
             return f"layout dim={claim.dim} extras={claim.extras}; this model needs {self._dim} and {self._vca_extras}"
         key = claim.context

@@ -19,7 +19,11 @@ from p2pnode.aggregation.registry import max_byzantine
 from p2pnode.errors import AggregationError, ConfigError
 from p2pnode.secagg.settings import SUM_RULES, check_rule_compatible
 
-__all__ = ["check_groups", "group_of", "groups_needed", "split_groups", "target_f"]
+__all__ = ["DEFAULT_MIN_GROUP", "check_groups", "group_of", "groups_needed", "split_groups", "target_f"]
+
+#: Fewest members of a secure group by default. A group mean of n members tells the aggregator, together
+#: with n - 1 of them, the last one's update; with 5 the aggregator needs 4 colluding members for that.
+DEFAULT_MIN_GROUP = 5
 
 
 def split_groups(sample: Sequence[str], groups: int) -> list[tuple[str, ...]]:
@@ -74,31 +78,28 @@ def groups_needed(rule: str, params: Mapping[str, Any], groups: int) -> int:
 
 
 def check_groups(rule: str, params: Mapping[str, Any], groups: int, sample_size: int,
-                 threshold: int | None = None) -> None:
+                 threshold: int | None = None, *, min_group: int = DEFAULT_MIN_GROUP) -> None:
     """Refuse a `groups` setting under which the rule's guarantee cannot hold; `ConfigError` names the numbers.
 
     :param rule: the run's aggregation rule (applied across the group means when ``groups > 1``).
     :param params: its parameters (``f``: Byzantine group means to tolerate; default 1 for a robust rule).
     :param groups: G, the number of secure instances per sample (1: the whole sample, only sum rules).
-    :param sample_size: s, trainers per sample; each group needs at least 2 (a sum of one is that input).
+    :param sample_size: s, trainers per sample; the smallest group, ``floor(s / G)`` members, needs at
+        least `min_group`.
     :param threshold: the configured secagg threshold t (None: each group's default), which every group,
         the smallest having ``floor(s / G)`` members, must be able to reach.
+    :param min_group: fewest members a group may have (default `DEFAULT_MIN_GROUP` = 5; at least 2, since a
+        sum of one is that input).
     """
+    if min_group < 2:
+        raise ConfigError(f"secagg_min_group={min_group}: must be >= 2 (a secure sum of one member is that "
+                          f"member's update)")
     if groups < 1:
         raise ConfigError(f"secagg_groups={groups}: must be >= 1")
     if groups == 1:
         check_rule_compatible(rule)
         return
     check_rule_compatible(rule, across_samples=True)
-    smallest = sample_size // groups
-    if smallest < 2:
-        raise ConfigError(f"secagg_groups={groups} with sample_size={sample_size}: the smallest group would have "
-                          f"{smallest} member(s), but a secure group needs at least 2 (its sum would be that "
-                          f"input); use sample_size >= {2 * groups} or at most {max(1, sample_size // 2)} groups")
-    if threshold is not None and threshold > smallest:
-        raise ConfigError(f"secagg_threshold={threshold} cannot be reached by a group of {smallest} (sample_size="
-                          f"{sample_size} split into {groups} groups); use a threshold <= {smallest}, fewer "
-                          f"groups, or a larger sample")
     f = target_f(rule, params)
     limit = _limit(rule, groups, params)
     if limit < f:
@@ -107,3 +108,13 @@ def check_groups(rule: str, params: Mapping[str, Any], groups: int, sample_size:
         raise ConfigError(f"rule={rule!r} across secagg_groups={groups} group means tolerates at most "
                           f"{max(limit, 0)} Byzantine group(s), but f={f} is needed (one Byzantine trainer "
                           f"spoils its whole group){more}")
+    smallest = sample_size // groups
+    if smallest < min_group:
+        raise ConfigError(f"secagg_groups={groups} with sample_size={sample_size}: the smallest group would have "
+                          f"{smallest} member(s), below secagg_min_group={min_group} (the aggregator learns each "
+                          f"group's mean); use sample_size >= {min_group * groups}, at most "
+                          f"{max(1, sample_size // min_group)} group(s), or a lower secagg_min_group (>= 2)")
+    if threshold is not None and threshold > smallest:
+        raise ConfigError(f"secagg_threshold={threshold} cannot be reached by a group of {smallest} (sample_size="
+                          f"{sample_size} split into {groups} groups); use a threshold <= {smallest}, fewer "
+                          f"groups, or a larger sample")
