@@ -304,6 +304,11 @@ class NodeConfig:
         if self.secagg_groups > 1:
             check_groups(self.rule, self.rule_params, self.secagg_groups, self.sample_size, self.secagg_threshold,
                          min_group=self.secagg_min_group)
+            if self.topology == "modest" and 1 < self.secagg_groups < self.aggregators:
+                raise ConfigError(f"secagg_groups={self.secagg_groups} with aggregators={self.aggregators}: the groups "
+                                  f"are spread over the aggregators (group g at aggregator g mod a), so each "
+                                  f"aggregator needs one; use secagg_groups >= {self.aggregators} or fewer "
+                                  f"aggregators")
 
     @property
     def config_hash(self) -> str:

@@ -202,7 +202,7 @@ class ModestModelAck(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round_estimate: _Optional[int] = ...) -> None: ...
 
 class ModestUpdate(_message.Message):
-    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest", "secure")
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest", "secure", "aggregators")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class ModestUpdate(_message.Message):
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATORS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     round: int
@@ -223,7 +224,44 @@ class ModestUpdate(_message.Message):
     examples: int
     parent_digest: bytes
     secure: bool
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ..., secure: _Optional[bool] = ...) -> None: ...
+    aggregators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ..., secure: _Optional[bool] = ..., aggregators: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModestGroupSums(_message.Message):
+    __slots__ = ("run_id", "config_hash", "index", "base_digest", "groups", "left_out")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_hash: str
+    index: int
+    base_digest: bytes
+    groups: _containers.RepeatedCompositeFieldContainer[ModestGroupSum]
+    left_out: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., index: _Optional[int] = ..., base_digest: _Optional[bytes] = ..., groups: _Optional[_Iterable[_Union[ModestGroupSum, _Mapping]]] = ..., left_out: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ModestGroupSum(_message.Message):
+    __slots__ = ("group", "weight_sum", "survivors", "users")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    weight_sum: float
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    users: int
+    def __init__(self, group: _Optional[int] = ..., weight_sum: _Optional[float] = ..., survivors: _Optional[_Iterable[str]] = ..., users: _Optional[int] = ...) -> None: ...
+
+class ModestGroupSumsAck(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModestAggAck(_message.Message):
     __slots__ = ("round", "success", "reason", "round_estimate", "contributors", "sample")

@@ -97,6 +97,7 @@ MEMBERSHIP = "modest.membership"
 MODEL = "modest.model"
 UPDATE = "modest.update"
 BASE = "modest.base"
+GROUP_SUMS = "modest.group_sums"
 #: Prefix of the outer optimizer's state tensors, which travel with a model.
 OUTER_PREFIX = "outer/"
 SAMPLE_KEYS = ("model", "round")
@@ -105,6 +106,8 @@ MAX_SAMPLE = 4096
 MAX_PEER_ID = 256
 #: Transport refusal code of a secure-aggregation claim that the sample order does not support.
 WRONG_SAMPLE = "wrong_sample"
+#: Versions whose group sums from other aggregators a node keeps (spread secure groups), the newest.
+_REMOTE_VERSIONS = 8
 
 State = dict[str, torch.Tensor]
 
@@ -305,6 +308,8 @@ class _Upload:
     base_digest: bytes
     parent_digest: bytes
     train_loss: float
+    #: Spread secure groups: the aggregators of the version in the trainer's order.
+    aggregators: tuple[str, ...] = ()
 
 
 def _short(peer_id: str) -> str:
@@ -316,6 +321,20 @@ def _majority(values: Iterable[bytes]) -> bytes:
     """The most frequent value (ties: the smallest), deterministic."""
     counts = Counter(values)
     return max(sorted(counts), key=lambda d: counts[d]) if counts else b""
+
+
+def _group_result(mean: torch.Tensor, extras: torch.Tensor, weight_sum: float, survivors: tuple[str, ...],
+                  users: int) -> SecAggResult:
+    """A secure group's result as another aggregator receives it (`ModestGroupSums`): the mean in float32."""
+    mean64, extras64 = mean.to(torch.float32).to(torch.float64), extras.to(torch.float32).to(torch.float64)
+    return SecAggResult(weighted_sum=mean64 * weight_sum, extras_sum=extras64 * weight_sum, weight_sum=weight_sum,
+                        survivors=survivors, dropped={}, users=users, neighbours=0, threshold=0, word_bits=0)
+
+
+def _as_sent(result: SecAggResult) -> SecAggResult:
+    """`result` as the other aggregators receive it (`_group_result` of its float32 mean)."""
+    return _group_result(result.mean(), result.extras_mean(), result.weight_sum, tuple(sorted(result.survivors)),
+                         result.users)
 
 
 @dataclass
@@ -352,6 +371,9 @@ class _Aggregation:
         self.group_results: dict[int, SecAggResult | str] = {}
         self.group_changed = asyncio.Event()
         self.groups_closed = False
+        # Secure groups spread over the aggregators (`ModestProtocol._spread`): the residue ``g mod a`` of
+        # the groups trainers send here (from the first claim), i.e. this aggregator's position in their list.
+        self.home: int | None = None
 
     def running(self) -> bool:
         """Whether an instance of a group not yet decided is still running."""
@@ -467,6 +489,10 @@ class ModestProtocol:
         self._vca_extras = len(self._float_names) if settings.rule == "vca" else 0
         self._digests: dict[int, set[bytes]] = {}
         self._refused: set[tuple[int, str]] = set()
+        # Spread secure groups: group sums from the other aggregators of a version, by version and
+        # (group, sender): the base digest they apply to and the sum (None: the sender left the group out).
+        self._remote_groups: dict[int, dict[tuple[int, str], tuple[bytes, SecAggResult | None]]] = {}
+        self._remote_arrived = asyncio.Event()
         if self._secagg is not None:
             if settings.secagg_groups > 1:
                 check_groups(settings.rule, settings.rule_params, settings.secagg_groups, settings.sample_size,
@@ -500,6 +526,7 @@ class ModestProtocol:
         transport.register(MODEL, peer_pb2.ModestModel, self._on_model)
         transport.register(UPDATE, peer_pb2.ModestUpdate, self._on_update)
         transport.register(BASE, peer_pb2.ModestBaseRequest, self._on_base)
+        transport.register(GROUP_SUMS, peer_pb2.ModestGroupSums, self._on_group_sums)
 
     # -- secagg identity keys --------------------------------------------------------------------------
     @property
@@ -741,9 +768,12 @@ class ModestProtocol:
             raise BadMessage("train_loss is not finite", code="non_finite")
         self._merge_view(body.view, max(body.round_estimate, body.round))
         self._heard(sender, max(body.round_estimate, body.round))
+        if len(body.aggregators) > self.settings.aggregators or any(len(a) > MAX_PEER_ID for a in body.aggregators):
+            raise BadMessage(f"the update lists {len(body.aggregators)} aggregators (at most "
+                             f"{self.settings.aggregators}) or an over-long peer id", code="oversized")
         result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
                                             bytes(body.parent_digest), float(body.train_loss),
-                                            secure=self._secagg is not None)
+                                            secure=self._secagg is not None, aggregators=tuple(body.aggregators))
         return Message(result)
 
     async def _on_base(self, sender: str, msg: Message[Any]) -> Message[Any]:
@@ -895,8 +925,10 @@ class ModestProtocol:
         self.health.failed(peer, round_)
         return None
 
-    async def _available(self, round_: int, count: int, key: bytes, exclude: Iterable[str] = ()) -> list[str]:
-        """Up to `count` responsive peers of ``candidate_order(active peers, round_, key)``, in arrival order.
+    async def _available(self, round_: int, count: int, key: bytes, exclude: Iterable[str] = (), *,
+                         ordered: bool = False) -> list[str]:
+        """Up to `count` responsive peers of ``candidate_order(active peers, round_, key)``, in arrival order
+        (with `ordered`, in candidate order: the same list on every node that found the same peers).
 
         The first `count` candidates are pinged in parallel; each one that does not answer is replaced by
         the next unused candidate. This node counts as available without a ping. Candidates in back-off
@@ -936,7 +968,7 @@ class ModestProtocol:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        return found
+        return sorted(found, key=position.__getitem__) if ordered else found
 
     # -- trainer side -------------------------------------------------------------------------------
     async def run_round(self) -> RoundReport:
@@ -1025,7 +1057,13 @@ class ModestProtocol:
                 return self._report("no_sample")
         self.view.flush_pending()  # a model send follows: pending joins enter the view that travels with it
         key = self._key(index, inc.parent)
-        aggregators = [self.server] if self.server is not None else await self._available(index, s.aggregators, key)
+        aggregators = [self.server] if self.server is not None else await self._available(
+            index, s.aggregators, key, ordered=self._spread)
+        targets = aggregators
+        if self._spread and aggregators:
+            # Groups spread over the aggregators: this node's group goes to one of them only (the others
+            # receive its group's sum from that one), so each trainer uploads once instead of a times.
+            targets = [aggregators[group % len(aggregators)]]
         if self._identity is not None and self._keys_stale(members):
             await self._read_keys()  # a member that joined since the last read: its record has its key
         identity_keys = self._keys_for(members, index=index, role="trainer")
@@ -1033,7 +1071,7 @@ class ModestProtocol:
         training: asyncio.Future[Contribution] = loop.create_future()
         silent, self.secagg_silent_from = self.secagg_silent_from, None
         runs = []
-        for a in aggregators:
+        for a in targets:
             session = Session(s.run_id, index, a, members, dim=self._dim, extras=self._vca_extras, group=group)
             try:
                 user = SecAggUser(session, self._secagg, self.transport, local=self._host.dispatch,
@@ -1073,10 +1111,11 @@ class ModestProtocol:
         extras = layer_variances([trained[n] for n in self._float_names]) if self._vca_extras else None
         body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=self.round,
                                      view=self.view.to_proto(), base_digest=base_digest, train_loss=loss,
-                                     examples=self.trainer.num_examples, parent_digest=inc.parent, secure=True)
+                                     examples=self.trainer.num_examples, parent_digest=inc.parent, secure=True,
+                                     aggregators=aggregators if self._spread else [])
         msg: Message[peer_pb2.ModestUpdate] = Message(body, {})
-        tried = set(aggregators)
-        acks_task = asyncio.gather(*(self._deliver(a, msg, k, key, tried, resend=False) for a in aggregators))
+        tried = set(targets)
+        acks_task = asyncio.gather(*(self._deliver(a, msg, k, key, tried, resend=False) for a in targets))
         contribution = Contribution(vector=vector, extras=extras)
         if self.on_secagg_input is not None:
             self.on_secagg_input(k, contribution)
@@ -1163,7 +1202,8 @@ class ModestProtocol:
         body = msg.body
         if agg == self.me:
             return await self._receive_update(self.me, k, msg.tensors, bytes(body.base_digest),
-                                              bytes(body.parent_digest), body.train_loss, secure=body.secure)
+                                              bytes(body.parent_digest), body.train_loss, secure=body.secure,
+                                              aggregators=tuple(body.aggregators))
         call = asyncio.get_running_loop().create_task(
             self.transport.call(agg, UPDATE, msg, peer_pb2.ModestAggAck, timeout=self.settings.ack_timeout_s))
         try:
@@ -1242,8 +1282,8 @@ class ModestProtocol:
 
     # -- aggregator side ----------------------------------------------------------------------------
     async def _receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
-                              parent_digest: bytes, train_loss: float, *, secure: bool = False
-                              ) -> peer_pb2.ModestAggAck:
+                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
+                              aggregators: tuple[str, ...] = ()) -> peer_pb2.ModestAggAck:
         """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends.
 
         `secure`: the update's metadata only (its model travels masked in the secure instance of that
@@ -1265,7 +1305,7 @@ class ModestProtocol:
         if secure:
             if agg is None or sender not in agg.secure_users():
                 return ack(False, "refused")  # no secure instance here that this trainer belongs to
-            agg.models.setdefault(sender, _Upload({}, base_digest, parent_digest, train_loss))
+            agg.models.setdefault(sender, _Upload({}, base_digest, parent_digest, train_loss, aggregators))
             agg.arrived.set()
             result = await asyncio.shield(agg.future)
             ok = result.success and sender in result.contributors
@@ -1405,6 +1445,8 @@ class ModestProtocol:
             self.transport.reject(claim.sender, WRONG_SAMPLE, f"secure aggregation of version {index}: {e}")
             return
         first = not agg.opened
+        if self._spread and agg.home is None:
+            agg.home = group % self.settings.aggregators
         agg.openers[(group, claim.sender)] = p.digest
         agg.candidates.setdefault(group, []).append(instance)
         agg.opened.append(instance)
@@ -1503,7 +1545,7 @@ class ModestProtocol:
         assert self._secagg is not None
         loop = asyncio.get_running_loop()
         open_until = loop.time() + self._secagg.open_timeout_s
-        while len(agg.group_results) < s.secagg_groups:
+        while not self._local_groups(agg) <= set(agg.group_results):
             running = agg.running()
             remaining = open_until - loop.time()
             if not running and remaining <= 0:
@@ -1514,6 +1556,8 @@ class ModestProtocol:
                 await asyncio.wait_for(agg.group_changed.wait(), None if running else remaining)
         agg.groups_closed = True
         results = {g: r for g, r in sorted(agg.group_results.items()) if isinstance(r, SecAggResult)}
+        if self._spread:
+            results = await self._exchange_groups(agg, results)
         if len(results) < s.secagg_groups:
             self.counters["secagg_groups_left_out"] += s.secagg_groups - len(results)
         needed = groups_needed(s.rule, s.rule_params, s.secagg_groups)
@@ -1532,6 +1576,166 @@ class ModestProtocol:
         logger.info("%s: secure aggregation of version %d: %d of %d groups, %d trainers in the group sums",
                     self._me_short, agg.index, len(results), s.secagg_groups, len(survivors))
         await self._complete(agg, groups=results)
+
+    # -- secure groups spread over the aggregators of a version ---------------------------------------
+    @property
+    def _spread(self) -> bool:
+        """Whether secure groups are spread over the aggregators: ``G > 1`` groups and ``a > 1`` aggregators
+        (modest; fl has one server). Group ``g`` is aggregated by the aggregator at position ``g mod a`` of the
+        trainers' list, and the aggregators exchange their group sums (`ModestGroupSums`)."""
+        s = self.settings
+        return self._secagg is not None and s.secagg_groups > 1 and s.aggregators > 1 and self.server is None
+
+    def _local_groups(self, agg: _Aggregation) -> set[int]:
+        """The groups `agg` runs here: all of them, or with spread groups those of its position (`home`) and
+        any other that trainers opened here."""
+        s = self.settings
+        if not self._spread or agg.home is None:
+            return set(range(s.secagg_groups))
+        return {g for g in range(s.secagg_groups) if g % s.aggregators == agg.home} | set(agg.candidates)
+
+    async def _exchange_groups(self, agg: _Aggregation, local: dict[int, SecAggResult]) -> dict[int, SecAggResult]:
+        """Send the sums of this aggregator's groups to the other aggregators of `agg` and add theirs.
+
+        The aggregators and their order are the majority list in the trainers' updates (group ``g`` belongs
+        to ``order[g mod a]``); a sum counts only from the aggregator its group belongs to and only for the
+        same base version. Waits at most ``aggregation_timeout_s`` (the longest a slow group's masked stage
+        runs) for the others' groups; missing ones are left out. Returns every group sum, by group.
+        """
+        s = self.settings
+        survivors = sorted({u for r in local.values() for u in r.survivors})
+        await self._await_metadata(agg, survivors, timeout=s.exchange_timeout_s)
+        lists = Counter(u.aggregators for u in agg.models.values() if u.aggregators)
+        order = max(sorted(lists), key=lambda o: lists[o]) if lists else ()
+        if self.me not in order:
+            logger.warning("%s: version %d: the trainers' aggregator lists do not name this node; its %d group(s) "
+                           "are not exchanged", self._me_short, agg.index, len(local))
+            return local
+        groups = s.secagg_groups
+        owner = {g: order[g % len(order)] for g in range(groups)}
+        base_digest = self._base_digest(agg)
+        left_out = sorted(g for g in range(groups) if owner[g] == self.me and g not in local)
+        for peer in dict.fromkeys(order):
+            if peer != self.me:
+                self._spawn(self._send_group_sums(peer, agg.index, base_digest, local, left_out))
+        foreign = [g for g in range(groups) if owner[g] != self.me and g not in local]
+
+        def collected() -> dict[int, SecAggResult | None]:
+            entries = self._remote_groups.get(agg.index, {})
+            found: dict[int, SecAggResult | None] = {}
+            for g in foreign:
+                entry = entries.get((g, owner[g]))
+                if entry is not None and entry[0] == base_digest:
+                    found[g] = entry[1]
+            return found
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.aggregation_timeout_s
+        while True:
+            self._remote_arrived.clear()
+            got = collected()
+            remaining = deadline - loop.time()
+            if len(got) == len(foreign) or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._remote_arrived.wait(), remaining)
+        # Own groups in the form they travel in (mean rounded to float32), so that every aggregator with the
+        # same groups builds the same model bit for bit (same digest: trainers' sample keys agree).
+        merged = {g: _as_sent(r) for g, r in local.items()}
+        merged.update({g: r for g, r in got.items() if r is not None})
+        others = sum(1 for r in got.values() if r is not None)
+        logger.info("%s: version %d: %d own secure group(s), %d from the other %d aggregator(s), %d left out",
+                    self._me_short, agg.index, len(local), others, len(set(order)) - 1, groups - len(merged))
+        return dict(sorted(merged.items()))
+
+    async def _send_group_sums(self, peer: str, index: int, base_digest: bytes, results: Mapping[int, SecAggResult],
+                               left_out: Sequence[int]) -> None:
+        """Send each group sum of `results` (one message per group: a model's size each) and the groups left
+        out to the aggregator `peer`. A group travels as its mean (float32, as models do) and its weight."""
+        s = self.settings
+        messages: list[Message[peer_pb2.ModestGroupSums]] = []
+        for g, r in results.items():
+            body = peer_pb2.ModestGroupSums(run_id=s.run_id, config_hash=s.config_hash, index=index,
+                                            base_digest=base_digest)
+            body.groups.add(group=g, weight_sum=r.weight_sum, survivors=r.survivors, users=r.users)
+            tensors = {f"mean.{g}": r.mean().to(torch.float32)}
+            if self._vca_extras:
+                tensors[f"extras.{g}"] = r.extras_mean().to(torch.float32)
+            messages.append(Message(body, tensors))
+        if left_out or not messages:
+            messages.append(Message(peer_pb2.ModestGroupSums(run_id=s.run_id, config_hash=s.config_hash, index=index,
+                                                             base_digest=base_digest, left_out=left_out)))
+        for msg in messages:
+            try:
+                await self.transport.call(peer, GROUP_SUMS, msg, peer_pb2.ModestGroupSumsAck,
+                                          timeout=s.exchange_timeout_s)
+            except TransportError as e:
+                logger.info("%s: group sums of version %d to %s failed: %s", self._me_short, index, _short(peer), e)
+                return
+
+    async def _on_group_sums(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        """Keep the group sums another aggregator of a version sent (checked here; their owner and base are
+        checked when the version combines its groups, `_exchange_groups`)."""
+        body: peer_pb2.ModestGroupSums = msg.body
+        self._check_run(sender, body)
+        self._check_round(body.index)
+        s = self.settings
+        if not self._spread:
+            raise BadMessage("group sums, but this run does not spread secure groups over aggregators",
+                             code="malformed")
+        index = int(body.index)
+        if index <= self._completed_index:
+            return Message(peer_pb2.ModestGroupSumsAck(accepted=False, reason="late"))
+        groups = [(int(g.group), g) for g in body.groups]
+        named = [g for g, _ in groups] + [int(g) for g in body.left_out]
+        if len(named) != len(set(named)) or any(g >= s.secagg_groups for g in named):
+            raise BadMessage(f"group sums name groups {named[:8]}: duplicates or beyond secagg_groups="
+                             f"{s.secagg_groups}", code="malformed")
+        if len(body.base_digest) != 32:
+            raise BadMessage("group sums: base_digest must be 32 bytes", code="malformed")
+        largest = -(-s.sample_size // s.secagg_groups)
+        expected = {f"mean.{g}" for g, _ in groups}
+        if self._vca_extras:
+            expected |= {f"extras.{g}" for g, _ in groups}
+        if set(msg.tensors) != expected:
+            raise BadMessage(f"group sums carry tensors {sorted(msg.tensors)[:4]}, expected {sorted(expected)[:4]}",
+                             code="bad_shape")
+        parsed: dict[int, SecAggResult] = {}
+        for g, part in groups:
+            if not (len(part.survivors) <= part.users <= largest and part.survivors) or any(
+                    len(p) > MAX_PEER_ID for p in part.survivors):
+                raise BadMessage(f"group {g}: {len(part.survivors)} survivors of {part.users} members (a group has "
+                                 f"at most {largest})", code="malformed")
+            if not (math.isfinite(part.weight_sum) and part.weight_sum > 0):
+                raise BadMessage(f"group {g}: weight_sum {part.weight_sum} must be finite and > 0", code="non_finite")
+            mean = msg.tensors[f"mean.{g}"]
+            extras = msg.tensors.get(f"extras.{g}", torch.zeros(0))
+            for name, t, n in ((f"mean.{g}", mean, self._dim), (f"extras.{g}", extras, self._vca_extras)):
+                if tuple(t.shape) != (n,) or not t.is_floating_point():
+                    raise BadMessage(f"group sums: {name} has shape {tuple(t.shape)} {t.dtype}, expected ({n},) "
+                                     f"floating", code="bad_shape")
+                if not bool(torch.isfinite(t).all()):
+                    raise BadMessage(f"group sums: {name} holds NaN or Inf", code="non_finite")
+            parsed[g] = _group_result(mean, extras, float(part.weight_sum), tuple(sorted(part.survivors)),
+                                      int(part.users))
+        # Memory stays bounded: one entry per (group, sender), from the aggregators the trainers named once
+        # this node knows their list, and from at most 2 a senders per version before.
+        agg = self._aggregations.get(index)
+        lists = {u.aggregators for u in agg.models.values() if u.aggregators} if agg is not None else set()
+        entries = self._remote_groups.get(index, {})
+        senders = {snd for _, snd in entries}
+        if lists and not any(sender in order for order in lists):
+            return Message(peer_pb2.ModestGroupSumsAck(accepted=False, reason="not_aggregating"))
+        if sender not in senders and len(senders) >= 2 * s.aggregators:
+            return Message(peer_pb2.ModestGroupSumsAck(accepted=False, reason="not_aggregating"))
+        entries = self._remote_groups.setdefault(index, entries)
+        digest = bytes(body.base_digest)
+        for g in named:
+            entries.setdefault((g, sender), (digest, parsed.get(g)))
+        while len(self._remote_groups) > _REMOTE_VERSIONS:
+            del self._remote_groups[min(self._remote_groups)]
+        self._remote_arrived.set()
+        return Message(peer_pb2.ModestGroupSumsAck(accepted=True))
 
     async def _deadline(self, agg: _Aggregation) -> None:
         s = self.settings
@@ -1744,7 +1948,9 @@ class ModestProtocol:
                 other.resolve(_Result(False, "late"))
         self.view.flush_pending()  # a model send: pending joins enter the view
         key = self._key(index, grandparent)
-        sample = await self._available(index, s.sample_size, key, exclude=self._exclude())
+        # Spread groups: every aggregator of the version sends the sample in candidate order, so that its
+        # members derive the same groups whichever aggregator's copy reaches them first.
+        sample = await self._available(index, s.sample_size, key, exclude=self._exclude(), ordered=self._spread)
         accepted = await self._push_model(sample, index, new_state, outer_state, parent=parent,
                                           combined=max(1, len(contributors)), sample_key=key)
         result = _Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)
