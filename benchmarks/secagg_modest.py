@@ -4,12 +4,16 @@ Run from the repository root::
 
     python benchmarks/secagg_modest.py                              # 20 nodes, s = 10, 10 rounds
     python benchmarks/secagg_modest.py --hidden 64 1024 --rounds 5
+    python benchmarks/secagg_modest.py --aggregators 2 --groups 2     # groups spread over 2 aggregators
 
 Both runs use the same seed, the same in-memory network (links 5 ms, 100 Mbit/s, uplink FIFO) on the
 virtual clock and the same nodes; only ``secagg`` differs (its defaults: complete graph, t = 7 of 10,
 modulus 2^32, 2^22 levels, clip 8, AES-256-CTR masks). The task is digits-mlp with a hidden layer of
 ``--hidden`` units (64: 4,810 parameters, the task's default; 1024: 76,810), through the factory
-`hidden_digits` of this module. Figures per round, averaged over the run's rounds:
+`hidden_digits` of this module. With ``--aggregators A`` both runs have A aggregators per version;
+with ``--groups G`` the secure run splits each sample into G secure groups (``--secagg-groups``; with
+A > 1 they are spread over the aggregators, which exchange their group sums, and each trainer uploads
+once where a plain trainer uploads to all A). Figures per round, averaged over the run's rounds:
 
 - ``KB``: bytes the network carried per model version (all messages, both directions, envelopes
   included), in 10^3 bytes.
@@ -45,7 +49,8 @@ def hidden_digits() -> Task:
     return DigitsMLPTask(hidden=_HIDDEN["units"])
 
 
-def run(hidden: int, secagg: bool, rounds: int, nodes: int, sample: int, seed: int) -> dict[str, Any]:
+def run(hidden: int, secagg: bool, rounds: int, nodes: int, sample: int, seed: int, aggregators: int = 1,
+        groups: int = 1, min_group: int = 5) -> dict[str, Any]:
     import importlib
 
     from simulator import SimConfig, run_simulation
@@ -53,7 +58,8 @@ def run(hidden: int, secagg: bool, rounds: int, nodes: int, sample: int, seed: i
     # The simulator imports this file as the module `secagg_modest` (not `__main__`): set the width there.
     importlib.import_module("secagg_modest")._HIDDEN["units"] = hidden
     cfg = SimConfig(nodes=nodes, rounds=rounds, topology="modest", sample_size=sample, seed=seed,
-                    task="secagg_modest:hidden_digits", secagg=secagg)
+                    task="secagg_modest:hidden_digits", secagg=secagg, aggregators=aggregators,
+                    secagg_groups=groups if secagg else 1, secagg_min_group=min_group)
     t0, c0 = time.perf_counter(), time.process_time()
     result = run_simulation(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -72,15 +78,21 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--sample", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--aggregators", type=int, default=1, help="aggregators per version (both runs)")
+    parser.add_argument("--groups", type=int, default=1, help="secure groups per sample (the secure run)")
+    parser.add_argument("--min-group", type=int, default=5, help="secagg_min_group of the secure run")
     parser.add_argument("--json", action="store_true", help="one JSON line per run instead of a table")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the task factory lives here
-    run(64, True, 2, args.nodes, args.sample, args.seed)  # warm-up: data loading, imports, first allocations
+    extra = {"aggregators": args.aggregators, "groups": args.groups, "min_group": args.min_group}
+    print(f"# {args.nodes} nodes, s = {args.sample}, a = {args.aggregators}, secure groups G = {args.groups}, "
+          f"seed {args.seed}, {args.rounds} rounds")
+    run(64, True, 2, args.nodes, args.sample, args.seed, **extra)  # warm-up: data loading, imports, first allocations
     print(f"{'hidden':>6} {'secagg':>6} {'KB/round':>9} {'virt_s':>7} {'wall_s':>7} {'cpu_s':>6} {'acc':>6} "
           f"{'pulls':>5}")
     for hidden in args.hidden:
         for secagg in (False, True):
-            r = run(hidden, secagg, args.rounds, args.nodes, args.sample, args.seed)
+            r = run(hidden, secagg, args.rounds, args.nodes, args.sample, args.seed, **extra)
             if args.json:
                 print(json.dumps(r))
             else:

@@ -17,7 +17,7 @@ from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import PeerUnreachable
-from p2pnode.protocols.modest import ModestProtocol
+from p2pnode.protocols.modest import ModestProtocol, model_digest
 from p2pnode.secagg import Contribution, Stage, keys
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -73,9 +73,11 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
     assert not guard.leaked_processes, guard.leaked_processes
 
 
-async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them() -> None:
+@pytest.mark.parametrize("aggregators", [1, 3], ids=["one-aggregator", "spread-over-three"])
+async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them(aggregators: int) -> None:
     """--secagg-groups 3 --rule median: each round is three secure instances (groups of two trainers), and the
-    aggregator takes the coordinate-wise median of the three group means."""
+    aggregator takes the coordinate-wise median of the three group means. With --aggregators 3 the groups are
+    spread, one per aggregator; the aggregators exchange their group sums and build the same model."""
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         tasks: list[asyncio.Task[None]] = []
@@ -86,7 +88,7 @@ async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them()
                 config = NodeConfig(run_id="modest-secagg-groups", seed=3, shard=(i, 6), device="cpu",
                                     initial_peers=initial, topology="modest", sample_size=6, secagg=True,
                                     secagg_groups=3, secagg_min_group=2, rule="median", aggregation_timeout_s=10.0,
-                                    ping_timeout_s=3.0,
+                                    ping_timeout_s=3.0, aggregators=aggregators,
                                     idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0,
                                     local_steps=30).validate()
                 node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
@@ -102,16 +104,24 @@ async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them()
 
             tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
             await log.until(3, timeout=120.0)
+            await asyncio.sleep(1.0)  # the other aggregators of version 3
             by_version = {e.index: e for e in log.events}
             for v in (1, 2, 3):
-                ev = by_version[v]
-                assert ev.secure and ev.aborted is None and ev.rule == "median"
-                assert len(ev.contributors) == 6 and ev.dropped == []
+                events = [e for e in log.events if e.index == v]
+                for ev in events:
+                    assert ev.secure and ev.aborted is None and ev.rule == "median"
+                    assert len(ev.contributors) == 6 and ev.dropped == []
+                # Every aggregator of a version built the same model (with spread groups: from exchanged sums).
+                assert len({model_digest(ev.state) for ev in events if ev.state is not None}) == 1
+            if aggregators > 1:
+                assert len({e.aggregator for e in log.events if e.index == 1}) > 1
             accuracy = by_version[3].accuracy
             assert accuracy is not None and accuracy > 0.7, [by_version[v].accuracy for v in (1, 2, 3)]
             counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
             assert not any(c["secagg_aborted"] or c["secagg_refused"] or c["secagg_groups_left_out"]
                            for c in counters), counters
+            if aggregators > 1:
+                assert sum(c["secagg_remote_groups"] for c in counters) >= 2 * 3  # two others' groups, per version
         finally:
             for t in tasks:
                 t.cancel()

@@ -419,7 +419,9 @@ class ModestProtocol:
     the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
     support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node),
     ``secagg_competing_claims`` (an instance opened beside another of the same group, from a claim with
-    another member list) and ``secagg_candidates_aborted`` (such an instance that aborted while another ran).
+    another member list), ``secagg_candidates_aborted`` (such an instance that aborted while another ran),
+    and with groups spread over the aggregators ``secagg_remote_groups`` (group sums of other aggregators
+    combined here).
     `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
     (fault injection for the simulator and the tests). `secagg_randomness`: the secret randomness of
     this node's secagg users (default: the OS CSPRNG; the simulator passes a seeded stream).
@@ -1572,7 +1574,8 @@ class ModestProtocol:
             return
         self.counters["secagg_rounds"] += 1
         survivors = sorted({u for r in results.values() for u in r.survivors})
-        await self._await_metadata(agg, survivors, timeout=s.exchange_timeout_s)
+        if not self._spread:  # (spread: `_exchange_groups` waited for its own trainers'; the others' go elsewhere)
+            await self._await_metadata(agg, survivors, timeout=s.exchange_timeout_s)
         logger.info("%s: secure aggregation of version %d: %d of %d groups, %d trainers in the group sums",
                     self._me_short, agg.index, len(results), s.secagg_groups, len(survivors))
         await self._complete(agg, groups=results)
@@ -1644,6 +1647,7 @@ class ModestProtocol:
         merged = {g: _as_sent(r) for g, r in local.items()}
         merged.update({g: r for g, r in got.items() if r is not None})
         others = sum(1 for r in got.values() if r is not None)
+        self.counters["secagg_remote_groups"] += others
         logger.info("%s: version %d: %d own secure group(s), %d from the other %d aggregator(s), %d left out",
                     self._me_short, agg.index, len(local), others, len(set(order)) - 1, groups - len(merged))
         return dict(sorted(merged.items()))
