@@ -52,9 +52,10 @@ def _max_diff(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.Tensor
 BASE: dict[str, Any] = {"nodes": 20, "topology": "modest", "sample_size": 10, "aggregators": 2, "seed": 3}
 
 
-def test_spread_groups_give_every_aggregator_the_same_model_and_the_plain_mean() -> None:
-    plain, plain_events = _events(SimConfig(rounds=3, **BASE))
-    secure, events = _events(SimConfig(rounds=3, secagg=True, secagg_groups=2, **BASE))
+@pytest.mark.parametrize("rule", ["mean", "vca"])
+def test_spread_groups_give_every_aggregator_the_same_model_and_the_plain_result(rule: str) -> None:
+    plain, plain_events = _events(SimConfig(rounds=3, rule=rule, **BASE))
+    secure, events = _events(SimConfig(rounds=3, secagg=True, secagg_groups=2, rule=rule, **BASE))
     assert secure["config"]["secagg_groups"] == 2
     for index in (1, 2):
         evs = events[index]
@@ -64,7 +65,8 @@ def test_spread_groups_give_every_aggregator_the_same_model_and_the_plain_mean()
         assert len(first.contributors) == 10 and first.dropped == [] and second.dropped == []
         # Bit for bit the same model (hence the same digest: the next samples' keys agree).
         assert _max_diff(first.state, second.state) == 0.0
-    # The combination is the mean of the 10 updates, as in the plain run with the same seed.
+    # The combination is the mean of the 10 updates (vca: rescaled to their layers' mean variance, which
+    # travels as extra coordinates), as in the plain run with the same seed.
     assert events[1][0].contributors == plain_events[1][0].contributors
     assert _max_diff(events[1][0].state, plain_events[1][0].state) <= TOLERANCE
     counters = secure["protocol_events"]
