@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+import torch
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
@@ -55,3 +57,14 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
         await node.start()
         nodes.append(node)
     return Group(network, registry, nodes)
+
+
+#: Per-coordinate bound on the error of a securely aggregated mean: each update is quantized with step
+#: 2 c / Q (c = 8, Q = 2^22), so their mean is off by at most that; plus float32 rounding.
+SECAGG_TOLERANCE = 2 * 8.0 / 2**22 + 1e-6
+
+
+def max_state_diff(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.Tensor] | None) -> float:
+    """Largest absolute difference between two models (same entries), in float64."""
+    assert a is not None and b is not None and a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)

@@ -30,11 +30,9 @@ from p2pnode.secagg.state import UserReport
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
-from simutil import make_group
+from simutil import SECAGG_TOLERANCE, make_group, max_state_diff
 
-#: Per-coordinate bound on the error of a securely aggregated mean: each update is quantized with
-#: step 2 c / Q (c = 8, Q = 2^22), so their mean is off by at most that; plus float32 rounding.
-TOLERANCE = 2 * 8.0 / 2**22 + 1e-6
+TOLERANCE = SECAGG_TOLERANCE
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +59,7 @@ def _run(cfg: SimConfig) -> tuple[dict[str, object], dict[int, AggregationEvent]
     return run_simulation(cfg, on_event=keep), events
 
 
-def _max_diff(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> float:
-    assert a is not None and b is not None and a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+_max_diff = max_state_diff
 
 
 def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:

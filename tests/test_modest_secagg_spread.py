@@ -23,11 +23,9 @@ from p2pnode.secagg.state import SecAggResult, UserReport
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
-from simutil import make_group
+from simutil import SECAGG_TOLERANCE, make_group, max_state_diff
 
-#: Per-coordinate bound on the error of a securely aggregated mean (step 2 c / Q with c = 8, Q = 2^22),
-#: plus the float32 rounding of a group mean sent to the other aggregators.
-TOLERANCE = 2 * 8.0 / 2**22 + 1e-6
+TOLERANCE = SECAGG_TOLERANCE
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +42,7 @@ def _events(cfg: SimConfig) -> tuple[dict[str, Any], dict[int, list[AggregationE
     return result, events
 
 
-def _max_diff(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.Tensor] | None) -> float:
-    assert a is not None and b is not None and a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+_max_diff = max_state_diff
 
 
 BASE: dict[str, Any] = {"nodes": 20, "topology": "modest", "sample_size": 10, "aggregators": 2, "seed": 3}

@@ -1522,11 +1522,7 @@ class ModestProtocol:
             return
         s = self.settings
         if isinstance(outcome, str):
-            self.counters["secagg_aborted"] += 1
-            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
-                           self._me_short, agg.index, outcome)
-            await self._await_metadata(agg, agg.secure_users(), timeout=s.aggregation_timeout_s, any_one=True)
-            await self._complete(agg, aborted=outcome)
+            await self._abort_secure(agg, outcome)
             return
         self.counters["secagg_rounds"] += 1
         await self._await_metadata(agg, outcome.survivors, timeout=s.exchange_timeout_s)
@@ -1564,13 +1560,8 @@ class ModestProtocol:
             self.counters["secagg_groups_left_out"] += s.secagg_groups - len(results)
         needed = groups_needed(s.rule, s.rule_params, s.secagg_groups)
         if len(results) < needed:
-            reason = (f"{len(results)} of {s.secagg_groups} secure groups completed; rule {s.rule} needs "
-                      f"{needed}")
-            self.counters["secagg_aborted"] += 1
-            logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
-                           self._me_short, agg.index, reason)
-            await self._await_metadata(agg, agg.secure_users(), timeout=s.aggregation_timeout_s, any_one=True)
-            await self._complete(agg, aborted=reason)
+            await self._abort_secure(agg, f"{len(results)} of {s.secagg_groups} secure groups completed; rule "
+                                          f"{s.rule} needs {needed}")
             return
         self.counters["secagg_rounds"] += 1
         survivors = sorted({u for r in results.values() for u in r.survivors})
@@ -1579,6 +1570,16 @@ class ModestProtocol:
         logger.info("%s: secure aggregation of version %d: %d of %d groups, %d trainers in the group sums",
                     self._me_short, agg.index, len(results), s.secagg_groups, len(survivors))
         await self._complete(agg, groups=results)
+
+    async def _abort_secure(self, agg: _Aggregation, reason: str) -> None:
+        """Complete `agg` as aborted (loudly: counted and logged): the new version is the base unchanged."""
+        self.counters["secagg_aborted"] += 1
+        logger.warning("%s: secure aggregation of version %d aborted (%s); the model goes on unchanged",
+                       self._me_short, agg.index, reason)
+        # The trainers' metadata names the base version; wait for one of them at least.
+        await self._await_metadata(agg, agg.secure_users(), timeout=self.settings.aggregation_timeout_s,
+                                   any_one=True)
+        await self._complete(agg, aborted=reason)
 
     # -- secure groups spread over the aggregators of a version ---------------------------------------
     @property
