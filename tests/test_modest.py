@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,16 +17,11 @@ from p2pnode.protocols.membership import JOIN, LEAVE, Entry, View, from_proto, i
 from p2pnode.protocols.modest import UPDATE, AggregationEvent, ModestProtocol, model_digest
 from p2pnode.transport import Message
 from p2pnode.transport.clock import run_virtual
-from simutil import Group, make_group
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Small models: one thread is fastest, and it does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from simutil import (
+    Group,
+    make_group,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+)
 
 # -- candidate order -----------------------------------------------------------------------------------
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from p2pnode.daemon.build import build_protocol, build_trainer
 from p2pnode.daemon.node import Node
@@ -17,16 +15,12 @@ from p2pnode.discovery.memory import MemoryDirectory
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.transport.clock import run_virtual
-from simutil import Group, make_config, make_group
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Small models: one thread is fastest, and it does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from simutil import (
+    Group,
+    make_config,
+    make_group,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+)
 
 
 def _p(node: Node) -> ModestProtocol:

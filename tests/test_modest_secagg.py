@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,17 +29,14 @@ from p2pnode.secagg.state import UserReport
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
-from simutil import SECAGG_TOLERANCE, make_group, max_state_diff
+from simutil import (
+    SECAGG_TOLERANCE,
+    make_group,
+    max_state_diff,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+)
 
 TOLERANCE = SECAGG_TOLERANCE
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def claim_for(agg: ModestProtocol, index: int, sender: str, users: tuple[str, ...], *, group: int = 0) -> SessionClaim:

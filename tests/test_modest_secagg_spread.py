@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -23,17 +23,14 @@ from p2pnode.secagg.state import SecAggResult, UserReport
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
-from simutil import SECAGG_TOLERANCE, make_group, max_state_diff
+from simutil import (
+    SECAGG_TOLERANCE,
+    make_group,
+    max_state_diff,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+)
 
 TOLERANCE = SECAGG_TOLERANCE
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _events(cfg: SimConfig) -> tuple[dict[str, Any], dict[int, list[AggregationEvent]]]:
