@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -79,3 +81,24 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120.0, settle_s: float = 1.0) -> None:
+    """Run every node's rounds until `done` is set (or `timeout_s` seconds), `settle_s` seconds more (late
+    messages of the last round), then shut every node down."""
+
+    async def loop(node: Node) -> None:
+        while True:
+            await node.run_round()
+
+    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout_s)
+        await asyncio.sleep(settle_s)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for node in group.nodes:
+            await node.shutdown()

@@ -8,7 +8,6 @@ coordinate, within the fixed-point bound.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from typing import Any
 
@@ -34,6 +33,7 @@ from simutil import (
     make_group,
     max_state_diff,
     one_torch_thread,  # noqa: F401  (autouse fixture)
+    run_until,
 )
 
 TOLERANCE = SECAGG_TOLERANCE
@@ -322,21 +322,7 @@ async def _first_version(group: Any, *, timeout_s: float = 120.0) -> tuple[Aggre
         node.protocol.on_aggregate = on_aggregate
         node.protocol.on_secagg_report = on_report
 
-    async def loop(node: Any) -> None:
-        while True:
-            await node.run_round()
-
-    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first.wait(), timeout_s)
-        await asyncio.sleep(1.0)  # let the users of version 1 end
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for node in group.nodes:
-            await node.shutdown()
+    await run_until(group, first, timeout_s=timeout_s)  # then 1 s more: the users of version 1 end
     return (events[0] if events else None), reports
 
 

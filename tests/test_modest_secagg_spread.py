@@ -8,7 +8,6 @@ them with the run's rule, so a lying aggregator is one bad group among G for a r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from simutil import (
     make_group,
     max_state_diff,
     one_torch_thread,  # noqa: F401  (autouse fixture)
+    run_until,
 )
 
 TOLERANCE = SECAGG_TOLERANCE
@@ -91,17 +91,7 @@ def test_each_trainer_uploads_once_to_the_aggregator_of_its_group() -> None:
             p.on_secagg_report = on_report
             p.on_aggregate = on_aggregate
             await p._start()
-        tasks = [asyncio.get_running_loop().create_task(_loop(n)) for n in group.nodes]
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 120.0)
-            await asyncio.sleep(1.0)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for node in group.nodes:
-                await node.shutdown()
+        await run_until(group, done)
         assert len(aggregators) == 2  # both completed version 1 with all 10 updates
         trainers = [me for me, _ in reports]
         # One secure instance per trainer (not one per aggregator), all completed.
@@ -109,11 +99,6 @@ def test_each_trainer_uploads_once_to_the_aggregator_of_its_group() -> None:
         assert all(r.status.name == "DONE" for _, r in reports)
 
     run_virtual(main())
-
-
-async def _loop(node: Any) -> None:
-    while True:
-        await node.run_round()
 
 
 def _forge_group_sums(bad: str, scale: float) -> Any:
