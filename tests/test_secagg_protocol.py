@@ -148,6 +148,8 @@ def test_seeded_runs_send_the_same_bytes_and_other_seeds_do_not() -> None:
         out = instance(xs, SecAggSettings(threshold=3), seed=seed,
                        on_masked_input=lambda i, w: seen.setdefault(i, w.tobytes()))
         assert out.result is not None
+        for r in out.reports:  # the CPU after the input is a part of the total, apart from the masks'
+            assert 0 < r.input_s and 0 < r.mask_s and r.input_s + r.mask_s <= r.compute_s + 1e-9
         return seen, out.result.weighted_sum
 
     a, sum_a = masked(1)

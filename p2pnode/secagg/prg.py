@@ -13,7 +13,7 @@ key: a 32-bit seed, as some references fold their keys into, lets anyone who see
 brute-force its mask.
 
 Masks are added chunk by chunk (`MaskGenerator.apply`, `apply_all`, `chunks`): the keystream of one
-chunk (128 KiB by default) stays in cache while it is added, and all the masks of a vector are added to
+chunk (256 KiB by default) stays in cache while it is added, and all the masks of a vector are added to
 one chunk before the next, so any number of masks costs one pass over the accumulator instead of one
 each, and no second vector of the model's size is materialized.
 """
@@ -48,10 +48,10 @@ class MaskGenerator:
 
     :param algorithm: ``"aes-256-ctr"`` (default) or ``"chacha20"``.
     :param word_bits: 32 (default) or 64: the modulus is 2^word_bits.
-    :param chunk_bytes: keystream generated per step, in bytes (default 128 KiB).
+    :param chunk_bytes: keystream generated per step, in bytes (default 256 KiB).
     """
 
-    def __init__(self, algorithm: str = "aes-256-ctr", word_bits: int = 32, chunk_bytes: int = 1 << 17) -> None:
+    def __init__(self, algorithm: str = "aes-256-ctr", word_bits: int = 32, chunk_bytes: int = 1 << 18) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown mask generator {algorithm!r}; available: {', '.join(ALGORITHMS)}")
         self.algorithm = algorithm

@@ -34,7 +34,7 @@ from p2pnode.errors import ConfigError
 from p2pnode.secagg.prg import word_dtype
 
 #: Coordinates per step of encoding and decoding: the working buffers stay in the CPU's cache.
-CHUNK = 1 << 15
+CHUNK = 1 << 16
 
 
 def choose_word_bits(levels: int, summands: int, requested: int | None = None) -> int:
@@ -181,8 +181,7 @@ class FixedPoint:
                 rng.random(out=w)
                 w += b
                 z += w
-            np.maximum(z, 0.0, out=z)  # the clip to [0, Q] (ufuncs: less overhead than np.clip)
-            np.minimum(z, top, out=z)  # after adding u: a z in (Q - 1, Q] still rounds up with its fraction
+            np.clip(z, 0.0, top, out=z)  # after adding u: a z in (Q - 1, Q) still rounds up with its fraction
             if add:
                 q = q_buf[:m]
                 np.copyto(q, z, casting="unsafe")  # truncation: floor, for z >= 0; exact below 2^53

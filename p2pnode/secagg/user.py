@@ -93,6 +93,7 @@ class SecAggUser:
         self.state: UserState | None = None
         self._cpu = CpuClock()
         self._mask_s = 0.0
+        self._input_at: float | None = None  # compute seconds when the input became available
 
     # -- internals ----------------------------------------------------------------------------
     def _report(self, status: Status, reason: str | None = None) -> UserReport:
@@ -100,7 +101,8 @@ class SecAggUser:
         return UserReport(peer_id=self.peer_id, index=self.index, status=status,
                           completed=st.completed if st else None, reason=reason,
                           survivors=len(st.survivors) if st else 0, partners=len(st.partners) if st else 0,
-                          compute_s=self._cpu.seconds, mask_s=self._mask_s)
+                          compute_s=self._cpu.seconds, mask_s=self._mask_s,
+                          input_s=0.0 if self._input_at is None else self._cpu.seconds - self._input_at)
 
     async def _call(self, stage: Stage, body: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
         """Send this stage's message and return the reply body (retrying while the instance is not open)."""
@@ -303,6 +305,7 @@ class SecAggUser:
         if inspect.isawaitable(contribution):
             contribution = await contribution
         c: Contribution = contribution
+        self._input_at = self._cpu.seconds
         masked, spent = await loop.run_in_executor(None, cpu_call,
                                                    functools.partial(self._masked, premask, noise, c))
         self._cpu.seconds += spent
