@@ -8,7 +8,11 @@ One user's vector of ``d + e + 1`` words is laid out as:
 - 1 weight coordinate: ``round(w / max_weight * levels)``, exactly.
 
 The first two use unbiased stochastic rounding: ``z`` becomes ``floor(z) + 1`` with probability
-``z - floor(z)``, else ``floor(z)``, so ``E[q] = z`` and ``|q - z| < 1``.
+``z - floor(z)``, else ``floor(z)``, so ``E[q] = z`` and ``|q - z| < 1``. It is computed as
+``floor(clip(z + u, 0, levels))`` with ``u`` uniform in [0, 1), in float64; the ``u`` do not depend on
+the input, so a user draws them ahead (`FixedPoint.draw_noise`), while it trains, and the encoding
+after training is a few passes over cached chunks, added straight into the precomputed masks
+(``encode(noise=..., add_to=...)``).
 
 **Overflow.** Every word lies in ``[0, levels]``, so the sum of ``n`` users is at most ``n * levels``;
 the modular sum equals the integer sum exactly when ``n * levels < R``. `choose_word_bits` picks 32
