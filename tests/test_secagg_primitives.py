@@ -283,6 +283,8 @@ def test_rounding_noise_drawn_ahead_gives_the_same_words_and_adds_into_masks() -
         fp.encode(torch.tensor([0.0, float("inf")] + [0.0] * 4998), 3.0, ex, noise=noise, add_to=masked)
     with pytest.raises(ValueError, match="NaN"):
         fp.encode(x, 3.0, torch.tensor([0.0, float("nan"), 0.0]), noise=noise)
+    huge = torch.full((5000,), 1e308, dtype=torch.float64)  # finite, though their sum is not: clipped
+    assert (fp.encode(huge, 3.0, ex, noise=noise)[:5000] == fp.levels).all()
 
 
 def test_rounding_noise_drawn_ahead_is_unbiased_and_within_the_bound() -> None:

@@ -170,28 +170,31 @@ class FixedPoint:
         z_buf, w_buf = np.empty(size), np.empty(size)
         q_buf = np.empty(size, dtype=out.dtype)
         top = float(self.levels)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            m = stop - start
-            z = z_buf[:m]
-            np.multiply(x[start:stop], a, out=z, dtype=np.float64)
-            if not math.isfinite(float(np.add.reduce(z))):  # finite float32 * a cannot overflow a float64 sum
-                raise ValueError("the contribution holds NaN or Inf")
-            if noise is not None:
-                z += noise[start:stop]
-            else:
-                assert rng is not None
-                w = w_buf[:m]
-                rng.random(out=w)
-                w += b
-                z += w
-            np.clip(z, 0.0, top, out=z)  # after adding u: a z in (Q - 1, Q) still rounds up with its fraction
-            if add:
-                q = q_buf[:m]
-                np.copyto(q, z, casting="unsafe")  # truncation: floor, for z >= 0; exact below 2^53
-                np.add(out[start:stop], q, out=out[start:stop])  # wraps modulo 2^bits
-            else:
-                np.copyto(out[start:stop], z, casting="unsafe")
+        with np.errstate(over="ignore"):  # a huge finite input overflows to inf, then clips to Q: fine
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                m = stop - start
+                z, xs = z_buf[:m], x[start:stop]
+                # One float64 sum per chunk (finite float32 values cannot overflow it), and an element-wise
+                # check only when the sum is not finite (float64 inputs can overflow it).
+                if not math.isfinite(float(np.add.reduce(xs, dtype=np.float64))) and not np.isfinite(xs).all():
+                    raise ValueError("the contribution holds NaN or Inf")
+                np.multiply(xs, a, out=z, dtype=np.float64)
+                if noise is not None:
+                    z += noise[start:stop]
+                else:
+                    assert rng is not None
+                    w = w_buf[:m]
+                    rng.random(out=w)
+                    w += b
+                    z += w
+                np.clip(z, 0.0, top, out=z)  # after adding u: a z in (Q - 1, Q) still rounds up with its fraction
+                if add:
+                    q = q_buf[:m]
+                    np.copyto(q, z, casting="unsafe")  # truncation: floor, for z >= 0; exact below 2^53
+                    np.add(out[start:stop], q, out=out[start:stop])  # wraps modulo 2^bits
+                else:
+                    np.copyto(out[start:stop], z, casting="unsafe")
 
     def encode(self, vector: torch.Tensor, weight: float = 1.0, extras: torch.Tensor | None = None, *,
                rng: np.random.Generator | None = None, noise: np.ndarray | None = None,
