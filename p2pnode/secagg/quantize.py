@@ -175,9 +175,9 @@ class FixedPoint:
                 stop = min(n, start + chunk)
                 m = stop - start
                 z, xs = z_buf[:m], x[start:stop]
-                # One float64 sum per chunk (finite float32 values cannot overflow it), and an element-wise
-                # check only when the sum is not finite (float64 inputs can overflow it).
-                if not math.isfinite(float(np.add.reduce(xs, dtype=np.float64))) and not np.isfinite(xs).all():
+                # One sum per chunk, and an element-wise check only when the sum is not finite (NaN, Inf,
+                # or huge finite values whose sum overflows).
+                if not math.isfinite(float(np.add.reduce(xs))) and not np.isfinite(xs).all():
                     raise ValueError("the contribution holds NaN or Inf")
                 np.multiply(xs, a, out=z, dtype=np.float64)
                 if noise is not None:
