@@ -358,8 +358,8 @@ class BadMaskedUser(SecAggUser):
 
     mode = "shape"
 
-    def _masked(self, premask: np.ndarray, c: Contribution) -> torch.Tensor:
-        good = super()._masked(premask, c)
+    def _masked(self, premask: np.ndarray, noise: np.ndarray, c: Contribution) -> torch.Tensor:
+        good = super()._masked(premask, noise, c)
         if self.mode == "shape":
             return torch.cat([good, good])
         if self.mode == "huge":

@@ -129,6 +129,29 @@ def test_mask_is_the_cipher_keystream_as_little_endian_words(algorithm: str, bit
     assert not acc.any()  # subtracting the same mask cancels exactly
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_all_masks_in_one_pass_equal_one_mask_at_a_time(bits: int) -> None:
+    n = 1001
+    masks = [(bytes([i]) * 32, 1 if i % 2 else -1) for i in range(5)]
+    gen = MaskGenerator("aes-256-ctr", bits, chunk_bytes=200)  # many chunks, not a multiple of a block
+    start = np.arange(n, dtype=gen.dtype)
+    one_by_one = start.copy()
+    for seed, sign in masks:
+        gen.apply(one_by_one, seed, sign)
+    together = start.copy()
+    gen.apply_all(together, masks)
+    assert np.array_equal(together, one_by_one)
+    acc = start.copy()
+    ranges = list(gen.chunks(acc, masks))
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert np.array_equal(acc, one_by_one)
+    gen.apply_all(acc, [(seed, -sign) for seed, sign in masks])
+    assert np.array_equal(acc, start)
+    with pytest.raises(ValueError, match="signs"):
+        gen.apply_all(acc, [(masks[0][0], 2)])
+
+
 def test_mask_generator_refuses_short_seeds() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         MaskGenerator().stream(b"\x01" * 4, 10)
@@ -236,6 +259,70 @@ def test_quantization_error_is_below_one_step_and_unbiased() -> None:
     err = back - x.double()
     assert float(err.abs().max()) <= fp.step
     assert abs(float(err.mean())) < 0.01 * fp.step * 3  # stochastic rounding is unbiased
+
+
+def test_rounding_noise_drawn_ahead_gives_the_same_words_and_adds_into_masks() -> None:
+    fp = FixedPoint(dim=5000, extras=3, clip=2.0, levels=2**16, extra_range=(-1.0, 3.0), max_weight=4.0)
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    ex = torch.tensor([0.5, -2.0, 2.5])
+    direct = fp.encode(x, 3.0, ex, rng=np.random.default_rng(7))
+    noise = fp.draw_noise(np.random.default_rng(7))
+    assert noise.shape == (5003,) and noise.dtype == np.float64
+    assert np.array_equal(fp.encode(x, 3.0, ex, noise=noise), direct)  # same generator, same words
+    assert np.array_equal(fp.draw_noise(np.random.default_rng(7)), noise)  # deterministic from a seed
+    masks = np.random.default_rng(3).integers(0, 2**32, size=fp.length, dtype=np.uint32)
+    masks[-1] = 2**32 - 1  # the weight coordinate wraps too
+    masked = masks.copy()
+    assert fp.encode(x, 3.0, ex, noise=noise, add_to=masked) is masked
+    assert np.array_equal(masked, masks + direct)  # modulo 2^32
+    with pytest.raises(ValueError, match="noise"):
+        fp.encode(x, 3.0, ex, noise=noise[:-1])
+    with pytest.raises(ValueError, match="add to"):
+        fp.encode(x, 3.0, ex, noise=noise, add_to=masked.astype(np.uint64))
+    with pytest.raises(ValueError, match="NaN"):
+        fp.encode(torch.tensor([0.0, float("inf")] + [0.0] * 4998), 3.0, ex, noise=noise, add_to=masked)
+    with pytest.raises(ValueError, match="NaN"):
+        fp.encode(x, 3.0, torch.tensor([0.0, float("nan"), 0.0]), noise=noise)
+    huge = torch.full((5000,), 1e308, dtype=torch.float64)  # finite, though their sum is not: clipped
+    assert (fp.encode(huge, 3.0, ex, noise=noise)[:5000] == fp.levels).all()
+
+
+def test_rounding_noise_drawn_ahead_is_unbiased_and_within_the_bound() -> None:
+    # Every input sits at a quarter, a half or three quarters of a step: rounding is random for all.
+    fp = FixedPoint(dim=30_000, clip=1.0, levels=2**10)
+    frac = np.array([0.25, 0.5, 0.75])[np.arange(30_000) % 3]
+    x = torch.from_numpy(((np.arange(30_000) % 1000 - 500) + frac) * fp.step)
+    g = np.random.default_rng(11)
+    errs = []
+    for _ in range(4):
+        masks = g.integers(0, 2**32, size=fp.length, dtype=np.uint32)
+        y = fp.encode(x, noise=fp.draw_noise(g), add_to=masks.copy())
+        back, _, _ = fp.decode_sum(y - masks, 1)
+        errs.append(back - x)
+    err = torch.stack(errs)
+    assert float(err.abs().max()) < fp.step
+    # E[err] = 0 per class of fraction: 120,000 / 3 draws, standard deviation of the mean < 0.003 step
+    for k in range(3):
+        assert abs(float(err[:, k::3].mean())) < 0.015 * fp.step
+    # the rounding is random: about a quarter, half, three quarters of the draws round up
+    up = (err > 0).double()
+    for k, p in enumerate((0.25, 0.5, 0.75)):
+        assert abs(float(up[:, k::3].mean()) - p) < 0.015
+
+
+def test_decoding_in_ranges_equals_decoding_at_once() -> None:
+    fp = FixedPoint(dim=100, extras=4, clip=3.0, levels=2**20, extra_range=(-2.0, 5.0), max_weight=2.0)
+    words = np.random.default_rng(5).integers(0, 3 * 2**20, size=fp.length, dtype=np.uint32)
+    at_once = fp.decode_sum(words, 3)
+    ranges = [(0, 7), (7, 100), (100, 102), (102, 105)]
+    split = fp.decode_sum(words, 3, ready=iter(ranges))
+    assert torch.equal(at_once[0], split[0]) and torch.equal(at_once[1], split[1]) and at_once[2] == split[2]
+    ref = words[:100].astype(np.float64) * (6.0 * 2.0 / 2**20) - 3 * 3.0 * 2.0
+    assert np.array_equal(at_once[0].numpy(), ref)
+    with pytest.raises(ValueError, match="in order"):
+        fp.decode_sum(words, 3, ready=iter([(0, 7), (8, 105)]))
+    with pytest.raises(ValueError, match="stopped"):
+        fp.decode_sum(words, 3, ready=iter([(0, 7)]))
 
 
 def test_weights_extras_and_clipping() -> None:

@@ -140,6 +140,26 @@ def test_masked_input_seen_by_the_aggregator_is_uniform() -> None:
     assert chisquare(np.bincount(plain.view(np.uint8), minlength=256)).pvalue < 1e-100
 
 
+def test_seeded_runs_send_the_same_bytes_and_other_seeds_do_not() -> None:
+    xs = [x.clamp(-7.9, 7.9) for x in inputs(n=4, d=5000)]  # nothing clipped by the encoding
+
+    def masked(seed: int) -> tuple[dict[int, bytes], torch.Tensor]:
+        seen: dict[int, bytes] = {}
+        out = instance(xs, SecAggSettings(threshold=3), seed=seed,
+                       on_masked_input=lambda i, w: seen.setdefault(i, w.tobytes()))
+        assert out.result is not None
+        for r in out.reports:  # the CPU after the input is a part of the total, apart from the masks'
+            assert 0 < r.input_s and 0 < r.mask_s and r.input_s + r.mask_s <= r.compute_s + 1e-9
+        return seen, out.result.weighted_sum
+
+    a, sum_a = masked(1)
+    b, sum_b = masked(1)
+    c, _ = masked(2)
+    assert len(a) == 4 and a == b and torch.equal(sum_a, sum_b)
+    assert all(a[i] != c[i] for i in a)
+    assert float((sum_a - plain_sum(xs, list(range(4)))).abs().max()) <= 4 * STEP
+
+
 def test_secagg_plus_graph_with_dropouts() -> None:
     n = 40
     xs = inputs(n=n, d=8)

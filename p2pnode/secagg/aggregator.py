@@ -434,14 +434,14 @@ class SecAggAggregator:
         assert st.masked_sum is not None
         total = st.masked_sum
         gen = MaskGenerator(plan.settings.prg, plan.word_bits)
-        for seed in seeds:
-            gen.apply(total, seed, -1)
+        masks = [(seed, -1) for seed in seeds]
         for v, sk in dropped_keys:
             for u in plan.graph[v - 1]:
                 if u in u3:
                     seed = keys.mask_seed(keys.agree(sk, st.keys[u].mask_public_key), plan.digest, u, v)
-                    gen.apply(total, seed, pair_sign(v, u))  # the term v would have added
-        weighted, extras, weight = plan.encoding.decode_sum(total, len(u3))
+                    masks.append((seed, pair_sign(v, u)))  # the term v would have added
+        # One pass: each chunk loses all its masks and is decoded while in cache.
+        weighted, extras, weight = plan.encoding.decode_sum(total, len(u3), ready=gen.chunks(total, masks))
         users = plan.session.users
         dropped: dict[str, tuple[str, ...]] = {}
         previous = frozenset(range(1, plan.n + 1))

@@ -12,13 +12,15 @@ from OpenSSL through ``cryptography``. Never a non-cryptographic RNG, never a se
 key: a 32-bit seed, as some references fold their keys into, lets anyone who sees one masked vector
 brute-force its mask.
 
-Masks are added chunk by chunk (`MaskGenerator.apply`): the keystream of one chunk (256 KiB by
-default) stays in cache while it is added, so a mask costs one pass over the accumulator instead of
-materializing a second vector of the model's size.
+Masks are added chunk by chunk (`MaskGenerator.apply`, `apply_all`, `chunks`): the keystream of one
+chunk (256 KiB by default) stays in cache while it is added, and all the masks of a vector are added to
+one chunk before the next, so any number of masks costs one pass over the accumulator instead of one
+each, and no second vector of the model's size is materialized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -46,7 +48,7 @@ class MaskGenerator:
 
     :param algorithm: ``"aes-256-ctr"`` (default) or ``"chacha20"``.
     :param word_bits: 32 (default) or 64: the modulus is 2^word_bits.
-    :param chunk_bytes: keystream generated per step of `apply`, in bytes (default 256 KiB).
+    :param chunk_bytes: keystream generated per step, in bytes (default 256 KiB).
     """
 
     def __init__(self, algorithm: str = "aes-256-ctr", word_bits: int = 32, chunk_bytes: int = 1 << 18) -> None:
@@ -79,19 +81,36 @@ class MaskGenerator:
 
     def apply(self, acc: np.ndarray, seed: bytes, sign: int) -> None:
         """``acc += sign * PRG(seed)`` modulo 2^word_bits, in place (`sign` is +1 or -1)."""
+        for _ in self.chunks(acc, [(seed, sign)]):
+            pass
+
+    def apply_all(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+        """``acc += sum(sign * PRG(seed))`` over the ``(seed, sign)`` pairs of `masks`, in place."""
+        for _ in self.chunks(acc, masks):
+            pass
+
+    def chunks(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> Iterator[tuple[int, int]]:
+        """Add ``sign * PRG(seed)`` for every ``(seed, sign)`` of `masks` to `acc`, one chunk at a time
+        for all of them, and yield each chunk's ``(start, stop)`` once all masks are in it (while it is
+        still in cache: the aggregator decodes it there). One pass over `acc` for any number of masks.
+        """
         if acc.dtype != self.dtype or acc.ndim != 1:
             raise ValueError(f"the accumulator must be a 1-D {self.dtype} array, got {acc.dtype} {acc.shape}")
-        if sign not in (1, -1):
-            raise ValueError(f"sign must be +1 or -1, got {sign}")
-        enc = self._encryptor(seed)
+        if any(sign not in (1, -1) for _seed, sign in masks):
+            raise ValueError(f"signs must be +1 or -1, got {[sign for _seed, sign in masks]}")
+        streams = [(self._encryptor(seed), np.add if sign == 1 else np.subtract) for seed, sign in masks]
         step = self.dtype.itemsize
-        op = np.add if sign == 1 else np.subtract
+        zeros = memoryview(self._zeros)
+        keystream = np.frombuffer(self._out, dtype=self._le, count=self.chunk_words)
         n = acc.shape[0]
         for start in range(0, n, self.chunk_words):
             stop = min(n, start + self.chunk_words)
             nbytes = (stop - start) * step
-            written = enc.update_into(self._zeros[:nbytes], self._out)
-            assert written == nbytes  # a stream mode emits exactly one byte per input byte
-            ks = np.frombuffer(self._out, dtype=self._le, count=stop - start)
-            # numpy's unsigned arithmetic wraps modulo 2^bits: exactly the group operation of Z_R.
-            op(acc[start:stop], ks, out=acc[start:stop])
+            part = acc[start:stop]
+            ks = keystream[:stop - start]
+            for enc, op in streams:
+                written = enc.update_into(zeros[:nbytes], self._out)
+                assert written == nbytes  # a stream mode emits exactly one byte per input byte
+                # numpy's unsigned arithmetic wraps modulo 2^bits: exactly the group operation of Z_R.
+                op(part, ks, out=part)
+            yield start, stop

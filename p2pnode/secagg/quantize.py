@@ -8,7 +8,11 @@ One user's vector of ``d + e + 1`` words is laid out as:
 - 1 weight coordinate: ``round(w / max_weight * levels)``, exactly.
 
 The first two use unbiased stochastic rounding: ``z`` becomes ``floor(z) + 1`` with probability
-``z - floor(z)``, else ``floor(z)``, so ``E[q] = z`` and ``|q - z| < 1``.
+``z - floor(z)``, else ``floor(z)``, so ``E[q] = z`` and ``|q - z| < 1``. It is computed as
+``floor(clip(z + u, 0, levels))`` with ``u`` uniform in [0, 1), in float64; the ``u`` do not depend on
+the input, so a user draws them ahead (`FixedPoint.draw_noise`), while it trains, and the encoding
+after training is a few passes over cached chunks, added straight into the precomputed masks
+(``encode(noise=..., add_to=...)``).
 
 **Overflow.** Every word lies in ``[0, levels]``, so the sum of ``n`` users is at most ``n * levels``;
 the modular sum equals the integer sum exactly when ``n * levels < R``. `choose_word_bits` picks 32
@@ -24,6 +28,7 @@ The error of a sum of ``n`` unclipped values is below ``n * 2 clip / levels`` pe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +36,9 @@ import torch
 
 from p2pnode.errors import ConfigError
 from p2pnode.secagg.prg import word_dtype
+
+#: Coordinates per step of encoding and decoding: the working buffers stay in the CPU's cache.
+CHUNK = 1 << 16
 
 
 def choose_word_bits(levels: int, summands: int, requested: int | None = None) -> int:
@@ -61,14 +69,6 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy()
-
-
-def _all_finite(a: np.ndarray) -> bool:
-    """Whether `a` holds no NaN or Inf: one float64 sum (finite float32 values cannot overflow it), and
-    an element-wise check only when the sum is not finite."""
-    if a.size == 0 or math.isfinite(float(np.sum(a, dtype=np.float64))):
-        return True
-    return bool(np.isfinite(a).all())
 
 
 @dataclass(frozen=True)
@@ -127,38 +127,78 @@ class FixedPoint:
         choose_word_bits(self.levels, summands, self.word_bits)
 
     # -- encoding -----------------------------------------------------------------------------
-    def _quantize_into(self, out: np.ndarray, x: np.ndarray, scale: float, lo: float, hi: float,
-                       rng: np.random.Generator, chunk: int = 1 << 15) -> None:
-        """Write the stochastically rounded levels of ``clip(x * scale, lo, hi)`` into `out` (uint words).
+    def _offsets(self) -> tuple[tuple[int, int, float, float], ...]:
+        """``(start, stop, k, b)`` per part of the layout: a value ``v`` maps to ``v * k + b`` levels."""
+        lo, hi = self.extra_range
+        parts = [(0, self.dim, self.levels / (2.0 * self.clip), self.levels / 2.0)]
+        if self.extras:
+            k = self.levels / (hi - lo)
+            parts.append((self.dim, self.dim + self.extras, k, -lo * k))
+        return tuple(parts)
 
-        Works chunk by chunk in float64 (every level up to 2^53 is exact) with buffers that stay in
-        cache (32 Ki elements, 3 x 256 KiB), so the cost is a few passes over cached data instead of over
-        the whole vector. numpy, single-threaded: no thread pool to fight for a busy machine's cores.
+    def draw_noise(self, rng: np.random.Generator, chunk: int = CHUNK) -> np.ndarray:
+        """The stochastic rounding's randomness for one `encode`, drawn ahead of the input.
+
+        Returns ``dim + extras`` float64 values ``u + b``: ``u`` uniform in [0, 1) (53 bits, numpy's
+        ``Generator.random``) plus the offset ``b`` of the coordinate's affine map to levels, which
+        costs nothing here and saves `encode` a pass. It does not depend on the input, so a user draws
+        it while its trainer trains. Consumes ``dim + extras`` doubles of `rng`: ``encode(rng=g)`` and
+        ``encode(noise=draw_noise(g))`` give the same words from equal generators.
+        """
+        out = np.empty(self.dim + self.extras)
+        for start, stop, _k, b in self._offsets():
+            for s in range(start, stop, chunk):
+                part = out[s:min(stop, s + chunk)]
+                rng.random(out=part)
+                part += b
+        return out
+
+    def _quantize_into(self, out: np.ndarray, x: np.ndarray, a: float, b: float, noise: np.ndarray | None,
+                       rng: np.random.Generator | None, add: bool, chunk: int = CHUNK) -> None:
+        """Write (or with `add`, add modulo 2^bits) the stochastically rounded levels of ``x * a + b``,
+        clipped to ``[0, Q]``, into `out` (uint words).
+
+        Rounding: ``q = floor(clip(x a + b + u, 0, Q))`` with ``u`` uniform in [0, 1): ``q`` is
+        ``floor(z) + 1`` with probability ``z - floor(z)``, else ``floor(z)`` (unbiased), and a ``z``
+        beyond the range maps to its end. ``noise`` holds ``b + u`` (`draw_noise`); without it, ``u`` is
+        drawn here from `rng` chunk by chunk. Works chunk by chunk in float64 (every level up to 2^53 is
+        exact) with buffers that stay in cache, so the cost is a few passes over cached data. Raises
+        `ValueError` on NaN or Inf, with the chunks before it already written.
         """
         n = x.shape[0]
         size = min(n, chunk)
-        z_buf, q_buf, r_buf = np.empty(size), np.empty(size), np.empty(size)
-        up_buf = np.empty(size, dtype=bool)
-        k = self.levels / (hi - lo)
-        a, b = scale * k, -lo * k  # z = (x * scale - lo) * k, in two operations
+        z_buf, w_buf = np.empty(size), np.empty(size)
+        q_buf = np.empty(size, dtype=out.dtype)
         top = float(self.levels)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            m = stop - start
-            z, q, r, up = z_buf[:m], q_buf[:m], r_buf[:m], up_buf[:m]
-            np.multiply(x[start:stop], a, out=z)
-            z += b
-            np.maximum(z, 0.0, out=z)  # the clip to [lo, hi], now [0, Q] (ufuncs: less overhead than np.clip)
-            np.minimum(z, top, out=z)
-            np.floor(z, out=q)
-            z -= q  # the fractional part; 0 at z = Q, so q never exceeds Q
-            rng.random(out=r)
-            np.less(r, z, out=up)
-            np.add(q, up, out=q)  # round up with probability equal to the fractional part: unbiased
-            out[start:stop] = q  # exact integers below 2^53
+        with np.errstate(over="ignore"):  # a huge finite input overflows to inf, then clips to Q: fine
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                m = stop - start
+                z, xs = z_buf[:m], x[start:stop]
+                # One sum per chunk, and an element-wise check only when the sum is not finite (NaN, Inf,
+                # or huge finite values whose sum overflows).
+                if not math.isfinite(float(np.add.reduce(xs))) and not np.isfinite(xs).all():
+                    raise ValueError("the contribution holds NaN or Inf")
+                np.multiply(xs, a, out=z, dtype=np.float64)
+                if noise is not None:
+                    z += noise[start:stop]
+                else:
+                    assert rng is not None
+                    w = w_buf[:m]
+                    rng.random(out=w)
+                    w += b
+                    z += w
+                np.clip(z, 0.0, top, out=z)  # after adding u: a z in (Q - 1, Q) still rounds up with its fraction
+                if add:
+                    q = q_buf[:m]
+                    np.copyto(q, z, casting="unsafe")  # truncation: floor, for z >= 0; exact below 2^53
+                    np.add(out[start:stop], q, out=out[start:stop])  # wraps modulo 2^bits
+                else:
+                    np.copyto(out[start:stop], z, casting="unsafe")
 
     def encode(self, vector: torch.Tensor, weight: float = 1.0, extras: torch.Tensor | None = None, *,
-               rng: np.random.Generator | None = None) -> np.ndarray:
+               rng: np.random.Generator | None = None, noise: np.ndarray | None = None,
+               add_to: np.ndarray | None = None) -> np.ndarray:
         """Encode one user's contribution as ``length`` words (1-D uint32/uint64 array).
 
         :param vector: the ``dim`` model coordinates (any float dtype, any shape with ``dim`` elements).
@@ -166,6 +206,11 @@ class FixedPoint:
         :param extras: the ``extras`` extra coordinates, or None when ``extras == 0``.
         :param rng: randomness of the stochastic rounding (default: a fresh generator seeded by the OS).
             It need not be cryptographic: the rounding noise hides nothing, the masks do.
+        :param noise: the rounding randomness drawn ahead (`draw_noise`); `rng` is then unused.
+        :param add_to: add the words to this array (``length`` words of the modulus' dtype) in place,
+            modulo 2^word_bits, and return it, instead of a new array: a user adds its input to its
+            precomputed masks in the same pass. After a `ValueError` for NaN or Inf its contents are
+            undefined.
 
         Raises `ValueError` for a wrong size, NaN/Inf, or a weight out of range.
         """
@@ -177,38 +222,62 @@ class FixedPoint:
             raise ValueError(f"expected {self.extras} extra coordinates, got {ex.numel()}")
         if not (math.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be in (0, max_weight={self.max_weight}], got {weight!r}")
-        xn, en = _as_numpy(x), _as_numpy(ex)
-        if not (_all_finite(xn) and _all_finite(en)):
-            raise ValueError("the contribution holds NaN or Inf")
-        gen = rng if rng is not None else np.random.default_rng()
+        dtype = word_dtype(self.word_bits)
+        if noise is not None and (noise.shape != (self.dim + self.extras,) or noise.dtype != np.float64):
+            raise ValueError(f"expected {self.dim + self.extras} float64 noise values, got {noise.dtype} "
+                             f"{noise.shape}")
+        if add_to is not None and (add_to.shape != (self.length,) or add_to.dtype != dtype):
+            raise ValueError(f"expected {self.length} {dtype} words to add to, got {add_to.dtype} {add_to.shape}")
+        gen = rng if rng is not None or noise is not None else np.random.default_rng()
         scale = weight / self.max_weight
-        out = np.empty(self.length, dtype=word_dtype(self.word_bits))
-        self._quantize_into(out[:self.dim], xn, scale, -self.clip, self.clip, gen)
-        if self.extras:
-            lo, hi = self.extra_range
-            self._quantize_into(out[self.dim:self.dim + self.extras], en, scale, lo, hi, gen)
-        out[-1] = round(scale * self.levels)
+        out = add_to if add_to is not None else np.empty(self.length, dtype=dtype)
+        for (start, stop, k, b), values in zip(self._offsets(), (_as_numpy(x), _as_numpy(ex)), strict=False):
+            self._quantize_into(out[start:stop], values, scale * k, b,
+                                None if noise is None else noise[start:stop], gen, add_to is not None)
+        w = round(scale * self.levels)
+        if add_to is not None:
+            np.add(out[-1:], dtype.type(w), out=out[-1:])  # wraps modulo 2^bits
+        else:
+            out[-1] = w
         return out
 
     # -- decoding -----------------------------------------------------------------------------
-    def decode_sum(self, words: np.ndarray, summands: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def decode_sum(self, words: np.ndarray, summands: int, *,
+                   ready: Iterable[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Decode the modular sum of `summands` users' words.
 
         Returns ``(weighted_sum, extras_sum, weight_sum)``: ``sum(w x)`` (float64, ``dim``),
         ``sum(w v)`` (float64, ``extras``) and ``sum(w)``, in the users' own units (``max_weight``
         multiplied back in).
+
+        :param ready: ``(start, stop)`` ranges of `words` in order, covering them all, each decoded once
+            it is yielded (the aggregator's unmasking yields each chunk once its masks are removed, so
+            the chunk is decoded while it is in cache); default: chunks of `CHUNK` words.
         """
         if words.shape != (self.length,):
             raise ValueError(f"expected {self.length} words, got shape {words.shape}")
         self.check_summands(summands)
-        f = words.astype(np.float64)  # exact: the sum of the levels is below 2^53 (checked)
         unit = self.max_weight / self.levels
-        total = f[:self.dim]
-        total *= 2.0 * self.clip * unit
-        total -= summands * self.clip * self.max_weight
         lo, hi = self.extra_range
-        ex = f[self.dim:self.dim + self.extras]
-        ex *= (hi - lo) * unit
-        ex += summands * lo * self.max_weight
+        # (stop of the part, factor, offset): the model coordinates, then the extras
+        parts = ((self.dim, 2.0 * self.clip * unit, summands * self.clip * self.max_weight),
+                 (self.dim + self.extras, (hi - lo) * unit, -summands * lo * self.max_weight))
+        f = np.empty(self.length - 1)
+        if ready is None:
+            ready = ((s, min(self.length, s + CHUNK)) for s in range(0, self.length, CHUNK))
+        first = 0
+        for start, stop in ready:
+            if start != first:
+                raise ValueError(f"decode ranges must cover the words in order: got {start} after {first}")
+            for pstart, (pstop, factor, offset) in zip((0, self.dim), parts, strict=True):
+                s, e = max(start, pstart), min(stop, pstop)
+                if s < e:
+                    # exact conversion (the sum of the levels is below 2^53, checked), then as before:
+                    # one product and one difference per coordinate
+                    np.multiply(words[s:e], factor, out=f[s:e], dtype=np.float64)
+                    f[s:e] -= offset
+            first = stop
+        if first != self.length:
+            raise ValueError(f"decode ranges stopped at {first} of {self.length} words")
         weight = float(words[-1]) * unit
-        return torch.from_numpy(total), torch.from_numpy(ex), weight
+        return torch.from_numpy(f[:self.dim]), torch.from_numpy(f[self.dim:]), weight

@@ -96,8 +96,12 @@ class UserReport:
         survivors: size of U3 as announced by the aggregator (0 if not reached).
         partners: number of users it masked with.
         compute_s: CPU seconds (thread time) spent in protocol computation (keys, shares, masks, encoding).
-        mask_s: the part of `compute_s` spent generating the masks, which does not depend on the input
-            and so runs while the input is being trained.
+        mask_s: the part of `compute_s` spent generating the masks and the stochastic rounding's noise,
+            which do not depend on the input and so run while the input is being trained.
+        input_s: the part of `compute_s` spent after the input was available (encoding it into the
+            masks, checking the survivor list, revealing shares): the user's share of the round's
+            critical path when it trains while the earlier stages run. Everything else (keys, shares,
+            masks) runs before the input is awaited.
     """
 
     peer_id: str
@@ -109,6 +113,7 @@ class UserReport:
     partners: int = 0
     compute_s: float = 0.0
     mask_s: float = 0.0
+    input_s: float = 0.0
 
 
 @dataclass

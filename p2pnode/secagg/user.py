@@ -9,9 +9,9 @@ A user calls the aggregator once per stage and checks every reply before it uses
    neighbour's pair; the reply relays the pairs its neighbours encrypted for it. Those neighbours are
    its mask partners.
 3. **masked**: ``y_u = q_u + PRG(b_u) + sum_v +-PRG(s_{u,v})`` over its partners (+ when u > v). The
-   masks do not depend on the input, so they are computed right after the share stage, while the
-   input is still being produced (local training); only the encoding and one addition follow it. The
-   reply lists U3, the users whose input counts.
+   masks and the stochastic rounding's noise do not depend on the input, so they are computed right
+   after the share stage, while the input is still being produced (local training); only the encoding,
+   added into the masks in the same pass, follows it. The reply lists U3, the users whose input counts.
 4. **unmask**: for each partner (and itself) it reveals the self-mask share when that user is in U3,
    else the mask-key share; never both for one user.
 
@@ -93,6 +93,7 @@ class SecAggUser:
         self.state: UserState | None = None
         self._cpu = CpuClock()
         self._mask_s = 0.0
+        self._input_at: float | None = None  # compute seconds when the input became available
 
     # -- internals ----------------------------------------------------------------------------
     def _report(self, status: Status, reason: str | None = None) -> UserReport:
@@ -100,7 +101,8 @@ class SecAggUser:
         return UserReport(peer_id=self.peer_id, index=self.index, status=status,
                           completed=st.completed if st else None, reason=reason,
                           survivors=len(st.survivors) if st else 0, partners=len(st.partners) if st else 0,
-                          compute_s=self._cpu.seconds, mask_s=self._mask_s)
+                          compute_s=self._cpu.seconds, mask_s=self._mask_s,
+                          input_s=0.0 if self._input_at is None else self._cpu.seconds - self._input_at)
 
     async def _call(self, stage: Stage, body: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
         """Send this stage's message and return the reply body (retrying while the instance is not open)."""
@@ -211,21 +213,22 @@ class SecAggUser:
             partners.append(v)
         st.partners = tuple(sorted(partners))
 
-    def _premask(self, st: UserState) -> np.ndarray:
-        """``PRG(b_u) + sum_v +-PRG(s_{u,v})`` over the partners: everything but the input."""
+    def _premask(self, st: UserState, noise_seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Everything but the input: the masks ``PRG(b_u) + sum_v +-PRG(s_{u,v})`` over the partners,
+        and the stochastic rounding's noise (from a generator seeded by `noise_seed`)."""
         p = self.plan
         gen = MaskGenerator(p.settings.prg, p.word_bits)
         acc = np.zeros(p.encoding.length, dtype=word_dtype(p.word_bits))
-        gen.apply(acc, st.self_seed, 1)
+        masks = [(st.self_seed, 1)]
         for v in st.partners:
             seed = keys.mask_seed(keys.agree(st.mask_sk, st.keys[v].mask_public_key), p.digest, self.index, v)
-            gen.apply(acc, seed, pair_sign(self.index, v))
-        return acc
+            masks.append((seed, pair_sign(self.index, v)))
+        gen.apply_all(acc, masks)
+        noise = p.encoding.draw_noise(np.random.default_rng(noise_seed))  # rounding noise only
+        return acc, noise
 
-    def _masked(self, premask: np.ndarray, c: Contribution) -> torch.Tensor:
-        rng = np.random.default_rng(int.from_bytes(self.rnd.token_bytes(16), "big"))  # rounding noise only
-        words = self.plan.encoding.encode(c.vector, c.weight, c.extras, rng=rng)
-        np.add(words, premask, out=words)  # wraps modulo 2^bits
+    def _masked(self, premask: np.ndarray, noise: np.ndarray, c: Contribution) -> torch.Tensor:
+        words = self.plan.encoding.encode(c.vector, c.weight, c.extras, noise=noise, add_to=premask)
         return torch.from_numpy(words.view(np.int32 if self.plan.word_bits == 32 else np.int64))
 
     def _on_survivors(self, st: UserState, reply: secagg_pb2.SecAggMaskedReply) -> None:
@@ -295,14 +298,18 @@ class SecAggUser:
         with self._cpu.timed():
             self._on_shares(st, reply)
         st.completed = Stage.SHARE
-        premask, self._mask_s = await loop.run_in_executor(None, cpu_call, functools.partial(self._premask, st))
+        noise_seed = int.from_bytes(self.rnd.token_bytes(16), "big")  # drawn here: `rnd` stays on this thread
+        (premask, noise), self._mask_s = await loop.run_in_executor(
+            None, cpu_call, functools.partial(self._premask, st, noise_seed))
         self._cpu.seconds += self._mask_s
         if inspect.isawaitable(contribution):
             contribution = await contribution
         c: Contribution = contribution
-        masked, spent = await loop.run_in_executor(None, cpu_call, functools.partial(self._masked, premask, c))
+        self._input_at = self._cpu.seconds
+        masked, spent = await loop.run_in_executor(None, cpu_call,
+                                                   functools.partial(self._masked, premask, noise, c))
         self._cpu.seconds += spent
-        del premask
+        del premask, noise
         if self._silent(Stage.MASKED):
             return self._report(Status.RUNNING, "silent from stage masked")
         body = secagg_pb2.SecAggMasked(session=session_proto(p))
