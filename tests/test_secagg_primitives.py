@@ -267,7 +267,7 @@ def test_rounding_noise_drawn_ahead_gives_the_same_words_and_adds_into_masks() -
     ex = torch.tensor([0.5, -2.0, 2.5])
     direct = fp.encode(x, 3.0, ex, rng=np.random.default_rng(7))
     noise = fp.draw_noise(np.random.default_rng(7))
-    assert noise.shape == (5003,) and noise.dtype == np.float64
+    assert noise.shape == (5003,) and noise.dtype == np.float32  # 4 bytes per coordinate
     assert np.array_equal(fp.encode(x, 3.0, ex, noise=noise), direct)  # same generator, same words
     assert np.array_equal(fp.draw_noise(np.random.default_rng(7)), noise)  # deterministic from a seed
     masks = np.random.default_rng(3).integers(0, 2**32, size=fp.length, dtype=np.uint32)

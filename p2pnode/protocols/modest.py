@@ -1108,8 +1108,10 @@ class ModestProtocol:
             self.on_trained(k, inc.state, trained)
         if self.attacker is not None and self.attacker.model_attack:
             trained = await self.attacker.forge(k, inc.state, trained)  # masked like an honest update
-        vector = torch.cat([(trained[n].detach().cpu().to(torch.float64) - inc.state[n].detach().cpu().to(torch.float64)
-                             ).reshape(-1) for n in self._float_names])
+        # float32 (4 bytes per coordinate): its rounding, below 1e-7 of an update, is far below the fixed-point
+        # step (2 clip / 2^22); half and bfloat16 models widen exactly.
+        vector = torch.cat([(trained[n].detach().cpu().float() - inc.state[n].detach().cpu().float()).reshape(-1)
+                            for n in self._float_names])
         extras = layer_variances([trained[n] for n in self._float_names]) if self._vca_extras else None
         body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=self.round,
                                      view=self.view.to_proto(), base_digest=base_digest, train_loss=loss,

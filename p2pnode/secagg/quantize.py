@@ -9,10 +9,11 @@ One user's vector of ``d + e + 1`` words is laid out as:
 
 The first two use unbiased stochastic rounding: ``z`` becomes ``floor(z) + 1`` with probability
 ``z - floor(z)``, else ``floor(z)``, so ``E[q] = z`` and ``|q - z| < 1``. It is computed as
-``floor(clip(z + u, 0, levels))`` with ``u`` uniform in [0, 1), in float64; the ``u`` do not depend on
-the input, so a user draws them ahead (`FixedPoint.draw_noise`), while it trains, and the encoding
-after training is a few passes over cached chunks, added straight into the precomputed masks
-(``encode(noise=..., add_to=...)``).
+``floor(clip(z + u, 0, levels))`` in float64, with ``u`` uniform on the 2^24 float32 values in
+[0, 1) (so ``E[q]`` is within 2^-24 of a step of ``z``: far below the step itself); the ``u`` do not
+depend on the input, so a user draws them ahead (`FixedPoint.draw_noise`, 4 bytes per coordinate),
+while it trains, and the encoding after training is a few passes over cached chunks, added straight
+into the precomputed masks (``encode(noise=..., add_to=...)``).
 
 **Overflow.** Every word lies in ``[0, levels]``, so the sum of ``n`` users is at most ``n * levels``;
 the modular sum equals the integer sum exactly when ``n * levels < R``. `choose_word_bits` picks 32
@@ -139,18 +140,15 @@ class FixedPoint:
     def draw_noise(self, rng: np.random.Generator, chunk: int = CHUNK) -> np.ndarray:
         """The stochastic rounding's randomness for one `encode`, drawn ahead of the input.
 
-        Returns ``dim + extras`` float64 values ``u + b``: ``u`` uniform in [0, 1) (53 bits, numpy's
-        ``Generator.random``) plus the offset ``b`` of the coordinate's affine map to levels, which
-        costs nothing here and saves `encode` a pass. It does not depend on the input, so a user draws
-        it while its trainer trains. Consumes ``dim + extras`` doubles of `rng`: ``encode(rng=g)`` and
-        ``encode(noise=draw_noise(g))`` give the same words from equal generators.
+        Returns ``dim + extras`` float32 values ``u``, uniform in [0, 1) on a grid of 2^-24 (numpy's
+        ``Generator.random`` in float32): 4 bytes per coordinate, half of what float64 would hold for a
+        bias below 2^-24 of a step either way. It does not depend on the input, so a user draws it while
+        its trainer trains. ``encode(rng=g)`` and ``encode(noise=draw_noise(g))`` give the same words
+        from equal generators.
         """
-        out = np.empty(self.dim + self.extras)
-        for start, stop, _k, b in self._offsets():
-            for s in range(start, stop, chunk):
-                part = out[s:min(stop, s + chunk)]
-                rng.random(out=part)
-                part += b
+        out = np.empty(self.dim + self.extras, dtype=np.float32)
+        for s in range(0, out.shape[0], chunk):
+            rng.random(out=out[s:s + chunk], dtype=np.float32)
         return out
 
     def _quantize_into(self, out: np.ndarray, x: np.ndarray, a: float, b: float, noise: np.ndarray | None,
@@ -160,14 +158,14 @@ class FixedPoint:
 
         Rounding: ``q = floor(clip(x a + b + u, 0, Q))`` with ``u`` uniform in [0, 1): ``q`` is
         ``floor(z) + 1`` with probability ``z - floor(z)``, else ``floor(z)`` (unbiased), and a ``z``
-        beyond the range maps to its end. ``noise`` holds ``b + u`` (`draw_noise`); without it, ``u`` is
-        drawn here from `rng` chunk by chunk. Works chunk by chunk in float64 (every level up to 2^53 is
+        beyond the range maps to its end. ``noise`` holds ``u`` (`draw_noise`); without it, ``u`` is
+        drawn here from `rng` chunk by chunk, alike. Works chunk by chunk in float64 (every level up to 2^53 is
         exact) with buffers that stay in cache, so the cost is a few passes over cached data. Raises
         `ValueError` on NaN or Inf, with the chunks before it already written.
         """
         n = x.shape[0]
         size = min(n, chunk)
-        z_buf, w_buf = np.empty(size), np.empty(size)
+        z_buf, w_buf = np.empty(size), np.empty(size, dtype=np.float32)
         q_buf = np.empty(size, dtype=out.dtype)
         top = float(self.levels)
         with np.errstate(over="ignore"):  # a huge finite input overflows to inf, then clips to Q: fine
@@ -180,14 +178,14 @@ class FixedPoint:
                 if not math.isfinite(float(np.add.reduce(xs))) and not np.isfinite(xs).all():
                     raise ValueError("the contribution holds NaN or Inf")
                 np.multiply(xs, a, out=z, dtype=np.float64)
+                z += b
                 if noise is not None:
-                    z += noise[start:stop]
+                    w = noise[start:stop]
                 else:
                     assert rng is not None
                     w = w_buf[:m]
-                    rng.random(out=w)
-                    w += b
-                    z += w
+                    rng.random(out=w, dtype=np.float32)
+                z += w
                 np.clip(z, 0.0, top, out=z)  # after adding u: a z in (Q - 1, Q) still rounds up with its fraction
                 if add:
                     q = q_buf[:m]
@@ -223,8 +221,8 @@ class FixedPoint:
         if not (math.isfinite(weight) and 0 < weight <= self.max_weight):
             raise ValueError(f"weight must be in (0, max_weight={self.max_weight}], got {weight!r}")
         dtype = word_dtype(self.word_bits)
-        if noise is not None and (noise.shape != (self.dim + self.extras,) or noise.dtype != np.float64):
-            raise ValueError(f"expected {self.dim + self.extras} float64 noise values, got {noise.dtype} "
+        if noise is not None and (noise.shape != (self.dim + self.extras,) or noise.dtype != np.float32):
+            raise ValueError(f"expected {self.dim + self.extras} float32 noise values, got {noise.dtype} "
                              f"{noise.shape}")
         if add_to is not None and (add_to.shape != (self.length,) or add_to.dtype != dtype):
             raise ValueError(f"expected {self.length} {dtype} words to add to, got {add_to.dtype} {add_to.shape}")
