@@ -15,7 +15,7 @@ import glob
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,3 +256,68 @@ class AggregationLog:
         while max((e.index for e in self.events), default=0) < version:
             self._progress.clear()
             await asyncio.wait_for(self._progress.wait(), max(0.1, deadline - time.monotonic()))
+
+
+class RealSwarm:
+    """`count` in-process nodes over the real network (hivemind DHT + libp2p on 127.0.0.1), as an async
+    context manager: node 0 starts alone and the others join it; on entry every node is started and its
+    directory lists the others; `run` starts each node's round loop; on exit every loop is cancelled and
+    every node shut down (also when the test fails). Use inside a `NetworkGuard`.
+
+    :param count: number of nodes.
+    :param config_for: ``(index, initial peers) -> NodeConfig`` of each node.
+    :param settings: the daemons' settings (default: `DaemonSettings.in_memory()`).
+    :param log: where MoDeST aggregation events go (each protocol's ``on_aggregate``), or None.
+    """
+
+    def __init__(self, count: int, config_for: Callable[[int, list[str]], Any], *, settings: Any = None,
+                 log: AggregationLog | None = None) -> None:
+        self.count = count
+        self.config_for = config_for
+        self.settings = settings
+        self.log = log
+        self.nodes: list[Any] = []
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def __aenter__(self) -> RealSwarm:
+        from p2pnode.daemon.real import create_real_node
+        from p2pnode.daemon.settings import DaemonSettings
+
+        settings = self.settings if self.settings is not None else DaemonSettings.in_memory()
+        try:
+            for i in range(self.count):
+                initial = [] if i == 0 else self.nodes[0].transport.addresses()[:1]
+                node = await create_real_node(self.config_for(i, initial).validate(), settings)
+                self.nodes.append(node)
+                await node.start()
+                if self.log is not None:
+                    node.protocol.on_aggregate = self.log.on_aggregate
+            await wait_for_directory_peers(self.nodes, self.count - 1)
+        except BaseException:
+            await self._shutdown()
+            raise
+        return self
+
+    def run(self) -> None:
+        """Start every node's round loop."""
+
+        async def loop(node: Any) -> None:
+            while True:
+                await node.run_round()
+
+        for node in self.nodes:
+            self.tasks[node.peer_id] = asyncio.get_running_loop().create_task(loop(node))
+
+    async def stop_loops(self) -> None:
+        """Cancel every round loop and wait for them to end (the nodes stay up)."""
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        await self.stop_loops()
+        for node in self.nodes:
+            await node.shutdown()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._shutdown()

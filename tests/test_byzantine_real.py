@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from netutil import NetworkGuard, wait_for_directory_peers
+from netutil import NetworkGuard, RealSwarm
 from p2pnode.cli.options import byzantine_settings, parse_params
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -21,23 +20,18 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 HONEST = 5
 
 
-
 async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
     """Final accuracies of the honest nodes, and the attacker node (after shutdown). With a robust rule,
     checks that the honest nodes that scored the attacker rank it as their most suspicious peer."""
-    nodes: list[Any] = []
-    try:
-        for i in range(HONEST + 1):
-            attack = "scaled" if i == HONEST else None
-            initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-            config = NodeConfig(run_id=f"byz-{rule}", seed=5, shard=(i, HONEST + 1), device="cpu",
-                                initial_peers=initial, exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=40,
-                                rule=rule, attack=attack).validate()
-            # No state sync: every node starts at round 0 together, in lockstep.
-            node = await create_real_node(config, DaemonSettings(sync_on_join=False))
-            await node.start()
-            nodes.append(node)
-        await wait_for_directory_peers(nodes, HONEST)
+
+    def config(i: int, initial: list[str]) -> NodeConfig:
+        return NodeConfig(run_id=f"byz-{rule}", seed=5, shard=(i, HONEST + 1), device="cpu", initial_peers=initial,
+                          exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=40, rule=rule,
+                          attack="scaled" if i == HONEST else None)
+
+    # No state sync: every node starts at round 0 together, in lockstep.
+    async with RealSwarm(HONEST + 1, config, settings=DaemonSettings(sync_on_join=False)) as swarm:
+        nodes = swarm.nodes
         for _ in range(rounds):
             await asyncio.gather(*(n.run_round() for n in nodes))
         honest = nodes[:HONEST]
@@ -52,9 +46,6 @@ async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
             mean = {p: sum(v) / len(v) for p, v in totals.items()}
             assert max(mean, key=mean.__getitem__) == attacker.peer_id, mean
         return accs, attacker
-    finally:
-        for n in nodes:
-            await n.shutdown()
 
 
 async def test_flag_over_the_robust_window_resists_a_real_scaled_attacker(caplog: pytest.LogCaptureFixture) -> None:

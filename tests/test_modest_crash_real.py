@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from netutil import NetworkGuard, crash_node, wait_for_directory_peers
+from netutil import NetworkGuard, RealSwarm, crash_node
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.node import Node
-from p2pnode.daemon.real import create_real_node
-from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -26,52 +24,43 @@ CRASH_AT = 4
 
 
 async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> None:
+    events: list[AggregationEvent] = []
+    victim: list[Node] = []
+    progress = asyncio.Event()
+    swarm: RealSwarm | None = None
+
+    def on_aggregate(ev: AggregationEvent) -> None:
+        events.append(ev)
+        progress.set()
+
+    def arm(node: Node) -> None:
+        proto: Any = node.protocol
+        real = proto._receive_update
+
+        async def receive(sender: str, round_: int, *args: Any, **kwargs: Any) -> Any:
+            if not victim and round_ + 1 >= CRASH_AT:
+                victim.append(node)
+                crash_node(node)
+                assert swarm is not None
+                swarm.tasks[node.peer_id].cancel()
+                await asyncio.Event().wait()  # a dead process never answers
+            return await real(sender, round_, *args, **kwargs)
+
+        proto._receive_update = receive
+
+    def config(i: int, initial: list[str]) -> NodeConfig:
+        return NodeConfig(run_id="modest-crash", seed=11, shard=(i, NODES), device="cpu", initial_peers=initial,
+                          topology="modest", sample_size=3, aggregation_timeout_s=8.0, ping_timeout_s=2.0,
+                          idle_timeout_s=5.0, exchange_timeout_s=8.0, announce_ttl_s=20.0, local_steps=20)
+
     with NetworkGuard() as guard:
-        nodes: list[Node] = []
-        tasks: dict[str, asyncio.Task[None]] = {}
-        events: list[AggregationEvent] = []
-        victim: list[Node] = []
-        progress = asyncio.Event()
-
-        def on_aggregate(ev: AggregationEvent) -> None:
-            events.append(ev)
-            progress.set()
-
-        def arm(node: Node) -> None:
-            proto: Any = node.protocol
-            real = proto._receive_update
-
-            async def receive(sender: str, round_: int, *args: Any, **kwargs: Any) -> Any:
-                if not victim and round_ + 1 >= CRASH_AT:
-                    victim.append(node)
-                    crash_node(node)
-                    tasks[node.peer_id].cancel()
-                    await asyncio.Event().wait()  # a dead process never answers
-                return await real(sender, round_, *args, **kwargs)
-
-            proto._receive_update = receive
-
-        try:
-            for i in range(NODES):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="modest-crash", seed=11, shard=(i, NODES), device="cpu",
-                                    initial_peers=initial, topology="modest", sample_size=3,
-                                    aggregation_timeout_s=8.0, ping_timeout_s=2.0, idle_timeout_s=5.0,
-                                    exchange_timeout_s=8.0, announce_ttl_s=20.0, local_steps=20).validate()
-                node = await create_real_node(config, DaemonSettings.in_memory())
-                await node.start()
+        async with RealSwarm(NODES, config) as swarm:
+            nodes = swarm.nodes
+            for node in nodes:
                 assert isinstance(node.protocol, ModestProtocol)
                 node.protocol.on_aggregate = on_aggregate
                 arm(node)
-                nodes.append(node)
-            await wait_for_directory_peers(nodes, NODES - 1)
-
-            async def loop(node: Node) -> None:
-                while True:
-                    await node.run_round()
-
-            for n in nodes:
-                tasks[n.peer_id] = asyncio.get_running_loop().create_task(loop(n))
+            swarm.run()
             deadline = time.monotonic() + 150.0
             while not (victim and events and events[-1].index >= CRASH_AT + 10
                        and (events[-1].accuracy or 0.0) >= 0.85):
@@ -85,16 +74,8 @@ async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> Non
             table = [(e.index, e.aggregator[-6:], [c[-6:] for c in e.contributors]) for e in after]
             assert all(dead.peer_id not in e.contributors and e.aggregator != dead.peer_id for e in after[3:]), \
                 (dead.peer_id[-6:], table)
-            for t in tasks.values():
-                t.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await swarm.stop_loops()
             survivors = [n for n in nodes if n is not dead]
             accuracy = [n.trainer.evaluate()[1] for n in survivors]
             assert all(a >= 0.85 for a in accuracy), accuracy
-        finally:
-            for t in tasks.values():
-                t.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            for n in nodes:
-                await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from netutil import AggregationLog, NetworkGuard, crash_node, wait_for_directory_peers
+from netutil import AggregationLog, NetworkGuard, RealSwarm, crash_node
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.identity import IDENTITY_MODE, load_or_create_secagg_key, secagg_key_path
 from p2pnode.daemon.node import Node
@@ -24,32 +24,22 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
+    log = AggregationLog()
+    events = log.events
+
+    def config(i: int, initial: list[str]) -> NodeConfig:
+        return NodeConfig(run_id="modest-secagg-it", seed=7, shard=(i, 5), device="cpu", initial_peers=initial,
+                          topology="modest", sample_size=4, secagg=True, aggregation_timeout_s=10.0,
+                          ping_timeout_s=3.0, idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0,
+                          local_steps=30)
+
     with NetworkGuard() as guard:
-        nodes: list[Node] = []
-        tasks: list[asyncio.Task[None]] = []
-        log = AggregationLog()
-        events = log.events
-
-        try:
-            for i in range(5):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="modest-secagg-it", seed=7, shard=(i, 5), device="cpu",
-                                    initial_peers=initial, topology="modest", sample_size=4, secagg=True,
-                                    aggregation_timeout_s=10.0, ping_timeout_s=3.0, idle_timeout_s=5.0,
-                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=30).validate()
-                # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
-                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
-                await node.start()
+        # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
+        async with RealSwarm(5, config, settings=DaemonSettings.in_memory(signed_records=True), log=log) as swarm:
+            nodes = swarm.nodes
+            for node in nodes:
                 assert isinstance(node.protocol, ModestProtocol) and node.protocol.secagg_binding == "identity"
-                node.protocol.on_aggregate = log.on_aggregate
-                nodes.append(node)
-            await wait_for_directory_peers(nodes, 4)
-
-            async def loop(node: Node) -> None:
-                while True:
-                    await node.run_round()
-
-            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            swarm.run()
             await log.until(3, timeout=90.0)
             by_version = {e.index: e for e in events}
             for v in (1, 2, 3):
@@ -59,17 +49,11 @@ async def test_five_real_nodes_run_secure_modest_rounds_and_learn() -> None:
             accuracies = [by_version[v].accuracy for v in (1, 2, 3)]
             assert all(a is not None for a in accuracies)
             assert accuracies[-1] > 0.8, accuracies  # type: ignore[operator]  # measured: 0.82, 0.91, 0.93
-            counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
+            counters = [n.protocol.counters for n in nodes]
             assert sum(c["secagg_rounds"] for c in counters) >= 3
             assert not any(c["secagg_aborted"] or c["secagg_refused"] for c in counters), counters
             # Every member's key came from its signed record, before the first sample needed it.
             assert not any(c["secagg_unknown_key"] for c in counters), counters
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for n in nodes:
-                await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes
 
 
@@ -78,31 +62,19 @@ async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them(a
     """--secagg-groups 3 --rule median: each round is three secure instances (groups of two trainers), and the
     aggregator takes the coordinate-wise median of the three group means. With --aggregators 3 the groups are
     spread, one per aggregator; the aggregators exchange their group sums and build the same model."""
+    log = AggregationLog()
+
+    def config(i: int, initial: list[str]) -> NodeConfig:
+        return NodeConfig(run_id="modest-secagg-groups", seed=3, shard=(i, 6), device="cpu", initial_peers=initial,
+                          topology="modest", sample_size=6, secagg=True, secagg_groups=3, secagg_min_group=2,
+                          rule="median", aggregation_timeout_s=10.0, ping_timeout_s=3.0, aggregators=aggregators,
+                          idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=30)
+
     with NetworkGuard() as guard:
-        nodes: list[Node] = []
-        tasks: list[asyncio.Task[None]] = []
-        log = AggregationLog()
-        try:
-            for i in range(6):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="modest-secagg-groups", seed=3, shard=(i, 6), device="cpu",
-                                    initial_peers=initial, topology="modest", sample_size=6, secagg=True,
-                                    secagg_groups=3, secagg_min_group=2, rule="median", aggregation_timeout_s=10.0,
-                                    ping_timeout_s=3.0, aggregators=aggregators,
-                                    idle_timeout_s=5.0, exchange_timeout_s=10.0, announce_ttl_s=20.0,
-                                    local_steps=30).validate()
-                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
-                await node.start()
-                assert isinstance(node.protocol, ModestProtocol)
-                node.protocol.on_aggregate = log.on_aggregate
-                nodes.append(node)
-            await wait_for_directory_peers(nodes, 5)
-
-            async def loop(node: Node) -> None:
-                while True:
-                    await node.run_round()
-
-            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+        async with RealSwarm(6, config, settings=DaemonSettings.in_memory(signed_records=True), log=log) as swarm:
+            nodes = swarm.nodes
+            assert all(isinstance(n.protocol, ModestProtocol) for n in nodes)
+            swarm.run()
             await log.until(3, timeout=120.0)
             await asyncio.sleep(1.0)  # the other aggregators of version 3
             by_version = {e.index: e for e in log.events}
@@ -117,82 +89,65 @@ async def test_six_real_nodes_run_secure_groups_with_a_robust_rule_across_them(a
                 assert len({e.aggregator for e in log.events if e.index == 1}) > 1
             accuracy = by_version[3].accuracy
             assert accuracy is not None and accuracy > 0.7, [by_version[v].accuracy for v in (1, 2, 3)]
-            counters = [n.protocol.counters for n in nodes]  # type: ignore[attr-defined]
+            counters = [n.protocol.counters for n in nodes]
             assert not any(c["secagg_aborted"] or c["secagg_refused"] or c["secagg_groups_left_out"]
                            for c in counters), counters
             if aggregators > 1:
                 assert sum(c["secagg_remote_groups"] for c in counters) >= 2 * 3  # two others' groups, per version
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for n in nodes:
-                await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes
+
 
 async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_one_after_its_masked_input(
 ) -> None:
     """One trainer is killed before it sends its masked input, another right after: the version is the exact
     mean of the four inputs that arrived (the second one's included, its self mask rebuilt from shares)."""
+    log = AggregationLog()
+    inputs: dict[str, torch.Tensor] = {}
+    killed: list[Node] = []
+
+    def config(i: int, initial: list[str]) -> NodeConfig:
+        return NodeConfig(run_id="modest-secagg-drop", seed=11, shard=(i, 5), device="cpu", initial_peers=initial,
+                          topology="modest", sample_size=5, success_fraction=0.8, secagg=True, secagg_threshold=3,
+                          aggregation_timeout_s=10.0, ping_timeout_s=3.0, idle_timeout_s=5.0,
+                          exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=10)
+
+    def keep_inputs(node: Node) -> None:
+        def keep(k: int, c: Contribution) -> None:
+            if k == 0:
+                inputs[node.peer_id] = c.vector.clone()
+
+        node.protocol.on_secagg_input = keep  # type: ignore[attr-defined]
+
+    def kill_at_masked_input(node: Node) -> None:
+        # The first trainer to send its masked input to another node is killed just before sending it, the
+        # second just after (the aggregator's own input never crosses the network, so it is never picked).
+        real_call = node.transport.call
+
+        async def call(peer: str, method: str, *args: Any, **kwargs: Any) -> Any:
+            if node in killed:  # what a node whose libp2p daemon is gone gets from every call
+                raise PeerUnreachable("this node's libp2p daemon was killed")
+            if method == Stage.MASKED.method and not killed:
+                killed.append(node)
+                crash_node(node)
+                raise PeerUnreachable("this node's libp2p daemon was killed")
+            reply = await real_call(peer, method, *args, **kwargs)
+            if method == Stage.MASKED.method and len(killed) == 1:
+                killed.append(node)
+                crash_node(node)
+            return reply
+
+        node.transport.call = call  # type: ignore[method-assign]
+
     with NetworkGuard() as guard:
-        nodes: list[Node] = []
-        tasks: list[asyncio.Task[None]] = []
-        log = AggregationLog()
-        inputs: dict[str, torch.Tensor] = {}
-
-        try:
-            for i in range(5):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="modest-secagg-drop", seed=11, shard=(i, 5), device="cpu",
-                                    initial_peers=initial, topology="modest", sample_size=5, success_fraction=0.8,
-                                    secagg=True, secagg_threshold=3, aggregation_timeout_s=10.0,
-                                    ping_timeout_s=3.0, idle_timeout_s=5.0, exchange_timeout_s=10.0,
-                                    announce_ttl_s=20.0, local_steps=10).validate()
-                # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
-                node = await create_real_node(config, DaemonSettings.in_memory(signed_records=True))
-                await node.start()
-                protocol = node.protocol
-                assert isinstance(protocol, ModestProtocol) and protocol.secagg_binding == "identity"
-                protocol.on_aggregate = log.on_aggregate
-
-                def keep(k: int, c: Contribution, peer: str = node.peer_id) -> None:
-                    if k == 0:
-                        inputs[peer] = c.vector.clone()
-
-                protocol.on_secagg_input = keep
-                nodes.append(node)
-            await wait_for_directory_peers(nodes, 4)
-            # The first trainer to send its masked input to another node is killed just before sending it, the
-            # second just after (the aggregator's own input never crosses the network, so it is never picked).
-            killed: list[Node] = []
-
-            def kill_at_masked_input(node: Node) -> None:
-                real_call = node.transport.call
-
-                async def call(peer: str, method: str, *args: Any, **kwargs: Any) -> Any:
-                    if node in killed:  # what a node whose libp2p daemon is gone gets from every call
-                        raise PeerUnreachable("this node's libp2p daemon was killed")
-                    if method == Stage.MASKED.method and not killed:
-                        killed.append(node)
-                        crash_node(node)
-                        raise PeerUnreachable("this node's libp2p daemon was killed")
-                    reply = await real_call(peer, method, *args, **kwargs)
-                    if method == Stage.MASKED.method and len(killed) == 1:
-                        killed.append(node)
-                        crash_node(node)
-                    return reply
-
-                node.transport.call = call  # type: ignore[method-assign]
-
+        # Signed records carry each node's secagg identity key, bound to its peer id: keys signed end to end.
+        async with RealSwarm(5, config, settings=DaemonSettings.in_memory(signed_records=True), log=log) as swarm:
+            nodes = swarm.nodes
             for n in nodes:
+                assert isinstance(n.protocol, ModestProtocol) and n.protocol.secagg_binding == "identity"
+                keep_inputs(n)
                 kill_at_masked_input(n)
             initial_state = nodes[0].trainer.state()
-
-            async def loop(node: Node) -> None:
-                while True:
-                    await node.run_round()
-
-            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
+            swarm.run()
             await log.until(1, timeout=90.0)
             ev = log.events[0]
             assert len(killed) == 2, [n.peer_id for n in killed]
@@ -209,12 +164,6 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
             expected = torch.cat([initial_state[n].double().reshape(-1) for n in names]) + mean
             got = torch.cat([ev.state[n].double().reshape(-1) for n in names])
             assert float((got - expected).abs().max()) <= 2 * 8.0 / 2**22 + 1e-6
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for n in nodes:
-                await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes
 
 
