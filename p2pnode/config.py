@@ -137,7 +137,9 @@ class NodeConfig:
     #: ``G``: split each sample into G secure groups, member i (in the sample's order) in group i mod G
     #: (default 1: one instance per sample). The aggregator learns the G group means instead of one sum
     #: and combines them with ``rule``, which may then be robust (median, krum, ...) if it tolerates
-    #: ``f`` (default 1) Byzantine groups among G. Needs secagg and sample_size >= 2G.
+    #: ``f`` (default 1) Byzantine groups among G. Needs secagg and sample_size >= secagg_min_group * G.
+    #: With ``aggregators`` a > 1 (modest) the groups are spread over the aggregators (G >= a), which
+    #: exchange their group sums: each trainer uploads once (docs/secagg.md).
     secagg_groups: int = 1
     #: With ``secagg_groups > 1``: fewest members a secure group may have (default 5, at least 2). The
     #: aggregator learns each group's mean, so a small group says much about each member; the config is

@@ -140,16 +140,21 @@ def test_below_the_threshold_the_round_is_aborted_counted_and_not_applied() -> N
     assert events[2].aborted is None and len(events[2].contributors) == 10
 
 
+async def _started(count: int) -> tuple[Any, ModestProtocol]:
+    """`count` secure MoDeST nodes (s = 3), started, and the first node's protocol (the aggregator under test)."""
+    group = await make_group(count, topology="modest", sample_size=3, aggregation_timeout_s=5.0, idle_timeout_s=5.0,
+                             secagg=True)
+    for node in group.nodes:
+        assert isinstance(node.protocol, ModestProtocol)
+        await node.protocol._start()
+    agg = group.nodes[0].protocol
+    assert isinstance(agg, ModestProtocol)
+    return group, agg
+
+
 def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
     async def main() -> None:
-        group = await make_group(12, topology="modest", sample_size=3, aggregation_timeout_s=5.0,
-                                 idle_timeout_s=5.0, secagg=True)
-        protocols = [n.protocol for n in group.nodes]
-        for p in protocols:
-            assert isinstance(p, ModestProtocol)
-            await p._start()
-        agg = protocols[0]
-        assert isinstance(agg, ModestProtocol)
+        group, agg = await _started(12)
         order = candidate_order(agg.view.active(0), 0)
         outsider = order[-1]  # ranked 12th: outside the first 2 s = 6 candidates of round 0
         assert outsider != agg.me
@@ -189,14 +194,7 @@ def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_dir
     refuse an honest sample: a pending join counts as known, and a missing member makes the aggregator read
     the directory before it decides; the claimant retries meanwhile."""
     async def main() -> None:
-        group = await make_group(8, topology="modest", sample_size=3, aggregation_timeout_s=5.0,
-                                 idle_timeout_s=5.0, secagg=True)
-        protocols = [n.protocol for n in group.nodes]
-        for p in protocols:
-            assert isinstance(p, ModestProtocol)
-            await p._start()
-        agg = protocols[0]
-        assert isinstance(agg, ModestProtocol)
+        group, agg = await _started(8)
         honest = tuple(candidate_order(agg.view.active(0), 0)[:3])
         sender = next(p for p in honest if p != agg.me)
         member = next(p for p in honest if p not in (agg.me, sender))
