@@ -183,6 +183,29 @@ def test_window_keeps_newest_per_sender_for_the_last_n_merges() -> None:
     run_virtual(main())
 
 
+@pytest.mark.parametrize(("rule", "needed"), [("flag", 3), ("median", 3), ("krum", 5)])
+def test_a_robust_merge_waits_for_enough_inputs_to_tolerate_an_attacker(rule: str, needed: int) -> None:
+    # With fewer inputs than the rule needs for f = 1, an attacker's model would be half of the merge (flag
+    # with 2 inputs runs with f = 0): the node keeps its own model until the window holds enough.
+    async def main() -> None:
+        group = await make_group(1, rule=rule)
+        p = group.nodes[0].protocol
+        assert isinstance(p, GossipProtocol)
+        start = {k: v.clone() for k, v in p.trainer.state().items()}
+        bad = {k: v * -50.0 for k, v in start.items()}
+        senders = {f"peer-{i}": start for i in range(needed - 3)} | {"attacker": bad}
+        p._merge(start, senders, set(senders))  # own + needed - 2 others: one input too few
+        assert p.last_combined == 1
+        assert all(torch.equal(v, start[k]) for k, v in p.trainer.state().items())
+        senders = {f"peer-{i}": start for i in range(needed - 2)} | {"attacker": bad}
+        p._merge(start, senders, set(senders))  # enough: the rule merges and leaves the attacker out
+        assert p.last_combined == needed
+        assert max(float((v - start[k]).abs().max()) for k, v in p.trainer.state().items()) < 1e-6
+        await group.nodes[0].shutdown()
+
+    run_virtual(main())
+
+
 def test_window_memory_is_bounded_by_max_inbox() -> None:
     async def main() -> None:
         group = await make_group(1, rule="median")

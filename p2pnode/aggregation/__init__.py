@@ -5,7 +5,8 @@ Public API:
 - `available_rules()`, `aggregate(rule, updates, weights=None, **params)`,
   `aggregate_states(rule, states, weights=None, **params)` (registry.py): the entry points.
 - `rule_info(rule)`, `max_byzantine(rule, p, **params)`, `RuleInfo` (registry.py): what each rule is
-  and how many Byzantine inputs it tolerates.
+  and how many Byzantine inputs it tolerates; `tolerance(rule, p, params)` and
+  `byzantine_target(rule, params)`: what a combination of p inputs tolerates and must tolerate.
 - `OuterOptimizer` (outer.py): DiLoCo-style Nesterov outer step on any rule's output.
 - `solve_flag`, `FlagSolution` (flag.py): the Flag Aggregator's solver on a Gram matrix.
 
@@ -22,8 +23,10 @@ from p2pnode.aggregation.registry import (
     aggregate,
     aggregate_states,
     available_rules,
+    byzantine_target,
     max_byzantine,
     rule_info,
+    tolerance,
 )
 
 __all__ = [
@@ -33,7 +36,9 @@ __all__ = [
     "aggregate",
     "aggregate_states",
     "available_rules",
+    "byzantine_target",
     "max_byzantine",
     "rule_info",
     "solve_flag",
+    "tolerance",
 ]

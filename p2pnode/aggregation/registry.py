@@ -211,6 +211,26 @@ def max_byzantine(rule: str, p: int, **params: Any) -> int:
     return rule_info(rule).max_f(p, params)
 
 
+def tolerance(rule: str, p: int, params: Mapping[str, Any]) -> int:
+    """`max_byzantine` of `rule` among `p` inputs under `params` (their ``f`` aside); -1 where the
+    parameters leave nothing (e.g. a trim too large for p)."""
+    rest = {k: v for k, v in params.items() if k != "f"}
+    try:
+        return max_byzantine(rule, p, **rest)
+    except AggregationError:
+        return -1
+
+
+def byzantine_target(rule: str, params: Mapping[str, Any]) -> int:
+    """Byzantine inputs a combination with `rule` must tolerate: its ``f`` parameter if set, else 1 for a
+    robust rule (one that tolerates an attacker among a handful of inputs: its reason to be there) and 0
+    for the others (``mean``, ``vca``)."""
+    f = params.get("f")
+    if f is not None:
+        return int(f)
+    return 1 if tolerance(rule, 9, params) >= 1 else 0
+
+
 def _prepare(info: RuleInfo, batch: Batch, weights: Any, params: dict[str, Any]) -> tuple[Any, int]:
     """Check weights, parameter names and f; return (normalized weights, f)."""
     p = batch.p

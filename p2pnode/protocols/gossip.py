@@ -11,10 +11,13 @@ A node with no peers trains alone and keeps looking for peers every round.
 Robust window. A single pairwise average cannot be made robust: with a robust rule (one that
 tolerates ``f >= 1``) a node keeps the newest model of each sender over its last ``robust_window``
 merges and applies the rule to its own model and all of them, so the rule sees enough inputs for an
-honest majority. Rules that work on updates (flag, krum, multikrum, geomed, centered_clip) get
-``model - start``, where ``start`` is the node's model at the start of the round. Each merge also scores
-the senders of the models that arrived since the last merge (`p2pnode.protocols.suspicion`); with
-``exclude_suspects`` a node neither picks a suspect as partner nor merges what a suspect sends.
+honest majority. While they are fewer than the rule needs to tolerate its ``f`` (default 1; flag and
+median: 3 inputs, krum: 5) the node keeps its own model rather than merge: a robust rule run on its own
+model and one peer's would tolerate nobody. Rules that work on updates (flag, krum, multikrum, geomed,
+centered_clip) get ``model - start``, where ``start`` is the node's model at the start of the round.
+Each merge also scores the senders of the models that arrived since the last merge
+(`p2pnode.protocols.suspicion`); with ``exclude_suspects`` a node neither picks a suspect as partner
+nor merges what a suspect sends.
 Trade-off (docs/protocols.md): a longer window gives the rule more inputs (robustness) but merges
 older models (staleness) and holds up to ``max_inbox`` models in memory.
 """
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, max_byzantine, rule_info
+from p2pnode.aggregation import aggregate_states, byzantine_target, max_byzantine, rule_info, tolerance
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
@@ -130,6 +133,8 @@ class GossipProtocol:
         self._epoch = 0
         self._needs_updates = rule_info(settings.rule).needs_updates
         self._robust = is_robust(settings.rule, settings.rule_params) or settings.window > 1
+        # A merge must keep the rule's guarantee: f = the rule's `f`, or 1 for a robust rule (0 for mean, vca).
+        self._target_f = byzantine_target(settings.rule, settings.rule_params)
         #: A Byzantine node's forging (None for an honest node).
         self.attacker = attacker
         #: Called after each local training with (round, start model, trained model); the simulator's
@@ -229,6 +234,11 @@ class GossipProtocol:
                 params.setdefault("self_index", 0)
             states = [own, *(received[p] for p in senders)]
             try:
+                if tolerance(s.rule, len(states), s.rule_params) < self._target_f:
+                    # Too few inputs for the rule's guarantee (flag with the own model and one peer's: an
+                    # attacker would be half of the merge), though the rule itself would run with f = 0.
+                    raise AggregationError(f"{s.rule} tolerates fewer than f = {self._target_f} Byzantine "
+                                           f"input(s) among {len(states)}")
                 if self._needs_updates:
                     # Direction-based rules need updates: every model relative to this round's start.
                     updates = [{k: st[k] - start[k] for k in start} for st in states]
@@ -237,8 +247,8 @@ class GossipProtocol:
                 else:
                     merged = aggregate_states(s.rule, states, **params)
             except AggregationError as e:
-                # Too few inputs for the rule (e.g. multikrum needs 3): keep the own model rather than
-                # merge models that no rule vetted; the window fills up within a few rounds.
+                # Too few inputs for the rule (e.g. multikrum needs 3) or for its guarantee: keep the own
+                # model rather than merge models that no rule vetted; the window fills up within a few rounds.
                 logger.debug("merge skipped: %s", e)
                 senders = []
                 merged = own

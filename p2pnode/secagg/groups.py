@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from p2pnode.aggregation.registry import max_byzantine
-from p2pnode.errors import AggregationError, ConfigError
+from p2pnode.aggregation.registry import byzantine_target, tolerance
+from p2pnode.errors import ConfigError
 from p2pnode.secagg.settings import SUM_RULES, check_rule_compatible
 
 __all__ = ["DEFAULT_MIN_GROUP", "check_groups", "group_of", "groups_needed", "split_groups", "target_f"]
@@ -48,21 +48,9 @@ def group_of(sample: Sequence[str], member: str, groups: int) -> int:
 
 
 def target_f(rule: str, params: Mapping[str, Any]) -> int:
-    """Byzantine group means the combination must tolerate: the rule's ``f`` parameter if set, else 1
-    for a robust rule (its reason to be there) and 0 for a sum rule (``mean``, ``vca``)."""
-    f = params.get("f")
-    if f is not None:
-        return int(f)
-    return 0 if rule in SUM_RULES else 1
-
-
-def _limit(rule: str, p: int, params: Mapping[str, Any]) -> int:
-    """`max_byzantine` of `rule` among `p` inputs, -1 where its parameters leave nothing (e.g. trim)."""
-    rest = {k: v for k, v in params.items() if k != "f"}
-    try:
-        return max_byzantine(rule, p, **rest)
-    except AggregationError:
-        return -1
+    """Byzantine group means the combination must tolerate (`byzantine_target`): the rule's ``f`` if set,
+    else 1 for a robust rule and 0 for a sum rule (``mean``, ``vca``)."""
+    return byzantine_target(rule, params)
 
 
 def groups_needed(rule: str, params: Mapping[str, Any], groups: int) -> int:
@@ -72,7 +60,7 @@ def groups_needed(rule: str, params: Mapping[str, Any], groups: int) -> int:
         return 1
     f = target_f(rule, params)
     for p in range(1, groups + 1):
-        if _limit(rule, p, params) >= f:
+        if tolerance(rule, p, params) >= f:
             return p
     return groups + 1
 
@@ -101,9 +89,9 @@ def check_groups(rule: str, params: Mapping[str, Any], groups: int, sample_size:
         return
     check_rule_compatible(rule, across_samples=True)
     f = target_f(rule, params)
-    limit = _limit(rule, groups, params)
+    limit = tolerance(rule, groups, params)
     if limit < f:
-        wanted = next((g for g in range(groups + 1, 4 * groups + 64) if _limit(rule, g, params) >= f), None)
+        wanted = next((g for g in range(groups + 1, 4 * groups + 64) if tolerance(rule, g, params) >= f), None)
         more = f"; it needs secagg_groups >= {wanted}" if wanted is not None else ""
         raise ConfigError(f"rule={rule!r} across secagg_groups={groups} group means tolerates at most "
                           f"{max(limit, 0)} Byzantine group(s), but f={f} is needed (one Byzantine trainer "
