@@ -22,6 +22,7 @@ from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
 from p2pnode.secagg import Stage
+from p2pnode.secagg.groups import DEFAULT_MIN_GROUP
 from p2pnode.secagg.randomness import SeededRandomness
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
@@ -115,7 +116,7 @@ class SimConfig:
     #: secagg: split each sample into this many secure groups (`NodeConfig.secagg_groups`; default 1).
     secagg_groups: int = 1
     #: secagg with groups: fewest members of a group (`NodeConfig.secagg_min_group`; default 5).
-    secagg_min_group: int = 5
+    secagg_min_group: int = DEFAULT_MIN_GROUP
     #: secagg fault injection: peer id (``node-NNNN``) -> stage label (``advertise``, ``share``, ``masked``,
     #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
     #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
@@ -492,7 +493,7 @@ def _config_dict(cfg: SimConfig) -> dict[str, Any]:
         del out["record_variance"]
     if cfg.secagg_groups == 1:
         del out["secagg_groups"]
-    if cfg.secagg_min_group == 5:
+    if cfg.secagg_min_group == DEFAULT_MIN_GROUP:
         del out["secagg_min_group"]
     return out
 

@@ -360,11 +360,11 @@ class _Aggregation:
         # The instances of each group (group 0 alone without groups). A group can have several candidate
         # instances, one per distinct member list claimed, so that a member claiming a forged list cannot
         # take the group from the others; each member opens at most one per group (`openers`: (group,
-        # member) -> session digest). The first instance of a group to produce a sum decides it; a group
+        # member) pairs that opened one). The first instance of a group to produce a sum decides it; a group
         # whose last candidate aborts is decided as left out. `decided`: the instance whose outcome counts.
         self.candidates: dict[int, list[SecAggAggregator]] = {}
         self.opened: list[SecAggAggregator] = []
-        self.openers: dict[tuple[int, str], bytes] = {}
+        self.openers: set[tuple[int, str]] = set()
         self.decided: dict[int, SecAggAggregator] = {}
         # The outcome of each decided group (its result, or why it was left out), a signal for either, and
         # whether new groups are refused.
@@ -1451,7 +1451,7 @@ class ModestProtocol:
         first = not agg.opened
         if self._spread and agg.home is None:
             agg.home = group % self.settings.aggregators
-        agg.openers[(group, claim.sender)] = p.digest
+        agg.openers.add((group, claim.sender))
         agg.candidates.setdefault(group, []).append(instance)
         agg.opened.append(instance)
         if len(agg.candidates[group]) > 1:

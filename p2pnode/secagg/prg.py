@@ -81,8 +81,7 @@ class MaskGenerator:
 
     def apply(self, acc: np.ndarray, seed: bytes, sign: int) -> None:
         """``acc += sign * PRG(seed)`` modulo 2^word_bits, in place (`sign` is +1 or -1)."""
-        for _ in self.chunks(acc, [(seed, sign)]):
-            pass
+        self.apply_all(acc, [(seed, sign)])
 
     def apply_all(self, acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
         """``acc += sum(sign * PRG(seed))`` over the ``(seed, sign)`` pairs of `masks`, in place."""
