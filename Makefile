@@ -7,14 +7,17 @@ PY := $(VENV)/bin/python
 # torch 2.13.0; on a machine without a local wheel pip downloads it from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Pinned versions of every dependency (what the tests were last green with); empty installs the newest.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install run sim test lint protos check-protos bench clean
+.PHONY: install run sim test test-latest lint protos check-protos bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,9 +42,14 @@ protos: install
 test: lint check-protos
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The newest release of every dependency, in a venv of its own: shows a release that breaks us before the
+# pins in constraints.txt are moved (run it on a schedule, not on every change).
+test-latest:
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
 bench: install
 	$(PY) benchmarks/aggregators.py
 	$(PY) benchmarks/transport.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache .mypy_cache .ruff_cache
