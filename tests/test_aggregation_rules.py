@@ -138,6 +138,14 @@ def test_non_finite_inputs_are_refused(rule: str, bad: float, where: int) -> Non
         aggregate(rule, xs)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_non_finite_states_are_named_as_states(rule: str) -> None:
+    states = [{"w": x.view(-1, 1).clone()} for x in _inputs()]
+    states[3]["w"][17, 0] = float("nan")
+    with pytest.raises(AggregationError, match="state 3 contains NaN or Inf"):
+        aggregate_states(rule, states)
+
+
 def test_non_finite_input_with_zero_weight_is_refused() -> None:
     xs = _inputs()
     xs[2] = xs[2].clone()

@@ -184,3 +184,12 @@ def test_low_precision_states(dtype: torch.dtype) -> None:
         assert v.dtype == states[0][k].dtype and v.shape == states[0][k].shape
     target = sum(float(s["fc1.weight"].float().var(correction=0)) for i, s in enumerate(states) if i != 1) / 3
     assert math.isclose(float(out["fc1.weight"].float().var(correction=0)), target, rel_tol=2e-2)
+
+
+def test_float16_rescale_overflow_raises_like_mean() -> None:
+    # Finite inputs whose corrected output passes float16's range (65504): sqrt(2) * 6e4 ~ 8.5e4.
+    a, b = (A * 6e4).to(torch.float16), (B * 6e4).to(torch.float16)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    with pytest.raises(AggregationError, match="overflowed the input dtype"):
+        aggregate("vca", [a, b])
+    assert torch.isfinite(aggregate("vca", [a.double(), b.double()])).all()

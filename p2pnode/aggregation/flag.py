@@ -91,7 +91,8 @@ def solve_flag(g: torch.Tensor, m: int, lam: float = 0.0, iterations: int = 1, e
         g: Gram matrix of the raw inputs.
         m: subspace dimension (>= 1).
         lam: weight of the pairwise term (0 disables it, the authors' main setting).
-        iterations: maximum IRLS steps after the flag-mean start (the authors' ``flag.py`` uses 1).
+        iterations: maximum IRLS steps after the flag-mean start (the flag mean is what the authors'
+            ``flag.py`` returns, so 0 reproduces it).
         eps: added to each squared sine before the inverse square root (reference: 1e-7).
     """
     g = g.to(torch.float64)
@@ -169,7 +170,8 @@ def flag(
     Args:
         m: subspace dimension; default `default_m` (8 for p = 15).
         lam: pairwise regularization weight; default 0 (the authors' main runs; they swept 0..64).
-        iterations: IRLS steps after the flag-mean start; default 1 (the authors' ``flag.py``).
+        iterations: IRLS steps after the flag-mean start; default 1, one step past the authors' ``flag.py``
+            output (``iterations=0, scale="none"`` reproduces theirs).
         eps: IRLS smoothing of the squared sines; default 1e-7.
         scale: ``"median_norm"`` (default: the output equals the mean for identical inputs) or ``"none"``
             (the authors' raw ``g_FA``, length about p/m).

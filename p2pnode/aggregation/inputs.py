@@ -269,6 +269,14 @@ def first_non_finite(vectors: Sequence[Sequence[torch.Tensor]]) -> int | None:
     return None
 
 
+class NonFiniteInput(AggregationError):
+    """Input `index` holds NaN or Inf; `what` names the inputs (``"update"`` or ``"state"``)."""
+
+    def __init__(self, index: int, what: str = "update") -> None:
+        super().__init__(f"{what} {index} contains NaN or Inf; inputs must be finite")
+        self.index = index
+
+
 def raise_non_finite(index: int | None, what: str = "update") -> None:
     """Raise the error for a non-finite input, or for an overflow when no input is at fault."""
     if index is None:
@@ -276,7 +284,7 @@ def raise_non_finite(index: int | None, what: str = "update") -> None:
             "the aggregate overflowed the input dtype although every input is finite; "
             "use a wider dtype (float32 or float64)"
         )
-    raise AggregationError(f"{what} {index} contains NaN or Inf; inputs must be finite")
+    raise NonFiniteInput(index, what)
 
 
 def check_finite_output(out: Sequence[torch.Tensor], vectors: Sequence[Sequence[torch.Tensor]]) -> None:

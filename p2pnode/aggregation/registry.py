@@ -21,6 +21,7 @@ from p2pnode.aggregation import vca as _vca
 from p2pnode.aggregation.checks import check_int
 from p2pnode.aggregation.inputs import (
     Batch,
+    NonFiniteInput,
     is_uniform,
     lower_median_int,
     normalized_weights,
@@ -319,7 +320,10 @@ def aggregate_states(
     call_params = {k: v for k, v in params.items() if k != "f"}
     result: dict[str, torch.Tensor] = {}
     if layout.float_keys:
-        pieces = info.fn(batch, w, f, **call_params)
+        try:
+            pieces = info.fn(batch, w, f, **call_params)
+        except NonFiniteInput as e:  # the rules speak of updates; here the inputs are states
+            raise NonFiniteInput(e.index, "state") from None
         for key, piece, shape in zip(layout.float_keys, pieces, batch.shapes, strict=True):
             result[key] = piece.view(shape)
     self_index = params.get("self_index") if info.name == "vca" else None

@@ -156,4 +156,7 @@ def vca(
                 mu = float(o.mean())
                 o.sub_(mu).mul_(s).add_(mu)
         out.append(o if o.dtype == dt else o.to(dt))
+    # The rescale can push a finite mean past the dtype's range (float16 tops out at 65504): refuse with
+    # the same error as `mean` rather than return +-Inf.
+    check_finite_output(out, [])
     return out

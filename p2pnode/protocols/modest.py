@@ -100,7 +100,6 @@ BASE = "modest.base"
 GROUP_SUMS = "modest.group_sums"
 #: Prefix of the outer optimizer's state tensors, which travel with a model.
 OUTER_PREFIX = "outer/"
-SAMPLE_KEYS = ("model", "round")
 #: Largest sample a model message may list, and longest peer id in it (characters).
 MAX_SAMPLE = 4096
 MAX_PEER_ID = 256

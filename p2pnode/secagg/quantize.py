@@ -22,8 +22,7 @@ that does not fit in 64 bits, or in an explicitly requested 32, is refused with 
 
 **Decoding** the sum of ``n`` users: ``sum(x * w / max_weight) = sum_q * 2 clip / levels - n clip``
 (and likewise with ``extra_range``); the weighted mean is that divided by ``sum(w / max_weight)``.
-The error of a sum of ``n`` unclipped values is below ``n * 2 clip / levels`` per coordinate
-(`FixedPoint.sum_error_bound`).
+The error of a sum of ``n`` unclipped values is below ``n * 2 clip / levels`` (n steps) per coordinate.
 """
 
 from __future__ import annotations
@@ -118,10 +117,6 @@ class FixedPoint:
     def step(self) -> float:
         """Quantization step of a model coordinate: ``2 clip / levels``."""
         return 2.0 * self.clip / self.levels
-
-    def sum_error_bound(self, summands: int) -> float:
-        """Largest error of a decoded sum of `summands` unclipped model coordinates (< n steps)."""
-        return summands * self.step
 
     def check_summands(self, summands: int) -> None:
         """Raise `ConfigError` when the sum of `summands` users may overflow the modulus."""
