@@ -36,6 +36,7 @@ class Swarm:
         self.events: list[AggregationEvent] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._progress = asyncio.Event()
+        self._crashed: set[str] = set()
         for node in group.nodes:
             self.watch(node)
 
@@ -43,6 +44,9 @@ class Swarm:
         _p(node).on_aggregate = self._on_aggregate
 
     def _on_aggregate(self, ev: AggregationEvent) -> None:
+        # A crashed machine's tasks may still finish in this process, but nothing they make leaves it.
+        if ev.aggregator in self._crashed:
+            return
         self.events.append(ev)
         self._progress.set()
 
@@ -61,6 +65,7 @@ class Swarm:
 
     def crash(self, node: Node) -> None:
         self.group.network.crash(node.peer_id)
+        self._crashed.add(node.peer_id)
         task = self._tasks.pop(node.peer_id, None)
         if task is not None:
             task.cancel()
