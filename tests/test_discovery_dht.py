@@ -161,13 +161,15 @@ async def test_invalid_and_forged_records_are_skipped(swarm: list[tuple[hivemind
         rec = peer_pb2.PeerRecord(peer_id=infos[1].peer_id, config_hash=CONFIG).SerializeToString()
         assert await dht2.store(key, rec, exp + 1, subkey=own_subkey, return_future=True)
         assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
-        assert dirs[0].invalid == 4
+        assert dirs[0].invalid == 3  # each record counts once: the unsigned one was counted by the first read
+        assert dirs[0].rejected["mismatched"] == 1
         # A signed record whose secagg key is not a 32-byte Ed25519 public key.
         rec = peer_pb2.PeerRecord(peer_id=await dirs[2].peer_id(), config_hash=CONFIG,
                                   secagg_key=b"\x01" * 31).SerializeToString()
         assert await dht2.store(key, rec, exp + 2, subkey=own_subkey, return_future=True)
         assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
-        assert dirs[0].invalid == 6
+        assert dirs[0].invalid == 4
+        assert dirs[0].rejected["bad_record"] == 2 and dirs[0].rejected["undecodable"] == 1
         # Peer 2 cannot overwrite or tombstone peer 1's signed record: every DHT node refuses it.
         victim_subkey = await dirs[1].subkey()
         assert not await dht2.store(key, b"", exp + 100, subkey=victim_subkey, return_future=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -9,6 +10,19 @@ from p2pnode.proto import peer_pb2
 
 #: Length of `PeerInfo.secagg_key` when set: a raw Ed25519 public key, in bytes.
 SECAGG_KEY_BYTES = 32
+
+#: Reason (in `PeerDirectory.rejected`) of a record of another config hash; `PeerDirectory.mismatched`.
+OTHER_CONFIG = "other_config"
+#: Reasons (in `PeerDirectory.rejected`) of records that fail the schema; their sum is `PeerDirectory.invalid`.
+#: ``not_dictionary``: a plain value where the run's dictionary of records belongs; ``undecodable``: a
+#: subkey or value of the wrong type, or bytes that do not parse as a record; ``oversized``: a record
+#: over the size or item limits; ``bad_record``: it parses but breaks the schema (secagg key length,
+#: empty or malformed peer id, unsigned record where signatures are required, ...); ``mismatched``: the
+#: record names another peer than its subkey (or than its signing key); ``expired_too_far``: its
+#: expiration lies further ahead than any honest peer writes. (Not in this set: ``over_budget``, a record
+#: that a read left for later reads because it had parsed its share of new records.)
+INVALID_REASONS = frozenset({"not_dictionary", "undecodable", "oversized", "bad_record", "mismatched",
+                             "expired_too_far"})
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,10 @@ class PeerDirectory(ABC):
     """Run-scoped membership: announce yourself, list the others.
 
     A directory is bound to one run id and one config hash: `peers()` returns only live records of the
-    same run and config hash, never this node itself, sorted by peer id, and counts the records it
-    dropped in `mismatched` (other config) and `invalid` (failed the schema).
+    same run and config hash, never this node itself, sorted by peer id, and counts what it dropped in
+    `rejected`, by reason: `OTHER_CONFIG` (summed in `mismatched`), the `INVALID_REASONS` (summed in
+    `invalid`), ``over_budget``, and reasons of whole reads (``timeout``, ``read_failed``; the DHT
+    directory adds the refusals counted by its DHT process, ``dht_*``).
 
     `authenticated` says whether a record can only have been written by the peer it names (signed DHT
     records; the simulator's registry, where each node writes only its own record). Only then is what a
@@ -64,8 +80,18 @@ class PeerDirectory(ABC):
     authenticated: bool = False
 
     def __init__(self) -> None:
-        self.mismatched = 0
-        self.invalid = 0
+        #: Dropped records and failed reads, by reason (see the class doc); cumulative.
+        self.rejected: collections.Counter[str] = collections.Counter()
+
+    @property
+    def mismatched(self) -> int:
+        """Records of another config hash skipped (``rejected[OTHER_CONFIG]``)."""
+        return self.rejected[OTHER_CONFIG]
+
+    @property
+    def invalid(self) -> int:
+        """Records failing the schema skipped (the sum of `rejected` over `INVALID_REASONS`)."""
+        return sum(n for reason, n in self.rejected.items() if reason in INVALID_REASONS)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (for example, periodic refresh of this node's record)."""

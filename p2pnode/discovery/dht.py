@@ -5,9 +5,31 @@ serialized `PeerRecord` (protobuf bytes) and whose expiration is ``now + ttl``. 
 re-stores the record every ``ttl / 3`` so that it lives while the node does and vanishes at most
 ``ttl`` seconds after a crash.
 
-Reading (`peers`) checks every record before use: bytes that do not parse as a `PeerRecord`, exceed
-`MAX_RECORD_BYTES`, or whose ``peer_id`` differs from their subkey are counted in ``invalid``; records of
-another config hash are counted in ``mismatched``; both are skipped.
+Reading (`peers`) checks every record before use and counts what it skips in ``rejected`` by reason
+(see `PeerDirectory`): bytes that do not parse as a `PeerRecord` (``undecodable``), exceed
+`MAX_RECORD_BYTES` (``oversized``), whose ``peer_id`` differs from their subkey (``mismatched``), that
+expire further ahead than ``ttl * EXPIRATION_CAP_FACTOR`` (``expired_too_far``), records of another
+config hash (``other_config``). Each record (subkey, value, expiration) is counted once, however many
+reads see it, and its verdict is remembered, so that a read re-parses only records it has not seen.
+
+Outsiders. Anyone who reaches a DHT node can store under the run's key. Four defences:
+
+- `msgpack_guard` (installed when this module is imported, so before any DHT process forks) keeps
+  values nested too deep for hivemind's recursive decoder away from it: one such value would otherwise
+  crash the DHT process of every replica.
+- `RunRecordValidator`, installed in the DHT by every directory (and at DHT start by the daemon), makes
+  every replica that runs this code refuse, under ``"<run_id>/peers"``, a plain value (hivemind lets a
+  plain value with a later expiration replace the whole dictionary: one store would empty every
+  directory), a subkey that is not a short string, a value that is not a byte string of at most
+  `MAX_RECORD_BYTES`, and an expiration beyond ``now + ttl * EXPIRATION_CAP_FACTOR``. The same check
+  runs on what other DHT nodes return, so a reply that carries such a record is dropped.
+- reads have a deadline (``read_timeout``, default 5 s): a read that does not finish (an undecodable
+  value makes hivemind's search wait forever) is counted as ``timeout``. A read that fails, or finds a
+  plain value at the key (``not_dictionary``), returns the last good view instead: the peers of the last
+  successful read whose records have not expired yet.
+- a read parses at most ``max_parse_per_read`` records it has not seen before, the records of peers of
+  its last view first; the others (counted once as ``over_budget``) wait for later reads. So thousands of
+  junk subkeys cost each read a bounded amount of work, and their verdicts are cached.
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
 already past (``TimedStorage.store`` returns False), so an "already expired" value cannot overwrite a
@@ -33,12 +55,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 import base58
@@ -47,22 +73,38 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf.message import DecodeError
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2pnode.discovery.base import SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
+from p2pnode.discovery import msgpack_guard
+from p2pnode.discovery.base import OTHER_CONFIG, SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
 from p2pnode.proto import peer_pb2
 
 logger = logging.getLogger(__name__)
+
+# Before any hivemind DHT process forks from this process (see the module doc).
+msgpack_guard.install()
 
 T = TypeVar("T")
 
 #: Default lifetime of a record without refresh, in seconds.
 DEFAULT_TTL = 60.0
-#: Default longest wait for one DHT store or get, in seconds.
+#: Default longest wait for one DHT store, in seconds.
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: Default longest wait for one read of the directory (`DHTDirectory.peers`), in seconds.
+DEFAULT_READ_TIMEOUT = 5.0
+#: Records expiring more than ``ttl`` times this after now are refused (honest ones expire after ``ttl``).
+EXPIRATION_CAP_FACTOR = 2.0
+#: Longest subkey accepted, in bytes (a peer id plus an OpenSSH RSA public key is about 450).
+MAX_SUBKEY_BYTES = 2048
+#: Default number of records not seen before that one read parses; the rest wait for later reads.
+DEFAULT_MAX_PARSE_PER_READ = 256
+#: Record verdicts remembered by a directory (so that a record is parsed and counted once).
+VERDICT_CACHE_SIZE = 8192
 #: Largest record accepted, in bytes (a record holds a few multiaddrs and names).
 MAX_RECORD_BYTES = 16 * 1024
 #: Most multiaddrs / capabilities accepted in one record.
@@ -72,6 +114,14 @@ TOMBSTONE = b""
 #: How much later than the last record a tombstone (or a record after a tombstone) expires, in seconds.
 _EXPIRATION_STEP = 1e-3
 _OWNER_PREFIX = "[owner:"
+#: A base58 libp2p peer id (the syntax only, checked before anything costly).
+_PEER_ID_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{16,128}")
+#: Verdict of a record that is skipped without being counted (a tombstone, this node's own record).
+_SKIP = "skip"
+
+#: Records refused by `RunRecordValidator` in this process, by reason (read from the DHT process by
+#: `DHTDirectory`, see `dht_refusals`).
+validator_refusals: collections.Counter[str] = collections.Counter()
 
 
 def peer_id_of_public_key(ssh_public_key: bytes) -> str:
@@ -116,6 +166,134 @@ def signed_dht_options(identity_path: str, *, check_if_identity_free: bool = Tru
     return {"identity_path": identity_path, "record_validators": [validator],
             "check_if_identity_free": check_if_identity_free}
 
+def directory_key(run_id: str) -> str:
+    """The DHT key under which the records of `run_id` live."""
+    return f"{run_id}/peers"
+
+
+def _msgpack_str_ok(data: bytes, max_len: int) -> bool:
+    """Whether `data` is exactly one msgpack str of at most `max_len` bytes of UTF-8."""
+    if not data:
+        return False
+    b = data[0]
+    if 0xA0 <= b <= 0xBF:
+        header, length = 1, b & 0x1F
+    elif b in (0xD9, 0xDA, 0xDB):
+        header = {0xD9: 2, 0xDA: 3, 0xDB: 5}[b]
+        length = int.from_bytes(data[1:header], "big")
+    else:
+        return False
+    if len(data) != header + length or length > max_len:
+        return False
+    try:
+        data[header:].decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _msgpack_bin_length(data: bytes) -> int | None:
+    """The length of the byte string that `data` encodes as exactly one msgpack bin, or None."""
+    if not data or data[0] not in (0xC4, 0xC5, 0xC6):
+        return None
+    header = {0xC4: 2, 0xC5: 3, 0xC6: 5}[data[0]]
+    length = int.from_bytes(data[1:header], "big")
+    return length if len(data) == header + length else None
+
+
+class RunRecordValidator(RecordValidatorBase):
+    """hivemind record validator for the directory key of one or more runs (see the module doc).
+
+    Under ``"<run_id>/peers"`` it accepts only dictionary entries whose subkey is a msgpack string of at
+    most `MAX_SUBKEY_BYTES`, whose value is a byte string of at most `MAX_RECORD_BYTES` and whose
+    expiration is finite and at most ``ttl * EXPIRATION_CAP_FACTOR`` seconds after now; other keys pass.
+    hivemind runs it on every store a node receives or makes, and on every record another node returns;
+    it sees values after the signature validator has checked and stripped them (lower `priority`).
+    Validators of other runs merge into one (`merge_with`). Refusals are counted in `validator_refusals`.
+
+    :param run_id: the run.
+    :param ttl: the lifetime of the run's records, in seconds.
+    """
+
+    def __init__(self, run_id: str, ttl: float) -> None:
+        if not ttl > 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        #: DHT key id (bytes) -> how far ahead an expiration may lie, in seconds.
+        self.limits: dict[bytes, float] = {
+            DHTID.generate(source=directory_key(run_id)).to_bytes(): ttl * EXPIRATION_CAP_FACTOR}
+
+    @staticmethod
+    def problem(record: DHTRecord, max_ahead: float) -> str | None:
+        """Why `record` is refused (a reason of `PeerDirectory.rejected`), or None."""
+        if record.subkey == _REGULAR_VALUE:
+            return "not_dictionary"
+        if not _msgpack_str_ok(record.subkey, MAX_SUBKEY_BYTES):
+            return "undecodable"
+        length = _msgpack_bin_length(record.value)
+        if length is None:
+            return "undecodable"
+        if length > MAX_RECORD_BYTES:
+            return "oversized"
+        if not math.isfinite(record.expiration_time) or record.expiration_time > get_dht_time() + max_ahead:
+            return "expired_too_far"
+        return None
+
+    def validate(self, record: DHTRecord) -> bool:
+        max_ahead = self.limits.get(record.key)
+        if max_ahead is None:
+            return True  # not a directory key
+        reason = self.problem(record, max_ahead)
+        if reason is None:
+            return True
+        validator_refusals[reason] += 1
+        logger.debug("refused a directory record (%s)", reason)
+        return False
+
+    @property
+    def priority(self) -> int:
+        return 5  # below RSASignatureValidator (10): validate the value it has checked and stripped
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, RunRecordValidator):
+            return False
+        for key, ahead in other.limits.items():
+            self.limits[key] = max(ahead, self.limits.get(key, 0.0))
+        return True
+
+
+#: hivemind's subkey of a plain (non-dictionary) value: msgpack ``None``.
+_REGULAR_VALUE = b"\xc0"
+
+
+async def _add_validator(_dht: hivemind.DHT, node: Any, validator: RecordValidatorBase) -> None:
+    """Runs inside the DHT process: add `validator` to the node's validators (merging duplicates)."""
+    node.protocol.record_validator.extend([validator])
+
+
+async def dht_refusals(_dht: hivemind.DHT, node: Any) -> dict[str, int]:
+    """Runs inside the DHT process (``dht.run_coroutine(dht_refusals)``): what it refused, by reason.
+
+    ``dht_decoder_<reason>``: values kept away from the msgpack decoder (`msgpack_guard`);
+    ``dht_refused_<reason>``: records refused by `RunRecordValidator`.
+    """
+    out = {f"dht_decoder_{k}": v for k, v in msgpack_guard.refusals.items()}
+    out.update({f"dht_refused_{k}": v for k, v in validator_refusals.items()})
+    return out
+
+
+def _verdict_key(subkey: object, value: object, expiration: object) -> tuple[object, object, object]:
+    """What identifies one record for the verdict cache: subkey, digest of the value, expiration."""
+    if isinstance(subkey, str) and len(subkey) <= MAX_SUBKEY_BYTES:
+        sk: object = subkey
+    else:
+        try:
+            sk = (type(subkey).__name__, hash(subkey))
+        except TypeError:
+            sk = (type(subkey).__name__,)
+    digest = hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, bytes) else type(value).__name__
+    exp = expiration if isinstance(expiration, float | int) else None
+    return sk, digest, exp
+
 
 class DHTDirectory(PeerDirectory):
     """Peer records of one run in a hivemind DHT.
@@ -124,21 +302,43 @@ class DHTDirectory(PeerDirectory):
     :param run_id: the run; records live under ``"<run_id>/peers"``.
     :param config_hash: this node's config hash; `peers` keeps only records with the same hash.
     :param ttl: lifetime of a record, in seconds (default 60); refreshed every ``ttl / 3``.
-    :param request_timeout: longest wait for one DHT store or get, in seconds (default 10).
+    :param request_timeout: longest wait for one DHT store, in seconds (default 10).
     :param signer: the `RSASignatureValidator` installed in `dht` (see `signed_dht_options`); when set,
         this node's records are signed and unsigned records of others are refused. Default: unsigned.
     :param peer_id: this node's peer id; default: asked from the DHT.
+    :param read_timeout: longest wait for one read (`peers`), in seconds (default 5); a read that takes
+        longer returns the last good view and counts ``timeout``.
+    :param max_parse_per_read: records not seen before that one read parses (default 256).
+    :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
+        True; idempotent, and harmless when the daemon installed it at DHT start).
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, config_hash: str, *, ttl: float = DEFAULT_TTL,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 signer: RSASignatureValidator | None = None, peer_id: str | None = None) -> None:
+                 signer: RSASignatureValidator | None = None, peer_id: str | None = None,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True) -> None:
         super().__init__()
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
+        if read_timeout <= 0 or max_parse_per_read < 1:
+            raise ValueError(f"read_timeout must be positive and max_parse_per_read at least 1, got "
+                             f"{read_timeout} and {max_parse_per_read}")
         self.dht = dht
         self.run_id = run_id
-        self.key = f"{run_id}/peers"
+        self.key = directory_key(run_id)
+        self.read_timeout = read_timeout
+        self.max_parse_per_read = max_parse_per_read
+        #: Expirations further ahead than this are refused, in seconds.
+        self.max_ahead = ttl * EXPIRATION_CAP_FACTOR
+        self._validator_pending = validate_records
+        #: (subkey, value digest, expiration) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
+        self._verdicts: collections.OrderedDict[tuple[object, object, object], PeerInfo | str] = (
+            collections.OrderedDict())
+        #: Records left for later reads (counted once as over_budget).
+        self._deferred: collections.OrderedDict[tuple[object, object, object], None] = collections.OrderedDict()
+        #: The last good view: peer id -> (record, its expiration on the DHT clock).
+        self._view: dict[str, tuple[PeerInfo, float]] = {}
         self.config_hash = config_hash
         self.ttl = ttl
         self.request_timeout = request_timeout
@@ -159,7 +359,8 @@ class DHTDirectory(PeerDirectory):
     async def peer_id(self) -> str:
         """This node's peer id (base58), asked from the DHT process once without blocking."""
         if self._peer_id is None:
-            pid = await self._wait(self.dht.run_coroutine(_dht_peer_id, return_future=True), "peer id lookup")
+            pid = await self._wait(self.dht.run_coroutine(_dht_peer_id, return_future=True), "peer id lookup",
+                                   self.request_timeout)
             self._peer_id = str(pid)
         return self._peer_id
 
@@ -173,6 +374,7 @@ class DHTDirectory(PeerDirectory):
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the refresher task (idempotent). It re-stores the announced record every ``ttl / 3``."""
+        await self._install_validator()
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.create_task(self._refresh_loop(), name=f"refresh {self.key}")
 
@@ -199,6 +401,7 @@ class DHTDirectory(PeerDirectory):
         pid = await self.peer_id()
         if info.peer_id != pid:
             raise ValueError(f"announced peer id {info.peer_id} is not this node's id {pid}")
+        await self._install_validator()
         self._info = info
         await self._store_record(info)
 
@@ -221,7 +424,8 @@ class DHTDirectory(PeerDirectory):
 
     async def _store(self, value: bytes, expiration: float) -> None:
         ok = await self._wait(self.dht.store(self.key, value, expiration_time=expiration,
-                                             subkey=await self.subkey(), return_future=True), "store")
+                                             subkey=await self.subkey(), return_future=True), "store",
+                              self.request_timeout)
         # Even a store that no replica confirmed may have reached some; later values must still win.
         self._last_expiration = max(self._last_expiration, expiration)
         if not ok:
@@ -247,59 +451,172 @@ class DHTDirectory(PeerDirectory):
     async def peers(self) -> list[PeerInfo]:
         """Live, valid peers of this run with this config hash, excluding this node, sorted by peer id.
 
-        :raises TimeoutError: the DHT did not answer within ``request_timeout``.
+        Never raises for what the DHT holds or for a slow DHT: a read that fails, takes longer than
+        ``read_timeout`` or finds a plain value at the key returns the last good view (peers of the last
+        successful read whose records have not expired), and counts why in `rejected`.
         """
         own = await self.peer_id()
-        found = await self._wait(self.dht.get(self.key, latest=True, return_future=True), "get")
-        if found is None or not isinstance(found.value, dict):
+        await self._install_validator()
+        try:
+            found = await self._wait(self.dht.get(self.key, latest=True, return_future=True), "get",
+                                     self.read_timeout)
+        except TimeoutError as e:
+            self.rejected["timeout"] += 1
+            logger.warning("%s; using the last good view", e)
+            return await self._fallback()
+        except Exception as e:
+            self.rejected["read_failed"] += 1
+            logger.warning("DHT get under %s failed: %r; using the last good view", self.key, e)
+            return await self._fallback()
+        if found is None:  # nobody has (or had, unexpired) a record here
+            self._view = {}
+            await self._poll_dht_refusals()
             return []
-        out: dict[str, PeerInfo] = {}
-        for subkey, item in found.value.items():
-            value = getattr(item, "value", None)
-            if isinstance(value, bytes) and value == TOMBSTONE:
-                continue
-            info = self._check(subkey, value)
-            if info is None:
-                self.invalid += 1
-                continue
-            if info.peer_id == own:
-                continue
-            if info.config_hash != self.config_hash:
-                self.mismatched += 1
-                continue
-            out[info.peer_id] = info
-        return [out[k] for k in sorted(out)]
+        if not isinstance(found.value, dict):
+            # A plain value won over the dictionary on some replica that does not run our validator.
+            self._decide(_verdict_key(None, found.value, found.expiration_time), "not_dictionary")
+            return await self._fallback()
+        out = self._read_records(found.value, own)
+        await self._poll_dht_refusals()
+        return out
 
-    def _check(self, subkey: object, value: object) -> PeerInfo | None:
-        """Parse and validate one record; None if it is invalid (the reason is logged at debug level)."""
+    def _read_records(self, records: Mapping[object, object], own: str) -> list[PeerInfo]:
+        """The usable peers among one read's `records`; updates the verdict cache, counters and view."""
+        horizon = get_dht_time() + self.max_ahead
+        view: dict[str, tuple[PeerInfo, float]] = {}
+        todo: list[tuple[int, float, str, bytes, tuple[object, object, object]]] = []
+        for subkey, item in records.items():
+            value = getattr(item, "value", None)
+            expiration = getattr(item, "expiration_time", None)
+            key = _verdict_key(subkey, value, expiration)
+            verdict = self._verdicts.get(key)
+            if verdict is not None:
+                self._verdicts.move_to_end(key)
+            else:
+                verdict = self._precheck(subkey, value, expiration, horizon)
+                if verdict is None:  # needs parsing: queued, known peers first, then by expiration
+                    assert isinstance(subkey, str) and isinstance(value, bytes)
+                    peer_part = subkey.partition(_OWNER_PREFIX)[0]
+                    todo.append((0 if peer_part in self._view else 1, -float(expiration), subkey,  # type: ignore[arg-type]
+                                 value, key))
+                    continue
+                verdict = self._decide(key, verdict)
+            self._keep(view, verdict, expiration)
+        todo.sort(key=lambda t: t[:3])
+        for i, (_, neg_expiration, subkey, value, key) in enumerate(todo):
+            if i >= self.max_parse_per_read:
+                if key not in self._deferred:
+                    self._deferred[key] = None
+                    self.rejected["over_budget"] += 1
+                    if len(self._deferred) > VERDICT_CACHE_SIZE:
+                        self._deferred.popitem(last=False)
+                continue
+            verdict = self._decide(key, self._parse(subkey, value, own))
+            self._keep(view, verdict, -neg_expiration)
+        if len(todo) > self.max_parse_per_read:
+            logger.info("read under %s left %d new records for later reads", self.key,
+                        len(todo) - self.max_parse_per_read)
+        self._view = view
+        return [view[k][0] for k in sorted(view)]
+
+    def _decide(self, key: tuple[object, object, object], verdict: PeerInfo | str) -> PeerInfo | str:
+        """Remember `verdict` for the record `key`; count it if it is a rejection (so: once per record)."""
+        if isinstance(verdict, PeerInfo) and verdict.config_hash != self.config_hash:
+            verdict = OTHER_CONFIG
+        if isinstance(verdict, str) and verdict != _SKIP:
+            self.rejected[verdict] += 1
+        self._verdicts[key] = verdict
+        self._deferred.pop(key, None)
+        if len(self._verdicts) > VERDICT_CACHE_SIZE:
+            self._verdicts.popitem(last=False)
+        return verdict
+
+    @staticmethod
+    def _keep(view: dict[str, tuple[PeerInfo, float]], verdict: PeerInfo | str, expiration: object) -> None:
+        if not isinstance(verdict, PeerInfo):
+            return
+        old = view.get(verdict.peer_id)
+        if old is None or verdict.timestamp > old[0].timestamp:
+            view[verdict.peer_id] = (verdict, float(expiration))  # type: ignore[arg-type]
+
+    async def _fallback(self) -> list[PeerInfo]:
+        """The last good view, less the records that have expired since."""
+        now = get_dht_time()
+        self._view = {pid: entry for pid, entry in self._view.items() if entry[1] > now}
+        await self._poll_dht_refusals()
+        return [self._view[k][0] for k in sorted(self._view)]
+
+    def _precheck(self, subkey: object, value: object, expiration: object, horizon: float) -> str | None:
+        """The cheap checks of one record: its rejection reason, _SKIP, or None when it must be parsed."""
         if not isinstance(subkey, str) or not isinstance(value, bytes):
-            logger.debug("record under %s has a subkey or value of the wrong type", self.key)
-            return None
+            return "undecodable"
+        if len(subkey) > MAX_SUBKEY_BYTES or len(value) > MAX_RECORD_BYTES:
+            return "oversized"
+        if value == TOMBSTONE:
+            return _SKIP
+        if (not isinstance(expiration, float | int) or not math.isfinite(expiration)
+                or expiration > horizon):
+            return "expired_too_far"
         peer_part, sep, owner = subkey.partition(_OWNER_PREFIX)
+        if self.signer is not None and (not sep or not owner.endswith("]")):
+            return "bad_record"  # unsigned, where signatures are required
+        if self.signer is None and sep:
+            return "bad_record"  # a signed record in an unsigned directory: its signature was never checked
+        if not _PEER_ID_RE.fullmatch(peer_part):
+            return "bad_record"
+        return None
+
+    def _parse(self, subkey: str, value: bytes, own: str) -> PeerInfo | str:
+        """Parse and validate one prechecked record: a `PeerInfo`, _SKIP (own record) or the reason."""
+        peer_part, _, owner = subkey.partition(_OWNER_PREFIX)
         if self.signer is not None:
-            if not sep or not owner.endswith("]") or self._owner_id(owner[:-1]) != peer_part:
+            owner_id = self._owner_id(owner[:-1])
+            if owner_id is None:
+                return "bad_record"
+            if owner_id != peer_part:
                 logger.debug("record %s is not signed by the owner of its peer id", peer_part[-8:])
-                return None
-        elif sep:
-            return None  # a signed record in an unsigned directory: its signature was never checked
-        if len(value) > MAX_RECORD_BYTES:
-            logger.debug("record %s is %d bytes long", peer_part[-8:], len(value))
-            return None
+                return "mismatched"
         rec = peer_pb2.PeerRecord()
         try:
             rec.ParseFromString(value)
         except (DecodeError, ValueError):
             logger.debug("record %s does not parse", peer_part[-8:])
-            return None
-        if rec.peer_id != peer_part or not rec.peer_id:
+            return "undecodable"
+        if rec.peer_id != peer_part:
             logger.debug("record under subkey %s claims peer id %s", peer_part[-8:], rec.peer_id[-8:])
-            return None
+            return "mismatched"
         if len(rec.maddrs) > MAX_RECORD_ITEMS or len(rec.capabilities) > MAX_RECORD_ITEMS:
-            return None
+            return "oversized"
         if len(rec.secagg_key) not in (0, SECAGG_KEY_BYTES):
             logger.debug("record %s has a secagg key of %d bytes", peer_part[-8:], len(rec.secagg_key))
-            return None
+            return "bad_record"
+        if rec.peer_id == own:
+            return _SKIP
         return PeerInfo.from_proto(rec)
+
+    async def _install_validator(self) -> None:
+        """Install `RunRecordValidator` for this run in the DHT process, once (retried after a failure)."""
+        if not self._validator_pending:
+            return
+        validator = RunRecordValidator(self.run_id, self.ttl)
+        try:
+            await self._wait(self.dht.run_coroutine(partial(_add_validator, validator=validator),
+                                                    return_future=True), "validator install", self.request_timeout)
+            self._validator_pending = False
+        except Exception as e:
+            logger.warning("could not install the record validator of %s: %r", self.key, e)
+
+    async def _poll_dht_refusals(self) -> None:
+        """Copy the refusal counts of the DHT process into `rejected` (``dht_*``; best effort)."""
+        try:
+            counts = await self._wait(self.dht.run_coroutine(dht_refusals, return_future=True), "refusal count",
+                                      min(self.read_timeout, 1.0))
+        except Exception as e:
+            logger.debug("could not read the refusal counts of the DHT process: %r", e)
+            return
+        for reason, count in counts.items():
+            if count:
+                self.rejected[reason] = count
 
     def _owner_id(self, ssh_key: str) -> str | None:
         if ssh_key not in self._owner_ids:
@@ -311,15 +628,15 @@ class DHTDirectory(PeerDirectory):
                 self._owner_ids.pop(next(iter(self._owner_ids)))
         return self._owner_ids[ssh_key]
 
-    async def _wait(self, future: Awaitable[T], what: str) -> T:
+    async def _wait(self, future: Awaitable[T], what: str, timeout: float) -> T:
         try:
-            async with asyncio.timeout(self.request_timeout):
+            async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
             cancel = getattr(future, "cancel", None)
             if cancel is not None:
                 cancel()
-            raise TimeoutError(f"DHT {what} under {self.key} took over {self.request_timeout} s") from None
+            raise TimeoutError(f"DHT {what} under {self.key} took over {timeout} s") from None
 
 
 async def _dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:

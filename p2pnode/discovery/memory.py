@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from p2pnode.discovery.base import SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
+from p2pnode.discovery.base import OTHER_CONFIG, SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
 
 __all__ = ["MemoryDirectory", "MemoryRegistry"]
 
@@ -89,7 +89,8 @@ class MemoryDirectory(PeerDirectory):
         registry stands for the daemon's signed DHT; `MemoryRegistry.put` bypasses that and is what an
         unsigned directory would let anyone do. False models ``--unsigned-records``.
 
-    `mismatched` and `invalid` are cumulative counters: each `peers()` call adds the records it dropped.
+    `rejected` (and its sums `mismatched`, `invalid`) is cumulative: each `peers()` call adds the records
+    it dropped (``other_config``, ``bad_record``).
     """
 
     def __init__(self, registry: MemoryRegistry, *, peer_id: str, run_id: str, config_hash: str,
@@ -129,11 +130,11 @@ class MemoryDirectory(PeerDirectory):
         out: list[PeerInfo] = []
         for info in self.registry.live(self.run_id):
             if not _valid(info):
-                self.invalid += 1
+                self.rejected["bad_record"] += 1
             elif info.peer_id == self.peer_id:
                 continue
             elif info.config_hash != self.config_hash:
-                self.mismatched += 1
+                self.rejected[OTHER_CONFIG] += 1
             else:
                 out.append(info)
         return out
