@@ -19,6 +19,9 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
     STALE: _ClassVar[ErrorCode]
+    NOT_ADMITTED: _ClassVar[ErrorCode]
+    REPLAYED: _ClassVar[ErrorCode]
+    BUSY: _ClassVar[ErrorCode]
 
 class MemberStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +37,9 @@ WRONG_RUN: ErrorCode
 UNAVAILABLE: ErrorCode
 INTERNAL: ErrorCode
 STALE: ErrorCode
+NOT_ADMITTED: ErrorCode
+REPLAYED: ErrorCode
+BUSY: ErrorCode
 MEMBER_JOIN: MemberStatus
 MEMBER_LEAVE: MemberStatus
 
@@ -48,20 +54,24 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message")
+    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     method: str
     body: bytes
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     payload_bytes: int
     error: ErrorCode
     error_message: str
-    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+    nonce: bytes
+    sent_at: float
+    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., nonce: _Optional[bytes] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class ModelExchange(_message.Message):
     __slots__ = ("run_id", "config_hash", "round", "weight")

@@ -6,6 +6,11 @@ Two implementations run the same framing and dispatch code in this module:
 - `p2pnode.transport.memory.MemoryTransport`: an in-memory network on a virtual clock (simulator).
 
 A concrete transport only moves encoded bytes (`_send`) and hands received bytes to `_dispatch`.
+
+`_dispatch` is where both implementations refuse hostile requests the same way: malformed or oversized
+frames (`codec`), replays and stale send times (`replay.ReplayGuard`, on the transport's `clock`:
+virtual in the simulator), peers that `admits` says no to, and unknown methods. Every refusal is
+counted by reason in `TrafficStats.rejected` and logged clipped and rate-limited (`refusals`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from google.protobuf.message import Message as ProtoMessage
 from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
+from p2pnode.transport.clock import wall_time
 from p2pnode.transport.codec import Message
+from p2pnode.transport.refusals import RefusalLog, clip
+from p2pnode.transport.replay import DEFAULT_WINDOW_S, ReplayGuard
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +48,17 @@ _ERROR_CODES: dict[str, int] = {
     "unavailable": peer_pb2.UNAVAILABLE,
     "internal": peer_pb2.INTERNAL,
     "stale": peer_pb2.STALE,
+    "not_admitted": peer_pb2.NOT_ADMITTED,
+    "replayed": peer_pb2.REPLAYED,
+    "stale_clock": peer_pb2.REPLAYED,
+    "no_nonce": peer_pb2.REPLAYED,
+    "busy": peer_pb2.BUSY,
+    "too_slow": peer_pb2.BUSY,
 }
-_ERROR_NAMES = {v: k for k, v in _ERROR_CODES.items()}
+#: Reason name of each error code a caller sees (the first name listed for a code above).
+_ERROR_NAMES: dict[int, str] = {}
+for _name, _code in _ERROR_CODES.items():
+    _ERROR_NAMES.setdefault(_code, _name)
 
 
 @dataclass
@@ -52,7 +69,9 @@ class TrafficStats:
     bytes_received: int = 0
     calls: int = 0
     failed_calls: int = 0
-    #: Messages this node refused, by reason code (``malformed``, ``oversized``, ``bad_shape``, ...).
+    #: Messages this node refused, by reason code (``malformed``, ``oversized``, ``bad_shape``,
+    #: ``replayed``, ``stale_clock``, ``no_nonce``, ``busy``, ``too_slow``, ``truncated``,
+    #: ``bad_token``, ``handshake_timeout``, ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,14 +94,23 @@ class Transport(ABC):
     """Request/response messaging between peers, with tensors as raw bytes.
 
     :param max_message_bytes: largest message this node sends or accepts, in bytes (default 1 GiB).
+    :param replay_window_s: acceptance window of requests' send times, in seconds (default 300), see
+        `replay.ReplayGuard`.
     """
 
-    def __init__(self, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+                 replay_window_s: float = DEFAULT_WINDOW_S) -> None:
         self.max_message_bytes = max_message_bytes
         self.stats = TrafficStats()
         self._routes: dict[str, _Route] = {}
-        #: Called as on_reject(peer_id, reason, message) whenever this node refuses a message.
+        #: Called as on_reject(peer_id, reason, message) whenever this node refuses a message (the
+        #: message clipped, see `refusals.clip`).
         self.on_reject: Callable[[str, str, str], None] | None = None
+        #: Seconds of the clock that stamps requests' ``sent_at`` and judges peers' (wall time; the virtual
+        #: clock on the simulator's loop, see `clock.wall_time`).
+        self.clock: Callable[[], float] = wall_time
+        self.replay = ReplayGuard(replay_window_s)
+        self.refusal_log = RefusalLog(logger, lambda: self.clock())
 
     # -- identity and lifecycle -------------------------------------------------------------------
     @property
@@ -100,6 +128,17 @@ class Transport(ABC):
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop listening and release resources; calls in flight fail with `PeerUnreachable`."""
 
+    # -- admission ----------------------------------------------------------------------------------
+    def admits(self, peer_id: str) -> bool:
+        """Whether this node serves `peer_id` at all (default: every peer).
+
+        The seam for admission control: consulted before a request's handler runs (and, on the real
+        transport, before its payload is read and before a direct-channel ticket is issued). A peer
+        that is not admitted is refused with reason ``not_admitted``. Override or replace it; keep it
+        cheap and synchronous, it runs for every request.
+        """
+        return True
+
     # -- serving ----------------------------------------------------------------------------------
     def register(self, method: str, request_type: type[ProtoMessage], handler: Handler) -> None:
         """Serve `method`: requests are parsed as `request_type` and passed to `handler`."""
@@ -108,11 +147,28 @@ class Transport(ABC):
         self._routes[method] = _Route(request_type, handler)
 
     def reject(self, peer_id: str, reason: str, message: str) -> None:
-        """Count and log a refused message (also used by protocols for checks they make themselves)."""
+        """Count and log a refused message (also used by protocols for checks they make themselves).
+
+        Every refusal is counted; the log line is clipped and rate-limited per (peer, reason), see
+        `refusals.RefusalLog`.
+        """
         self.stats.rejected[reason] += 1
-        logger.warning("%s rejected a message from %s: %s (%s)", self.peer_id[-8:], peer_id[-8:], message, reason)
+        self.refusal_log.log(self.peer_id, peer_id, reason, message)
         if self.on_reject is not None:
-            self.on_reject(peer_id, reason, message)
+            self.on_reject(peer_id, reason, clip(message, 1000))
+
+    def check_request(self, peer_id: str, env: peer_pb2.Envelope) -> None:
+        """Refuse a request that is replayed, stale or unstamped, or whose sender is not admitted.
+
+        Raises `BadMessage` with reason ``not_admitted``, ``no_nonce``, ``malformed``, ``stale_clock``
+        or ``replayed``; otherwise remembers the request's nonce.
+        """
+        if not self.admits(peer_id):
+            raise BadMessage("this node does not admit the sender", code="not_admitted")
+        refusal = self.replay.check(peer_id, env.nonce, env.sent_at if env.HasField("sent_at") else None,
+                                    self.clock())
+        if refusal is not None:
+            raise BadMessage(refusal[1], code=refusal[0])
 
     async def _dispatch(self, peer_id: str, data: bytes | bytearray | memoryview) -> list[memoryview]:
         """Decode a request, run its handler and encode the response (or an error envelope)."""
@@ -121,9 +177,10 @@ class Transport(ABC):
         try:
             env, tensors = codec.decode(data, self.max_message_bytes)
             method = env.method
+            self.check_request(peer_id, env)
             route = self._routes.get(method)
             if route is None:
-                raise BadMessage(f"unknown method {method!r}", code="unknown_method")
+                raise BadMessage(f"unknown method {clip(repr(method))}", code="unknown_method")
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
             parts = codec.encode(method, response.body, response.tensors)
@@ -135,15 +192,16 @@ class Transport(ABC):
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            logger.exception("handler %r failed for a request from %s", method, peer_id)
+            logger.exception("handler %s failed for a request from %s", clip(repr(method)), peer_id[-8:])
             parts = self._error(method, "internal", f"{type(e).__name__}: {e}")
         self.stats.bytes_sent += codec.encoded_size(parts)
         return parts
 
     @staticmethod
     def _error(method: str, code: str, message: str) -> list[memoryview]:
-        return codec.encode(method, peer_pb2.Ping(), error=_ERROR_CODES.get(code, peer_pb2.INTERNAL),
-                            error_message=message[:1000])
+        # An error answer never echoes a peer's method name back in full (it may be megabytes).
+        return codec.encode(method if len(method) <= 256 else "", peer_pb2.Ping(),
+                            error=_ERROR_CODES.get(code, peer_pb2.INTERNAL), error_message=message[:1000])
 
     # -- calling ----------------------------------------------------------------------------------
     @abstractmethod
@@ -161,7 +219,7 @@ class Transport(ABC):
         Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
         (the response is malformed; also counted in `stats.rejected`).
         """
-        parts = codec.encode(method, request.body, request.tensors)
+        parts = codec.encode(method, request.body, request.tensors, sent_at=self.clock())
         size = codec.encoded_size(parts)
         if size > self.max_message_bytes:
             raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",

@@ -33,10 +33,11 @@ import concurrent.futures
 import contextvars
 import math
 import selectors
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar, TypeVarTuple
 
-__all__ = ["VirtualClockLoop", "run_virtual"]
+__all__ = ["VirtualClockLoop", "run_virtual", "wall_time"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -149,6 +150,20 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def set_default_executor(self, executor: concurrent.futures.Executor) -> None:
         """Accepted for compatibility; the executor is never used (see `run_in_executor`)."""
+
+
+def wall_time() -> float:
+    """The time of day of the world the caller runs in, in seconds.
+
+    On a `VirtualClockLoop` this is the virtual clock (``loop.time()``), so that timestamps that peers
+    compare (for example an envelope's ``sent_at``) agree with the simulation's other timers and the run
+    stays deterministic; anywhere else (no running loop, or an ordinary loop) it is ``time.time()``.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return time.time()
+    return loop.time() if isinstance(loop, VirtualClockLoop) else time.time()
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

@@ -11,6 +11,7 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from p2pnode.errors import BadMessage
 from p2pnode.proto import peer_pb2
+from p2pnode.transport.clock import wall_time
 
 HEADER = struct.Struct("<I")
 #: Largest envelope (the protobuf part, without tensor bytes) a receiver accepts, in bytes.
@@ -30,6 +32,8 @@ MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 #: Most tensors one message may carry.
 MAX_TENSORS = 4096
+#: Length of the random nonce every encoded message carries, in bytes.
+NONCE_BYTES = 16
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -74,10 +78,20 @@ def encode(
     *,
     error: int = 0,
     error_message: str = "",
+    nonce: bytes | None = None,
+    sent_at: float | None = None,
 ) -> list[memoryview]:
-    """Encode one message as a list of buffers to write in order (no copy of tensor data)."""
+    """Encode one message as a list of buffers to write in order (no copy of tensor data).
+
+    Args:
+        nonce: the envelope's nonce (default: `NONCE_BYTES` fresh random bytes).
+        sent_at: the envelope's send time, in seconds (default: `clock.wall_time`, the virtual clock
+            inside the simulator). Receivers refuse replayed or stale requests by these two fields.
+    """
     env = peer_pb2.Envelope(method=method, body=body.SerializeToString(), error=error,  # type: ignore[arg-type]
-                            error_message=error_message)
+                            error_message=error_message,
+                            nonce=secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce,
+                            sent_at=wall_time() if sent_at is None else sent_at)
     parts: list[memoryview] = []
     total = 0
     for name, t in (tensors or {}).items():
