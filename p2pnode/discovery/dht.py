@@ -7,7 +7,8 @@ re-stores the record every ``ttl / 3`` so that it lives while the node does and 
 
 Reading (`peers`) checks every record before use: bytes that do not parse as a `PeerRecord`, exceed
 `MAX_RECORD_BYTES`, or whose ``peer_id`` differs from their subkey are counted in ``invalid``; records of
-another config hash are counted in ``mismatched``; both are skipped.
+another config hash are counted in ``mismatched``; with an admission policy (`PeerDirectory.admission`),
+records without a valid admission MAC are counted in ``not_admitted``; all are skipped.
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
 already past (``TimedStorage.store`` returns False), so an "already expired" value cannot overwrite a
@@ -215,7 +216,7 @@ class DHTDirectory(PeerDirectory):
         async with self._store_lock:
             if self._info is not info:  # withdrawn or replaced while waiting for the lock
                 return
-            record = PeerInfo(**{**info.__dict__, "timestamp": time.time()}).to_proto()
+            record = self.seal(PeerInfo(**{**info.__dict__, "timestamp": time.time()})).to_proto()
             expiration = max(get_dht_time() + self.ttl, self._last_expiration + _EXPIRATION_STEP)
             await self._store(record.SerializeToString(), expiration)
 
@@ -263,6 +264,8 @@ class DHTDirectory(PeerDirectory):
                 self.invalid += 1
                 continue
             if info.peer_id == own:
+                continue
+            if not self.admitted(info):
                 continue
             if info.config_hash != self.config_hash:
                 self.mismatched += 1

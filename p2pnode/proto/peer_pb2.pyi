@@ -19,6 +19,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
     STALE: _ClassVar[ErrorCode]
+    NOT_ADMITTED: _ClassVar[ErrorCode]
 
 class MemberStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ WRONG_RUN: ErrorCode
 UNAVAILABLE: ErrorCode
 INTERNAL: ErrorCode
 STALE: ErrorCode
+NOT_ADMITTED: ErrorCode
 MEMBER_JOIN: MemberStatus
 MEMBER_LEAVE: MemberStatus
 
@@ -48,20 +50,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message")
+    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "admission")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     method: str
     body: bytes
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     payload_bytes: int
     error: ErrorCode
     error_message: str
-    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
+    admission: bytes
+    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., admission: _Optional[bytes] = ...) -> None: ...
 
 class ModelExchange(_message.Message):
     __slots__ = ("run_id", "config_hash", "round", "weight")
@@ -90,7 +94,7 @@ class Pong(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp", "secagg_key")
+    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp", "secagg_key", "admission_mac")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MADDRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +103,7 @@ class PeerRecord(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_MAC_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     maddrs: _containers.RepeatedScalarFieldContainer[str]
     round: int
@@ -107,7 +112,8 @@ class PeerRecord(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     timestamp: float
     secagg_key: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ..., secagg_key: _Optional[bytes] = ...) -> None: ...
+    admission_mac: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ..., secagg_key: _Optional[bytes] = ..., admission_mac: _Optional[bytes] = ...) -> None: ...
 
 class MemberEntry(_message.Message):
     __slots__ = ("peer_id", "last_active_round", "index", "status")

@@ -6,6 +6,11 @@ Two implementations run the same framing and dispatch code in this module:
 - `p2pnode.transport.memory.MemoryTransport`: an in-memory network on a virtual clock (simulator).
 
 A concrete transport only moves encoded bytes (`_send`) and hands received bytes to `_dispatch`.
+
+Admission (`p2pnode.transport.admission`): with `Transport.admission` set, every request and response
+carries a proof bound to both ends, and `_dispatch`, the one place all requests pass, refuses a request
+that `admits` says no to before its handler runs (``not_admitted``); `call` likewise refuses a response
+from a peer that is not admitted.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from google.protobuf.message import Message as ProtoMessage
 from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
+from p2pnode.transport.admission import NOT_ADMITTED, Admission
 from p2pnode.transport.codec import Message
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ _ERROR_CODES: dict[str, int] = {
     "unavailable": peer_pb2.UNAVAILABLE,
     "internal": peer_pb2.INTERNAL,
     "stale": peer_pb2.STALE,
+    NOT_ADMITTED: peer_pb2.NOT_ADMITTED,
 }
 _ERROR_NAMES = {v: k for k, v in _ERROR_CODES.items()}
 
@@ -83,6 +90,8 @@ class Transport(ABC):
         self._routes: dict[str, _Route] = {}
         #: Called as on_reject(peer_id, reason, message) whenever this node refuses a message.
         self.on_reject: Callable[[str, str, str], None] | None = None
+        #: Who this node serves and whose responses it accepts; None (default): everyone (an open run).
+        self.admission: Admission | None = None
 
     # -- identity and lifecycle -------------------------------------------------------------------
     @property
@@ -99,6 +108,28 @@ class Transport(ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop listening and release resources; calls in flight fail with `PeerUnreachable`."""
+
+    # -- admission --------------------------------------------------------------------------------
+    def admits(self, peer_id: str, envelope: peer_pb2.Envelope) -> bool:
+        """Whether a message from `peer_id` with this `envelope` is admitted (always, without `admission`).
+
+        Cheap and synchronous (one HMAC): it runs for every request, before anything else is done with it.
+        """
+        adm = self.admission
+        return adm is None or adm.admits(peer_id, self.peer_id, envelope.method, envelope.admission)
+
+    def check_admission(self, peer_id: str, envelope: peer_pb2.Envelope) -> None:
+        """Raise `BadMessage` (``not_admitted``) when `admits` says no."""
+        if not self.admits(peer_id, envelope):
+            raise BadMessage("this node serves only peers admitted to the run (its secret or allowlist)",
+                             code=NOT_ADMITTED)
+
+    def encode_request(self, peer_id: str, method: str, request: Message[Any]) -> list[memoryview]:
+        """Encode a request to `peer_id`, with this node's admission proof."""
+        return codec.encode(method, request.body, request.tensors, admission=self._proof(peer_id, method))
+
+    def _proof(self, peer_id: str, method: str) -> bytes:
+        return b"" if self.admission is None else self.admission.proof(self.peer_id, peer_id, method)
 
     # -- serving ----------------------------------------------------------------------------------
     def register(self, method: str, request_type: type[ProtoMessage], handler: Handler) -> None:
@@ -121,12 +152,13 @@ class Transport(ABC):
         try:
             env, tensors = codec.decode(data, self.max_message_bytes)
             method = env.method
+            self.check_admission(peer_id, env)
             route = self._routes.get(method)
             if route is None:
                 raise BadMessage(f"unknown method {method!r}", code="unknown_method")
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
-            parts = codec.encode(method, response.body, response.tensors)
+            parts = codec.encode(method, response.body, response.tensors, admission=self._proof(peer_id, method))
         except BadMessage as e:
             self.reject(peer_id, e.code, str(e))
             parts = self._error(method, e.code, str(e))
@@ -161,7 +193,7 @@ class Transport(ABC):
         Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
         (the response is malformed; also counted in `stats.rejected`).
         """
-        parts = codec.encode(method, request.body, request.tensors)
+        parts = self.encode_request(peer_id, method, request)
         size = codec.encoded_size(parts)
         if size > self.max_message_bytes:
             raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",
@@ -183,6 +215,8 @@ class Transport(ABC):
                 self.stats.failed_calls += 1
                 raise RemoteError(f"{peer_id} refused {method}: {env.error_message}",
                                   code=_ERROR_NAMES.get(env.error, "internal"))
+            # A response from a peer outside the run (one that this node was led to call) is never used.
+            self.check_admission(peer_id, env)
             return Message(codec.parse_body(env, response_type), tensors)
         except BadMessage as e:
             self.stats.failed_calls += 1

@@ -74,10 +74,15 @@ def encode(
     *,
     error: int = 0,
     error_message: str = "",
+    admission: bytes = b"",
 ) -> list[memoryview]:
-    """Encode one message as a list of buffers to write in order (no copy of tensor data)."""
+    """Encode one message as a list of buffers to write in order (no copy of tensor data).
+
+    Args:
+        admission: the sender's admission proof (`p2pnode.transport.admission`; empty in open runs).
+    """
     env = peer_pb2.Envelope(method=method, body=body.SerializeToString(), error=error,  # type: ignore[arg-type]
-                            error_message=error_message)
+                            error_message=error_message, admission=admission)
     parts: list[memoryview] = []
     total = 0
     for name, t in (tensors or {}).items():
