@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from p2pnode.errors import ConfigError
@@ -25,6 +28,11 @@ TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {
 SECAGG_RUN_KEYS = ("secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip")
 SAMPLE_KEYS = ("model", "round")
 DPSGD_GRAPHS = ("exponential", "regular")
+#: Admission modes (`p2pnode.transport.admission`), the first one the default.
+ADMISSION_MODES = ("open", "secret", "allowlist")
+#: Fields never printed: `NodeConfig.as_dict` and ``p2pnode config show`` show them as `MASK`.
+SECRET_KEYS = ("run_secret", "admission_key")
+MASK = "***"
 
 
 @dataclass
@@ -163,6 +171,21 @@ class NodeConfig:
     #: Suspicion score above which a peer is a suspect (default 1.0).
     suspect_threshold: float = 1.0
 
+    # -- admission (local: never hashed; the secret never leaves this node) ----------------------------------
+    #: Who may fetch and push this run's models: ``open`` (default: the run's models are public; anyone who
+    #: knows the run id can fetch and push models), ``secret`` (only peers holding the run's secret) or
+    #: ``allowlist`` (only the peers in `allow_peers`; may be combined with a secret). See docs/daemon.md.
+    admission: str = "open"
+    #: The run's secret (at least 16 bytes), for ``admission = "secret"``; prefer `run_secret_file`, since a
+    #: command line is visible to other users of the machine. Never printed, never sent.
+    run_secret: str | None = field(default=None, repr=False)
+    #: File holding the run's secret (surrounding whitespace ignored).
+    run_secret_file: str | None = None
+    #: Peer ids admitted with ``admission = "allowlist"`` (or in addition to a secret).
+    allow_peers: list[str] = field(default_factory=list)
+    #: The run key itself (URL-safe base64 of 32 bytes), as an invite token carries it, instead of a secret.
+    admission_key: str | None = field(default=None, repr=False)
+
     # -- dpsgd ---------------------------------------------------------------------------------------------
     #: Communication graph: ``exponential`` (one-peer exponential, default) or ``regular`` (random regular).
     dpsgd_graph: str = "exponential"
@@ -203,7 +226,63 @@ class NodeConfig:
             raise ConfigError(f"rule={self.rule!r} is unknown; allowed: {', '.join(available_rules())}")
         self._validate_topology_settings()
         self._validate_byzantine_settings()
+        self._validate_admission()
         return self
+
+    def _validate_admission(self) -> None:
+        if self.admission not in ADMISSION_MODES:
+            raise ConfigError(f"admission={self.admission!r}; allowed: {', '.join(ADMISSION_MODES)}")
+        given = [k for k in ("run_secret", "run_secret_file", "admission_key") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} are both set; allowed: one source of the run's secret")
+        if self.admission == "open" and (given or self.allow_peers):
+            what = given[0] if given else "allow_peers"
+            raise ConfigError(f"{what} is set but admission=open serves everyone; use --admission "
+                              f"{'secret' if given else 'allowlist'} (or drop {what})")
+        if self.admission == "secret" and not given:
+            raise ConfigError("admission=secret needs the run's secret: --run-secret-file FILE (preferred) or "
+                              "--run-secret (or join with an invite token)")
+        if self.admission == "allowlist" and not self.allow_peers:
+            raise ConfigError("admission=allowlist needs --allow-peers ID1,ID2,... (the peer ids it serves)")
+        if any(not isinstance(p, str) or not p.strip() for p in self.allow_peers):
+            raise ConfigError(f"allow_peers={self.allow_peers}: every entry must be a peer id")
+        if given:
+            self.admission_key_bytes()  # reads the file and checks the secret now, not at the first request
+
+    def admission_key_bytes(self) -> bytes | None:
+        """The run key (32 bytes) derived from the secret (or given by an invite token); None without one.
+
+        Raises:
+            ConfigError: the secret file cannot be read, the secret is too short, or the key is malformed.
+        """
+        from p2pnode.transport.admission import KEY_BYTES, MIN_SECRET_BYTES, derive_key
+
+        if self.admission_key:
+            try:
+                key = base64.urlsafe_b64decode(self.admission_key + "=" * (-len(self.admission_key) % 4))
+            except (binascii.Error, ValueError) as e:
+                raise ConfigError(f"admission_key is not URL-safe base64: {e}") from None
+            if len(key) != KEY_BYTES:
+                raise ConfigError(f"admission_key holds {len(key)} bytes, expected {KEY_BYTES}")
+            return key
+        secret: bytes | None = None
+        if self.run_secret_file:
+            path = Path(self.run_secret_file).expanduser()
+            try:
+                secret = path.read_bytes().strip()
+            except OSError as e:
+                raise ConfigError(f"run_secret_file={str(path)!r}: cannot read it: {e.strerror or e}") from None
+            where = f"the file {path}"
+        elif self.run_secret:
+            secret = self.run_secret.encode()
+            where = "run_secret"
+        if secret is None:
+            return None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"the run secret in {where} has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are "
+                              f"needed (records' MACs are public, so a short secret can be guessed): make one with "
+                              f"`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return derive_key(secret, self.run_id)
 
     def _validate_byzantine_settings(self) -> None:
         if self.attack is not None:
@@ -329,4 +408,9 @@ class NodeConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, with the run secret and key masked (``***``)."""
+        out = dataclasses.asdict(self)
+        for key in SECRET_KEYS:
+            if out.get(key):
+                out[key] = MASK
+        return out

@@ -17,6 +17,7 @@ import click
 from p2pnode.cli.daemon_options import run_options, settings_from_options
 from p2pnode.cli.layered import CONFIG_PARAM, LayeredCommand, explain_config_error, file_layer, source_of
 from p2pnode.cli.options import config_from_options
+from p2pnode.config import MASK, SECRET_KEYS
 from p2pnode.errors import ConfigError
 
 #: Exit code of an invalid configuration (click's usage-error code, as for `run`).
@@ -47,7 +48,9 @@ def effective(ctx: click.Context) -> list[tuple[str, Any, Any]]:
     command = ctx.command
     assert isinstance(command, LayeredCommand)
     names = [CONFIG_PARAM] + [p.name for p in command.layered_params() if p.name]
-    return [(name, ctx.params.get(name), source_of(ctx, name)) for name in names]
+    # The run's secret is never printed: its value shows as *** (its source still shows where it came from).
+    return [(name, MASK if name in SECRET_KEYS and ctx.params.get(name) else ctx.params.get(name),
+             source_of(ctx, name)) for name in names]
 
 
 def _validate(ctx: click.Context, kw: dict[str, Any]) -> tuple[str | None, str | None]:

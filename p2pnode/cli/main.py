@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from p2pnode import __version__
 from p2pnode.cli.config_cmds import config
 from p2pnode.cli.control_cmds import register
 from p2pnode.cli.daemon_options import run_options, settings_from_options
 from p2pnode.cli.doctor import doctor
+from p2pnode.cli.invite import TOKEN_PREFIX, Invite, decode_token, differences, encode_token, make_invite, option_values
 from p2pnode.cli.layered import LayeredCommand, explain_config_error
 from p2pnode.cli.options import (
     byzantine_options,
@@ -38,7 +40,7 @@ def cli() -> None:
     """Train one model together across machines, with no central server."""
 
 
-def _run(kw: dict[str, Any]) -> None:
+def _run(kw: dict[str, Any], invite: Invite | None = None) -> None:
     try:
         config = config_from_options(kw)
         settings = settings_from_options(kw)
@@ -46,6 +48,11 @@ def _run(kw: dict[str, Any]) -> None:
         raise explain_config_error(click.get_current_context(), e) from e
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
+    if invite is not None and config.config_hash != invite.config_hash:
+        diff = "; ".join(differences(config, invite)) or "run-wide options differ"
+        raise click.UsageError(f"these options give config hash {config.config_hash}, but the invite's run uses "
+                               f"{invite.config_hash}: {diff} (drop the flags, file keys or P2PNODE_* variables "
+                               "that change them)")
     setup_logging(kw["log_level"], kw["json_logs"])
     try:
         asyncio.run(serve(config, settings))
@@ -69,12 +76,87 @@ def run(**kw: Any) -> None:
 
 
 @cli.command(cls=LayeredCommand)
-@click.argument("multiaddr", nargs=-1, required=True)
+@click.argument("target", nargs=-1, required=True, metavar="TOKEN | MULTIADDR...")
 @run_options
-def join(multiaddr: tuple[str, ...], **kw: Any) -> None:
-    """Start a node that joins the swarm of MULTIADDR (same as `run --initial-peer MULTIADDR`)."""
-    kw["initial_peers"] = tuple(kw["initial_peers"]) + multiaddr
-    _run(kw)
+@click.pass_context
+def join(ctx: click.Context, target: tuple[str, ...], **kw: Any) -> None:
+    """Start a node that joins a run: with an invite TOKEN (`p2pnode invite`), or the swarm of MULTIADDR
+    (same as `run --initial-peer MULTIADDR`).
+
+    A token brings the run id, the run-wide options, bootstrap addresses and the admission key; flags
+    still override it (and the node refuses to start if they change the run's config hash).
+    """
+    tokens = [t for t in target if t.startswith(TOKEN_PREFIX)]
+    if len(tokens) > 1:
+        raise click.UsageError("give one invite token")
+    invite = None
+    if tokens:
+        try:
+            invite = decode_token(tokens[0])
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from e
+        apply_invite(ctx, kw, invite)
+    addrs = tuple(t for t in target if not t.startswith(TOKEN_PREFIX))
+    kw["initial_peers"] = tuple(kw["initial_peers"]) + addrs + (invite.peers if invite else ())
+    _run(kw, invite)
+
+
+def apply_invite(ctx: click.Context, kw: dict[str, Any], invite: Invite) -> None:
+    """Put the invite's values into `kw` wherever the command line did not set the option (the token ranks
+    above file and environment, below flags). A token's key replaces a secret from the file or environment."""
+    for key, value in option_values(invite).items():
+        if key in kw and ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
+            continue
+        kw[key] = value
+    if invite.key is not None:
+        for key in ("run_secret", "run_secret_file"):
+            if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+                kw[key] = None
+
+
+@cli.command(cls=LayeredCommand, unlayered=("bootstrap",))
+@run_options
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
+              help="Address to put in the token (repeatable) [default: the running node's addresses and its "
+                   "initial peers].")
+@click.pass_context
+def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
+    """Print an invite token (one line) with which `p2pnode join TOKEN` joins this run.
+
+    Takes the options of `p2pnode run` (the same config file, environment and flags as the node); the
+    bootstrap addresses come from the node running in the state dir, unless --bootstrap is given. In a run
+    with a secret the token admits whoever holds it: keep it like a password.
+    """
+    from p2pnode.cli.control_cmds import ControlClient, ControlError
+    from p2pnode.proto import control_pb2
+
+    try:
+        config = config_from_options(kw)
+    except ConfigError as e:
+        raise explain_config_error(ctx, e) from e
+    peers, inviter = list(bootstrap), None
+    if not peers:
+        try:
+            with ControlClient(Path(kw["state_dir"]).expanduser()) as client:
+                reply = client.call(client.stub.Status, control_pb2.StatusRequest())
+            if reply.run_id != config.run_id:
+                raise click.UsageError(f"the node in {kw['state_dir']} runs {reply.run_id!r}, not {config.run_id!r}; "
+                                       "give the node's options (or --bootstrap)")
+            peers, inviter = list(reply.maddrs), reply.peer_id
+        except ControlError as e:
+            click.echo(f"warning: no running node to take addresses from ({e})", err=True)
+        peers += config.initial_peers
+    if not peers:
+        raise click.UsageError("no bootstrap address: start the node first (`p2pnode run`) or give --bootstrap")
+    if all("/127.0.0.1/" in p or "/ip6/::1/" in p for p in peers):
+        click.echo("warning: every bootstrap address is a loopback one: the token works on this machine only",
+                   err=True)
+    click.echo(encode_token(make_invite(config, peers, inviter=inviter)))
+    if config.admission == "secret":
+        click.echo("keep this token like a password: it admits whoever holds it to the run", err=True)
+    elif config.admission == "open":
+        click.echo("this run is open: its models are public, anyone who knows the run id can fetch and push models",
+                   err=True)
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from p2pnode.config import DPSGD_GRAPHS, SAMPLE_KEYS, TOPOLOGIES, NodeConfig
+from p2pnode.config import ADMISSION_MODES, DPSGD_GRAPHS, SAMPLE_KEYS, TOPOLOGIES, NodeConfig
 from p2pnode.errors import ConfigError
 
 F = Callable[..., Any]
@@ -137,6 +137,17 @@ def node_options(f: F) -> F:
     """Options of one real node."""
     opts = [
         click.option("--run-id", default="default", show_default=True, help="Name of the run to take part in."),
+        click.option("--admission", default="open", show_default=True, type=click.Choice(list(ADMISSION_MODES)),
+                     help="Who may fetch and push the run's models. open: the run's models are public: anyone "
+                          "who knows the run id can fetch and push models. secret: only peers holding the run's "
+                          "secret. allowlist: only the peers of --allow-peers (may be combined with a secret)."),
+        click.option("--run-secret-file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                     help="File holding the run's secret (at least 16 bytes; preferred over --run-secret)."),
+        click.option("--run-secret", default=None, metavar="SECRET",
+                     help="The run's secret itself (visible to other users in the process list: prefer "
+                          "--run-secret-file or the P2PNODE_RUN_SECRET environment variable)."),
+        click.option("--allow-peers", "allow_peers", multiple=True, metavar="ID1,ID2",
+                     help="Peer ids admitted with --admission allowlist (comma-separated, repeatable)."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
         click.option("--port", default=0, show_default=True, type=int, help="Port to listen on (0: any free)."),
         click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
@@ -172,8 +183,18 @@ def config_from_options(kw: dict[str, Any]) -> NodeConfig:
         batch_size=kw["batch_size"], device=kw["device"], rounds=kw["rounds"],
         min_round_time_s=kw["min_round_time"], exchange_timeout_s=kw["exchange_timeout"], host=kw["host"],
         port=kw["port"], initial_peers=list(kw["initial_peers"]), wait_for_peers=kw["wait_for_peers"],
-        **topology_settings(kw), **byzantine_settings(kw),
+        **topology_settings(kw), **byzantine_settings(kw), **admission_settings(kw),
     ).validate()
+
+
+def admission_settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """The `NodeConfig` fields of the admission options (absent options keep their defaults)."""
+    allow: list[str] = []
+    for item in kw.get("allow_peers") or ():
+        allow.extend(p for p in str(item).replace(",", " ").split() if p)
+    return {"admission": kw.get("admission") or "open", "run_secret": kw.get("run_secret") or None,
+            "run_secret_file": kw.get("run_secret_file") or None, "allow_peers": allow,
+            "admission_key": kw.get("admission_key") or None}
 
 
 def topology_settings(kw: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,22 @@ from p2pnode.secagg.randomness import Randomness, SeededRandomness
 from p2pnode.training.tasks import Task, get_task
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
+from p2pnode.transport.admission import Admission
+
+
+def build_admission(config: NodeConfig) -> Admission | None:
+    """The node's admission policy (``config.admission``), or None for an open run."""
+    if config.admission == "open":
+        return None
+    return Admission.create(config.admission_key_bytes(), config.allow_peers or None)
+
+
+def apply_admission(config: NodeConfig, transport: Transport, directory: PeerDirectory) -> Admission | None:
+    """Install the node's admission policy in its transport and its directory (both check it); return it."""
+    admission = build_admission(config)
+    transport.admission = admission
+    directory.admission = admission
+    return admission
 
 
 def build_attacker(config: NodeConfig, *, peer_id: str = "", population: int | None = None, colluders: int = 1,

@@ -23,7 +23,7 @@ import hivemind
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer
+from p2pnode.daemon.build import apply_admission, build_protocol, build_trainer
 from p2pnode.daemon.checkpoint import CheckpointStore
 from p2pnode.daemon.identity import StateDirLock, load_or_create_identity, load_or_create_secagg_key
 from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_threads, apply_gpu_memory_limit
@@ -113,6 +113,10 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
             logger.info("upload capped at %.1f Mbit/s", settings.max_upload_mbps)
         directory = DHTDirectory(dht, config.run_id, config.config_hash, ttl=config.announce_ttl_s,
                                  peer_id=transport.peer_id, signer=signer)
+        # On the inner transport: a throttling wrapper forwards calls and handlers to it.
+        admission = apply_admission(config, p2p_transport, directory)
+        if admission is not None:
+            logger.info("admission %s: only admitted peers are served and used", config.admission)
     except BaseException:
         dht.shutdown()
         if lock is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from p2pnode.proto import peer_pb2
+from p2pnode.transport.admission import NOT_ADMITTED, Admission, canonical_fields
 
 #: Length of `PeerInfo.secagg_key` when set: a raw Ed25519 public key, in bytes.
 SECAGG_KEY_BYTES = 32
@@ -38,6 +41,8 @@ class PeerInfo:
     :param timestamp: when the record was written, seconds since the epoch (virtual seconds in the simulator).
     :param secagg_key: raw Ed25519 public key (32 bytes) that signs the peer's secure-aggregation keys, or
         empty (default) when it has none. Trust it only from an `PeerDirectory.authenticated` directory.
+    :param admission_mac: in a run with a secret, the MAC of the fields above under the run key
+        (`PeerDirectory.seal`); empty (default) otherwise.
     """
 
     peer_id: str
@@ -48,18 +53,25 @@ class PeerInfo:
     capabilities: tuple[str, ...] = field(default_factory=tuple)
     timestamp: float = 0.0
     secagg_key: bytes = b""
+    admission_mac: bytes = b""
+
+    def record_fields(self) -> bytes:
+        """Canonical bytes of every field but `admission_mac` (what that MAC covers)."""
+        return canonical_fields(self.peer_id, *self.maddrs, b"|", struct.pack("<Q", self.round), self.task,
+                                self.config_hash, *self.capabilities, b"|", struct.pack("<d", self.timestamp),
+                                self.secagg_key)
 
     def to_proto(self) -> peer_pb2.PeerRecord:
         return peer_pb2.PeerRecord(peer_id=self.peer_id, maddrs=list(self.maddrs), round=self.round,
                                    task=self.task, config_hash=self.config_hash,
                                    capabilities=list(self.capabilities), timestamp=self.timestamp,
-                                   secagg_key=self.secagg_key)
+                                   secagg_key=self.secagg_key, admission_mac=self.admission_mac)
 
     @classmethod
     def from_proto(cls, rec: peer_pb2.PeerRecord) -> PeerInfo:
         return cls(peer_id=rec.peer_id, maddrs=tuple(rec.maddrs), round=rec.round, task=rec.task,
                    config_hash=rec.config_hash, capabilities=tuple(rec.capabilities), timestamp=rec.timestamp,
-                   secagg_key=bytes(rec.secagg_key))
+                   secagg_key=bytes(rec.secagg_key), admission_mac=bytes(rec.admission_mac))
 
 
 class PeerDirectory(ABC):
@@ -68,7 +80,8 @@ class PeerDirectory(ABC):
     A directory is bound to one run id and one config hash: `peers()` returns only live records of the
     same run and config hash, never this node itself, sorted by peer id, and counts what it dropped in
     `rejected`, by reason: `OTHER_CONFIG` (summed in `mismatched`), the `INVALID_REASONS` (summed in
-    `invalid`), ``over_budget``, and reasons of whole reads (``timeout``, ``read_failed``; the DHT
+    `invalid`), `NOT_ADMITTED` (with `admission` set: a record without a valid admission MAC, or of a
+    peer off the allowlist), ``over_budget``, and reasons of whole reads (``timeout``, ``read_failed``; the DHT
     directory adds the refusals counted by its DHT process, ``dht_*``).
 
     `authenticated` says whether a record can only have been written by the peer it names (signed DHT
@@ -82,6 +95,8 @@ class PeerDirectory(ABC):
     def __init__(self) -> None:
         #: Dropped records and failed reads, by reason (see the class doc); cumulative.
         self.rejected: collections.Counter[str] = collections.Counter()
+        #: The run's admission policy: records are sealed with it and checked against it (None: open run).
+        self.admission: Admission | None = None
 
     @property
     def mismatched(self) -> int:
@@ -92,6 +107,29 @@ class PeerDirectory(ABC):
     def invalid(self) -> int:
         """Records failing the schema skipped (the sum of `rejected` over `INVALID_REASONS`)."""
         return sum(n for reason, n in self.rejected.items() if reason in INVALID_REASONS)
+
+    def seal(self, info: PeerInfo) -> PeerInfo:
+        """`info` with its admission MAC set (unchanged in an open run)."""
+        if self.admission is None:
+            return info
+        return dataclasses.replace(info, admission_mac=self.admission.record_mac(info.record_fields()))
+
+    def admitted(self, info: PeerInfo) -> bool:
+        """Whether a record read from the directory may be used; counts a refusal in `not_admitted`."""
+        if self.record_admitted(info):
+            return True
+        self.rejected[NOT_ADMITTED] += 1
+        return False
+
+    def record_admitted(self, info: PeerInfo) -> bool:
+        """Whether `info` carries a valid admission MAC (always, in an open run); counts nothing."""
+        return self.admission is None or self.admission.admits_record(info.peer_id, info.record_fields(),
+                                                                      info.admission_mac)
+
+    @property
+    def not_admitted(self) -> int:
+        """Records dropped for want of a valid admission MAC (``rejected["not_admitted"]``)."""
+        return self.rejected[NOT_ADMITTED]
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (for example, periodic refresh of this node's record)."""

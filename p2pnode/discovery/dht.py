@@ -9,8 +9,10 @@ Reading (`peers`) checks every record before use and counts what it skips in ``r
 (see `PeerDirectory`): bytes that do not parse as a `PeerRecord` (``undecodable``), exceed
 `MAX_RECORD_BYTES` (``oversized``), whose ``peer_id`` differs from their subkey (``mismatched``), that
 expire further ahead than ``ttl * EXPIRATION_CAP_FACTOR`` (``expired_too_far``), records of another
-config hash (``other_config``). Each record (subkey, value, expiration) is counted once, however many
-reads see it, and its verdict is remembered, so that a read re-parses only records it has not seen.
+config hash (``other_config``), and, with an admission policy (`PeerDirectory.admission`), records
+without a valid admission MAC (``not_admitted``). Each record (subkey, value, expiration) is counted
+once, however many reads see it, and its verdict is remembered, so that a read re-parses only records
+it has not seen.
 
 Outsiders. Anyone who reaches a DHT node can store under the run's key. Four defences:
 
@@ -83,6 +85,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.base import OTHER_CONFIG, SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
 from p2pnode.proto import peer_pb2
+from p2pnode.transport.admission import NOT_ADMITTED
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +421,7 @@ class DHTDirectory(PeerDirectory):
         async with self._store_lock:
             if self._info is not info:  # withdrawn or replaced while waiting for the lock
                 return
-            record = PeerInfo(**{**info.__dict__, "timestamp": time.time()}).to_proto()
+            record = self.seal(PeerInfo(**{**info.__dict__, "timestamp": time.time()})).to_proto()
             expiration = max(get_dht_time() + self.ttl, self._last_expiration + _EXPIRATION_STEP)
             await self._store(record.SerializeToString(), expiration)
 
@@ -592,7 +595,10 @@ class DHTDirectory(PeerDirectory):
             return "bad_record"
         if rec.peer_id == own:
             return _SKIP
-        return PeerInfo.from_proto(rec)
+        info = PeerInfo.from_proto(rec)
+        if not self.record_admitted(info):
+            return NOT_ADMITTED
+        return info
 
     async def _install_validator(self) -> None:
         """Install `RunRecordValidator` for this run in the DHT process, once (retried after a failure)."""

@@ -120,7 +120,7 @@ class MemoryDirectory(PeerDirectory):
         if info.config_hash not in ("", self.config_hash):
             raise ValueError(f"record has config hash {info.config_hash!r}, "
                              f"this directory {self.config_hash!r}")
-        record = dataclasses.replace(info, config_hash=self.config_hash, timestamp=self.registry.now())
+        record = self.seal(dataclasses.replace(info, config_hash=self.config_hash, timestamp=self.registry.now()))
         self.registry.put(self.run_id, record, self.ttl_s)
 
     async def withdraw(self) -> None:
@@ -132,6 +132,8 @@ class MemoryDirectory(PeerDirectory):
             if not _valid(info):
                 self.rejected["bad_record"] += 1
             elif info.peer_id == self.peer_id:
+                continue
+            elif not self.admitted(info):
                 continue
             elif info.config_hash != self.config_hash:
                 self.rejected[OTHER_CONFIG] += 1

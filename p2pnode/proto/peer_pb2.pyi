@@ -54,7 +54,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at")
+    __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at", "admission")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class Envelope(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     method: str
     body: bytes
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -71,7 +72,8 @@ class Envelope(_message.Message):
     error_message: str
     nonce: bytes
     sent_at: float
-    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., nonce: _Optional[bytes] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    admission: bytes
+    def __init__(self, method: _Optional[str] = ..., body: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., error: _Optional[_Union[ErrorCode, str]] = ..., error_message: _Optional[str] = ..., nonce: _Optional[bytes] = ..., sent_at: _Optional[float] = ..., admission: _Optional[bytes] = ...) -> None: ...
 
 class ModelExchange(_message.Message):
     __slots__ = ("run_id", "config_hash", "round", "weight")
@@ -100,7 +102,7 @@ class Pong(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp", "secagg_key")
+    __slots__ = ("peer_id", "maddrs", "round", "task", "config_hash", "capabilities", "timestamp", "secagg_key", "admission_mac")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     MADDRS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class PeerRecord(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_MAC_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     maddrs: _containers.RepeatedScalarFieldContainer[str]
     round: int
@@ -117,7 +120,8 @@ class PeerRecord(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     timestamp: float
     secagg_key: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ..., secagg_key: _Optional[bytes] = ...) -> None: ...
+    admission_mac: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., task: _Optional[str] = ..., config_hash: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., timestamp: _Optional[float] = ..., secagg_key: _Optional[bytes] = ..., admission_mac: _Optional[bytes] = ...) -> None: ...
 
 class MemberEntry(_message.Message):
     __slots__ = ("peer_id", "last_active_round", "index", "status")

@@ -11,6 +11,10 @@ A concrete transport only moves encoded bytes (`_send`) and hands received bytes
 frames (`codec`), replays and stale send times (`replay.ReplayGuard`, on the transport's `clock`:
 virtual in the simulator), peers that `admits` says no to, and unknown methods. Every refusal is
 counted by reason in `TrafficStats.rejected` and logged clipped and rate-limited (`refusals`).
+Admission (`p2pnode.transport.admission`): with `Transport.admission` set, every request and response
+carries a proof bound to both ends, and `_dispatch`, the one place all requests pass, refuses a request
+that `admits` says no to before its handler runs (``not_admitted``); `call` likewise refuses a response
+from a peer that is not admitted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from google.protobuf.message import Message as ProtoMessage
 from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
+from p2pnode.transport.admission import NOT_ADMITTED, Admission
 from p2pnode.transport.clock import wall_time
 from p2pnode.transport.codec import Message
 from p2pnode.transport.refusals import RefusalLog, clip
@@ -111,6 +116,8 @@ class Transport(ABC):
         self.clock: Callable[[], float] = wall_time
         self.replay = ReplayGuard(replay_window_s)
         self.refusal_log = RefusalLog(logger, lambda: self.clock())
+        #: Who this node serves and whose responses it accepts; None (default): everyone (an open run).
+        self.admission: Admission | None = None
 
     # -- identity and lifecycle -------------------------------------------------------------------
     @property
@@ -128,16 +135,28 @@ class Transport(ABC):
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop listening and release resources; calls in flight fail with `PeerUnreachable`."""
 
-    # -- admission ----------------------------------------------------------------------------------
-    def admits(self, peer_id: str) -> bool:
-        """Whether this node serves `peer_id` at all (default: every peer).
+    # -- admission --------------------------------------------------------------------------------
+    def admits(self, peer_id: str, envelope: peer_pb2.Envelope) -> bool:
+        """Whether a message from `peer_id` with this `envelope` is admitted (always, without `admission`).
 
-        The seam for admission control: consulted before a request's handler runs (and, on the real
-        transport, before its payload is read and before a direct-channel ticket is issued). A peer
-        that is not admitted is refused with reason ``not_admitted``. Override or replace it; keep it
-        cheap and synchronous, it runs for every request.
+        Cheap and synchronous (one HMAC): it runs for every request, before anything else is done with it.
         """
-        return True
+        adm = self.admission
+        return adm is None or adm.admits(peer_id, self.peer_id, envelope.method, envelope.admission)
+
+    def check_admission(self, peer_id: str, envelope: peer_pb2.Envelope) -> None:
+        """Raise `BadMessage` (``not_admitted``) when `admits` says no."""
+        if not self.admits(peer_id, envelope):
+            raise BadMessage("this node serves only peers admitted to the run (its secret or allowlist)",
+                             code=NOT_ADMITTED)
+
+    def encode_request(self, peer_id: str, method: str, request: Message[Any]) -> list[memoryview]:
+        """Encode a request to `peer_id`, with this node's admission proof."""
+        return codec.encode(method, request.body, request.tensors, sent_at=self.clock(),
+                            admission=self._proof(peer_id, method))
+
+    def _proof(self, peer_id: str, method: str) -> bytes:
+        return b"" if self.admission is None else self.admission.proof(self.peer_id, peer_id, method)
 
     # -- serving ----------------------------------------------------------------------------------
     def register(self, method: str, request_type: type[ProtoMessage], handler: Handler) -> None:
@@ -163,8 +182,7 @@ class Transport(ABC):
         Raises `BadMessage` with reason ``not_admitted``, ``no_nonce``, ``malformed``, ``stale_clock``
         or ``replayed``; otherwise remembers the request's nonce.
         """
-        if not self.admits(peer_id):
-            raise BadMessage("this node does not admit the sender", code="not_admitted")
+        self.check_admission(peer_id, env)
         refusal = self.replay.check(peer_id, env.nonce, env.sent_at if env.HasField("sent_at") else None,
                                     self.clock())
         if refusal is not None:
@@ -183,7 +201,7 @@ class Transport(ABC):
                 raise BadMessage(f"unknown method {clip(repr(method))}", code="unknown_method")
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
-            parts = codec.encode(method, response.body, response.tensors)
+            parts = codec.encode(method, response.body, response.tensors, admission=self._proof(peer_id, method))
         except BadMessage as e:
             self.reject(peer_id, e.code, str(e))
             parts = self._error(method, e.code, str(e))
@@ -219,7 +237,7 @@ class Transport(ABC):
         Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
         (the response is malformed; also counted in `stats.rejected`).
         """
-        parts = codec.encode(method, request.body, request.tensors, sent_at=self.clock())
+        parts = self.encode_request(peer_id, method, request)
         size = codec.encoded_size(parts)
         if size > self.max_message_bytes:
             raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",
@@ -241,6 +259,8 @@ class Transport(ABC):
                 self.stats.failed_calls += 1
                 raise RemoteError(f"{peer_id} refused {method}: {env.error_message}",
                                   code=_ERROR_NAMES.get(env.error, "internal"))
+            # A response from a peer outside the run (one that this node was led to call) is never used.
+            self.check_admission(peer_id, env)
             return Message(codec.parse_body(env, response_type), tensors)
         except BadMessage as e:
             self.stats.failed_calls += 1

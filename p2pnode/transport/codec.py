@@ -80,6 +80,7 @@ def encode(
     error_message: str = "",
     nonce: bytes | None = None,
     sent_at: float | None = None,
+    admission: bytes = b"",
 ) -> list[memoryview]:
     """Encode one message as a list of buffers to write in order (no copy of tensor data).
 
@@ -87,11 +88,13 @@ def encode(
         nonce: the envelope's nonce (default: `NONCE_BYTES` fresh random bytes).
         sent_at: the envelope's send time, in seconds (default: `clock.wall_time`, the virtual clock
             inside the simulator). Receivers refuse replayed or stale requests by these two fields.
+        admission: the sender's admission proof (`p2pnode.transport.admission`; empty in open runs).
     """
     env = peer_pb2.Envelope(method=method, body=body.SerializeToString(), error=error,  # type: ignore[arg-type]
                             error_message=error_message,
                             nonce=secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce,
-                            sent_at=wall_time() if sent_at is None else sent_at)
+                            sent_at=wall_time() if sent_at is None else sent_at,
+                            admission=admission)
     parts: list[memoryview] = []
     total = 0
     for name, t in (tensors or {}).items():

@@ -209,7 +209,8 @@ async def write_message(io: MessageIO, parts: Sequence[memoryview]) -> None:
 
 async def read_message(io: MessageIO, max_message_bytes: int,
                        reserve: Callable[[int], None] | None = None,
-                       buffers: ReceiveBuffers | None = None) -> memoryview:
+                       buffers: ReceiveBuffers | None = None,
+                       admit: Callable[[peer_pb2.Envelope], None] | None = None) -> memoryview:
     """Read one framed message, checking the limits before its payload is read.
 
     The header and envelope are read and checked first (`codec.parse_header`, `codec.parse_envelope`);
@@ -219,6 +220,8 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     :param reserve: optional ``reserve(nbytes)``, called before the buffer is allocated; it may raise to
         refuse the message (used for the receive budget).
     :param buffers: where to take the buffer from (default: a fresh one).
+    :param admit: optional ``admit(envelope)``, called before anything else is done with the message; it
+        raises `BadMessage` to refuse it (admission control: an outsider's payload is never read).
     :raises BadMessage: the message is malformed or oversized (nothing after the envelope was read).
     :raises asyncio.IncompleteReadError: the stream ended inside the message.
     :raises TimeoutError: no bytes arrived for the channel's idle timeout.
@@ -227,6 +230,8 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     n = codec.parse_header(head, max_message_bytes)
     env_bytes = await io.readexactly(n)
     env = codec.parse_envelope(env_bytes, max_message_bytes)
+    if admit is not None:
+        admit(env)
     start = codec.HEADER.size + n
     total = start + env.payload_bytes
     if reserve is not None:
@@ -450,7 +455,8 @@ class P2PTransport(Transport):
 
         try:
             try:
-                data = await read_message(io, self.max_message_bytes, reserve, self.buffers)
+                data = await read_message(io, self.max_message_bytes, reserve, self.buffers,
+                                          admit=lambda env: self.check_admission(sender, env))
             except BadMessage as e:
                 # Refused before the payload was read: answer with the reason, then close.
                 self.reject(sender, e.code, str(e))
@@ -492,6 +498,9 @@ class P2PTransport(Transport):
                             ) -> Message[peer_pb2.Envelope]:
         """Direct channel: check the envelope of the message the sender wants to send, then admit it."""
         codec.parse_envelope(request.body.SerializeToString(), self.max_message_bytes)  # BadMessage if not ok
+        # Tickets only for admitted peers: the ticket request passed `_dispatch`'s check, and the message
+        # it announces must carry a valid proof too.
+        self.check_admission(sender, request.body)
         if self._direct is None:
             raise TransportError("direct channel is off", code="unavailable")
         ticket = self._direct.issue(sender)
@@ -564,7 +573,7 @@ class P2PTransport(Transport):
         or cannot be reached directly). A refusal of the ticket is returned as the peer's response."""
         head = parts[0]
         inner = peer_pb2.Envelope.FromString(bytes(head[codec.HEADER.size:]))
-        request = codec.encode(DIRECT_TICKET_METHOD, inner)
+        request = self.encode_request(peer_id, DIRECT_TICKET_METHOD, Message(inner))
         reply = await self._send_libp2p(peer_id, request, timeout)
         try:
             env, _ = codec.decode(reply, self.max_message_bytes)

@@ -1,0 +1,149 @@
+"""Admission control of a run: which peers a node serves, and whose directory records it uses.
+
+Three modes (`MODES`):
+
+- ``open``: the run's models are public; anyone who knows the run id can fetch and push models.
+- ``secret``: every peer holds a key derived from the run's secret (`derive_key`: HKDF-SHA256, salted by
+  the run id, so one secret gives unrelated keys in different runs). A sender puts a *proof* in
+  ``Envelope.admission`` of every request and response (`Admission.proof`): a version byte, a fresh
+  random nonce and ``HMAC-SHA256(key, "req" | sender | receiver | method | nonce)``. The receiver checks
+  it (constant-time) before anything else. The sender's peer id is the one libp2p authenticates on the
+  stream, and the proof names both ends, so a proof seen by one peer cannot be used by another peer,
+  nor against another receiver. The secret never travels.
+- ``allowlist``: only the listed peer ids are served and used (may be combined with a secret).
+
+Directory records carry ``PeerRecord.admission_mac`` = ``HMAC-SHA256(key, "rec" | record fields)``
+(`Admission.seal`); readers drop records without a valid one, so outsiders' (sybil) records never enter
+partner choice.
+
+This module is pure: no I/O, no clock; the callers count and log refusals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from p2pnode.config import ADMISSION_MODES as MODES
+
+#: Length of a run key, in bytes.
+KEY_BYTES = 32
+#: Shortest run secret accepted, in bytes: a record's MAC is public (it sits in the DHT), so a short
+#: secret could be guessed offline.
+MIN_SECRET_BYTES = 16
+#: Version byte of a proof.
+PROOF_VERSION = 1
+#: Random bytes in each proof, and the MAC length, in bytes.
+NONCE_BYTES = 16
+MAC_BYTES = 32
+PROOF_BYTES = 1 + NONCE_BYTES + MAC_BYTES
+#: Reason code under which refusals are counted (`Transport.stats.rejected`, `PeerDirectory.not_admitted`).
+NOT_ADMITTED = "not_admitted"
+
+_SALT_PREFIX = b"p2pnode admission salt v1/"
+_INFO = b"p2pnode admission key v1"
+
+
+def derive_key(secret: bytes, run_id: str) -> bytes:
+    """The run key of `secret` in `run_id`: HKDF-SHA256 (32 bytes), salted by the run id.
+
+    Raises:
+        ValueError: `secret` is shorter than `MIN_SECRET_BYTES`.
+    """
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the run secret has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_SALT_PREFIX + run_id.encode(),
+                info=_INFO).derive(secret)
+
+
+def _fields(*items: str | bytes) -> bytes:
+    """Length-prefixed concatenation: no two different field lists give the same bytes."""
+    out = bytearray()
+    for item in items:
+        raw = item.encode() if isinstance(item, str) else item
+        out += struct.pack("<I", len(raw)) + raw
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The admission policy of one node.
+
+    Args:
+        key: the run key (`derive_key`), or None: no proofs are made or asked for.
+        allow: peer ids this node serves and uses, or None: any peer (with a valid proof, if `key`).
+    """
+
+    key: bytes | None = None
+    allow: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None and len(self.key) != KEY_BYTES:
+            raise ValueError(f"a run key has {KEY_BYTES} bytes, got {len(self.key)}")
+
+    @classmethod
+    def create(cls, key: bytes | None = None, allow: Iterable[str] | None = None) -> Admission | None:
+        """The policy for `key` and `allow`, or None when neither is set (an open run)."""
+        allowed = frozenset(allow) if allow else None
+        return None if key is None and allowed is None else cls(key, allowed)
+
+    @property
+    def mode(self) -> str:
+        """``secret`` when a key is set, else ``allowlist``."""
+        return "secret" if self.key is not None else "allowlist"
+
+    def _mac(self, data: bytes) -> bytes:
+        assert self.key is not None
+        return hmac.new(self.key, data, hashlib.sha256).digest()
+
+    # -- requests and responses -----------------------------------------------------------------------
+    def proof(self, sender: str, receiver: str, method: str) -> bytes:
+        """What `sender` puts in ``Envelope.admission`` of a message to `receiver` (empty without a key)."""
+        if self.key is None:
+            return b""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return bytes([PROOF_VERSION]) + nonce + self._mac(_fields(b"req", sender, receiver, method, nonce))
+
+    def admits(self, sender: str, receiver: str, method: str, proof: bytes) -> bool:
+        """Whether `receiver` may serve (or accept the response of) `sender` for `method`.
+
+        True when `sender` is on the allowlist (if any) and `proof` is a valid proof of `sender` to
+        `receiver` for `method` (if a key is set). The MAC is compared in constant time.
+        """
+        if self.allow is not None and sender not in self.allow:
+            return False
+        if self.key is None:
+            return True
+        if len(proof) != PROOF_BYTES or proof[0] != PROOF_VERSION:
+            return False
+        nonce, mac = proof[1:1 + NONCE_BYTES], proof[1 + NONCE_BYTES:]
+        return hmac.compare_digest(mac, self._mac(_fields(b"req", sender, receiver, method, nonce)))
+
+    # -- directory records ----------------------------------------------------------------------------
+    def record_mac(self, record_fields: bytes) -> bytes:
+        """The MAC of a directory record's canonical fields (empty without a key)."""
+        return b"" if self.key is None else self._mac(_fields(b"rec", record_fields))
+
+    def admits_record(self, peer_id: str, record_fields: bytes, mac: bytes) -> bool:
+        """Whether a record of `peer_id` with these canonical fields and `mac` may be used."""
+        if self.allow is not None and peer_id not in self.allow:
+            return False
+        if self.key is None:
+            return True
+        return hmac.compare_digest(mac, self.record_mac(record_fields))
+
+
+def canonical_fields(*items: str | bytes) -> bytes:
+    """Canonical bytes of a list of fields (length-prefixed), for `Admission.record_mac`."""
+    return _fields(*items)
+
+
+__all__ = ["KEY_BYTES", "MIN_SECRET_BYTES", "MODES", "NOT_ADMITTED", "PROOF_BYTES", "Admission",
+           "canonical_fields", "derive_key"]
