@@ -38,6 +38,7 @@ from p2pnode.daemon.statedir import (
     start_control,
     write_control_file,
 )
+from p2pnode.discovery.base import PeerInfo
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.proto import control_pb2, control_pb2_grpc
 from p2pnode.protocols.compute import ThreadCompute
@@ -168,6 +169,18 @@ async def test_status_and_peers_report_rounds_and_peers(swarm: Swarm) -> None:
     table = await invoke(["peers", "--state-dir", str(swarm.state_dir)])
     assert table.stdout.splitlines()[0].split()[:3] == ["PEER", "ID", "ROUND"]
     assert len(table.stdout.splitlines()) == NODES
+
+
+async def test_status_reports_directory_rejections(swarm: Swarm) -> None:
+    directory = swarm.node.directory
+    assert isinstance(directory, MemoryDirectory)
+    directory.registry.put(directory.run_id, PeerInfo(peer_id="elsewhere", config_hash="another"), 60.0)
+    await directory.peers()
+    result = await invoke(["status", "--json", "--state-dir", str(swarm.state_dir)])
+    assert result.exit_code == 0, result.output
+    rejected = json.loads(result.stdout)["rejected"]
+    assert rejected == {"directory.other_config": directory.rejected["other_config"]} and rejected[
+        "directory.other_config"] >= 1
 
 
 async def test_state_dir_from_environment(swarm: Swarm, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_thr
 from p2pnode.daemon.metrics import parse_exposition
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings, parse_gpu_memory
+from p2pnode.discovery.base import PeerInfo
 from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.errors import ConfigError, RemoteError
 from p2pnode.proto import peer_pb2
@@ -122,6 +123,28 @@ def test_nodes_in_one_process_have_separate_registries() -> None:
         a, b = (parse_exposition(n.metrics.exposition().decode()) for n in nodes)
         assert a["p2pnode_rounds_total"] == 1 and b["p2pnode_rounds_total"] == 0
         assert a["p2pnode_round"] == 1 and b["p2pnode_round"] == 0
+        for n in nodes:
+            await n.shutdown()
+
+    run_virtual(main())
+
+
+def test_directory_rejections_are_exported_by_reason() -> None:
+    """Records the directory refused appear as ``directory_rejected_total{reason}``; the older
+    ``directory_invalid`` / ``directory_mismatched`` counters are their sums."""
+    async def main() -> None:
+        net, registry = MemoryNetwork(seed=0), MemoryRegistry()
+        nodes = [memory_node(net, registry, i, 2) for i in range(2)]
+        for n in nodes:
+            await n.start()
+        run = nodes[0].config.run_id
+        registry.put(run, PeerInfo(peer_id="other", config_hash="another config"), 60.0)
+        registry.put(run, PeerInfo(peer_id="bad", round=-1, config_hash=nodes[0].config.config_hash), 60.0)
+        await nodes[0].directory.peers()
+        m = parse_exposition(nodes[0].metrics.exposition().decode())
+        assert m['p2pnode_directory_rejected_total{reason="other_config"}'] == 1
+        assert m['p2pnode_directory_rejected_total{reason="bad_record"}'] == 1
+        assert m["p2pnode_directory_mismatched_total"] == 1 and m["p2pnode_directory_invalid_total"] == 1
         for n in nodes:
             await n.shutdown()
 

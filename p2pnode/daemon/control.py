@@ -152,9 +152,12 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
                      context: grpc.aio.ServicerContext) -> control_pb2.StatusReply:
         node = self._node
         st = node.status()
+        # Messages refused by the transport, and (prefixed) what the peer directory refused.
+        rejected = {**st.rejected, **{f"directory.{reason}": count
+                                      for reason, count in node.directory.rejected.items() if count}}
         reply = control_pb2.StatusReply(
             peer_id=st.peer_id, run_id=st.run_id, task=st.task, round=st.round, peers=st.peers,
-            bytes_sent=st.bytes_sent, bytes_received=st.bytes_received, rejected=st.rejected,
+            bytes_sent=st.bytes_sent, bytes_received=st.bytes_received, rejected=rejected,
             maddrs=st.maddrs, state=st.state, topology=node.config.topology, rule=node.config.rule,
             pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__,
             partial_rounds=st.partial_rounds, resumed_from=st.resumed_from,

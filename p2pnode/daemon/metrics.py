@@ -29,6 +29,10 @@ name                                       type       meaning
 ``bytes_sent_total``, ``bytes_received_total`` counter bytes to / from peers (whole messages)
 ``calls_total``, ``failed_calls_total``    counter    requests to peers, and failed ones
 ``rejected_messages_total{reason}``        counter    messages refused, by reason code
+``directory_rejected_total{reason}``       counter    directory records and reads refused, by reason
+                                                      (`p2pnode.discovery.base.PeerDirectory`; each
+                                                      record once); ``directory_invalid_total`` and
+                                                      ``directory_mismatched_total`` are its sums
 ``protocol_events_total{event}``           counter    events counted by the round protocol (modest, fl:
                                                       aggregations, topups, relaunches, ...; with secagg
                                                       secagg_rounds, secagg_aborted, secagg_refused)
@@ -136,6 +140,11 @@ class _NodeCollector(Collector):
                                   value=node.directory.mismatched)
         yield CounterMetricFamily(PREFIX + "directory_invalid", "Directory records failing the schema skipped",
                                   value=node.directory.invalid)
+        directory_rejected = CounterMetricFamily(PREFIX + "directory_rejected",
+                                                 "Directory records and reads refused, by reason", labels=["reason"])
+        for reason, count in sorted(node.directory.rejected.items()):
+            directory_rejected.add_metric([reason], count)
+        yield directory_rejected
 
 
 class NodeMetrics:

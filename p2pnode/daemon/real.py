@@ -30,7 +30,8 @@ from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_thr
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.daemon.statedir import ensure_state_dir
-from p2pnode.discovery.dht import DHTDirectory, signed_dht_options
+from p2pnode.discovery import msgpack_guard
+from p2pnode.discovery.dht import DHTDirectory, RunRecordValidator, signed_dht_options
 from p2pnode.errors import P2PNodeError
 from p2pnode.protocols.compute import ThreadCompute
 from p2pnode.transport import Transport
@@ -89,10 +90,15 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         # hivemind forks the DHT process. Collect garbage first, so that the child never finalizes objects
         # of this process that are not fork-safe (grpc's hang when finalized in a forked child).
         gc.collect()
+        # The child inherits both: the decoder guard and this run's record validator protect it from the
+        # first message it receives (see p2pnode.discovery.dht).
+        msgpack_guard.install()
+        validators = [*dht_kwargs.pop("record_validators", []),
+                      RunRecordValidator(config.run_id, config.announce_ttl_s)]
         try:
             dht = hivemind.DHT(start=True, host_maddrs=[_host_maddr(config.host, config.port)],
                                initial_peers=list(config.initial_peers), await_ready=True,
-                               startup_timeout=DHT_START_TIMEOUT_S, **dht_kwargs)
+                               startup_timeout=DHT_START_TIMEOUT_S, record_validators=validators, **dht_kwargs)
         except Exception as e:
             raise P2PNodeError(f"could not start the DHT on {config.host}:{config.port} with initial peers "
                                f"{config.initial_peers or 'none'}: {e}") from e

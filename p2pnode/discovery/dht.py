@@ -477,7 +477,9 @@ class DHTDirectory(PeerDirectory):
             return []
         if not isinstance(found.value, dict):
             # A plain value won over the dictionary on some replica that does not run our validator.
-            self._decide(_verdict_key(None, found.value, found.expiration_time), "not_dictionary")
+            key = _verdict_key(None, found.value, found.expiration_time)
+            if key not in self._verdicts:
+                self._decide(key, "not_dictionary")
             return await self._fallback()
         out = self._read_records(found.value, own)
         await self._poll_dht_refusals()
