@@ -186,7 +186,7 @@ class Transport(ABC):
             self.check_request(peer_id, env)
             route = self._routes.get(method)
             if route is None:
-                raise BadMessage(f"unknown method {clip(repr(method))}", code="unknown_method")
+                raise BadMessage(f"unknown method {clip(repr(method), 100)}", code="unknown_method")
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
             parts = codec.encode(method, response.body, response.tensors)
