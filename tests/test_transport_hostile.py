@@ -22,7 +22,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from netutil import NetworkGuard, start_p2p
-from p2pnode.errors import BadMessage
+from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
 from p2pnode.transport.clock import run_virtual
@@ -185,19 +185,34 @@ async def test_streams_per_peer_are_capped() -> None:
 @pytest.mark.network
 @pytest.mark.timeout(60)
 async def test_truncated_frames_and_budget_refusals_are_counted() -> None:
-    async with swarm(max_message_bytes=8 * MiB, max_inflight_bytes=12 * MiB, direct=False) as (victim, _, raw):
-        reader, writer = await open_stream(raw, victim)
+    async with swarm(max_message_bytes=8 * MiB, max_inflight_bytes=12 * MiB, direct=False) as (victim, honest, raw):
+        _, writer = await open_stream(raw, victim)
         writer.write(announcing(MiB) + b"\x00" * 1000)
         await writer.drain()
         writer.close()
         await until(lambda: victim.stats.rejected["truncated"] == 1)
         # Cut inside the envelope, too.
-        reader, writer = await open_stream(raw, victim)
+        _, writer = await open_stream(raw, victim)
         writer.write(announcing(MiB)[:10])
         await writer.drain()
         writer.close()
         await until(lambda: victim.stats.rejected["truncated"] == 2)
         assert victim.inflight_bytes == 0
+        # The node's whole budget (12 MiB): one peer holds 7 MiB, so another's 7 MiB is refused (busy).
+        assert victim.max_inflight_bytes_per_peer == 8 * MiB
+        _, writer = await open_stream(raw, victim)
+        writer.write(announcing(7 * MiB))
+        await writer.drain()
+        await until(lambda: victim.inflight_bytes > 0)
+        with pytest.raises(RemoteError) as err:
+            await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(), {"x": torch.zeros(7 * MiB // 4)}),
+                              peer_pb2.Pong, timeout=20)
+        assert err.value.code == "busy" and victim.stats.rejected["busy"] == 1
+        writer.close()
+        await until(lambda: victim.stats.rejected["truncated"] == 3 and victim.inflight_bytes == 0)
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1), {"x": torch.zeros(MiB)}),
+                               peer_pb2.Pong, timeout=20)
+        assert ok.body.round == 1
 
 
 @pytest.mark.network
