@@ -755,7 +755,9 @@ class P2PTransport(Transport):
         try:
             conn = await TLSConnection.connect(ticket.host, ticket.port, ticket.fingerprint,
                                                min(self.direct_connect_timeout, timeout), timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as e:
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as e:
+            # IncompleteReadError: the peer closed the connection during the handshake (its direct
+            # channel is at its connection limit).
             logger.info("no direct connection to %s at %s:%d (%r); using libp2p for %.0f s",
                         peer_id[-8:], ticket.host, ticket.port, e, self.direct_retry_s)
             self._no_direct_until[peer_id] = time.monotonic() + self.direct_retry_s
