@@ -1,129 +1,446 @@
-"""Outsiders against the transport, over real libp2p daemons on 127.0.0.1: replayed requests, requests
-without a nonce or with a send time far off, and refusal floods that would fill the log."""
+"""A node's transport against outsiders: raw hivemind P2P clients and raw sockets on 127.0.0.1 that pin
+receive budgets, open too many streams or connections, trickle, truncate, replay, and flood the log.
+
+Each attack must leave the node serving honest peers and be counted with a reason in
+``Transport.stats.rejected``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import logging
-from collections.abc import AsyncIterator
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 
 from netutil import NetworkGuard, start_p2p
+from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
-from p2pnode.transport import TrafficStats, codec
+from p2pnode.transport import codec
+from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
-from p2pnode.transport.p2p import RPC_HANDLER, P2PTransport
+from p2pnode.transport.direct import TLSConnection
+from p2pnode.transport.memory import MemoryNetwork
+from p2pnode.transport.p2p import DIRECT_TICKET_METHOD, POOLED_MIN_BYTES, RPC_HANDLER, P2PTransport, ReceiveBuffers
+from p2pnode.transport.rate import RateGuard, TooSlow
+from p2pnode.transport.refusals import RefusalLog, clip
 from p2pnode.transport.replay import ReplayGuard
 
-pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
-module_loop = pytest.mark.asyncio(loop_scope="module")
+MiB = 1 << 20
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pair() -> AsyncIterator[tuple[P2PTransport, P2PTransport, list[int]]]:
-    """Two transports; b counts the requests its `echo` handler really served."""
-    served: list[int] = []
+async def echo(sender: str, request: Message[Any]) -> Message[Any]:
+    return Message(peer_pb2.Pong(round=request.body.round), {k: v + 1 for k, v in request.tensors.items()})
 
-    async def echo(sender: str, request: Message[Any]) -> Message[Any]:
-        served.append(request.body.round)
-        return Message(peer_pb2.Pong(round=request.body.round))
 
+async def refuse(sender: str, request: Message[Any]) -> Message[Any]:
+    raise BadMessage("tensor has the wrong shape", code="bad_shape")
+
+
+@contextlib.asynccontextmanager
+async def swarm(**victim_options: Any) -> AsyncIterator[tuple[P2PTransport, P2PTransport, P2P]]:
+    """(victim, honest peer, raw attacker client): two transports and a bare p2pd, all on 127.0.0.1."""
     with NetworkGuard() as guard:
-        a = await P2PTransport.create(await start_p2p(), owns_p2p=True)
-        b = await P2PTransport.create(await start_p2p(a.addresses()), owns_p2p=True)
-        b.register("echo", peer_pb2.Ping, echo)
+        victim = await P2PTransport.create(**victim_options)
+        honest: P2PTransport | None = None
+        raw: P2P | None = None
         try:
-            yield a, b, served
+            honest = await P2PTransport.create(initial_peers=victim.addresses())
+            raw = await start_p2p(victim.addresses())
+            for t in (victim, honest):
+                t.register("echo", peer_pb2.Ping, echo)
+                t.register("refuse", peer_pb2.Ping, refuse)
+            yield victim, honest, raw
         finally:
-            await a.shutdown()
-            await b.shutdown()
+            if raw is not None:
+                await raw.shutdown()
+            if honest is not None:
+                await honest.shutdown()
+            await victim.shutdown()
     assert not guard.leaked_processes and not guard.leaked_sockets, guard
 
 
-async def send_raw(a: P2PTransport, b: P2PTransport, data: bytes) -> peer_pb2.Envelope:
-    """Send a whole encoded request on a fresh libp2p stream, as any outside libp2p client can."""
-    _, reader, writer = await a.p2p.call_binary_stream_handler(PeerID.from_base58(b.peer_id), RPC_HANDLER)
+async def open_stream(raw: P2P, victim: P2PTransport) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    _, reader, writer = await raw.call_binary_stream_handler(PeerID.from_base58(victim.peer_id), RPC_HANDLER)
+    return reader, writer
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float = 10.0) -> peer_pb2.Envelope:
+    async with asyncio.timeout(timeout):
+        head = await reader.readexactly(4)
+        return codec.parse_envelope(await reader.readexactly(codec.parse_header(head)))
+
+
+async def exchange_raw(raw: P2P, victim: P2PTransport, data: bytes) -> peer_pb2.Envelope:
+    reader, writer = await open_stream(raw, victim)
     try:
         writer.write(data)
         await writer.drain()
-        head = await reader.readexactly(4)
-        return codec.parse_envelope(await reader.readexactly(codec.parse_header(head)))
+        return await read_reply(reader)
     finally:
         writer.close()
 
 
-def captured(round_: int, sent_at: float | None) -> bytes:
-    parts = codec.encode("echo", peer_pb2.Ping(round=round_), {"x": torch.ones(4)}, sent_at=sent_at)
-    return b"".join(bytes(p) for p in parts)
+def announcing(nbytes: int, method: str = "echo") -> bytes:
+    """Header and envelope of a well-formed request whose `nbytes` payload is still to come."""
+    env = peer_pb2.Envelope(method=method, body=peer_pb2.Ping().SerializeToString(), payload_bytes=nbytes,
+                            nonce=b"n" * 16, sent_at=time.time())
+    env.tensors.add(name="x", dtype="uint8", shape=[nbytes])
+    head = env.SerializeToString()
+    return codec.HEADER.pack(len(head)) + head
 
 
-@module_loop
-async def test_replayed_requests_are_refused_and_counted(pair: tuple[P2PTransport, P2PTransport, list[int]]
-                                                         ) -> None:
-    a, b, served = pair
-    b.stats = TrafficStats()
-    served.clear()
-    request = captured(7, b.clock())
-    first = await send_raw(a, b, request)
-    assert first.error == peer_pb2.OK
-    for _ in range(100):
-        env = await send_raw(a, b, request)
-        assert env.error == peer_pb2.REPLAYED
-    assert served == [7]
-    assert b.stats.rejected["replayed"] == 100
-    # fresh requests from the same peer still pass
-    reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(round=8)), peer_pb2.Pong, timeout=10)
-    assert reply.body.round == 8 and served == [7, 8]
+async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
 
 
-@module_loop
-async def test_unstamped_and_far_off_requests_are_refused(pair: tuple[P2PTransport, P2PTransport, list[int]]
-                                                          ) -> None:
-    a, b, served = pair
-    b.stats = TrafficStats()
-    served.clear()
-    late = await send_raw(a, b, captured(1, b.clock() - 10 * b.replay.window_s))
-    early = await send_raw(a, b, captured(2, b.clock() + 10 * b.replay.window_s))
-    bare = peer_pb2.Envelope(method="echo", body=peer_pb2.Ping(round=3).SerializeToString())
-    head = bare.SerializeToString()
-    unstamped = await send_raw(a, b, codec.HEADER.pack(len(head)) + head)
-    assert late.error == early.error == unstamped.error == peer_pb2.REPLAYED
-    assert served == []
-    assert b.stats.rejected["stale_clock"] == 2 and b.stats.rejected["no_nonce"] == 1
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
 
 
-@module_loop
-async def test_refusal_logs_are_clipped_and_rate_limited(pair: tuple[P2PTransport, P2PTransport, list[int]],
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    a, b, _ = pair
-    b.stats = TrafficStats()
-    huge = "m" * (2 << 20)  # a 2 MB method name
-    with caplog.at_level(logging.INFO, logger="p2pnode.transport"):
-        for _ in range(100):
-            parts = codec.encode(huge, peer_pb2.Ping(), sent_at=b.clock())
-            env = await send_raw(a, b, b"".join(bytes(p) for p in parts))
+
+
+# -- 1. memory: receive budget, stream caps, slow senders ---------------------------------------------
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_slow_streams_cannot_pin_the_receive_budget() -> None:
+    """Two slow streams announcing a largest message each: the second is refused at once (the peer's
+    share), honest pushes keep going through, and the slow one is cut off with ``too_slow``."""
+    async with swarm(max_message_bytes=64 * MiB, receive_grace_s=1.0, direct=False) as (victim, honest, raw):
+        assert victim.max_inflight_bytes == 128 * MiB and victim.max_inflight_bytes_per_peer == 64 * MiB
+        size = 60 * MiB
+        slow_reader, slow_writer = await open_stream(raw, victim)
+        slow_writer.write(announcing(size))
+        await slow_writer.drain()
+        await until(lambda: victim.inflight_bytes > 0)
+        second_reader, second_writer = await open_stream(raw, victim)
+        second_writer.write(announcing(size))
+        await second_writer.drain()
+        refused = await read_reply(second_reader)
+        second_writer.close()
+        assert refused.error == peer_pb2.BUSY
+        assert victim.stats.rejected["busy"] == 1
+        # An honest 40 MB push goes through while the slow stream holds its reservation.
+        x = torch.ones(10 * MiB // 4 * 4)
+        reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=3), {"x": x}),
+                                  peer_pb2.Pong, timeout=30)
+        assert reply.body.round == 3 and torch.equal(reply.tensors["x"], x + 1)
+
+        async def trickle() -> None:  # 4 KiB/s, far below the 64 KiB/s minimum
+            with contextlib.suppress(OSError, ConnectionError):
+                for _ in range(200):
+                    slow_writer.write(b"\x00" * 1024)
+                    await slow_writer.drain()
+                    await asyncio.sleep(0.25)
+
+        task = asyncio.create_task(trickle())
+        try:
+            cut = await read_reply(slow_reader, timeout=20)
+            assert cut.error == peer_pb2.BUSY and "KiB/s" in cut.error_message
+        finally:
+            task.cancel()
+            slow_writer.close()
+        assert victim.stats.rejected["too_slow"] == 1
+        await until(lambda: victim.inflight_bytes == 0)
+        # The buffer of the cut-off message did not stay in the reuse pool.
+        assert all(len(b) < size for b in victim.buffers._bufs)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_streams_per_peer_are_capped() -> None:
+    async with swarm(max_streams_per_peer=4, idle_timeout=2.0, direct=False) as (victim, honest, raw):
+        held = [await open_stream(raw, victim) for _ in range(4)]
+        for _, writer in held:
+            writer.write(b"\x01\x00")  # half a header, then nothing
+            await writer.drain()
+        await until(lambda: victim._streams_by_peer.get(raw.peer_id.to_base58(), 0) == 4)
+        reader, writer = await open_stream(raw, victim)
+        refused = await read_reply(reader)
+        writer.close()
+        assert refused.error == peer_pb2.BUSY and victim.stats.rejected["busy"] == 1
+        # Another peer is not affected.
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 1
+        # The stalled streams are closed after the idle timeout and counted.
+        await until(lambda: victim.stats.rejected["too_slow"] == 4)
+        for _, w in held:
+            w.close()
+        await until(lambda: not victim._streams_by_peer)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_truncated_frames_and_budget_refusals_are_counted() -> None:
+    async with swarm(max_message_bytes=8 * MiB, max_inflight_bytes=12 * MiB, direct=False) as (victim, honest, raw):
+        _, writer = await open_stream(raw, victim)
+        writer.write(announcing(MiB) + b"\x00" * 1000)
+        await writer.drain()
+        writer.close()
+        await until(lambda: victim.stats.rejected["truncated"] == 1)
+        # Cut inside the envelope, too.
+        _, writer = await open_stream(raw, victim)
+        writer.write(announcing(MiB)[:10])
+        await writer.drain()
+        writer.close()
+        await until(lambda: victim.stats.rejected["truncated"] == 2)
+        assert victim.inflight_bytes == 0
+        # The node's whole budget (12 MiB): one peer holds 7 MiB, so another's 7 MiB is refused (busy).
+        assert victim.max_inflight_bytes_per_peer == 8 * MiB
+        _, writer = await open_stream(raw, victim)
+        writer.write(announcing(7 * MiB))
+        await writer.drain()
+        await until(lambda: victim.inflight_bytes > 0)
+        with pytest.raises(RemoteError) as err:
+            await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(), {"x": torch.zeros(7 * MiB // 4)}),
+                              peer_pb2.Pong, timeout=20)
+        assert err.value.code == "busy" and victim.stats.rejected["busy"] == 1
+        writer.close()
+        await until(lambda: victim.stats.rejected["truncated"] == 3 and victim.inflight_bytes == 0)
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1), {"x": torch.zeros(MiB)}),
+                               peer_pb2.Pong, timeout=20)
+        assert ok.body.round == 1
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_refused_large_messages_leave_no_buffers_in_the_pool() -> None:
+    async with swarm(direct=False) as (victim, honest, _):
+        x = {"x": torch.zeros(16 * MiB // 4)}
+        for _ in range(3):
+            with pytest.raises(Exception, match="wrong shape"):
+                await honest.call(victim.peer_id, "refuse", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=20)
+        assert victim.stats.rejected["bad_shape"] == 3
+        assert victim.buffers.held_bytes == 0 and victim.buffers.discarded == 3
+        await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=20)
+        assert victim.buffers.held_bytes >= 16 * MiB  # an answered message's buffer is kept for reuse
+
+
+def test_receive_pool_gives_memory_back_after_refusals() -> None:
+    """Unit test of the pool: buffers of refused messages are dropped, and their memory leaves the process."""
+    pool = ReceiveBuffers(max_bytes=512 * MiB)
+    gc.collect()
+    before = rss_bytes()
+    for _ in range(4):
+        view = pool.take(100 * MiB)
+        view[::4096] = b"\x01" * len(range(0, 100 * MiB, 4096))  # touch every page, as a received payload does
+        pool.discard(view)
+        del view
+    assert pool.held_bytes == 0 and pool.discarded == 4
+    gc.collect()
+    assert rss_bytes() - before < 64 * MiB
+    # Kept buffers can be trimmed as well.
+    kept = [pool.take(2 * POOLED_MIN_BYTES) for _ in range(3)]
+    del kept
+    assert pool.held_bytes == 6 * POOLED_MIN_BYTES
+    assert pool.trim(2 * POOLED_MIN_BYTES) == 4 * POOLED_MIN_BYTES and pool.held_bytes == 2 * POOLED_MIN_BYTES
+
+
+def test_rate_guard_cuts_off_a_trickle_after_the_grace_period() -> None:
+    now = [0.0]
+    guard = RateGuard(64 * 1024, grace_s=5.0, window_s=3.0, clock=lambda: now[0])
+    for _ in range(4):  # 1 KiB/s during the grace period: accepted
+        now[0] += 1.0
+        guard.progress(1024)
+    now[0] += 1.0
+    guard.progress(10 * 1024 * 1024)  # a burst: fine
+    for _ in range(2):
+        now[0] += 1.0
+        guard.progress(1024)
+    with pytest.raises(TooSlow):
+        for _ in range(4):
+            now[0] += 1.0
+            guard.progress(1024)
+    assert RateGuard(0).wait_s(30.0) <= 30.0
+
+
+# -- 1b. direct channel ----------------------------------------------------------------------------------
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_direct_channel_survives_a_slowloris_and_counts_it() -> None:
+    async with swarm() as (victim, honest, _):
+        server = victim._direct
+        assert server is not None and victim.direct_address is not None
+        server.max_connections, server.max_pending, server.handshake_timeout = 32, 16, 2.0
+        host, port = victim.direct_address
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(100):  # TCP connections that never start their TLS handshake
+                s = socket.create_connection((host, port))
+                s.sendall(b"\x16\x03")  # two bytes of a ClientHello, then silence
+                socks.append(s)
+            await until(lambda: victim.stats.rejected["busy"] >= 100 - 16)
+            assert len(server._connections) <= 16
+            # An honest peer still gets through on the direct channel: the oldest handshakes give way.
+            x = {"x": torch.arange(600_000, dtype=torch.float32)}
+            before = honest.direct_messages
+            reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=2), x), peer_pb2.Pong,
+                                      timeout=20)
+            assert reply.body.round == 2 and honest.direct_messages == before + 1
+            # Stalled handshakes are closed by their deadline and counted.
+            await until(lambda: victim.stats.rejected["handshake_timeout"] >= 1)
+            await until(lambda: server.pending_handshakes == 0)
+        finally:
+            for s in socks:
+                s.close()
+        # A bad token is counted too.
+        conn = await TLSConnection.connect(host, port, server.fingerprint, connect_timeout=5)
+        try:
+            await conn.write(memoryview(b"\x01" * 32), 5)
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError, ssl.SSLError)):
+                await conn.readexactly(1, 5)
+        finally:
+            conn.close()
+        assert victim.stats.rejected["bad_token"] == 1
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_direct_tickets_are_capped_per_peer_and_ask_admits() -> None:
+    async with swarm() as (victim, honest, raw):
+        server = victim._direct
+        assert server is not None
+        inner = peer_pb2.Envelope(method="echo", payload_bytes=0)
+        codes = [(await exchange_raw(raw, victim, codec.join(codec.encode(DIRECT_TICKET_METHOD, inner)))).error
+                 for _ in range(server.max_tickets_per_peer + 3)]
+        assert codes[:server.max_tickets_per_peer] == [peer_pb2.OK] * server.max_tickets_per_peer
+        assert codes[server.max_tickets_per_peer:] == [peer_pb2.BUSY] * 3
+        assert victim.stats.rejected["busy"] == 3
+        # The honest peer's tickets are not affected by the attacker's.
+        x = {"x": torch.ones(500_000)}
+        before = honest.direct_messages
+        await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=20)
+        assert honest.direct_messages == before + 1
+        # The admission hook: a peer it refuses gets neither tickets nor exchanges.
+        attacker = raw.peer_id.to_base58()
+        victim.admits = lambda peer_id: peer_id != attacker  # type: ignore[method-assign]
+        env = await exchange_raw(raw, victim, codec.join(codec.encode(DIRECT_TICKET_METHOD, inner)))
+        assert env.error == peer_pb2.NOT_ADMITTED
+        env = await exchange_raw(raw, victim, codec.join(codec.encode("echo", peer_pb2.Ping())))
+        assert env.error == peer_pb2.NOT_ADMITTED
+        assert victim.stats.rejected["not_admitted"] == 2
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=5)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 5
+
+
+# -- 2. logs ------------------------------------------------------------------------------------------------
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_refusal_logs_are_clipped_and_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    async with swarm(direct=False) as (victim, _, raw):
+        caplog.set_level(logging.WARNING, logger="p2pnode")
+        huge = "m" * (2 * 1000 * 1000)
+        env = await exchange_raw(raw, victim, codec.join(codec.encode(huge, peer_pb2.Ping())))
+        assert env.error == peer_pb2.UNKNOWN_METHOD and len(env.SerializeToString()) < 2000
+        lines = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+        assert len(lines) == 1 and len(lines[0]) < 1024 and "(2000002 bytes)" in lines[0]
+        caplog.clear()
+        for i in range(99):
+            env = await exchange_raw(raw, victim, codec.join(codec.encode(f"no.such.{i}", peer_pb2.Ping())))
             assert env.error == peer_pb2.UNKNOWN_METHOD
-            assert len(env.error_message) <= 1000
-    assert b.stats.rejected["unknown_method"] == 100
-    lines = [r.getMessage() for r in caplog.records if "unknown_method" in r.getMessage()]
-    assert 1 <= len(lines) <= 3, lines
-    assert max(len(line) for line in lines) < 1024
+        assert victim.stats.rejected["unknown_method"] == 100
+        lines = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+        assert len(lines) <= 3, lines
 
 
-def test_replay_guard_forgets_nonces_only_after_the_window() -> None:
-    guard = ReplayGuard(window_s=10.0, max_per_peer=4)
-    nonce = bytes(range(16))
-    assert guard.check("p", nonce, 100.0, now=100.0) is None
-    refusal = guard.check("p", nonce, 100.0, now=105.0)
-    assert refusal is not None and refusal[0] == "replayed"
-    # after the window the request is refused as stale, so forgetting its nonce is safe
-    refusal = guard.check("p", nonce, 100.0, now=111.0)
-    assert refusal is not None and refusal[0] == "stale_clock"
-    # the memory a peer can pin is bounded
-    for i in range(100):
-        guard.check("p", i.to_bytes(16, "big"), 111.0, now=111.0)
-    assert len(guard) <= 4
+def test_refusal_log_reports_how_many_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    log = RefusalLog(logging.getLogger("p2pnode.test"), lambda: now[0], interval_s=10.0)
+    caplog.set_level(logging.WARNING, logger="p2pnode.test")
+    logged = [log.log("me", "peer", "malformed", "x" * 5000) for _ in range(50)]
+    assert logged.count(True) == 1
+    now[0] = 11.0
+    assert log.log("me", "peer", "malformed", "again")
+    assert log.log("me", "other", "malformed", "another peer has its own limit")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "49 more suppressed" in messages[1]
+    assert all(len(m) < 1024 for m in messages)
+    assert clip("abc") == "abc" and clip("é" * 300).endswith("...(600 bytes)")
+
+
+# -- 4. replay --------------------------------------------------------------------------------------------
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_replayed_exchange_is_refused_by_the_real_transport() -> None:
+    async with swarm(direct=False) as (victim, _, raw):
+        served: list[str] = []
+
+        async def record(sender: str, request: Message[Any]) -> Message[Any]:
+            served.append(sender)
+            return Message(peer_pb2.Pong(round=request.body.round))
+
+        victim.register("record", peer_pb2.Ping, record)
+        captured = codec.join(codec.encode("record", peer_pb2.Ping(round=9)))
+        first = await exchange_raw(raw, victim, captured)
+        assert first.error == peer_pb2.OK
+        for _ in range(100):
+            env = await exchange_raw(raw, victim, captured)
+            assert env.error == peer_pb2.REPLAYED
+        assert len(served) == 1 and victim.stats.rejected["replayed"] == 100
+        # A request stamped far from the receiver's clock, and one without a nonce (an older node).
+        stale = codec.join(codec.encode("record", peer_pb2.Ping(), sent_at=time.time() - 3600))
+        assert (await exchange_raw(raw, victim, stale)).error == peer_pb2.REPLAYED
+        head = peer_pb2.Envelope(method="record", body=peer_pb2.Ping().SerializeToString()).SerializeToString()
+        env = await exchange_raw(raw, victim, codec.HEADER.pack(len(head)) + head)
+        assert env.error == peer_pb2.REPLAYED and "older version" in env.error_message
+        assert victim.stats.rejected["stale_clock"] == 1 and victim.stats.rejected["no_nonce"] == 1
+        assert len(served) == 1
+        # Fresh requests still pass.
+        assert (await exchange_raw(raw, victim, codec.join(codec.encode("record", peer_pb2.Ping())))).error == 0
+
+
+def test_replay_is_refused_in_the_simulator_on_its_virtual_clock() -> None:
+    async def main() -> None:
+        net = MemoryNetwork()
+        a, b = net.transport("a"), net.transport("b")
+        served: list[int] = []
+
+        async def handle(sender: str, request: Message[Any]) -> Message[Any]:
+            served.append(request.body.round)
+            return Message(peer_pb2.Pong(round=request.body.round))
+
+        b.register("ping", peer_pb2.Ping, handle)
+        frame = codec.join(codec.encode("ping", peer_pb2.Ping(round=1)))
+        assert codec.decode(frame)[0].sent_at == 0.0  # stamped with the virtual clock
+        for _ in range(3):
+            await b._dispatch("a", frame)
+        assert served == [1] and b.stats.rejected["replayed"] == 2
+        await asyncio.sleep(3600)  # an hour of virtual time: the capture is stale now
+        env, _ = codec.decode(codec.join(await b._dispatch("a", frame)))
+        assert env.error == peer_pb2.REPLAYED and b.stats.rejected["stale_clock"] == 1
+        # Calls stamped by the transport's (virtual) clock pass, an hour in.
+        reply = await a.call("b", "ping", Message(peer_pb2.Ping(round=2)), peer_pb2.Pong, timeout=5)
+        assert reply.body.round == 2 and served == [1, 2]
+
+    run_virtual(main())
+
+
+def test_seen_nonce_cache_is_bounded_and_a_flood_costs_only_the_flooder() -> None:
+    guard = ReplayGuard(300.0, max_per_peer=100, max_entries=250)
+    for i in range(1000):  # one peer floods, with send times up to near the window's future edge
+        assert guard.check("flooder", i.to_bytes(16, "big"), 1000.0 + i * 0.29, 1000.0) is None
+    assert len(guard) <= 100
+    # Its forgotten nonces cannot come back: they are below its floor now.
+    assert guard.check("flooder", (0).to_bytes(16, "big"), 1000.0, 1000.0) is not None
+    # Honest peers are not affected by the flooder's floor.
+    for p in range(3):
+        for i in range(60):
+            assert guard.check(f"honest{p}", bytes([p + 1]) * 8 + i.to_bytes(8, "big"), 999.0, 1000.0) is None
+    assert len(guard) <= 250
+    assert guard.check("honest0", bytes([1]) * 8 + (5).to_bytes(8, "big"), 999.0, 1000.0)[0] == "replayed"  # type: ignore[index]
+    # Old entries expire with the window.
+    assert guard.check("late", b"z" * 16, 2000.0, 2000.0) is None
+    assert len(guard) == 1

@@ -190,18 +190,25 @@ class Transport(ABC):
 
     async def _dispatch(self, peer_id: str, data: bytes | bytearray | memoryview) -> list[memoryview]:
         """Decode a request, run its handler and encode the response (or an error envelope)."""
+        return (await self._dispatch_checked(peer_id, data))[0]
+
+    async def _dispatch_checked(self, peer_id: str, data: bytes | bytearray | memoryview
+                                ) -> tuple[list[memoryview], bool]:
+        """`_dispatch`, and whether the handler answered (False: the answer is an error envelope)."""
         self.stats.bytes_received += len(data)
         method = ""
+        ok = False
         try:
             env, tensors = codec.decode(data, self.max_message_bytes)
             method = env.method
             self.check_request(peer_id, env)
             route = self._routes.get(method)
             if route is None:
-                raise BadMessage(f"unknown method {clip(repr(method))}", code="unknown_method")
+                raise BadMessage(f"unknown method {clip(repr(method), 100)}", code="unknown_method")
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
             parts = codec.encode(method, response.body, response.tensors, admission=self._proof(peer_id, method))
+            ok = True
         except BadMessage as e:
             self.reject(peer_id, e.code, str(e))
             parts = self._error(method, e.code, str(e))
@@ -213,7 +220,7 @@ class Transport(ABC):
             logger.exception("handler %s failed for a request from %s", clip(repr(method)), peer_id[-8:])
             parts = self._error(method, "internal", f"{type(e).__name__}: {e}")
         self.stats.bytes_sent += codec.encoded_size(parts)
-        return parts
+        return parts, ok
 
     @staticmethod
     def _error(method: str, code: str, message: str) -> list[memoryview]:

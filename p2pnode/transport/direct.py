@@ -23,6 +23,21 @@ How a sender gets a connection (`p2pnode.transport.p2p.P2PTransport` drives this
 The socket is driven by the event loop; TLS runs on an `ssl.SSLObject` over memory buffers, so that
 the data is encrypted and decrypted in pieces of about 1 MiB with one system call per piece (asyncio's
 TLS streams were measured at 60-70 % of this on the same machine).
+
+Limits against hostile clients (the listener is reachable by anyone who can reach the address):
+
+- at most ``max_connections`` connections at once, of which at most ``max_pending`` are still in their
+  handshake (not yet admitted by a token); a new connection beyond them first evicts the oldest one
+  still in its handshake (a slowloris has to outrun honest handshakes, which take milliseconds), else
+  the oldest idle admitted one, else it is closed (``busy``);
+- a handshake plus first token must complete within ``handshake_timeout`` (``handshake_timeout``), an
+  admitted connection waits at most ``idle_timeout`` for its next token;
+- at most ``max_connections_per_peer`` admitted connections and ``max_tickets_per_peer`` unused tickets
+  per peer (tickets beyond are refused with `Busy`, so the caller uses libp2p for that message);
+- a connection allocates its 1 MiB decryption buffer only when a large payload arrives, and gives it
+  back when it goes idle: idle and half-open connections cost kilobytes, not megabytes.
+
+Refusals are reported through ``on_reject(peer, reason, message)`` (the transport counts them).
 """
 
 from __future__ import annotations
@@ -43,12 +58,17 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from p2pnode.errors import TransportError
+
+if TYPE_CHECKING:
+    from p2pnode.transport.rate import RateGuard
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +83,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: event loop is busy moving other tensors may take seconds on a loaded machine, and a handshake given up
 #: on one side only breaks a call that the other side already started.
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
-#: Most accepted connections still in their handshake (not yet admitted by a token); more are closed.
-MAX_PENDING_HANDSHAKES = 256
+#: Default most connections still in their handshake (not yet admitted by a token).
+MAX_PENDING_HANDSHAKES = 64
+#: Default most connections at once (in their handshake, serving, or idle).
+MAX_CONNECTIONS = 128
+#: Default most admitted connections of one peer at once.
+MAX_CONNECTIONS_PER_PEER = 8
+#: Default most unused tickets of one peer.
+MAX_TICKETS_PER_PEER = 32
 #: Default time a server keeps an idle connection open waiting for the next token, in seconds.
 DEFAULT_SERVER_IDLE = 60.0
 #: Default time a client keeps an idle connection for reuse, in seconds (below the server's, so that a
@@ -76,12 +102,21 @@ MAX_TICKETS = 4096
 MAX_IDLE_PER_PEER = 4
 #: Size of the pieces encrypted and sent, or received and decrypted, at once, in bytes.
 PIECE_BYTES = 1 << 20
+#: Size of a connection's receive buffer until a large payload arrives (handshakes, tokens, headers).
+SMALL_PIECE_BYTES = 64 << 10
 
 _TICKET = struct.Struct("!32s32sH")
 
 
 class PinMismatch(ssl.SSLError):
     """The server's certificate is not the one the ticket named."""
+
+
+class Busy(TransportError):
+    """The direct channel is at one of its limits; the caller should use libp2p for this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="busy")
 
 
 @dataclass(frozen=True)
@@ -173,7 +208,8 @@ class TLSConnection:
         self._in = incoming
         self._out = outgoing
         self._loop = asyncio.get_running_loop()
-        self._scratch = bytearray(PIECE_BYTES)
+        # Small until a large payload arrives: half-open and idle connections must stay cheap.
+        self._scratch = bytearray(SMALL_PIECE_BYTES)
         self.closed = False
         self.last_used = time.monotonic()
         #: SHA-256 of the server certificate this (client) connection was pinned to.
@@ -258,27 +294,46 @@ class TLSConnection:
             raise asyncio.IncompleteReadError(b"", None)
         self._in.write(memoryview(self._scratch)[:n])
 
-    async def readinto(self, view: memoryview, idle_timeout: float) -> None:
+    def shrink(self) -> None:
+        """Give back the large receive buffer (when the connection goes idle)."""
+        if len(self._scratch) > SMALL_PIECE_BYTES:
+            self._scratch = bytearray(SMALL_PIECE_BYTES)
+
+    async def readinto(self, view: memoryview, idle_timeout: float, rate: RateGuard | None = None) -> None:
         """Fill `view` completely with decrypted bytes.
 
         :param idle_timeout: longest wait for more bytes from the network, in seconds.
+        :param rate: optional minimum-rate check of the bytes as they arrive (raises `rate.TooSlow`).
         :raises asyncio.IncompleteReadError: the peer closed the connection first.
         :raises TimeoutError: nothing arrived for `idle_timeout` seconds.
         """
         pos, total = 0, view.nbytes
+        if total - pos > SMALL_PIECE_BYTES and len(self._scratch) < PIECE_BYTES:
+            self._scratch = bytearray(PIECE_BYTES)
         while pos < total:
             try:
                 # With a buffer, read() returns the number of bytes written into it.
                 n = cast(int, self._ssl.read(total - pos, view[pos:]))
             except ssl.SSLWantReadError:
-                async with asyncio.timeout(idle_timeout):
-                    await self._fill()
+                if rate is None:
+                    async with asyncio.timeout(idle_timeout):
+                        await self._fill()
+                    continue
+                try:
+                    async with asyncio.timeout(rate.wait_s(idle_timeout)):
+                        await self._fill()
+                except TimeoutError:
+                    rate.progress(0)
+                    if rate.idle_for() >= idle_timeout:
+                        raise
                 continue
             except ssl.SSLZeroReturnError as e:
                 raise asyncio.IncompleteReadError(bytes(view[:pos]), total) from e
             if n == 0:
                 raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
             pos += n
+            if rate is not None:
+                rate.progress(n)
         self.last_used = time.monotonic()
 
     async def readexactly(self, n: int, idle_timeout: float) -> bytes:
@@ -308,12 +363,27 @@ class TLSConnection:
 
 #: Serves one message on a connection; returns False when the connection must be closed.
 ServeCallback = Callable[[str, TLSConnection], Awaitable[bool]]
+#: Told of every refused connection or token: (peer id, or "ip:<address>" before a token; reason; message).
+RejectCallback = Callable[[str, str, str], None]
 
 
 @dataclass
 class _Pending:
     peer_id: str
     expires: float
+
+
+@dataclass
+class _Conn:
+    """What the server knows about one accepted connection."""
+
+    address: str
+    #: When the connection entered its current state (time.monotonic()).
+    since: float
+    #: The peer its first token named; None while in its handshake.
+    peer: str | None = None
+    #: Waiting for a token (in its handshake, or admitted and idle between messages).
+    idle: bool = True
 
 
 class DirectServer:
@@ -327,11 +397,20 @@ class DirectServer:
     :param handshake_timeout: longest wait for a client's handshake and first token, in seconds
         (default 30).
     :param idle_timeout: how long an idle connection waits for its next token, in seconds (default 60).
+    :param max_connections: most connections at once, all states (default 128).
+    :param max_pending: most connections still in their handshake (default 64).
+    :param max_connections_per_peer: most admitted connections of one peer (default 8).
+    :param max_tickets_per_peer: most unused tickets of one peer (default 32).
+    :param on_reject: told of each refused connection or token (see `RejectCallback`).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
                  ticket_ttl: float = DEFAULT_TICKET_TTL, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 idle_timeout: float = DEFAULT_SERVER_IDLE) -> None:
+                 idle_timeout: float = DEFAULT_SERVER_IDLE, max_connections: int = MAX_CONNECTIONS,
+                 max_pending: int = MAX_PENDING_HANDSHAKES,
+                 max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
+                 max_tickets_per_peer: int = MAX_TICKETS_PER_PEER,
+                 on_reject: RejectCallback | None = None) -> None:
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
@@ -340,17 +419,24 @@ class DirectServer:
         self.ticket_ttl = ticket_ttl
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_pending = min(max_pending, max_connections)
+        self.max_connections_per_peer = max_connections_per_peer
+        self.max_tickets_per_peer = max_tickets_per_peer
+        self.on_reject = on_reject
         cert_pem, key_pem, self.fingerprint = make_certificate()
         self._ctx = server_context(cert_pem, key_pem)
         self._tickets: dict[bytes, _Pending] = {}
+        self._tickets_per_peer: dict[str, int] = {}
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._pending_handshakes = 0
+        #: Every accepted connection's task and state, in the order they were accepted.
+        self._connections: dict[asyncio.Task[None], _Conn] = {}
         self._serve: ServeCallback | None = None
         #: Connections closed because of a bad, expired, reused or foreign token.
         self.refused_tokens = 0
 
+    # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, serve: ServeCallback) -> None:
         """Listen and serve each admitted message with `serve(peer_id, connection)`."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -381,83 +467,160 @@ class DirectServer:
             self._listener.close()
             self._listener = None
         self._tickets.clear()
+        self._tickets_per_peer.clear()
 
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def pending_handshakes(self) -> int:
+        """Connections still in their handshake (no token yet)."""
+        return sum(1 for c in self._connections.values() if c.peer is None)
+
+    def connections_of(self, peer_id: str) -> int:
+        """Admitted connections of `peer_id`."""
+        return sum(1 for c in self._connections.values() if c.peer == peer_id)
+
+    def _reject(self, who: str, reason: str, message: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(who, reason, message)
+        else:
+            logger.warning("direct channel: refused %s: %s (%s)", who[-8:], message, reason)
+
+    def _evict(self, *, pending: bool, peer: str | None = None) -> bool:
+        """Close the oldest connection in a handshake (`pending`) or the oldest idle admitted one (of `peer`
+        when given). Returns whether one was found."""
+        now_candidates = [(c.since, t) for t, c in self._connections.items()
+                          if (c.peer is None) == pending and c.idle and not t.done()
+                          and (peer is None or c.peer == peer)]
+        if not now_candidates:
+            return False
+        _, task = min(now_candidates, key=lambda x: x[0])
+        state = self._connections.pop(task)
+        task.cancel()
+        if pending:
+            self._reject(f"ip:{state.address}", "busy", f"handshake evicted: {self.max_pending} connections "
+                                                        "are in their handshake")
+        return True
+
+    # -- tickets --------------------------------------------------------------------------------------
     def issue(self, peer_id: str) -> Ticket:
-        """A one-time ticket for `peer_id` (expires after ``ticket_ttl`` seconds)."""
+        """A one-time ticket for `peer_id` (expires after ``ticket_ttl`` seconds).
+
+        :raises Busy: the peer holds ``max_tickets_per_peer`` unused tickets, or all its
+            ``max_connections_per_peer`` connections are busy.
+        """
         now = time.monotonic()
+        if self._tickets_per_peer.get(peer_id, 0) >= self.max_tickets_per_peer:
+            self._drop_expired(now)
+            if self._tickets_per_peer.get(peer_id, 0) >= self.max_tickets_per_peer:
+                raise Busy(f"{self.max_tickets_per_peer} unused direct-channel tickets are outstanding")
+        conns = [c for c in self._connections.values() if c.peer == peer_id]
+        if len(conns) >= self.max_connections_per_peer and not any(c.idle for c in conns):
+            raise Busy(f"{len(conns)} direct connections of this peer are busy")
         if len(self._tickets) >= MAX_TICKETS:
-            for token in [t for t, p in self._tickets.items() if p.expires < now]:
-                del self._tickets[token]
+            self._drop_expired(now)
             while len(self._tickets) >= MAX_TICKETS:  # dicts keep insertion order: drop the oldest
-                del self._tickets[next(iter(self._tickets))]
+                self._pop_ticket(next(iter(self._tickets)))
         token = secrets.token_bytes(TOKEN_BYTES)
         self._tickets[token] = _Pending(peer_id, now + self.ticket_ttl)
+        self._tickets_per_peer[peer_id] = self._tickets_per_peer.get(peer_id, 0) + 1
         return Ticket(self.advertise_host, self.port, token, self.fingerprint)
+
+    def _pop_ticket(self, token: bytes) -> _Pending | None:
+        pending = self._tickets.pop(token, None)
+        if pending is not None:
+            left = self._tickets_per_peer.get(pending.peer_id, 1) - 1
+            if left > 0:
+                self._tickets_per_peer[pending.peer_id] = left
+            else:
+                self._tickets_per_peer.pop(pending.peer_id, None)
+        return pending
+
+    def _drop_expired(self, now: float) -> None:
+        for token in [t for t, p in self._tickets.items() if p.expires < now]:
+            self._pop_ticket(token)
 
     def redeem(self, token: bytes) -> str | None:
         """The peer a valid token was issued to (consuming the token), or None."""
-        pending = self._tickets.pop(token, None)
+        pending = self._pop_ticket(token)
         if pending is None or pending.expires < time.monotonic():
             return None
         return pending.peer_id
 
+    # -- serving --------------------------------------------------------------------------------------
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
             try:
-                sock, _ = await loop.sock_accept(self._listener)
+                sock, addr = await loop.sock_accept(self._listener)
             except OSError as e:  # for example EMFILE: back off instead of spinning
                 logger.warning("direct channel: accept failed: %r", e)
                 await asyncio.sleep(0.5)
                 continue
-            if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
-                logger.warning("direct channel: %d connections are still in their handshake; closing a new one",
-                               self._pending_handshakes)
+            address = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            if self.pending_handshakes >= self.max_pending:
+                self._evict(pending=True)
+            if len(self._connections) >= self.max_connections and not self._evict(pending=True) \
+                    and not self._evict(pending=False):
+                self._reject(f"ip:{address}", "busy", f"{len(self._connections)} direct connections are open; "
+                                                      f"the limit is {self.max_connections}")
                 sock.close()
                 continue
-            task = asyncio.create_task(self._connection(sock))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            state = _Conn(address, time.monotonic())
+            task = asyncio.create_task(self._connection(sock, state))
+            self._connections[task] = state
+            task.add_done_callback(lambda t: self._connections.pop(t, None))
 
-    async def _connection(self, sock: socket.socket) -> None:
-        self._pending_handshakes += 1
-        pending = True
+    async def _connection(self, sock: socket.socket, state: _Conn) -> None:
+        who = f"ip:{state.address}"
+        # One deadline for the handshake and the first token together.
+        deadline = state.since + self.handshake_timeout
         try:
             conn = await TLSConnection.accept(sock, self._ctx, self.handshake_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as e:
+        except TimeoutError:
+            self._reject(who, "handshake_timeout", f"no TLS handshake within {self.handshake_timeout:.0f} s")
+            sock.close()
+            return
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as e:
             logger.info("direct channel: a handshake failed: %r", e)
             sock.close()
-            self._pending_handshakes -= 1
             return
-        bound: str | None = None
         try:
             while True:
+                state.idle, state.since = True, time.monotonic()
+                conn.shrink()
+                wait = max(0.0, deadline - time.monotonic()) if state.peer is None else self.idle_timeout
                 try:
-                    token = await conn.readexactly(TOKEN_BYTES, self.handshake_timeout if bound is None
-                                                   else self.idle_timeout)
-                except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
-                    return  # closed, broken or idle: the normal end of a connection
-                if pending:
-                    self._pending_handshakes -= 1
-                    pending = False
+                    token = await conn.readexactly(TOKEN_BYTES, wait)
+                except TimeoutError:
+                    if state.peer is None:
+                        self._reject(who, "handshake_timeout",
+                                     f"no token within {self.handshake_timeout:.0f} s of connecting")
+                    return  # else idle: the normal end of a connection
+                except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                    return  # closed or broken: the normal end of a connection
                 peer = self.redeem(token)
-                if peer is None or (bound is not None and peer != bound):
+                if peer is None or (state.peer is not None and peer != state.peer):
                     self.refused_tokens += 1
-                    logger.warning("direct channel: refused a connection with an invalid token (peer %s)",
-                                   (bound or "unknown")[-8:])
+                    self._reject(state.peer or who, "bad_token",
+                                 "invalid, expired, reused or foreign direct-channel token")
                     return
-                bound = peer
+                if state.peer is None:
+                    if self.connections_of(peer) >= self.max_connections_per_peer \
+                            and not self._evict(pending=False, peer=peer):
+                        self._reject(peer, "busy", f"{self.max_connections_per_peer} direct connections of "
+                                                   "this peer are open")
+                        return
+                    state.peer = peer
+                state.idle = False
                 assert self._serve is not None
                 if not await self._serve(peer, conn):
                     return
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("direct channel: unexpected error while serving %s", (bound or "?")[-8:])
+            logger.exception("direct channel: unexpected error while serving %s", (state.peer or "?")[-8:])
         finally:
-            if pending:
-                self._pending_handshakes -= 1
             conn.close()
 
 
@@ -491,6 +654,7 @@ class ConnectionPool:
         if conn.closed or len(conns) >= self.max_idle_per_peer:
             conn.close()
         else:
+            conn.shrink()
             conns.append(conn)
 
     def close_all(self) -> None:

@@ -13,6 +13,21 @@ a pinned TLS 1.3 connection. If the peer does not offer the channel or cannot be
 the message goes over libp2p instead (and that peer is not tried directly again for
 ``direct_retry_s``).
 
+Limits against hostile peers (each refusal is counted in ``stats.rejected`` under the reason given):
+
+- inbound requests hold at most ``max_inflight_bytes`` of receive buffers at once (all peers), and one
+  peer at most ``max_inflight_bytes_per_peer`` (default a quarter of that, but never less than one
+  largest message): ``busy``;
+- at most ``max_streams`` inbound streams are served at once, at most ``max_streams_per_peer`` of one
+  peer (``busy``);
+- a payload that arrives below ``min_receive_rate`` (default 64 KiB/s, measured over windows of 3 s after
+  a grace of 5 s) is refused and its reservation released (``too_slow``); so is a request that stalls
+  for ``idle_timeout``; a stream that ends inside a request is counted as ``truncated``;
+- `Transport.admits` is asked before a request's payload is read and before a direct-channel ticket is
+  issued (``not_admitted``); the direct channel has limits of its own (`direct.DirectServer`);
+- a receive buffer whose message was refused is dropped from the reuse pool, so that large malformed
+  messages do not leave the pool holding memory.
+
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
 """
@@ -42,11 +57,13 @@ from p2pnode.transport.codec import Message
 from p2pnode.transport.direct import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    Busy,
     ConnectionPool,
     DirectServer,
     Ticket,
     TLSConnection,
 )
+from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE, RateGuard, TooSlow
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +93,21 @@ DEFAULT_DIRECT_RETRY = 60.0
 DEFAULT_RECEIVE_POOL_BYTES = 512 << 20
 #: Messages smaller than this get a fresh buffer (reuse pays off for large ones only), in bytes.
 POOLED_MIN_BYTES = 1 << 20
+#: Default most inbound streams served at once, all peers together / of one peer.
+DEFAULT_MAX_STREAMS = 128
+DEFAULT_MAX_STREAMS_PER_PEER = 8
+#: Longest time a stream refused for the per-peer stream limit is drained before it closes, in seconds.
+BUSY_DRAIN_S = 1.0
 
 _STREAM_ERRORS = (asyncio.IncompleteReadError, ConnectionError, OSError, P2PDaemonError)
 _TLS_ERRORS = (asyncio.IncompleteReadError, OSError, ssl.SSLError)
 
 
 class _Busy(TransportError):
-    """The receive budget is spent; the request is refused with ``unavailable`` (not the sender's fault)."""
+    """The receive budget is spent; the request is refused with ``busy`` (retry later)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="unavailable")
+        super().__init__(message, code="busy")
 
 
 # -- framing over either channel --------------------------------------------------------------------
@@ -103,15 +125,25 @@ class StreamIO:
         async with asyncio.timeout(self.idle_timeout):
             return await self.reader.readexactly(n)
 
-    async def readinto(self, view: memoryview) -> None:
+    async def readinto(self, view: memoryview, rate: RateGuard | None = None) -> None:
         pos, total = 0, view.nbytes
         while pos < total:
-            async with asyncio.timeout(self.idle_timeout):
-                chunk = await self.reader.read(min(CHUNK_BYTES, total - pos))
+            try:
+                async with asyncio.timeout(self.idle_timeout if rate is None else rate.wait_s(self.idle_timeout)):
+                    chunk = await self.reader.read(min(CHUNK_BYTES, total - pos))
+            except TimeoutError:
+                if rate is None:
+                    raise
+                rate.progress(0)  # raises TooSlow when the window that just ended was too slow
+                if rate.idle_for() >= self.idle_timeout:
+                    raise
+                continue
             if not chunk:
                 raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
             view[pos:pos + len(chunk)] = chunk
             pos += len(chunk)
+            if rate is not None:
+                rate.progress(len(chunk))
 
     async def write(self, view: memoryview) -> None:
         for offset in range(0, view.nbytes, CHUNK_BYTES):
@@ -141,8 +173,8 @@ class TLSIO:
     async def readexactly(self, n: int) -> bytes:
         return await self.conn.readexactly(n, self.idle_timeout)
 
-    async def readinto(self, view: memoryview) -> None:
-        await self.conn.readinto(view, self.idle_timeout)
+    async def readinto(self, view: memoryview, rate: RateGuard | None = None) -> None:
+        await self.conn.readinto(view, self.idle_timeout, rate)
 
     async def write(self, view: memoryview) -> None:
         await self.conn.write(view, self.idle_timeout)
@@ -166,6 +198,40 @@ class ReceiveBuffers:
         self.max_bytes = max_bytes
         self._bufs: list[bytearray] = []
         self.reused = 0
+        #: Buffers dropped from the pool because their message was refused or broke off.
+        self.discarded = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the buffers the pool keeps (free or in use)."""
+        return sum(len(b) for b in self._bufs)
+
+    def discard(self, view: memoryview) -> None:
+        """Drop the buffer under `view` from the pool: its message was refused or never completed.
+
+        A refused message says nothing about the sizes honest peers send; keeping its buffer would let
+        large malformed messages leave the pool holding up to ``max_bytes``. The memory is freed once
+        the caller's last reference to `view` is gone.
+        """
+        obj = view.obj
+        for i, buf in enumerate(self._bufs):
+            if buf is obj:
+                del self._bufs[i]
+                self.discarded += 1
+                return
+
+    def trim(self, max_bytes: int = 0) -> int:
+        """Drop free buffers, oldest first, until at most `max_bytes` are kept; return the bytes dropped."""
+        dropped, i = 0, 0
+        total = self.held_bytes
+        while i < len(self._bufs) and total > max_bytes:
+            if sys.getrefcount(self._bufs[i]) == 2:
+                total -= len(self._bufs[i])
+                dropped += len(self._bufs[i])
+                del self._bufs[i]
+            else:
+                i += 1
+        return dropped
 
     def take(self, nbytes: int) -> memoryview:
         """A writable buffer of exactly `nbytes` bytes (its contents are undefined)."""
@@ -209,7 +275,7 @@ async def write_message(io: MessageIO, parts: Sequence[memoryview]) -> None:
 
 async def read_message(io: MessageIO, max_message_bytes: int,
                        reserve: Callable[[int], None] | None = None,
-                       buffers: ReceiveBuffers | None = None,
+                       buffers: ReceiveBuffers | None = None, rate: RateGuard | None = None,
                        admit: Callable[[peer_pb2.Envelope], None] | None = None) -> memoryview:
     """Read one framed message, checking the limits before its payload is read.
 
@@ -219,10 +285,13 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     :param max_message_bytes: largest accepted message, in bytes.
     :param reserve: optional ``reserve(nbytes)``, called before the buffer is allocated; it may raise to
         refuse the message (used for the receive budget).
-    :param buffers: where to take the buffer from (default: a fresh one).
+    :param buffers: where to take the buffer from (default: a fresh one); a buffer whose message does
+        not arrive completely is dropped from it.
+    :param rate: minimum-rate check of the payload (started when the payload starts).
     :param admit: optional ``admit(envelope)``, called before anything else is done with the message; it
         raises `BadMessage` to refuse it (admission control: an outsider's payload is never read).
     :raises BadMessage: the message is malformed or oversized (nothing after the envelope was read).
+    :raises rate.TooSlow: the payload arrived below the minimum rate.
     :raises asyncio.IncompleteReadError: the stream ended inside the message.
     :raises TimeoutError: no bytes arrived for the channel's idle timeout.
     """
@@ -239,7 +308,14 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     buf = buffers.take(total) if buffers is not None else memoryview(bytearray(total))
     buf[:codec.HEADER.size] = head
     buf[codec.HEADER.size:start] = env_bytes
-    await io.readinto(buf[start:])
+    if rate is not None:
+        rate.restart()  # the rate is the payload's: the header and envelope were checked already
+    try:
+        await io.readinto(buf[start:], rate)
+    except BaseException:
+        if buffers is not None:
+            buffers.discard(buf)
+        raise
     return buf
 
 
@@ -256,7 +332,18 @@ class P2PTransport(Transport):
     :param idle_timeout: serving side: longest wait for the next bytes of a request or for the caller to
         take the response, in seconds (default 30).
     :param max_inflight_bytes: inbound request bytes held at once, in bytes (default 2x
-        ``max_message_bytes``); requests beyond it are answered with the ``unavailable`` error code.
+        ``max_message_bytes``); requests beyond it are answered with the ``busy`` error code.
+    :param max_inflight_bytes_per_peer: inbound request bytes one peer may hold at once, in bytes
+        (default: a quarter of `max_inflight_bytes`, but at least one largest message, so that a message
+        of ``max_message_bytes`` can always be received); beyond it: ``busy``.
+    :param max_streams: inbound libp2p streams served at once, all peers together (default 128); a
+        stream beyond it is closed at once (``busy``).
+    :param max_streams_per_peer: inbound libp2p streams of one peer served at once (default 8); a stream
+        beyond it is answered ``busy``.
+    :param min_receive_rate: smallest accepted rate of a request's payload, in bytes per second (default
+        64 KiB/s; 0: off); a slower sender is refused with ``too_slow`` and its reservation released.
+    :param receive_grace_s: time after a payload starts during which any rate is accepted, in seconds
+        (default 5).
     :param direct: offer and use the direct TLS channel for large messages (default True).
     :param direct_threshold: smallest message sent over the direct channel, in bytes (default 1 MiB).
     :param direct_host: IP address the direct channel listens on (default: the first non-loopback IPv4
@@ -280,7 +367,10 @@ class P2PTransport(Transport):
                  direct_advertise_host: str | None = None, direct_port: int = 0,
                  direct_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  direct_retry_s: float = DEFAULT_DIRECT_RETRY,
-                 receive_pool_bytes: int = DEFAULT_RECEIVE_POOL_BYTES) -> None:
+                 receive_pool_bytes: int = DEFAULT_RECEIVE_POOL_BYTES,
+                 max_inflight_bytes_per_peer: int | None = None,
+                 max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+                 min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
@@ -289,7 +379,17 @@ class P2PTransport(Transport):
         self.idle_timeout = idle_timeout
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
                                    else DEFAULT_INFLIGHT_MESSAGES * max_message_bytes)
+        self.max_inflight_bytes_per_peer = (
+            max_inflight_bytes_per_peer if max_inflight_bytes_per_peer is not None
+            else min(self.max_inflight_bytes, max(self.max_inflight_bytes // 4, max_message_bytes)))
         self._inflight_bytes = 0
+        self._inflight_by_peer: dict[str, int] = {}
+        self.max_streams = max_streams
+        self.max_streams_per_peer = max_streams_per_peer
+        self._streams = 0
+        self._streams_by_peer: dict[str, int] = {}
+        self.min_receive_rate = min_receive_rate
+        self.receive_grace_s = receive_grace_s
         self.buffers = ReceiveBuffers(receive_pool_bytes)
         self._maddrs: list[str] = []
         self._started = False
@@ -382,7 +482,7 @@ class P2PTransport(Transport):
             self._direct = DirectServer(host=host, port=self._direct_port,
                                         advertise_host=self._direct_advertise_host,
                                         handshake_timeout=max(self.idle_timeout, DEFAULT_HANDSHAKE_TIMEOUT),
-                                        idle_timeout=2 * self.idle_timeout)
+                                        idle_timeout=2 * self.idle_timeout, on_reject=self.reject)
             await self._direct.start(self._serve_direct)
             self.register(DIRECT_TICKET_METHOD, peer_pb2.Envelope, self._issue_ticket)
         async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
@@ -416,24 +516,65 @@ class P2PTransport(Transport):
             await self._p2p.shutdown()
 
     # -- serving ----------------------------------------------------------------------------------
-    def _reserve(self, nbytes: int) -> None:
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes of receive buffers reserved by inbound requests now."""
+        return self._inflight_bytes
+
+    def _reserve(self, peer_id: str, nbytes: int) -> None:
+        mine = self._inflight_by_peer.get(peer_id, 0)
+        if mine + nbytes > self.max_inflight_bytes_per_peer:
+            raise _Busy(f"this peer holds {mine} bytes of receive buffers; a request of {nbytes} more would "
+                        f"pass its share of {self.max_inflight_bytes_per_peer}; retry later")
         if self._inflight_bytes + nbytes > self.max_inflight_bytes:
             raise _Busy(f"receive budget of {self.max_inflight_bytes} bytes is in use; retry later")
         self._inflight_bytes += nbytes
+        self._inflight_by_peer[peer_id] = mine + nbytes
+
+    def _release(self, peer_id: str, nbytes: int) -> None:
+        self._inflight_bytes -= nbytes
+        left = self._inflight_by_peer.get(peer_id, 0) - nbytes
+        if left > 0:
+            self._inflight_by_peer[peer_id] = left
+        else:
+            self._inflight_by_peer.pop(peer_id, None)
 
     async def _handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        sender = info.peer_id.to_base58()
+        if self._streams >= self.max_streams:
+            # Beyond the total, a stream gets nothing but a close: answering a flood would cost more.
+            self.reject(sender, "busy", f"{self._streams} inbound streams are being served; the limit is "
+                                        f"{self.max_streams}")
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._serving.add(task)
+        mine = self._streams_by_peer.get(sender, 0)
+        self._streams += 1
+        self._streams_by_peer[sender] = mine + 1
+        io = StreamIO(reader, writer, self.idle_timeout)
         try:
-            await self.serve_one(info.peer_id.to_base58(), StreamIO(reader, writer, self.idle_timeout))
+            if mine >= self.max_streams_per_peer:
+                message = (f"{mine} streams of this peer are being served; the limit is "
+                           f"{self.max_streams_per_peer}; retry later")
+                self.reject(sender, "busy", message)
+                await self._answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S)
+            else:
+                await self.serve_one(sender, io)
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("unexpected error while serving a stream from %s", info.peer_id)
         finally:
             writer.close()
+            self._streams -= 1
+            left = self._streams_by_peer.get(sender, 1) - 1
+            if left > 0:
+                self._streams_by_peer[sender] = left
+            else:
+                self._streams_by_peer.pop(sender, None)
             if task is not None:
                 self._serving.discard(task)
 
@@ -446,37 +587,55 @@ class P2PTransport(Transport):
         Returns False when the channel must be closed (closed or broken by the peer, or a refused
         request whose remaining bytes were not read).
         """
+        if not self.admits(sender):
+            # Before anything of the request is read: a peer that is not admitted costs no buffer.
+            message = "this node does not admit the sender"
+            self.reject(sender, "not_admitted", message)
+            await self._answer_error(io, "not_admitted", message)
+            return False
         reserved = 0
 
         def reserve(nbytes: int) -> None:
             nonlocal reserved
-            self._reserve(nbytes)
+            self._reserve(sender, nbytes)
             reserved = nbytes
 
         try:
             try:
                 data = await read_message(io, self.max_message_bytes, reserve, self.buffers,
+                                          RateGuard(self.min_receive_rate, grace_s=self.receive_grace_s),
                                           admit=lambda env: self.check_admission(sender, env))
+            except TooSlow as e:
+                # The payload was cut off: the reservation goes back now, and a slow sender is not drained.
+                self.reject(sender, e.code, str(e))
+                await self._answer_error(io, e.code, str(e), drain_s=0.0)
+                return False
             except BadMessage as e:
                 # Refused before the payload was read: answer with the reason, then close.
                 self.reject(sender, e.code, str(e))
                 await self._answer_error(io, e.code, str(e))
                 return False
             except _Busy as e:
-                logger.warning("refusing a request from %s: %s", sender[-8:], e)
+                self.reject(sender, e.code, str(e))
                 await self._answer_error(io, e.code, str(e))
                 return False
             except asyncio.IncompleteReadError as e:
                 if e.partial or e.expected != codec.HEADER.size:
-                    logger.debug("stream from %s ended inside a request", sender[-8:])
+                    self.reject(sender, "truncated", f"the stream ended inside a request, after {len(e.partial)} "
+                                                     f"of {e.expected} bytes of one of its parts")
                 return False
-            except (TimeoutError, OSError, ssl.SSLError) as e:
+            except TimeoutError:
+                self.reject(sender, "too_slow", f"no bytes of a request for {io.idle_timeout:.0f} s")
+                return False
+            except (OSError, ssl.SSLError) as e:
                 logger.debug("stream from %s failed while reading a request: %r", sender[-8:], e)
                 return False
-            parts = await self._dispatch(sender, data)
+            parts, ok = await self._dispatch_checked(sender, data)
+            if not ok:
+                self.buffers.discard(data)
             del data
         finally:
-            self._inflight_bytes -= reserved
+            self._release(sender, reserved)
         try:
             await write_message(io, parts)
         except (TimeoutError, OSError, ssl.SSLError) as e:
@@ -485,12 +644,14 @@ class P2PTransport(Transport):
             return False
         return True
 
-    async def _answer_error(self, io: MessageIO, code: str, message: str) -> None:
-        """Answer a request refused before its payload was read."""
+    async def _answer_error(self, io: MessageIO, code: str, message: str, drain_s: float = REFUSAL_DRAIN_S
+                            ) -> None:
+        """Answer a request refused before its payload was read (then drain a libp2p stream for at most
+        `drain_s` seconds, see `StreamIO.drain`)."""
         with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
             await write_message(io, self._error("", code, message))
-        if isinstance(io, StreamIO):
-            await io.drain(min(self.idle_timeout, REFUSAL_DRAIN_S))
+        if isinstance(io, StreamIO) and drain_s > 0:
+            await io.drain(min(self.idle_timeout, drain_s))
         # On the direct channel, refusals of size happen at the ticket; a message that differs from its
         # ticket is not worth draining: the connection is closed and the caller sees it break.
 
@@ -503,7 +664,11 @@ class P2PTransport(Transport):
         self.check_admission(sender, request.body)
         if self._direct is None:
             raise TransportError("direct channel is off", code="unavailable")
-        ticket = self._direct.issue(sender)
+        try:
+            ticket = self._direct.issue(sender)
+        except Busy as e:
+            self.reject(sender, "busy", f"direct-channel ticket: {e}")
+            raise
         return Message(peer_pb2.Envelope(method=DIRECT_TICKET_METHOD, body=ticket.to_bytes()))
 
     # -- calling ----------------------------------------------------------------------------------
@@ -580,6 +745,8 @@ class P2PTransport(Transport):
             if env.error == peer_pb2.UNKNOWN_METHOD or env.error == peer_pb2.UNAVAILABLE:
                 self._no_direct_until[peer_id] = time.monotonic() + self.direct_retry_s
                 return None
+            if env.error == peer_pb2.BUSY:
+                return None  # the peer's direct channel is at a limit: this message goes over libp2p
             if env.error != peer_pb2.OK:
                 return reply  # the peer refused this message (for example oversized): the caller's error
             ticket = Ticket.from_bytes(codec.parse_body(env, peer_pb2.Envelope).body)
@@ -596,7 +763,9 @@ class P2PTransport(Transport):
         try:
             conn = await TLSConnection.connect(ticket.host, ticket.port, ticket.fingerprint,
                                                min(self.direct_connect_timeout, timeout), timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as e:
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as e:
+            # IncompleteReadError: the peer closed the connection during the handshake (its direct
+            # channel is at its connection limit).
             logger.info("no direct connection to %s at %s:%d (%r); using libp2p for %.0f s",
                         peer_id[-8:], ticket.host, ticket.port, e, self.direct_retry_s)
             self._no_direct_until[peer_id] = time.monotonic() + self.direct_retry_s

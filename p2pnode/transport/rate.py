@@ -48,6 +48,12 @@ class RateGuard:
         self._window_bytes = 0
         self.total = 0
 
+    def restart(self) -> None:
+        """Start measuring afresh now (grace period included)."""
+        self.started = self._window_start = self._last_bytes = self.clock()
+        self._window_bytes = 0
+        self.total = 0
+
     def progress(self, nbytes: int) -> None:
         """Count `nbytes` that just arrived; raise `TooSlow` when the window that ended was too slow."""
         now = self.clock()

@@ -75,6 +75,8 @@ class RefusalLog:
         self._seen.move_to_end(key)
         while len(self._seen) > MAX_TRACKED:
             self._seen.popitem(last=False)
-        self.logger.warning("%s rejected a message from %s: %s (%s)%s", me[-8:], peer_id[-8:],
+        # Peer ids are shown by their last 8 characters; addresses (before a peer is known) in full.
+        who = clip(peer_id, 64) if peer_id.startswith("ip:") else peer_id[-8:]
+        self.logger.warning("%s rejected a message from %s: %s (%s)%s", me[-8:], who,
                             clip(message, self.limit), clip(reason, 64), more)
         return True
