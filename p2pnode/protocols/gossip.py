@@ -34,9 +34,10 @@ import torch
 
 from p2pnode.aggregation import aggregate_states, byzantine_target, max_byzantine, rule_info, tolerance
 from p2pnode.discovery import PeerDirectory
-from p2pnode.errors import AggregationError, BadMessage, TransportError
+from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.adversary import Attacker, TrainedHook
+from p2pnode.protocols.backoff import DEFAULT_MAX_S, SilentBackoff
 from p2pnode.protocols.base import PeerHealth, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
@@ -87,6 +88,10 @@ class GossipSettings:
     :param suspicion_decay: weight of the old suspicion score in each update, in [0, 1) (default 0.8).
     :param exclude_suspects: neither pick nor merge peers whose suspicion exceeds `suspect_threshold`.
     :param suspect_threshold: suspicion score above which a peer is a suspect (default 1.0).
+    :param silent_backoff: leave peers whose exchanges time out out of partner choice for
+        ``exchange_timeout_s * 2 ** (k - 1)`` seconds after ``k`` consecutive timeouts, at most
+        `silent_max_s` (default True; `p2pnode.protocols.backoff`).
+    :param silent_max_s: longest such skip, in seconds (default 600).
     """
 
     run_id: str
@@ -102,6 +107,8 @@ class GossipSettings:
     suspicion_decay: float = DEFAULT_DECAY
     exclude_suspects: bool = False
     suspect_threshold: float = DEFAULT_THRESHOLD
+    silent_backoff: bool = True
+    silent_max_s: float = DEFAULT_MAX_S
 
     @property
     def window(self) -> int:
@@ -124,6 +131,10 @@ class GossipProtocol:
         self.rng = rng
         self.round = 0
         self.health = PeerHealth()
+        #: Peers whose exchanges time out, skipped for longer and longer (None: off).
+        self.backoff: SilentBackoff | None = (
+            SilentBackoff(settings.exchange_timeout_s, max(settings.silent_max_s, settings.exchange_timeout_s))
+            if settings.silent_backoff else None)
         self._spec = trainer.spec
         # What peers receive from us: a complete snapshot (never a half-trained model): the model as
         # of our last merge, replaced by the freshly trained one as soon as a round's training ends.
@@ -197,6 +208,12 @@ class GossipProtocol:
             found -= self.suspicion.suspects(self.settings.suspect_threshold)
         return sorted(found)
 
+    def _choose(self, candidates: list[str]) -> str | None:
+        """A random usable candidate, silent peers in back-off left out."""
+        if self.backoff is not None:
+            candidates = self.backoff.filter(candidates)
+        return self.health.choose(candidates, self.round, self.rng)
+
     async def _exchange(self, peer: str) -> dict[str, torch.Tensor] | None:
         """Push our model to `peer` and pull its model; None (and a back-off) when that fails."""
         try:
@@ -205,7 +222,12 @@ class GossipProtocol:
         except TransportError as e:  # timeouts, refusals, malformed responses (already counted)
             logger.info("exchange with %s failed: %s", peer[-8:], e)
             self.health.failed(peer, self.round)
+            if self.backoff is not None and isinstance(e, PeerUnreachable):
+                skip = self.backoff.timed_out(peer)
+                logger.info("%s is silent: not picked for %.0f s", peer[-8:], skip)
             return None
+        if self.backoff is not None:
+            self.backoff.succeeded(peer)
         try:
             self._check(peer, resp)
         except BadMessage as e:
@@ -289,7 +311,7 @@ class GossipProtocol:
             logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
                          self.attacker.attack)
         candidates = await self._candidates()
-        partner = self.health.choose(candidates, self.round, self.rng)
+        partner = self._choose(candidates)
         failures = 0
         pulled = await self._exchange(partner) if partner is not None else None
         if partner is not None and pulled is None:
