@@ -154,6 +154,8 @@ class DHTDirectory(PeerDirectory):
         self._owner_ids: dict[str, str | None] = {}
         #: Successful stores by the refresher (for monitoring and tests).
         self.refreshes = 0
+        #: The peers of the last successful `peers` call (a node whose DHT restarts rejoins through them).
+        self.last_peers: list[PeerInfo] = []
 
     # -- identity ---------------------------------------------------------------------------------
     async def peer_id(self) -> str:
@@ -268,7 +270,8 @@ class DHTDirectory(PeerDirectory):
                 self.mismatched += 1
                 continue
             out[info.peer_id] = info
-        return [out[k] for k in sorted(out)]
+        self.last_peers = [out[k] for k in sorted(out)]
+        return list(self.last_peers)
 
     def _check(self, subkey: object, value: object) -> PeerInfo | None:
         """Parse and validate one record; None if it is invalid (the reason is logged at debug level)."""
