@@ -63,6 +63,8 @@ T = TypeVar("T")
 DEFAULT_TTL = 60.0
 #: Default longest wait for one DHT store or get, in seconds.
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: How often a request in flight checks that the DHT process is still alive, in seconds.
+DEAD_CHECK_S = 0.5
 #: Largest record accepted, in bytes (a record holds a few multiaddrs and names).
 MAX_RECORD_BYTES = 16 * 1024
 #: Most multiaddrs / capabilities accepted in one record.
@@ -315,14 +317,40 @@ class DHTDirectory(PeerDirectory):
         return self._owner_ids[ssh_key]
 
     async def _wait(self, future: Awaitable[T], what: str) -> T:
+        """Await a request to the DHT process for at most ``request_timeout``.
+
+        A request sent to a DHT process that has died is never answered: it fails within
+        `DEAD_CHECK_S` of the death instead of running into the timeout (the daemon restarts the process).
+
+        :raises TimeoutError: no answer within ``request_timeout``.
+        :raises ConnectionError: the DHT process died.
+        """
+        dht = self.dht
+        waiter = asyncio.ensure_future(future)
         try:
             async with asyncio.timeout(self.request_timeout):
-                return await future
+                while True:
+                    done, _ = await asyncio.wait({waiter}, timeout=DEAD_CHECK_S)
+                    if done:
+                        return waiter.result()
+                    if not _process_alive(dht):
+                        raise ConnectionError(f"DHT {what} under {self.key}: the DHT process is gone")
         except TimeoutError:
-            cancel = getattr(future, "cancel", None)
-            if cancel is not None:
-                cancel()
             raise TimeoutError(f"DHT {what} under {self.key} took over {self.request_timeout} s") from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                cancel = getattr(future, "cancel", None)
+                if cancel is not None:
+                    cancel()
+
+
+def _process_alive(dht: hivemind.DHT) -> bool:
+    """Whether the process of `dht` runs (True when this process cannot tell: not its parent)."""
+    try:
+        return bool(dht.is_alive())
+    except (AssertionError, ValueError):
+        return True
 
 
 async def _dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:
