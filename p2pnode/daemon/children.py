@@ -14,8 +14,8 @@ measures, from the strongest:
   (``os.getppid()``), it kills the p2pd it started and exits.
 - **pid file** (``<state dir>/children.json``): the daemon records the pids and start times of its DHT
   process and p2pd; a daemon starting on that state dir kills the recorded processes that are still
-  alive and still look like ours (same start time, a ``python`` or ``p2pd`` command line) before it binds
-  its ports (`kill_leftovers`), so a restarted node never meets its own ghost.
+  alive and still look like ours (same start time, a ``python``, ``p2pnode`` or ``p2pd`` command
+  line) before it binds its ports (`kill_leftovers`), so a restarted node never meets its own ghost.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PR_SET_PDEATHSIG = 1
 #: How often the watchdog thread of the DHT process checks its parent, in seconds.
 WATCHDOG_PERIOD_S = 0.5
 #: Words of the command line that mark a recorded process as one of ours.
-OUR_COMMANDS = ("python", "p2pd")
+OUR_COMMANDS = ("python", "p2pnode", "p2pd")
 
 _libc: Any = None
 
@@ -156,7 +156,7 @@ class ProcessRecord:
         return start_time(self.pid) == self.start_time
 
     def looks_like_ours(self) -> bool:
-        """Alive, and its command line names one of `OUR_COMMANDS` (a python DHT process or p2pd)."""
+        """Alive, and its command line names one of `OUR_COMMANDS` (a python DHT process, or p2pd)."""
         return self.alive() and any(word in command_line(self.pid) for word in OUR_COMMANDS)
 
 
