@@ -2,8 +2,9 @@
 
 Real processes on 127.0.0.1: a `p2pnode run` daemon killed with SIGKILL leaves no DHT process and no
 p2pd; an in-process node whose DHT process is killed reports it (health, status, metrics), pauses its
-rounds, comes back with the same peer id and trains with its peer again; a node starting on a state
-dir kills the leftovers recorded there, and only those.
+rounds, comes back with the same peer id and trains with its peer again; a dead p2pd brings its DHT
+process down and both come back; a node starting on a state dir kills the leftovers recorded there,
+and only those.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_swarm_real import Daemon
 
-from netutil import NetworkGuard, descendant_pids, wait_for_directory_peers
+from netutil import NetworkGuard, descendant_pids, shutdown_replicas, wait_for_directory_peers
 from p2pnode.cli.control_cmds import register
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.children import ProcessRecord, pid_file_path, read_pid_file, start_time, write_pid_file
+from p2pnode.daemon.identity import load_or_create_identity
 from p2pnode.daemon.metrics import parse_exposition
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.daemon.statedir import start_control
+from p2pnode.daemon.supervisor import DHTSupervisor
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(180)]
 
@@ -240,3 +243,32 @@ async def test_start_kills_the_leftovers_in_the_pid_file_and_only_those(tmp_path
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+async def test_dead_p2pd_takes_its_dht_process_down_and_both_come_back(tmp_path: Path) -> None:
+    identity = load_or_create_identity(tmp_path).path
+    with NetworkGuard() as guard:
+        supervisor = DHTSupervisor(host="127.0.0.1", port=0, dht_options={"identity_path": str(identity)},
+                                   state_dir=tmp_path)
+        try:
+            dht = await supervisor.start()
+            port = supervisor.port
+            peer_id = (await dht.replicate_p2p()).peer_id
+            old = {r.name: r for r in supervisor.processes}
+            os.kill(old["p2pd"].pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while supervisor.events["restarted"] < 1:
+                assert time.monotonic() < deadline, (supervisor.state, dict(supervisor.events))
+                await asyncio.sleep(0.05)
+            assert supervisor.state == "ok"
+            assert (supervisor.events["p2pd_died"], supervisor.events["dht_died"]) == (1, 0)
+            assert not old["dht"].alive()  # a DHT process without its p2pd is useless: it was killed
+            new = supervisor.dht
+            assert new is not dht and (await new.replicate_p2p()).peer_id == peer_id
+            assert supervisor.port == port
+            assert {r.pid for r in read_pid_file(tmp_path)} == {r.pid for r in supervisor.processes}
+            await shutdown_replicas([dht, new])
+        finally:
+            await supervisor.close()
+        assert not pid_file_path(tmp_path).exists()
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
