@@ -232,7 +232,11 @@ async def wait_for_directory_peers(nodes: Sequence[Any], count: int, timeout: fl
 
 def crash_node(node: Any) -> None:
     """Crash an in-process node's network as a power cut would: SIGKILL its DHT process and the libp2p daemon
-    that the DHT started (which the node's transport shares). Nothing is withdrawn and no peer is told."""
+    that the DHT started (which the node's transport shares). Nothing is withdrawn and no peer is told, and
+    the node's DHT supervisor is stopped first (it dies with the node), so nothing comes back."""
+    supervisor = getattr(node, "network", None)
+    if supervisor is not None:
+        supervisor.stop_watching()
     dht_pid = node.directory.dht.pid
     for pid in [*descendant_pids(dht_pid), dht_pid]:
         with contextlib.suppress(ProcessLookupError):

@@ -326,7 +326,7 @@ async def test_direct_tickets_are_capped_per_peer_and_ask_admits() -> None:
         assert honest.direct_messages == before + 1
         # The admission hook: a peer it refuses gets neither tickets nor exchanges.
         attacker = raw.peer_id.to_base58()
-        victim.admits = lambda peer_id: peer_id != attacker  # type: ignore[method-assign]
+        victim.admits = lambda peer_id, envelope: peer_id != attacker  # type: ignore[method-assign]
         env = await exchange_raw(raw, victim, codec.join(codec.encode(DIRECT_TICKET_METHOD, inner)))
         assert env.error == peer_pb2.NOT_ADMITTED
         env = await exchange_raw(raw, victim, codec.join(codec.encode("echo", peer_pb2.Ping())))

@@ -233,6 +233,17 @@ def node_state(reply: control_pb2.StatusReply) -> str:
     return control_pb2.NodeState.Name(reply.node_state).removeprefix("NODE_STATE_").lower()
 
 
+def dht_line(reply: control_pb2.StatusReply) -> str:
+    """The state of the node's DHT process and the supervisor's non-zero events, in one line."""
+    if not reply.dht_state:
+        return "-"
+    text = reply.dht_state
+    if reply.dht_state != "ok":
+        text += " (off the network: no rounds until the DHT process and p2pd are restarted)"
+    events = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reply.dht_events.items()) if v)
+    return f"{text}; {events}" if events else text
+
+
 def status_dict(reply: control_pb2.StatusReply, address: str) -> dict[str, Any]:
     """`StatusReply` as the JSON object `p2pnode status --json` prints (None for unset values)."""
     return {
@@ -245,6 +256,7 @@ def status_dict(reply: control_pb2.StatusReply, address: str) -> dict[str, Any]:
         "bytes_received": reply.bytes_received, "rejected": dict(sorted(reply.rejected.items())),
         "maddrs": list(reply.maddrs), "pid": reply.pid, "uptime_s": round(reply.uptime_s, 3),
         "version": reply.version, "control_address": address,
+        "dht_state": reply.dht_state or None, "dht_events": dict(sorted(reply.dht_events.items())),
     }
 
 
@@ -294,6 +306,7 @@ def status(state_dir: Path | None, timeout: float, as_json: bool) -> None:
         ("peer id", reply.peer_id),
         ("run", f"{reply.run_id} (task {reply.task}, {reply.topology}/{reply.rule})"),
         ("state", node_state(reply)),
+        ("dht", dht_line(reply)),
         ("round", str(reply.round)),
         ("partial rounds", str(reply.partial_rounds)),
         ("last checkpoint", "-" if not reply.HasField("last_checkpoint_round")

@@ -161,7 +161,8 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             maddrs=st.maddrs, state=st.state, topology=node.config.topology, rule=node.config.rule,
             pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__,
             partial_rounds=st.partial_rounds, resumed_from=st.resumed_from,
-            node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED))
+            node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED),
+            dht_state=st.dht_state or "", dht_events=st.dht_events)
         if st.last_checkpoint_round is not None:
             reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:
@@ -269,8 +270,10 @@ class _NodeHealth(HealthServicer):
         self._last: int | None = None
 
     async def sync(self) -> None:
-        """Set SERVING while the node runs rounds, NOT_SERVING before it starts and once it stops."""
-        serving = self._control.node.state == "running" and not self._control.closing.is_set()
+        """Set SERVING while the node runs rounds, NOT_SERVING before it starts, once it stops, and while it
+        is off the network (its DHT process or p2pd died and is being restarted)."""
+        node = self._control.node
+        serving = node.state == "running" and node.network_ok and not self._control.closing.is_set()
         codes = health_pb2.HealthCheckResponse
         status = codes.SERVING if serving else codes.NOT_SERVING
         if status != self._last:

@@ -44,6 +44,10 @@ name                                       type       meaning
 ``peer_suspicion{peer}``                   gauge      suspicion score of a peer (the `MAX_SUSPICION_PEERS`
                                                       highest; docs/protocols.md, "Byzantine peers")
 ``attacker``                               gauge      1 when this node itself runs an attack (tests only)
+``dht_up``                                 gauge      1 while the DHT process and its p2pd run, 0 while
+                                                      they are down or restarting (daemon only)
+``dht_events_total{event}``                counter    events of the DHT supervisor: ``dht_died``,
+                                                      ``p2pd_died``, ``restarted``, ``restart_failed``
 =========================================  =========  ==================================================
 """
 
@@ -136,6 +140,14 @@ class _NodeCollector(Collector):
         yield suspicion
         yield GaugeMetricFamily(PREFIX + "attacker", "1 when this node runs an attack (testing only), else 0",
                                 value=1.0 if node.config.attack is not None else 0.0)
+        if st.dht_state is not None:  # a daemon: its DHT process is supervised
+            yield GaugeMetricFamily(PREFIX + "dht_up", "1 while the DHT process and its p2pd run, else 0",
+                                    value=1.0 if st.dht_state == "ok" else 0.0)
+            dht_events = CounterMetricFamily(PREFIX + "dht_events", "Events of the DHT supervisor, by event",
+                                             labels=["event"])
+            for event, count in sorted(st.dht_events.items()):
+                dht_events.add_metric([event], count)
+            yield dht_events
         yield CounterMetricFamily(PREFIX + "directory_mismatched", "Directory records of another config skipped",
                                   value=node.directory.mismatched)
         yield CounterMetricFamily(PREFIX + "directory_invalid", "Directory records failing the schema skipped",

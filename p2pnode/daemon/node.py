@@ -10,7 +10,9 @@ adds what every deployment needs (each switched by `DaemonSettings`):
   ahead (`p2pnode.protocols.statesync`), and serve this node's model to joiners;
 - the merge quorum: a round that merged fewer models than ``min_merge`` is reported and counted as
   partial, and its merge is undone;
-- metrics of every round (`p2pnode.daemon.metrics`).
+- metrics of every round (`p2pnode.daemon.metrics`);
+- with a `NetworkMonitor` (the daemon's `DHTSupervisor`): no rounds while the node is off the network
+  (its DHT process or p2pd died and is being restarted), logged once per outage.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +45,20 @@ logger = logging.getLogger(__name__)
 STATESYNC_CAPABILITY = "statesync"
 #: How often the directory is polled while waiting for peers, in seconds.
 PEER_POLL_S = 0.5
+#: How often a node whose network is down checks whether it is back, in seconds.
+NETWORK_POLL_S = 0.2
+
+
+class NetworkMonitor(Protocol):
+    """What the node reads of whoever keeps its network processes alive (`DHTSupervisor` in the daemon)."""
+
+    @property
+    def state(self) -> str:
+        """``"ok"``, ``"down"`` or ``"restarting"``."""
+
+    @property
+    def events(self) -> Mapping[str, int]:
+        """Counts by event name (``dht_died``, ``restarted``, ...)."""
 
 
 @dataclass
@@ -70,6 +86,10 @@ class NodeStatus:
     partial_rounds: int = 0
     last_checkpoint_round: int | None = None
     resumed_from: str = "fresh"
+    #: State of the supervised DHT process (``ok``, ``down``, ``restarting``); None without supervision.
+    dht_state: str | None = None
+    #: Events of the DHT supervisor (``dht_died``, ``p2pd_died``, ``restarted``, ``restart_failed``).
+    dht_events: dict[str, int] = field(default_factory=dict)
 
 
 class Node:
@@ -85,12 +105,15 @@ class Node:
     :param settings: node-local settings (checkpoints, sync, quorum); default
         `DaemonSettings.in_memory()`: nothing persisted, no sync, no quorum.
     :param checkpoints: where checkpoints are read and written; None: no checkpoints.
+    :param network: the supervisor of the node's network processes; None (default): none (simulator).
+        While its state is not ``ok``, `run` starts no round and the health check reports NOT_SERVING.
     """
 
     def __init__(self, config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
                  protocol: RoundProtocol, compute: Compute,
                  on_shutdown: Callable[[], Awaitable[None]] | None = None,
-                 settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None) -> None:
+                 settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None,
+                 network: NetworkMonitor | None = None) -> None:
         self.config = config
         self.trainer = trainer
         self.transport = transport
@@ -99,6 +122,7 @@ class Node:
         self.compute = compute
         self.settings = (settings or DaemonSettings.in_memory()).validate()
         self.checkpoints = checkpoints
+        self.network = network
         self._on_shutdown = on_shutdown
         self.last_report: RoundReport | None = None
         self.state = "created"
@@ -133,6 +157,11 @@ class Node:
     @property
     def round(self) -> int:
         return self.protocol.round
+
+    @property
+    def network_ok(self) -> bool:
+        """False while the supervised network processes are down or restarting (True without supervision)."""
+        return self.network is None or self.network.state == "ok"
 
     def info(self) -> PeerInfo:
         caps = (self.config.topology, STATESYNC_CAPABILITY) if self.sync_server else (self.config.topology,)
@@ -433,12 +462,38 @@ class Node:
         if self.round == 0 and self.config.wait_for_peers > 0:
             await self.wait_for_peers(self.config.wait_for_peers, self.config.wait_timeout_s)
         while not self._stop.is_set() and (target is None or self.round < target):
+            if not await self._wait_for_network():
+                break
             t0 = asyncio.get_running_loop().time()
             await self.run_round()
             rest = self.config.min_round_time_s - (asyncio.get_running_loop().time() - t0)
             if rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), rest)
+
+    async def _wait_for_network(self) -> bool:
+        """Wait while the network is down (logged once per outage); False if the node was stopped meanwhile.
+
+        A round without the DHT and p2pd would fail every exchange and report a merge of its own model
+        only; the node waits instead, with its health NOT_SERVING, until the supervisor has restarted them.
+        """
+        if self.network_ok:
+            return True
+        assert self.network is not None
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        logger.warning("the node is off the network (DHT %s): no rounds until it is back", self.network.state,
+                       extra={"event": {"event": "rounds_paused", "round": self.round,
+                                        "dht_state": self.network.state}})
+        while not self.network_ok and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), NETWORK_POLL_S)
+        if self._stop.is_set():
+            return False
+        logger.info("back on the network after %.1f s: rounds resume at round %d", loop.time() - t0, self.round,
+                    extra={"event": {"event": "rounds_resumed", "round": self.round,
+                                     "paused_s": round(loop.time() - t0, 3)}})
+        return True
 
     def stop(self) -> None:
         """Ask `run` to return after the current round."""
@@ -462,7 +517,9 @@ class Node:
                           loss=r.train_loss if r else None, bytes_sent=st.bytes_sent,
                           bytes_received=st.bytes_received, rejected=dict(st.rejected),
                           maddrs=self.transport.addresses(), state=self.state, partial_rounds=self.partial_rounds,
-                          last_checkpoint_round=self.last_checkpoint_round, resumed_from=self.resumed_from)
+                          last_checkpoint_round=self.last_checkpoint_round, resumed_from=self.resumed_from,
+                          dht_state=self.network.state if self.network is not None else None,
+                          dht_events=dict(self.network.events) if self.network is not None else {})
 
     async def shutdown(self) -> None:
         """Leave gracefully: finish the checkpoint in progress (and write one of the last round if it has

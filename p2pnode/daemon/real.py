@@ -3,19 +3,25 @@ a `P2PTransport` over the same libp2p identity, and a `DHTDirectory` for run-sco
 
 With a state dir (`DaemonSettings.state_dir`), the node locks it, keeps its identity key there (so
 its peer id survives restarts), its secure-aggregation key (``secagg.key``, with ``--secagg``) and its
-checkpoints. Without one, nothing is persisted: the node gets a
-fresh identity and writes no checkpoints.
+checkpoints. Without one, nothing is persisted: the node gets a fresh identity (its key file lives in a
+temporary directory while the node runs) and writes no checkpoints.
+
+The DHT process is owned by a `DHTSupervisor`, which restarts it (same identity, same port) when it or
+its p2pd dies; the restart re-points the transport at the new p2pd and re-announces the node. With a
+state dir, the pids of the DHT process and its p2pd are kept in ``children.json`` there, and a node
+starting on that state dir first kills those that an earlier daemon left running
+(`p2pnode.daemon.children`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +31,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import apply_admission, build_protocol, build_trainer
 from p2pnode.daemon.checkpoint import CheckpointStore
+from p2pnode.daemon.children import kill_leftovers
 from p2pnode.daemon.identity import StateDirLock, load_or_create_identity, load_or_create_secagg_key
 from p2pnode.daemon.limits import ThrottledTransport, TokenBucket, apply_cpu_threads, apply_gpu_memory_limit
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.daemon.statedir import ensure_state_dir
+from p2pnode.daemon.supervisor import DHTSupervisor
 from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.dht import DHTDirectory, RunRecordValidator, signed_dht_options
-from p2pnode.errors import P2PNodeError
 from p2pnode.protocols.compute import ThreadCompute
 from p2pnode.transport import Transport
 from p2pnode.transport.p2p import P2PTransport
@@ -41,11 +48,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds allowed for the DHT process (and its p2pd) to start and reach the initial peers.
 DHT_START_TIMEOUT_S = 60.0
-
-
-def _host_maddr(host: str, port: int) -> str:
-    family = "ip6" if ":" in host else "ip4"
-    return f"/{family}/{host}/tcp/{port}"
 
 
 async def create_real_node(config: NodeConfig, settings: DaemonSettings | None = None) -> Node:
@@ -57,7 +59,8 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
     :raises P2PNodeError: the DHT could not start (bad address, initial peers unreachable, ...).
 
     The trainer (and its data) is built first, then the DHT: hivemind's DHT forks a process, which must
-    happen before this process starts its training thread.
+    happen before this process starts its training thread. (Restarts fork too, later, always on the event
+    loop's thread; see `p2pnode.daemon.supervisor`.)
     """
     settings = (settings if settings is not None else DaemonSettings()).validate()
     apply_cpu_threads(settings.cpu_threads)
@@ -68,47 +71,47 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
     scratch: Path | None = None
     dht_kwargs: dict[str, Any] = {}
     signer = None
+    supervisor: DHTSupervisor | None = None
     try:
         if settings.state_dir is not None:
             ensure_state_dir(settings.state_dir)
             lock = StateDirLock(settings.state_dir).acquire()
+            # A DHT process or p2pd of an earlier daemon of this state dir, still alive, would hold the
+            # port and answer as this peer.
+            await asyncio.to_thread(kill_leftovers, settings.state_dir)
             identity = load_or_create_identity(settings.state_dir)
             key_path = identity.path
             logger.info("identity %s (peer id %s)", key_path, identity.peer_id)
             # A key made just now cannot be in use elsewhere: skip p2pd's check (it costs a second p2pd).
             check_free = settings.check_identity_free and not identity.created
-        elif settings.signed_records:
-            # Signing needs the key as a file for p2pd; a fresh one is never in use, so no check.
+        else:
+            # A key file for p2pd (and for signing), kept for the life of the node: a restarted DHT process
+            # reads it again and keeps the peer id. A fresh one is never in use, so no check.
             scratch = Path(tempfile.mkdtemp(prefix="p2pnode-identity-"))
             key_path = load_or_create_identity(scratch).path
             check_free = False
         if settings.signed_records:
             dht_kwargs = signed_dht_options(str(key_path), check_if_identity_free=check_free)
             signer = dht_kwargs["record_validators"][0]
-        elif settings.state_dir is not None:
+        else:
             dht_kwargs = {"identity_path": str(key_path), "check_if_identity_free": check_free}
-        # hivemind forks the DHT process. Collect garbage first, so that the child never finalizes objects
-        # of this process that are not fork-safe (grpc's hang when finalized in a forked child).
-        gc.collect()
-        # The child inherits both: the decoder guard and this run's record validator protect it from the
-        # first message it receives (see p2pnode.discovery.dht).
+        # The DHT process inherits both: the decoder guard and this run's record validator protect it from
+        # the first message it receives (see p2pnode.discovery.dht), after every restart too.
         msgpack_guard.install()
-        validators = [*dht_kwargs.pop("record_validators", []),
-                      RunRecordValidator(config.run_id, config.announce_ttl_s)]
-        try:
-            dht = hivemind.DHT(start=True, host_maddrs=[_host_maddr(config.host, config.port)],
-                               initial_peers=list(config.initial_peers), await_ready=True,
-                               startup_timeout=DHT_START_TIMEOUT_S, record_validators=validators, **dht_kwargs)
-        except Exception as e:
-            raise P2PNodeError(f"could not start the DHT on {config.host}:{config.port} with initial peers "
-                               f"{config.initial_peers or 'none'}: {e}") from e
+        dht_kwargs["record_validators"] = [*dht_kwargs.pop("record_validators", []),
+                                           RunRecordValidator(config.run_id, config.announce_ttl_s)]
+        directory_box: list[DHTDirectory] = []
+        supervisor = DHTSupervisor(host=config.host, port=config.port, initial_peers=list(config.initial_peers),
+                                   dht_options=dht_kwargs, start_timeout_s=DHT_START_TIMEOUT_S,
+                                   state_dir=settings.state_dir,
+                                   peer_hints=lambda: _peer_hints(directory_box))
+        dht = await supervisor.start()
     except BaseException:
         if lock is not None:
             lock.release()
-        raise
-    finally:
-        if scratch is not None:  # p2pd has read the key, and the signer holds it in memory
+        if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         p2p = await dht.replicate_p2p()
         p2p_transport = await P2PTransport.create(p2p, max_message_bytes=config.max_message_bytes)
@@ -123,10 +126,13 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         admission = apply_admission(config, p2p_transport, directory)
         if admission is not None:
             logger.info("admission %s: only admitted peers are served and used", config.admission)
+        directory_box.append(directory)
     except BaseException:
-        dht.shutdown()
+        await supervisor.close()
         if lock is not None:
             lock.release()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
     compute = ThreadCompute()
     secagg_identity: Ed25519PrivateKey | None = None
@@ -146,11 +152,32 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         checkpoints = CheckpointStore.in_state_dir(settings.state_dir, keep=settings.keep_checkpoints)
 
     async def stop_dht() -> None:
-        await asyncio.to_thread(dht.shutdown)
-        await asyncio.to_thread(dht.join, 10.0)
+        await supervisor.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if lock is not None:
             with contextlib.suppress(OSError):
                 lock.release()
 
-    return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=compute, on_shutdown=stop_dht, settings=settings, checkpoints=checkpoints)
+    node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
+                compute=compute, on_shutdown=stop_dht, settings=settings, checkpoints=checkpoints,
+                network=supervisor)
+
+    async def rejoin(new_dht: hivemind.DHT) -> None:
+        # The new p2pd has the same identity: point the transport and the directory at it, and put this
+        # node's record back (the DHT process that stored it is gone, and so are the replicas it held).
+        old = p2p_transport.p2p
+        await p2p_transport.rebind(await new_dht.replicate_p2p())
+        with contextlib.suppress(Exception):
+            await old.shutdown()  # the replica of the dead daemon: removes its client socket file
+        directory.dht = new_dht
+        if node.state == "running":
+            await directory.announce(node.info())
+
+    supervisor.on_restart(rejoin)
+    return node
+
+
+def _peer_hints(directory_box: Sequence[DHTDirectory]) -> list[str]:
+    """One multiaddr of each peer of the directory's last listing (the peers a restarted DHT rejoins)."""
+    return [p.maddrs[0] for d in directory_box for p in d.last_peers if p.maddrs]

@@ -4,6 +4,7 @@ Layout of the state directory (default ``~/.p2pnode``, or ``$P2PNODE_STATE_DIR``
 
     <state dir>/            mode 0700
         control.json        mode 0600: {"address", "token", "peer_id", "pid", "started_at", "format"}
+        children.json       mode 0600: the DHT process and p2pd of the daemon (`p2pnode.daemon.children`)
 
 ``control.json`` exists while a daemon runs. It holds the control API's address and the bearer token
 that every Control call must present, so only the user who runs the daemon (and root) can control it.

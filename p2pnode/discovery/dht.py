@@ -108,6 +108,8 @@ MAX_SUBKEY_BYTES = 2048
 DEFAULT_MAX_PARSE_PER_READ = 256
 #: Record verdicts remembered by a directory (so that a record is parsed and counted once).
 VERDICT_CACHE_SIZE = 8192
+#: How often a request in flight checks that the DHT process is still alive, in seconds.
+DEAD_CHECK_S = 0.5
 #: Largest record accepted, in bytes (a record holds a few multiaddrs and names).
 MAX_RECORD_BYTES = 16 * 1024
 #: Most multiaddrs / capabilities accepted in one record.
@@ -357,6 +359,7 @@ class DHTDirectory(PeerDirectory):
         self._owner_ids: dict[str, str | None] = {}
         #: Successful stores by the refresher (for monitoring and tests).
         self.refreshes = 0
+        #: The peers of the last successful `peers` call (a node whose DHT restarts rejoins through them).
 
     # -- identity ---------------------------------------------------------------------------------
     async def peer_id(self) -> str:
@@ -484,6 +487,11 @@ class DHTDirectory(PeerDirectory):
         out = self._read_records(found.value, own)
         await self._poll_dht_refusals()
         return out
+
+    @property
+    def last_peers(self) -> list[PeerInfo]:
+        """The peers of the last good view, sorted by peer id (the supervisor's hints for a restart)."""
+        return [self._view[k][0] for k in sorted(self._view)]
 
     def _read_records(self, records: Mapping[object, object], own: str) -> list[PeerInfo]:
         """The usable peers among one read's `records`; updates the verdict cache, counters and view."""
@@ -637,14 +645,40 @@ class DHTDirectory(PeerDirectory):
         return self._owner_ids[ssh_key]
 
     async def _wait(self, future: Awaitable[T], what: str, timeout: float) -> T:
+        """Await a request to the DHT process for at most `timeout` seconds.
+
+        A request sent to a DHT process that has died is never answered: it fails within
+        `DEAD_CHECK_S` of the death instead of running into the timeout (the daemon restarts the process).
+
+        :raises TimeoutError: no answer within `timeout`.
+        :raises ConnectionError: the DHT process died.
+        """
+        dht = self.dht
+        waiter = asyncio.ensure_future(future)
         try:
             async with asyncio.timeout(timeout):
-                return await future
+                while True:
+                    done, _ = await asyncio.wait({waiter}, timeout=DEAD_CHECK_S)
+                    if done:
+                        return waiter.result()
+                    if not _process_alive(dht):
+                        raise ConnectionError(f"DHT {what} under {self.key}: the DHT process is gone")
         except TimeoutError:
-            cancel = getattr(future, "cancel", None)
-            if cancel is not None:
-                cancel()
             raise TimeoutError(f"DHT {what} under {self.key} took over {timeout} s") from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                cancel = getattr(future, "cancel", None)
+                if cancel is not None:
+                    cancel()
+
+
+def _process_alive(dht: hivemind.DHT) -> bool:
+    """Whether the process of `dht` runs (True when this process cannot tell: not its parent)."""
+    try:
+        return bool(dht.is_alive())
+    except (AssertionError, ValueError):
+        return True
 
 
 async def _dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:

@@ -489,6 +489,25 @@ class P2PTransport(Transport):
             await self._p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
         self._started = True
 
+    async def rebind(self, p2p: P2P) -> None:
+        """Move to `p2p`, a new libp2p daemon of the same identity (the old one died and was restarted).
+
+        Registers the stream handler there, refreshes the addresses, and closes the calls in flight on
+        the old daemon (they fail with `PeerUnreachable`). The caller shuts the old `P2P` down when it
+        owns it; this transport owns `p2p` only if it owned the old one.
+
+        :raises TransportError: `p2p` has another peer id, or did not take the handler in time.
+        """
+        if p2p.peer_id.to_base58() != self._peer_id:
+            raise TransportError(f"cannot rebind to {p2p.peer_id}: this transport is {self._peer_id}")
+        self._p2p = p2p
+        for writer in list(self._outbound):
+            writer.close()
+        if self._started and not self._closed:
+            async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
+                self._maddrs = [str(a) for a in await p2p.get_visible_maddrs()]
+                await p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
+
     async def shutdown(self) -> None:
         """Stop serving, fail the calls in flight with `PeerUnreachable`, and stop p2pd if owned."""
         if self._closed:
@@ -587,12 +606,6 @@ class P2PTransport(Transport):
         Returns False when the channel must be closed (closed or broken by the peer, or a refused
         request whose remaining bytes were not read).
         """
-        if not self.admits(sender):
-            # Before anything of the request is read: a peer that is not admitted costs no buffer.
-            message = "this node does not admit the sender"
-            self.reject(sender, "not_admitted", message)
-            await self._answer_error(io, "not_admitted", message)
-            return False
         reserved = 0
 
         def reserve(nbytes: int) -> None:
