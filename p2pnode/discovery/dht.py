@@ -127,6 +127,7 @@ _SKIP = "skip"
 #: Records refused by `RunRecordValidator` in this process, by reason (read from the DHT process by
 #: `DHTDirectory`, see `dht_refusals`).
 validator_refusals: collections.Counter[str] = collections.Counter()
+os.register_at_fork(after_in_child=validator_refusals.clear)  # a DHT process counts its own
 
 
 def peer_id_of_public_key(ssh_public_key: bytes) -> str:

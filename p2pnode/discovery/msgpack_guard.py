@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import struct
 import threading
 from typing import Any
@@ -44,6 +45,8 @@ MAX_DEPTH = 32
 MAX_BYTES = 8 * 1024 * 1024
 #: Refusals of this process, by reason (``too_deep``, ``oversized``, ``malformed``).
 refusals: collections.Counter[str] = collections.Counter()
+# A forked DHT process counts its own refusals, not those its parent made before the fork.
+os.register_at_fork(after_in_child=refusals.clear)
 #: Refusals logged at warning level before only every 1000th is.
 _LOUD_REFUSALS = 10
 
