@@ -9,7 +9,8 @@ What is measured. Three in-process nodes (`create_real_node`: each with its hive
 p2pd on 127.0.0.1; task digits-mlp, topology gossip, 5 local steps per round so rounds are short) run
 their round loops throughout. First a clean window of ``--seconds`` gives the swarm's round rate (rounds
 completed by all nodes together, per second). Then each attack runs for ``--seconds`` from an outside
-client that no node knows, while the rounds go on, and is stopped; per attack the benchmark reports:
+client that no node knows (its own process, spawned, so that it does not share the nodes' event loop; the
+window starts once its DHT or p2pd is up), while the rounds go on; per attack the benchmark reports:
 
 - ``rounds_x``: the round rate during the attack divided by the clean rate;
 - ``rss_mib``: the peak growth of the resident memory of the nodes' processes (this process plus each
@@ -23,7 +24,8 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 
 - ``deep``: values and subkeys nested 200 tuples deep under the run's key ``<run_id>/peers``;
 - ``plain``: a plain value (not a dictionary) under ``<run_id>/peers``, expiring after the records;
-- ``junk``: 3,000 peer-id-like subkeys with bytes that are no record, in one ``store_many``, repeated;
+- ``junk``: 3,000 peer-id-like subkeys with bytes that are no record, in one ``store_many`` (expiring
+  within the run's record lifetime, so that the replicas' validator lets them in), repeated every second;
 - ``replay``: one captured request sent again 1,000 times, each on a new stream;
 - ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
 - ``flood``: requests with a 2 MB method name, back to back.
@@ -40,6 +42,7 @@ import contextlib
 import gc
 import glob
 import logging
+import multiprocessing as mp
 import os
 import platform
 import random
@@ -49,6 +52,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,9 +140,13 @@ class Swarm:
             out.append(n.directory.dht)
         return out
 
-    def node_pids(self) -> set[int]:
-        """This process and each node's DHT process with its p2pd (not the outsiders' processes)."""
-        return process_tree([os.getpid(), *(d.pid for d in self.dhts() if d.pid)]) - process_tree(_outsider_pids)
+    def node_pids(self, attacker: int) -> set[int]:
+        """This process and each node's DHT process with its p2pd (not the `attacker` process and its own)."""
+        return process_tree([os.getpid(), *(d.pid for d in self.dhts() if d.pid)]) - process_tree([attacker])
+
+    def target(self) -> Target:
+        return Target([str(a) for a in self.dhts()[0].get_visible_maddrs()],
+                      self.nodes[0].transport.addresses()[:1], self.nodes[1].peer_id)
 
     def alive(self) -> bool:
         return (all(d.is_alive() for d in self.dhts()) and not self.errors
@@ -152,8 +161,6 @@ class Swarm:
             out.update({f"directory.{k}": v for k, v in n.directory.rejected.items()})
         return out
 
-
-_outsider_pids: list[int] = []
 
 
 async def start_swarm(local_steps: int) -> Swarm:
@@ -198,14 +205,20 @@ async def stop_swarm(swarm: Swarm) -> None:
             await n.shutdown()
 
 
-async def start_outsider(swarm: Swarm) -> hivemind.DHT:
+@dataclass
+class Target:
+    """What the attacker process knows of the swarm: public addresses only."""
+
+    dht_maddrs: list[str]  # node 0's DHT
+    transport_maddrs: list[str]  # node 0's p2pd
+    victim: str  # node 1's peer id
+
+
+async def start_outsider(target: Target) -> hivemind.DHT:
     """A stock hivemind DHT (no validators) bootstrapped from node 0; retried once if it hangs at start."""
-    maddrs = [str(a) for a in swarm.dhts()[0].get_visible_maddrs()]
     for attempt in range(2):
         gc.collect()
-        dht = hivemind.DHT(initial_peers=maddrs, host_maddrs=[LOOPBACK], start=True, await_ready=False)
-        if dht.pid:
-            _outsider_pids.append(dht.pid)
+        dht = hivemind.DHT(initial_peers=target.dht_maddrs, host_maddrs=[LOOPBACK], start=True, await_ready=False)
         try:
             await asyncio.to_thread(dht.wait_until_ready, DHT_START_TIMEOUT_S)
             return dht
@@ -257,22 +270,29 @@ def announcing(nbytes: int) -> bytes:
     return codec.HEADER.pack(len(head)) + head
 
 
-Attack = Callable[[Swarm, float], Coroutine[Any, Any, None]]
+@dataclass
+class Client:
+    """The attacker's side: a stock DHT (DHT attacks) or a bare p2pd (transport attacks), started already."""
+
+    target: Target
+    outsider: hivemind.DHT | None = None
+    raw: P2P | None = None
 
 
-async def attack_dht(swarm: Swarm, deadline: float, shot: Callable[[hivemind.DHT], Awaitable[Any]],
+Attack = Callable[[Client, float], Coroutine[Any, Any, None]]
+DHT_ATTACKS = ("deep", "plain", "junk")
+
+
+async def attack_dht(client: Client, deadline: float, shot: Callable[[hivemind.DHT], Awaitable[Any]],
                      pause_s: float) -> None:
-    outsider = await start_outsider(swarm)
-    try:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(shot(outsider), max(0.1, deadline - time.monotonic()))
-            await asyncio.sleep(pause_s)
-    finally:
-        await asyncio.to_thread(outsider.shutdown)
+    assert client.outsider is not None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(shot(client.outsider), max(0.1, deadline - time.monotonic()))
+        await asyncio.sleep(pause_s)
 
 
-async def attack_deep(swarm: Swarm, deadline: float) -> None:
+async def attack_deep(client: Client, deadline: float) -> None:
     key, deep = directory_key(RUN_ID), nested_tuple(200)
 
     async def shot(outsider: hivemind.DHT) -> None:
@@ -280,54 +300,45 @@ async def attack_deep(swarm: Swarm, deadline: float) -> None:
         await outsider.store(key, b"value", exp, subkey=deep, exclude_self=True, return_future=True)
         await outsider.store(key, deep, exp, subkey="subkey", exclude_self=True, return_future=True)
 
-    await attack_dht(swarm, deadline, shot, 0.2)
+    await attack_dht(client, deadline, shot, 0.2)
 
 
-async def attack_plain(swarm: Swarm, deadline: float) -> None:
+async def attack_plain(client: Client, deadline: float) -> None:
     key = directory_key(RUN_ID)
 
     async def shot(outsider: hivemind.DHT) -> None:
         await outsider.store(key, b"plain", get_dht_time() + 100, exclude_self=True, return_future=True)
 
-    await attack_dht(swarm, deadline, shot, 0.2)
+    await attack_dht(client, deadline, shot, 0.2)
 
 
-async def attack_junk(swarm: Swarm, deadline: float) -> None:
+async def attack_junk(client: Client, deadline: float) -> None:
     key, rng = directory_key(RUN_ID), random.Random(0)
     junk = [base58.b58encode(bytes([0x12, 0x20]) + rng.randbytes(32)).decode() for _ in range(3000)]
 
     async def shot(outsider: hivemind.DHT) -> None:
         await outsider.run_coroutine(partial(_store_many, key=key, subkeys=junk, value=b"\xff" * 20,
-                                             expiration=get_dht_time() + 100), return_future=True)
+                                             expiration=get_dht_time() + 15), return_future=True)
 
-    await attack_dht(swarm, deadline, shot, 1.0)
-
-
-@contextlib.asynccontextmanager
-async def raw_client(swarm: Swarm) -> Any:
-    raw = await P2P.create(initial_peers=swarm.nodes[0].transport.addresses()[:1], host_maddrs=[LOOPBACK])
-    try:
-        yield raw
-    finally:
-        await raw.shutdown()
+    await attack_dht(client, deadline, shot, 1.0)
 
 
-async def attack_replay(swarm: Swarm, deadline: float) -> None:
-    victim = swarm.nodes[1].peer_id
+async def attack_replay(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
     captured = codec.join(codec.encode("bench.capture", peer_pb2.Ping(round=9)))
-    async with raw_client(swarm) as raw:
-        for _ in range(1001):  # the original, then 1,000 replays
-            if time.monotonic() >= deadline:
-                break
-            with contextlib.suppress(Exception):
-                await exchange_raw(raw, victim, captured)
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    for _ in range(1001):  # the original, then 1,000 replays
+        if time.monotonic() >= deadline:
+            break
+        with contextlib.suppress(Exception):
+            await exchange_raw(raw, victim, captured)
 
 
-async def attack_slow(swarm: Swarm, deadline: float) -> None:
-    victim = swarm.nodes[1].peer_id
+async def attack_slow(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
 
-    async def slow_stream(raw: P2P) -> None:
+    async def slow_stream() -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 _, writer = await open_stream(raw, victim)
@@ -342,21 +353,42 @@ async def attack_slow(swarm: Swarm, deadline: float) -> None:
                     writer.close()
             await asyncio.sleep(0.1)
 
-    async with raw_client(swarm) as raw:
-        await asyncio.gather(slow_stream(raw), slow_stream(raw))
+    await asyncio.gather(slow_stream(), slow_stream())
 
 
-async def attack_flood(swarm: Swarm, deadline: float) -> None:
-    victim = swarm.nodes[1].peer_id
-    async with raw_client(swarm) as raw:
-        while time.monotonic() < deadline:
-            frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
-            with contextlib.suppress(Exception):
-                await exchange_raw(raw, victim, frame)
+async def attack_flood(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
+    while time.monotonic() < deadline:
+        frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))  # a fresh nonce each
+        with contextlib.suppress(Exception):
+            await exchange_raw(raw, victim, frame)
 
 
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
                                    "replay": attack_replay, "slow": attack_slow, "flood": attack_flood}
+
+
+async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
+    client = Client(target)
+    try:
+        if name in DHT_ATTACKS:
+            client.outsider = await start_outsider(target)
+        else:
+            client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
+        conn.send("ready")
+        await ATTACK_FUNCS[name](client, time.monotonic() + seconds)
+    finally:
+        if client.outsider is not None:
+            await asyncio.to_thread(client.outsider.shutdown)
+        if client.raw is not None:
+            await client.raw.shutdown()
+
+
+def attacker_main(name: str, target: Target, seconds: float, conn: Connection) -> None:
+    """Entry point of the attacker process: set up its client, say "ready", attack for `seconds`."""
+    logging.basicConfig(level=logging.CRITICAL)
+    asyncio.run(_attacker(name, target, seconds, conn))
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -369,22 +401,37 @@ class Row:
     alive: bool
 
 
-async def window(swarm: Swarm, seconds: float, attack: Attack | None) -> tuple[float, float]:
-    """Rounds per second over `seconds` (with `attack` running) and the peak RSS growth in MiB."""
-    pids = swarm.node_pids()
+async def window(swarm: Swarm, seconds: float, attack: str | None) -> tuple[float, float]:
+    """Rounds per second over `seconds` (with the `attack` process running) and the peak RSS growth in MiB.
+
+    The attacker is its own (spawned) process, so that its work does not run on the nodes' event loop; the
+    window starts once it has started its DHT or p2pd.
+    """
+    proc: BaseProcess | None = None
+    attacker = -1
+    if attack is not None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=attacker_main, args=(attack, swarm.target(), seconds, child))
+        proc.start()
+        attacker = proc.pid or -1
+        if not await asyncio.to_thread(parent.poll, 120.0):  # False also when the child died
+            proc.kill()
+            raise RuntimeError(f"the attacker process of {attack} did not start within 120 s")
+        parent.recv()
+    pids = swarm.node_pids(attacker)
     base = rss_bytes(pids)
     peak = base
     start_rounds, t0 = sum(swarm.rounds), time.monotonic()
-    task = asyncio.create_task(attack(swarm, t0 + seconds)) if attack is not None else None
     while time.monotonic() - t0 < seconds:
         await asyncio.sleep(0.1)
         peak = max(peak, rss_bytes(pids))
     rate = (sum(swarm.rounds) - start_rounds) / (time.monotonic() - t0)
-    if task is not None:
-        try:
-            await asyncio.wait_for(task, 30)
-        except Exception as e:
-            swarm.errors.append(f"attack: {e!r}")
+    if proc is not None:
+        await asyncio.to_thread(proc.join, 30.0)
+        if proc.exitcode is None:  # its DHT still busy with a store: not the nodes' problem
+            proc.kill()
+            print(f"# {attack}: the attacker process did not stop within 30 s, killed", flush=True)
     return rate, (peak - base) / MiB
 
 
@@ -404,7 +451,7 @@ async def bench(seconds: float, attacks: list[str], local_steps: int) -> list[Ro
         for name in attacks:
             before = await swarm.counters()
             swarm.errors.clear()
-            rate, rss = await window(swarm, seconds, ATTACK_FUNCS[name])
+            rate, rss = await window(swarm, seconds, name)
             after = await swarm.counters()
             caught = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
             rows.append(Row(name, rate, rss, caught, swarm.alive()))
