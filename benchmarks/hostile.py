@@ -1,0 +1,505 @@
+"""A 3-node real swarm under outside attacks: round rate, memory and the counters that caught each attack.
+
+Run from the repository root::
+
+    python benchmarks/hostile.py                          # 8 s clean window, 8 s per attack
+    python benchmarks/hostile.py --seconds 3 --attacks deep,replay
+
+What is measured. Three in-process nodes (`create_real_node`: each with its hivemind DHT process and
+p2pd on 127.0.0.1; task digits-mlp, topology gossip, 5 local steps per round so rounds are short) run
+their round loops throughout. First a clean window of ``--seconds`` gives the swarm's round rate (rounds
+completed by all nodes together, per second). Then each attack runs for ``--seconds`` from an outside
+client that no node knows (its own process, spawned, so that it does not share the nodes' event loop; the
+window starts once its DHT or p2pd is up), while the rounds go on; per attack the benchmark reports:
+
+- ``rounds_x``: the round rate during the attack divided by the clean rate;
+- ``rss_mib``: the peak growth of the resident memory of the nodes' processes (this process plus each
+  node's DHT process and its p2pd, sampled every 0.1 s; the outsider's own processes are not counted),
+  over what they held when the attack started, in MiB;
+- ``caught``: how much each refusal counter of the nodes grew (`Transport.stats.rejected` and
+  `PeerDirectory.rejected`, whose ``dht_*`` reasons are the DHT processes' refusals), summed over nodes.
+
+Attacks (DHT ones from a stock ``hivemind.DHT`` bootstrapped from node 0, a fresh one per attack;
+transport ones from a bare p2pd against node 1, over raw libp2p streams of the nodes' RPC protocol):
+
+- ``deep``: values and subkeys nested 200 tuples deep under the run's key ``<run_id>/peers``;
+- ``plain``: a plain value (not a dictionary) under ``<run_id>/peers``, expiring after the records;
+- ``junk``: 3,000 peer-id-like subkeys with bytes that are no record, in one ``store_many`` (expiring
+  within the run's record lifetime, so that the replicas' validator lets them in), repeated every second;
+- ``replay``: one captured request sent again 1,000 times, each on a new stream;
+- ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
+- ``flood``: requests with a 2 MB method name, back to back.
+
+Targets, per attack: no node crashed (every DHT process alive, every round loop running), the attack
+was counted (some refusal counter grew), rounds >= 0.8x clean, RSS growth <= 256 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import glob
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run as a script from a checkout
+
+import base58  # noqa: E402
+import hivemind  # noqa: E402
+import torch  # noqa: E402
+from hivemind.p2p import P2P, PeerID  # noqa: E402
+from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
+
+from p2pnode.config import NodeConfig  # noqa: E402
+from p2pnode.daemon.node import Node  # noqa: E402
+from p2pnode.daemon.real import create_real_node  # noqa: E402
+from p2pnode.daemon.settings import DaemonSettings  # noqa: E402
+from p2pnode.discovery.dht import DHTDirectory, directory_key  # noqa: E402
+from p2pnode.proto import peer_pb2  # noqa: E402
+from p2pnode.protocols.gossip import EXCHANGE  # noqa: E402
+from p2pnode.transport import codec  # noqa: E402
+from p2pnode.transport.p2p import RPC_HANDLER  # noqa: E402
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+RUN_ID = "bench-hostile"
+MiB = 1 << 20
+#: Seconds allowed for a DHT (the outsider's) to start, per attempt.
+DHT_START_TIMEOUT_S = 60.0
+#: Targets (see the module docstring).
+MIN_ROUNDS_X = 0.8
+MAX_RSS_MIB = 256.0
+ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat_path) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        out.setdefault(int(rest[1]), []).append(int(stat_path.split("/")[2]))
+    return out
+
+
+def process_tree(roots: list[int]) -> set[int]:
+    """`roots` and all their live descendants (from /proc)."""
+    children, out, todo = _children(), set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def rss_bytes(pids: set[int]) -> int:
+    """Sum of VmRSS of `pids` (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ swarm
+@dataclass
+class Swarm:
+    nodes: list[Node]
+    rounds: list[int]
+    loops: list[asyncio.Task[None]]
+    errors: list[str]
+
+    def dhts(self) -> list[hivemind.DHT]:
+        """Each node's DHT (the real nodes' directories are `DHTDirectory`)."""
+        out = []
+        for n in self.nodes:
+            assert isinstance(n.directory, DHTDirectory)
+            out.append(n.directory.dht)
+        return out
+
+    def node_pids(self, attacker: int) -> set[int]:
+        """This process and each node's DHT process with its p2pd (not the `attacker` process and its own)."""
+        return process_tree([os.getpid(), *(d.pid for d in self.dhts() if d.pid)]) - process_tree([attacker])
+
+    def target(self) -> Target:
+        return Target([str(a) for a in self.dhts()[0].get_visible_maddrs()],
+                      self.nodes[0].transport.addresses()[:1], self.nodes[1].peer_id)
+
+    def alive(self) -> bool:
+        return (all(d.is_alive() for d in self.dhts()) and not self.errors
+                and all(not t.done() for t in self.loops))
+
+    async def counters(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for n in self.nodes:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(n.directory.peers(), 10)  # also copies the DHT process's refusals
+            out.update({f"transport.{k}": v for k, v in n.transport.stats.rejected.items()})
+            out.update({f"directory.{k}": v for k, v in n.directory.rejected.items()})
+        return out
+
+
+
+async def start_swarm(local_steps: int) -> Swarm:
+    settings = DaemonSettings.in_memory(cpu_threads=1)
+    nodes: list[Node] = []
+    for i in range(3):
+        initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+        config = NodeConfig(run_id=RUN_ID, seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
+                            task="digits-mlp", topology="gossip", exchange_timeout_s=10.0, announce_ttl_s=20.0,
+                            local_steps=local_steps, model_seed_mode="independent").validate()
+        node = await create_real_node(config, settings)
+        nodes.append(node)
+        await node.start()
+    deadline = time.monotonic() + 60
+    while not all([len(await n.directory.peers()) >= 2 for n in nodes]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the nodes did not find each other through the DHT within 60 s")
+        await asyncio.sleep(0.3)
+    swarm = Swarm(nodes, [0, 0, 0], [], [])
+
+    async def loop(i: int) -> None:
+        while True:
+            try:
+                await nodes[i].run_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # counted as a failure of the row, the loop goes on
+                swarm.errors.append(f"node {i}: {e!r}")
+                await asyncio.sleep(0.5)
+            swarm.rounds[i] += 1
+
+    swarm.loops = [asyncio.create_task(loop(i)) for i in range(3)]
+    return swarm
+
+
+async def stop_swarm(swarm: Swarm) -> None:
+    for t in swarm.loops:
+        t.cancel()
+    await asyncio.gather(*swarm.loops, return_exceptions=True)
+    for n in swarm.nodes:
+        with contextlib.suppress(Exception):
+            await n.shutdown()
+
+
+@dataclass
+class Target:
+    """What the attacker process knows of the swarm: public addresses only."""
+
+    dht_maddrs: list[str]  # node 0's DHT
+    transport_maddrs: list[str]  # node 0's p2pd
+    victim: str  # node 1's peer id
+
+
+async def start_outsider(target: Target) -> hivemind.DHT:
+    """A stock hivemind DHT (no validators) bootstrapped from node 0; retried once if it hangs at start."""
+    for attempt in range(2):
+        gc.collect()
+        dht = hivemind.DHT(initial_peers=target.dht_maddrs, host_maddrs=[LOOPBACK], start=True, await_ready=False)
+        try:
+            await asyncio.to_thread(dht.wait_until_ready, DHT_START_TIMEOUT_S)
+            return dht
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                dht.shutdown()
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------------ attacks
+def nested_tuple(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = (value,)
+    return value
+
+
+async def _store_many(_dht: hivemind.DHT, node: Any, key: str, subkeys: list[str], value: bytes,
+                      expiration: float) -> None:
+    """Runs in the outsider's DHT process: one stock `DHTNode.store_many`."""
+    await node.store_many([key] * len(subkeys), [value] * len(subkeys), expiration, subkeys=list(subkeys))
+
+
+async def open_stream(raw: P2P, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    _, reader, writer = await raw.call_binary_stream_handler(PeerID.from_base58(peer_id), RPC_HANDLER)
+    return reader, writer
+
+
+async def exchange_raw(raw: P2P, peer_id: str, data: bytes, timeout: float = 10.0) -> None:
+    reader, writer = await open_stream(raw, peer_id)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            head = await reader.readexactly(4)
+            await reader.readexactly(codec.parse_header(head))
+    finally:
+        writer.close()
+
+
+def announcing(nbytes: int) -> bytes:
+    """Header and envelope of a well-formed gossip request whose `nbytes` payload is still to come."""
+    env = peer_pb2.Envelope(method=EXCHANGE, body=peer_pb2.ModelExchange().SerializeToString(),
+                            payload_bytes=nbytes, nonce=random.randbytes(16), sent_at=time.time())
+    env.tensors.add(name="x", dtype="uint8", shape=[nbytes])
+    head = env.SerializeToString()
+    return codec.HEADER.pack(len(head)) + head
+
+
+@dataclass
+class Client:
+    """The attacker's side: a stock DHT (DHT attacks) or a bare p2pd (transport attacks), started already."""
+
+    target: Target
+    outsider: hivemind.DHT | None = None
+    raw: P2P | None = None
+
+
+Attack = Callable[[Client, float], Coroutine[Any, Any, None]]
+DHT_ATTACKS = ("deep", "plain", "junk")
+
+
+async def attack_dht(client: Client, deadline: float, shot: Callable[[hivemind.DHT], Awaitable[Any]],
+                     pause_s: float) -> None:
+    assert client.outsider is not None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(shot(client.outsider), max(0.1, deadline - time.monotonic()))
+        await asyncio.sleep(pause_s)
+
+
+async def attack_deep(client: Client, deadline: float) -> None:
+    key, deep = directory_key(RUN_ID), nested_tuple(200)
+
+    async def shot(outsider: hivemind.DHT) -> None:
+        exp = get_dht_time() + 30
+        await outsider.store(key, b"value", exp, subkey=deep, exclude_self=True, return_future=True)
+        await outsider.store(key, deep, exp, subkey="subkey", exclude_self=True, return_future=True)
+
+    await attack_dht(client, deadline, shot, 0.2)
+
+
+async def attack_plain(client: Client, deadline: float) -> None:
+    key = directory_key(RUN_ID)
+
+    async def shot(outsider: hivemind.DHT) -> None:
+        await outsider.store(key, b"plain", get_dht_time() + 100, exclude_self=True, return_future=True)
+
+    await attack_dht(client, deadline, shot, 0.2)
+
+
+async def attack_junk(client: Client, deadline: float) -> None:
+    key, rng = directory_key(RUN_ID), random.Random(0)
+    junk = [base58.b58encode(bytes([0x12, 0x20]) + rng.randbytes(32)).decode() for _ in range(3000)]
+
+    async def shot(outsider: hivemind.DHT) -> None:
+        await outsider.run_coroutine(partial(_store_many, key=key, subkeys=junk, value=b"\xff" * 20,
+                                             expiration=get_dht_time() + 15), return_future=True)
+
+    await attack_dht(client, deadline, shot, 1.0)
+
+
+async def attack_replay(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
+    captured = codec.join(codec.encode("bench.capture", peer_pb2.Ping(round=9)))
+    for _ in range(1001):  # the original, then 1,000 replays
+        if time.monotonic() >= deadline:
+            break
+        with contextlib.suppress(Exception):
+            await exchange_raw(raw, victim, captured)
+
+
+async def attack_slow(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
+
+    async def slow_stream() -> None:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                _, writer = await open_stream(raw, victim)
+                try:
+                    writer.write(announcing((1 << 30) - 4096))
+                    await writer.drain()
+                    while time.monotonic() < deadline:  # 4 KiB/s until the node cuts it off
+                        writer.write(b"\x00" * 1024)
+                        await writer.drain()
+                        await asyncio.sleep(0.25)
+                finally:
+                    writer.close()
+            await asyncio.sleep(0.1)
+
+    await asyncio.gather(slow_stream(), slow_stream())
+
+
+async def attack_flood(client: Client, deadline: float) -> None:
+    victim, raw = client.target.victim, client.raw
+    assert raw is not None
+    while time.monotonic() < deadline:
+        frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))  # a fresh nonce each
+        with contextlib.suppress(Exception):
+            await exchange_raw(raw, victim, frame)
+
+
+ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
+                                   "replay": attack_replay, "slow": attack_slow, "flood": attack_flood}
+
+
+async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
+    client = Client(target)
+    try:
+        if name in DHT_ATTACKS:
+            client.outsider = await start_outsider(target)
+        else:
+            client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
+        conn.send("ready")
+        await ATTACK_FUNCS[name](client, time.monotonic() + seconds)
+    finally:
+        if client.outsider is not None:
+            await asyncio.to_thread(client.outsider.shutdown)
+        if client.raw is not None:
+            await client.raw.shutdown()
+
+
+def attacker_main(name: str, target: Target, seconds: float, conn: Connection) -> None:
+    """Entry point of the attacker process: set up its client, say "ready", attack for `seconds`."""
+    logging.basicConfig(level=logging.CRITICAL)
+    asyncio.run(_attacker(name, target, seconds, conn))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+@dataclass
+class Row:
+    name: str
+    rate: float
+    rss_mib: float
+    caught: dict[str, int]
+    alive: bool
+
+
+async def window(swarm: Swarm, seconds: float, attack: str | None) -> tuple[float, float]:
+    """Rounds per second over `seconds` (with the `attack` process running) and the peak RSS growth in MiB.
+
+    The attacker is its own (spawned) process, so that its work does not run on the nodes' event loop; the
+    window starts once it has started its DHT or p2pd.
+    """
+    proc: BaseProcess | None = None
+    attacker = -1
+    if attack is not None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=attacker_main, args=(attack, swarm.target(), seconds, child))
+        proc.start()
+        attacker = proc.pid or -1
+        if not await asyncio.to_thread(parent.poll, 120.0):  # False also when the child died
+            proc.kill()
+            raise RuntimeError(f"the attacker process of {attack} did not start within 120 s")
+        parent.recv()
+    pids = swarm.node_pids(attacker)
+    base = rss_bytes(pids)
+    peak = base
+    start_rounds, t0 = sum(swarm.rounds), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        await asyncio.sleep(0.1)
+        peak = max(peak, rss_bytes(pids))
+    rate = (sum(swarm.rounds) - start_rounds) / (time.monotonic() - t0)
+    if proc is not None:
+        await asyncio.to_thread(proc.join, 30.0)
+        if proc.exitcode is None:  # its DHT still busy with a store: not the nodes' problem
+            proc.kill()
+            print(f"# {attack}: the attacker process did not stop within 30 s, killed", flush=True)
+    return rate, (peak - base) / MiB
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (f"{platform.platform()}, {os.cpu_count()} cpus (load {load[0]:.1f}), python {platform.python_version()}, "
+            f"torch {torch.__version__}, hivemind {hivemind.__version__}")
+
+
+async def bench(seconds: float, attacks: list[str], local_steps: int) -> list[Row]:
+    swarm = await start_swarm(local_steps)
+    rows: list[Row] = []
+    try:
+        await window(swarm, 2.0, None)  # warm-up, not reported
+        clean, _ = await window(swarm, seconds, None)
+        rows.append(Row("clean", clean, 0.0, {}, swarm.alive()))
+        for name in attacks:
+            before = await swarm.counters()
+            swarm.errors.clear()
+            rate, rss = await window(swarm, seconds, name)
+            after = await swarm.counters()
+            caught = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
+            rows.append(Row(name, rate, rss, caught, swarm.alive()))
+            if swarm.errors:
+                print(f"# {name}: {swarm.errors[:3]}", flush=True)
+            await asyncio.sleep(1.0)  # let the last refusals settle before the next attack
+    finally:
+        await stop_swarm(swarm)
+    return rows
+
+
+def report(rows: list[Row], seconds: float) -> bool:
+    clean = rows[0].rate
+    print(f"# machine: {machine()}")
+    print(f"# windows: {seconds:g} s; targets: no crash, counted, rounds >= {MIN_ROUNDS_X}x clean, "
+          f"RSS growth <= {MAX_RSS_MIB:g} MiB")
+    print(f"{'attack':<8} {'rounds/s':>8} {'x clean':>7} {'rss MiB':>8} {'alive':>5}  {'verdict':<7} caught by")
+    ok = True
+    for r in rows:
+        x = r.rate / clean if clean else 0.0
+        if r.name == "clean":
+            verdict, caught = ("pass" if r.alive and clean > 0 else "FAIL"), "-"
+        else:
+            fails = [why for why, bad in (("crash", not r.alive), ("uncounted", not r.caught),
+                                          ("slow", x < MIN_ROUNDS_X), ("memory", r.rss_mib > MAX_RSS_MIB)) if bad]
+            verdict = "pass" if not fails else "FAIL:" + ",".join(fails)
+            caught = ", ".join(f"{k}+{v}" for k, v in r.caught.items()) or "-"
+        ok = ok and verdict == "pass"
+        print(f"{r.name:<8} {r.rate:8.2f} {x:7.2f} {r.rss_mib:8.1f} {'yes' if r.alive else 'NO':>5}  {verdict:<7} "
+              f"{caught}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of the clean window and of each attack")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {','.join(ATTACKS)}")
+    parser.add_argument("--local-steps", type=int, default=5, help="local SGD steps per round (default 5)")
+    args = parser.parse_args()
+    attacks = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in attacks if a not in ATTACK_FUNCS]
+    if unknown:
+        parser.error(f"unknown attacks {unknown}; choose from {','.join(ATTACKS)}")
+    # The nodes log every (rate-limited) refusal as a warning: keep the table readable.
+    logging.basicConfig(level=logging.ERROR)
+    rows = asyncio.run(bench(args.seconds, attacks, args.local_steps))
+    sys.exit(0 if report(rows, args.seconds) else 1)
+
+
+if __name__ == "__main__":
+    main()
