@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import glob
 import logging
 import multiprocessing as mp
 import os
@@ -67,6 +66,7 @@ from hivemind.p2p import P2P, PeerID  # noqa: E402
 from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
 
 from p2pnode.config import NodeConfig  # noqa: E402
+from p2pnode.daemon.children import child_pids  # noqa: E402
 from p2pnode.daemon.node import Node  # noqa: E402
 from p2pnode.daemon.real import create_real_node  # noqa: E402
 from p2pnode.daemon.settings import DaemonSettings  # noqa: E402
@@ -88,24 +88,11 @@ ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood")
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat_path) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        out.setdefault(int(rest[1]), []).append(int(stat_path.split("/")[2]))
-    return out
-
-
 def process_tree(roots: list[int]) -> set[int]:
     """`roots` and all their live descendants (from /proc)."""
-    children, out, todo = _children(), set(roots), list(roots)
+    out, todo = set(roots), list(roots)
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in child_pids(todo.pop()):
             if child not in out:
                 out.add(child)
                 todo.append(child)
