@@ -35,10 +35,10 @@ import torch
 
 from p2pnode.attacks import alie_z, attack_info, flip_labels, forge
 from p2pnode.errors import AggregationError
+from p2pnode.protocols.base import State
 
 logger = logging.getLogger(__name__)
 
-State = dict[str, torch.Tensor]
 #: ``oracle(round, attacker_peer_id)`` -> the honest nodes' flat updates of that round (possibly empty).
 HonestOracle = Callable[[int, str], Awaitable[list[torch.Tensor]]]
 #: ``on_trained(round, start_model, trained_model)``: a hook an honest protocol calls after local training.

@@ -6,6 +6,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
+#: A model (or an update, or an optimizer's state): tensors by entry name.
+State = dict[str, torch.Tensor]
+
 
 @dataclass
 class RoundReport:

@@ -38,7 +38,7 @@ from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, Transp
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.adversary import Attacker, TrainedHook
 from p2pnode.protocols.backoff import DEFAULT_MAX_S, SilentBackoff
-from p2pnode.protocols.base import PeerHealth, RoundReport
+from p2pnode.protocols.base import PeerHealth, RoundReport, State
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
 from p2pnode.training.trainer import Trainer
@@ -51,7 +51,6 @@ EXCHANGE = "gossip.exchange"
 #: Default robust window (merges) for rules that tolerate Byzantine inputs; 1 for the others.
 ROBUST_WINDOW = 4
 
-State = dict[str, torch.Tensor]
 
 
 def is_robust(rule: str, params: Mapping[str, Any] | None = None) -> bool:

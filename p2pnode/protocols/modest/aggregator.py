@@ -1,0 +1,350 @@
+"""The aggregator role: collect trained models of a version, combine them, send the result on.
+
+An aggregator of version ``k+1`` waits for ``floor(sf * s)`` models trained from version ``k`` (capped
+by the trainers it knows of) or for a deadline ``aggregation_timeout_s`` after the first, combines them
+with the run's rule (`p2pnode.protocols.modest.combine`), sends version ``k+1`` to the next sample and
+acknowledges the trainers. A model that arrives after completion is ``late``.
+
+*Top-up* (our addition): an aggregator whose deadline passes with fewer than ``liveness_min`` models
+fetches the base model from a contributor and sends it to fresh live candidates, at most
+``max_topups`` times; then it aggregates what it has rather than drop the round (a dropped round
+leaves no one with a newer model, and training would stop for good).
+
+With secure aggregation, `p2pnode.protocols.modest.secure` drives `AggregatorRole.complete` with the
+secure result instead of the models in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from p2pnode.errors import AggregationError, BadMessage, TransportError
+from p2pnode.proto import peer_pb2
+from p2pnode.protocols.base import State
+from p2pnode.protocols.modest.combine import combine, combine_groups, combine_secure
+from p2pnode.protocols.modest.sampling import Sampler, model_digest
+from p2pnode.protocols.modest.state import (
+    Aggregation,
+    AggregationEvent,
+    Base,
+    Core,
+    Hooks,
+    Incoming,
+    Result,
+    Upload,
+    Watch,
+    short,
+)
+from p2pnode.protocols.modest.wire import BASE, MODEL, check_run, outer_tensors, split_model
+from p2pnode.secagg import SecAggResult
+from p2pnode.transport import Message
+
+logger = logging.getLogger(__name__)
+
+
+class AggregatorRole:
+    """One node's aggregator role (it runs in the background, driven by the uploads it receives).
+
+    Args:
+        core: the node's shared state.
+        sampler: pings and candidate selection (the next sample, top-up recruits).
+        hooks: ``on_aggregate`` (read at each completion).
+        offer: hands a model version to this node's trainer role (when it is in the next sample).
+    """
+
+    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *, offer: Callable[[Incoming], bool]) -> None:
+        self.core = core
+        self.sampler = sampler
+        self.hooks = hooks
+        self.offer = offer
+
+    async def on_base(self, sender: str, msg: Message[Any]) -> Message[Any]:
+        """Serve a model version this node holds (`ModestBaseRequest`) to an aggregator that lacks it."""
+        c = self.core
+        body: peer_pb2.ModestBaseRequest = msg.body
+        check_run(c.settings, sender, body)
+        base = c.bases.get(int(body.round))
+        if base is None or (body.digest and bytes(body.digest) != base.digest):
+            return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
+        return Message(peer_pb2.ModestBaseResponse(found=True, round=body.round),
+                       {**base.state, **outer_tensors(base.outer)})
+
+    async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
+                             parent_digest: bytes, train_loss: float, *, secure: bool = False,
+                             aggregators: tuple[str, ...] = ()) -> peer_pb2.ModestAggAck:
+        """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends.
+
+        `secure`: the update's metadata only (its model travels masked in the secure instance of that
+        aggregation, which a claim must have opened).
+        """
+        c = self.core
+        index = round_ + 1
+
+        def ack(success: bool, reason: str, result: Result | None = None) -> peer_pb2.ModestAggAck:
+            return peer_pb2.ModestAggAck(round=round_, success=success, reason=reason, round_estimate=c.round,
+                                         contributors=result.contributors if result else [],
+                                         sample=result.sample if result else [])
+
+        if c.closing:
+            return ack(False, "leaving")
+        agg = c.aggregations.get(index)
+        if index <= c.completed_index or (agg is not None and agg.state != "open"):
+            c.counters["late"] += 1
+            return ack(False, "late")  # the index is complete: late models are ignored
+        if secure:
+            if agg is None or sender not in agg.secure_users():
+                return ack(False, "refused")  # no secure instance here that this trainer belongs to
+            agg.models.setdefault(sender, Upload({}, base_digest, parent_digest, train_loss, aggregators))
+            agg.arrived.set()
+            result = await asyncio.shield(agg.future)
+            ok = result.success and sender in result.contributors
+            # Completed without this trainer's input (it came after the quorum): "late", as in plain rounds.
+            late = result.success and not ok and result.reason != "aborted"
+            return ack(ok, "late" if late else result.reason, result)
+        if agg is None:
+            agg = Aggregation(index)
+            c.aggregations[index] = agg
+            agg.timer = c.spawn(self.deadline(agg))
+        if sender not in agg.models:  # one model per sender: the first one counts
+            agg.models[sender] = Upload(state, base_digest, parent_digest, train_loss)
+        if len(agg.models) >= c.threshold() and agg.state == "open":
+            c.spawn(self.complete(agg))
+        result = await asyncio.shield(agg.future)
+        if result.success and sender in result.contributors:
+            return ack(True, result.reason, result)
+        return ack(False, result.reason if not result.success else "late", result)
+
+    async def deadline(self, agg: Aggregation) -> None:
+        """At each deadline: complete with what came (at least ``liveness_min``), else top up, else degrade."""
+        c = self.core
+        s = c.settings
+        while agg.state == "open":
+            await asyncio.sleep(s.aggregation_timeout_s)
+            if agg.state != "open":
+                return
+            n = len(agg.models)
+            if n >= min(s.liveness_min, c.threshold()):
+                await self.complete(agg)
+                return
+            if agg.topups < s.max_topups and await self.topup(agg):
+                continue
+            if agg.state == "open":
+                logger.warning("%s: aggregation %d ends with %d model(s), below liveness_min=%d",
+                               c.me_short, agg.index, n, s.liveness_min)
+                await self.complete(agg, degraded=True)
+            return
+
+    async def get_base(self, agg: Aggregation) -> Base | None:
+        """Model ``index - 1`` (the contributors' start), from this node or pulled from a contributor."""
+        c = self.core
+        k = agg.index - 1
+        digest = agg.base_digest()
+        base = c.bases.get(k)
+        if base is not None and (base.digest == digest or not agg.models):
+            return base  # (no models: an aborted secure aggregation whose trainers all vanished)
+        s = c.settings
+        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest)
+        for peer in sorted(agg.models):
+            if peer == c.me or agg.models[peer].base_digest != digest:
+                continue
+            try:
+                resp = await c.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
+                                              timeout=s.exchange_timeout_s)
+                if not resp.body.found:
+                    continue
+                model, outer = split_model(resp.tensors, c.spec, c.settings, outer_allowed=True)
+                if model_digest(model) != digest:
+                    raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
+            except BadMessage as e:
+                c.transport.reject(peer, e.code, str(e))
+                continue
+            except TransportError as e:
+                logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
+                continue
+            base = Base(k, digest, model, outer, agg.parent_digest(), 1)
+            c.bases[k] = base
+            c.counters["base_pulls"] += 1
+            return base
+        return None
+
+    async def topup(self, agg: Aggregation) -> bool:
+        """Send the base model to fresh live candidates so that more trained models arrive."""
+        c = self.core
+        agg.topups += 1
+        c.counters["topups"] += 1
+        base = await self.get_base(agg)
+        if base is None or agg.state != "open":
+            return False
+        need = c.threshold() - len(agg.models)
+        recruits = await self.sampler.available(agg.index, need, c.key(agg.index, agg.parent_digest()),
+                                                exclude=c.exclude(agg.models))
+        accepted = await self.push_model(recruits, base.round, base.state, base.outer,
+                                         parent=agg.parent_digest(), combined=base.combined)
+        logger.info("%s: aggregation %d had %d model(s) at its deadline; sent version %d to %d more peers",
+                    c.me_short, agg.index, len(agg.models), base.round, len(accepted))
+        return bool(accepted)
+
+    async def complete(self, agg: Aggregation, *, degraded: bool = False, secure: SecAggResult | None = None,
+                       aborted: str | None = None, groups: Mapping[int, SecAggResult] | None = None) -> None:
+        """Aggregate, send the new model to the next sample, acknowledge the trainers: once per index.
+
+        `secure`: the result of the secure aggregation (its survivors are the contributors). `aborted`:
+        the secure aggregation was aborted for this reason; the new version is the base unchanged (no
+        update is applied), so that the swarm goes on. `groups`: the results of the secure groups that
+        completed, by group (their survivors are the contributors; the rule combines the group means).
+        """
+        c = self.core
+        if agg.state != "open":
+            return
+        agg.state = "completing"
+        s = c.settings
+        received = sorted(agg.models) if secure is None and aborted is None and groups is None else []
+        ignored: list[str] = []
+        if secure is not None:
+            contributors = list(secure.survivors)
+        elif groups is not None:
+            contributors = sorted({u for r in groups.values() for u in r.survivors})
+        elif aborted is not None:
+            contributors = []
+        else:
+            contributors = received
+            if s.exclude_suspects:
+                # Samples must stay the same on every node, so suspects are not dropped from them: this
+                # aggregator only leaves their models out (and keeps scoring them, so a peer can recover).
+                suspects = c.suspicion.suspects(s.suspect_threshold)
+                kept = [p for p in received if p not in suspects]
+                if kept:
+                    contributors, ignored = kept, [p for p in received if p in suspects]
+        try:
+            base = await self.get_base(agg) if c.needs_base else None
+            if c.needs_base and base is None:
+                raise AggregationError(f"no contributor could send the base model of round {agg.index - 1}")
+            if secure is not None:
+                assert base is not None
+                sec, base_ = secure, base
+                new_state, outer_state, rule = await c.compute.run(
+                    lambda: combine_secure(sec, base_, c.settings, c.layout))
+            elif groups is not None:
+                assert base is not None
+                parts, base_ = list(groups.values()), base
+                new_state, outer_state, rule = await c.compute.run(
+                    lambda: combine_groups(parts, base_, c.settings, c.layout))
+            elif aborted is not None:
+                assert base is not None
+                new_state, outer_state, rule = base.state, base.outer, "none"
+            else:
+                states = [agg.models[p].state for p in contributors]
+                new_state, outer_state, rule = await c.compute.run(
+                    lambda: combine(states, base, c.settings, label=c.me_short))
+                self.score(agg, received, new_state, base)
+        except Exception as e:
+            logger.error("%s: aggregation %d failed: %s", c.me_short, agg.index, e)
+            agg.resolve(Result(False, "dropped"))
+            return
+        index = agg.index
+        parent = agg.base_digest()
+        grandparent = agg.parent_digest()
+        c.completed_index = max(c.completed_index, index)
+        c.note_round(index)
+        c.bases[index] = Base(index, model_digest(new_state), new_state, outer_state, parent, len(contributors))
+        c.know(index, c.bases[index].digest)
+        c.know(index - 1, parent)
+        for other in list(c.aggregations.values()):
+            if other.index < index and other.state == "open":
+                other.resolve(Result(False, "late"))
+        c.view.flush_pending()  # a model send: pending joins enter the view
+        key = c.key(index, grandparent)
+        # Spread groups: every aggregator of the version sends the sample in candidate order, so that its
+        # members derive the same groups whichever aggregator's copy reaches them first.
+        sample = await self.sampler.available(index, s.sample_size, key, exclude=c.exclude(), ordered=c.spread)
+        accepted = await self.push_model(sample, index, new_state, outer_state, parent=parent,
+                                         combined=max(1, len(contributors)), sample_key=key)
+        result = Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)
+        agg.resolve(result)
+        for i in [i for i in c.aggregations if i <= index - 2]:
+            del c.aggregations[i]
+        c.prune_bases()
+        if c.server == c.me:
+            # The server watches its own sample: if all of it disappears, it sends the model again.
+            c.watch = Watch(index=index, base_round=index, sample=accepted, contributors=[c.me], since=c.now())
+        accuracy = test_loss = None
+        if s.eval_every and index % s.eval_every == 0:
+            def evaluate() -> tuple[float, float]:
+                c.trainer.load_state(new_state)
+                return c.trainer.evaluate()
+
+            test_loss, accuracy = await c.compute.run(evaluate)
+            c.model_round = max(c.model_round, index)
+        losses = [agg.models[p].train_loss for p in contributors if p in agg.models]
+        if degraded:
+            c.counters["degraded_rounds"] += 1
+        event = AggregationEvent(index=index, aggregator=c.me, contributors=contributors, sample=accepted,
+                                 train_loss=sum(losses) / len(losses) if losses else None, accuracy=accuracy,
+                                 test_loss=test_loss, time_s=c.now(), degraded=degraded, topups=agg.topups,
+                                 rule=rule, secure=c.settings.secagg is not None,
+                                 dropped=sorted(agg.secure_users() - set(contributors)), aborted=aborted,
+                                 state=new_state,
+                                 ignored=ignored)
+        if aborted is None:
+            c.counters["aggregations"] += 1
+        c.events.append(event)
+        acc = "-" if accuracy is None else f"{accuracy:.3f}"
+        logger.info("%s: aggregated version %d from %d model(s) by %s; acc=%s; sent to %d peers", c.me_short,
+                    index, len(contributors), rule, acc, len(accepted))
+        if self.hooks.on_aggregate is not None:
+            self.hooks.on_aggregate(event)
+
+    def score(self, agg: Aggregation, received: Sequence[str], new_state: State, base: Base | None) -> None:
+        """Update the suspicion of the trainers of `agg` by their distance to the new model (all received
+        models, ignored suspects included; this node's own model counts for the median only).
+
+        With an outer optimizer the new model is the outer step's result rather than the rule's output: it
+        moves every distance alike, so the scores stay comparable but are less sharp.
+        """
+        c = self.core
+        peers = {p: agg.models[p].state for p in received if p != c.me}
+        own = [agg.models[c.me].state] if c.me in agg.models else []
+        if base is None:  # without a base (mean, median...), the one this node trained from, if it matches
+            held = c.bases.get(agg.index - 1)
+            base = held if held is not None and held.digest == agg.base_digest() else None
+        if peers:
+            c.suspicion.observe_states(peers, new_state, others=own,
+                                       reference=base.state if base is not None else None)
+
+    async def push_model(self, targets: Sequence[str], round_: int, state: State, outer: State, *,
+                         parent: bytes, combined: int, sample_key: bytes = b"") -> list[str]:
+        """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
+
+        With secure aggregation the message also names `targets` as the sample of `round_`, and
+        `sample_key` as the key that ordered its candidates: the users and the checkable claim of the
+        secure aggregation of ``round_ + 1``.
+        """
+        c = self.core
+        if not targets:
+            return []
+        s = c.settings
+        sample = tuple(targets) if c.settings.secagg is not None else ()
+        key = sample_key if c.settings.secagg is not None else b""
+        body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
+                                    round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
+                                    combined=combined, sample=sample, sample_key=key)
+        msg = Message(body, {**state, **outer_tensors(outer)})
+
+        async def one(peer: str) -> bool:
+            if peer == c.me:
+                return self.offer(Incoming(round_, state, outer, c.me, parent, combined, sample, key))
+            try:
+                resp = await c.transport.call(peer, MODEL, msg, peer_pb2.ModestModelAck,
+                                              timeout=s.exchange_timeout_s)
+            except TransportError as e:
+                logger.info("%s: sending version %d to %s failed: %s", c.me_short, round_, short(peer), e)
+                c.health.failed(peer, round_)
+                return False
+            c.heard(peer, resp.body.round_estimate)
+            return bool(resp.body.accepted)
+
+        results = await asyncio.gather(*(one(p) for p in targets))
+        return [p for p, ok in zip(targets, results, strict=True) if ok]
