@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 
 from p2pnode.cli.main import cli
 from p2pnode.cli.options import TRAINING_FIELDS, config_fields
+from p2pnode.cli.schema_doc import DOC, render
 from p2pnode.config import (
     RUN_KEYS,
     SECAGG_RUN_KEYS,
@@ -27,6 +29,7 @@ from p2pnode.config import (
     schema,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 #: Hashes computed before the schema existed (literal key lists): they must not change, or old runs split.
 KNOWN_HASHES = [
     ({}, "89aabe327b865323"),
@@ -147,3 +150,32 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
     for kw, expected in KNOWN_HASHES:
         assert NodeConfig(**kw).config_hash == expected, kw
+
+
+def test_docs_config_reference_matches_the_schema() -> None:
+    text = DOC.read_text()
+    assert render(text) == text, "docs/config.md is stale: run `python -m p2pnode.cli.schema_doc`"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/daemon.md"])
+def test_flags_in_the_option_tables_are_options_of_run(doc: str) -> None:
+    """Every ``--flag`` at the start of a table row of `doc` is an option of `p2pnode run` (or of `sim`)."""
+    known: set[str] = set()
+    for command in ("run", "sim"):
+        for p in cli.commands[command].params:
+            for opt in [*p.opts, *p.secondary_opts]:
+                known.add(opt)
+    rows = [line for line in (ROOT / doc).read_text().splitlines() if line.startswith("| `--")]
+    assert rows
+    flags = {f for line in rows for m in re.findall(r"`(--[a-z0-9-]+[^`]*)`", line.split("|")[1])
+             for f in m.split()[0].split("=")[0].split("/")}
+    assert flags - known == set()
+
+
+def test_sim_reads_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text("nodes = 4\nrounds = 2\nlocal_steps = 2\n")
+    result = CliRunner().invoke(cli, ["sim", "--config", str(path), "--quiet"], env={"P2PNODE_ROUNDS": "1"},
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nodes=4 rounds=1 " in result.output

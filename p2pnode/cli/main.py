@@ -159,7 +159,8 @@ def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
                    err=True)
 
 
-@cli.command()
+@cli.command(cls=LayeredCommand, unlayered=("out", "plot", "quiet"),
+             also_accept_env_of=lambda: [cli.commands["run"], cli.commands["join"]])
 @click.option("--nodes", default=16, show_default=True, type=int, help="Number of simulated nodes.")
 @click.option("--rounds", default=20, show_default=True, type=int, help="Rounds to simulate.")
 @training_options
@@ -194,6 +195,9 @@ def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
 def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path | None, quiet: bool,
         byzantine: int, local_attackers: bool, **kw: Any) -> None:
     """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
+
+    Options are layered as for `run`: defaults < TOML file (--config or $P2PNODE_CONFIG) < P2PNODE_*
+    environment < flags.
 
     For gossip and dpsgd a round is one step of every live node, in lockstep; for modest and fl it is one
     model version (one completed aggregation). The same seed gives the same results file, byte for byte.
