@@ -365,6 +365,67 @@ class NodeConfig:
     dpsgd_degree: int = setting(
         default=4, section="dpsgd", help="dpsgd: degree of the regular graph.", hashed=True, topologies=("dpsgd",))
 
+    # -- limits of the libp2p transport (local; defaults are `p2pnode.transport.p2p`'s, checked by a test) ------
+    #: Bytes of inbound messages being received at once, all peers together (None: 2 x `max_message_bytes`).
+    max_inflight_bytes: int | None = setting(
+        default=None, section="limits",
+        help="Receive budget: bytes of inbound messages in flight, all peers together [2 x max message bytes].")
+    #: The same, per peer (None: a quarter of `max_inflight_bytes`, at least one message).
+    max_inflight_bytes_per_peer: int | None = setting(
+        default=None, section="limits",
+        help="Per-peer receive budget: bytes of one peer's inbound messages in flight [max(budget / 4, max "
+             "message bytes)].")
+    #: Inbound streams served at once, all peers together (default 128) and per peer (default 8).
+    max_streams: int = setting(default=128, section="limits", help="Inbound streams served at once, all peers.")
+    max_streams_per_peer: int = setting(default=8, section="limits", help="Inbound streams served at once per peer.")
+    #: Slowest accepted sender, in bytes/s (default 64 KiB/s), after a grace of `receive_grace_s` (default 5).
+    min_receive_rate: float = setting(
+        default=64.0 * 1024, section="limits",
+        help="Slowest accepted inbound rate, in bytes/s, averaged after the grace period; slower senders are "
+             "cut off.")
+    receive_grace_s: float = setting(
+        default=5.0, section="limits", help="Seconds of a message before --min-receive-rate applies.")
+    #: Bytes of large receive buffers kept for reuse (default 512 MiB; 0: off).
+    receive_pool_bytes: int = setting(
+        default=512 << 20, section="limits", help="Bytes of large receive buffers kept for reuse (0: off).")
+    #: Direct TLS channel for bulk tensors (docs/transport.md): on (default), from `direct_threshold` bytes
+    #: (default 1 MiB); a peer whose direct connection failed is called over libp2p for `direct_retry_s`
+    #: (default 60); a connection attempt may take `direct_connect_timeout_s` (default 5).
+    direct: bool = setting(
+        default=True, section="limits", flag="--direct/--no-direct",
+        help="Send large messages over a direct TLS channel when the peer is reachable (libp2p otherwise).")
+    direct_threshold: int = setting(
+        default=1 << 20, section="limits", help="Smallest message, in bytes, sent over the direct channel.")
+    direct_retry_s: float = setting(
+        default=60.0, section="limits",
+        help="Seconds a peer whose direct connection failed is called over libp2p only.")
+    direct_connect_timeout_s: float = setting(
+        default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
+
+    def transport_limits(self) -> dict[str, Any]:
+        """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
+        return {"max_message_bytes": self.max_message_bytes, "max_inflight_bytes": self.max_inflight_bytes,
+                "max_inflight_bytes_per_peer": self.max_inflight_bytes_per_peer, "max_streams": self.max_streams,
+                "max_streams_per_peer": self.max_streams_per_peer, "min_receive_rate": self.min_receive_rate,
+                "receive_grace_s": self.receive_grace_s, "receive_pool_bytes": self.receive_pool_bytes,
+                "direct": self.direct, "direct_threshold": self.direct_threshold,
+                "direct_retry_s": self.direct_retry_s, "direct_connect_timeout": self.direct_connect_timeout_s}
+
+    def _validate_limits(self) -> None:
+        for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in ("max_inflight_bytes", "max_inflight_bytes_per_peer"):
+            v = getattr(self, key)
+            if v is not None and v < self.max_message_bytes:
+                raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
+                                  "else no message of the largest size could ever be received")
+        for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if not self.direct_connect_timeout_s > 0:
+            raise ConfigError(f"direct_connect_timeout_s={self.direct_connect_timeout_s}: must be > 0")
+
     def validate(self) -> NodeConfig:
         """Check every value once; raise `ConfigError` naming the key and the allowed values."""
         if self.topology not in TOPOLOGIES:
@@ -400,6 +461,7 @@ class NodeConfig:
         self._validate_topology_settings()
         self._validate_byzantine_settings()
         self._validate_admission()
+        self._validate_limits()
         return self
 
     def _validate_admission(self) -> None:

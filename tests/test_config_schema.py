@@ -28,6 +28,7 @@ from p2pnode.config import (
     Setting,
     schema,
 )
+from p2pnode.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Hashes computed before the schema existed (literal key lists): they must not change, or old runs split.
@@ -179,3 +180,24 @@ def test_sim_reads_file_and_environment(tmp_path: Path) -> None:
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "nodes=4 rounds=1 " in result.output
+
+
+def test_limits_defaults_are_the_transports_own() -> None:
+    """The ``limits`` section passes the transport's defaults unchanged when nothing is set."""
+    import inspect
+
+    from p2pnode.transport.p2p import P2PTransport
+
+    params = inspect.signature(P2PTransport.__init__).parameters
+    limits = NodeConfig().transport_limits()
+    for name, value in limits.items():
+        assert name in params, name
+        if params[name].default is not None or value is not None:
+            assert params[name].default == value, name
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="max_inflight_bytes_per_peer=10: must be >= max_message_bytes"):
+        NodeConfig(max_inflight_bytes_per_peer=10).validate()
+    with pytest.raises(ConfigError, match="max_streams=0"):
+        NodeConfig(max_streams=0).validate()
