@@ -23,7 +23,8 @@ ADMISSION_MODES = ("open", "secret", "allowlist")
 SECRET_KEYS = ("run_secret", "admission_key")
 MASK = "***"
 #: Sections of `NodeConfig`, in the order `p2pnode run --help` and the docs list them.
-SECTIONS = ("run", "training", "node", "network", "modest", "dpsgd", "secagg", "byzantine", "admission", "limits")
+SECTIONS = ("run", "training", "node", "network", "modest", "dpsgd", "secagg", "byzantine", "admission", "limits",
+            "daemon")
 _KEY = "p2pnode"
 _UNSET: Any = object()
 
@@ -60,6 +61,8 @@ class Setting:
     metavar: str | None = None
     secret: bool = False
     flag_default: Any = _UNSET
+    #: False: no generated option (the field is set through a hand-written one, named in `help`).
+    option: bool = True
 
 
 def setting(*, section: str, help: str, **kw: Any) -> Any:
@@ -81,9 +84,9 @@ def setting_of(f: dataclasses.Field[Any]) -> Setting:
     return meta
 
 
-def schema() -> list[tuple[dataclasses.Field[Any], Setting]]:
-    """Every field of `NodeConfig` with its `Setting`, in declaration order."""
-    return [(f, setting_of(f)) for f in dataclasses.fields(NodeConfig)]
+def schema(cls: Any = None) -> list[tuple[dataclasses.Field[Any], Setting]]:
+    """Every field of `cls` (default `NodeConfig`; also `DaemonSettings`) with its `Setting`, in order."""
+    return [(f, setting_of(f)) for f in dataclasses.fields(NodeConfig if cls is None else cls)]
 
 
 def field_default(f: dataclasses.Field[Any]) -> Any:

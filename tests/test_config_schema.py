@@ -28,6 +28,7 @@ from p2pnode.config import (
     Setting,
     schema,
 )
+from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +97,17 @@ def show(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     return data["options"]
 
 
-FIELDS = schema()
+#: Every field with a generated option: the node's (`NodeConfig`) and the daemon's (`DaemonSettings`).
+FIELDS = schema() + [(f, meta) for f, meta in schema(DaemonSettings) if meta.option]
 
 
 def test_every_field_has_a_section_a_help_and_its_own_key() -> None:
     params = [meta.param for _, meta in FIELDS]
     assert len(params) == len(set(params))
-    assert len(FIELDS) == len(dataclasses.fields(NodeConfig))
+    assert {f.name for f, _ in FIELDS} >= {f.name for f in dataclasses.fields(NodeConfig)}
+    # The daemon fields without a generated option are set by a hand-written one.
+    assert {f.name for f, meta in schema(DaemonSettings) if not meta.option} == {
+        "state_dir", "max_gpu_memory_gib", "max_gpu_memory_fraction"}
     for f, meta in FIELDS:
         assert meta.section in SECTIONS and meta.help, f.name
         assert set(meta.topologies) <= set(TOPOLOGIES), f.name
@@ -121,7 +126,8 @@ def test_field_reachable_from_flag_toml_and_env(f: dataclasses.Field[Any], meta:
     got = show(["--config", str(path)])[meta.param]
     assert (got["value"], got["source"]) == (masked, "file")
     # ... and the option's value lands in the field it belongs to.
-    assert f.name in config_fields({meta.param: value})
+    cls = NodeConfig if f.name in {g.name for g in dataclasses.fields(NodeConfig)} else DaemonSettings
+    assert f.name in config_fields({meta.param: value}, cls)
 
 
 def test_config_show_lists_every_field_with_its_default() -> None:

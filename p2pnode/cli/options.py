@@ -72,9 +72,9 @@ def schema_option(f: dataclasses.Field[Any], meta: Setting) -> Callable[[F], F]:
     return click.option(decl, meta.param, default=default, show_default=default is not None, **kw)
 
 
-def schema_options(names: Iterable[str]) -> Callable[[F], F]:
-    """A decorator adding the generated options of the `NodeConfig` fields `names`, in that order."""
-    fields = {f.name: (f, meta) for f, meta in schema()}
+def schema_options(names: Iterable[str], cls: Any = None) -> Callable[[F], F]:
+    """A decorator adding the generated options of the fields `names` of `cls` (default `NodeConfig`)."""
+    fields = {f.name: (f, meta) for f, meta in schema(cls)}
     opts = [schema_option(*fields[name]) for name in names]
 
     def decorate(f: F) -> F:
@@ -100,7 +100,8 @@ def byzantine_options(f: F) -> F:
 def node_options(f: F) -> F:
     """Options of one real node: every `NodeConfig` field not in `training_options` or `byzantine_options`,
     plus the state dir and logging."""
-    names = [fl.name for fl, meta in schema() if fl.name not in TRAINING_FIELDS and meta.section != "byzantine"]
+    names = [fl.name for fl, meta in schema() if fl.name not in TRAINING_FIELDS and meta.section != "byzantine"
+             and meta.option]
     opts = [
         click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="P2PNODE_STATE_DIR",
                      default=Path("~/.p2pnode").expanduser(), show_default="~/.p2pnode",
@@ -133,12 +134,12 @@ def _value(f: dataclasses.Field[Any], raw: Any) -> Any:
     return raw
 
 
-def config_fields(kw: dict[str, Any]) -> dict[str, Any]:
-    """The `NodeConfig` fields given in option values `kw` (keyed by `Setting.param`; absent or None
-    options of fields whose default is not None keep the field's default)."""
+def config_fields(kw: dict[str, Any], cls: Any = None) -> dict[str, Any]:
+    """The fields of `cls` (default `NodeConfig`) given in option values `kw` (keyed by `Setting.param`;
+    absent or None options of fields whose default is not None keep the field's default)."""
     out: dict[str, Any] = {}
-    for f, meta in schema():
-        if meta.param not in kw:
+    for f, meta in schema(cls):
+        if not meta.option or meta.param not in kw:
             continue
         raw = kw[meta.param]
         if raw is None and field_default(f) is not None:

@@ -31,8 +31,10 @@ def _default(value: object) -> str:
 
 def reference_table() -> str:
     """One Markdown table per section: flag, TOML key, environment variable, default, hashed, topologies, help."""
+    from p2pnode.daemon.settings import DaemonSettings  # local: the daemon layer is above this leaf's users
+
     out: list[str] = []
-    rows = schema()
+    rows = schema() + [(f, meta) for f, meta in schema(DaemonSettings) if meta.option]
     for section in SECTIONS:
         fields = [(f, meta) for f, meta in rows if meta.section == section]
         if not fields:
