@@ -207,3 +207,18 @@ def test_limits_are_validated() -> None:
         NodeConfig(max_inflight_bytes_per_peer=10).validate()
     with pytest.raises(ConfigError, match="max_streams=0"):
         NodeConfig(max_streams=0).validate()
+
+
+def test_sim_config_repeats_node_config_fields_with_their_types() -> None:
+    """A field that SimConfig repeats from NodeConfig is copied into each node's config by name: same type."""
+    from simulator.runner import SIM_NAMES, SimConfig
+
+    node = {f.name: str(f.type) for f in dataclasses.fields(NodeConfig)}
+    for f in dataclasses.fields(SimConfig):
+        name = {v: k for k, v in SIM_NAMES.items()}.get(f.name, f.name)
+        if name in node and name != "rounds":  # the simulator always runs a number of rounds
+            assert str(f.type) == node[name], f.name
+    cfg = SimConfig(nodes=4, topology="modest", sample_size=3, secagg=True, init="independent")
+    got = cfg.node_config(2)
+    assert (got.shard, got.model_seed_mode, got.secagg, got.sample_size, got.aggregation_timeout_s) == (
+        (2, 4), "independent", True, 3, 10.0)
