@@ -15,17 +15,6 @@ from typing import Any
 from p2pnode.errors import ConfigError
 
 TOPOLOGIES = ("gossip", "modest", "fl", "dpsgd")
-#: Keys that must be equal on all peers of a run: a peer whose hash of these differs is not used.
-RUN_KEYS = ("run_id", "task", "topology", "rule", "model_seed_mode")
-#: Further run-wide keys, per topology (hashed only for that topology, so other runs keep their hash).
-TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {
-    "modest": ("sample_size", "aggregators", "success_fraction", "sample_key", "outer_lr", "outer_momentum",
-               "outer_nesterov"),
-    "fl": ("sample_size", "success_fraction", "fl_server", "outer_lr", "outer_momentum", "outer_nesterov"),
-    "dpsgd": ("dpsgd_graph", "dpsgd_degree"),
-}
-#: Run-wide keys of secure aggregation, hashed when it is on.
-SECAGG_RUN_KEYS = ("secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip")
 SAMPLE_KEYS = ("model", "round")
 DPSGD_GRAPHS = ("exponential", "regular")
 #: Admission modes (`p2pnode.transport.admission`), the first one the default.
@@ -33,6 +22,78 @@ ADMISSION_MODES = ("open", "secret", "allowlist")
 #: Fields never printed: `NodeConfig.as_dict` and ``p2pnode config show`` show them as `MASK`.
 SECRET_KEYS = ("run_secret", "admission_key")
 MASK = "***"
+#: Sections of `NodeConfig`, in the order `p2pnode run --help` and the docs list them.
+SECTIONS = ("run", "training", "node", "network", "modest", "dpsgd", "secagg", "byzantine", "admission", "limits",
+            "daemon")
+_KEY = "p2pnode"
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the schema knows of one `NodeConfig` field, besides its type and default.
+
+    The click options of ``run``/``join``/``config``/``sim``/``swarm``, the TOML keys and the ``P2PNODE_*``
+    variables are generated from this (`p2pnode.cli.options`), so adding an option means adding one field.
+
+    Args:
+        section: one of `SECTIONS`.
+        help: the option's help text.
+        param: option key, TOML key and environment suffix (default: the field name without a ``_s`` unit
+            suffix, so ``min_round_time_s`` is ``min_round_time`` / ``--min-round-time`` /
+            ``P2PNODE_MIN_ROUND_TIME``).
+        flag: the click declaration when it is not ``--<param with dashes>`` (``--secagg/--no-secagg``).
+        hashed: run-wide: hashed into `NodeConfig.config_hash` (for `topologies` only, when given).
+        topologies: the topologies that use the field (empty: all).
+        choices: allowed values, when they are a fixed set.
+        metavar: the value's name in ``--help``.
+        secret: never printed (``config show`` and `NodeConfig.as_dict` show `MASK`).
+        flag_default: default of the option when it must differ from the field's (documented in `help`).
+    """
+
+    section: str
+    help: str
+    param: str = ""
+    flag: str = ""
+    hashed: bool = False
+    topologies: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    secret: bool = False
+    flag_default: Any = _UNSET
+    #: False: no generated option (the field is set through a hand-written one, named in `help`).
+    option: bool = True
+
+
+def setting(*, section: str, help: str, **kw: Any) -> Any:
+    """A dataclass field of `NodeConfig` with its `Setting` attached (``default``/``default_factory``/``repr``
+    go to `dataclasses.field`, the rest to `Setting`)."""
+    field_kw = {k: kw.pop(k) for k in ("default", "default_factory", "repr") if k in kw}
+    meta = Setting(section=section, help=help, **kw)
+    if meta.section not in SECTIONS:
+        raise ValueError(f"section {meta.section!r} is not one of {SECTIONS}")
+    return field(metadata={_KEY: meta}, **field_kw)
+
+
+def setting_of(f: dataclasses.Field[Any]) -> Setting:
+    """The `Setting` of a `NodeConfig` field, with `Setting.param` filled in."""
+    meta: Setting = f.metadata[_KEY]
+    if not meta.param:
+        param = f.name[:-2] if f.name.endswith("_s") else f.name
+        meta = dataclasses.replace(meta, param=param)
+    return meta
+
+
+def schema(cls: Any = None) -> list[tuple[dataclasses.Field[Any], Setting]]:
+    """Every field of `cls` (default `NodeConfig`; also `DaemonSettings`) with its `Setting`, in order."""
+    return [(f, setting_of(f)) for f in dataclasses.fields(NodeConfig if cls is None else cls)]
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """The default value of field `f` (a fresh one for a ``default_factory``)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 @dataclass
@@ -44,153 +105,329 @@ class NodeConfig:
     """
 
     #: Name of the run; peers of different runs never talk to each other.
-    run_id: str = "default"
+    run_id: str = setting(default="default", section="run", help="Name of the run to take part in.", hashed=True)
     #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
-    task: str = "digits-mlp"
+    task: str = setting(
+        default="digits-mlp", section="training", help="Task: digits-mlp, cifar10-resnet18, or package.module:factory.",
+        hashed=True)
     #: Who exchanges with whom: ``gossip`` (push-pull with random peers), ``modest`` (a sample of trainers and
     #: aggregators per round), ``fl`` (federated learning with one fixed server, a baseline) or ``dpsgd``
     #: (every node averages with its graph neighbours every round, a baseline). See docs/protocols.md.
-    topology: str = "gossip"
+    topology: str = setting(
+        default="gossip", section="training",
+        help="Who exchanges with whom: gossip, modest (sampled trainers and aggregators), fl (one fixed server; "
+             "baseline), dpsgd (neighbour averaging; baseline).",
+        hashed=True, choices=TOPOLOGIES)
     #: Aggregation rule used to merge models (see `p2pnode.aggregation.available_rules()`).
-    rule: str = "mean"
+    rule: str = setting(default="mean", section="training", help="Aggregation rule for merging models.", hashed=True)
     #: Extra parameters of the rule (for example ``{"trim": 1}``).
-    rule_params: dict[str, Any] = field(default_factory=dict)
+    rule_params: dict[str, Any] = setting(
+        default_factory=dict, section="training", help="Parameter of the rule (repeatable), for example trim=1.",
+        hashed=True, flag="--rule-param", metavar="KEY=VALUE")
     #: ``shared``: every node starts from the model built with `seed`; ``independent``: each node its own.
-    model_seed_mode: str = "shared"
+    model_seed_mode: str = setting(
+        default="shared", section="training", help="One initial model for all nodes, or one per node.", hashed=True,
+        param="init", choices=("shared", "independent"))
     #: Seed of the run: initial model, data split, peer choice.
-    seed: int = 0
+    seed: int = setting(default=0, section="training", help="Seed of the run.")
     #: This node's data shard: (index, count). (0, 1) means all of the task's training data.
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] = setting(
+        default=(0, 1), section="node", help="This node's share of the task's training data, INDEX/COUNT.")
     #: Dirichlet concentration for a non-IID split; None for IID.
-    alpha: float | None = None
+    alpha: float | None = setting(
+        default=None, section="training", help="Dirichlet alpha for a non-IID split (unset: IID).")
     #: Local SGD steps per round; None takes the task's default.
-    local_steps: int | None = None
+    local_steps: int | None = setting(
+        default=None, section="training", help="Local SGD steps per round [task default].")
     #: Learning rate and batch size; None takes the task's default.
-    lr: float | None = None
-    batch_size: int | None = None
+    lr: float | None = setting(default=None, section="training", help="Learning rate [task default].")
+    batch_size: int | None = setting(default=None, section="training", help="Batch size [task default].")
     #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    device: str = "auto"
+    device: str = setting(default="auto", section="node", help="auto, cpu, cuda or cuda:N.")
     #: Rounds to run; None runs until stopped.
-    rounds: int | None = None
+    rounds: int | None = setting(default=None, section="node", help="Rounds to run (default: until stopped).")
     #: Shortest wall time of one round, in seconds (paces a real swarm; 0 in the simulator).
-    min_round_time_s: float = 0.0
+    min_round_time_s: float = setting(
+        default=0.0, section="node", help="Shortest round, in seconds (paces the swarm).", flag_default=1.0)
     #: Time allowed for one model exchange with a peer, in seconds.
-    exchange_timeout_s: float = 30.0
+    exchange_timeout_s: float = setting(default=30.0, section="node", help="Seconds allowed for one model exchange.")
     #: Evaluate the model on the held-out test split every this many rounds (0: never).
-    eval_every: int = 1
+    eval_every: int = setting(
+        default=1, section="node", help="Evaluate on the held-out test split every this many rounds (0: never).")
     #: Listen address and port (0 picks a free port) of the libp2p host.
-    host: str = "127.0.0.1"
-    port: int = 0
+    host: str = setting(default="127.0.0.1", section="network", help="Address to listen on.")
+    port: int = setting(default=0, section="network", help="Port to listen on (0: any free).")
     #: Multiaddrs of peers to join.
-    initial_peers: list[str] = field(default_factory=list)
+    initial_peers: list[str] = setting(
+        default_factory=list, section="network", help="Multiaddr of a peer to join (repeatable).",
+        flag="--initial-peer", metavar="MULTIADDR")
     #: Before the first round, wait until this many peers are visible (0: start at once).
-    wait_for_peers: int = 0
+    wait_for_peers: int = setting(
+        default=0, section="network",
+        help="Before the first round, wait until this many peers are visible (at most --wait-timeout s).")
     #: Longest wait for `wait_for_peers`, in seconds; then the node starts with whom it sees.
-    wait_timeout_s: float = 60.0
+    wait_timeout_s: float = setting(
+        default=60.0, section="network",
+        help="Longest wait for --wait-for-peers, in seconds; then the node starts with whom it sees.")
     #: Seconds a directory record lives unless refreshed.
-    announce_ttl_s: float = 60.0
+    announce_ttl_s: float = setting(
+        default=60.0, section="network", help="Seconds a directory record lives unless refreshed.")
     #: Largest message sent or accepted, in bytes.
-    max_message_bytes: int = 1 << 30
+    max_message_bytes: int = setting(
+        default=1 << 30, section="limits", help="Largest message sent or accepted, in bytes.")
 
     # -- modest and fl (algorithms.md 3.5; the authors' values in brackets where ours differ) ---------------
     #: ``s``: trainers per round (default 10).
-    sample_size: int = 10
+    sample_size: int = setting(
+        default=10, section="modest", help="modest/fl: trainers per round (s).", hashed=True,
+        topologies=("modest", "fl"))
     #: ``a``: aggregators per round (default 1; fl always uses its one server).
-    aggregators: int = 1
+    aggregators: int = setting(
+        default=1, section="modest", help="modest: aggregators per round (a).", hashed=True, topologies=("modest",))
     #: ``sf``: an aggregator completes with ``floor(sf * s)`` trained models, in (0, 1] (default 1.0).
-    success_fraction: float = 1.0
+    success_fraction: float = setting(
+        default=1.0, section="modest", help="modest/fl: an aggregator completes with floor(F * s) trained models.",
+        hashed=True, topologies=("modest", "fl"))
     #: Seconds from an aggregation's first model to its deadline (default 60 [5 s code default, 2 s in the
     #: MW'23 simulations, 300 s in the latest code]).
-    aggregation_timeout_s: float = 60.0
+    aggregation_timeout_s: float = setting(
+        default=60.0, section="modest",
+        help="modest/fl: seconds from an aggregation's first model to its deadline [60; 10 in the simulator].",
+        topologies=("modest", "fl"), flag_default=None)
     #: Models an aggregator needs at its deadline (default 3, the latest code's liveness rule); with fewer
     #: it sends the base model to more peers (top-up).
-    liveness_min: int = 3
+    liveness_min: int = setting(
+        default=3, section="modest",
+        help="modest/fl: models an aggregator needs at its deadline; with fewer it tops up.",
+        topologies=("modest", "fl"))
     #: Top-ups before an aggregator combines what it has (default 2).
-    max_topups: int = 2
+    max_topups: int = setting(
+        default=2, section="modest", help="modest/fl: top-ups before an aggregator combines what it has.",
+        topologies=("modest", "fl"))
     #: Seconds before a candidate that does not answer pings counts as unavailable (default 5).
-    ping_timeout_s: float = 5.0
+    ping_timeout_s: float = setting(
+        default=5.0, section="modest",
+        help="modest/fl: seconds before a candidate that does not answer pings is unavailable.",
+        topologies=("modest", "fl"))
     #: A ping is re-sent every this many seconds until `ping_timeout_s` (default 1).
-    ping_interval_s: float = 1.0
+    ping_interval_s: float = setting(
+        default=1.0, section="modest", help="modest/fl: seconds between pings of a candidate.",
+        topologies=("modest", "fl"))
     #: Rounds without activity after which a peer leaves the active set (default 50 [1000 in the sims]).
-    inactivity_threshold: int = 50
+    inactivity_threshold: int = setting(
+        default=50, section="modest", help="modest/fl: rounds without activity before a peer leaves the active set.",
+        topologies=("modest", "fl"))
     #: Peers told about a join or leave (default None: ``min(10 * sample_size, view size)``).
-    join_fanout: int | None = None
+    join_fanout: int | None = setting(
+        default=None, section="modest", help="modest/fl: peers told about a join or leave [min(10 * s, view size)].",
+        topologies=("modest", "fl"))
     #: ``model``: the order of round k is keyed by the digest of model k-2, against sample grinding
     #: (default); ``round``: by the round number only (the reference).
-    sample_key: str = "model"
+    sample_key: str = setting(
+        default="model", section="modest",
+        help="modest: key the sample order of round k by the digest of model k-2 (model, against sample grinding) or "
+             "by the round number only (round, the reference).",
+        hashed=True, topologies=("modest",), choices=SAMPLE_KEYS)
     #: Longest wait of a round for a model, in seconds; an idle node then refreshes its view (default 20).
-    idle_timeout_s: float = 20.0
+    idle_timeout_s: float = setting(
+        default=20.0, section="modest",
+        help="modest/fl: longest wait of a round for a model, in seconds; an idle node then refreshes its view.",
+        topologies=("modest", "fl"))
     #: fl: peer id of the server (default None: the lowest peer id of the initial view).
-    fl_server: str | None = None
+    fl_server: str | None = setting(
+        default=None, section="modest", help="fl: peer id of the server [lowest peer id at start].", hashed=True,
+        topologies=("fl",))
     #: Outer optimizer (DiLoCo-style Nesterov SGD on the pseudo-gradient) for modest and fl: its learning
     #: rate, or None (default) for none; its momentum (default 0.9) and Nesterov flag (default True).
-    outer_lr: float | None = None
-    outer_momentum: float = 0.9
-    outer_nesterov: bool = True
+    outer_lr: float | None = setting(
+        default=None, section="modest", help="modest/fl: learning rate of the outer Nesterov optimizer (unset: none).",
+        hashed=True, topologies=("modest", "fl"))
+    outer_momentum: float = setting(
+        default=0.9, section="modest", help="modest/fl: momentum of the outer optimizer, in [0, 1).", hashed=True,
+        topologies=("modest", "fl"))
+    outer_nesterov: bool = setting(
+        default=True, section="modest", help="modest/fl: Nesterov momentum in the outer optimizer.", hashed=True,
+        topologies=("modest", "fl"), flag="--outer-nesterov/--no-outer-nesterov")
 
     # -- secure aggregation (modest and fl; algorithms.md 5, docs/secagg.md) ---------------------------------
     #: Secure aggregation inside each sample: the aggregator learns only the sum of the trainers' updates
     #: (SecAgg / SecAgg+ with dropout recovery). Needs topology modest or fl and rule mean or vca (default off).
-    secagg: bool = False
+    secagg: bool = setting(
+        default=False, section="secagg", hashed=True,
+        help="modest/fl: secure aggregation inside each sample; the aggregator learns only the sum of the updates "
+             "(rule mean or vca).",
+        topologies=("modest", "fl"), flag="--secagg/--no-secagg")
     #: ``k``: other trainers each trainer masks and shares with (default None: all of the sample up to 32
     #: trainers, else the smallest k of docs/secagg.md, about O(log n)); even unless it covers the sample.
-    secagg_neighbours: int | None = None
+    secagg_neighbours: int | None = setting(
+        default=None, section="secagg", hashed=True,
+        help="secagg: trainers each trainer masks and shares with, k [the whole sample up to 32, else about O(log n)].",
+        topologies=("modest", "fl"))
     #: ``t``: shares needed to reconstruct a trainer's secrets, a strict majority of its k + 1 holders
     #: (default None: the smallest integer above 2/3 of them, 7 of 10). A round with fewer than ``t``
     #: trainers left is aborted, counted and reported; its updates are not applied.
-    secagg_threshold: int | None = None
+    secagg_threshold: int | None = setting(
+        default=None, section="secagg", hashed=True,
+        help="secagg: shares needed to recover a trainer's secrets, t [above 2/3 of k + 1]; a round with fewer "
+             "trainers left is aborted.",
+        topologies=("modest", "fl"))
     #: Coordinates of the (model - base) update are clipped to [-clip, clip] before the fixed-point
     #: encoding with 2^22 levels (default 8.0: step 3.8e-6).
-    secagg_clip: float = 8.0
+    secagg_clip: float = setting(
+        default=8.0, section="secagg", hashed=True,
+        help="secagg: updates are clipped to [-C, C] before the fixed-point encoding.", topologies=("modest", "fl"))
     #: ``G``: split each sample into G secure groups, member i (in the sample's order) in group i mod G
     #: (default 1: one instance per sample). The aggregator learns the G group means instead of one sum
     #: and combines them with ``rule``, which may then be robust (median, krum, ...) if it tolerates
     #: ``f`` (default 1) Byzantine groups among G. Needs secagg and sample_size >= secagg_min_group * G.
     #: With ``aggregators`` a > 1 (modest) the groups are spread over the aggregators (G >= a), which
     #: exchange their group sums: each trainer uploads once (docs/secagg.md).
-    secagg_groups: int = 1
+    secagg_groups: int = setting(
+        default=1, section="secagg", hashed=True,
+        help="secagg: split each sample into G secure groups (member i in group i mod G); the aggregator combines the "
+             "G group means with --rule, which may then be robust.",
+        topologies=("modest", "fl"))
     #: With ``secagg_groups > 1``: fewest members a secure group may have (default 5, at least 2). The
     #: aggregator learns each group's mean, so a small group says much about each member; the config is
     #: refused when ``floor(sample_size / G)`` is smaller, and at run time a trainer whose group came out
     #: smaller (peers missing from the sample) does not train that version (``secagg_small_group``).
-    secagg_min_group: int = 5
+    secagg_min_group: int = setting(
+        default=5, section="secagg", hashed=True,
+        help="secagg with --secagg-groups: fewest members of a group (>= 2); the aggregator learns each group's mean, "
+             "so small groups say much about each member.",
+        topologies=("modest", "fl"))
     # -- Byzantine peers (local: never hashed, so an attacker is indistinguishable by its config) -----------
     #: Attack this node runs (``p2pnode.attacks.available_attacks()``), or None (default) for an honest node.
     #: For testing a swarm's defences only: the node forges what it sends.
-    attack: str | None = None
+    attack: str | None = setting(
+        default=None, section="byzantine",
+        help="Run as an ATTACKER that sends forged models (testing only; logged loudly): sign_flip, gaussian, scaled, "
+             "alie, ipm, random or label_flip.",
+        metavar="NAME")
     #: Parameters of the attack (for example ``{"factor": 10}``).
-    attack_params: dict[str, Any] = field(default_factory=dict)
+    attack_params: dict[str, Any] = setting(
+        default_factory=dict, section="byzantine", help="Parameter of the attack (repeatable), for example factor=10.",
+        flag="--attack-param", metavar="KEY=VALUE")
     #: gossip: merges over which received models are kept for the rule (None, the default: 4 for a robust
     #: rule, 1 otherwise). See docs/protocols.md for the trade-off.
-    robust_window: int | None = None
+    robust_window: int | None = setting(
+        default=None, section="byzantine",
+        help="gossip: merges over which received models are kept for the rule [4 for a robust rule, else 1].",
+        topologies=("gossip",))
     #: Weight of the old suspicion score in each update, in [0, 1) (default 0.8).
-    suspicion_decay: float = 0.8
+    suspicion_decay: float = setting(
+        default=0.8, section="byzantine", help="Weight of the old suspicion score in each update, in [0, 1).")
     #: Leave out peers whose suspicion exceeds `suspect_threshold`: gossip does not pick or merge them, a
     #: MoDeST aggregator does not combine their models (default False).
-    exclude_suspects: bool = False
+    exclude_suspects: bool = setting(
+        default=False, section="byzantine",
+        help="Leave out peers whose suspicion score exceeds --suspect-threshold (gossip: not picked or merged; modest:"
+             " their models not aggregated).",
+        flag="--exclude-suspects")
     #: Suspicion score above which a peer is a suspect (default 1.0).
-    suspect_threshold: float = 1.0
+    suspect_threshold: float = setting(
+        default=1.0, section="byzantine", help="Suspicion score above which a peer is a suspect.")
 
     # -- admission (local: never hashed; the secret never leaves this node) ----------------------------------
     #: Who may fetch and push this run's models: ``open`` (default: the run's models are public; anyone who
     #: knows the run id can fetch and push models), ``secret`` (only peers holding the run's secret) or
     #: ``allowlist`` (only the peers in `allow_peers`; may be combined with a secret). See docs/daemon.md.
-    admission: str = "open"
+    admission: str = setting(
+        default="open", section="admission",
+        help="Who may fetch and push the run's models. open: the run's models are public: anyone who knows the run id "
+             "can fetch and push models. secret: only peers holding the run's secret. allowlist: only the peers of "
+             "--allow-peers (may be combined with a secret).",
+        choices=ADMISSION_MODES)
     #: The run's secret (at least 16 bytes), for ``admission = "secret"``; prefer `run_secret_file`, since a
     #: command line is visible to other users of the machine. Never printed, never sent.
-    run_secret: str | None = field(default=None, repr=False)
+    run_secret: str | None = setting(
+        default=None, repr=False, section="admission",
+        help="The run's secret itself (visible to other users in the process list: prefer --run-secret-file or the "
+             "P2PNODE_RUN_SECRET environment variable).",
+        metavar="SECRET", secret=True)
     #: File holding the run's secret (surrounding whitespace ignored).
-    run_secret_file: str | None = None
+    run_secret_file: str | None = setting(
+        default=None, section="admission",
+        help="File holding the run's secret (at least 16 bytes; preferred over --run-secret).", metavar="FILE")
     #: Peer ids admitted with ``admission = "allowlist"`` (or in addition to a secret).
-    allow_peers: list[str] = field(default_factory=list)
+    allow_peers: list[str] = setting(
+        default_factory=list, section="admission",
+        help="Peer ids admitted with --admission allowlist (comma-separated, repeatable).", metavar="ID1,ID2")
     #: The run key itself (URL-safe base64 of 32 bytes), as an invite token carries it, instead of a secret.
-    admission_key: str | None = field(default=None, repr=False)
+    admission_key: str | None = setting(
+        default=None, repr=False, section="admission",
+        help="The run key itself (URL-safe base64 of 32 bytes), as an invite token carries it; instead of a secret.",
+        metavar="KEY", secret=True)
 
     # -- dpsgd ---------------------------------------------------------------------------------------------
     #: Communication graph: ``exponential`` (one-peer exponential, default) or ``regular`` (random regular).
-    dpsgd_graph: str = "exponential"
+    dpsgd_graph: str = setting(
+        default="exponential", section="dpsgd", help="dpsgd: one-peer exponential graph, or a random regular graph.",
+        hashed=True, topologies=("dpsgd",), choices=DPSGD_GRAPHS)
     #: Degree of the ``regular`` graph (default 4).
-    dpsgd_degree: int = 4
+    dpsgd_degree: int = setting(
+        default=4, section="dpsgd", help="dpsgd: degree of the regular graph.", hashed=True, topologies=("dpsgd",))
+
+    # -- limits of the libp2p transport (local; defaults are `p2pnode.transport.p2p`'s, checked by a test) ------
+    #: Bytes of inbound messages being received at once, all peers together (None: 2 x `max_message_bytes`).
+    max_inflight_bytes: int | None = setting(
+        default=None, section="limits",
+        help="Receive budget: bytes of inbound messages in flight, all peers together [2 x max message bytes].")
+    #: The same, per peer (None: a quarter of `max_inflight_bytes`, at least one message).
+    max_inflight_bytes_per_peer: int | None = setting(
+        default=None, section="limits",
+        help="Per-peer receive budget: bytes of one peer's inbound messages in flight [max(budget / 4, max "
+             "message bytes)].")
+    #: Inbound streams served at once, all peers together (default 128) and per peer (default 8).
+    max_streams: int = setting(default=128, section="limits", help="Inbound streams served at once, all peers.")
+    max_streams_per_peer: int = setting(default=8, section="limits", help="Inbound streams served at once per peer.")
+    #: Slowest accepted sender, in bytes/s (default 64 KiB/s), after a grace of `receive_grace_s` (default 5).
+    min_receive_rate: float = setting(
+        default=64.0 * 1024, section="limits",
+        help="Slowest accepted inbound rate, in bytes/s, averaged after the grace period; slower senders are "
+             "cut off.")
+    receive_grace_s: float = setting(
+        default=5.0, section="limits", help="Seconds of a message before --min-receive-rate applies.")
+    #: Bytes of large receive buffers kept for reuse (default 512 MiB; 0: off).
+    receive_pool_bytes: int = setting(
+        default=512 << 20, section="limits", help="Bytes of large receive buffers kept for reuse (0: off).")
+    #: Direct TLS channel for bulk tensors (docs/transport.md): on (default), from `direct_threshold` bytes
+    #: (default 1 MiB); a peer whose direct connection failed is called over libp2p for `direct_retry_s`
+    #: (default 60); a connection attempt may take `direct_connect_timeout_s` (default 5).
+    direct: bool = setting(
+        default=True, section="limits", flag="--direct/--no-direct",
+        help="Send large messages over a direct TLS channel when the peer is reachable (libp2p otherwise).")
+    direct_threshold: int = setting(
+        default=1 << 20, section="limits", help="Smallest message, in bytes, sent over the direct channel.")
+    direct_retry_s: float = setting(
+        default=60.0, section="limits",
+        help="Seconds a peer whose direct connection failed is called over libp2p only.")
+    direct_connect_timeout_s: float = setting(
+        default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
+
+    def transport_limits(self) -> dict[str, Any]:
+        """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
+        return {"max_message_bytes": self.max_message_bytes, "max_inflight_bytes": self.max_inflight_bytes,
+                "max_inflight_bytes_per_peer": self.max_inflight_bytes_per_peer, "max_streams": self.max_streams,
+                "max_streams_per_peer": self.max_streams_per_peer, "min_receive_rate": self.min_receive_rate,
+                "receive_grace_s": self.receive_grace_s, "receive_pool_bytes": self.receive_pool_bytes,
+                "direct": self.direct, "direct_threshold": self.direct_threshold,
+                "direct_retry_s": self.direct_retry_s, "direct_connect_timeout": self.direct_connect_timeout_s}
+
+    def _validate_limits(self) -> None:
+        for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in ("max_inflight_bytes", "max_inflight_bytes_per_peer"):
+            v = getattr(self, key)
+            if v is not None and v < self.max_message_bytes:
+                raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
+                                  "else no message of the largest size could ever be received")
+        for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if not self.direct_connect_timeout_s > 0:
+            raise ConfigError(f"direct_connect_timeout_s={self.direct_connect_timeout_s}: must be > 0")
 
     def validate(self) -> NodeConfig:
         """Check every value once; raise `ConfigError` naming the key and the allowed values."""
@@ -227,6 +464,7 @@ class NodeConfig:
         self._validate_topology_settings()
         self._validate_byzantine_settings()
         self._validate_admission()
+        self._validate_limits()
         return self
 
     def _validate_admission(self) -> None:
@@ -391,20 +629,24 @@ class NodeConfig:
                                   f"aggregator needs one; use secagg_groups >= {self.aggregators} or fewer "
                                   f"aggregators")
 
+    def run_fields(self) -> dict[str, Any]:
+        """The run-wide fields (equal on every peer of a run): exactly what `config_hash` hashes.
+
+        These are the fields whose `Setting.hashed` is set, those of other topologies left out. The secure
+        aggregation fields count only when secagg is on, and ``secagg_groups``/``secagg_min_group`` only
+        when there is more than one group, so that the hash of runs made before they existed stays as it was.
+        """
+        keys = [*RUN_KEYS, *TOPOLOGY_RUN_KEYS.get(self.topology, ())]
+        if self.secagg:
+            keys += SECAGG_RUN_KEYS
+            if self.secagg_groups != 1:
+                keys += ["secagg_groups", "secagg_min_group"]
+        return {k: getattr(self, k) for k in keys}
+
     @property
     def config_hash(self) -> str:
-        """SHA-256 (hex, first 16 chars) of the run-wide keys."""
-        run = {k: getattr(self, k) for k in RUN_KEYS}
-        run["rule_params"] = self.rule_params
-        for k in TOPOLOGY_RUN_KEYS.get(self.topology, ()):
-            run[k] = getattr(self, k)
-        if self.secagg:  # hashed only when on, so that the hash of runs without it stays as it was
-            for k in SECAGG_RUN_KEYS:
-                run[k] = getattr(self, k)
-            if self.secagg_groups != 1:  # likewise: one group hashes as before the option existed
-                run["secagg_groups"] = self.secagg_groups
-                run["secagg_min_group"] = self.secagg_min_group
-        blob = json.dumps(run, sort_keys=True, default=str).encode()
+        """SHA-256 (hex, first 16 chars) of the run-wide keys (`run_fields`)."""
+        blob = json.dumps(self.run_fields(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -414,3 +656,18 @@ class NodeConfig:
             if out.get(key):
                 out[key] = MASK
         return out
+
+
+
+def _hashed(section_not: str, topology: str | None) -> tuple[str, ...]:
+    return tuple(f.name for f, meta in schema() if meta.hashed and meta.section != section_not
+                 and (meta.topologies == () if topology is None else topology in meta.topologies))
+
+
+#: Keys that must be equal on all peers of a run: a peer whose hash of these differs is not used (`Setting.hashed`).
+RUN_KEYS: tuple[str, ...] = _hashed("secagg", None)
+#: Further run-wide keys, per topology (hashed only for that topology, so other runs keep their hash).
+TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {t: keys for t in TOPOLOGIES if (keys := _hashed("secagg", t))}
+#: Run-wide keys of secure aggregation, hashed when it is on (the group keys only with more than one group).
+SECAGG_RUN_KEYS: tuple[str, ...] = tuple(f.name for f, meta in schema() if meta.hashed and meta.section == "secagg"
+                                         and f.name not in ("secagg_groups", "secagg_min_group"))

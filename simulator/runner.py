@@ -30,6 +30,8 @@ from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
 from simulator.analysis import layer_variance
 
 EVENT_DRIVEN = ("modest", "fl")
+#: `NodeConfig` field -> `SimConfig` field, where the two are spelled differently.
+SIM_NAMES = {"model_seed_mode": "init"}
 
 
 @dataclass
@@ -158,24 +160,15 @@ class SimConfig:
             raise ConfigError(f"rejoin_round={self.rejoin_round}: must be > crash_round={self.crash_round}")
         if not 0.0 <= self.rejoin_fraction <= 1.0:
             raise ConfigError(f"rejoin_fraction={self.rejoin_fraction}: must be in [0, 1]")
-        return NodeConfig(run_id=f"sim-{self.seed}", task=self.task, topology=self.topology, rule=self.rule,
-                          rule_params=dict(self.rule_params), model_seed_mode=self.init, seed=self.seed,
-                          shard=(index, self.nodes), alpha=self.alpha, local_steps=self.local_steps, lr=self.lr,
-                          batch_size=self.batch_size, device="cpu", rounds=self.rounds,
-                          exchange_timeout_s=self.exchange_timeout_s, eval_every=self.eval_every,
-                          sample_size=self.sample_size, aggregators=self.aggregators,
-                          success_fraction=self.success_fraction, aggregation_timeout_s=self.aggregation_timeout_s,
-                          sample_key=self.sample_key, inactivity_threshold=self.inactivity_threshold,
-                          dpsgd_graph=self.dpsgd_graph,
-                          dpsgd_degree=self.dpsgd_degree, outer_lr=self.outer_lr, secagg=self.secagg,
-                          secagg_neighbours=self.secagg_neighbours, secagg_threshold=self.secagg_threshold,
-                          secagg_clip=self.secagg_clip, secagg_groups=self.secagg_groups,
-                          secagg_min_group=self.secagg_min_group,
-                          attack=self.attack if index in self.byzantine_indices() else None,
-                          attack_params=dict(self.attack_params) if index in self.byzantine_indices() else {},
-                          robust_window=self.robust_window, suspicion_decay=self.suspicion_decay,
-                          exclude_suspects=self.exclude_suspects,
-                          suspect_threshold=self.suspect_threshold).validate()
+        # Every NodeConfig field that this class repeats is copied by name (init is model_seed_mode), so a
+        # setting added to both needs no line here; the rest are the simulator's own or fixed per node.
+        shared = {f.name: getattr(self, SIM_NAMES.get(f.name, f.name)) for f in dataclasses.fields(NodeConfig)
+                  if hasattr(self, SIM_NAMES.get(f.name, f.name))}
+        byzantine = index in self.byzantine_indices()
+        shared.update(run_id=f"sim-{self.seed}", shard=(index, self.nodes), device="cpu",
+                      rule_params=dict(self.rule_params), attack=self.attack if byzantine else None,
+                      attack_params=dict(self.attack_params) if byzantine else {})
+        return NodeConfig(**shared).validate()
 
 
 def sim_peer_id(index: int) -> str:

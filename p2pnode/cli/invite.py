@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pnode.config import RUN_KEYS, SECAGG_RUN_KEYS, TOPOLOGY_RUN_KEYS, NodeConfig
+from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError
 
 #: Prefix of a token; the digit is the format's version.
@@ -61,10 +61,7 @@ class Invite:
 
 def run_fields(config: NodeConfig) -> dict[str, Any]:
     """The run-wide fields of `config`: exactly those that `NodeConfig.config_hash` hashes."""
-    keys = [*RUN_KEYS, "rule_params", *TOPOLOGY_RUN_KEYS.get(config.topology, ())]
-    if config.secagg:
-        keys += [*SECAGG_RUN_KEYS, "secagg_groups", "secagg_min_group"]
-    return {k: getattr(config, k) for k in keys}
+    return config.run_fields()
 
 
 def _b64(data: bytes) -> str:

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,12 @@ class LayeredCommand(click.Command):
         ``config show``): no environment variable, not allowed in the file, not part of the config.
     """
 
-    def __init__(self, *args: Any, unlayered: Iterable[str] = (), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, unlayered: Iterable[str] = (),
+                 also_accept_env_of: Callable[[], Iterable[click.Command]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: Commands whose ``P2PNODE_*`` variables are accepted (and ignored) too: `sim` shares the environment
+        #: of `run`, whose variables (``P2PNODE_PORT`` ...) are then not typos.
+        self.also_accept_env_of = also_accept_env_of
         self.unlayered = frozenset(unlayered) | {CONFIG_PARAM}
         self.params.insert(0, click.Option(
             ["--config", CONFIG_PARAM], type=click.Path(dir_okay=False, path_type=Path), envvar=CONFIG_ENV,
@@ -165,7 +169,8 @@ class LayeredCommand(click.Command):
     def _check_environment(self, ctx: click.Context) -> None:
         """Refuse ``P2PNODE_*`` variables that match no option: a typo would otherwise be ignored silently."""
         known: set[str] = set(RESERVED_ENV)
-        for param in self.params:
+        others = list(self.also_accept_env_of()) if self.also_accept_env_of is not None else []
+        for param in [*self.params, *(p for c in others for p in c.params)]:
             if isinstance(param, click.Option) and param.envvar:
                 known.update([param.envvar] if isinstance(param.envvar, str) else param.envvar)
         unknown = sorted(name for name in os.environ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,9 +21,8 @@ from p2pnode.cli.invite import TOKEN_PREFIX, Invite, decode_token, differences, 
 from p2pnode.cli.layered import LayeredCommand, explain_config_error
 from p2pnode.cli.options import (
     byzantine_options,
-    byzantine_settings,
+    config_fields,
     config_from_options,
-    parse_params,
     training_options,
 )
 from p2pnode.cli.serve import serve
@@ -159,7 +159,8 @@ def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
                    err=True)
 
 
-@cli.command()
+@cli.command(cls=LayeredCommand, unlayered=("out", "plot", "quiet"),
+             also_accept_env_of=lambda: [cli.commands["run"], cli.commands["join"]])
 @click.option("--nodes", default=16, show_default=True, type=int, help="Number of simulated nodes.")
 @click.option("--rounds", default=20, show_default=True, type=int, help="Rounds to simulate.")
 @training_options
@@ -195,6 +196,9 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
         byzantine: int, local_attackers: bool, **kw: Any) -> None:
     """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
 
+    Options are layered as for `run`: defaults < TOML file (--config or $P2PNODE_CONFIG) < P2PNODE_*
+    environment < flags.
+
     For gossip and dpsgd a round is one step of every live node, in lockstep; for modest and fl it is one
     model version (one completed aggregation). The same seed gives the same results file, byte for byte.
     Wall-clock time goes to stdout only.
@@ -204,26 +208,19 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from simulator import SimConfig, run_simulation
+    from simulator.runner import SIM_NAMES
 
     try:
-        cfg = SimConfig(nodes=nodes, rounds=rounds, task=kw["task"], topology=kw["topology"], rule=kw["rule"],
-                        rule_params=parse_params(kw["rule_params"]), seed=kw["seed"], alpha=kw["alpha"],
-                        local_steps=kw["local_steps"], lr=kw["lr"], batch_size=kw["batch_size"], init=kw["init"],
-                        latency_ms=kw["latency_ms"], bandwidth_mbps=kw["bandwidth_mbps"], loss=msg_loss,
-                        step_time_ms=kw["step_time_ms"], sample_size=kw["sample_size"],
-                        aggregators=kw["aggregators"], success_fraction=kw["success_fraction"],
-                        sample_key=kw["sample_key"], dpsgd_graph=kw["dpsgd_graph"], dpsgd_degree=kw["dpsgd_degree"],
-                        outer_lr=kw["outer_lr"], inactivity_threshold=kw["inactivity_threshold"],
-                        secagg=kw["secagg"], secagg_neighbours=kw["secagg_neighbours"],
-                        secagg_threshold=kw["secagg_threshold"], secagg_clip=kw["secagg_clip"],
-                        secagg_groups=kw["secagg_groups"], secagg_min_group=kw["secagg_min_group"],
-                        crash_fraction=kw["crash_fraction"],
+        # The NodeConfig settings among the options (schema-generated), under SimConfig's names; an option
+        # left unset keeps SimConfig's default (the aggregation deadline: 10 virtual seconds).
+        sim_fields = {f.name for f in dataclasses.fields(SimConfig)}
+        shared = {SIM_NAMES.get(k, k): v for k, v in config_fields({**kw, "rounds": rounds}).items()
+                  if SIM_NAMES.get(k, k) in sim_fields}
+        cfg = SimConfig(nodes=nodes, **shared, latency_ms=kw["latency_ms"], bandwidth_mbps=kw["bandwidth_mbps"],
+                        loss=msg_loss, step_time_ms=kw["step_time_ms"], crash_fraction=kw["crash_fraction"],
                         crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
                         rejoin_fraction=kw["rejoin_fraction"], byzantine=byzantine,
-                        omniscient=not local_attackers, **byzantine_settings(kw),
-                        record_variance=kw["record_variance"])
-        if kw["aggregation_timeout"] is not None:
-            cfg.aggregation_timeout_s = kw["aggregation_timeout"]
+                        omniscient=not local_attackers, record_variance=kw["record_variance"])
         if kw["fl_server"] is not None:
             raise P2PNodeError("--fl-server is for real swarms; the simulator's fl server is node-0000")
         for i in [0, *cfg.byzantine_indices()]:

@@ -19,15 +19,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from p2pnode.cli.options import TRAINING_FIELDS
+from p2pnode.config import schema
+
 READY = re.compile(r"^p2pnode ready peer_id=(\S+) maddrs=(\S*) control=(\S+)")
 #: Seconds to wait for a daemon's ready line, and for all daemons to stop after SIGTERM.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
-#: Options of `training_options` passed on to each daemon as ``--name value`` when set.
-FORWARDED = ("topology", "alpha", "local_steps", "lr", "batch_size", "sample_size", "aggregators",
-             "success_fraction", "aggregation_timeout", "sample_key", "fl_server", "outer_lr", "dpsgd_graph",
-             "dpsgd_degree", "secagg_neighbours", "secagg_threshold", "secagg_clip", "secagg_groups",
-             "secagg_min_group")
+#: Options of `training_options` passed on to each daemon as ``--name value`` when set (all of them but the
+#: ones `_args` passes itself: the run-wide ones every daemon must agree on, from the schema).
+FORWARDED = tuple(meta.param for f, meta in schema() if f.name in TRAINING_FIELDS and meta.param not in (
+    "task", "rule", "seed", "init", "secagg", "rule_params"))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 from typing import Any
 
@@ -78,6 +80,22 @@ def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: i
                    model_seed=model_seed, label_map=label_map)
 
 
+def settings_from_config(config: NodeConfig, cls: Any, **explicit: Any) -> dict[str, Any]:
+    """Keyword arguments of the protocol settings class `cls`: every `NodeConfig` field of the same name
+    (copied, so that the protocol never shares a mutable value with the config), then `explicit`.
+
+    A setting added to `NodeConfig` (the schema) and to a protocol's settings under the same name
+    reaches the protocol with no further line; ``config_hash`` is passed as well.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config)
+                           if f.name in names}
+    if "config_hash" in names:
+        out["config_hash"] = config.config_hash
+    out.update(explicit)
+    return out
+
+
 def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport, directory: PeerDirectory,
                    compute: Compute, rng: random.Random, step_cost_s: float = 0.0,
                    secagg_randomness: Randomness | None = None, attacker: Attacker | None = None,
@@ -94,28 +112,14 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
     local_steps = config.local_steps or trainer.task.default_local_steps
     if attacker is None:
         attacker = build_attacker(config, peer_id=transport.peer_id)
-    byz: dict[str, Any] = {"suspicion_decay": config.suspicion_decay, "exclude_suspects": config.exclude_suspects,
-           "suspect_threshold": config.suspect_threshold}
     if config.topology == "gossip":
-        settings = GossipSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
-                                  rule=config.rule, rule_params=dict(config.rule_params),
-                                  exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
-                                  step_cost_s=step_cost_s, robust_window=config.robust_window, **byz)
+        settings = GossipSettings(**settings_from_config(config, GossipSettings, local_steps=local_steps,
+                                                         step_cost_s=step_cost_s))
         return GossipProtocol(settings, transport=transport, directory=directory, trainer=trainer,
                               compute=compute, rng=rng, attacker=attacker)
     if config.topology in ("modest", "fl"):
-        modest = ModestSettings(
-            run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
-            sample_size=config.sample_size, aggregators=config.aggregators,
-            success_fraction=config.success_fraction, aggregation_timeout_s=config.aggregation_timeout_s,
-            liveness_min=config.liveness_min, max_topups=config.max_topups, ping_timeout_s=config.ping_timeout_s,
-            ping_interval_s=config.ping_interval_s, inactivity_threshold=config.inactivity_threshold,
-            join_fanout=config.join_fanout, sample_key=config.sample_key, rule=config.rule,
-            rule_params=dict(config.rule_params), outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
-            outer_nesterov=config.outer_nesterov, idle_timeout_s=config.idle_timeout_s,
-            exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every, step_cost_s=step_cost_s,
-            secagg=secagg_settings(config), secagg_groups=config.secagg_groups,
-            secagg_min_group=config.secagg_min_group, **byz)
+        modest = ModestSettings(**settings_from_config(config, ModestSettings, local_steps=local_steps,
+                                                       step_cost_s=step_cost_s, secagg=secagg_settings(config)))
         if config.topology == "fl":
             modest.fixed_aggregator = config.fl_server
             return FLProtocol(modest, transport=transport, directory=directory, trainer=trainer, compute=compute,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p2pnode.config import setting
 from p2pnode.errors import ConfigError
 
 #: Values of `DaemonSettings.progress`.
@@ -32,56 +33,90 @@ class DaemonSettings:
 
     #: Where the node keeps its identity key, checkpoints, lock and ``control.json``. None: nothing is
     #: persisted (a fresh identity every start, no checkpoints).
-    state_dir: Path | None = None
+    state_dir: Path | None = setting(
+        default=None, section="daemon", help="Where the node keeps its control address and token (--state-dir).",
+        option=False)
     #: Resume from the newest valid checkpoint in the state dir at start (default True).
-    resume: bool = True
+    resume: bool = setting(
+        default=True, section="daemon",
+        help="Resume from the newest valid checkpoint in the state dir (--no-resume starts at round 0 and moves this "
+             "run's old checkpoints aside).",
+        flag="--resume/--no-resume")
     #: Write a checkpoint every this many rounds (default 1; 0: never).
-    checkpoint_every: int = 1
+    checkpoint_every: int = setting(
+        default=1, section="daemon", help="Write a checkpoint every this many rounds (0: never).", metavar="ROUNDS")
     #: Checkpoints kept in the state dir, newest first (default 3; at least 1).
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = setting(
+        default=3, section="daemon", help="Checkpoints kept in the state dir, newest first.")
     #: Sign this node's DHT records with its identity key and refuse unsigned records (default True).
     #: All peers of a run must agree: a signed directory ignores unsigned records and vice versa.
-    signed_records: bool = True
+    signed_records: bool = setting(
+        default=True, section="daemon",
+        help="Sign this node's DHT records with its identity key and ignore unsigned ones (all peers of a run must "
+             "agree).",
+        flag="--signed-records/--unsigned-records")
     #: When joining through initial peers, let p2pd check first that no other peer uses this node's
     #: identity (default True; costs one extra short-lived p2pd at start).
-    check_identity_free: bool = True
+    check_identity_free: bool = setting(
+        default=True, section="daemon",
+        help="When joining, check first that no other peer uses this node's identity (one short-lived p2pd).",
+        flag="--check-identity-free/--no-check-identity-free")
     #: At start, fetch the model and round from the most advanced peers when they are ahead of this
     #: node's checkpoint (default True).
-    sync_on_join: bool = True
+    sync_on_join: bool = setting(
+        default=True, section="daemon", help="At start, fetch the model and round from peers that are ahead.",
+        param="sync_on_join", flag="--sync/--no-sync")
     #: Serve this node's model to joining peers (default True).
-    serve_state: bool = True
+    serve_state: bool = setting(
+        default=True, section="daemon", help="Serve this node's model to joining peers.",
+        flag="--serve-state/--no-serve-state")
     #: Longest wait for peers to appear in the directory before syncing, when initial peers are
     #: given, in seconds (default 15).
-    sync_wait_s: float = 15.0
+    sync_wait_s: float = setting(
+        default=15.0, section="daemon", help="Longest wait for peers to appear before syncing, in seconds.")
     #: Longest whole state sync, in seconds (default 300); then the node starts from its own model.
-    sync_timeout_s: float = 300.0
+    sync_timeout_s: float = setting(
+        default=300.0, section="daemon",
+        help="Longest whole state sync, in seconds; then the node starts from its own model.")
     #: Size of one state-sync chunk, in bytes (default 1 MiB).
-    sync_chunk_bytes: int = 1 << 20
+    sync_chunk_bytes: int = setting(default=1 << 20, section="daemon", help="Size of one state-sync chunk, in bytes.")
     #: Most peers asked for their manifest, most advanced first (default 4).
-    sync_sources: int = 4
+    sync_sources: int = setting(
+        default=4, section="daemon", help="Most peers asked for their manifest, most advanced first.")
     #: Chunk requests in flight at once during a sync (default 4).
-    sync_parallel: int = 4
+    sync_parallel: int = setting(default=4, section="daemon", help="Chunk requests in flight at once during a sync.")
     #: Time allowed for one manifest or chunk request, in seconds (default 15).
-    sync_request_timeout_s: float = 15.0
+    sync_request_timeout_s: float = setting(
+        default=15.0, section="daemon", help="Seconds allowed for one manifest or chunk request of a sync.")
     #: Quorum: a round that merged fewer models than this (own included) is partial: it is reported,
     #: counted, and its merge is not applied (default 1: every merge counts).
-    min_merge: int = 1
+    min_merge: int = setting(
+        default=1, section="daemon",
+        help="Quorum: a round that merged fewer than N models (own included) is partial and its merge is not applied.",
+        metavar="N")
     #: Port of the Prometheus endpoint (``/metrics``); None (default): no endpoint; 0: any free port.
-    metrics_port: int | None = None
+    metrics_port: int | None = setting(
+        default=None, section="daemon", help="Serve Prometheus metrics on this port (0: any free port) [default: off].")
     #: Address of the Prometheus endpoint (default 127.0.0.1).
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = setting(default="127.0.0.1", section="daemon", help="Address of the metrics endpoint.")
     #: Cap on the GPU memory this process may allocate, in GiB (default: no cap).
-    max_gpu_memory_gib: float | None = None
+    max_gpu_memory_gib: float | None = setting(
+        default=None, section="daemon", help="Cap on GPU memory in GiB (--max-gpu-memory 8).", option=False)
     #: Cap on the GPU memory this process may allocate, as a fraction of the device's memory in (0, 1]
     #: (default: no cap). At most one of the two caps may be set.
-    max_gpu_memory_fraction: float | None = None
+    max_gpu_memory_fraction: float | None = setting(
+        default=None, section="daemon", help="Cap on GPU memory as a fraction (--max-gpu-memory 0.5).", option=False)
     #: Intra-op CPU threads of torch in the daemon process (default: torch's choice).
-    cpu_threads: int | None = None
+    cpu_threads: int | None = setting(default=None, section="daemon", help="CPU threads for training [torch default].")
     #: Cap on the average upload rate to peers, in Mbit/s (default: no cap).
-    max_upload_mbps: float | None = None
+    max_upload_mbps: float | None = setting(
+        default=None, section="daemon", help="Cap on the average upload rate to peers, in Mbit/s [default: none].")
     #: Live progress display on stderr: ``auto`` (default: when stderr is a terminal and logs are
     #: text), ``on`` (when stderr is a terminal) or ``off``.
-    progress: str = "auto"
+    progress: str = setting(
+        default="auto", section="daemon",
+        help="Live progress display on stderr (auto: when stderr is a terminal and logs are text).",
+        choices=PROGRESS_MODES)
 
     @classmethod
     def in_memory(cls, **overrides: Any) -> DaemonSettings:

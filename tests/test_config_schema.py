@@ -1,0 +1,224 @@
+"""The `NodeConfig` schema (`p2pnode.config.Setting`) is the one source of the options of `run`/`join`/`config`:
+every field is reachable from a flag, a TOML key and a ``P2PNODE_*`` variable, `config show` lists it, its
+value arrives in the `NodeConfig`, and `config_hash` of existing runs is what it was before the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from p2pnode.cli.main import cli
+from p2pnode.cli.options import TRAINING_FIELDS, config_fields
+from p2pnode.cli.schema_doc import DOC, render
+from p2pnode.config import (
+    RUN_KEYS,
+    SECAGG_RUN_KEYS,
+    SECTIONS,
+    TOPOLOGIES,
+    TOPOLOGY_RUN_KEYS,
+    NodeConfig,
+    Setting,
+    schema,
+)
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Hashes computed before the schema existed (literal key lists): they must not change, or old runs split.
+KNOWN_HASHES = [
+    ({}, "89aabe327b865323"),
+    ({"topology": "modest", "outer_lr": 0.5}, "9ae599f65289629d"),
+    ({"topology": "fl", "secagg": True, "sample_size": 4}, "9d3473e0a9f70ca4"),
+    ({"topology": "modest", "secagg": True, "secagg_groups": 2, "sample_size": 10, "rule": "median"},
+     "96690385450e89e6"),
+    ({"topology": "dpsgd", "rule_params": {"a": 1}}, "c6f452afad822916"),
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("P2PNODE_"):
+            monkeypatch.delenv(name)
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("P2PNODE_STATE_DIR", str(state))
+
+
+def sample(f: dataclasses.Field[Any], meta: Setting) -> tuple[str, Any]:
+    """A non-default value of field `f`: (as text for a flag or variable, as click parses it)."""
+    typ = str(f.type)
+    if meta.choices:
+        value = meta.choices[-1]
+        return value, value
+    if typ == "bool":
+        return "true", True
+    if typ.startswith("dict["):
+        return "k=7", ["k=7"]
+    if typ.startswith("list["):
+        return "p1", ["p1"]
+    if typ.startswith("tuple["):
+        return "1/3", "1/3"
+    if typ.startswith("int"):
+        return "7", 7
+    if typ.startswith("float"):
+        return "2.5", 2.5
+    return "some-text", "some-text"
+
+
+def flag_args(f: dataclasses.Field[Any], meta: Setting, text: str) -> list[str]:
+    decl = meta.flag or "--" + meta.param.replace("_", "-")
+    if str(f.type) == "bool":
+        return [decl.split("/")[0]]
+    return [decl, text]
+
+
+def toml_line(f: dataclasses.Field[Any], meta: Setting, text: str, value: Any) -> str:
+    if str(f.type) == "bool":
+        return f"{meta.param} = true"
+    if isinstance(value, (int, float)):
+        return f"{meta.param} = {text}"
+    return f"{meta.param} = {json.dumps(text)}"
+
+
+def show(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["config", "show", "--json", *args], env=env, catch_exceptions=False)
+    # Exit 2 is fine here: one unusual value alone may make an invalid node; show prints it all the same.
+    assert result.exit_code in (0, 2), result.output
+    data: dict[str, Any] = json.loads(result.stdout.splitlines()[0])
+    return data["options"]
+
+
+#: Every field with a generated option: the node's (`NodeConfig`) and the daemon's (`DaemonSettings`).
+FIELDS = schema() + [(f, meta) for f, meta in schema(DaemonSettings) if meta.option]
+
+
+def test_every_field_has_a_section_a_help_and_its_own_key() -> None:
+    params = [meta.param for _, meta in FIELDS]
+    assert len(params) == len(set(params))
+    assert {f.name for f, _ in FIELDS} >= {f.name for f in dataclasses.fields(NodeConfig)}
+    # The daemon fields without a generated option are set by a hand-written one.
+    assert {f.name for f, meta in schema(DaemonSettings) if not meta.option} == {
+        "state_dir", "max_gpu_memory_gib", "max_gpu_memory_fraction"}
+    for f, meta in FIELDS:
+        assert meta.section in SECTIONS and meta.help, f.name
+        assert set(meta.topologies) <= set(TOPOLOGIES), f.name
+
+
+@pytest.mark.parametrize(("f", "meta"), FIELDS, ids=[f.name for f, _ in FIELDS])
+def test_field_reachable_from_flag_toml_and_env(f: dataclasses.Field[Any], meta: Setting, tmp_path: Path) -> None:
+    text, value = sample(f, meta)
+    masked = "***" if meta.secret else value
+    got = show(flag_args(f, meta, text))[meta.param]
+    assert (got["value"], got["source"]) == (masked, "flag")
+    got = show([], env={"P2PNODE_" + meta.param.upper(): text})[meta.param]
+    assert (got["value"], got["source"]) == (masked, "env")
+    path = tmp_path / "c.toml"
+    path.write_text(toml_line(f, meta, text, value) + "\n")
+    got = show(["--config", str(path)])[meta.param]
+    assert (got["value"], got["source"]) == (masked, "file")
+    # ... and the option's value lands in the field it belongs to.
+    cls = NodeConfig if f.name in {g.name for g in dataclasses.fields(NodeConfig)} else DaemonSettings
+    assert f.name in config_fields({meta.param: value}, cls)
+
+
+def test_config_show_lists_every_field_with_its_default() -> None:
+    options = show([])
+    for f, meta in FIELDS:
+        assert meta.param in options, f.name
+        assert options[meta.param]["source"] == "default"
+
+
+def test_sim_and_swarm_share_the_training_fields() -> None:
+    names = {f.name for f, _ in FIELDS}
+    assert set(TRAINING_FIELDS) <= names
+    for command in ("sim", "swarm"):
+        params = {p.name for p in cli.commands[command].params}
+        missing = [n for f, meta in FIELDS if f.name in TRAINING_FIELDS and (n := meta.param) not in params]
+        assert not missing, (command, missing)
+
+
+def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
+    assert set(RUN_KEYS) == {"run_id", "task", "topology", "rule", "rule_params", "model_seed_mode"}
+    assert set(TOPOLOGY_RUN_KEYS["modest"]) == {"sample_size", "aggregators", "success_fraction", "sample_key",
+                                                "outer_lr", "outer_momentum", "outer_nesterov"}
+    assert set(TOPOLOGY_RUN_KEYS["fl"]) == {"sample_size", "success_fraction", "fl_server", "outer_lr",
+                                            "outer_momentum", "outer_nesterov"}
+    assert set(TOPOLOGY_RUN_KEYS["dpsgd"]) == {"dpsgd_graph", "dpsgd_degree"}
+    assert "gossip" not in TOPOLOGY_RUN_KEYS
+    assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
+    for kw, expected in KNOWN_HASHES:
+        assert NodeConfig(**kw).config_hash == expected, kw
+
+
+def test_docs_config_reference_matches_the_schema() -> None:
+    text = DOC.read_text()
+    assert render(text) == text, "docs/config.md is stale: run `python -m p2pnode.cli.schema_doc`"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/daemon.md"])
+def test_flags_in_the_option_tables_are_options_of_run(doc: str) -> None:
+    """Every ``--flag`` at the start of a table row of `doc` is an option of `p2pnode run` (or of `sim`)."""
+    known: set[str] = set()
+    for command in ("run", "sim"):
+        for p in cli.commands[command].params:
+            for opt in [*p.opts, *p.secondary_opts]:
+                known.add(opt)
+    rows = [line for line in (ROOT / doc).read_text().splitlines() if line.startswith("| `--")]
+    assert rows
+    flags = {f for line in rows for m in re.findall(r"`(--[a-z0-9-]+[^`]*)`", line.split("|")[1])
+             for f in m.split()[0].split("=")[0].split("/")}
+    assert flags - known == set()
+
+
+def test_sim_reads_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text("nodes = 4\nrounds = 2\nlocal_steps = 2\n")
+    result = CliRunner().invoke(cli, ["sim", "--config", str(path), "--quiet"], env={"P2PNODE_ROUNDS": "1"},
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nodes=4 rounds=1 " in result.output
+
+
+def test_limits_defaults_are_the_transports_own() -> None:
+    """The ``limits`` section passes the transport's defaults unchanged when nothing is set."""
+    import inspect
+
+    from p2pnode.transport.p2p import P2PTransport
+
+    params = inspect.signature(P2PTransport.__init__).parameters
+    limits = NodeConfig().transport_limits()
+    for name, value in limits.items():
+        assert name in params, name
+        if params[name].default is not None or value is not None:
+            assert params[name].default == value, name
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="max_inflight_bytes_per_peer=10: must be >= max_message_bytes"):
+        NodeConfig(max_inflight_bytes_per_peer=10).validate()
+    with pytest.raises(ConfigError, match="max_streams=0"):
+        NodeConfig(max_streams=0).validate()
+
+
+def test_sim_config_repeats_node_config_fields_with_their_types() -> None:
+    """A field that SimConfig repeats from NodeConfig is copied into each node's config by name: same type."""
+    from simulator.runner import SIM_NAMES, SimConfig
+
+    node = {f.name: str(f.type) for f in dataclasses.fields(NodeConfig)}
+    for f in dataclasses.fields(SimConfig):
+        name = {v: k for k, v in SIM_NAMES.items()}.get(f.name, f.name)
+        if name in node and name != "rounds":  # the simulator always runs a number of rounds
+            assert str(f.type) == node[name], f.name
+    cfg = SimConfig(nodes=4, topology="modest", sample_size=3, secagg=True, init="independent")
+    got = cfg.node_config(2)
+    assert (got.shard, got.model_seed_mode, got.secagg, got.sample_size, got.aggregation_timeout_s) == (
+        (2, 4), "independent", True, 3, 10.0)
