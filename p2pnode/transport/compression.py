@@ -195,10 +195,12 @@ def _raw(t: torch.Tensor) -> CompressedTensor:
 
 
 def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
-    """Encode `t` in `compression` (a tensor that is not floating-point, or ``none``, travels raw).
+    """Encode `t` in `compression`.
 
-    Raises `ValueError` for a tensor holding NaN/Inf (nothing finite to send), for fp16 values beyond
-    its range (about 65504: use bf16 or int8), and for top-k tensors above `MAX_TOPK_NUMEL` elements.
+    Travels raw instead (kind ``none``): a tensor that is not floating-point, any tensor under ``none``,
+    one holding NaN or Inf (no format can carry it; the receiver's own checks refuse it as they refuse
+    it uncompressed), and under fp16 one with values beyond fp16's range (about 65504), which would
+    arrive as Inf. Raises `ValueError` for top-k tensors above `MAX_TOPK_NUMEL` elements.
     """
     t = t.detach()
     if t.device.type != "cpu":
@@ -209,11 +211,11 @@ def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
     shape = tuple(t.shape)
     flat = t.reshape(-1)
     if flat.numel() and not bool(torch.isfinite(flat).all()):
-        raise ValueError("cannot compress a tensor that holds NaN or Inf")
+        return _raw(t)
     kind = compression.kind
     if kind == "fp16":
         if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
-            raise ValueError(f"values beyond fp16's range ({_FP16_MAX:g}); use bf16 or int8")
+            return _raw(t)
         return CompressedTensor(kind, t.dtype, shape, (flat.to(torch.float16),))
     if kind == "bf16":
         return CompressedTensor(kind, t.dtype, shape, (flat.to(torch.bfloat16),))
@@ -404,6 +406,10 @@ class ErrorFeedback:
     the residual ``e = (x + e_prev) - decoded(x + e_prev)`` of the last message and sends ``x + e`` next
     time, so the running sum of what the receiver decodes stays within one residual of the running sum
     of the inputs. A protocol holds one per kind of message it compresses.
+
+    Use it for values the receiver accumulates (updates, DiLoCo pseudo-gradients): there the residual
+    arrives one message later and nothing is lost. A whole model is not accumulated, so feedback would
+    only add last round's residual to this round's error: compress models without it.
 
     Args:
         compression: the format (``none``: `compress` only wraps the tensors; no residual is kept).
