@@ -48,7 +48,7 @@ from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, Suspic
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
-from p2pnode.transport.compression import CompressedTensor, Compression, compress_state, parse_compression
+from p2pnode.transport.compression import CompressedTensor, Compression, check_combination, compress_state
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,12 @@ class GossipProtocol:
                  trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
                  compression: Compression | str | None = None) -> None:
         """See the class; `compression` is the wire format of the exchanged models (None: the transport's
-        `Transport.compression`). Raises `ValueError` for a sparse format (topk)."""
+        `Transport.compression`). Raises `ConfigError` for a sparse format (topk)."""
         if settings.window < 1:
             raise ValueError(f"robust_window must be >= 1, got {settings.window}")
-        self.compression = parse_compression(compression) if compression is not None else transport.compression
-        if self.compression.sparse:
-            raise ValueError(f"compression {self.compression} keeps a fraction of each tensor; gossip exchanges "
-                             f"whole models: use fp16, bf16 or int8")
+        # Whole models: a sparse format (topk) is refused (ConfigError, a ValueError).
+        self.compression = check_combination(compression if compression is not None else transport.compression,
+                                             payload="models")
         self.settings = settings
         self.transport = transport
         self.directory = directory

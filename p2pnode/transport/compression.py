@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pnode.errors import BadMessage
+from p2pnode.errors import BadMessage, ConfigError
 from p2pnode.proto import peer_pb2
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "CompressedTensor",
     "Compression",
     "ErrorFeedback",
+    "check_combination",
     "check_spec",
     "compress",
     "compress_state",
@@ -146,6 +147,33 @@ def parse_compression(spec: str | Compression | None) -> Compression:
         return Compression(kind)
     except ValueError as e:
         raise ValueError(f"invalid compression {spec!r}: {e}") from e
+
+
+def check_combination(compression: Compression | str | None, *, secagg: bool = False,
+                      payload: str = "updates") -> Compression:
+    """Refuse a compression that cannot work with the rest of a run's setup; return it parsed.
+
+    Args:
+        compression: the wire format.
+        secagg: whether the exchanged values go through secure aggregation.
+        payload: what the protocol sends: ``updates`` (pseudo-gradients, deltas) or ``models``.
+
+    Raises `ConfigError`: a lossy format with secure aggregation (secagg masks its own fixed-point
+    encoding of each update, ``p2pnode.secagg.quantize``: masked values are uniform in the field, so no
+    further compression applies, and compressing before masking would change what the masks cancel);
+    a sparse format (topk) for whole models.
+    """
+    c = parse_compression(compression)
+    if secagg and c.lossy:
+        raise ConfigError(f"compression={c} cannot be combined with secure aggregation: secagg sends its own "
+                          f"fixed-point encoding of each masked update (its quantization bits set the precision); "
+                          f"use compression=none with secagg")
+    if payload not in ("updates", "models"):
+        raise ValueError(f"payload must be 'updates' or 'models', got {payload!r}")
+    if payload == "models" and c.sparse:
+        raise ConfigError(f"compression={c} keeps only a fraction of each tensor: it fits updates (DiLoCo "
+                          f"pseudo-gradients), not whole models; use fp16, bf16 or int8")
+    return c
 
 
 @dataclass(frozen=True)
