@@ -38,5 +38,7 @@ class BadMessage(TransportError):
     """A message from a peer is malformed, oversized, of the wrong shape or dtype, or holds NaN/Inf.
 
     `code` is one of the reason codes counted in the node's `rejected` metrics:
-    ``malformed``, ``oversized``, ``bad_shape``, ``non_finite``, ``wrong_run``, ``stale``.
+    ``malformed``, ``oversized``, ``bad_shape``, ``non_finite``, ``wrong_run``, ``stale``; for compressed
+    tensors (`p2pnode.transport.compression`) also ``bad_compression``, ``bad_blocks``, ``bad_scale`` and
+    ``bad_index``.
     """

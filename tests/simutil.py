@@ -34,11 +34,12 @@ def make_config(index: int, count: int, **overrides: object) -> NodeConfig:
 
 
 async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterable[int] = (),
-                     **overrides: object) -> Group:
+                     compression: str | None = None, **overrides: object) -> Group:
     """`count` started nodes of one run on one in-memory network (call inside `run_virtual`).
 
     With ``secagg=True`` each node gets its seeded secagg identity key, except the nodes whose indices are
-    in `unkeyed`; `signed_records` False makes the directories unauthenticated (``--unsigned-records``).
+    in `unkeyed`; `signed_records` False makes the directories unauthenticated (``--unsigned-records``);
+    `compression` is every transport's wire compression (`Transport.compression`; default none).
     """
     no_key = set(unkeyed)
     network = MemoryNetwork(seed=0)
@@ -47,7 +48,7 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
     for i in range(count):
         config = make_config(i, count, **overrides)
         pid = f"node-{i}"
-        transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
+        transport = network.transport(pid, max_message_bytes=config.max_message_bytes, compression=compression)
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
                                     authenticated=signed_records)
         trainer = build_trainer(config)

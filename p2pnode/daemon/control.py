@@ -162,7 +162,9 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__,
             partial_rounds=st.partial_rounds, resumed_from=st.resumed_from,
             node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED),
-            dht_state=st.dht_state or "", dht_events=st.dht_events)
+            dht_state=st.dht_state or "", dht_events=st.dht_events,
+            round_bytes_sent=st.round_bytes_sent, round_bytes_received=st.round_bytes_received,
+            **st.tensor_bytes)
         if st.last_checkpoint_round is not None:
             reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:
@@ -192,7 +194,9 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
         reply = control_pb2.MetricsReply(
             round=node.round, calls=st.calls, failed_calls=st.failed_calls, bytes_sent=st.bytes_sent,
             bytes_received=st.bytes_received, rejected=dict(st.rejected),
-            directory_mismatched=node.directory.mismatched, directory_invalid=node.directory.invalid)
+            directory_mismatched=node.directory.mismatched, directory_invalid=node.directory.invalid,
+            round_bytes_sent=node.round_bytes_sent, round_bytes_received=node.round_bytes_received,
+            tensor_wire_bytes_sent=st.tensor_wire_bytes_sent, tensor_raw_bytes_sent=st.tensor_raw_bytes_sent)
         r = node.last_report
         if r is not None:
             reply.loss = r.train_loss

@@ -27,6 +27,10 @@ name                                       type       meaning
 ``merge_combined``, ``merge_fraction``     gauge      models merged in the last round (own included),
                                                       share of the model they covered
 ``bytes_sent_total``, ``bytes_received_total`` counter bytes to / from peers (whole messages)
+``round_bytes_sent``, ``round_bytes_received`` gauge bytes to / from peers during the last round
+``tensor_bytes_total{direction,size}``     counter    tensor bytes ``sent``/``received``, ``wire`` (as they
+                                                      travelled, compressed) and ``raw`` (uncompressed);
+                                                      raw / wire is the compression ratio
 ``calls_total``, ``failed_calls_total``    counter    requests to peers, and failed ones
 ``rejected_messages_total{reason}``        counter    messages refused, by reason code
 ``directory_rejected_total{reason}``       counter    directory records and reads refused, by reason
@@ -117,6 +121,17 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily(PREFIX + "bytes_sent", "Bytes sent to peers (whole messages)", value=st.bytes_sent)
         yield CounterMetricFamily(PREFIX + "bytes_received", "Bytes received from peers (whole messages)",
                                   value=st.bytes_received)
+        yield GaugeMetricFamily(PREFIX + "round_bytes_sent", "Bytes sent to peers during the last round",
+                                value=st.round_bytes_sent)
+        yield GaugeMetricFamily(PREFIX + "round_bytes_received", "Bytes received from peers during the last round",
+                                value=st.round_bytes_received)
+        tensor = CounterMetricFamily(PREFIX + "tensor_bytes",
+                                     "Tensor bytes to and from peers: on the wire, and uncompressed",
+                                     labels=["direction", "size"])
+        for direction in ("sent", "received"):
+            for size in ("wire", "raw"):
+                tensor.add_metric([direction, size], st.tensor_bytes.get(f"tensor_{size}_bytes_{direction}", 0))
+        yield tensor
         yield CounterMetricFamily(PREFIX + "calls", "Requests made to peers", value=ts.calls)
         yield CounterMetricFamily(PREFIX + "failed_calls", "Requests to peers that failed", value=ts.failed_calls)
         rejected = CounterMetricFamily(PREFIX + "rejected_messages", "Messages refused, by reason",

@@ -90,6 +90,11 @@ class NodeStatus:
     dht_state: str | None = None
     #: Events of the DHT supervisor (``dht_died``, ``p2pd_died``, ``restarted``, ``restart_failed``).
     dht_events: dict[str, int] = field(default_factory=dict)
+    #: Bytes sent and received during the last completed round (0 before the first one).
+    round_bytes_sent: int = 0
+    round_bytes_received: int = 0
+    #: Tensor bytes since start: on the wire, and their uncompressed size (`TrafficStats.tensor_dict`).
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class Node:
@@ -127,6 +132,10 @@ class Node:
         self.last_report: RoundReport | None = None
         self.state = "created"
         self.partial_rounds = 0
+        #: Bytes sent to and received from peers during the last completed round (whole messages, this
+        #: node's answers to peers' requests meanwhile included); 0 before the first round.
+        self.round_bytes_sent = 0
+        self.round_bytes_received = 0
         self.last_checkpoint_round: int | None = None
         self.resumed_from = "fresh"
         #: The state sync of this start, if one fetched a model.
@@ -343,6 +352,8 @@ class Node:
         publish the report."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        st = self.transport.stats
+        sent0, received0 = st.bytes_sent, st.bytes_received
         self._pre_merge = None
         self._guard_armed = self.settings.min_merge > 1
         self._in_round = True
@@ -353,6 +364,10 @@ class Node:
             self._guard_armed = False
             self._in_round = False
         duration = loop.time() - t0
+        # `stats` may have been replaced meanwhile (a test resetting counters): never report a negative round.
+        st = self.transport.stats
+        self.round_bytes_sent = max(0, st.bytes_sent - sent0)
+        self.round_bytes_received = max(0, st.bytes_received - received0)
         self.last_report = report
         if partial is not None:
             self.partial_rounds += 1
@@ -380,6 +395,7 @@ class Node:
         event = {"event": "round", "peer_id": self.peer_id, **asdict(r),
                  "bytes_sent": self.transport.stats.bytes_sent,
                  "bytes_received": self.transport.stats.bytes_received,
+                 "round_bytes_sent": self.round_bytes_sent, "round_bytes_received": self.round_bytes_received,
                  "rejected": sum(self.transport.stats.rejected.values()),
                  "partial": partial, "duration_s": round(duration_s, 4)}
         logger.info("peer=%s round=%d loss=%.4f acc=%s peers=%d merged=%d sent=%.2fMB%s", self.peer_id[-8:],
@@ -519,7 +535,9 @@ class Node:
                           maddrs=self.transport.addresses(), state=self.state, partial_rounds=self.partial_rounds,
                           last_checkpoint_round=self.last_checkpoint_round, resumed_from=self.resumed_from,
                           dht_state=self.network.state if self.network is not None else None,
-                          dht_events=dict(self.network.events) if self.network is not None else {})
+                          dht_events=dict(self.network.events) if self.network is not None else {},
+                          round_bytes_sent=self.round_bytes_sent, round_bytes_received=self.round_bytes_received,
+                          tensor_bytes=st.tensor_dict())
 
     async def shutdown(self) -> None:
         """Leave gracefully: finish the checkpoint in progress (and write one of the last round if it has

@@ -29,7 +29,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events")
+    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "tensor_wire_bytes_received", "tensor_raw_bytes_received")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,12 @@ class StatusReply(_message.Message):
     NODE_STATE_FIELD_NUMBER: _ClassVar[int]
     DHT_STATE_FIELD_NUMBER: _ClassVar[int]
     DHT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_WIRE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_RAW_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_WIRE_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_RAW_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     task: str
@@ -90,7 +96,13 @@ class StatusReply(_message.Message):
     node_state: NodeState
     dht_state: str
     dht_events: _containers.ScalarMap[str, int]
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    round_bytes_sent: int
+    round_bytes_received: int
+    tensor_wire_bytes_sent: int
+    tensor_raw_bytes_sent: int
+    tensor_wire_bytes_received: int
+    tensor_raw_bytes_received: int
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., tensor_wire_bytes_received: _Optional[int] = ..., tensor_raw_bytes_received: _Optional[int] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()
@@ -125,7 +137,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MetricsReply(_message.Message):
-    __slots__ = ("round", "loss", "test_loss", "accuracy", "calls", "failed_calls", "bytes_sent", "bytes_received", "rejected", "directory_mismatched", "directory_invalid", "peers", "combined", "fraction", "failures")
+    __slots__ = ("round", "loss", "test_loss", "accuracy", "calls", "failed_calls", "bytes_sent", "bytes_received", "rejected", "directory_mismatched", "directory_invalid", "peers", "combined", "fraction", "failures", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +160,10 @@ class MetricsReply(_message.Message):
     COMBINED_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_WIRE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_RAW_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     round: int
     loss: float
     test_loss: float
@@ -163,7 +179,11 @@ class MetricsReply(_message.Message):
     combined: int
     fraction: float
     failures: int
-    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., calls: _Optional[int] = ..., failed_calls: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., directory_mismatched: _Optional[int] = ..., directory_invalid: _Optional[int] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., failures: _Optional[int] = ...) -> None: ...
+    round_bytes_sent: int
+    round_bytes_received: int
+    tensor_wire_bytes_sent: int
+    tensor_raw_bytes_sent: int
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., calls: _Optional[int] = ..., failed_calls: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., directory_mismatched: _Optional[int] = ..., directory_invalid: _Optional[int] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., failures: _Optional[int] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

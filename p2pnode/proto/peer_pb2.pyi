@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TensorCompression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[TensorCompression]
+    COMPRESSION_FP16: _ClassVar[TensorCompression]
+    COMPRESSION_BF16: _ClassVar[TensorCompression]
+    COMPRESSION_INT8: _ClassVar[TensorCompression]
+    COMPRESSION_TOPK: _ClassVar[TensorCompression]
+
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OK: _ClassVar[ErrorCode]
@@ -27,6 +35,11 @@ class MemberStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MEMBER_JOIN: _ClassVar[MemberStatus]
     MEMBER_LEAVE: _ClassVar[MemberStatus]
+COMPRESSION_NONE: TensorCompression
+COMPRESSION_FP16: TensorCompression
+COMPRESSION_BF16: TensorCompression
+COMPRESSION_INT8: TensorCompression
+COMPRESSION_TOPK: TensorCompression
 OK: ErrorCode
 UNKNOWN_METHOD: ErrorCode
 MALFORMED: ErrorCode
@@ -44,14 +57,26 @@ MEMBER_JOIN: MemberStatus
 MEMBER_LEAVE: MemberStatus
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "compression", "wire_bytes", "block_size", "blocks", "k", "value_dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    compression: TensorCompression
+    wire_bytes: int
+    block_size: int
+    blocks: int
+    k: int
+    value_dtype: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[TensorCompression, str]] = ..., wire_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., k: _Optional[int] = ..., value_dtype: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at", "admission")

@@ -43,6 +43,7 @@ from p2pnode.protocols.compute import Compute
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
+from p2pnode.transport.compression import Compression, check_combination, compress_state
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,16 @@ class DpsgdProtocol:
     """One node's D-PSGD rounds (see the module docstring)."""
 
     def __init__(self, settings: DpsgdSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
+                 compression: Compression | str | None = None) -> None:
+        """See the class; `compression` is the wire format of the pushed models (None: the transport's
+        `Transport.compression`; encoded once per round for all out-neighbours, without error feedback:
+        whole models). Raises `ConfigError` for a sparse format (topk)."""
         if settings.graph not in GRAPHS:
             raise ValueError(f"graph={settings.graph!r}; allowed: {', '.join(GRAPHS)}")
+        # Whole models: a sparse format (topk) is refused (ConfigError, a ValueError).
+        self.compression = check_combination(compression if compression is not None else transport.compression,
+                                             payload="models")
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -289,7 +297,8 @@ class DpsgdProtocol:
                 sent = await self.attacker.forge(self.round, start, own)
         out, in_, degree = self._neighbours(self.round)
         body = peer_pb2.DpsgdModel(run_id=s.run_id, config_hash=s.config_hash, round=self.round, degree=degree)
-        msg = Message(body, sent)
+        msg = (Message(body, compressed=compress_state(sent, self.compression)) if self.compression.lossy
+               else Message(body, sent))
         targets = [p for p in out if self.health.usable(p, self.round)]
         expected = [p for p in in_ if self.health.usable(p, self.round)]
         _, got = await asyncio.gather(asyncio.gather(*(self._push(p, msg) for p in targets)),

@@ -20,6 +20,10 @@ Each merge also scores the senders of the models that arrived since the last mer
 nor merges what a suspect sends.
 Trade-off (docs/protocols.md): a longer window gives the rule more inputs (robustness) but merges
 older models (staleness) and holds up to ``max_inbox`` models in memory.
+
+Compression (docs/compression.md): the exchanged models travel in the protocol's `compression` (default:
+the transport's, ``none`` unless set), encoded once per published model. Gossip sends whole models, so
+a sparse format (topk) is refused, and no error feedback is kept (a model is not accumulated).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, Suspic
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
+from p2pnode.transport.compression import CompressedTensor, Compression, check_combination, compress_state
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +124,15 @@ class GossipProtocol:
     """One node's gossip rounds over a `Transport` and a `PeerDirectory`."""
 
     def __init__(self, settings: GossipSettings, *, transport: Transport, directory: PeerDirectory,
-                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None) -> None:
+                 trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
+                 compression: Compression | str | None = None) -> None:
+        """See the class; `compression` is the wire format of the exchanged models (None: the transport's
+        `Transport.compression`). Raises `ConfigError` for a sparse format (topk)."""
         if settings.window < 1:
             raise ValueError(f"robust_window must be >= 1, got {settings.window}")
+        # Whole models: a sparse format (topk) is refused (ConfigError, a ValueError).
+        self.compression = check_combination(compression if compression is not None else transport.compression,
+                                             payload="models")
         self.settings = settings
         self.transport = transport
         self.directory = directory
@@ -138,6 +149,8 @@ class GossipProtocol:
         # What peers receive from us: a complete snapshot (never a half-trained model): the model as
         # of our last merge, replaced by the freshly trained one as soon as a round's training ends.
         self._published: dict[str, torch.Tensor] = trainer.state()
+        # The published model as it goes on the wire, encoded once per published model.
+        self._wire: tuple[dict[str, torch.Tensor], dict[str, CompressedTensor]] | None = None
         # Newest model of each sender with the merge count at its arrival, oldest first.
         self._window: dict[str, _Entry] = {}
         self._epoch = 0
@@ -168,7 +181,11 @@ class GossipProtocol:
     def _request(self) -> Message[peer_pb2.ModelExchange]:
         body = peer_pb2.ModelExchange(run_id=self.settings.run_id, config_hash=self.settings.config_hash,
                                       round=self.round, weight=1.0)
-        return Message(body, self._published)
+        if not self.compression.lossy:
+            return Message(body, self._published)
+        if self._wire is None or self._wire[0] is not self._published:
+            self._wire = (self._published, compress_state(self._published, self.compression))
+        return Message(body, compressed=self._wire[1])
 
     async def _on_exchange(self, sender: str, msg: Message[Any]) -> Message[Any]:
         self._check(sender, msg)  # raises BadMessage: counted and refused by the transport

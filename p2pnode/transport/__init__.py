@@ -2,5 +2,6 @@
 
 from p2pnode.transport.base import Handler, TrafficStats, Transport
 from p2pnode.transport.codec import Message
+from p2pnode.transport.compression import Compression, ErrorFeedback, parse_compression
 
-__all__ = ["Handler", "Message", "TrafficStats", "Transport"]
+__all__ = ["Compression", "ErrorFeedback", "Handler", "Message", "TrafficStats", "Transport", "parse_compression"]

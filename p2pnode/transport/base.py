@@ -35,6 +35,7 @@ from p2pnode.transport import codec
 from p2pnode.transport.admission import NOT_ADMITTED, Admission
 from p2pnode.transport.clock import wall_time
 from p2pnode.transport.codec import Message
+from p2pnode.transport.compression import Compression, parse_compression
 from p2pnode.transport.refusals import RefusalLog, clip
 from p2pnode.transport.replay import DEFAULT_WINDOW_S, ReplayGuard
 
@@ -59,6 +60,12 @@ _ERROR_CODES: dict[str, int] = {
     "no_nonce": peer_pb2.REPLAYED,
     "busy": peer_pb2.BUSY,
     "too_slow": peer_pb2.BUSY,
+    # Compressed tensors whose header or payload does not add up (`compression`): malformed on the wire,
+    # counted under their own reason here.
+    "bad_compression": peer_pb2.MALFORMED,
+    "bad_blocks": peer_pb2.MALFORMED,
+    "bad_scale": peer_pb2.MALFORMED,
+    "bad_index": peer_pb2.MALFORMED,
 }
 #: Reason name of each error code a caller sees (the first name listed for a code above).
 _ERROR_NAMES: dict[int, str] = {}
@@ -68,7 +75,13 @@ for _name, _code in _ERROR_CODES.items():
 
 @dataclass
 class TrafficStats:
-    """Counters of one transport. Bytes count whole encoded messages (envelopes and tensor bytes)."""
+    """Counters of one transport. Bytes count whole encoded messages (envelopes and tensor bytes).
+
+    The ``tensor_*`` counters cover the tensor bytes of messages this node encoded (sent) and decoded
+    (received): ``wire`` as they travelled (compressed where compressed), ``raw`` their size uncompressed
+    (the dtype's itemsize times numel), so ``raw / wire`` is the compression achieved. They are not part
+    of `as_dict`, whose keys older readers rely on; see `tensor_dict`.
+    """
 
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -76,8 +89,28 @@ class TrafficStats:
     failed_calls: int = 0
     #: Messages this node refused, by reason code (``malformed``, ``oversized``, ``bad_shape``,
     #: ``replayed``, ``stale_clock``, ``no_nonce``, ``busy``, ``too_slow``, ``truncated``,
-    #: ``bad_token``, ``handshake_timeout``, ...).
+    #: ``bad_token``, ``handshake_timeout``, ``bad_compression``, ``bad_blocks``, ``bad_scale``,
+    #: ``bad_index``, ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    tensor_wire_bytes_sent: int = 0
+    tensor_raw_bytes_sent: int = 0
+    tensor_wire_bytes_received: int = 0
+    tensor_raw_bytes_received: int = 0
+
+    def tensor_dict(self) -> dict[str, int]:
+        """The ``tensor_*`` byte counters by name."""
+        return {"tensor_wire_bytes_sent": self.tensor_wire_bytes_sent,
+                "tensor_raw_bytes_sent": self.tensor_raw_bytes_sent,
+                "tensor_wire_bytes_received": self.tensor_wire_bytes_received,
+                "tensor_raw_bytes_received": self.tensor_raw_bytes_received}
+
+    def _sent(self, parts: Sequence[memoryview], raw: int) -> None:
+        self.tensor_wire_bytes_sent += codec.encoded_size(parts) - parts[0].nbytes
+        self.tensor_raw_bytes_sent += raw
+
+    def _received(self, env: peer_pb2.Envelope, tensors: dict[str, Any]) -> None:
+        self.tensor_wire_bytes_received += env.payload_bytes
+        self.tensor_raw_bytes_received += sum(t.numel() * t.element_size() for t in tensors.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,11 +134,18 @@ class Transport(ABC):
     :param max_message_bytes: largest message this node sends or accepts, in bytes (default 1 GiB).
     :param replay_window_s: acceptance window of requests' send times, in seconds (default 300), see
         `replay.ReplayGuard`.
+    :param compression: the node's wire format for models and updates (default ``none``), see
+        `compression`. The transport applies a message's own `Message.compression` (or its pre-compressed
+        tensors) and nothing else; protocols that send models or updates read this as their default, so
+        that one setting reaches all of them. What a node receives is decoded by its headers, whatever
+        this says.
     """
 
     def __init__(self, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                 replay_window_s: float = DEFAULT_WINDOW_S) -> None:
+                 replay_window_s: float = DEFAULT_WINDOW_S,
+                 compression: Compression | str | None = None) -> None:
         self.max_message_bytes = max_message_bytes
+        self.compression: Compression = parse_compression(compression)
         self.stats = TrafficStats()
         self._routes: dict[str, _Route] = {}
         #: Called as on_reject(peer_id, reason, message) whenever this node refuses a message (the
@@ -152,8 +192,13 @@ class Transport(ABC):
 
     def encode_request(self, peer_id: str, method: str, request: Message[Any]) -> list[memoryview]:
         """Encode a request to `peer_id`, with this node's admission proof."""
-        return codec.encode(method, request.body, request.tensors, sent_at=self.clock(),
-                            admission=self._proof(peer_id, method))
+        return self._encode_request(peer_id, method, request)[0]
+
+    def _encode_request(self, peer_id: str, method: str, request: Message[Any]) -> tuple[list[memoryview], int]:
+        """`encode_request`, and the request's tensor bytes uncompressed."""
+        return codec.encode_sized(method, request.body, request.tensors, sent_at=self.clock(),
+                                  admission=self._proof(peer_id, method), compression=request.compression,
+                                  compressed=request.compressed)
 
     def _proof(self, peer_id: str, method: str) -> bytes:
         return b"" if self.admission is None else self.admission.proof(self.peer_id, peer_id, method)
@@ -205,9 +250,13 @@ class Transport(ABC):
             route = self._routes.get(method)
             if route is None:
                 raise BadMessage(f"unknown method {clip(repr(method), 100)}", code="unknown_method")
+            self.stats._received(env, tensors)
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
-            parts = codec.encode(method, response.body, response.tensors, admission=self._proof(peer_id, method))
+            parts, raw = codec.encode_sized(method, response.body, response.tensors,
+                                            admission=self._proof(peer_id, method),
+                                            compression=response.compression, compressed=response.compressed)
+            self.stats._sent(parts, raw)
             ok = True
         except BadMessage as e:
             self.reject(peer_id, e.code, str(e))
@@ -244,13 +293,14 @@ class Transport(ABC):
         Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
         (the response is malformed; also counted in `stats.rejected`).
         """
-        parts = self.encode_request(peer_id, method, request)
+        parts, raw = self._encode_request(peer_id, method, request)
         size = codec.encoded_size(parts)
         if size > self.max_message_bytes:
             raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",
                                  code="oversized")
         self.stats.calls += 1
         self.stats.bytes_sent += size
+        self.stats._sent(parts, raw)
         try:
             data = await asyncio.wait_for(self._send(peer_id, method, parts, timeout), timeout)
         except TimeoutError as e:
@@ -268,6 +318,7 @@ class Transport(ABC):
                                   code=_ERROR_NAMES.get(env.error, "internal"))
             # A response from a peer outside the run (one that this node was led to call) is never used.
             self.check_admission(peer_id, env)
+            self.stats._received(env, tensors)
             return Message(codec.parse_body(env, response_type), tensors)
         except BadMessage as e:
             self.stats.failed_calls += 1

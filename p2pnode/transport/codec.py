@@ -7,6 +7,11 @@ Layout (all integers little-endian)::
 Tensors travel as raw little-endian bytes with a dtype name and a shape from `TensorSpec`; the receiver
 checks the dtype against an allowlist and the sizes against the envelope before it builds any tensor.
 Nothing is ever unpickled.
+
+A floating tensor may instead travel compressed (`p2pnode.transport.compression`: fp16, bf16, int8,
+top-k): its `TensorSpec` says how, the receiver decodes by the header alone, and the decoded size that
+the headers announce is checked against ``max_message_bytes`` before anything is allocated. A message
+without compression is byte for byte what it was before compression existed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from google.protobuf.message import Message as ProtoMessage
 
 from p2pnode.errors import BadMessage
 from p2pnode.proto import peer_pb2
+from p2pnode.transport import compression as _compression
 from p2pnode.transport.clock import wall_time
+from p2pnode.transport.compression import CompressedTensor, Compression
 
 HEADER = struct.Struct("<I")
 #: Largest envelope (the protobuf part, without tensor bytes) a receiver accepts, in bytes.
@@ -53,10 +60,19 @@ B = TypeVar("B", bound=ProtoMessage)
 
 @dataclass
 class Message(Generic[B]):
-    """A request or response: a protobuf `body` and named tensors that travel as raw bytes."""
+    """A request or response: a protobuf `body` and named tensors that travel as raw bytes.
+
+    Sending side only (a received message has every tensor decoded in `tensors`):
+
+    - `compression`: encode the floating tensors of `tensors` in this format (None: raw bytes);
+    - `compressed`: tensors compressed already (for example by `compression.ErrorFeedback`), sent after
+      `tensors`; their names must differ from those in `tensors`.
+    """
 
     body: B
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    compression: Compression | None = None
+    compressed: dict[str, CompressedTensor] = field(default_factory=dict)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -81,6 +97,8 @@ def encode(
     nonce: bytes | None = None,
     sent_at: float | None = None,
     admission: bytes = b"",
+    compression: Compression | None = None,
+    compressed: Mapping[str, CompressedTensor] | None = None,
 ) -> list[memoryview]:
     """Encode one message as a list of buffers to write in order (no copy of tensor data).
 
@@ -89,7 +107,28 @@ def encode(
         sent_at: the envelope's send time, in seconds (default: `clock.wall_time`, the virtual clock
             inside the simulator). Receivers refuse replayed or stale requests by these two fields.
         admission: the sender's admission proof (`p2pnode.transport.admission`; empty in open runs).
+        compression: wire format of the floating tensors of `tensors` (default None: raw bytes).
+        compressed: tensors already compressed, sent after `tensors` (names distinct from theirs).
     """
+    return encode_sized(method, body, tensors, error=error, error_message=error_message, nonce=nonce,
+                        sent_at=sent_at, admission=admission, compression=compression,
+                        compressed=compressed)[0]
+
+
+def encode_sized(
+    method: str,
+    body: ProtoMessage,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    *,
+    error: int = 0,
+    error_message: str = "",
+    nonce: bytes | None = None,
+    sent_at: float | None = None,
+    admission: bytes = b"",
+    compression: Compression | None = None,
+    compressed: Mapping[str, CompressedTensor] | None = None,
+) -> tuple[list[memoryview], int]:
+    """`encode`, and the size of the message's tensors once decoded, in bytes (their uncompressed size)."""
     env = peer_pb2.Envelope(method=method, body=body.SerializeToString(), error=error,  # type: ignore[arg-type]
                             error_message=error_message,
                             nonce=secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce,
@@ -97,17 +136,33 @@ def encode(
                             admission=admission)
     parts: list[memoryview] = []
     total = 0
-    for name, t in (tensors or {}).items():
+    raw = 0
+    plain = tensors or {}
+    lossy = compression is not None and compression.lossy
+    items: list[tuple[str, torch.Tensor | CompressedTensor]] = [*plain.items(), *(compressed or {}).items()]
+    if compressed and not set(plain).isdisjoint(compressed):
+        raise ValueError(f"tensor names sent both raw and compressed: {sorted(set(plain) & set(compressed))[:3]}")
+    for name, t in items:
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which cannot be sent; "
                              f"allowed: {sorted(DTYPES)}")
-        env.tensors.add(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
-        buf = _tensor_bytes(t)
-        total += buf.nbytes
-        parts.append(buf)
+        if isinstance(t, torch.Tensor) and lossy:
+            assert compression is not None
+            t = _compression.compress(t, compression)
+        spec = env.tensors.add(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
+        if isinstance(t, torch.Tensor):
+            bufs = [_tensor_bytes(t)]
+            raw += bufs[0].nbytes
+        else:
+            t.fill_spec(spec)
+            bufs = [_tensor_bytes(p) for p in t.parts]
+            raw += t.raw_bytes
+        for buf in bufs:
+            total += buf.nbytes
+            parts.append(buf)
     env.payload_bytes = total
     head = env.SerializeToString()
-    return [memoryview(HEADER.pack(len(head)) + head), *parts]
+    return [memoryview(HEADER.pack(len(head)) + head), *parts], raw
 
 
 def encoded_size(parts: Sequence[memoryview]) -> int:
@@ -145,19 +200,28 @@ def parse_envelope(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MA
         raise BadMessage(f"message of {env.payload_bytes + len(data)} bytes exceeds the limit of "
                          f"{max_message_bytes} bytes", code="oversized")
     expected = 0
+    decoded = 0
     for spec in env.tensors:
         if spec.dtype not in DTYPES:
             raise BadMessage(f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}", code="bad_shape")
         if any(d < 0 for d in spec.shape) or len(spec.shape) > 16:
             raise BadMessage(f"tensor {spec.name!r} has an invalid shape {list(spec.shape)}", code="malformed")
-        numel = 1
-        for d in spec.shape:
-            numel *= d
-        expected += numel * DTYPES[spec.dtype].itemsize
+        wire, raw = _compression.check_spec(spec, DTYPES[spec.dtype].itemsize)
+        expected += wire
+        decoded += raw
     if expected != env.payload_bytes:
         raise BadMessage(f"tensor specs need {expected} bytes but the envelope announces {env.payload_bytes}",
                          code="malformed")
+    # Compressed tensors grow when decoded: the limit holds for what this node would allocate.
+    if decoded + len(data) + HEADER.size > max_message_bytes:
+        raise BadMessage(f"message decodes to {decoded + len(data)} bytes, beyond the limit of "
+                         f"{max_message_bytes} bytes", code="oversized")
     return env
+
+
+def decoded_bytes(env: peer_pb2.Envelope) -> int:
+    """Size of an (already checked) envelope's tensors once decoded, in bytes."""
+    return sum(_compression.check_spec(s, DTYPES[s.dtype].itemsize)[1] for s in env.tensors)
 
 
 def decode_tensors(env: peer_pb2.Envelope, payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
@@ -170,12 +234,17 @@ def decode_tensors(env: peer_pb2.Envelope, payload: bytearray | memoryview) -> d
     view = memoryview(payload)
     for spec in env.tensors:
         dtype = DTYPES[spec.dtype]
+        if spec.name in out:
+            raise BadMessage(f"tensor {spec.name!r} appears twice", code="malformed")
+        if spec.compression != peer_pb2.COMPRESSION_NONE:
+            nbytes = spec.wire_bytes
+            out[spec.name] = _compression.decode(spec, view[offset:offset + nbytes])
+            offset += nbytes
+            continue
         numel = 1
         for d in spec.shape:
             numel *= d
         nbytes = numel * dtype.itemsize
-        if spec.name in out:
-            raise BadMessage(f"tensor {spec.name!r} appears twice", code="malformed")
         if nbytes == 0:
             out[spec.name] = torch.empty(tuple(spec.shape), dtype=dtype)
         else:

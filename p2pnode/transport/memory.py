@@ -42,6 +42,7 @@ from typing import NoReturn
 from p2pnode.errors import PeerUnreachable
 from p2pnode.transport import codec
 from p2pnode.transport.base import Transport
+from p2pnode.transport.compression import Compression
 
 __all__ = ["LinkModel", "MemoryNetwork", "MemoryTransport", "NetworkModel"]
 
@@ -184,13 +185,15 @@ class MemoryNetwork:
         self.messages_dropped_total = 0
 
     # -- membership -------------------------------------------------------------------------------
-    def transport(self, peer_id: str, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
-                  ) -> MemoryTransport:
+    def transport(self, peer_id: str, *, max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+                  compression: Compression | str | None = None) -> MemoryTransport:
         """Create and register the transport of `peer_id`. Raises `ValueError` if the id is in use.
 
         :param max_message_bytes: largest message the node sends or accepts, in bytes (default 1 GiB).
+        :param compression: the node's wire format for models and updates (default ``none``), see
+            `Transport`.
         """
-        return MemoryTransport(self, peer_id, max_message_bytes=max_message_bytes)
+        return MemoryTransport(self, peer_id, max_message_bytes=max_message_bytes, compression=compression)
 
     def _register(self, transport: MemoryTransport) -> None:
         peer_id = transport.peer_id
@@ -291,16 +294,18 @@ class MemoryTransport(Transport):
     :param network: the network to join; the transport registers itself at once.
     :param peer_id: this node's id on the network (any non-empty string).
     :param max_message_bytes: largest message this node sends or accepts, in bytes (default 1 GiB).
+    :param compression: the node's wire format for models and updates (default ``none``), see `Transport`.
 
     Byte and call counters live in `Transport.stats` and are kept by the base class; this class only
     updates the network-wide totals of `MemoryNetwork`.
     """
 
     def __init__(self, network: MemoryNetwork, peer_id: str, *,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+                 compression: Compression | str | None = None) -> None:
         if not isinstance(peer_id, str) or not peer_id:
             raise ValueError(f"peer_id must be a non-empty string, got {peer_id!r}")
-        super().__init__(max_message_bytes=max_message_bytes)
+        super().__init__(max_message_bytes=max_message_bytes, compression=compression)
         self._network = network
         self._peer_id = peer_id
         network._register(self)

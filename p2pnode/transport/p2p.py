@@ -54,6 +54,7 @@ from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
 from p2pnode.transport.base import Transport
 from p2pnode.transport.codec import Message
+from p2pnode.transport.compression import Compression
 from p2pnode.transport.direct import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -357,6 +358,8 @@ class P2PTransport(Transport):
         libp2p, in seconds (default 60).
     :param receive_pool_bytes: most bytes of large receive buffers kept for reuse (default 512 MiB;
         0: off), see `ReceiveBuffers`.
+    :param compression: the node's wire format for models and updates (default ``none``), see
+        `Transport`.
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
@@ -370,8 +373,9 @@ class P2PTransport(Transport):
                  receive_pool_bytes: int = DEFAULT_RECEIVE_POOL_BYTES,
                  max_inflight_bytes_per_peer: int | None = None,
                  max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
-                 min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S) -> None:
-        super().__init__(max_message_bytes=max_message_bytes)
+                 min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
+                 compression: Compression | str | None = None) -> None:
+        super().__init__(max_message_bytes=max_message_bytes, compression=compression)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
         self._peer_id: str = p2p.peer_id.to_base58()
