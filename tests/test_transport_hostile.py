@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import mmap
 import socket
 import ssl
 import time
@@ -29,7 +30,14 @@ from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from p2pnode.transport.direct import TLSConnection
 from p2pnode.transport.memory import MemoryNetwork
-from p2pnode.transport.p2p import DIRECT_TICKET_METHOD, POOLED_MIN_BYTES, RPC_HANDLER, P2PTransport, ReceiveBuffers
+from p2pnode.transport.p2p import (
+    DIRECT_TICKET_METHOD,
+    POOLED_MIN_BYTES,
+    RPC_HANDLER,
+    P2PTransport,
+    ReceiveBuffers,
+    lazy_buffer,
+)
 from p2pnode.transport.rate import RateGuard, TooSlow
 from p2pnode.transport.refusals import RefusalLog, clip
 from p2pnode.transport.replay import ReplayGuard
@@ -157,6 +165,81 @@ async def test_slow_streams_cannot_pin_the_receive_budget() -> None:
         await until(lambda: victim.inflight_bytes == 0)
         # The buffer of the cut-off message did not stay in the reuse pool.
         assert all(len(b) < size for b in victim.buffers._bufs)
+
+
+def vm_rss_bytes() -> int:
+    """VmRSS of this process (where the victim transport's receive buffers live), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_an_announced_message_costs_memory_only_as_its_bytes_arrive() -> None:
+    """An outsider announces a message of almost 1 GiB (the default largest message) and trickles.
+
+    The announcement reserves its size in the receive budget (accounting) but costs no resident memory:
+    the buffer is a mapping whose pages are touched only as bytes arrive. Honest pushes still go
+    through, and the trickle is cut off as ``too_slow``.
+    """
+    async with swarm(receive_grace_s=1.0, direct=False) as (victim, honest, raw):
+        size = (1 << 30) - 4096
+        assert victim.max_message_bytes == 1 << 30
+        gc.collect()
+        before = vm_rss_bytes()
+        slow_reader, slow_writer = await open_stream(raw, victim)
+        slow_writer.write(announcing(size) + b"\x00" * (256 << 10))
+        await slow_writer.drain()
+        await until(lambda: victim.inflight_bytes >= size)
+        peak = before
+        for _ in range(10):  # while the reservation is held
+            peak = max(peak, vm_rss_bytes())
+            await asyncio.sleep(0.05)
+        assert peak - before < 64 * MiB, f"RSS grew by {(peak - before) / MiB:.0f} MiB for a 1 GiB announcement"
+        # An honest 8 MB push goes through while the reservation is held.
+        x = torch.ones(2 * MiB)
+        reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=4), {"x": x}),
+                                  peer_pb2.Pong, timeout=30)
+        assert reply.body.round == 4 and torch.equal(reply.tensors["x"], x + 1)
+
+        async def trickle() -> None:  # 4 KiB/s, far below the 64 KiB/s minimum
+            with contextlib.suppress(OSError, ConnectionError):
+                for _ in range(200):
+                    slow_writer.write(b"\x00" * 1024)
+                    await slow_writer.drain()
+                    await asyncio.sleep(0.25)
+
+        task = asyncio.create_task(trickle())
+        try:
+            cut = await read_reply(slow_reader, timeout=20)
+            assert cut.error == peer_pb2.BUSY and "KiB/s" in cut.error_message
+        finally:
+            task.cancel()
+            slow_writer.close()
+        assert victim.stats.rejected["too_slow"] == 1
+        await until(lambda: victim.inflight_bytes == 0)
+        assert all(len(b) < size for b in victim.buffers._bufs)
+
+
+def test_lazy_buffers_cost_memory_where_written() -> None:
+    """Unit test: a large receive buffer is a mapping that costs resident memory only where written."""
+    gc.collect()
+    before = vm_rss_bytes()
+    view = lazy_buffer(512 * MiB)
+    assert isinstance(view.obj, mmap.mmap) and not view.readonly and view[123_456_789] == 0
+    assert vm_rss_bytes() - before < 16 * MiB
+    view[:8 * MiB] = b"\x01" * (8 * MiB)
+    grown = vm_rss_bytes() - before
+    assert 8 * MiB <= grown < 24 * MiB
+    t = torch.frombuffer(view[:8 * MiB], dtype=torch.uint8)  # tensors are built on it without a copy
+    assert int(t[-1]) == 1
+    del t, view
+    gc.collect()
+    assert vm_rss_bytes() - before < 16 * MiB  # unmapped with its last reference
+    assert isinstance(lazy_buffer(1000).obj, bytearray)  # small ones: plain bytearrays
 
 
 @pytest.mark.network

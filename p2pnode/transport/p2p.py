@@ -4,8 +4,11 @@ Every request is one libp2p stream to the peer's single handler (`RPC_HANDLER`, 
 method name travels in the envelope. On the stream the caller writes one framed request (see
 `p2pnode.transport.codec`) and the receiver answers with one framed response, both written in pieces
 of `CHUNK_BYTES`. A reader first reads the 4-byte header and the envelope, checks them against its size
-limits, and only then allocates one buffer for the whole message and reads the tensor bytes into it,
-so an oversized or malformed message is refused before its payload is read.
+limits, and only then maps one buffer for the whole message and reads the tensor bytes into it, so an
+oversized or malformed message is refused before its payload is read. A buffer of at least
+`LAZY_MIN_BYTES` is an anonymous private mapping (`lazy_buffer`): its pages cost memory only when bytes
+are written into them, so an announced message costs resident memory at the rate its bytes arrive, not
+at its announced size (the receive budget still reserves the announced size, as accounting).
 
 Messages of at least ``direct_threshold`` bytes (default 1 MiB) take the direct channel when both peers
 enable it (`p2pnode.transport.direct`): a ticket is asked for over libp2p, then the message travels over
@@ -39,6 +42,7 @@ import contextlib
 import inspect
 import ipaddress
 import logging
+import mmap
 import ssl
 import sys
 import time
@@ -94,6 +98,10 @@ DEFAULT_DIRECT_RETRY = 60.0
 DEFAULT_RECEIVE_POOL_BYTES = 512 << 20
 #: Messages smaller than this get a fresh buffer (reuse pays off for large ones only), in bytes.
 POOLED_MIN_BYTES = 1 << 20
+#: Receive buffers of at least this many bytes are anonymous mappings whose pages are touched only as
+#: bytes arrive (`lazy_buffer`); smaller ones are plain `bytearray`s (a mapping costs two system calls,
+#: not worth it for so few bytes; a peer holds at most ``max_streams_per_peer`` of them at once).
+LAZY_MIN_BYTES = 256 << 10
 #: Default most inbound streams served at once, all peers together / of one peer.
 DEFAULT_MAX_STREAMS = 128
 DEFAULT_MAX_STREAMS_PER_PEER = 8
@@ -184,6 +192,23 @@ class TLSIO:
 MessageIO = StreamIO | TLSIO
 
 
+#: A receive buffer: a `bytearray` (small) or an anonymous private mapping (large, see `lazy_buffer`).
+Buffer = bytearray | mmap.mmap
+
+
+def lazy_buffer(nbytes: int) -> memoryview:
+    """A writable, zero-filled buffer of `nbytes` bytes that costs resident memory only where it is written.
+
+    From `LAZY_MIN_BYTES` on, the buffer is an anonymous private mapping: the kernel hands out its pages
+    (zeroed) on the first write to each, so a message announced at 1 GiB whose sender then stalls costs
+    the bytes it sent, not 1 GiB. (``bytearray(n)`` zero-fills, so touches, every page at once.) The
+    mapping is unmapped when the last reference to it (a memoryview, a tensor built on it) is gone.
+    """
+    if nbytes < LAZY_MIN_BYTES:
+        return memoryview(bytearray(nbytes))
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+
+
 class ReceiveBuffers:
     """Receive buffers that are reused once nothing refers to them any more.
 
@@ -197,7 +222,7 @@ class ReceiveBuffers:
 
     def __init__(self, max_bytes: int = DEFAULT_RECEIVE_POOL_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._bufs: list[bytearray] = []
+        self._bufs: list[Buffer] = []
         self.reused = 0
         #: Buffers dropped from the pool because their message was refused or broke off.
         self.discarded = 0
@@ -235,9 +260,13 @@ class ReceiveBuffers:
         return dropped
 
     def take(self, nbytes: int) -> memoryview:
-        """A writable buffer of exactly `nbytes` bytes (its contents are undefined)."""
+        """A writable buffer of exactly `nbytes` bytes (its contents are undefined).
+
+        A new buffer is a `lazy_buffer`: it costs memory as it is written. A reused one was written
+        before, so it costs nothing more.
+        """
         if nbytes < POOLED_MIN_BYTES or nbytes > self.max_bytes:
-            return memoryview(bytearray(nbytes))
+            return lazy_buffer(nbytes)
         best = -1
         for i in range(len(self._bufs)):
             size = len(self._bufs[i])
@@ -249,11 +278,11 @@ class ReceiveBuffers:
         if best >= 0:
             self.reused += 1
             return memoryview(self._bufs[best])[:nbytes]
-        buf = bytearray(nbytes)
-        self._admit(buf)
-        return memoryview(buf)
+        view = lazy_buffer(nbytes)
+        self._admit(view.obj)  # type: ignore[arg-type]
+        return view
 
-    def _admit(self, buf: bytearray) -> None:
+    def _admit(self, buf: Buffer) -> None:
         total = sum(len(b) for b in self._bufs)
         if total + len(buf) > self.max_bytes:
             # Drop free buffers, oldest first, until the new one fits.
@@ -281,7 +310,8 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     """Read one framed message, checking the limits before its payload is read.
 
     The header and envelope are read and checked first (`codec.parse_header`, `codec.parse_envelope`);
-    then one buffer of the announced size is allocated and the tensor bytes are read into it.
+    then one buffer of the announced size is mapped (`lazy_buffer`: it costs memory as bytes arrive, not
+    at once) and the tensor bytes are read into it.
 
     :param max_message_bytes: largest accepted message, in bytes.
     :param reserve: optional ``reserve(nbytes)``, called before the buffer is allocated; it may raise to
@@ -306,7 +336,7 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     total = start + env.payload_bytes
     if reserve is not None:
         reserve(total)
-    buf = buffers.take(total) if buffers is not None else memoryview(bytearray(total))
+    buf = buffers.take(total) if buffers is not None else lazy_buffer(total)
     buf[:codec.HEADER.size] = head
     buf[codec.HEADER.size:start] = env_bytes
     if rate is not None:
