@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install run sim test test-latest lint protos check-protos bench clean
+.PHONY: install run sim test test-fast test-random test-latest lint protos check-protos bench clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ protos: install
 
 test: lint check-protos
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The unit layer (pure math, codecs, tasks, the in-memory seams: tests/conftest.py LAYERS), in under 60 s.
+test-fast: install
+	$(VENV)/bin/pytest -q -m "unit and not slow and not network" $(PYTEST_ARGS)
+
+# The fast tests (no real swarm, no real network) in a shuffled order: RANDOM_SEED=N repeats one order.
+RANDOM_SEED ?= $(shell date +%s)
+test-random: install
+	$(VENV)/bin/pytest -q -m "not slow and not network" --random-order-bucket=global \
+		--random-order-seed=$(RANDOM_SEED) $(PYTEST_ARGS)
 
 # The newest release of every dependency, in a venv of its own: shows a release that breaks us before the
 # pins in constraints.txt are moved (run it on a schedule, not on every change).

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from p2pnode.config import NodeConfig
@@ -72,16 +71,6 @@ def max_state_diff(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.T
     """Largest absolute difference between two models (same entries), in float64."""
     assert a is not None and b is not None and a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small models: one thread is fastest, and it does not fight other processes for the cores. Autouse in
-    every test module that imports it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120.0, settle_s: float = 1.0) -> None:

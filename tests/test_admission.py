@@ -30,7 +30,7 @@ from p2pnode.transport import Message
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_config, one_torch_thread  # noqa: F401 - autouse fixture
+from simutil import make_config
 
 SECRET = b"correct horse battery staple 42"
 OTHER = b"another secret of the same length"

@@ -17,7 +17,7 @@ from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.gossip import GossipProtocol
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork
-from simutil import make_config, one_torch_thread  # noqa: F401 - autouse fixture
+from simutil import make_config
 
 
 def test_backoff_doubles_caps_and_resets() -> None:

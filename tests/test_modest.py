@@ -20,7 +20,6 @@ from p2pnode.transport.clock import run_virtual
 from simutil import (
     Group,
     make_group,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
 )
 
 # -- candidate order -----------------------------------------------------------------------------------

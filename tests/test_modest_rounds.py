@@ -19,7 +19,6 @@ from simutil import (
     Group,
     make_config,
     make_group,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
 )
 
 

@@ -32,7 +32,6 @@ from simutil import (
     SECAGG_TOLERANCE,
     make_group,
     max_state_diff,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     run_until,
 )
 

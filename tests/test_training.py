@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,6 @@ from p2pnode.training import (
     select_device,
     split_indices,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The digits MLP is tiny: intra-op threads only add synchronization cost (10x slower per step on
-    # a busy 2-core machine). Restored afterwards so other test modules keep their setting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
