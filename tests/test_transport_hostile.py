@@ -146,25 +146,34 @@ async def test_slow_streams_cannot_pin_the_receive_budget() -> None:
         reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=3), {"x": x}),
                                   peer_pb2.Pong, timeout=30)
         assert reply.body.round == 3 and torch.equal(reply.tensors["x"], x + 1)
-
-        async def trickle() -> None:  # 4 KiB/s, far below the 64 KiB/s minimum
-            with contextlib.suppress(OSError, ConnectionError):
-                for _ in range(200):
-                    slow_writer.write(b"\x00" * 1024)
-                    await slow_writer.drain()
-                    await asyncio.sleep(0.25)
-
-        task = asyncio.create_task(trickle())
-        try:
-            cut = await read_reply(slow_reader, timeout=20)
-            assert cut.error == peer_pb2.BUSY and "KiB/s" in cut.error_message
-        finally:
-            task.cancel()
-            slow_writer.close()
-        assert victim.stats.rejected["too_slow"] == 1
-        await until(lambda: victim.inflight_bytes == 0)
+        await trickle_until_cut_off(victim, slow_reader, slow_writer)
         # The buffer of the cut-off message did not stay in the reuse pool.
         assert all(len(b) < size for b in victim.buffers._bufs)
+
+
+async def trickle_until_cut_off(victim: P2PTransport, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+    """Trickle 4 KiB/s (far below the 64 KiB/s minimum) on a stream until `victim` cuts it off as too slow.
+
+    Asserts the BUSY reply naming the rate, one ``too_slow`` refusal and the reservation released.
+    """
+
+    async def trickle() -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            for _ in range(200):
+                writer.write(b"\x00" * 1024)
+                await writer.drain()
+                await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(trickle())
+    try:
+        cut = await read_reply(reader, timeout=20)
+        assert cut.error == peer_pb2.BUSY and "KiB/s" in cut.error_message
+    finally:
+        task.cancel()
+        writer.close()
+    assert victim.stats.rejected["too_slow"] == 1
+    await until(lambda: victim.inflight_bytes == 0)
 
 
 def vm_rss_bytes() -> int:
@@ -204,23 +213,7 @@ async def test_an_announced_message_costs_memory_only_as_its_bytes_arrive() -> N
         reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=4), {"x": x}),
                                   peer_pb2.Pong, timeout=30)
         assert reply.body.round == 4 and torch.equal(reply.tensors["x"], x + 1)
-
-        async def trickle() -> None:  # 4 KiB/s, far below the 64 KiB/s minimum
-            with contextlib.suppress(OSError, ConnectionError):
-                for _ in range(200):
-                    slow_writer.write(b"\x00" * 1024)
-                    await slow_writer.drain()
-                    await asyncio.sleep(0.25)
-
-        task = asyncio.create_task(trickle())
-        try:
-            cut = await read_reply(slow_reader, timeout=20)
-            assert cut.error == peer_pb2.BUSY and "KiB/s" in cut.error_message
-        finally:
-            task.cancel()
-            slow_writer.close()
-        assert victim.stats.rejected["too_slow"] == 1
-        await until(lambda: victim.inflight_bytes == 0)
+        await trickle_until_cut_off(victim, slow_reader, slow_writer)
         assert all(len(b) < size for b in victim.buffers._bufs)
 
 
