@@ -299,7 +299,9 @@ async def test_metrics_and_status_rpc(swarm: Swarm) -> None:
         assert s.node_state == control_pb2.NODE_STATE_TRAINING and s.state == "running"
         assert not s.HasField("last_checkpoint_round") and s.resumed_from == "fresh"
         # What a resumed node with partial rounds reports (set by the checkpoint and quorum code paths).
-        swarm.node.last_checkpoint_round, swarm.node.resumed_from, swarm.node.partial_rounds = 2, "checkpoint", 1
+        swarm.node.last_checkpoint_round, swarm.node.resumed_from = 2, "checkpoint"
+        assert swarm.node.last_report is not None
+        swarm.node.metrics.observe_round(swarm.node.last_report, 0.1, "quorum")  # as the quorum counts one
         s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
         assert (s.last_checkpoint_round, s.resumed_from, s.partial_rounds) == (2, "checkpoint", 1)
 
