@@ -162,7 +162,7 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             pid=os.getpid(), uptime_s=self._server.uptime_s(), version=__version__,
             partial_rounds=st.partial_rounds, resumed_from=st.resumed_from,
             node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED),
-            dht_state=st.dht_state or "", dht_events=st.dht_events)
+            dht_state=st.dht_state or "", dht_events=st.dht_events, partial_by_reason=st.partial_by_reason)
         if st.last_checkpoint_round is not None:
             reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:
