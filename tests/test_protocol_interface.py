@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
-from p2pnode.daemon.node import partial_reason
+from p2pnode.daemon.node import Node, partial_reason
+from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.protocols import (
     DpsgdProtocol,
@@ -192,6 +193,43 @@ def test_modest_pre_merge_is_the_model_the_rounds_first_load_replaced() -> None:
         assert any(r.fraction == 1.0 and r.combined > 1 for _, r in merged)
         assert all(r.pre_merge is not None and _equal(r.pre_merge, before) for before, r in merged)
         for n in group.nodes:
+            n.protocol.leave_on_close = False
+            await n.shutdown()
+
+    run_virtual(main())
+
+
+def test_modest_round_below_the_quorum_keeps_the_model_it_had() -> None:
+    """A MoDeST node with --min-merge above the sample size: each round that adopted an aggregated version
+    is partial (``quorum``) and the node is left with the model it had when the round started."""
+
+    async def main() -> None:
+        group = await make_group(3, topology="modest", sample_size=3, aggregation_timeout_s=5.0, idle_timeout_s=5.0,
+                                 settings=DaemonSettings.in_memory(min_merge=5))
+        undone: list[tuple[str, int]] = []
+
+        async def loop(node: Node) -> None:
+            assert node.protocol.keep_pre_merge
+            while True:
+                before = node.trainer.state()
+                r = await node.run_round()
+                assert r.pre_merge is None  # the node keeps no model copy in its reports
+                if r.extra.get("offered", 0) > 1:  # an aggregated version was loaded: its merge is undone
+                    assert r.extra.get("partial") == "quorum" and r.extra.get("merge_applied") is False
+                    assert (r.combined, r.fraction) == (1, 0.0)
+                    assert _equal(node.trainer.state(), before)
+                    undone.append((node.peer_id, r.round))
+
+        tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
+        while len(undone) < 4 and not any(t.done() for t in tasks):
+            await asyncio.sleep(1.0)
+        for t in tasks:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert not [e for e in done if not isinstance(e, asyncio.CancelledError)]  # no failed assertion
+        assert len(undone) >= 4
+        for n in group.nodes:
+            assert n.partial_rounds >= 1 and n.metrics.partial_by_reason == {"quorum": n.partial_rounds}
             n.protocol.leave_on_close = False
             await n.shutdown()
 
