@@ -20,7 +20,7 @@ from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
-from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.protocols.modest import AggregationEvent
 from p2pnode.secagg import Stage
 from p2pnode.secagg.groups import DEFAULT_MIN_GROUP
 from p2pnode.secagg.randomness import SeededRandomness
@@ -285,7 +285,6 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     """
     loop = asyncio.get_running_loop()
     protocols = [n.protocol for n in nodes]
-    assert all(isinstance(p, ModestProtocol) for p in protocols)
     attackers = {n.peer_id for n in nodes if n.config.attack is not None}
     rows: dict[int, dict[str, Any]] = {}
     evals: dict[int, list[float]] = {}
@@ -296,7 +295,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     async def drive(i: int, rejoin: bool = False) -> None:
         node = nodes[i]
         if rejoin:
-            await node.protocol.rejoin()  # type: ignore[attr-defined]
+            await node.protocol.rejoin()
         while True:
             await node.run_round()
 
@@ -357,13 +356,13 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
         progress.set()
 
     for p in protocols:
-        p.on_aggregate = on_aggregate  # type: ignore[attr-defined]
+        p.hooks.on_aggregate = on_aggregate
     for peer, label in cfg.secagg_silent.items():
         stage = next((st for st in Stage if st.label == label), None)
         if stage is None:
             raise ConfigError(f"secagg_silent: unknown stage {label!r}; allowed: {', '.join(st.label for st in Stage)}")
         index = int(peer.rsplit("-", 1)[-1])
-        protocols[index].secagg_silent_from = stage  # type: ignore[attr-defined]
+        protocols[index].hooks.secagg_silent_from = stage
     churn_step(0)
     for i in range(len(nodes)):
         if network.is_alive(nodes[i].peer_id):
@@ -383,8 +382,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     await asyncio.gather(*drivers.values(), return_exceptions=True)
     events: Counter[str] = Counter()
     for p in protocols:
-        events.update(p.counters)  # type: ignore[attr-defined]
-        p.settings.leave_on_close = False  # type: ignore[attr-defined]  # the whole run ends: no leave storm
+        events.update(p.snapshot().counters)
+        p.leave_on_close = False  # the whole run ends: no leave storm
     ordered = [rows[r] for r in sorted(rows) if r <= cfg.rounds]
     return {"rounds": ordered, "stalled": stalled, "protocol_events": dict(sorted(events.items()))}
 
@@ -418,8 +417,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                                   secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
                                   secagg_identity=seeded_secagg_identity(cfg.seed, pid) if config.secagg else None,
                                   attacker=attacker)
-        if i not in byzantine and cfg.omniscient and byzantine and hasattr(protocol, "on_trained"):
-            protocol.on_trained = board.hook(pid)
+        if i not in byzantine and cfg.omniscient and byzantine:
+            protocol.hooks.on_trained = board.hook(pid)
         node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
                     compute=compute)
         node.loud_attack = False

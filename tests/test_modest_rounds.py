@@ -40,7 +40,7 @@ class Swarm:
             self.watch(node)
 
     def watch(self, node: Node) -> None:
-        _p(node).on_aggregate = self._on_aggregate
+        _p(node).hooks.on_aggregate = self._on_aggregate
 
     def _on_aggregate(self, ev: AggregationEvent) -> None:
         # A crashed machine's tasks may still finish in this process, but nothing they make leaves it.
@@ -180,7 +180,7 @@ def test_a_lost_sample_is_relaunched() -> None:
             swarm._on_aggregate(ev)
 
         for node in group.nodes:
-            _p(node).on_aggregate = on_aggregate
+            _p(node).hooks.on_aggregate = on_aggregate
             swarm.start(node)
         await swarm.until(6)
         assert sum(_p(n).counters["relaunches"] for n in group.nodes) >= 1

@@ -40,9 +40,17 @@ from p2pnode.aggregation import aggregate_states, byzantine_target, max_byzantin
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.adversary import Attacker, TrainedHook
+from p2pnode.protocols.adversary import Attacker
 from p2pnode.protocols.backoff import DEFAULT_MAX_S, SilentBackoff
-from p2pnode.protocols.base import PeerHealth, RoundReport, State
+from p2pnode.protocols.base import (
+    PeerHealth,
+    ProtocolHooks,
+    ProtocolSnapshot,
+    RoundExtra,
+    RoundReport,
+    State,
+    merged_fraction,
+)
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
 from p2pnode.training.trainer import Trainer
@@ -121,7 +129,15 @@ class GossipSettings:
 
 
 class GossipProtocol:
-    """One node's gossip rounds over a `Transport` and a `PeerDirectory`."""
+    """One node's gossip rounds over a `Transport` and a `PeerDirectory` (a `RoundProtocol`).
+
+    `attacker` (default None: honest) goes into `hooks` (`ProtocolHooks.attacker`).
+    """
+
+    #: Gossip announces no leave: peers find out from the directory and from failed exchanges.
+    leave_on_close = False
+    #: No secagg identity: gossip has no secure aggregation.
+    secagg_public_key = b""
 
     def __init__(self, settings: GossipSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
@@ -158,11 +174,10 @@ class GossipProtocol:
         self._robust = is_robust(settings.rule, settings.rule_params) or settings.window > 1
         # A merge must keep the rule's guarantee: f = the rule's `f`, or 1 for a robust rule (0 for mean, vca).
         self._target_f = byzantine_target(settings.rule, settings.rule_params)
-        #: A Byzantine node's forging (None for an honest node).
-        self.attacker = attacker
-        #: Called after each local training with (round, start model, trained model); the simulator's
-        #: omniscient attackers read honest updates through it. Never set in the daemon.
-        self.on_trained: TrainedHook | None = None
+        #: The attacker (None for an honest node) and ``on_trained`` (the simulator's omniscient attackers).
+        self.hooks = ProtocolHooks(attacker=attacker)
+        self.keep_pre_merge = False
+        self._pre_merge: State | None = None
         self.suspicion = SuspicionTracker(settings.suspicion_decay)
         #: Senders whose models the last merge ignored as suspects, and models it combined (own included).
         self.last_ignored: list[str] = []
@@ -257,6 +272,7 @@ class GossipProtocol:
         """Merge the own model with `received` (sender -> model) by the rule; score the `fresh` senders."""
         self.last_ignored = []
         self.last_combined = 1
+        self._pre_merge = None
         if not received:
             return
         s = self.settings
@@ -291,6 +307,8 @@ class GossipProtocol:
                 senders = []
                 merged = own
             else:
+                if self.keep_pre_merge:
+                    self._pre_merge = own  # a copy (Trainer.state), not changed by the load
                 self.trainer.load_state(merged)
         self.last_combined = 1 + len(senders)
         # Suspicion: the fresh models (suspects' included, so that a reformed peer can recover).
@@ -302,7 +320,8 @@ class GossipProtocol:
     async def run_round(self) -> RoundReport:
         """Train, exchange with one random live peer, merge, evaluate; return the round's report."""
         s = self.settings
-        attacking = self.attacker is not None and self.attacker.model_attack
+        attacker = self.hooks.attacker
+        attacking = attacker is not None and attacker.model_attack
 
         def train() -> tuple[float, State]:
             # The start model: reference of the updates (direction rules, forging, the suspicion's direction term).
@@ -318,14 +337,14 @@ class GossipProtocol:
             # and with a robust rule every input but the own one lags a round behind, so the vote keeps the
             # old model.
             self._published = trained
-        if self.on_trained is not None:
-            self.on_trained(self.round, start, trained)
+        if self.hooks.on_trained is not None:
+            self.hooks.on_trained(self.round, start, trained)
         if attacking:
-            assert self.attacker is not None
+            assert attacker is not None
             seen = [e.state for e in self._window.values()]
-            self._published = await self.attacker.forge(self.round, start, trained, seen)
+            self._published = await attacker.forge(self.round, start, trained, seen)
             logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
-                         self.attacker.attack)
+                         attacker.attack)
         candidates = await self._candidates()
         partner = self._choose(candidates)
         failures = 0
@@ -344,11 +363,24 @@ class GossipProtocol:
         if s.eval_every and self.round % s.eval_every == 0:
             test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
         combined = self.last_combined
-        extra: dict[str, Any] = {"ignored": list(self.last_ignored)} if self.last_ignored else {}
+        extra = RoundExtra(ignored=list(self.last_ignored)) if self.last_ignored else RoundExtra()
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss,
                            accuracy=accuracy, peers=len(candidates), combined=combined,
-                           fraction=1.0, partner=partner if pulled is not None else None, failures=failures,
-                           extra=extra)
+                           fraction=merged_fraction(combined > 1), partner=partner if pulled is not None else None,
+                           failures=failures, extra=extra, pre_merge=self._pre_merge)
+
+    # -- the rest of RoundProtocol ------------------------------------------------------------
+    def snapshot(self) -> ProtocolSnapshot:
+        """No event counters yet; the suspicion scores of the senders this node merged."""
+        return ProtocolSnapshot(counters={}, suspicion=self.suspicion.scores())
+
+    def state_loaded(self) -> None:
+        """Serve the model now in the trainer: what peers pull must be the model this node keeps (after a
+        resume, a sync or an undone merge), not the one it had before."""
+        self._published = self.trainer.state()
+
+    async def rejoin(self) -> None:
+        """Nothing to forget or announce: the next round picks a live peer from the directory."""
 
     async def close(self) -> None:
         self._window.clear()

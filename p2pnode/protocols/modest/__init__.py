@@ -31,8 +31,9 @@ The aggregator of ``k-2`` could still grind its model's bytes to steer round ``k
 Map of the package (each module imports only those above it in this list, never a sibling role):
 
 - `settings`: `ModestSettings` (and `fl_settings`: ``fl`` is MoDeST with one fixed aggregator).
-- `state`: records (`AggregationEvent`, the models and aggregations a node holds), `Hooks` (the seams
-  tests and the simulator set), `Core` (the node's shared state and small helpers).
+- `state`: records (`AggregationEvent`, the models and aggregations a node holds) and `Core` (the node's
+  shared state and small helpers). The seams tests and the simulator set are the protocol's
+  `p2pnode.protocols.base.ProtocolHooks`, handed to the roles that call them.
 - `wire`: method names, limits, and the checks of what peers send.
 - `combine`: pure functions from received models (or secure sums) and the base to the next version.
 - `sampling`: `candidate_order`, `model_digest` (the ordering keys), and `Sampler` (pings).
@@ -49,7 +50,7 @@ from p2pnode.protocols.base import State
 from p2pnode.protocols.modest.protocol import ModestProtocol
 from p2pnode.protocols.modest.sampling import candidate_order, model_digest
 from p2pnode.protocols.modest.settings import ModestSettings, fl_settings
-from p2pnode.protocols.modest.state import AggregationEvent, Hooks
+from p2pnode.protocols.modest.state import AggregationEvent
 from p2pnode.protocols.modest.state import Incoming as _Incoming
 from p2pnode.protocols.modest.wire import (
     BASE,
@@ -76,7 +77,6 @@ __all__ = [
     "UPDATE",
     "WRONG_SAMPLE",
     "AggregationEvent",
-    "Hooks",
     "ModestProtocol",
     "ModestSettings",
     "State",

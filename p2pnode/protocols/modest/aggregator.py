@@ -23,7 +23,7 @@ from typing import Any
 
 from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.base import State
+from p2pnode.protocols.base import ProtocolHooks, State
 from p2pnode.protocols.modest.combine import combine, combine_groups, combine_secure
 from p2pnode.protocols.modest.sampling import Sampler, model_digest
 from p2pnode.protocols.modest.state import (
@@ -31,7 +31,6 @@ from p2pnode.protocols.modest.state import (
     AggregationEvent,
     Base,
     Core,
-    Hooks,
     Incoming,
     Result,
     Upload,
@@ -55,7 +54,8 @@ class AggregatorRole:
         offer: hands a model version to this node's trainer role (when it is in the next sample).
     """
 
-    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *, offer: Callable[[Incoming], bool]) -> None:
+    def __init__(self, core: Core, sampler: Sampler, hooks: ProtocolHooks, *,
+                 offer: Callable[[Incoming], bool]) -> None:
         self.core = core
         self.sampler = sampler
         self.hooks = hooks
@@ -273,7 +273,7 @@ class AggregatorRole:
         accuracy = test_loss = None
         if s.eval_every and index % s.eval_every == 0:
             def evaluate() -> tuple[float, float]:
-                c.trainer.load_state(new_state)
+                c.load_model(new_state)
                 return c.trainer.evaluate()
 
             test_loss, accuracy = await c.compute.run(evaluate)

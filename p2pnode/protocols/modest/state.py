@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +22,13 @@ import torch
 
 from p2pnode.aggregation import rule_info
 from p2pnode.discovery import PeerDirectory
-from p2pnode.protocols.adversary import Attacker, TrainedHook
-from p2pnode.protocols.base import PeerHealth, RoundReport, State
+from p2pnode.protocols.base import PeerHealth, RoundExtra, RoundReport, State, merged_fraction
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.membership import View
 from p2pnode.protocols.modest.settings import ModestSettings
 from p2pnode.protocols.suspicion import SuspicionTracker
-from p2pnode.secagg import Contribution, SecAggResult, Stage
+from p2pnode.secagg import SecAggResult
 from p2pnode.secagg.aggregator import SecAggAggregator
-from p2pnode.secagg.state import UserReport
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 
@@ -239,28 +237,6 @@ class Layout:
         return cls(names, shapes, sum(math.prod(sh) for sh in shapes), len(names) if rule == "vca" else 0)
 
 
-@dataclass
-class Hooks:
-    """The seams that tests, the simulator and research code set on a protocol (all None: none).
-
-    :param attacker: a Byzantine node's forging of the models it uploads as a trainer (None: honest).
-    :param on_trained: called after each local training with (version, start model, trained model); the
-        simulator's omniscient attackers read honest updates through it. Never set in the daemon.
-    :param on_aggregate: called with an `AggregationEvent` after each aggregation this node completes.
-    :param on_secagg_report: called with (version trained, report) for each secagg user of this node once
-        it ends.
-    :param on_secagg_input: called on a trainer with (round, its own contribution) before it is masked.
-    :param secagg_silent_from: this node's next secure round goes silent from that stage on (fault injection).
-    """
-
-    attacker: Attacker | None = None
-    on_trained: TrainedHook | None = None
-    on_aggregate: Callable[[AggregationEvent], None] | None = None
-    on_secagg_report: Callable[[int, UserReport], None] | None = None
-    on_secagg_input: Callable[[int, Contribution], None] | None = None
-    secagg_silent_from: Stage | None = None
-
-
 class Core:
     """One node's MoDeST state, shared by its roles (see the module docstring).
 
@@ -311,6 +287,10 @@ class Core:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.watch: Watch | None = None
         self.events: list[AggregationEvent] = []
+        #: The quorum's seam (`RoundProtocol.keep_pre_merge`): keep the model the first load of a round replaces.
+        self.keep_pre_merge = False
+        self.in_round = False
+        self.pre_merge: State | None = None
 
     @property
     def spread(self) -> bool:
@@ -319,6 +299,13 @@ class Core:
         trainers' list, and the aggregators exchange their group sums (`ModestGroupSums`)."""
         s = self.settings
         return s.secagg is not None and s.secagg_groups > 1 and s.aggregators > 1 and self.server is None
+
+    def load_model(self, state: State) -> None:
+        """Load `state` into the trainer (call on the compute thread). With `keep_pre_merge`, the first load
+        during a round keeps the model it replaces, for the node's quorum (`RoundReport.pre_merge`)."""
+        if self.keep_pre_merge and self.in_round and self.pre_merge is None:
+            self.pre_merge = self.trainer.state()
+        self.trainer.load_state(state)
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -396,9 +383,9 @@ class Core:
         """The report of the round just done, with the aggregations completed since the last report."""
         events, self.events = self.events, []
         last = events[-1] if events else None
+        combined = len(last.contributors) if last else self.held_combined
         return RoundReport(round=self.round, train_loss=float(train_loss),
                            test_loss=last.test_loss if last else None, accuracy=last.accuracy if last else None,
-                           peers=len(self.view.active(self.round)) - 1,
-                           combined=len(last.contributors) if last else self.held_combined,
-                           fraction=1.0, partner=partner, failures=failures,
-                           extra={"role": role, "aggregated": [e.index for e in events]})
+                           peers=len(self.view.active(self.round)) - 1, combined=combined,
+                           fraction=merged_fraction(combined > 1), partner=partner, failures=failures,
+                           extra=RoundExtra(role=role, aggregated=[e.index for e in events]))

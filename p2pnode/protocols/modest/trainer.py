@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 from p2pnode.errors import TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.base import RoundReport, State
+from p2pnode.protocols.base import ProtocolHooks, RoundReport, State
 from p2pnode.protocols.modest.sampling import Sampler, model_digest
-from p2pnode.protocols.modest.state import Base, Core, Hooks, Incoming, Watch, short
+from p2pnode.protocols.modest.state import Base, Core, Incoming, Watch, short
 from p2pnode.protocols.modest.wire import UPDATE, check_round, check_run, check_sample, split_model
 from p2pnode.transport import Message
 
@@ -61,7 +61,7 @@ class TrainerRole:
         refresh_directory: reads the directory now (idle rounds).
     """
 
-    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *,
+    def __init__(self, core: Core, sampler: Sampler, hooks: ProtocolHooks, *,
                  merge_view: Callable[[peer_pb2.MembershipView, int], None], receive_local: ReceiveUpdate,
                  push_model: PushModel, refresh_directory: Callable[[], Awaitable[None]]) -> None:
         self.core = core
@@ -121,7 +121,7 @@ class TrainerRole:
 
         def work() -> tuple[float, State]:
             # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
-            c.trainer.load_state(inc.state)
+            c.load_model(inc.state)
             loss = c.trainer.train(s.local_steps)
             return loss, c.trainer.state()
 
