@@ -610,19 +610,24 @@ class NodeConfig:
                                   f"outer_momentum=0 is the plain merge), or unset for no outer optimizer")
             if not (isinstance(self.outer_momentum, int | float) and 0 <= self.outer_momentum < 1):
                 raise ConfigError(f"outer_momentum={self.outer_momentum!r}: must be in [0, 1) (DiLoCo uses 0.9)")
-        from p2pnode.transport.compression import check_combination  # local: config is a leaf module
+        from p2pnode.transport.compression import check_combination, parse_compression  # local: a leaf module
 
         try:
-            # The canonical text (``INT8`` and ``int8:1024`` are ``int8``): peers that mean the same format hash alike.
-            self.compression = str(check_combination(self.compression, secagg=self.secagg,
-                              payload="models" if self.topology in MODEL_TOPOLOGIES else "updates"))
-        except ValueError as e:  # ConfigError is a ValueError, and so is a malformed format
+            c = parse_compression(self.compression)
+        except ValueError as e:
+            raise ConfigError(f"compression: {e}") from None
+        try:
+            check_combination(c, secagg=self.secagg,
+                              payload="models" if self.topology in MODEL_TOPOLOGIES else "updates")
+        except ValueError as e:  # ConfigError is a ValueError
             why = ""
-            if self.topology in MODEL_TOPOLOGIES and "fraction" in str(e):
+            if self.topology in MODEL_TOPOLOGIES and c.sparse:
                 why = (f" (topology {self.topology} publishes each node's trained model, and every receiver forms the "
                        f"pseudo-gradient against its own round-start model, so no update exists to sparsify; topk fits "
                        f"modest/fl trainer updates)")
             raise ConfigError(f"compression={self.compression!r}: {e}{why}") from None
+        # The canonical text (``INT8`` and ``int8:1024`` are ``int8``): peers that mean the same format hash alike.
+        self.compression = str(c)
 
     def _validate_secagg(self) -> None:
         if not self.secagg:

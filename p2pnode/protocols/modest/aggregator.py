@@ -38,10 +38,10 @@ from p2pnode.protocols.modest.state import (
     decoded,
     short,
 )
-from p2pnode.protocols.modest.wire import BASE, MODEL, check_run, outer_tensors, split_model
+from p2pnode.protocols.modest.wire import BASE, MODEL, OUTER_PREFIX, check_run, outer_tensors, split_model
 from p2pnode.secagg import SecAggResult
 from p2pnode.transport import Message
-from p2pnode.transport.compression import CompressedTensor, compress_state
+from p2pnode.transport.compression import CompressedTensor, compress_state, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,11 @@ class AggregatorRole:
         base = c.bases.get(int(body.round))
         if base is None or (body.digest and bytes(body.digest) != base.digest):
             return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
-        return Message(peer_pb2.ModestBaseResponse(found=True, round=body.round),
-                       {**base.state, **outer_tensors(base.outer)})
+        reply = peer_pb2.ModestBaseResponse(found=True, round=body.round)
+        if c.model_compression.lossy:
+            # The model travels raw (the puller checks its digest); the outer momentum in the run's format.
+            return Message(reply, base.state, compressed=compress_state(outer_tensors(base.outer), c.model_compression))
+        return Message(reply, {**base.state, **outer_tensors(base.outer)})
 
     async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
@@ -252,9 +255,15 @@ class AggregatorRole:
         wire: dict[str, CompressedTensor] | None = None
         if c.model_compression.lossy and aborted is None:
             # Every holder of the version keeps it as decoded, so that its digest (the sample key, base pulls
-            # and the trainers' updates relative to it) is the same everywhere.
+            # and the trainers' updates relative to it) is the same everywhere. The outer optimizer's momentum
+            # travels in the same format (it is as large as the model), and is kept as decoded too.
             wire = compress_state(new_state, c.model_compression)
             new_state = decoded(wire)
+            if outer_state:
+                outer_wire = compress_state(outer_tensors(outer_state), c.model_compression)
+                wire.update(outer_wire)
+                outer_state = {k: decompress(outer_wire[OUTER_PREFIX + k]).reshape(v.shape)
+                               for k, v in outer_state.items()}
         index = agg.index
         parent = agg.base_digest()
         grandparent = agg.parent_digest()
@@ -348,7 +357,8 @@ class AggregatorRole:
                          wire: Mapping[str, CompressedTensor] | None = None) -> list[str]:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
 
-        `wire`: `state` compressed (its decoded tensors are `state`); None: `state` travels raw, as every
+        `wire`: `state` and `outer` (as `outer_tensors`) compressed, their decoded tensors `state` and `outer`;
+        None: they travel raw, as every
         resend of a version held (top-up, relaunch) does, so that its bytes and digest never change.
 
         With secure aggregation the message also names `targets` as the sample of `round_`, and
@@ -364,7 +374,7 @@ class AggregatorRole:
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
                                     combined=combined, sample=sample, sample_key=key)
-        msg = (Message(body, outer_tensors(outer), compressed=dict(wire)) if wire is not None
+        msg = (Message(body, compressed=dict(wire)) if wire is not None
                else Message(body, {**state, **outer_tensors(outer)}))
 
         async def one(peer: str) -> bool:
