@@ -186,6 +186,27 @@ def test_compression_int8_from_flag_toml_and_env(tmp_path: Path, monkeypatch: py
     assert bad.exit_code == 2 and "publishes each node's trained model" in bad.output
 
 
+def test_swarm_forwards_the_diloco_and_compression_settings_to_every_daemon(tmp_path: Path) -> None:
+    from p2pnode.cli.swarm import _args
+
+    runner = CliRunner()
+    # The swarm command's own parsing, then the daemon command line it builds for node 1.
+    ctx = cli.commands["swarm"].make_context("swarm", ["--compression", "int8", "--outer-lr", "0.7",
+                                                       "--outer-momentum", "0.5", "--no-outer-nesterov"])
+    kw = dict(ctx.params, state_root=str(tmp_path))
+    args = _args(kw, 1, [])
+    assert args[args.index("--compression") + 1] == "int8"
+    assert args[args.index("--outer-lr") + 1] == "0.7"
+    assert args[args.index("--outer-momentum") + 1] == "0.5"
+    assert "--no-outer-nesterov" in args and "--outer-nesterov" not in args
+    # ... and a daemon reads them into its config.
+    got = runner.invoke(cli, ["config", "show", "--json", *args[args.index("run") + 1:]], env={
+        "P2PNODE_STATE_DIR": str(tmp_path)}, catch_exceptions=False)
+    assert got.exit_code == 0, got.output
+    options = json.loads(got.stdout.splitlines()[0])["options"]
+    assert (options["compression"]["value"], options["outer_nesterov"]["value"]) == ("int8", False)
+
+
 # -- compression in gossip and modest ---------------------------------------------------------------------
 def test_gossip_with_int8_and_diloco_sends_fewer_bytes_and_learns() -> None:
     base = {"nodes": 4, "rounds": 6, "seed": 0, "topology": "gossip", "local_steps": 20, "outer_lr": 0.7}

@@ -29,7 +29,7 @@ STOP_TIMEOUT_S = 20.0
 #: Options of `training_options` passed on to each daemon as ``--name value`` when set (all of them but the
 #: ones `_args` passes itself: the run-wide ones every daemon must agree on, from the schema).
 FORWARDED = tuple(meta.param for f, meta in schema() if f.name in TRAINING_FIELDS and meta.param not in (
-    "task", "rule", "seed", "init", "secagg", "rule_params"))
+    "task", "rule", "seed", "init", "secagg", "rule_params", "outer_nesterov"))
 
 
 @dataclass
@@ -56,6 +56,8 @@ def _args(kw: dict[str, Any], index: int, initial: list[str]) -> list[str]:
             args += [f"--{key.replace('_', '-')}", str(kw[key])]
     if kw.get("secagg"):
         args.append("--secagg")
+    if kw.get("outer_nesterov") is False:  # a bool flag: forwarded only when off (on is the default)
+        args.append("--no-outer-nesterov")
     for p in kw.get("rule_params", ()):
         args += ["--rule-param", p]
     for m in initial:
