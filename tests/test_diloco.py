@@ -65,11 +65,12 @@ def test_outer_step_with_lr_1_and_no_momentum_is_the_plain_merge(topology: str, 
     assert max(float((moved[0][k] - plain[0][k]).abs().max()) for k in plain[0]) > 1e-4
 
 
-def test_outer_momentum_on_a_gossip_pair_matches_the_hand_computation() -> None:
-    """Two gossip nodes, two rounds, outer_lr 0.7, momentum 0.9 (Nesterov): each node's model is
+@pytest.mark.parametrize("topology", ["gossip", "dpsgd"])
+def test_outer_momentum_on_a_node_pair_matches_the_hand_computation(topology: str) -> None:
+    """Two nodes, two rounds, outer_lr 0.7, momentum 0.9 (Nesterov): each node's model is
     theta0 - 0.7 * (delta + 0.9 * buf), delta = theta0 - mean(own trained, peer's trained), buf = delta
-    after round 1 and 0.9 * buf + delta after round 2."""
-    kw: dict[str, object] = {"model_seed_mode": "independent", "local_steps": 5, "lr": 0.2}
+    after round 1 and 0.9 * buf + delta after round 2 (dpsgd with two nodes: weights 1/2 and 1/2)."""
+    kw: dict[str, object] = {"model_seed_mode": "independent", "local_steps": 5, "lr": 0.2, "topology": topology}
     lr, mu = 0.7, 0.9
     # The same two nodes, computed by hand: same data, same start, the same inner steps.
     alone = [build_trainer(make_config(i, 2, **kw)) for i in range(2)]
@@ -217,10 +218,15 @@ def test_gossip_with_int8_and_diloco_sends_fewer_bytes_and_learns() -> None:
     assert small["rounds"][-1]["accuracy"] > 0.75
 
 
-@pytest.mark.parametrize("compression", ["int8", "topk:0.25"])
-def test_modest_with_compressed_uploads_learns(compression: str) -> None:
+@pytest.mark.parametrize(("compression", "extra"), [
+    ("int8", {}),
+    ("topk:0.25", {}),
+    ("int8", {"outer_lr": 0.7}),       # DiLoCo: the momentum travels in int8 with each version
+    ("int8", {"topology": "fl"}),
+])
+def test_modest_with_compressed_uploads_learns(compression: str, extra: dict[str, object]) -> None:
     """Trainers upload model - base with error feedback; aggregators send int8 versions (topk: raw)."""
-    cfg = {"nodes": 8, "rounds": 10, "seed": 0, "topology": "modest", "sample_size": 4, "local_steps": 10}
+    cfg = {"nodes": 8, "rounds": 10, "seed": 0, "topology": "modest", "sample_size": 4, "local_steps": 10, **extra}
     raw = run_simulation(SimConfig(**cfg))  # type: ignore[arg-type]
     res = run_simulation(SimConfig(**cfg, compression=compression))  # type: ignore[arg-type]
     rows = res["rounds"]
