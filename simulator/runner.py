@@ -63,7 +63,9 @@ class SimConfig:
     :param rejoin_round: they come back (and announce a join) right after round ``rejoin_round - 1``;
         None (default): never.
     :param rejoin_fraction: share of the crashed nodes that come back, chosen by the seed (default 1.0).
-    :param outer_lr: modest/fl: outer Nesterov optimizer's learning rate (default None: none).
+    :param outer_lr: DiLoCo outer Nesterov optimizer's learning rate, every topology (default None: none);
+        ``outer_momentum`` (0.9) and ``outer_nesterov`` (True) as `NodeConfig`'s.
+    :param compression: the run's wire format (`NodeConfig.compression`; default ``none``).
     :param byzantine: number of attacking nodes, chosen by the seed (default 0; in fl never the server).
     :param attack: what they do (``p2pnode.attacks.available_attacks()``); needed when ``byzantine > 0``.
     :param attack_params: the attack's parameters.
@@ -107,6 +109,9 @@ class SimConfig:
     dpsgd_graph: str = "exponential"
     dpsgd_degree: int = 4
     outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    compression: str = "none"
     crash_fraction: float = 0.0
     crash_round: int = 1
     rejoin_round: int | None = None
@@ -256,6 +261,7 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
             "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
             "loss": round(sum(losses) / len(losses), 6) if losses else None,
             "bytes": sent - sent_before,
+            "bytes_per_node": round((sent - sent_before) / max(1, len(live)), 1),
             "active_nodes": len(live),
             "participants": len(live),
         }
@@ -326,6 +332,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
                 "accuracy": None,
                 "loss": round(ev.train_loss, 6) if ev.train_loss is not None else None,
                 "bytes": sent - sent_before,
+                "bytes_per_node": round((sent - sent_before) / max(1, sum(network.is_alive(n.peer_id)
+                                                                          for n in nodes)), 1),
                 "active_nodes": sum(network.is_alive(n.peer_id) for n in nodes),
                 "participants": len(ev.contributors),
                 "sample": list(ev.contributors),
@@ -405,7 +413,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     for i in range(cfg.nodes):
         config = cfg.node_config(i)
         pid = sim_peer_id(i)
-        transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
+        transport = network.transport(pid, max_message_bytes=config.max_message_bytes,
+                                      compression=config.compression)
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
                                     ttl_s=config.announce_ttl_s)
         trainer = build_trainer(config, task)
@@ -441,6 +450,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
         "rounds": rounds,
         "final_accuracy": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
+        # Bytes one node sent in one round, the mean over the rounds' live nodes (rows: "bytes_per_node").
+        "bytes_per_node_per_round": _mean([row["bytes_per_node"] for row in rounds]),
     }
     if byzantine:
         result["byzantine"] = [sim_peer_id(i) for i in sorted(byzantine)]
@@ -487,6 +498,9 @@ def _config_dict(cfg: SimConfig) -> dict[str, Any]:
         del out["secagg_groups"]
     if cfg.secagg_min_group == DEFAULT_MIN_GROUP:
         del out["secagg_min_group"]
+    for key, default in (("outer_momentum", 0.9), ("outer_nesterov", True), ("compression", "none")):
+        if out[key] == default:
+            del out[key]
     return out
 
 

@@ -40,10 +40,13 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
 
     With ``secagg=True`` each node gets its seeded secagg identity key, except the nodes whose indices are
     in `unkeyed`; `signed_records` False makes the directories unauthenticated (``--unsigned-records``);
-    `compression` is every transport's wire compression (`Transport.compression`; default none).
+    `compression` is the run's ``compression`` setting and every transport's wire compression
+    (`Transport.compression`; default none).
     `settings`: the nodes' daemon settings (default None: `DaemonSettings.in_memory()`).
     """
     no_key = set(unkeyed)
+    if compression is not None:
+        overrides = {**overrides, "compression": compression}
     network = MemoryNetwork(seed=0)
     registry = MemoryRegistry()
     nodes = []

@@ -19,6 +19,14 @@ first round:
 Traffic per round: ``n`` model transfers on the exponential graph, ``n * degree`` on a regular one.
 A neighbour that misses a round is skipped for 1, 2, 4, ... rounds (at most 16), neither sent to nor
 waited for, so a crashed neighbour costs one timeout, not one per round.
+
+DiLoCo (docs/protocols.md, "DiLoCo on each topology"): with ``outer_lr`` set, the average above is
+``merged``; the node's round-start model ``theta0`` then takes the outer step on the pseudo-gradient
+``theta0 - merged`` (the weighted mean of ``theta0 - x_j`` over itself and the neighbours, the weights
+summing to 1): ``x_i <- theta0 - outer_lr * nesterov(theta0 - merged)``, momentum buffers local to the
+node (not checkpointed). A round without neighbours' models steps on the own pseudo-gradient. With
+``outer_lr = 1, outer_momentum = 0`` that is the plain average, bit for bit. Neighbours still receive the
+trained model ``x_j`` (each forms the pseudo-gradient against its own ``theta0``).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, rule_info
+from p2pnode.aggregation import aggregate_states, outer_optimizer, rule_info
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import peer_pb2
@@ -159,6 +167,9 @@ class DpsgdSettings:
     :param exchange_timeout_s: longest wait for a push or for the neighbours' models, in seconds (default 30).
     :param eval_every: evaluate on the test split every this many rounds (0: never; default 1).
     :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
+    :param outer_lr: DiLoCo outer optimizer's learning rate, or None (default) for none (the plain average).
+    :param outer_momentum: its momentum, in [0, 1) (default 0.9).
+    :param outer_nesterov: Nesterov momentum (default True).
     """
 
     run_id: str
@@ -172,6 +183,9 @@ class DpsgdSettings:
     exchange_timeout_s: float = 30.0
     eval_every: int = 1
     step_cost_s: float = 0.0
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
 
 class DpsgdProtocol:
@@ -215,6 +229,8 @@ class DpsgdProtocol:
         # (round, sender) -> (model, sender's degree)
         self._inbox: dict[tuple[int, str], tuple[dict[str, torch.Tensor], int]] = {}
         self._arrived = asyncio.Event()
+        #: DiLoCo's outer optimizer (None without ``outer_lr``): its momentum is this node's own.
+        self.outer = outer_optimizer(settings.outer_lr, settings.outer_momentum, settings.outer_nesterov)
         transport.register(PUSH, peer_pb2.DpsgdModel, self._on_push)
 
     # -- graph ----------------------------------------------------------------------------------------
@@ -296,7 +312,7 @@ class DpsgdProtocol:
 
         attacker, on_trained = self.hooks.attacker, self.hooks.on_trained
         attacking = attacker is not None and attacker.model_attack
-        keep_start = attacking or on_trained is not None
+        keep_start = attacking or on_trained is not None or self.outer is not None
 
         def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
             start = self.trainer.state() if keep_start else None
@@ -320,6 +336,11 @@ class DpsgdProtocol:
                                       self._collect(expected))
         received = [got[p] for p in in_ if p in got]
         pre_merge: State | None = None
+        outer = self.outer
+        if outer is not None and not received:
+            assert start is not None
+            theta0 = start
+            await self.compute.run(lambda: self.trainer.load_state(outer.step_towards(theta0, own)))
         if received:
             states = [own, *(st for st, _ in received)]
             w_self, w = metropolis_hastings(degree, [d for _, d in received])
@@ -329,6 +350,10 @@ class DpsgdProtocol:
                     merged = aggregate_states("mean", states, weights=[w_self, *w])
                 else:
                     merged = aggregate_states(s.rule, states, **s.rule_params)
+                if outer is not None:
+                    # DiLoCo: pseudo-gradient theta0 - merged (the same weights over theta0 - x_j), outer step.
+                    assert start is not None
+                    merged = outer.step_towards(start, merged)
                 self.trainer.load_state(merged)
 
             if self.keep_pre_merge:

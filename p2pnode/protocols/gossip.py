@@ -21,6 +21,19 @@ nor merges what a suspect sends.
 Trade-off (docs/protocols.md): a longer window gives the rule more inputs (robustness) but merges
 older models (staleness) and holds up to ``max_inbox`` models in memory.
 
+DiLoCo (docs/protocols.md, "DiLoCo on each topology"). With ``outer_lr`` set, a round is one outer step
+of DiLoCo: it starts from ``theta0`` (the model at round start), runs the ``local_steps`` inner steps
+(the task's optimizer), and the merge by the rule gives ``merged``; the pseudo-gradient is then
+``delta = theta0 - merged`` and the node moves to ``theta0 - outer_lr * nesterov(delta)``
+(`p2pnode.aggregation.OuterOptimizer`, momentum buffers local to the node). ``theta0 - merged`` is the
+rule applied to the pseudo-gradients ``delta_j = theta0 - theta_j`` of the own trained model and the
+received ones: direction rules (flag, krum, ...) get the updates ``theta_j - theta0`` already, and for the
+translation-equivariant rules (mean, median, trimmed mean, vca) ``rule(theta0 - theta_j) = theta0 -
+rule(theta_j)``. A round that merges nothing (no peer, too few inputs for a robust rule) still steps on
+the own pseudo-gradient. With ``outer_lr = 1`` and ``outer_momentum = 0`` the result is the plain merge,
+bit for bit. The buffers are not checkpointed: a resumed node starts them afresh. Peers receive the
+trained model ``theta_j`` itself (never the pseudo-gradient, which depends on the receiver's ``theta0``).
+
 Compression (docs/compression.md): the exchanged models travel in the protocol's `compression` (default:
 the transport's, ``none`` unless set), encoded once per published model. Gossip sends whole models, so
 a sparse format (topk) is refused, and no error feedback is kept (a model is not accumulated).
@@ -36,7 +49,14 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, byzantine_target, max_byzantine, rule_info, tolerance
+from p2pnode.aggregation import (
+    aggregate_states,
+    byzantine_target,
+    max_byzantine,
+    outer_optimizer,
+    rule_info,
+    tolerance,
+)
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
@@ -104,6 +124,9 @@ class GossipSettings:
         ``exchange_timeout_s * 2 ** (k - 1)`` seconds after ``k`` consecutive timeouts, at most
         `silent_max_s` (default True; `p2pnode.protocols.backoff`).
     :param silent_max_s: longest such skip, in seconds (default 600).
+    :param outer_lr: DiLoCo outer optimizer's learning rate, or None (default) for none (the plain merge).
+    :param outer_momentum: its momentum, in [0, 1) (default 0.9).
+    :param outer_nesterov: Nesterov momentum (default True).
     """
 
     run_id: str
@@ -121,6 +144,9 @@ class GossipSettings:
     suspect_threshold: float = DEFAULT_THRESHOLD
     silent_backoff: bool = True
     silent_max_s: float = DEFAULT_MAX_S
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
     @property
     def window(self) -> int:
@@ -182,6 +208,8 @@ class GossipProtocol:
         #: Senders whose models the last merge ignored as suspects, and models it combined (own included).
         self.last_ignored: list[str] = []
         self.last_combined = 1
+        #: DiLoCo's outer optimizer (None without ``outer_lr``): its momentum is this node's own.
+        self.outer = outer_optimizer(settings.outer_lr, settings.outer_momentum, settings.outer_nesterov)
         transport.register(EXCHANGE, peer_pb2.ModelExchange, self._on_exchange)
 
     # -- serving ------------------------------------------------------------------------------
@@ -274,6 +302,8 @@ class GossipProtocol:
         self.last_combined = 1
         self._pre_merge = None
         if not received:
+            if self.outer is not None:  # DiLoCo: the own pseudo-gradient alone
+                self.trainer.load_state(self.outer.step_towards(start, self.trainer.state()))
             return
         s = self.settings
         if s.exclude_suspects:
@@ -309,7 +339,11 @@ class GossipProtocol:
             else:
                 if self.keep_pre_merge:
                     self._pre_merge = own  # a copy (Trainer.state), not changed by the load
-                self.trainer.load_state(merged)
+                if self.outer is None:
+                    self.trainer.load_state(merged)
+        if self.outer is not None:
+            # DiLoCo: pseudo-gradient theta0 - merged (the rule over theta0 - theta_j), then the outer step.
+            self.trainer.load_state(self.outer.step_towards(start, merged))
         self.last_combined = 1 + len(senders)
         # Suspicion: the fresh models (suspects' included, so that a reformed peer can recover).
         scored = {p: received[p] for p in received if p in fresh}

@@ -28,6 +28,12 @@ update carries it) derive the same key, so samples stay consistent; two rounds b
 that two versions ``k-1`` split off one version ``k-2`` still meet at the same aggregator of ``k``.
 The aggregator of ``k-2`` could still grind its model's bytes to steer round ``k``: see docs/protocols.md.
 
+DiLoCo and compression. With ``outer_lr`` the aggregator of ``k+1`` steps the outer optimizer from
+version ``k`` (``theta0``) on the pseudo-gradient ``theta0 - rule(trained models)``; its momentum travels
+with the model. With a lossy ``compression`` trainers upload ``model - base`` with error feedback (topk
+allowed) and aggregators send each version compressed (raw under topk), keeping it as decoded so that
+every holder has the same digest (docs/protocols.md, docs/compression.md).
+
 Map of the package (each module imports only those above it in this list, never a sibling role):
 
 - `settings`: `ModestSettings` (and `fl_settings`: ``fl`` is MoDeST with one fixed aggregator).

@@ -31,6 +31,7 @@ from p2pnode.secagg import SecAggResult
 from p2pnode.secagg.aggregator import SecAggAggregator
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
+from p2pnode.transport.compression import NONE, CompressedTensor, ErrorFeedback, check_combination, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,17 @@ class Core:
         self.spec = trainer.spec
         info = rule_info(settings.rule)
         self.needs_updates = info.needs_updates
-        # With secagg the mean of the updates is applied to the base model.
-        self.needs_base = info.needs_updates or settings.outer_lr is not None or settings.secagg is not None
+        #: The run's wire format (refused with secagg when lossy).
+        self.compression = check_combination(settings.compression, secagg=settings.secagg is not None)
+        #: Lossy compression: trainers upload ``model - base`` (compressed with `feedback`), not the model.
+        self.upload_updates = self.compression.lossy and settings.secagg is None
+        #: Error feedback of this node's uploads (one stream: each trainer's residual goes into its next update).
+        self.feedback = ErrorFeedback(self.compression)
+        #: The format of the versions aggregators send: the run's, but raw under a sparse one (a whole model).
+        self.model_compression = NONE if self.compression.sparse else self.compression
+        # With secagg the mean of the updates is applied to the base model; so are uploaded updates.
+        self.needs_base = (info.needs_updates or settings.outer_lr is not None or settings.secagg is not None
+                           or self.upload_updates)
         self.layout = Layout.of(self.spec, settings.rule)
         self.own_index = 0
         self.accepted_round = -1
@@ -389,3 +399,8 @@ class Core:
                            peers=len(self.view.active(self.round)) - 1, combined=combined,
                            fraction=merged_fraction(combined > 1), partner=partner, failures=failures,
                            extra=RoundExtra(role=role, aggregated=[e.index for e in events]))
+
+
+def decoded(wire: Mapping[str, CompressedTensor]) -> State:
+    """The tensors a receiver decodes from `wire` (what the sender keeps when it must hold the same bytes)."""
+    return {k: decompress(v) for k, v in wire.items()}
