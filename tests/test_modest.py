@@ -209,7 +209,7 @@ def test_aggregator_completes_a_round_exactly_once_and_ignores_late_models() -> 
         assert all(a.body.success and a.body.reason == "aggregated" for a in acks)
         assert sorted(events[0].contributors) == sorted(t.peer_id for t in trainers[:6])
         assert len(events[0].sample) == 4 and len(set(events[0].sample)) == 4
-        assert agg._completed_index == 1
+        assert agg.core.completed_index == 1
         # A late model for the completed index: refused as late, nothing changes.
         late = await trainers[6].transport.call(agg_node.peer_id, UPDATE, _update(trainers[6]),
                                                 peer_pb2.ModestAggAck, timeout=30)
@@ -231,7 +231,8 @@ def test_trainers_take_only_the_newest_model() -> None:
         assert not p._offer(_Incoming(5, state, {}, "y"))  # duplicate of the same round from a second aggregator
         assert not p._offer(_Incoming(4, state, {}, "z"))  # older
         assert p._offer(_Incoming(6, state, {}, "w"))
-        assert p._inbox is not None and p._inbox.round == 6 and p._inbox.sender == "w"
+        inbox = p.trainer_role.inbox
+        assert inbox is not None and inbox.round == 6 and inbox.sender == "w"
 
     run_virtual(main())
 
@@ -245,12 +246,12 @@ def test_availability_skips_dead_candidates_in_order() -> None:
             group.network.crash(dead)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        found = await prober._available(3, 3, b"", exclude={prober.me})
+        found = await prober.sampler.available(3, 3, b"", exclude={prober.me})
         assert found == order[2:5]
         assert 2.0 <= loop.time() - t0 < 3.0  # one ping timeout, the replacements pinged in parallel
         # Failed candidates are in back-off: skipped without a ping next time.
         t0 = loop.time()
-        assert await prober._available(3, 3, b"", exclude={prober.me}) == order[2:5]
+        assert await prober.sampler.available(3, 3, b"", exclude={prober.me}) == order[2:5]
         assert loop.time() - t0 < 0.5
 
     run_virtual(main())
@@ -284,7 +285,7 @@ def test_bad_updates_are_refused_and_counted(case: str, reason: str) -> None:
             await rogue.transport.call(victim.peer_id, UPDATE, msg, peer_pb2.ModestAggAck, timeout=5)
         assert err.value.code == reason
         assert victim.transport.stats.rejected[reason] == 1
-        assert not _protocol(victim)._aggregations  # nothing was opened
+        assert not _protocol(victim).core.aggregations  # nothing was opened
 
     run_virtual(main())
 
@@ -297,7 +298,7 @@ def test_forged_leave_about_a_live_node_is_refuted() -> None:
         for e in forged.entries:
             if e.peer_id == p.me:
                 e.index, e.status = 7, LEAVE
-        p._merge_view(forged, 0)
+        p.membership.merge_view(forged, 0)
         mine = p.view.get(p.me)
         assert mine is not None and mine.status == JOIN and mine.index == 8
 

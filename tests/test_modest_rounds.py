@@ -168,7 +168,7 @@ def test_trainers_resend_when_their_aggregator_crashes() -> None:
         # Crash the node that is collecting the models of version 5 as soon as it holds one from another node.
         while True:
             collecting = [n for n in group.nodes if any(a.index == 5 and set(a.models) - {n.peer_id}
-                                                        for a in _p(n)._aggregations.values())]
+                                                        for a in _p(n).core.aggregations.values())]
             if collecting:
                 break
             await asyncio.sleep(0.001)

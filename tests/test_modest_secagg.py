@@ -40,9 +40,10 @@ TOLERANCE = SECAGG_TOLERANCE
 
 def claim_for(agg: ModestProtocol, index: int, sender: str, users: tuple[str, ...], *, group: int = 0) -> SessionClaim:
     """The claim a user of `users` sends to `agg` for version `index` (with the session digest it computes)."""
-    assert agg._secagg is not None
-    session = Session("test", index, agg.me, users, dim=agg._dim, group=group)
-    return SessionClaim("test", index, sender, users, agg._dim, 0, b"", group, plan(session, agg._secagg).digest)
+    assert agg.core.settings.secagg is not None
+    session = Session("test", index, agg.me, users, dim=agg.core.layout.dim, group=group)
+    return SessionClaim("test", index, sender, users, agg.core.layout.dim, 0, b"", group,
+                        plan(session, agg.core.settings.secagg).digest)
 
 
 def _run(cfg: SimConfig) -> tuple[dict[str, object], dict[int, AggregationEvent]]:
@@ -160,23 +161,23 @@ def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
         forged = (outsider, *order[:2])
         user_node = next(n for n in group.nodes if n.peer_id == outsider)
         settings = SecAggSettings(open_timeout_s=1.0, retry_interval_s=0.25)
-        user = SecAggUser(Session("test", 1, agg.me, forged, dim=agg._dim), settings, user_node.transport)
+        user = SecAggUser(Session("test", 1, agg.me, forged, dim=agg.core.layout.dim), settings, user_node.transport)
         report = await user.run(asyncio.sleep(0))  # type: ignore[arg-type]
         assert report.status is Status.ABORTED
         assert agg.counters["secagg_refused"] == 1  # once per claimant, not once per retry
         assert agg.transport.stats.rejected[WRONG_SAMPLE] == 1
-        assert 1 not in agg._aggregations or not agg._aggregations[1].opened
+        assert 1 not in agg.core.aggregations or not agg.core.aggregations[1].opened
         # Further refusals: a sample that does not name its sender, the wrong layout, a made-up key.
         honest = tuple(order[:3])
         sender = next(p for p in honest if p != agg.me)
-        for claim in (SessionClaim("test", 1, outsider, honest, agg._dim, 0),
-                      SessionClaim("test", 1, sender, honest, agg._dim + 1, 0),
-                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"\x01" * 32),
-                      SessionClaim("test", 1, sender, honest, agg._dim, 0, b"", 1)):  # no group 1 with G = 1
-            assert agg._check_claim(claim) is not None
+        for claim in (SessionClaim("test", 1, outsider, honest, agg.core.layout.dim, 0),
+                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim + 1, 0),
+                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"\x01" * 32),
+                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"", 1)):  # no group 1 with G = 1
+            assert agg.secure_aggregator.check_claim(claim) is not None
         # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
-        agg._on_claim(claim_for(agg, 1, sender, honest))
-        assert agg._aggregations[1].opened
+        agg.secure_aggregator.on_claim(claim_for(agg, 1, sender, honest))
+        assert agg.core.aggregations[1].opened
         assert agg.counters["secagg_refused"] == 1
         # Operators see the refusals in the node's metrics.
         scraped = parse_exposition(group.nodes[0].metrics.exposition().decode())
@@ -201,20 +202,20 @@ def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_dir
         # A join held pending (not yet in the view) is a known member.
         entry = agg.view._entries.pop(member)
         agg.view.receive_join(member, entry)
-        assert agg._check_claim(claim) is None
+        assert agg.secure_aggregator.check_claim(claim) is None
         # A member missing altogether: no refusal while the directory has not been read lately ...
         agg.view._pending.pop(member)
-        agg._keys_read_at = -math.inf
-        assert agg._check_claim(claim) is not None
-        agg._on_claim(claim)
-        assert agg.counters["secagg_refused"] == 0 and 1 not in agg._aggregations
+        agg.identity_keys.read_at = -math.inf
+        assert agg.secure_aggregator.check_claim(claim) is not None
+        agg.secure_aggregator.on_claim(claim)
+        assert agg.counters["secagg_refused"] == 0 and 1 not in agg.core.aggregations
         await asyncio.sleep(1.0)  # the background read finds the member's record
         assert agg.view.knows(member)
-        agg._on_claim(claim)
-        assert agg._aggregations[1].opened and agg.counters["secagg_refused"] == 0
+        agg.secure_aggregator.on_claim(claim)
+        assert agg.core.aggregations[1].opened and agg.counters["secagg_refused"] == 0
         # ... but a member that the fresh directory does not list either is refused.
         stranger = (sender, agg.me, "QmNotAPeerOfThisRun")
-        agg._on_claim(claim_for(agg, 2, sender, stranger))
+        agg.secure_aggregator.on_claim(claim_for(agg, 2, sender, stranger))
         assert agg.counters["secagg_refused"] == 1
         for node in group.nodes:
             await node.shutdown()
@@ -276,7 +277,7 @@ def _substitute_relayed_keys(protocol: ModestProtocol, *, sign: bool) -> None:
     """Make `protocol`'s node an aggregator-in-the-middle: in every advertise reply it relays, it replaces the
     other members' keys with fresh ones of its own, signed with its own identity key (`sign`) or unsigned.
     With those keys it could read the shares that members encrypt for each other."""
-    host = protocol._host
+    host = protocol.secagg_host
     assert host is not None
     real = host.dispatch
 
@@ -290,8 +291,8 @@ def _substitute_relayed_keys(protocol: ModestProtocol, *, sign: bool) -> None:
                 k.cipher_public_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
                 k.mask_public_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
                 k.signature = b""
-                if sign and protocol._identity is not None:
-                    k.signature = keys.sign(protocol._identity, keys.advertise_payload(
+                if sign and protocol.identity_keys.identity is not None:
+                    k.signature = keys.sign(protocol.identity_keys.identity, keys.advertise_payload(
                         digest, k.index, members[k.index - 1], k.cipher_public_key, k.mask_public_key,
                         k.self_mask_commitment))
         return reply
@@ -333,7 +334,7 @@ def test_members_keys_are_bound_to_their_signed_records() -> None:
             expected = keys.public_identity_key(seeded_secagg_identity(3, node.peer_id))
             assert node.info().secagg_key == p.secagg_public_key == expected
             await p._start()
-        assert all(set(p._identity_keys) == {n.peer_id for n in group.nodes} for p in protocols)  # type: ignore[attr-defined]
+        assert all(set(p.identity_keys.keys) == {n.peer_id for n in group.nodes} for p in protocols)  # type: ignore[attr-defined]
         event, reports = await _first_version(group)
         assert event is not None and event.secure and event.aborted is None and len(event.contributors) == 4
         assert reports and all(r.status is Status.DONE for r in reports)
@@ -425,24 +426,25 @@ def _forge_first_claim(protocols: list[ModestProtocol]) -> dict[str, Any]:
         real = p._train_and_upload_secure
 
         async def train(inc: Any) -> Any:
-            if inc.round != 0 or p._secagg is None:
+            if inc.round != 0 or p.core.settings.secagg is None:
                 return await real(inc)
             if forged:
                 await asyncio.sleep(0.5)
                 return await real(inc)
             forged["forger"] = p.me
             index = inc.round + 1
-            aggregator = (await p._available(index, 1, p._key(index, inc.parent)))[0]
+            aggregator = (await p.sampler.available(index, 1, p.core.key(index, inc.parent)))[0]
             window = candidate_order(sorted(p.view.active(0)), 0, key=inc.sample_key)
             stranger = next(q for q in window if q not in inc.sample and q != aggregator)
             victim = next(q for q in inc.sample if q not in (p.me, aggregator))
             members = tuple(stranger if q == victim else q for q in inc.sample)
             forged["members"] = members
-            user = SecAggUser(Session("test", index, aggregator, members, dim=p._dim), p._secagg, p.transport,
-                              context=inc.sample_key, identity=p._identity,
-                              identity_keys=p._keys_for(members, index=index, role="trainer"))
+            user = SecAggUser(Session("test", index, aggregator, members, dim=p.core.layout.dim),
+                              p.core.settings.secagg, p.transport,
+                              context=inc.sample_key, identity=p.identity_keys.identity,
+                              identity_keys=p.identity_keys.keys_for(members, index=index, role="trainer"))
             never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            p._spawn(user.run(never))
+            p.core.spawn(user.run(never))
             await asyncio.sleep(0.1)  # the forged advertisement reaches the aggregator and opens its instance
             return await real(inc)
 
@@ -473,7 +475,8 @@ def test_a_member_claiming_a_forged_member_list_first_cannot_abort_the_round() -
 
             def on_trained(k: int, base: Any, trained: Any, me: str = p.me, proto: Any = p) -> None:
                 if k == 0:
-                    bases[me] = torch.cat([base[n].detach().reshape(-1).double() for n in proto._float_names])
+                    names = proto.core.layout.float_names
+                    bases[me] = torch.cat([base[n].detach().reshape(-1).double() for n in names])
 
             p.hooks.on_secagg_input = on_input
             p.hooks.on_trained = on_trained
@@ -487,7 +490,7 @@ def test_a_member_claiming_a_forged_member_list_first_cannot_abort_the_round() -
         # The forger's honest advertisement reaches the honest instance (open by then): it is in the sum too.
         assert sorted(event.contributors) == sorted(inputs) and len(inputs) == 4
         assert event.state is not None
-        new = torch.cat([event.state[n].detach().reshape(-1).double() for n in agg._float_names])
+        new = torch.cat([event.state[n].detach().reshape(-1).double() for n in agg.core.layout.float_names])
         expected = bases[event.contributors[0]] + torch.stack([inputs[c] for c in event.contributors]).mean(dim=0)
         assert float((new - expected).abs().max()) <= TOLERANCE
 

@@ -160,7 +160,7 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
             mean = torch.stack([inputs[p] for p in survivors]).mean(0)
             protocol = nodes[0].protocol
             assert isinstance(protocol, ModestProtocol) and ev.state is not None
-            names = protocol._float_names
+            names = protocol.core.layout.float_names
             expected = torch.cat([initial_state[n].double().reshape(-1) for n in names]) + mean
             got = torch.cat([ev.state[n].double().reshape(-1) for n in names])
             assert float((got - expected).abs().max()) <= 2 * 8.0 / 2**22 + 1e-6

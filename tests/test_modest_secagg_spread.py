@@ -75,7 +75,7 @@ def test_each_trainer_uploads_once_to_the_aggregator_of_its_group() -> None:
         done = asyncio.Event()
         for node in group.nodes:
             p = node.protocol
-            assert isinstance(p, ModestProtocol) and p._spread
+            assert isinstance(p, ModestProtocol) and p.core.spread
 
             def on_report(k: int, report: UserReport, me: str = p.me) -> None:
                 if k == 0:
@@ -169,7 +169,7 @@ def _sums(p: ModestProtocol, groups: Sequence[int], *, index: int = 5, dim: int 
     tensors = {}
     for g in groups:
         body.groups.add(group=g, weight_sum=5.0, survivors=[f"node-{i}" for i in range(5)], users=5)
-        tensors[f"mean.{g}"] = torch.full((dim if dim is not None else p._dim,), value)
+        tensors[f"mean.{g}"] = torch.full((dim if dim is not None else p.core.layout.dim,), value)
     return Message(body, tensors)
 
 
@@ -190,7 +190,7 @@ def test_group_sums_that_are_malformed_are_refused_with_a_clear_reason() -> None
                 await p._on_group_sums("node-1", msg)
             assert info.value.code == code
         ack = await p._on_group_sums("node-1", _sums(p, [0]))
-        assert ack.body.accepted and (0, "node-1") in p._remote_groups[5]
+        assert ack.body.accepted and (0, "node-1") in p.spreader.remote_groups[5]
         for node in group.nodes:
             await node.shutdown()
 

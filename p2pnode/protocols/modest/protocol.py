@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -135,67 +135,68 @@ class ModestProtocol:
         self.core = core = Core(settings, transport=transport, directory=directory, trainer=trainer,
                                 compute=compute, rng=rng)
         self.hooks = hooks = ProtocolHooks(attacker=attacker)
-        self._sampler = sampler = Sampler(core)
+        self.sampler = sampler = Sampler(core)
         # Secret randomness of this node's secagg users: the OS CSPRNG unless a seeded stream is given (the
         # simulator, for reproducible runs; never in a real run: the seed is public).
         randomness: Randomness = secagg_randomness if secagg_randomness is not None else SystemRandomness()
-        self._identity_keys_ = identity = IdentityKeys(core, secagg_identity, read_directory=self._read_directory)
-        self._membership = membership = Membership(core, offer=self._offer, learn_keys=identity.learn)
-        self._trainer = TrainerRole(core, sampler, hooks, merge_view=membership.merge_view,
+        self.identity_keys = identity = IdentityKeys(core, secagg_identity, read_directory=self._read_directory)
+        self.membership = membership = Membership(core, offer=self._offer, learn_keys=identity.learn)
+        self.trainer_role = TrainerRole(core, sampler, hooks, merge_view=membership.merge_view,
                                     receive_local=self._deliver_local, push_model=self._push_model,
                                     refresh_directory=self._read_directory)
-        self._aggregator = AggregatorRole(core, sampler, hooks, offer=self._offer)
-        self._spread_ = Spread(core, send_sums=self._send_sums)
-        self._host: SecAggHost | None = None
-        self._secure_trainer: SecureTrainer | None = None
-        self._secure: SecureAggregator | None = None
+        self.aggregator_role = AggregatorRole(core, sampler, hooks, offer=self._offer)
+        self.spreader = Spread(core, send_sums=self._send_sums)
+        self.secagg_host: SecAggHost | None = None
+        self.secure_trainer: SecureTrainer | None = None
+        self.secure_aggregator: SecureAggregator | None = None
         if settings.secagg is not None:
             if settings.secagg_groups > 1:
                 check_groups(settings.rule, settings.rule_params, settings.secagg_groups, settings.sample_size,
                              settings.secagg.threshold, min_group=settings.secagg_min_group)
             else:
                 check_rule_compatible(settings.rule)
-            self._host = host = SecAggHost(transport)
-            self._secure_trainer = SecureTrainer(core, sampler, hooks, host=host, identity=identity,
-                                                 randomness=randomness, train=self._trainer.train,
-                                                 deliver=self._trainer.deliver)
-            self._secure = SecureAggregator(core, host=host, identity=identity, complete=self._aggregator.complete,
-                                            local_groups=self._spread_.local_groups,
-                                            exchange_groups=self._spread_.exchange)
-            host.on_unopened = self._secure.on_claim
+            self.secagg_host = host = SecAggHost(transport)
+            self.secure_trainer = SecureTrainer(core, sampler, hooks, host=host, identity=identity,
+                                                 randomness=randomness, train=self.trainer_role.train,
+                                                 deliver=self.trainer_role.deliver)
+            self.secure_aggregator = SecureAggregator(core, host=host, identity=identity,
+                                                      complete=self.aggregator_role.complete,
+                                                      local_groups=self.spreader.local_groups,
+                                                      exchange_groups=self.spreader.exchange)
+            host.on_unopened = self.secure_aggregator.on_claim
             if identity.identity is None:
                 logger.info("%s: secure aggregation binds keys to the transport's authenticated sender only (%s)",
                             core.me_short, "unsigned directory records" if secagg_identity is not None
                             else "no secagg identity key")
         transport.register(PING, peer_pb2.ModestPing, membership.on_ping)
         transport.register(MEMBERSHIP, peer_pb2.ModestAdvert, membership.on_membership)
-        transport.register(MODEL, peer_pb2.ModestModel, self._trainer.on_model)
+        transport.register(MODEL, peer_pb2.ModestModel, self.trainer_role.on_model)
         transport.register(UPDATE, peer_pb2.ModestUpdate, self._on_update)
-        transport.register(BASE, peer_pb2.ModestBaseRequest, self._aggregator.on_base)
+        transport.register(BASE, peer_pb2.ModestBaseRequest, self.aggregator_role.on_base)
         transport.register(GROUP_SUMS, peer_pb2.ModestGroupSums, self._on_group_sums)
 
     # -- secagg identity keys --------------------------------------------------------------------------
     @property
     def secagg_binding(self) -> str:
         """How members' secagg keys are bound: ``identity`` (Ed25519, end to end), ``transport``, or ``off``."""
-        return self._identity_keys_.binding
+        return self.identity_keys.binding
 
     @property
     def secagg_public_key(self) -> bytes:
         """The raw Ed25519 public key this node announces in its record; empty without identity binding."""
-        return self._identity_keys_.public_key
+        return self.identity_keys.public_key
 
     # -- the callbacks the roles are handed ------------------------------------------------------------
     def _offer(self, inc: Incoming) -> bool:
         """Take `inc` as the next model to train if it is newer than any accepted so far."""
-        return self._trainer.offer(inc)
+        return self.trainer_role.offer(inc)
 
     async def _read_directory(self) -> None:
-        await self._membership.refresh(force=True)
+        await self.membership.refresh(force=True)
 
     async def _push_model(self, targets: Any, round_: int, state: State, outer: State, *, parent: bytes,
                           combined: int, sample_key: bytes = b"") -> list[str]:
-        return await self._aggregator.push_model(targets, round_, state, outer, parent=parent, combined=combined,
+        return await self.aggregator_role.push_model(targets, round_, state, outer, parent=parent, combined=combined,
                                                  sample_key=sample_key)
 
     async def _deliver_local(self, *args: Any, **kwargs: Any) -> peer_pb2.ModestAggAck:
@@ -206,7 +207,7 @@ class ModestProtocol:
                               parent_digest: bytes, train_loss: float, *, secure: bool = False,
                               aggregators: tuple[str, ...] = ()) -> peer_pb2.ModestAggAck:
         """`AggregatorRole.receive_update`: add a trained model to aggregation ``round_ + 1`` and wait for it."""
-        return await self._aggregator.receive_update(sender, round_, state, base_digest, parent_digest, train_loss,
+        return await self.aggregator_role.receive_update(sender, round_, state, base_digest, parent_digest, train_loss,
                                                      secure=secure, aggregators=aggregators)
 
     async def _on_update(self, sender: str, msg: Message[Any]) -> Message[Any]:
@@ -220,7 +221,7 @@ class ModestProtocol:
         model: State = {} if secure else split_model(msg.tensors, c.spec, c.settings, outer_allowed=False)[0]
         if not math.isfinite(body.train_loss):
             raise BadMessage("train_loss is not finite", code="non_finite")
-        self._membership.merge_view(body.view, max(body.round_estimate, body.round))
+        self.membership.merge_view(body.view, max(body.round_estimate, body.round))
         c.heard(sender, max(body.round_estimate, body.round))
         check_aggregators(body, c.settings)
         result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
@@ -235,10 +236,10 @@ class ModestProtocol:
     async def _send_group_sums(self, peer: str, index: int, base_digest: bytes, results: Mapping[int, SecAggResult],
                                left_out: Sequence[int]) -> None:
         """`Spread.send_group_sums`: send the sums of this aggregator's groups to the aggregator `peer`."""
-        await self._spread_.send_group_sums(peer, index, base_digest, results, left_out)
+        await self.spreader.send_group_sums(peer, index, base_digest, results, left_out)
 
     async def _on_group_sums(self, sender: str, msg: Message[Any]) -> Message[Any]:
-        return await self._spread_.on_group_sums(sender, msg)
+        return await self.spreader.on_group_sums(sender, msg)
 
     # -- rounds -----------------------------------------------------------------------------------------
     async def run_round(self) -> RoundReport:
@@ -260,33 +261,33 @@ class ModestProtocol:
     async def _round(self) -> RoundReport:
         if not self.core.started:
             await self._start()
-        inc = await self._trainer.next_model(self.core.settings.idle_timeout_s)
+        inc = await self.trainer_role.next_model(self.core.settings.idle_timeout_s)
         if inc is None:
-            await self._trainer.on_idle()
+            await self.trainer_role.on_idle()
             return self.core.report("idle")
         return await self._train_and_upload(inc)
 
     async def _train_and_upload(self, inc: Incoming) -> RoundReport:
         if self.core.settings.secagg is not None:
             return await self._train_and_upload_secure(inc)
-        return await self._trainer.train_and_upload(inc)
+        return await self.trainer_role.train_and_upload(inc)
 
     async def _train_and_upload_secure(self, inc: Incoming) -> RoundReport:
-        assert self._secure_trainer is not None
-        return await self._secure_trainer.train_and_upload(inc)
+        assert self.secure_trainer is not None
+        return await self.secure_trainer.train_and_upload(inc)
 
     async def _start(self) -> None:
         """First round: bootstrap from the directory, or join a swarm already in progress."""
-        await self._membership.start()
+        await self.membership.start()
 
     async def rejoin(self) -> None:
         """Come back after being unresponsive: forget work in progress and announce a JOIN."""
-        self._trainer.inbox = None
+        self.trainer_role.inbox = None
         self.core.watch = None
         if not self.core.started:
             await self._start()
             return
-        await self._membership.advertise(JOIN)
+        await self.membership.advertise(JOIN)
 
     # -- the rest of RoundProtocol ----------------------------------------------------------------------
     @property
@@ -323,64 +324,10 @@ class ModestProtocol:
             await asyncio.gather(*tasks, return_exceptions=True)
         if c.settings.leave_on_close and c.started:
             try:
-                await self._membership.advertise(LEAVE)
+                await self.membership.advertise(LEAVE)
             except Exception as e:  # leaving must never fail a shutdown
                 logger.warning("%s: could not announce the leave: %s", c.me_short, e)
-        self._trainer.inbox = None
+        self.trainer_role.inbox = None
         c.bases.clear()
 
-    # -- seams for tests and research: the parts' state under the names it had in one class -------------
-    _inbox = _Forward[Incoming | None]("_trainer", "inbox")
-    _aggregations = _Forward[Any]("core", "aggregations")
-    _completed_index = _Forward[int]("core", "completed_index")
-    _remote_groups = _Forward[Any]("_spread_", "remote_groups")
-    _identity = _Forward[Ed25519PrivateKey | None]("_identity_keys_", "identity")
-    _identity_keys = _Forward[dict[str, bytes]]("_identity_keys_", "keys")
-    _keys_read_at = _Forward[float]("_identity_keys_", "read_at")
-
-    @property
-    def _secagg(self) -> Any:
-        return self.core.settings.secagg
-
-    @property
-    def _dim(self) -> int:
-        return self.core.layout.dim
-
-    @property
-    def _float_names(self) -> tuple[str, ...]:
-        return self.core.layout.float_names
-
-    @property
-    def _spread(self) -> bool:
-        return self.core.spread
-
-    @property
-    def _available(self) -> Any:
-        return self._sampler.available
-
-    @property
-    def _merge_view(self) -> Callable[[peer_pb2.MembershipView, int], None]:
-        return self._membership.merge_view
-
-    @property
-    def _key(self) -> Callable[[int, bytes], bytes]:
-        return self.core.key
-
-    @property
-    def _spawn(self) -> Any:
-        return self.core.spawn
-
-    @property
-    def _keys_for(self) -> Any:
-        return self._identity_keys_.keys_for
-
-    @property
-    def _check_claim(self) -> Any:
-        assert self._secure is not None
-        return self._secure.check_claim
-
-    @property
-    def _on_claim(self) -> Any:
-        assert self._secure is not None
-        return self._secure.on_claim
 
