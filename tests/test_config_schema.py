@@ -147,7 +147,7 @@ def test_sim_and_swarm_share_the_training_fields() -> None:
 
 
 def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
-    assert set(RUN_KEYS) == {"run_id", "task", "topology", "rule", "rule_params", "model_seed_mode"}
+    assert set(RUN_KEYS) == {"run_id", "task", "task_options", "topology", "rule", "rule_params", "model_seed_mode"}
     assert set(TOPOLOGY_RUN_KEYS["modest"]) == {"sample_size", "aggregators", "success_fraction", "sample_key",
                                                 "outer_lr", "outer_momentum", "outer_nesterov"}
     assert set(TOPOLOGY_RUN_KEYS["fl"]) == {"sample_size", "success_fraction", "fl_server", "outer_lr",
@@ -157,6 +157,10 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
     for kw, expected in KNOWN_HASHES:
         assert NodeConfig(**kw).config_hash == expected, kw
+    # task_options count once given (every node must build the same model), and leave old hashes alone.
+    plain = NodeConfig(task="tiny-lm")
+    assert "task_options" not in plain.run_fields()
+    assert NodeConfig(task="tiny-lm", task_options={"size": "tiny"}).config_hash != plain.config_hash
 
 
 def test_docs_config_reference_matches_the_schema() -> None:

@@ -19,7 +19,9 @@ class RoundReport:
     :param round: the round just completed (1-based).
     :param train_loss: mean training loss over the round's local steps.
     :param test_loss: loss on the held-out test split, or None when not evaluated this round.
-    :param accuracy: accuracy on the held-out test split in [0, 1], or None when not evaluated.
+    :param accuracy: value of the task's metric on the held-out test split (`Trainer.metric`: accuracy in
+        [0, 1] for the image tasks, perplexity for ``tiny-lm``), or None when not evaluated. The node,
+        control API and simulator report it under the metric's name.
     :param peers: peers of the run this node knew at the start of the round.
     :param combined: models merged into this node's model this round, its own included (1: trained alone).
     :param fraction: share of the model's tensors that the merge really combined (1.0 or 0.0 here).
