@@ -12,17 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_statesync import memory_node
 
 from p2pnode.cli.main import cli
 from p2pnode.daemon.checkpoint import CheckpointStore, capture, restore
 from p2pnode.daemon.control import round_event
-from p2pnode.daemon.node import metric_fields
+from p2pnode.daemon.node import Node, metric_fields
+from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.base import RoundReport
 from p2pnode.training import ArrayDataset, Task, Trainer, get_task, seeded
 from p2pnode.training.corpus import TokenWindows, contiguous_shards, load_documents, tokenize
 from p2pnode.training.lm import TinyLMTask, warmup_cosine
 from p2pnode.training.tokenizer import ByteTokenizer
+from p2pnode.transport.clock import run_virtual
+from p2pnode.transport.memory import MemoryNetwork
 from simulator import SimConfig, run_simulation
 
 
@@ -180,6 +185,42 @@ def test_checkpoint_keeps_adamw_moments_steps_and_schedule(tmp_path: Path) -> No
     other = Trainer(task, node_index=1, num_nodes=2, seed=0, device="cpu", batch_size=4, lr=task.default_lr / 2)
     restore(other, found)
     assert other.optimizer.param_groups[0]["lr"] == pytest.approx(found.scheduler["_last_lr"][0].item() / 2)
+
+
+def test_node_restarted_from_its_checkpoint_keeps_adamw_state(tmp_path: Path) -> None:
+    """A tiny-lm node with checkpoints runs 2 rounds and stops; a new node on the same state dir resumes
+    with the same AdamW moments, step counts and place in the learning-rate schedule."""
+
+    def node() -> Node:
+        settings = DaemonSettings.in_memory(checkpoint_every=1, keep_checkpoints=1, resume=True)
+        return memory_node(MemoryNetwork(seed=0), MemoryRegistry(), 0, 1, settings,
+                           CheckpointStore.in_state_dir(tmp_path, keep=1), eval_every=0, task="tiny-lm",
+                           task_options={"size": "tiny"}, batch_size=4, local_steps=3)
+
+    async def first() -> tuple[dict, list[float]]:  # type: ignore[type-arg]
+        n = node()
+        await n.start()
+        await n.run(rounds=2)
+        await n.shutdown()
+        return n.trainer.optimizer.state_dict(), _lrs(n.trainer)
+
+    async def again() -> tuple[dict, list[float], int, str, int]:  # type: ignore[type-arg]
+        n = node()
+        await n.start()
+        out = (n.trainer.optimizer.state_dict(), _lrs(n.trainer), n.round, n.resumed_from, n.trainer.steps_done)
+        n.stop()
+        await n.shutdown()
+        return out
+
+    before, lrs = run_virtual(first())
+    after, lrs_after, round_, source, steps = run_virtual(again())
+    assert (round_, source, steps) == (2, "checkpoint", 6)
+    assert lrs_after == pytest.approx(lrs) and lrs[0] == pytest.approx(3e-3 * 7 / 100)  # 6 warm-up steps done
+    assert before["state"].keys() == after["state"].keys() and before["state"]
+    for index, state in before["state"].items():
+        assert float(after["state"][index]["step"]) == float(state["step"]) == 6.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["state"][index][key], state[key])
 
 
 def test_text_and_jsonl_corpora_take_the_same_path(tmp_path: Path) -> None:
