@@ -29,6 +29,7 @@ from p2pnode.training.tokenizer import ByteTokenizer
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
 from simulator import SimConfig, run_simulation
+from simulator.analysis import rounds_to_target
 
 
 @pytest.fixture(autouse=True)
@@ -318,6 +319,8 @@ def test_simulator_reports_perplexity(tmp_path: Path) -> None:
     assert len(rows) == 2 and all("accuracy" not in r and r["perplexity"] > 1 for r in rows)
     assert rows[1]["perplexity"] < rows[0]["perplexity"] < 256 * 1.2
     assert res["final_perplexity"] == rows[-1]["perplexity"] and "final_accuracy" not in res
+    reached = rounds_to_target(rows, rows[1]["perplexity"], metric="perplexity", higher_is_better=False)
+    assert reached == 2 and rounds_to_target(rows, 1.0, metric="perplexity", higher_is_better=False) is None
     out = tmp_path / "lm.json"
     result = CliRunner().invoke(cli, ["sim", "--task", "tiny-lm", "--task-option", "size=tiny", "--nodes", "4",
                                       "--rounds", "2", "--local-steps", "5", "--batch-size", "8", "--quiet",
