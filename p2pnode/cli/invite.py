@@ -146,7 +146,8 @@ def differences(config: NodeConfig, invite: Invite) -> list[str]:
     ours = run_fields(config)
     keys = sorted(set(ours) | set(invite.run))
     return [f"{k}={ours.get(k)!r} (run: {invite.run.get(k)!r})" for k in keys
-            if json.dumps(ours.get(k), default=list) != json.dumps(invite.run.get(k), default=list)]
+            if json.dumps(ours.get(k), default=list, sort_keys=True)
+            != json.dumps(invite.run.get(k), default=list, sort_keys=True)]
 
 
 __all__ = ["TOKEN_PREFIX", "Invite", "decode_token", "differences", "encode_token", "make_invite",
