@@ -15,6 +15,8 @@ from typing import Any
 from p2pnode.errors import ConfigError
 
 TOPOLOGIES = ("gossip", "modest", "fl", "dpsgd")
+#: Topologies whose nodes send whole models to each other (no update both sides could decode against).
+MODEL_TOPOLOGIES = ("gossip", "dpsgd")
 SAMPLE_KEYS = ("model", "round")
 DPSGD_GRAPHS = ("exponential", "regular")
 #: Admission modes (`p2pnode.transport.admission`), the first one the default.
@@ -23,8 +25,8 @@ ADMISSION_MODES = ("open", "secret", "allowlist")
 SECRET_KEYS = ("run_secret", "admission_key")
 MASK = "***"
 #: Sections of `NodeConfig`, in the order `p2pnode run --help` and the docs list them.
-SECTIONS = ("run", "training", "node", "network", "modest", "dpsgd", "secagg", "byzantine", "admission", "limits",
-            "daemon")
+SECTIONS = ("run", "training", "diloco", "node", "network", "modest", "dpsgd", "secagg", "byzantine", "admission",
+            "limits", "daemon")
 _KEY = "p2pnode"
 _UNSET: Any = object()
 
@@ -49,6 +51,11 @@ class Setting:
         metavar: the value's name in ``--help``.
         secret: never printed (``config show`` and `NodeConfig.as_dict` show `MASK`).
         flag_default: default of the option when it must differ from the field's (documented in `help`).
+        hash_when: with `hashed`: the name of a field (often this one) that decides whether this one is hashed:
+            only when that field is not at its default, so that the hash of runs made before the field
+            existed (or without the feature) stays as it was. Empty (default): hashed whenever `hashed`.
+        hash_always: with `hash_when`: topologies for which the field is hashed whatever its value (those
+            that hashed it before `hash_when` applied).
     """
 
     section: str
@@ -63,6 +70,8 @@ class Setting:
     flag_default: Any = _UNSET
     #: False: no generated option (the field is set through a hand-written one, named in `help`).
     option: bool = True
+    hash_when: str = ""
+    hash_always: tuple[str, ...] = ()
 
 
 def setting(*, section: str, help: str, **kw: Any) -> Any:
@@ -111,11 +120,12 @@ class NodeConfig:
         default="digits-mlp", section="training",
         help="Task: digits-mlp, cifar10-resnet18, tiny-lm, or package.module:factory.", hashed=True)
     #: Options of the task, passed to its factory (for example ``{"size": "tiny"}`` for ``tiny-lm``). Run-wide:
-    #: every node must build the same model from the same data.
+    #: every node must build the same model from the same data; hashed only when given, so that the hash of
+    #: runs without options stays as it was.
     task_options: dict[str, Any] = setting(
         default_factory=dict, section="training",
         help="Option of the task (repeatable), for example size=tiny for tiny-lm.", hashed=True,
-        flag="--task-option", metavar="KEY=VALUE")
+        hash_when="task_options", flag="--task-option", metavar="KEY=VALUE")
     #: Who exchanges with whom: ``gossip`` (push-pull with random peers), ``modest`` (a sample of trainers and
     #: aggregators per round), ``fl`` (federated learning with one fixed server, a baseline) or ``dpsgd``
     #: (every node averages with its graph neighbours every round, a baseline). See docs/protocols.md.
@@ -243,17 +253,34 @@ class NodeConfig:
     fl_server: str | None = setting(
         default=None, section="modest", help="fl: peer id of the server [lowest peer id at start].", hashed=True,
         topologies=("fl",))
-    #: Outer optimizer (DiLoCo-style Nesterov SGD on the pseudo-gradient) for modest and fl: its learning
-    #: rate, or None (default) for none; its momentum (default 0.9) and Nesterov flag (default True).
+
+    # -- DiLoCo outer optimizer and wire compression (every topology; docs/protocols.md, docs/compression.md) --
+    #: Outer optimizer (DiLoCo-style Nesterov SGD on the pseudo-gradient ``theta0 - merged``): its learning
+    #: rate, or None (default) for none; its momentum (default 0.9) and Nesterov flag (default True). Every
+    #: topology: gossip and dpsgd step it on each node after the merge (buffers local to the node), modest and fl
+    #: on the aggregator (buffers travel with the model). Hashed for modest/fl always (as they were), for
+    #: gossip/dpsgd only when outer_lr is set (runs without it keep their hash).
     outer_lr: float | None = setting(
-        default=None, section="modest", help="modest/fl: learning rate of the outer Nesterov optimizer (unset: none).",
-        hashed=True, topologies=("modest", "fl"))
+        default=None, section="diloco",
+        help="DiLoCo: learning rate of the outer Nesterov optimizer on the pseudo-gradient (round-start model minus "
+             "the merge), stepped after every merge (unset: none, plain merge).",
+        hashed=True, topologies=TOPOLOGIES, hash_when="outer_lr", hash_always=("modest", "fl"))
     outer_momentum: float = setting(
-        default=0.9, section="modest", help="modest/fl: momentum of the outer optimizer, in [0, 1).", hashed=True,
-        topologies=("modest", "fl"))
+        default=0.9, section="diloco", help="DiLoCo: momentum of the outer optimizer, in [0, 1).", hashed=True,
+        topologies=TOPOLOGIES, hash_when="outer_lr", hash_always=("modest", "fl"))
     outer_nesterov: bool = setting(
-        default=True, section="modest", help="modest/fl: Nesterov momentum in the outer optimizer.", hashed=True,
-        topologies=("modest", "fl"), flag="--outer-nesterov/--no-outer-nesterov")
+        default=True, section="diloco", help="DiLoCo: Nesterov momentum in the outer optimizer.", hashed=True,
+        topologies=TOPOLOGIES, flag="--outer-nesterov/--no-outer-nesterov", hash_when="outer_lr",
+        hash_always=("modest", "fl"))
+    #: Wire format of the exchanged tensors (`p2pnode.transport.compression`): ``none`` (default), ``fp16``,
+    #: ``bf16``, ``int8[:<block>]`` or ``topk:<fraction>``. Run-wide: hashed when not ``none``. gossip and
+    #: dpsgd send whole models (topk refused); modest and fl send updates from trainers (with error feedback,
+    #: topk allowed) and models from aggregators (topk: those travel raw). Not with secagg (lossy).
+    compression: str = setting(
+        default="none", section="diloco",
+        help="Wire compression of exchanged tensors: none, fp16, bf16, int8[:BLOCK] or topk:FRACTION (topk: modest/fl "
+             "trainer updates only); run-wide.",
+        hashed=True, hash_when="compression", metavar="FORMAT")
 
     # -- secure aggregation (modest and fl; algorithms.md 5, docs/secagg.md) ---------------------------------
     #: Secure aggregation inside each sample: the aggregator learns only the sum of the trainers' updates
@@ -576,18 +603,38 @@ class NodeConfig:
             raise ConfigError(f"sample_key={self.sample_key!r}; allowed: {', '.join(SAMPLE_KEYS)}")
         if self.dpsgd_graph not in DPSGD_GRAPHS:
             raise ConfigError(f"dpsgd_graph={self.dpsgd_graph!r}; allowed: {', '.join(DPSGD_GRAPHS)}")
-        if self.outer_lr is not None:
-            if self.topology not in ("modest", "fl"):
-                raise ConfigError(f"outer_lr={self.outer_lr} needs topology modest or fl (got {self.topology!r}); "
-                                  f"unset it for {self.topology}")
-            if not self.outer_lr > 0:
-                raise ConfigError(f"outer_lr={self.outer_lr}: must be > 0")
-            if not 0 <= self.outer_momentum < 1:
-                raise ConfigError(f"outer_momentum={self.outer_momentum}: must be in [0, 1)")
+        self._validate_diloco()
         self._validate_secagg()
         if self.topology == "modest" and self.aggregators > self.sample_size:
             raise ConfigError(f"aggregators={self.aggregators} exceeds sample_size={self.sample_size}; "
                               f"allowed: 1..{self.sample_size}")
+
+    def _validate_diloco(self) -> None:
+        if self.outer_lr is not None:
+            if isinstance(self.outer_lr, bool) or not (isinstance(self.outer_lr, int | float)
+                                                       and math.isfinite(self.outer_lr) and self.outer_lr > 0):
+                raise ConfigError(f"outer_lr={self.outer_lr!r}: must be a finite number > 0 (DiLoCo uses 0.7; 1 with "
+                                  f"outer_momentum=0 is the plain merge), or unset for no outer optimizer")
+            if not (isinstance(self.outer_momentum, int | float) and 0 <= self.outer_momentum < 1):
+                raise ConfigError(f"outer_momentum={self.outer_momentum!r}: must be in [0, 1) (DiLoCo uses 0.9)")
+        from p2pnode.transport.compression import check_combination, parse_compression  # local: a leaf module
+
+        try:
+            c = parse_compression(self.compression)
+        except ValueError as e:
+            raise ConfigError(f"compression: {e}") from None
+        try:
+            check_combination(c, secagg=self.secagg,
+                              payload="models" if self.topology in MODEL_TOPOLOGIES else "updates")
+        except ValueError as e:  # ConfigError is a ValueError
+            why = ""
+            if self.topology in MODEL_TOPOLOGIES and c.sparse:
+                why = (f" (topology {self.topology} publishes each node's trained model, and every receiver forms the "
+                       f"pseudo-gradient against its own round-start model, so no update exists to sparsify; topk fits "
+                       f"modest/fl trainer updates)")
+            raise ConfigError(f"compression={self.compression!r}: {e}{why}") from None
+        # The canonical text (``INT8`` and ``int8:1024`` are ``int8``): peers that mean the same format hash alike.
+        self.compression = str(c)
 
     def _validate_secagg(self) -> None:
         if not self.secagg:
@@ -640,11 +687,14 @@ class NodeConfig:
 
         These are the fields whose `Setting.hashed` is set, those of other topologies left out. The secure
         aggregation fields count only when secagg is on, and ``secagg_groups``/``secagg_min_group`` only
-        when there is more than one group, and ``task_options`` only when some are given, so that the hash of
-        runs made before they existed stays as it was.
+        when there is more than one group, so that the hash of runs made before they existed stays as it was;
+        likewise the fields with a `Setting.hash_when` (`CONDITIONAL_RUN_KEYS`: the outer optimizer on gossip
+        and dpsgd, the compression) count only when their deciding field is set.
         """
-        keys = [k for k in (*RUN_KEYS, *TOPOLOGY_RUN_KEYS.get(self.topology, ())) if k != "task_options"
-                or self.task_options]
+        keys = [*RUN_KEYS, *TOPOLOGY_RUN_KEYS.get(self.topology, ())]
+        for key, decider in CONDITIONAL_RUN_KEYS.get(self.topology, {}).items():
+            if getattr(self, decider) != _DEFAULTS[decider]:
+                keys.append(key)
         if self.secagg:
             keys += SECAGG_RUN_KEYS
             if self.secagg_groups != 1:
@@ -669,13 +719,25 @@ class NodeConfig:
 
 def _hashed(section_not: str, topology: str | None) -> tuple[str, ...]:
     return tuple(f.name for f, meta in schema() if meta.hashed and meta.section != section_not
+                 and (not meta.hash_when or (topology is not None and topology in meta.hash_always))
                  and (meta.topologies == () if topology is None else topology in meta.topologies))
+
+
+def _conditional(topology: str) -> dict[str, str]:
+    return {f.name: meta.hash_when for f, meta in schema() if meta.hashed and meta.hash_when
+            and topology not in meta.hash_always and (meta.topologies == () or topology in meta.topologies)}
+
+
+_DEFAULTS: dict[str, Any] = {f.name: field_default(f) for f, _ in schema()}
 
 
 #: Keys that must be equal on all peers of a run: a peer whose hash of these differs is not used (`Setting.hashed`).
 RUN_KEYS: tuple[str, ...] = _hashed("secagg", None)
 #: Further run-wide keys, per topology (hashed only for that topology, so other runs keep their hash).
 TOPOLOGY_RUN_KEYS: dict[str, tuple[str, ...]] = {t: keys for t in TOPOLOGIES if (keys := _hashed("secagg", t))}
+#: Run-wide keys hashed only when their deciding field is not at its default (`Setting.hash_when`), per topology:
+#: key -> deciding field.
+CONDITIONAL_RUN_KEYS: dict[str, dict[str, str]] = {t: cond for t in TOPOLOGIES if (cond := _conditional(t))}
 #: Run-wide keys of secure aggregation, hashed when it is on (the group keys only with more than one group).
 SECAGG_RUN_KEYS: tuple[str, ...] = tuple(f.name for f, meta in schema() if meta.hashed and meta.section == "secagg"
                                          and f.name not in ("secagg_groups", "secagg_min_group"))

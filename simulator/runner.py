@@ -20,7 +20,7 @@ from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
-from p2pnode.protocols.modest import AggregationEvent, ModestProtocol
+from p2pnode.protocols.modest import AggregationEvent
 from p2pnode.secagg import Stage
 from p2pnode.secagg.groups import DEFAULT_MIN_GROUP
 from p2pnode.secagg.randomness import SeededRandomness
@@ -63,7 +63,9 @@ class SimConfig:
     :param rejoin_round: they come back (and announce a join) right after round ``rejoin_round - 1``;
         None (default): never.
     :param rejoin_fraction: share of the crashed nodes that come back, chosen by the seed (default 1.0).
-    :param outer_lr: modest/fl: outer Nesterov optimizer's learning rate (default None: none).
+    :param outer_lr: DiLoCo outer Nesterov optimizer's learning rate, every topology (default None: none);
+        ``outer_momentum`` (0.9) and ``outer_nesterov`` (True) as `NodeConfig`'s.
+    :param compression: the run's wire format (`NodeConfig.compression`; default ``none``).
     :param byzantine: number of attacking nodes, chosen by the seed (default 0; in fl never the server).
     :param attack: what they do (``p2pnode.attacks.available_attacks()``); needed when ``byzantine > 0``.
     :param attack_params: the attack's parameters.
@@ -109,6 +111,9 @@ class SimConfig:
     dpsgd_graph: str = "exponential"
     dpsgd_degree: int = 4
     outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    compression: str = "none"
     crash_fraction: float = 0.0
     crash_round: int = 1
     rejoin_round: int | None = None
@@ -259,6 +264,7 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
             "accuracy": round(sum(accs) / len(accs), 6) if accs else None,
             "loss": round(sum(losses) / len(losses), 6) if losses else None,
             "bytes": sent - sent_before,
+            "bytes_per_node": round((sent - sent_before) / max(1, len(live)), 1),
             "active_nodes": len(live),
             "participants": len(live),
         }
@@ -288,7 +294,6 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     """
     loop = asyncio.get_running_loop()
     protocols = [n.protocol for n in nodes]
-    assert all(isinstance(p, ModestProtocol) for p in protocols)
     attackers = {n.peer_id for n in nodes if n.config.attack is not None}
     rows: dict[int, dict[str, Any]] = {}
     evals: dict[int, list[float]] = {}
@@ -299,7 +304,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     async def drive(i: int, rejoin: bool = False) -> None:
         node = nodes[i]
         if rejoin:
-            await node.protocol.rejoin()  # type: ignore[attr-defined]
+            await node.protocol.rejoin()
         while True:
             await node.run_round()
 
@@ -330,6 +335,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
                 "accuracy": None,
                 "loss": round(ev.train_loss, 6) if ev.train_loss is not None else None,
                 "bytes": sent - sent_before,
+                "bytes_per_node": round((sent - sent_before) / max(1, sum(network.is_alive(n.peer_id)
+                                                                          for n in nodes)), 1),
                 "active_nodes": sum(network.is_alive(n.peer_id) for n in nodes),
                 "participants": len(ev.contributors),
                 "sample": list(ev.contributors),
@@ -360,13 +367,13 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
         progress.set()
 
     for p in protocols:
-        p.on_aggregate = on_aggregate  # type: ignore[attr-defined]
+        p.hooks.on_aggregate = on_aggregate
     for peer, label in cfg.secagg_silent.items():
         stage = next((st for st in Stage if st.label == label), None)
         if stage is None:
             raise ConfigError(f"secagg_silent: unknown stage {label!r}; allowed: {', '.join(st.label for st in Stage)}")
         index = int(peer.rsplit("-", 1)[-1])
-        protocols[index].secagg_silent_from = stage  # type: ignore[attr-defined]
+        protocols[index].hooks.secagg_silent_from = stage
     churn_step(0)
     for i in range(len(nodes)):
         if network.is_alive(nodes[i].peer_id):
@@ -386,8 +393,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     await asyncio.gather(*drivers.values(), return_exceptions=True)
     events: Counter[str] = Counter()
     for p in protocols:
-        events.update(p.counters)  # type: ignore[attr-defined]
-        p.settings.leave_on_close = False  # type: ignore[attr-defined]  # the whole run ends: no leave storm
+        events.update(p.snapshot().counters)
+        p.leave_on_close = False  # the whole run ends: no leave storm
     ordered = [rows[r] for r in sorted(rows) if r <= cfg.rounds]
     return {"rounds": ordered, "stalled": stalled, "protocol_events": dict(sorted(events.items()))}
 
@@ -435,7 +442,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     for i in range(cfg.nodes):
         config = cfg.node_config(i)
         pid = sim_peer_id(i)
-        transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
+        transport = network.transport(pid, max_message_bytes=config.max_message_bytes,
+                                      compression=config.compression)
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
                                     ttl_s=config.announce_ttl_s)
         trainer = build_trainer(config, task)
@@ -447,8 +455,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                                   secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
                                   secagg_identity=seeded_secagg_identity(cfg.seed, pid) if config.secagg else None,
                                   attacker=attacker)
-        if i not in byzantine and cfg.omniscient and byzantine and hasattr(protocol, "on_trained"):
-            protocol.on_trained = board.hook(pid)
+        if i not in byzantine and cfg.omniscient and byzantine:
+            protocol.hooks.on_trained = board.hook(pid)
         node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
                     compute=compute)
         node.loud_attack = False
@@ -471,6 +479,8 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
         "rounds": [_name_metric(row, metric) for row in rounds],
         f"final_{metric}": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
+        # Bytes one node sent in one round, the mean over the rounds' live nodes (rows: "bytes_per_node").
+        "bytes_per_node_per_round": _mean([row["bytes_per_node"] for row in rounds]),
     }
     if metric != "accuracy":  # image tasks keep the results layout they always had
         result["metric"] = metric
@@ -520,6 +530,9 @@ def _config_dict(cfg: SimConfig) -> dict[str, Any]:
         del out["secagg_groups"]
     if cfg.secagg_min_group == DEFAULT_MIN_GROUP:
         del out["secagg_min_group"]
+    for key, default in (("outer_momentum", 0.9), ("outer_nesterov", True), ("compression", "none")):
+        if out[key] == default:
+            del out[key]
     return out
 
 

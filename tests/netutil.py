@@ -295,7 +295,7 @@ class RealSwarm:
                 self.nodes.append(node)
                 await node.start()
                 if self.log is not None:
-                    node.protocol.on_aggregate = self.log.on_aggregate
+                    node.protocol.hooks.on_aggregate = self.log.on_aggregate
             await wait_for_directory_peers(self.nodes, self.count - 1)
         except BaseException:
             await self._shutdown()

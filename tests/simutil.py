@@ -13,6 +13,7 @@ import torch
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
 from p2pnode.daemon.node import Node
+from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.transport.memory import MemoryNetwork
@@ -33,14 +34,19 @@ def make_config(index: int, count: int, **overrides: object) -> NodeConfig:
 
 
 async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterable[int] = (),
-                     compression: str | None = None, **overrides: object) -> Group:
+                     compression: str | None = None, settings: DaemonSettings | None = None,
+                     **overrides: object) -> Group:
     """`count` started nodes of one run on one in-memory network (call inside `run_virtual`).
 
     With ``secagg=True`` each node gets its seeded secagg identity key, except the nodes whose indices are
     in `unkeyed`; `signed_records` False makes the directories unauthenticated (``--unsigned-records``);
-    `compression` is every transport's wire compression (`Transport.compression`; default none).
+    `compression` is the run's ``compression`` setting and every transport's wire compression
+    (`Transport.compression`; default none).
+    `settings`: the nodes' daemon settings (default None: `DaemonSettings.in_memory()`).
     """
     no_key = set(unkeyed)
+    if compression is not None:
+        overrides = {**overrides, "compression": compression}
     network = MemoryNetwork(seed=0)
     registry = MemoryRegistry()
     nodes = []
@@ -56,7 +62,7 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
                                   secagg_identity=seeded_secagg_identity(config.seed, pid)
                                   if config.secagg and i not in no_key else None)
         node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                    compute=VirtualCompute())
+                    compute=VirtualCompute(), settings=settings)
         await node.start()
         nodes.append(node)
     return Group(network, registry, nodes)

@@ -53,7 +53,7 @@ async def test_flag_over_the_robust_window_resists_a_real_scaled_attacker(caplog
     with NetworkGuard() as guard:
         accs, attacker = await _swarm("flag", rounds=10)
         assert all(a is not None and a >= 0.85 for a in accs), accs
-        assert attacker.protocol.attacker.forged >= 10
+        assert attacker.protocol.hooks.attacker.forged >= 10
         # The attacker says so, loudly, at start and every round.
         loud = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ATTACKER")]
         assert any("runs the scaled attack" in m for m in loud) and len(loud) >= 11

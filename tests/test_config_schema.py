@@ -19,6 +19,7 @@ from p2pnode.cli.main import cli
 from p2pnode.cli.options import TRAINING_FIELDS, config_fields
 from p2pnode.cli.schema_doc import DOC, render
 from p2pnode.config import (
+    CONDITIONAL_RUN_KEYS,
     RUN_KEYS,
     SECAGG_RUN_KEYS,
     SECTIONS,
@@ -147,13 +148,18 @@ def test_sim_and_swarm_share_the_training_fields() -> None:
 
 
 def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
-    assert set(RUN_KEYS) == {"run_id", "task", "task_options", "topology", "rule", "rule_params", "model_seed_mode"}
+    assert set(RUN_KEYS) == {"run_id", "task", "topology", "rule", "rule_params", "model_seed_mode"}
     assert set(TOPOLOGY_RUN_KEYS["modest"]) == {"sample_size", "aggregators", "success_fraction", "sample_key",
                                                 "outer_lr", "outer_momentum", "outer_nesterov"}
     assert set(TOPOLOGY_RUN_KEYS["fl"]) == {"sample_size", "success_fraction", "fl_server", "outer_lr",
                                             "outer_momentum", "outer_nesterov"}
     assert set(TOPOLOGY_RUN_KEYS["dpsgd"]) == {"dpsgd_graph", "dpsgd_degree"}
     assert "gossip" not in TOPOLOGY_RUN_KEYS
+    # Hashed only when set (not at their default), so that runs without them keep their hash.
+    outer = {"outer_lr": "outer_lr", "outer_momentum": "outer_lr", "outer_nesterov": "outer_lr"}
+    always = {"compression": "compression", "task_options": "task_options"}
+    assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, **always}, "dpsgd": {**outer, **always},
+                                    "modest": always, "fl": always}
     assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
     for kw, expected in KNOWN_HASHES:
         assert NodeConfig(**kw).config_hash == expected, kw

@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, register
+from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, partial_line, register
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer
 from p2pnode.daemon.control import SERVICE_NAME, ControlServer
@@ -147,6 +147,7 @@ async def test_status_and_peers_report_rounds_and_peers(swarm: Swarm) -> None:
     assert status["peers"] == NODES - 1
     assert status["state"] == "training"
     assert status["partial_rounds"] == swarm.node.partial_rounds
+    assert status["partial_by_reason"] == swarm.node.metrics.partial_by_reason
     assert status["last_checkpoint_round"] is None  # these nodes keep no checkpoints
     assert status["resumed_from"] == "fresh"
     assert 0.0 <= status["accuracy"] <= 1.0
@@ -301,9 +302,12 @@ async def test_metrics_and_status_rpc(swarm: Swarm) -> None:
         assert s.node_state == control_pb2.NODE_STATE_TRAINING and s.state == "running"
         assert not s.HasField("last_checkpoint_round") and s.resumed_from == "fresh"
         # What a resumed node with partial rounds reports (set by the checkpoint and quorum code paths).
-        swarm.node.last_checkpoint_round, swarm.node.resumed_from, swarm.node.partial_rounds = 2, "checkpoint", 1
+        swarm.node.last_checkpoint_round, swarm.node.resumed_from = 2, "checkpoint"
+        assert swarm.node.last_report is not None
+        swarm.node.metrics.observe_round(swarm.node.last_report, 0.1, "quorum")  # as the quorum counts one
         s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
         assert (s.last_checkpoint_round, s.resumed_from, s.partial_rounds) == (2, "checkpoint", 1)
+        assert dict(s.partial_by_reason) == {"quorum": 1} and partial_line(s) == "1 (quorum 1)"
 
 
 async def test_health_serving_then_not_serving(swarm: Swarm) -> None:

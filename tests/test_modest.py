@@ -200,7 +200,7 @@ def test_aggregator_completes_a_round_exactly_once_and_ignores_late_models() -> 
         agg_node, *trainers = group.nodes
         agg = _protocol(agg_node)
         events: list[AggregationEvent] = []
-        agg.on_aggregate = events.append
+        agg.hooks.on_aggregate = events.append
         # Six trainers upload at once (threshold 4): one aggregation, every one of them acknowledged.
         acks = await asyncio.gather(*(t.transport.call(agg_node.peer_id, UPDATE, _update(t), peer_pb2.ModestAggAck,
                                                        timeout=30) for t in trainers[:6]))

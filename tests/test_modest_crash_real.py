@@ -58,7 +58,7 @@ async def test_six_real_nodes_survive_the_aggregator_crashing_mid_round() -> Non
             nodes = swarm.nodes
             for node in nodes:
                 assert isinstance(node.protocol, ModestProtocol)
-                node.protocol.on_aggregate = on_aggregate
+                node.protocol.hooks.on_aggregate = on_aggregate
                 arm(node)
             swarm.run()
             deadline = time.monotonic() + 150.0

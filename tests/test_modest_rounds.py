@@ -40,7 +40,7 @@ class Swarm:
             self.watch(node)
 
     def watch(self, node: Node) -> None:
-        _p(node).on_aggregate = self._on_aggregate
+        _p(node).hooks.on_aggregate = self._on_aggregate
 
     def _on_aggregate(self, ev: AggregationEvent) -> None:
         # A crashed machine's tasks may still finish in this process, but nothing they make leaves it.
@@ -127,6 +127,29 @@ def test_rounds_complete_and_learn_with_each_rule(rule: str, extra: dict[str, An
         assert pulls == 0
 
 
+@pytest.mark.parametrize("compression", ["int8", "topk:0.1"])
+def test_compressed_rounds_learn_and_keep_each_trainers_residual(compression: str) -> None:
+    """Lossy compression: trainers upload model - base with error feedback, aggregators send decoded versions."""
+    events, group = _run(10, 8, compression=compression)
+    by_version = {e.index: e for e in events}
+    assert sorted(by_version) == list(range(1, max(by_version) + 1))
+    first, last = by_version[1].accuracy, by_version[8].accuracy
+    assert first is not None and last is not None and last > first + 0.2, (first, last)
+    # Every trainer keeps what its last upload's compression left out, for its next upload (one stream).
+    trainers = [n for n in group.nodes if n.trainer.steps_done > 0]
+    assert trainers
+    for n in trainers:
+        core = _p(n).core
+        assert core.upload_updates and core.feedback.streams == [""]
+        residual = core.feedback.residual("")
+        assert set(residual) == {k for k, v in n.trainer.state().items() if v.is_floating_point()}
+        assert max(float(r.abs().max()) for r in residual.values()) > 0
+    # Each version is held as decoded by its aggregator, so uploads made from it always match its digest.
+    assert sum(_p(n).counters["stale_updates"] for n in group.nodes) == 0
+    # The aggregators needed the base to apply the updates: they hold it or pull it.
+    assert all(e.rule == "mean" and len(e.contributors) == 4 for e in events)
+
+
 def test_fl_server_aggregates_every_round_and_never_trains() -> None:
     events, group = _run(10, 6, topology="fl")
     server = min(n.peer_id for n in group.nodes)
@@ -180,7 +203,7 @@ def test_a_lost_sample_is_relaunched() -> None:
             swarm._on_aggregate(ev)
 
         for node in group.nodes:
-            _p(node).on_aggregate = on_aggregate
+            _p(node).hooks.on_aggregate = on_aggregate
             swarm.start(node)
         await swarm.until(6)
         assert sum(_p(n).counters["relaunches"] for n in group.nodes) >= 1

@@ -316,8 +316,8 @@ async def _first_version(group: Any, *, timeout_s: float = 120.0) -> tuple[Aggre
             reports.append(report)
 
     for node in group.nodes:
-        node.protocol.on_aggregate = on_aggregate
-        node.protocol.on_secagg_report = on_report
+        node.protocol.hooks.on_aggregate = on_aggregate
+        node.protocol.hooks.on_secagg_report = on_report
 
     await run_until(group, first, timeout_s=timeout_s)  # then 1 s more: the users of version 1 end
     return (events[0] if events else None), reports
@@ -357,7 +357,7 @@ def test_keys_substituted_by_the_aggregator_are_refused_and_the_round_aborts(sig
         assert len(refused) >= len(reports) - 1 and all(r.completed is None for r in refused)
         # Below the threshold: the version is reported as aborted, nothing is applied.
         assert event is not None and event.aborted is not None and event.contributors == []
-        assert sum(n.protocol.counters["secagg_aborted"] for n in group.nodes) >= 1  # type: ignore[attr-defined]
+        assert sum(n.protocol.snapshot().counters.get("secagg_aborted", 0) for n in group.nodes) >= 1
 
     run_virtual(main())
 
@@ -394,7 +394,7 @@ def test_a_member_without_a_known_key_cannot_take_part_and_is_counted() -> None:
         assert event is not None and event.aggregator == reference.aggregator
         assert event is not None and event.secure and event.aborted is None
         assert keyless in event.dropped and keyless not in event.contributors and len(event.contributors) == 3
-        counted = {n.peer_id: n.protocol.counters["secagg_unknown_key"] for n in group.nodes}  # type: ignore[attr-defined]
+        counted = {n.peer_id: n.protocol.snapshot().counters.get("secagg_unknown_key", 0) for n in group.nodes}
         assert counted[event.aggregator] >= 1
         aggregator = next(n for n in group.nodes if n.peer_id == event.aggregator)
         assert aggregator.transport.stats.rejected[UNKNOWN_IDENTITY] >= 1  # later versions may add theirs
@@ -475,8 +475,8 @@ def test_a_member_claiming_a_forged_member_list_first_cannot_abort_the_round() -
                 if k == 0:
                     bases[me] = torch.cat([base[n].detach().reshape(-1).double() for n in proto._float_names])
 
-            p.on_secagg_input = on_input
-            p.on_trained = on_trained
+            p.hooks.on_secagg_input = on_input
+            p.hooks.on_trained = on_trained
             await p._start()
         event, _ = await _first_version(group)
         assert forged, "no member of version 1's sample trained version 0"

@@ -116,7 +116,7 @@ async def test_secure_round_over_the_network_survives_a_trainer_lost_before_and_
             if k == 0:
                 inputs[node.peer_id] = c.vector.clone()
 
-        node.protocol.on_secagg_input = keep  # type: ignore[attr-defined]
+        node.protocol.hooks.on_secagg_input = keep
 
     def kill_at_masked_input(node: Node) -> None:
         # The first trainer to send its masked input to another node is killed just before sending it, the

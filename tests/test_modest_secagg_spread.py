@@ -87,8 +87,8 @@ def test_each_trainer_uploads_once_to_the_aggregator_of_its_group() -> None:
                     if len(aggregators) == 2:
                         done.set()
 
-            p.on_secagg_report = on_report
-            p.on_aggregate = on_aggregate
+            p.hooks.on_secagg_report = on_report
+            p.hooks.on_aggregate = on_aggregate
             await p._start()
         await run_until(group, done)
         assert len(aggregators) == 2  # both completed version 1 with all 10 updates

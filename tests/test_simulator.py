@@ -39,8 +39,13 @@ def test_same_seed_same_json_byte_for_byte(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
     data = json.loads(outs[0])
-    assert set(data) == {"config", "rounds", "final_accuracy", "total_bytes"}
-    assert set(data["rounds"][0]) == {"round", "time_s", "accuracy", "loss", "bytes", "active_nodes", "participants"}
+    assert set(data) == {"config", "rounds", "final_accuracy", "total_bytes", "bytes_per_node_per_round"}
+    assert set(data["rounds"][0]) == {"round", "time_s", "accuracy", "loss", "bytes", "bytes_per_node", "active_nodes",
+                                      "participants"}
+    # Bytes sent per round: all nodes' (bytes) and per live node (bytes_per_node), and their mean over the rounds.
+    assert all(r["bytes_per_node"] == round(r["bytes"] / 64, 1) for r in data["rounds"])
+    assert data["bytes_per_node_per_round"] == round(sum(r["bytes_per_node"] for r in data["rounds"]) / 3, 6)
+    assert "KB_per_node_round=" in result.output
     assert "wall" not in outs[0].decode()
 
 

@@ -17,7 +17,7 @@ layout), checks.py (parameter checks). Rules and their choices: docs/aggregation
 """
 
 from p2pnode.aggregation.flag import FlagSolution, solve_flag
-from p2pnode.aggregation.outer import OuterOptimizer
+from p2pnode.aggregation.outer import OuterOptimizer, outer_optimizer
 from p2pnode.aggregation.registry import (
     RuleInfo,
     aggregate,
@@ -38,6 +38,7 @@ __all__ = [
     "available_rules",
     "byzantine_target",
     "max_byzantine",
+    "outer_optimizer",
     "rule_info",
     "solve_flag",
     "tolerance",

@@ -199,3 +199,8 @@ class OuterOptimizer:
                 )
         self._buffers = buffers
         self.steps = steps
+
+
+def outer_optimizer(lr: float | None, momentum: float = 0.9, nesterov: bool = True) -> OuterOptimizer | None:
+    """The outer optimizer of a run's settings, or None when `lr` is None (no outer step: the plain merge)."""
+    return None if lr is None else OuterOptimizer(lr=lr, momentum=momentum, nesterov=nesterov)

@@ -258,12 +258,19 @@ def _metric_num(msg: Any) -> str:
     return _num(_metric_value(msg), 3 if _metric_label(msg) == "accuracy" else 4)
 
 
+def partial_line(reply: control_pb2.StatusReply) -> str:
+    """The partial rounds of `reply` with their reasons, e.g. ``3 (quorum 2, fraction 1)``."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(reply.partial_by_reason.items()) if v)
+    return f"{reply.partial_rounds} ({reasons})" if reasons else str(reply.partial_rounds)
+
+
 def status_dict(reply: control_pb2.StatusReply, address: str) -> dict[str, Any]:
     """`StatusReply` as the JSON object `p2pnode status --json` prints (None for unset values)."""
     return {
         "peer_id": reply.peer_id, "run_id": reply.run_id, "task": reply.task, "topology": reply.topology,
         "rule": reply.rule, "state": node_state(reply), "round": reply.round, "peers": reply.peers,
         "partial_rounds": reply.partial_rounds,
+        "partial_by_reason": dict(sorted(reply.partial_by_reason.items())),
         "last_checkpoint_round": _opt(reply, "last_checkpoint_round"),
         "resumed_from": reply.resumed_from or None,
         "accuracy": _opt(reply, "accuracy"), "metric": reply.metric or "accuracy",
@@ -324,7 +331,7 @@ def status(state_dir: Path | None, timeout: float, as_json: bool) -> None:
         ("state", node_state(reply)),
         ("dht", dht_line(reply)),
         ("round", str(reply.round)),
-        ("partial rounds", str(reply.partial_rounds)),
+        ("partial rounds", partial_line(reply)),
         ("last checkpoint", "-" if not reply.HasField("last_checkpoint_round")
          else f"round {reply.last_checkpoint_round}"),
         ("resumed from", reply.resumed_from or "-"),

@@ -250,6 +250,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
     byz = f" byzantine={byzantine} attack={kw['attack']}" if byzantine else ""
     click.echo(f"sim done: nodes={nodes}{byz} rounds={len(results['rounds'])} "
                f"final_{metric}={results[f'final_{metric}']} total_MB={results['total_bytes'] / 1e6:.2f} "
+               f"KB_per_node_round={(results['bytes_per_node_per_round'] or 0) / 1e3:.1f} "
                f"virtual_s={last.get('time_s', 0):.2f} wall_s={wall:.1f}{stalled}")
     if out is not None:
         out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -47,6 +47,10 @@ def reference_table() -> str:
             if meta.flag_default is not _UNSET:
                 default = f"{_default(meta.flag_default)} (`run`; field: {default})"
             run_wide = "yes" if meta.hashed else ""
+            if meta.hashed and meta.hash_when:
+                when = f"when `{meta.hash_when}` is not its default"
+                run_wide = f"yes ({', '.join(meta.hash_always)}: always; else {when})" if meta.hash_always else \
+                    f"yes, {when}"
             help_text = meta.help.replace("|", "\\|")
             out.append(f"| `{flag}` | `{meta.param}` / `P2PNODE_{meta.param.upper()}` | {default} | {run_wide} | "
                        f"{', '.join(meta.topologies) or 'all'} | {help_text} |")

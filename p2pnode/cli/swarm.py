@@ -29,7 +29,7 @@ STOP_TIMEOUT_S = 20.0
 #: Options of `training_options` passed on to each daemon as ``--name value`` when set (all of them but the
 #: ones `_args` passes itself: the run-wide ones every daemon must agree on, from the schema).
 FORWARDED = tuple(meta.param for f, meta in schema() if f.name in TRAINING_FIELDS and meta.param not in (
-    "task", "rule", "seed", "init", "secagg", "rule_params", "task_options"))
+    "task", "rule", "seed", "init", "secagg", "rule_params", "task_options", "outer_nesterov"))
 
 
 @dataclass
@@ -56,6 +56,8 @@ def _args(kw: dict[str, Any], index: int, initial: list[str]) -> list[str]:
             args += [f"--{key.replace('_', '-')}", str(kw[key])]
     if kw.get("secagg"):
         args.append("--secagg")
+    if kw.get("outer_nesterov") is False:  # a bool flag: forwarded only when off (on is the default)
+        args.append("--no-outer-nesterov")
     for p in kw.get("rule_params", ()):
         args += ["--rule-param", p]
     for p in kw.get("task_options", ()):
@@ -103,7 +105,7 @@ def _table(members: list[Member], rounds: int, title: str, exit_codes: bool = Fa
     t = Table(title=title)
     metric = next((m.last["metric"] for m in members if m.last.get("metric")), "accuracy")
     cols = ["node", "peer id", "round", "loss", "acc" if metric == "accuracy" else metric, "peers", "MB out",
-            "MB in", "rej"]
+            "MB in", "KB out/round", "rej"]
     for col in cols + (["exit"] if exit_codes else []):
         t.add_column(col, justify="left" if col == "peer id" else "right")
     for m in members:
@@ -115,8 +117,17 @@ def _table(members: list[Member], rounds: int, title: str, exit_codes: bool = Fa
                   "-" if acc is None else f"{acc:.3f}" if metric == "accuracy" else f"{acc:.4g}",
                   str(r.get("peers", "-")),
                   f"{r.get('bytes_sent', 0) / 1e6:.2f}", f"{r.get('bytes_received', 0) / 1e6:.2f}",
-                  str(r.get("rejected", 0)), *([str(m.proc.returncode)] if exit_codes else []))
+                  f"{r.get('round_bytes_sent', 0) / 1e3:.1f}", str(r.get("rejected", 0)),
+                  *([str(m.proc.returncode)] if exit_codes else []))
     return t
+
+
+def bytes_summary(members: list[Member]) -> str:
+    """One line: bytes all nodes sent, and the mean a node sent per round (since its start)."""
+    total = sum(int(m.last.get("bytes_sent", 0)) for m in members)
+    per = [m.last.get("bytes_sent", 0) / m.last["round"] for m in members if m.last.get("round")]
+    mean = sum(per) / len(per) if per else 0.0
+    return f"bytes sent: {total / 1e6:.2f} MB by all nodes; {mean / 1e3:.1f} KB per node per round (mean)"
 
 
 def run_swarm(kw: dict[str, Any]) -> int:
@@ -168,6 +179,7 @@ def run_swarm(kw: dict[str, Any]) -> int:
                 m.proc.wait()
     console.print()
     console.print(_table(members, rounds, "summary", exit_codes=True))
+    console.print(bytes_summary(members))
     shutil.rmtree(kw["state_root"], ignore_errors=True)
     if any(m.proc.returncode != 0 for m in members) and code == 0:
         code = 1

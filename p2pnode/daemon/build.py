@@ -110,13 +110,15 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
     `attacker`: the node's forging; None (default) builds it from ``config.attack`` (no oracle).
     """
     local_steps = config.local_steps or trainer.task.default_local_steps
+    # The run's wire format; "none" leaves the transport's own default (`Transport.compression`) in force.
+    compression = config.compression if config.compression != "none" else None
     if attacker is None:
         attacker = build_attacker(config, peer_id=transport.peer_id)
     if config.topology == "gossip":
         settings = GossipSettings(**settings_from_config(config, GossipSettings, local_steps=local_steps,
                                                          step_cost_s=step_cost_s))
         return GossipProtocol(settings, transport=transport, directory=directory, trainer=trainer,
-                              compute=compute, rng=rng, attacker=attacker)
+                              compute=compute, rng=rng, attacker=attacker, compression=compression)
     if config.topology in ("modest", "fl"):
         modest = ModestSettings(**settings_from_config(config, ModestSettings, local_steps=local_steps,
                                                        step_cost_s=step_cost_s, secagg=secagg_settings(config)))
@@ -133,9 +135,10 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
                               graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,
                               rule=config.rule, rule_params=dict(config.rule_params),
                               exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,
-                              step_cost_s=step_cost_s)
+                              step_cost_s=step_cost_s, outer_lr=config.outer_lr,
+                              outer_momentum=config.outer_momentum, outer_nesterov=config.outer_nesterov)
         return DpsgdProtocol(dpsgd, transport=transport, directory=directory, trainer=trainer, compute=compute,
-                             rng=rng, attacker=attacker)
+                             rng=rng, attacker=attacker, compression=compression)
     raise ValueError(f"unknown topology {config.topology!r}")  # config.validate() refuses it earlier
 
 

@@ -171,7 +171,7 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED),
             dht_state=st.dht_state or "", dht_events=st.dht_events,
             round_bytes_sent=st.round_bytes_sent, round_bytes_received=st.round_bytes_received,
-            metric=st.metric, **st.tensor_bytes)
+            metric=st.metric, partial_by_reason=st.partial_by_reason, **st.tensor_bytes)
         if st.last_checkpoint_round is not None:
             reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:

@@ -28,7 +28,8 @@ name                                       type       meaning
                                                       (``metric="accuracy"``, ``"perplexity"``, ...)
 ``peers``                                  gauge      peers known at the start of the last round
 ``merge_combined``, ``merge_fraction``     gauge      models merged in the last round (own included),
-                                                      share of the model they covered
+                                                      share of the model they covered (0: no merge
+                                                      applied; `RoundReport.fraction`)
 ``bytes_sent_total``, ``bytes_received_total`` counter bytes to / from peers (whole messages)
 ``round_bytes_sent``, ``round_bytes_received`` gauge bytes to / from peers during the last round
 ``tensor_bytes_total{direction,size}``     counter    tensor bytes ``sent``/``received``, ``wire`` (as they
@@ -40,7 +41,8 @@ name                                       type       meaning
                                                       (`p2pnode.discovery.base.PeerDirectory`; each
                                                       record once); ``directory_invalid_total`` and
                                                       ``directory_mismatched_total`` are its sums
-``protocol_events_total{event}``           counter    events counted by the round protocol (modest, fl:
+``protocol_events_total{event}``           counter    events counted by the round protocol
+                                                      (`RoundProtocol.snapshot`; modest, fl:
                                                       aggregations, topups, relaunches, ...; with secagg
                                                       secagg_rounds, secagg_aborted, secagg_refused)
 ``checkpoints_written_total``              counter    checkpoints written
@@ -60,7 +62,6 @@ name                                       type       meaning
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from collections.abc import Iterator
@@ -125,7 +126,8 @@ class _NodeCollector(Collector):
             yield GaugeMetricFamily(PREFIX + "merge_combined", "Models merged in the last round, own included",
                                     value=r.combined)
             yield GaugeMetricFamily(PREFIX + "merge_fraction",
-                                    "Share of the model the last merge really combined, in [0, 1]", value=r.fraction)
+                                    "Share of the model the last round's merge really combined, in [0, 1] (0: no merge "
+                                    "applied)", value=r.fraction)
         yield CounterMetricFamily(PREFIX + "bytes_sent", "Bytes sent to peers (whole messages)", value=st.bytes_sent)
         yield CounterMetricFamily(PREFIX + "bytes_received", "Bytes received from peers (whole messages)",
                                   value=st.bytes_received)
@@ -147,17 +149,16 @@ class _NodeCollector(Collector):
         for reason, count in sorted(st.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
-        counters = getattr(node.protocol, "counters", None)  # modest and fl count their events
-        if isinstance(counters, collections.Counter):
-            events = CounterMetricFamily(PREFIX + "protocol_events", "Events counted by the round protocol, by event",
-                                         labels=["event"])
-            for event, count in sorted(counters.items()):
-                events.add_metric([event], count)
-            yield events
+        snapshot = node.protocol.snapshot()
+        events = CounterMetricFamily(PREFIX + "protocol_events", "Events counted by the round protocol, by event",
+                                     labels=["event"])
+        for event, count in sorted(snapshot.counters.items()):
+            events.add_metric([event], count)
+        yield events
         suspicion = GaugeMetricFamily(PREFIX + "peer_suspicion",
                                       f"Suspicion score of a peer (distance from the robust aggregate, normalised and "
                                       f"decayed; the {MAX_SUSPICION_PEERS} highest)", labels=["peer"])
-        scores = node.suspicion()
+        scores = snapshot.suspicion
         for peer, score in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_SUSPICION_PEERS]:
             suspicion.add_metric([peer], score)
         yield suspicion
@@ -204,7 +205,8 @@ class NodeMetrics:
         self._partial_by_reason: dict[str, int] = {}
 
     def observe_round(self, report: RoundReport, duration_s: float, partial: str | None) -> None:
-        """Count one completed round; `partial` is the reason it was partial, or None."""
+        """Count one completed round; `partial` is the reason it was partial (`p2pnode.daemon.node.partial_reason`),
+        or None."""
         self.rounds.inc()
         self.round_duration.observe(duration_s)
         if partial is not None:
@@ -213,7 +215,8 @@ class NodeMetrics:
 
     @property
     def partial_by_reason(self) -> dict[str, int]:
-        """Partial rounds counted so far, by reason."""
+        """Partial rounds run by this process, by reason (the ``partial_rounds_total{reason}`` counter's values):
+        `Node.partial_rounds` and `NodeStatus.partial_by_reason` are read from here."""
         return dict(self._partial_by_reason)
 
     def exposition(self) -> bytes:

@@ -9,7 +9,9 @@ adds what every deployment needs (each switched by `DaemonSettings`):
 - late joiner state sync: at start, fetch the model and round of the most advanced peers when they are
   ahead (`p2pnode.protocols.statesync`), and serve this node's model to joiners;
 - the merge quorum: a round that merged fewer models than ``min_merge`` is reported and counted as
-  partial, and its merge is undone;
+  partial, and its merge is undone: the node's decision over the round's report (`partial_reason`),
+  which carries the model as it was before the merge (`RoundReport.pre_merge`, kept by the protocol
+  when the node sets `RoundProtocol.keep_pre_merge`);
 - metrics of every round (`p2pnode.daemon.metrics`);
 - with a `NetworkMonitor` (the daemon's `DHTSupervisor`): no rounds while the node is off the network
   (its DHT process or p2pd died and is being restarted), logged once per outage.
@@ -33,7 +35,7 @@ from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointSto
 from p2pnode.daemon.metrics import NodeMetrics
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerDirectory, PeerInfo
-from p2pnode.protocols import RoundProtocol, RoundReport
+from p2pnode.protocols import RoundExtra, RoundProtocol, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.statesync import StateSyncServer, SyncResult, fetch_state
 from p2pnode.training.trainer import Trainer
@@ -61,11 +63,32 @@ class NetworkMonitor(Protocol):
         """Counts by event name (``dht_died``, ``restarted``, ...)."""
 
 
+def partial_reason(report: RoundReport, min_merge: int) -> str | None:
+    """Why the round of `report` is partial, or None when it is not: the node's quorum decision.
+
+    Args:
+        report: the protocol's report of the round.
+        min_merge: the quorum (``--min-merge``): models a round must combine, the node's own included.
+
+    Returns:
+        ``"quorum"`` when it combined fewer than `min_merge` models (the node then undoes the merge, if
+        one was applied); ``"fraction"`` when it combined several models but only part of the model
+        (`RoundReport.fraction` < 1); else the reason the protocol gave (``extra["partial"]``), or None.
+    """
+    if report.combined < min_merge:
+        return "quorum"
+    if report.combined > 1 and report.fraction < 1.0:
+        return "fraction"
+    reason = report.extra.get("partial")
+    return str(reason) if reason else None
+
+
 @dataclass
 class NodeStatus:
     """A snapshot of a node, as `p2pnode status` shows it. Byte counts are whole messages.
 
     :param partial_rounds: rounds that combined less than asked (quorum not met, or part of the model).
+    :param partial_by_reason: the same rounds by reason (``quorum``, ``fraction``; see `partial_reason`).
     :param last_checkpoint_round: round of the newest checkpoint written or resumed; None if none.
     :param resumed_from: where the model of the first round came from: ``fresh`` (the task's initial
         model), ``checkpoint`` or ``peers`` (state sync).
@@ -99,6 +122,7 @@ class NodeStatus:
     round_bytes_received: int = 0
     #: Tensor bytes since start: on the wire, and their uncompressed size (`TrafficStats.tensor_dict`).
     tensor_bytes: dict[str, int] = field(default_factory=dict)
+    partial_by_reason: dict[str, int] = field(default_factory=dict)
     metric: str = "accuracy"
     metric_value: float | None = None
 
@@ -152,7 +176,6 @@ class Node:
         self._on_shutdown = on_shutdown
         self.last_report: RoundReport | None = None
         self.state = "created"
-        self.partial_rounds = 0
         #: Bytes sent to and received from peers during the last completed round (whole messages, this
         #: node's answers to peers' requests meanwhile included); 0 before the first round.
         self.round_bytes_sent = 0
@@ -172,13 +195,9 @@ class Node:
         if self.settings.serve_state:
             self.sync_server = StateSyncServer(transport, run_id=config.run_id, config_hash=config.config_hash,
                                                chunk_bytes=self.settings.sync_chunk_bytes)
-        # The quorum needs the model as it was before the protocol merged. Protocols change the model only
-        # through Trainer.load_state, so the node records the model at the first load_state of a round.
-        self._load_unguarded = trainer.load_state
-        self._guard_armed = False
-        self._pre_merge: dict[str, torch.Tensor] | None = None
-        if self.settings.min_merge > 1:
-            trainer.load_state = self._guarded_load_state  # type: ignore[method-assign]
+        # The quorum needs the model as it was before the protocol merged: the protocol keeps it in each
+        # report when asked (a copy per round, so only with a quorum to enforce).
+        protocol.keep_pre_merge = self.settings.min_merge > 1
 
     @property
     def peer_id(self) -> str:
@@ -189,6 +208,11 @@ class Node:
         return self.protocol.round
 
     @property
+    def partial_rounds(self) -> int:
+        """Rounds run by this process that were partial (`partial_reason`), whatever the reason."""
+        return sum(self.metrics.partial_by_reason.values())
+
+    @property
     def network_ok(self) -> bool:
         """False while the supervised network processes are down or restarting (True without supervision)."""
         return self.network is None or self.network.state == "ok"
@@ -197,7 +221,7 @@ class Node:
         caps = (self.config.topology, STATESYNC_CAPABILITY) if self.sync_server else (self.config.topology,)
         # The secagg identity key travels in the record, which the directory signs (when records are signed):
         # that binds it to this node's peer id for the members of its samples.
-        secagg_key: bytes = getattr(self.protocol, "secagg_public_key", b"")
+        secagg_key = self.protocol.secagg_public_key
         return PeerInfo(peer_id=self.peer_id, maddrs=tuple(self.transport.addresses()), round=self.round,
                         task=self.config.task, config_hash=self.config.config_hash,
                         capabilities=caps, timestamp=time.time(), secagg_key=secagg_key)
@@ -303,7 +327,7 @@ class Node:
                            extra={"event": {"event": "sync", "ok": False, "round": self.round}})
             return None
         fetched = result
-        await self.compute.run(lambda: self._load_unguarded(fetched.state))
+        await self.compute.run(lambda: self.trainer.load_state(fetched.state))
         self.protocol.round = result.round
         self._state_adopted()
         self.sync_result = result
@@ -321,52 +345,50 @@ class Node:
 
     def _state_adopted(self) -> None:
         """Tell the protocol that the trainer's model was replaced outside a round (resume, sync, undo)."""
-        hook = getattr(self.protocol, "state_loaded", None)
-        if callable(hook):
-            hook()
-        elif hasattr(self.protocol, "_published"):
-            # GossipProtocol serves `_published` (its latest complete model) to peers and has no
-            # hook yet; without this refresh it would hand peers the model it had before.
-            setattr(self.protocol, "_published", self.trainer.state())  # noqa: B010
+        self.protocol.state_loaded()
 
     def _publish_state(self, state: Mapping[str, torch.Tensor] | None = None) -> None:
         if self.sync_server is not None:
             self.sync_server.publish(self.round, state if state is not None else self.trainer.state())
 
     # -------------------------------------------------------------------------------------- rounds
-    def _guarded_load_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self._guard_armed and self._pre_merge is None:
-            self._pre_merge = self.trainer.state()
-        self._load_unguarded(state)
-
     async def _apply_quorum(self, report: RoundReport) -> tuple[RoundReport, str | None]:
-        """Mark a round that combined less than asked as partial; undo its merge if below the quorum."""
+        """Decide whether the round was partial (`partial_reason`); below the quorum, undo its merge.
+
+        A merge was applied when the report says it combined part of the model (`RoundReport.fraction` > 0)
+        and carries the model from before it (`RoundReport.pre_merge`): the node then loads that model back.
+        The returned report never carries `pre_merge` (the node keeps its last report).
+        """
         quorum = self.settings.min_merge
-        if report.combined < quorum:
-            pre, self._pre_merge = self._pre_merge, None
+        reason = partial_reason(report, quorum)
+        pre, report = report.pre_merge, dataclasses.replace(report, pre_merge=None)
+        if reason == "quorum":
             test_loss, accuracy = report.test_loss, report.accuracy
-            if pre is not None:  # a merge was applied: put back the model as trained, before the merge
+            undo = pre is not None and report.fraction > 0.0
+            if undo:  # put back the model as trained, before the merge
+                assert pre is not None
                 before = pre
-                await self.compute.run(lambda: self._load_unguarded(before))
+                await self.compute.run(lambda: self.trainer.load_state(before))
                 self._state_adopted()
                 if accuracy is not None:  # the report must describe the model the node keeps
                     test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
-            extra = {**report.extra, "partial": "quorum", "offered": report.combined, "quorum": quorum,
-                     "merge_applied": False}
-            if pre is None:
-                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for, nothing "
-                               "merged", report.round, report.combined, quorum)
-            else:
+            extra = report.extra.copy()
+            extra.update(RoundExtra(partial="quorum", offered=report.combined, quorum=quorum, merge_applied=False))
+            if undo:
                 logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for; the merge "
                                "is not applied", report.round, report.combined, quorum)
+            else:
+                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for, nothing "
+                               "merged", report.round, report.combined, quorum)
             return dataclasses.replace(report, combined=1, fraction=0.0, test_loss=test_loss, accuracy=accuracy,
-                                       extra=extra), "quorum"
-        if report.combined > 1 and report.fraction < 1.0:
+                                       extra=extra), reason
+        if reason == "fraction":
             logger.warning("round %d is partial: the merge combined %.0f %% of the model", report.round,
                            report.fraction * 100)
-            return dataclasses.replace(report, extra={**report.extra, "partial": "fraction"}), "fraction"
-        reason = report.extra.get("partial")
-        return report, (str(reason) if reason else None)
+            extra = report.extra.copy()
+            extra["partial"] = "fraction"
+            return dataclasses.replace(report, extra=extra), reason
+        return report, reason
 
     async def run_round(self) -> RoundReport:
         """Run one round of the protocol, check its merge, checkpoint, refresh the directory record, and
@@ -375,14 +397,11 @@ class Node:
         t0 = loop.time()
         st = self.transport.stats
         sent0, received0 = st.bytes_sent, st.bytes_received
-        self._pre_merge = None
-        self._guard_armed = self.settings.min_merge > 1
         self._in_round = True
         try:
             report = await self.protocol.run_round()
             report, partial = await self._apply_quorum(report)
         finally:
-            self._guard_armed = False
             self._in_round = False
         duration = loop.time() - t0
         # `stats` may have been replaced meanwhile (a test resetting counters): never report a negative round.
@@ -390,8 +409,6 @@ class Node:
         self.round_bytes_sent = max(0, st.bytes_sent - sent0)
         self.round_bytes_received = max(0, st.bytes_received - received0)
         self.last_report = report
-        if partial is not None:
-            self.partial_rounds += 1
         self.metrics.observe_round(report, duration, partial)
         self._publish_state()
         await self._maybe_checkpoint()
@@ -406,14 +423,13 @@ class Node:
 
     def suspicion(self) -> dict[str, float]:
         """The protocol's per-peer suspicion scores (empty for protocols that do not score peers)."""
-        tracker = getattr(self.protocol, "suspicion", None)
-        return tracker.scores() if tracker is not None else {}
+        return self.protocol.snapshot().suspicion
 
     def _log(self, r: RoundReport, partial: str | None, duration_s: float) -> None:
         if self.config.attack is not None and self.loud_attack:
             logger.warning("ATTACKER: round %d sent forged data (%s attack)", r.round, self.config.attack)
         metric = self.trainer.metric
-        event = {"event": "round", "peer_id": self.peer_id, **asdict(r), **metric_fields(metric, r.accuracy),
+        event = {"event": "round", "peer_id": self.peer_id, **r.record(), **metric_fields(metric, r.accuracy),
                  "bytes_sent": self.transport.stats.bytes_sent,
                  "bytes_received": self.transport.stats.bytes_received,
                  "round_bytes_sent": self.round_bytes_sent, "round_bytes_received": self.round_bytes_received,
@@ -556,6 +572,7 @@ class Node:
                           loss=r.train_loss if r else None, bytes_sent=st.bytes_sent,
                           bytes_received=st.bytes_received, rejected=dict(st.rejected),
                           maddrs=self.transport.addresses(), state=self.state, partial_rounds=self.partial_rounds,
+                          partial_by_reason=self.metrics.partial_by_reason,
                           last_checkpoint_round=self.last_checkpoint_round, resumed_from=self.resumed_from,
                           dht_state=self.network.state if self.network is not None else None,
                           dht_events=dict(self.network.events) if self.network is not None else {},

@@ -114,7 +114,7 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         raise
     try:
         p2p = await dht.replicate_p2p()
-        p2p_transport = await P2PTransport.create(p2p, **config.transport_limits())
+        p2p_transport = await P2PTransport.create(p2p, compression=config.compression, **config.transport_limits())
         transport: Transport = p2p_transport
         rate = settings.upload_bytes_per_s
         if rate is not None:

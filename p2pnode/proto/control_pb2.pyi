@@ -29,7 +29,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "tensor_wire_bytes_received", "tensor_raw_bytes_received", "metric", "metric_value")
+    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "tensor_wire_bytes_received", "tensor_raw_bytes_received", "partial_by_reason", "metric", "metric_value")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,13 @@ class StatusReply(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     class DhtEventsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PartialByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +80,7 @@ class StatusReply(_message.Message):
     TENSOR_RAW_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_WIRE_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_RAW_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     METRIC_VALUE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
@@ -104,9 +112,10 @@ class StatusReply(_message.Message):
     tensor_raw_bytes_sent: int
     tensor_wire_bytes_received: int
     tensor_raw_bytes_received: int
+    partial_by_reason: _containers.ScalarMap[str, int]
     metric: str
     metric_value: float
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., tensor_wire_bytes_received: _Optional[int] = ..., tensor_raw_bytes_received: _Optional[int] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ...) -> None: ...
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., tensor_wire_bytes_received: _Optional[int] = ..., tensor_raw_bytes_received: _Optional[int] = ..., partial_by_reason: _Optional[_Mapping[str, int]] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()

@@ -2,10 +2,11 @@
 
 The daemon and the simulator run these same classes: ``gossip`` (push-pull gossip learning),
 ``modest`` (decentralized sampling), and the baselines ``fl`` (one fixed server) and ``dpsgd``
-(neighbour averaging every round). See docs/protocols.md.
+(neighbour averaging every round). Each is a `RoundProtocol` (`p2pnode.protocols.base`): that interface
+and the `ProtocolHooks` object are all the daemon and the simulator use of them. See docs/protocols.md.
 """
 
-from p2pnode.protocols.base import RoundProtocol, RoundReport
+from p2pnode.protocols.base import ProtocolHooks, ProtocolSnapshot, RoundExtra, RoundProtocol, RoundReport
 from p2pnode.protocols.dpsgd import DpsgdProtocol, DpsgdSettings
 from p2pnode.protocols.fl import FLProtocol
 from p2pnode.protocols.gossip import GossipProtocol, GossipSettings
@@ -20,6 +21,9 @@ __all__ = [
     "GossipSettings",
     "ModestProtocol",
     "ModestSettings",
+    "ProtocolHooks",
+    "ProtocolSnapshot",
+    "RoundExtra",
     "RoundProtocol",
     "RoundReport",
     "candidate_order",

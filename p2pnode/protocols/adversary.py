@@ -35,14 +35,12 @@ import torch
 
 from p2pnode.attacks import alie_z, attack_info, flip_labels, forge
 from p2pnode.errors import AggregationError
-from p2pnode.protocols.base import State
+from p2pnode.protocols.base import State, TrainedHook
 
 logger = logging.getLogger(__name__)
 
 #: ``oracle(round, attacker_peer_id)`` -> the honest nodes' flat updates of that round (possibly empty).
 HonestOracle = Callable[[int, str], Awaitable[list[torch.Tensor]]]
-#: ``on_trained(round, start_model, trained_model)``: a hook an honest protocol calls after local training.
-TrainedHook = Callable[[int, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], None]
 
 
 def flatten(state: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None) -> torch.Tensor:

@@ -19,6 +19,14 @@ first round:
 Traffic per round: ``n`` model transfers on the exponential graph, ``n * degree`` on a regular one.
 A neighbour that misses a round is skipped for 1, 2, 4, ... rounds (at most 16), neither sent to nor
 waited for, so a crashed neighbour costs one timeout, not one per round.
+
+DiLoCo (docs/protocols.md, "DiLoCo on each topology"): with ``outer_lr`` set, the average above is
+``merged``; the node's round-start model ``theta0`` then takes the outer step on the pseudo-gradient
+``theta0 - merged`` (the weighted mean of ``theta0 - x_j`` over itself and the neighbours, the weights
+summing to 1): ``x_i <- theta0 - outer_lr * nesterov(theta0 - merged)``, momentum buffers local to the
+node (not checkpointed). A round without neighbours' models steps on the own pseudo-gradient. With
+``outer_lr = 1, outer_momentum = 0`` that is the plain average, bit for bit. Neighbours still receive the
+trained model ``x_j`` (each forms the pseudo-gradient against its own ``theta0``).
 """
 
 from __future__ import annotations
@@ -33,12 +41,20 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, rule_info
+from p2pnode.aggregation import aggregate_states, outer_optimizer, rule_info
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.adversary import Attacker, TrainedHook
-from p2pnode.protocols.base import PeerHealth, RoundReport
+from p2pnode.protocols.adversary import Attacker
+from p2pnode.protocols.base import (
+    PeerHealth,
+    ProtocolHooks,
+    ProtocolSnapshot,
+    RoundExtra,
+    RoundReport,
+    State,
+    merged_fraction,
+)
 from p2pnode.protocols.compute import Compute
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
@@ -151,6 +167,9 @@ class DpsgdSettings:
     :param exchange_timeout_s: longest wait for a push or for the neighbours' models, in seconds (default 30).
     :param eval_every: evaluate on the test split every this many rounds (0: never; default 1).
     :param step_cost_s: modelled seconds per training step on the simulator's virtual clock (default 0).
+    :param outer_lr: DiLoCo outer optimizer's learning rate, or None (default) for none (the plain average).
+    :param outer_momentum: its momentum, in [0, 1) (default 0.9).
+    :param outer_nesterov: Nesterov momentum (default True).
     """
 
     run_id: str
@@ -164,10 +183,21 @@ class DpsgdSettings:
     exchange_timeout_s: float = 30.0
     eval_every: int = 1
     step_cost_s: float = 0.0
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
 
 class DpsgdProtocol:
-    """One node's D-PSGD rounds (see the module docstring)."""
+    """One node's D-PSGD rounds (see the module docstring), a `RoundProtocol`.
+
+    `attacker` (default None: honest) goes into `hooks` (`ProtocolHooks.attacker`).
+    """
+
+    #: D-PSGD announces no leave: a neighbour that stops answering is skipped by its back-off.
+    leave_on_close = False
+    #: No secagg identity: D-PSGD has no secure aggregation.
+    secagg_public_key = b""
 
     def __init__(self, settings: DpsgdSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
@@ -189,11 +219,9 @@ class DpsgdProtocol:
         self.round = 0
         self.me = transport.peer_id
         self.health = PeerHealth()
-        #: A Byzantine node's forging of the model it pushes (None: honest).
-        self.attacker = attacker
-        #: Called after each local training with (round, start model, trained model); the simulator's
-        #: omniscient attackers read honest updates through it. Never set in the daemon.
-        self.on_trained: TrainedHook | None = None
+        #: The attacker (None for an honest node) and ``on_trained`` (the simulator's omniscient attackers).
+        self.hooks = ProtocolHooks(attacker=attacker)
+        self.keep_pre_merge = False
         self._spec = trainer.spec
         self._weighted = rule_info(settings.rule).weighted and settings.rule == "mean"
         self._peers: list[str] | None = None
@@ -201,6 +229,8 @@ class DpsgdProtocol:
         # (round, sender) -> (model, sender's degree)
         self._inbox: dict[tuple[int, str], tuple[dict[str, torch.Tensor], int]] = {}
         self._arrived = asyncio.Event()
+        #: DiLoCo's outer optimizer (None without ``outer_lr``): its momentum is this node's own.
+        self.outer = outer_optimizer(settings.outer_lr, settings.outer_momentum, settings.outer_nesterov)
         transport.register(PUSH, peer_pb2.DpsgdModel, self._on_push)
 
     # -- graph ----------------------------------------------------------------------------------------
@@ -280,8 +310,9 @@ class DpsgdProtocol:
         s = self.settings
         peers = await self._membership()
 
-        attacking = self.attacker is not None and self.attacker.model_attack
-        keep_start = attacking or self.on_trained is not None
+        attacker, on_trained = self.hooks.attacker, self.hooks.on_trained
+        attacking = attacker is not None and attacker.model_attack
+        keep_start = attacking or on_trained is not None or self.outer is not None
 
         def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
             start = self.trainer.state() if keep_start else None
@@ -290,11 +321,11 @@ class DpsgdProtocol:
         train_loss, own, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
         sent = own
         if start is not None:
-            if self.on_trained is not None:
-                self.on_trained(self.round, start, own)
+            if on_trained is not None:
+                on_trained(self.round, start, own)
             if attacking:
-                assert self.attacker is not None
-                sent = await self.attacker.forge(self.round, start, own)
+                assert attacker is not None
+                sent = await attacker.forge(self.round, start, own)
         out, in_, degree = self._neighbours(self.round)
         body = peer_pb2.DpsgdModel(run_id=s.run_id, config_hash=s.config_hash, round=self.round, degree=degree)
         msg = (Message(body, compressed=compress_state(sent, self.compression)) if self.compression.lossy
@@ -304,6 +335,12 @@ class DpsgdProtocol:
         _, got = await asyncio.gather(asyncio.gather(*(self._push(p, msg) for p in targets)),
                                       self._collect(expected))
         received = [got[p] for p in in_ if p in got]
+        pre_merge: State | None = None
+        outer = self.outer
+        if outer is not None and not received:
+            assert start is not None
+            theta0 = start
+            await self.compute.run(lambda: self.trainer.load_state(outer.step_towards(theta0, own)))
         if received:
             states = [own, *(st for st, _ in received)]
             w_self, w = metropolis_hastings(degree, [d for _, d in received])
@@ -313,7 +350,14 @@ class DpsgdProtocol:
                     merged = aggregate_states("mean", states, weights=[w_self, *w])
                 else:
                     merged = aggregate_states(s.rule, states, **s.rule_params)
+                if outer is not None:
+                    # DiLoCo: pseudo-gradient theta0 - merged (the same weights over theta0 - x_j), outer step.
+                    assert start is not None
+                    merged = outer.step_towards(start, merged)
                 self.trainer.load_state(merged)
+
+            if self.keep_pre_merge:
+                pre_merge = own  # a copy (Trainer.state), not changed by the load
 
             await self.compute.run(merge)
         # Drop what can no longer be used (older rounds), keep models pushed early for later rounds.
@@ -325,9 +369,20 @@ class DpsgdProtocol:
         if s.eval_every and self.round % s.eval_every == 0:
             test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss, accuracy=accuracy,
-                           peers=len(peers) - 1, combined=1 + len(received), fraction=1.0,
+                           peers=len(peers) - 1, combined=1 + len(received), fraction=merged_fraction(bool(received)),
                            partner=out[0] if out else None, failures=len(in_) - len(received),
-                           extra={"role": "trainer"})
+                           extra=RoundExtra(role="trainer"), pre_merge=pre_merge)
+
+    # -- the rest of RoundProtocol ----------------------------------------------------------------------
+    def snapshot(self) -> ProtocolSnapshot:
+        """No event counters and no suspicion scores (D-PSGD scores nobody)."""
+        return ProtocolSnapshot()
+
+    def state_loaded(self) -> None:
+        """Nothing to refresh: every round pushes the model the trainer holds then."""
+
+    async def rejoin(self) -> None:
+        """Nothing to forget or announce: the graph is fixed, and the neighbours' back-off lets it back in."""
 
     async def close(self) -> None:
         self._inbox.clear()

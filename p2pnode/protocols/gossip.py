@@ -21,6 +21,19 @@ nor merges what a suspect sends.
 Trade-off (docs/protocols.md): a longer window gives the rule more inputs (robustness) but merges
 older models (staleness) and holds up to ``max_inbox`` models in memory.
 
+DiLoCo (docs/protocols.md, "DiLoCo on each topology"). With ``outer_lr`` set, a round is one outer step
+of DiLoCo: it starts from ``theta0`` (the model at round start), runs the ``local_steps`` inner steps
+(the task's optimizer), and the merge by the rule gives ``merged``; the pseudo-gradient is then
+``delta = theta0 - merged`` and the node moves to ``theta0 - outer_lr * nesterov(delta)``
+(`p2pnode.aggregation.OuterOptimizer`, momentum buffers local to the node). ``theta0 - merged`` is the
+rule applied to the pseudo-gradients ``delta_j = theta0 - theta_j`` of the own trained model and the
+received ones: direction rules (flag, krum, ...) get the updates ``theta_j - theta0`` already, and for the
+translation-equivariant rules (mean, median, trimmed mean, vca) ``rule(theta0 - theta_j) = theta0 -
+rule(theta_j)``. A round that merges nothing (no peer, too few inputs for a robust rule) still steps on
+the own pseudo-gradient. With ``outer_lr = 1`` and ``outer_momentum = 0`` the result is the plain merge,
+bit for bit. The buffers are not checkpointed: a resumed node starts them afresh. Peers receive the
+trained model ``theta_j`` itself (never the pseudo-gradient, which depends on the receiver's ``theta0``).
+
 Compression (docs/compression.md): the exchanged models travel in the protocol's `compression` (default:
 the transport's, ``none`` unless set), encoded once per published model. Gossip sends whole models, so
 a sparse format (topk) is refused, and no error feedback is kept (a model is not accumulated).
@@ -36,13 +49,28 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, byzantine_target, max_byzantine, rule_info, tolerance
+from p2pnode.aggregation import (
+    aggregate_states,
+    byzantine_target,
+    max_byzantine,
+    outer_optimizer,
+    rule_info,
+    tolerance,
+)
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.adversary import Attacker, TrainedHook
+from p2pnode.protocols.adversary import Attacker
 from p2pnode.protocols.backoff import DEFAULT_MAX_S, SilentBackoff
-from p2pnode.protocols.base import PeerHealth, RoundReport, State
+from p2pnode.protocols.base import (
+    PeerHealth,
+    ProtocolHooks,
+    ProtocolSnapshot,
+    RoundExtra,
+    RoundReport,
+    State,
+    merged_fraction,
+)
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
 from p2pnode.training.trainer import Trainer
@@ -96,6 +124,9 @@ class GossipSettings:
         ``exchange_timeout_s * 2 ** (k - 1)`` seconds after ``k`` consecutive timeouts, at most
         `silent_max_s` (default True; `p2pnode.protocols.backoff`).
     :param silent_max_s: longest such skip, in seconds (default 600).
+    :param outer_lr: DiLoCo outer optimizer's learning rate, or None (default) for none (the plain merge).
+    :param outer_momentum: its momentum, in [0, 1) (default 0.9).
+    :param outer_nesterov: Nesterov momentum (default True).
     """
 
     run_id: str
@@ -113,6 +144,9 @@ class GossipSettings:
     suspect_threshold: float = DEFAULT_THRESHOLD
     silent_backoff: bool = True
     silent_max_s: float = DEFAULT_MAX_S
+    outer_lr: float | None = None
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
     @property
     def window(self) -> int:
@@ -121,7 +155,15 @@ class GossipSettings:
 
 
 class GossipProtocol:
-    """One node's gossip rounds over a `Transport` and a `PeerDirectory`."""
+    """One node's gossip rounds over a `Transport` and a `PeerDirectory` (a `RoundProtocol`).
+
+    `attacker` (default None: honest) goes into `hooks` (`ProtocolHooks.attacker`).
+    """
+
+    #: Gossip announces no leave: peers find out from the directory and from failed exchanges.
+    leave_on_close = False
+    #: No secagg identity: gossip has no secure aggregation.
+    secagg_public_key = b""
 
     def __init__(self, settings: GossipSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random, attacker: Attacker | None = None,
@@ -158,15 +200,16 @@ class GossipProtocol:
         self._robust = is_robust(settings.rule, settings.rule_params) or settings.window > 1
         # A merge must keep the rule's guarantee: f = the rule's `f`, or 1 for a robust rule (0 for mean, vca).
         self._target_f = byzantine_target(settings.rule, settings.rule_params)
-        #: A Byzantine node's forging (None for an honest node).
-        self.attacker = attacker
-        #: Called after each local training with (round, start model, trained model); the simulator's
-        #: omniscient attackers read honest updates through it. Never set in the daemon.
-        self.on_trained: TrainedHook | None = None
+        #: The attacker (None for an honest node) and ``on_trained`` (the simulator's omniscient attackers).
+        self.hooks = ProtocolHooks(attacker=attacker)
+        self.keep_pre_merge = False
+        self._pre_merge: State | None = None
         self.suspicion = SuspicionTracker(settings.suspicion_decay)
         #: Senders whose models the last merge ignored as suspects, and models it combined (own included).
         self.last_ignored: list[str] = []
         self.last_combined = 1
+        #: DiLoCo's outer optimizer (None without ``outer_lr``): its momentum is this node's own.
+        self.outer = outer_optimizer(settings.outer_lr, settings.outer_momentum, settings.outer_nesterov)
         transport.register(EXCHANGE, peer_pb2.ModelExchange, self._on_exchange)
 
     # -- serving ------------------------------------------------------------------------------
@@ -257,7 +300,10 @@ class GossipProtocol:
         """Merge the own model with `received` (sender -> model) by the rule; score the `fresh` senders."""
         self.last_ignored = []
         self.last_combined = 1
+        self._pre_merge = None
         if not received:
+            if self.outer is not None:  # DiLoCo: the own pseudo-gradient alone
+                self.trainer.load_state(self.outer.step_towards(start, self.trainer.state()))
             return
         s = self.settings
         if s.exclude_suspects:
@@ -291,7 +337,13 @@ class GossipProtocol:
                 senders = []
                 merged = own
             else:
-                self.trainer.load_state(merged)
+                if self.keep_pre_merge:
+                    self._pre_merge = own  # a copy (Trainer.state), not changed by the load
+                if self.outer is None:
+                    self.trainer.load_state(merged)
+        if self.outer is not None:
+            # DiLoCo: pseudo-gradient theta0 - merged (the rule over theta0 - theta_j), then the outer step.
+            self.trainer.load_state(self.outer.step_towards(start, merged))
         self.last_combined = 1 + len(senders)
         # Suspicion: the fresh models (suspects' included, so that a reformed peer can recover).
         scored = {p: received[p] for p in received if p in fresh}
@@ -302,7 +354,8 @@ class GossipProtocol:
     async def run_round(self) -> RoundReport:
         """Train, exchange with one random live peer, merge, evaluate; return the round's report."""
         s = self.settings
-        attacking = self.attacker is not None and self.attacker.model_attack
+        attacker = self.hooks.attacker
+        attacking = attacker is not None and attacker.model_attack
 
         def train() -> tuple[float, State]:
             # The start model: reference of the updates (direction rules, forging, the suspicion's direction term).
@@ -318,14 +371,14 @@ class GossipProtocol:
             # and with a robust rule every input but the own one lags a round behind, so the vote keeps the
             # old model.
             self._published = trained
-        if self.on_trained is not None:
-            self.on_trained(self.round, start, trained)
+        if self.hooks.on_trained is not None:
+            self.hooks.on_trained(self.round, start, trained)
         if attacking:
-            assert self.attacker is not None
+            assert attacker is not None
             seen = [e.state for e in self._window.values()]
-            self._published = await self.attacker.forge(self.round, start, trained, seen)
+            self._published = await attacker.forge(self.round, start, trained, seen)
             logger.debug("%s: round %d sends a forged model (%s)", self.transport.peer_id[-8:], self.round,
-                         self.attacker.attack)
+                         attacker.attack)
         candidates = await self._candidates()
         partner = self._choose(candidates)
         failures = 0
@@ -344,11 +397,24 @@ class GossipProtocol:
         if s.eval_every and self.round % s.eval_every == 0:
             test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
         combined = self.last_combined
-        extra: dict[str, Any] = {"ignored": list(self.last_ignored)} if self.last_ignored else {}
+        extra = RoundExtra(ignored=list(self.last_ignored)) if self.last_ignored else RoundExtra()
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss,
                            accuracy=accuracy, peers=len(candidates), combined=combined,
-                           fraction=1.0, partner=partner if pulled is not None else None, failures=failures,
-                           extra=extra)
+                           fraction=merged_fraction(combined > 1), partner=partner if pulled is not None else None,
+                           failures=failures, extra=extra, pre_merge=self._pre_merge)
+
+    # -- the rest of RoundProtocol ------------------------------------------------------------
+    def snapshot(self) -> ProtocolSnapshot:
+        """No event counters yet; the suspicion scores of the senders this node merged."""
+        return ProtocolSnapshot(counters={}, suspicion=self.suspicion.scores())
+
+    def state_loaded(self) -> None:
+        """Serve the model now in the trainer: what peers pull must be the model this node keeps (after a
+        resume, a sync or an undone merge), not the one it had before."""
+        self._published = self.trainer.state()
+
+    async def rejoin(self) -> None:
+        """Nothing to forget or announce: the next round picks a live peer from the directory."""
 
     async def close(self) -> None:
         self._window.clear()

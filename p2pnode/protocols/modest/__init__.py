@@ -28,11 +28,18 @@ update carries it) derive the same key, so samples stay consistent; two rounds b
 that two versions ``k-1`` split off one version ``k-2`` still meet at the same aggregator of ``k``.
 The aggregator of ``k-2`` could still grind its model's bytes to steer round ``k``: see docs/protocols.md.
 
+DiLoCo and compression. With ``outer_lr`` the aggregator of ``k+1`` steps the outer optimizer from
+version ``k`` (``theta0``) on the pseudo-gradient ``theta0 - rule(trained models)``; its momentum travels
+with the model. With a lossy ``compression`` trainers upload ``model - base`` with error feedback (topk
+allowed) and aggregators send each version compressed (raw under topk), keeping it as decoded so that
+every holder has the same digest (docs/protocols.md, docs/compression.md).
+
 Map of the package (each module imports only those above it in this list, never a sibling role):
 
 - `settings`: `ModestSettings` (and `fl_settings`: ``fl`` is MoDeST with one fixed aggregator).
-- `state`: records (`AggregationEvent`, the models and aggregations a node holds), `Hooks` (the seams
-  tests and the simulator set), `Core` (the node's shared state and small helpers).
+- `state`: records (`AggregationEvent`, the models and aggregations a node holds) and `Core` (the node's
+  shared state and small helpers). The seams tests and the simulator set are the protocol's
+  `p2pnode.protocols.base.ProtocolHooks`, handed to the roles that call them.
 - `wire`: method names, limits, and the checks of what peers send.
 - `combine`: pure functions from received models (or secure sums) and the base to the next version.
 - `sampling`: `candidate_order`, `model_digest` (the ordering keys), and `Sampler` (pings).
@@ -49,7 +56,7 @@ from p2pnode.protocols.base import State
 from p2pnode.protocols.modest.protocol import ModestProtocol
 from p2pnode.protocols.modest.sampling import candidate_order, model_digest
 from p2pnode.protocols.modest.settings import ModestSettings, fl_settings
-from p2pnode.protocols.modest.state import AggregationEvent, Hooks
+from p2pnode.protocols.modest.state import AggregationEvent
 from p2pnode.protocols.modest.state import Incoming as _Incoming
 from p2pnode.protocols.modest.wire import (
     BASE,
@@ -76,7 +83,6 @@ __all__ = [
     "UPDATE",
     "WRONG_SAMPLE",
     "AggregationEvent",
-    "Hooks",
     "ModestProtocol",
     "ModestSettings",
     "State",

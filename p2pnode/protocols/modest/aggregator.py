@@ -23,7 +23,7 @@ from typing import Any
 
 from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.base import State
+from p2pnode.protocols.base import ProtocolHooks, State
 from p2pnode.protocols.modest.combine import combine, combine_groups, combine_secure
 from p2pnode.protocols.modest.sampling import Sampler, model_digest
 from p2pnode.protocols.modest.state import (
@@ -31,16 +31,17 @@ from p2pnode.protocols.modest.state import (
     AggregationEvent,
     Base,
     Core,
-    Hooks,
     Incoming,
     Result,
     Upload,
     Watch,
+    decoded,
     short,
 )
-from p2pnode.protocols.modest.wire import BASE, MODEL, check_run, outer_tensors, split_model
+from p2pnode.protocols.modest.wire import BASE, MODEL, OUTER_PREFIX, check_run, outer_tensors, split_model
 from p2pnode.secagg import SecAggResult
 from p2pnode.transport import Message
+from p2pnode.transport.compression import CompressedTensor, compress_state, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class AggregatorRole:
         offer: hands a model version to this node's trainer role (when it is in the next sample).
     """
 
-    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *, offer: Callable[[Incoming], bool]) -> None:
+    def __init__(self, core: Core, sampler: Sampler, hooks: ProtocolHooks, *,
+                 offer: Callable[[Incoming], bool]) -> None:
         self.core = core
         self.sampler = sampler
         self.hooks = hooks
@@ -69,8 +71,11 @@ class AggregatorRole:
         base = c.bases.get(int(body.round))
         if base is None or (body.digest and bytes(body.digest) != base.digest):
             return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
-        return Message(peer_pb2.ModestBaseResponse(found=True, round=body.round),
-                       {**base.state, **outer_tensors(base.outer)})
+        reply = peer_pb2.ModestBaseResponse(found=True, round=body.round)
+        if c.model_compression.lossy:
+            # The model travels raw (the puller checks its digest); the outer momentum in the run's format.
+            return Message(reply, base.state, compressed=compress_state(outer_tensors(base.outer), c.model_compression))
+        return Message(reply, {**base.state, **outer_tensors(base.outer)})
 
     async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
@@ -236,6 +241,9 @@ class AggregatorRole:
                 assert base is not None
                 new_state, outer_state, rule = base.state, base.outer, "none"
             else:
+                if c.upload_updates:
+                    assert base is not None
+                    contributors, received = self.models_from_updates(agg, base, contributors, received)
                 states = [agg.models[p].state for p in contributors]
                 new_state, outer_state, rule = await c.compute.run(
                     lambda: combine(states, base, c.settings, label=c.me_short))
@@ -244,6 +252,18 @@ class AggregatorRole:
             logger.error("%s: aggregation %d failed: %s", c.me_short, agg.index, e)
             agg.resolve(Result(False, "dropped"))
             return
+        wire: dict[str, CompressedTensor] | None = None
+        if c.model_compression.lossy and aborted is None:
+            # Every holder of the version keeps it as decoded, so that its digest (the sample key, base pulls
+            # and the trainers' updates relative to it) is the same everywhere. The outer optimizer's momentum
+            # travels in the same format (it is as large as the model), and is kept as decoded too.
+            wire = compress_state(new_state, c.model_compression)
+            new_state = decoded(wire)
+            if outer_state:
+                outer_wire = compress_state(outer_tensors(outer_state), c.model_compression)
+                wire.update(outer_wire)
+                outer_state = {k: decompress(outer_wire[OUTER_PREFIX + k]).reshape(v.shape)
+                               for k, v in outer_state.items()}
         index = agg.index
         parent = agg.base_digest()
         grandparent = agg.parent_digest()
@@ -261,7 +281,7 @@ class AggregatorRole:
         # members derive the same groups whichever aggregator's copy reaches them first.
         sample = await self.sampler.available(index, s.sample_size, key, exclude=c.exclude(), ordered=c.spread)
         accepted = await self.push_model(sample, index, new_state, outer_state, parent=parent,
-                                         combined=max(1, len(contributors)), sample_key=key)
+                                         combined=max(1, len(contributors)), sample_key=key, wire=wire)
         result = Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)
         agg.resolve(result)
         for i in [i for i in c.aggregations if i <= index - 2]:
@@ -273,7 +293,7 @@ class AggregatorRole:
         accuracy = test_loss = None
         if s.eval_every and index % s.eval_every == 0:
             def evaluate() -> tuple[float, float]:
-                c.trainer.load_state(new_state)
+                c.load_model(new_state)
                 return c.trainer.evaluate()
 
             test_loss, accuracy = await c.compute.run(evaluate)
@@ -300,6 +320,24 @@ class AggregatorRole:
         if self.hooks.on_aggregate is not None:
             self.hooks.on_aggregate(event)
 
+    def models_from_updates(self, agg: Aggregation, base: Base, contributors: list[str], received: list[str]
+                            ) -> tuple[list[str], list[str]]:
+        """Turn the uploaded updates of `agg` into models ``base + update`` (under a lossy compression trainers
+        upload updates); return (contributors, received) without the uploads made against another base,
+        whose update does not apply to this one."""
+        c = self.core
+        stale = [p for p in agg.models if agg.models[p].base_digest != base.digest]
+        for p in stale:
+            del agg.models[p]
+        if stale:
+            c.counters["stale_updates"] += len(stale)
+            logger.info("%s: aggregation %d leaves out %d update(s) against another base", c.me_short, agg.index,
+                        len(stale))
+        for up in agg.models.values():
+            if up.state:
+                up.state = {n: base.state[n] + up.state[n].to(base.state[n].dtype) for n in base.state}
+        return [p for p in contributors if p in agg.models], [p for p in received if p in agg.models]
+
     def score(self, agg: Aggregation, received: Sequence[str], new_state: State, base: Base | None) -> None:
         """Update the suspicion of the trainers of `agg` by their distance to the new model (all received
         models, ignored suspects included; this node's own model counts for the median only).
@@ -318,8 +356,13 @@ class AggregatorRole:
                                        reference=base.state if base is not None else None)
 
     async def push_model(self, targets: Sequence[str], round_: int, state: State, outer: State, *,
-                         parent: bytes, combined: int, sample_key: bytes = b"") -> list[str]:
+                         parent: bytes, combined: int, sample_key: bytes = b"",
+                         wire: Mapping[str, CompressedTensor] | None = None) -> list[str]:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
+
+        `wire`: `state` and `outer` (as `outer_tensors`) compressed, their decoded tensors `state` and `outer`;
+        None: they travel raw, as every
+        resend of a version held (top-up, relaunch) does, so that its bytes and digest never change.
 
         With secure aggregation the message also names `targets` as the sample of `round_`, and
         `sample_key` as the key that ordered its candidates: the users and the checkable claim of the
@@ -334,7 +377,8 @@ class AggregatorRole:
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
                                     combined=combined, sample=sample, sample_key=key)
-        msg = Message(body, {**state, **outer_tensors(outer)})
+        msg = (Message(body, compressed=dict(wire)) if wire is not None
+               else Message(body, {**state, **outer_tensors(outer)}))
 
         async def one(peer: str) -> bool:
             if peer == c.me:

@@ -21,7 +21,7 @@ from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import BadMessage
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.adversary import Attacker
-from p2pnode.protocols.base import RoundReport, State
+from p2pnode.protocols.base import ProtocolHooks, ProtocolSnapshot, RoundReport, State
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.membership import JOIN, LEAVE
 from p2pnode.protocols.modest.aggregator import AggregatorRole
@@ -32,7 +32,7 @@ from p2pnode.protocols.modest.secure import SecureAggregator
 from p2pnode.protocols.modest.secure_trainer import SecureTrainer
 from p2pnode.protocols.modest.settings import ModestSettings
 from p2pnode.protocols.modest.spread import Spread
-from p2pnode.protocols.modest.state import Core, Hooks, Incoming, Result
+from p2pnode.protocols.modest.state import Core, Incoming, Result
 from p2pnode.protocols.modest.trainer import TrainerRole
 from p2pnode.protocols.modest.wire import (
     BASE,
@@ -86,9 +86,12 @@ class _Forward(Generic[T]):
 class ModestProtocol:
     """One node's MoDeST rounds over a `Transport` and a `PeerDirectory` (see `p2pnode.protocols.modest`).
 
-    `round` is the node's round estimate: the highest model version it has seen evidence of.
-    `on_aggregate`, when set, is called with an `AggregationEvent` after each aggregation this node
-    completes (the simulator uses it to record rounds). `counters` counts protocol events:
+    A `RoundProtocol`. `round` is the node's round estimate: the highest model version it has seen
+    evidence of. `hooks` (`ProtocolHooks`) holds the attacker and the seams of the simulator and tests:
+    ``hooks.on_aggregate``, when set, is called with an `AggregationEvent` after each aggregation this
+    node completes (the simulator uses it to record rounds); ``hooks.secagg_silent_from``, when set, makes
+    this node's next secure round go silent from that stage on (fault injection for the simulator and the
+    tests). `counters` (exported by `snapshot`) counts protocol events:
     ``aggregations``, ``topups``, ``relaunches``, ``resends``, ``late``, ``aborted``, ``degraded_rounds``,
     ``base_pulls``; with secure aggregation also ``secagg_rounds`` (completed), ``secagg_aborted`` (below
     the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
@@ -97,8 +100,7 @@ class ModestProtocol:
     another member list), ``secagg_candidates_aborted`` (such an instance that aborted while another ran),
     and with groups spread over the aggregators ``secagg_remote_groups`` (group sums of other aggregators
     combined here).
-    `secagg_silent_from`, when set, makes this node's next secure round go silent from that stage on
-    (fault injection for the simulator and the tests). `secagg_randomness`: the secret randomness of
+    `secagg_randomness`: the secret randomness of
     this node's secagg users (default: the OS CSPRNG; the simulator passes a seeded stream).
 
     `secagg_identity`: this node's long-term Ed25519 key (default None). With it and an `authenticated`
@@ -110,7 +112,6 @@ class ModestProtocol:
     such member each time this node sets up a sample as trainer or aggregator). Without the key or with
     unsigned records the binding is the transport's authenticated sender (`secagg_binding` says which).
     """
-
 
     settings = _Forward[ModestSettings]("core")
     transport = _Forward[Transport]("core")
@@ -125,12 +126,7 @@ class ModestProtocol:
     health = _Forward[Any]("core")
     counters = _Forward[Any]("core")
     suspicion = _Forward[Any]("core")
-    attacker = _Forward[Attacker | None]("hooks")
-    on_trained = _Forward[Any]("hooks")
-    on_aggregate = _Forward[Any]("hooks")
-    on_secagg_report = _Forward[Any]("hooks")
-    on_secagg_input = _Forward[Any]("hooks")
-    secagg_silent_from = _Forward[Any]("hooks")
+    keep_pre_merge = _Forward[bool]("core")
 
     def __init__(self, settings: ModestSettings, *, transport: Transport, directory: PeerDirectory,
                  trainer: Trainer, compute: Compute, rng: random.Random,
@@ -138,7 +134,7 @@ class ModestProtocol:
                  secagg_identity: Ed25519PrivateKey | None = None) -> None:
         self.core = core = Core(settings, transport=transport, directory=directory, trainer=trainer,
                                 compute=compute, rng=rng)
-        self.hooks = hooks = Hooks(attacker=attacker)
+        self.hooks = hooks = ProtocolHooks(attacker=attacker)
         self._sampler = sampler = Sampler(core)
         # Secret randomness of this node's secagg users: the OS CSPRNG unless a seeded stream is given (the
         # simulator, for reproducible runs; never in a real run: the seed is public).
@@ -249,8 +245,19 @@ class ModestProtocol:
         """Wait for the next model (at most ``idle_timeout_s``), train it, upload it, and report.
 
         Returns after the aggregators acknowledged (or the uploads failed), after a newer model
-        arrived, or, for a node that got no model, after the idle timeout.
+        arrived, or, for a node that got no model, after the idle timeout. With `keep_pre_merge` the
+        report carries the model that the round's first model load replaced (`RoundReport.pre_merge`).
         """
+        c = self.core
+        c.pre_merge, c.in_round = None, True
+        try:
+            report = await self._round()
+        finally:
+            c.in_round = False
+        report.pre_merge, c.pre_merge = c.pre_merge, None
+        return report
+
+    async def _round(self) -> RoundReport:
         if not self.core.started:
             await self._start()
         inc = await self._trainer.next_model(self.core.settings.idle_timeout_s)
@@ -280,6 +287,25 @@ class ModestProtocol:
             await self._start()
             return
         await self._membership.advertise(JOIN)
+
+    # -- the rest of RoundProtocol ----------------------------------------------------------------------
+    @property
+    def leave_on_close(self) -> bool:
+        """Whether `close` announces a LEAVE (``ModestSettings.leave_on_close``)."""
+        return self.core.settings.leave_on_close
+
+    @leave_on_close.setter
+    def leave_on_close(self, value: bool) -> None:
+        self.core.settings.leave_on_close = value
+
+    def snapshot(self) -> ProtocolSnapshot:
+        """`counters` (see the class doc) and the suspicion scores of the trainers this node aggregated."""
+        c = self.core
+        return ProtocolSnapshot(counters=dict(c.counters), suspicion=c.suspicion.scores())
+
+    def state_loaded(self) -> None:
+        """Nothing to refresh: a MoDeST node serves the model versions it holds (`Core.bases`), not the trainer's
+        model, and trains each round from the version it is sent."""
 
     async def close(self) -> None:
         """Answer waiting trainers with ``leaving``, stop background work, and announce a LEAVE."""

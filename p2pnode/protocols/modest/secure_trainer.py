@@ -19,10 +19,10 @@ import torch
 
 from p2pnode.errors import ConfigError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.base import RoundReport, State
+from p2pnode.protocols.base import ProtocolHooks, RoundReport, State
 from p2pnode.protocols.modest.identity import IdentityKeys
 from p2pnode.protocols.modest.sampling import Sampler, model_digest
-from p2pnode.protocols.modest.state import Base, Core, Hooks, Incoming, Watch, short
+from p2pnode.protocols.modest.state import Base, Core, Incoming, Watch, short
 from p2pnode.secagg import Contribution, SecAggError, SecAggHost, SecAggUser, Session, layer_variances
 from p2pnode.secagg.groups import group_of, split_groups
 from p2pnode.secagg.randomness import Randomness
@@ -53,7 +53,8 @@ class SecureTrainer:
         deliver: sends an update and waits for its acknowledgement (`TrainerRole.deliver`).
     """
 
-    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *, host: SecAggHost, identity: IdentityKeys,
+    def __init__(self, core: Core, sampler: Sampler, hooks: ProtocolHooks, *, host: SecAggHost,
+                 identity: IdentityKeys,
                  randomness: Randomness, train: Callable[[Incoming], Awaitable[tuple[float, State]]],
                  deliver: Deliver) -> None:
         self.core = core

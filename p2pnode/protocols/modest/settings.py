@@ -66,6 +66,10 @@ class ModestSettings:
     :param exclude_suspects: as an aggregator, leave out the models of peers whose suspicion exceeds
         `suspect_threshold` (they stay in the samples, which must be the same on every node).
     :param suspect_threshold: suspicion score above which a peer is a suspect (default 1.0).
+    :param compression: the run's wire format (`p2pnode.transport.compression`; default ``none``). Lossy:
+        trainers upload their update ``model - base`` with error feedback (any format, topk included) and
+        aggregators send each new version compressed (fp16, bf16, int8; under topk it travels raw), every
+        holder keeping the version as decoded so that digests agree. Not with `secagg`.
     """
 
     run_id: str
@@ -102,6 +106,7 @@ class ModestSettings:
     suspicion_decay: float = DEFAULT_DECAY
     exclude_suspects: bool = False
     suspect_threshold: float = DEFAULT_THRESHOLD
+    compression: str = "none"
 
     @property
     def threshold(self) -> int:

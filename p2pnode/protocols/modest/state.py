@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +22,16 @@ import torch
 
 from p2pnode.aggregation import rule_info
 from p2pnode.discovery import PeerDirectory
-from p2pnode.protocols.adversary import Attacker, TrainedHook
-from p2pnode.protocols.base import PeerHealth, RoundReport, State
+from p2pnode.protocols.base import PeerHealth, RoundExtra, RoundReport, State, merged_fraction
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.membership import View
 from p2pnode.protocols.modest.settings import ModestSettings
 from p2pnode.protocols.suspicion import SuspicionTracker
-from p2pnode.secagg import Contribution, SecAggResult, Stage
+from p2pnode.secagg import SecAggResult
 from p2pnode.secagg.aggregator import SecAggAggregator
-from p2pnode.secagg.state import UserReport
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
+from p2pnode.transport.compression import NONE, CompressedTensor, ErrorFeedback, check_combination, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -240,28 +239,6 @@ class Layout:
         return cls(names, shapes, sum(math.prod(sh) for sh in shapes), len(names) if rule == "vca" else 0)
 
 
-@dataclass
-class Hooks:
-    """The seams that tests, the simulator and research code set on a protocol (all None: none).
-
-    :param attacker: a Byzantine node's forging of the models it uploads as a trainer (None: honest).
-    :param on_trained: called after each local training with (version, start model, trained model); the
-        simulator's omniscient attackers read honest updates through it. Never set in the daemon.
-    :param on_aggregate: called with an `AggregationEvent` after each aggregation this node completes.
-    :param on_secagg_report: called with (version trained, report) for each secagg user of this node once
-        it ends.
-    :param on_secagg_input: called on a trainer with (round, its own contribution) before it is masked.
-    :param secagg_silent_from: this node's next secure round goes silent from that stage on (fault injection).
-    """
-
-    attacker: Attacker | None = None
-    on_trained: TrainedHook | None = None
-    on_aggregate: Callable[[AggregationEvent], None] | None = None
-    on_secagg_report: Callable[[int, UserReport], None] | None = None
-    on_secagg_input: Callable[[int, Contribution], None] | None = None
-    secagg_silent_from: Stage | None = None
-
-
 class Core:
     """One node's MoDeST state, shared by its roles (see the module docstring).
 
@@ -296,8 +273,17 @@ class Core:
         self.spec = trainer.spec
         info = rule_info(settings.rule)
         self.needs_updates = info.needs_updates
-        # With secagg the mean of the updates is applied to the base model.
-        self.needs_base = info.needs_updates or settings.outer_lr is not None or settings.secagg is not None
+        #: The run's wire format (refused with secagg when lossy).
+        self.compression = check_combination(settings.compression, secagg=settings.secagg is not None)
+        #: Lossy compression: trainers upload ``model - base`` (compressed with `feedback`), not the model.
+        self.upload_updates = self.compression.lossy and settings.secagg is None
+        #: Error feedback of this node's uploads (one stream: each trainer's residual goes into its next update).
+        self.feedback = ErrorFeedback(self.compression)
+        #: The format of the versions aggregators send: the run's, but raw under a sparse one (a whole model).
+        self.model_compression = NONE if self.compression.sparse else self.compression
+        # With secagg the mean of the updates is applied to the base model; so are uploaded updates.
+        self.needs_base = (info.needs_updates or settings.outer_lr is not None or settings.secagg is not None
+                           or self.upload_updates)
         self.layout = Layout.of(self.spec, settings.rule)
         self.own_index = 0
         self.accepted_round = -1
@@ -312,6 +298,10 @@ class Core:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.watch: Watch | None = None
         self.events: list[AggregationEvent] = []
+        #: The quorum's seam (`RoundProtocol.keep_pre_merge`): keep the model the first load of a round replaces.
+        self.keep_pre_merge = False
+        self.in_round = False
+        self.pre_merge: State | None = None
 
     @property
     def spread(self) -> bool:
@@ -320,6 +310,13 @@ class Core:
         trainers' list, and the aggregators exchange their group sums (`ModestGroupSums`)."""
         s = self.settings
         return s.secagg is not None and s.secagg_groups > 1 and s.aggregators > 1 and self.server is None
+
+    def load_model(self, state: State) -> None:
+        """Load `state` into the trainer (call on the compute thread). With `keep_pre_merge`, the first load
+        during a round keeps the model it replaces, for the node's quorum (`RoundReport.pre_merge`)."""
+        if self.keep_pre_merge and self.in_round and self.pre_merge is None:
+            self.pre_merge = self.trainer.state()
+        self.trainer.load_state(state)
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -397,9 +394,14 @@ class Core:
         """The report of the round just done, with the aggregations completed since the last report."""
         events, self.events = self.events, []
         last = events[-1] if events else None
+        combined = len(last.contributors) if last else self.held_combined
         return RoundReport(round=self.round, train_loss=float(train_loss),
                            test_loss=last.test_loss if last else None, accuracy=last.accuracy if last else None,
-                           peers=len(self.view.active(self.round)) - 1,
-                           combined=len(last.contributors) if last else self.held_combined,
-                           fraction=1.0, partner=partner, failures=failures,
-                           extra={"role": role, "aggregated": [e.index for e in events]})
+                           peers=len(self.view.active(self.round)) - 1, combined=combined,
+                           fraction=merged_fraction(combined > 1), partner=partner, failures=failures,
+                           extra=RoundExtra(role=role, aggregated=[e.index for e in events]))
+
+
+def decoded(wire: Mapping[str, CompressedTensor]) -> State:
+    """The tensors a receiver decodes from `wire` (what the sender keeps when it must hold the same bytes)."""
+    return {k: decompress(v) for k, v in wire.items()}

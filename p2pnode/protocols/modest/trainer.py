@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 from p2pnode.errors import TransportError
 from p2pnode.proto import peer_pb2
-from p2pnode.protocols.base import RoundReport, State
+from p2pnode.protocols.base import ProtocolHooks, RoundReport, State
 from p2pnode.protocols.modest.sampling import Sampler, model_digest
-from p2pnode.protocols.modest.state import Base, Core, Hooks, Incoming, Watch, short
+from p2pnode.protocols.modest.state import Base, Core, Incoming, Watch, decoded, short
 from p2pnode.protocols.modest.wire import UPDATE, check_round, check_run, check_sample, split_model
 from p2pnode.transport import Message
 
@@ -61,7 +61,7 @@ class TrainerRole:
         refresh_directory: reads the directory now (idle rounds).
     """
 
-    def __init__(self, core: Core, sampler: Sampler, hooks: Hooks, *,
+    def __init__(self, core: Core, sampler: Sampler, hooks: ProtocolHooks, *,
                  merge_view: Callable[[peer_pb2.MembershipView, int], None], receive_local: ReceiveUpdate,
                  push_model: PushModel, refresh_directory: Callable[[], Awaitable[None]]) -> None:
         self.core = core
@@ -121,7 +121,7 @@ class TrainerRole:
 
         def work() -> tuple[float, State]:
             # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
-            c.trainer.load_state(inc.state)
+            c.load_model(inc.state)
             loss = c.trainer.train(s.local_steps)
             return loss, c.trainer.state()
 
@@ -148,13 +148,18 @@ class TrainerRole:
             self.hooks.on_trained(k, inc.state, trained)
         if self.hooks.attacker is not None and self.hooks.attacker.model_attack:
             trained = await self.hooks.attacker.forge(k, inc.state, trained)
-        acks = await self.upload(k, trained, loss, base_digest, inc.parent)
+        acks = await self.upload(k, trained, loss, base_digest, inc.parent, base=inc.state)
         ok = [a for a in acks if a is not None and a[1].success]
         return c.report("trainer", train_loss=loss, failures=len(acks) - len(ok), partner=ok[0][0] if ok else None)
 
-    async def upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes
-                     ) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
-        """Send the model trained from version `k` to the aggregators of ``k + 1``; resend on failure."""
+    async def upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes, *,
+                     base: State | None = None) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
+        """Send the model trained from version `k` to the aggregators of ``k + 1``; resend on failure.
+
+        Under a lossy run compression (`Core.upload_updates`) what travels is the update ``state - base``
+        (`base`: version `k` as this node holds it, the bytes the aggregator holds too), compressed with
+        this node's error feedback: what this round's compression leaves out goes into the next upload.
+        """
         c = self.core
         s = c.settings
         c.view.flush_pending()  # a model send: pending joins enter the view that travels with it
@@ -163,7 +168,11 @@ class TrainerRole:
         body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=c.round,
                                      view=c.view.to_proto(), base_digest=base_digest, train_loss=loss,
                                      examples=c.trainer.num_examples, parent_digest=parent_digest)
-        msg = Message(body, state)
+        if c.upload_updates and base is not None:
+            update = {n: state[n] - base[n] for n in state}
+            msg = Message(body, compressed=c.feedback.compress(update))
+        else:
+            msg = Message(body, state)
         if c.server is not None:
             first = [c.server]
         else:
@@ -213,7 +222,9 @@ class TrainerRole:
         c = self.core
         body = msg.body
         if agg == c.me:
-            return await self.receive_local(c.me, k, msg.tensors, bytes(body.base_digest),
+            # What a remote aggregator would decode (a compressed upload carries no plain tensors).
+            tensors = {**msg.tensors, **decoded(msg.compressed)}
+            return await self.receive_local(c.me, k, tensors, bytes(body.base_digest),
                                             bytes(body.parent_digest), body.train_loss, secure=body.secure,
                                             aggregators=tuple(body.aggregators))
         call = asyncio.get_running_loop().create_task(
