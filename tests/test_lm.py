@@ -70,6 +70,8 @@ def test_model_sizes_and_output_shape(tiny: TinyLMTask) -> None:
         get_task("tiny-lm", size="tiny", n_heads=3)
     with pytest.raises(ConfigError, match="size must be one of"):
         get_task("tiny-lm", size="huge")
+    with pytest.raises(ConfigError, match="does not accept option"):
+        get_task("tiny-lm", hidden=3)
 
 
 def test_attention_is_causal(tiny: TinyLMTask) -> None:

@@ -30,7 +30,7 @@ __all__ = ["SIZES", "TinyGPT", "TinyLMTask", "warmup_cosine"]
 
 #: Size presets of ``tiny-lm``: name -> (d_model, n_layers, n_heads, context).
 SIZES: dict[str, tuple[int, int, int, int]] = {
-    "small": (256, 4, 4, 128),  # 3.2 M parameters with the byte tokenizer: the default
+    "small": (256, 4, 4, 128),  # 3.26 M parameters with the byte tokenizer: the default
     "tiny": (64, 2, 2, 64),  # 0.12 M: tests and many-node simulations on a CPU
 }
 
@@ -126,7 +126,7 @@ class TinyLMTask(Task):
     """Next-token prediction on a text corpus with `TinyGPT` (see the module docstring).
 
     Args:
-        size: ``"small"`` (default: d_model 256, 4 layers, 4 heads, context 128; 3.2 M parameters) or
+        size: ``"small"`` (default: d_model 256, 4 layers, 4 heads, context 128; 3.26 M parameters) or
             ``"tiny"`` (64, 2, 2, 64; 0.12 M). The four options below override the preset one by one.
         d_model, n_layers, n_heads, context: model shape (default: the preset's).
         corpus: ``"shakespeare"`` (default, shipped), a ``.txt`` / ``.jsonl`` path, or ``hf:PATH[:CONFIG]``.
