@@ -400,8 +400,8 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
 
 
 #: Keys of a result row that a task's metric name may not take (it becomes the key of its value).
-_ROW_KEYS = frozenset({"round", "time_s", "loss", "bytes", "active_nodes", "participants", "sample", "aggregators",
-                       "secagg", "ignored", "layer_variance", "metric"})
+_ROW_KEYS = frozenset({"round", "time_s", "loss", "bytes", "bytes_per_node", "active_nodes", "participants", "sample",
+                       "aggregators", "secagg", "ignored", "layer_variance", "metric"})
 
 
 def _metric_key(name: str) -> str:
