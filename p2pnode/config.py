@@ -109,16 +109,23 @@ def field_default(f: dataclasses.Field[Any]) -> Any:
 class NodeConfig:
     """Everything one node needs to take part in a run.
 
-    Run-wide keys (equal on every peer, hashed into `config_hash`): `run_id`, `task`, `topology`, `rule`,
-    `model_seed_mode`. The rest is local to the node.
+    Run-wide keys (equal on every peer, hashed into `config_hash`): `run_id`, `task`, `task_options`,
+    `topology`, `rule`, `model_seed_mode`. The rest is local to the node.
     """
 
     #: Name of the run; peers of different runs never talk to each other.
     run_id: str = setting(default="default", section="run", help="Name of the run to take part in.", hashed=True)
     #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
     task: str = setting(
-        default="digits-mlp", section="training", help="Task: digits-mlp, cifar10-resnet18, or package.module:factory.",
-        hashed=True)
+        default="digits-mlp", section="training",
+        help="Task: digits-mlp, cifar10-resnet18, tiny-lm, or package.module:factory.", hashed=True)
+    #: Options of the task, passed to its factory (for example ``{"size": "tiny"}`` for ``tiny-lm``). Run-wide:
+    #: every node must build the same model from the same data; hashed only when given, so that the hash of
+    #: runs without options stays as it was.
+    task_options: dict[str, Any] = setting(
+        default_factory=dict, section="training",
+        help="Option of the task (repeatable), for example size=tiny for tiny-lm.", hashed=True,
+        hash_when="task_options", flag="--task-option", metavar="KEY=VALUE")
     #: Who exchanges with whom: ``gossip`` (push-pull with random peers), ``modest`` (a sample of trainers and
     #: aggregators per round), ``fl`` (federated learning with one fixed server, a baseline) or ``dpsgd``
     #: (every node averages with its graph neighbours every round, a baseline). See docs/protocols.md.

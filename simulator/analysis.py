@@ -14,32 +14,39 @@ import torch
 __all__ = ["layer_variance", "rounds_to_target", "time_to_target"]
 
 
-def _first_reaching(rows: Sequence[Mapping[str, Any]], target: float, key: str) -> Any:
+def _first_reaching(rows: Sequence[Mapping[str, Any]], target: float, key: str, metric: str,
+                    higher_is_better: bool) -> Any:
     for row in rows:
-        acc = row.get("accuracy")
-        # Rows without an evaluation (accuracy None) cannot say that the target was reached.
-        if acc is not None and acc >= target:
+        value = row.get(metric)
+        # Rows without an evaluation (metric None) cannot say that the target was reached.
+        if value is not None and (value >= target if higher_is_better else value <= target):
             return row[key]
     return None
 
 
-def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
-    """The first round whose accuracy is >= `target`, or None when no round reaches it.
+def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float, *, metric: str = "accuracy",
+                     higher_is_better: bool = True) -> int | None:
+    """The first round whose metric reaches `target`, or None when no round reaches it.
 
     Args:
         rows: the per-round rows of a run, in round order (``results["rounds"]``).
-        target: accuracy in [0, 1].
+        target: value of the metric, e.g. an accuracy in [0, 1].
+        metric: the row key of the metric (``results.get("metric", "accuracy")``; ``"perplexity"`` for
+            ``tiny-lm``).
+        higher_is_better: reach means ``>= target`` (default) or, when false (perplexity;
+            ``results["higher_is_better"]``), ``<= target``.
 
     The first crossing counts, even if a later round dips below the target again: this is the
-    "rounds to reach" figure of the papers. Rows with ``accuracy`` None (not evaluated) are skipped.
+    "rounds to reach" figure of the papers. Rows whose metric is None (not evaluated) are skipped.
     """
-    value = _first_reaching(rows, target, "round")
+    value = _first_reaching(rows, target, "round", metric, higher_is_better)
     return None if value is None else int(value)
 
 
-def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
+def time_to_target(rows: Sequence[Mapping[str, Any]], target: float, *, metric: str = "accuracy",
+                   higher_is_better: bool = True) -> float | None:
     """Like `rounds_to_target`, but the virtual time of that round (``time_s``, in seconds)."""
-    value = _first_reaching(rows, target, "time_s")
+    value = _first_reaching(rows, target, "time_s", metric, higher_is_better)
     return None if value is None else float(value)
 
 

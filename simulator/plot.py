@@ -1,4 +1,4 @@
-"""Plot of a simulation's results: accuracy and megabytes sent per round."""
+"""Plot of a simulation's results: the task's metric (accuracy, perplexity) and megabytes sent per round."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Draw accuracy (left axis) and MB sent (right axis) per round into a PNG at `path`."""
+    """Draw the metric (left axis) and MB sent (right axis) per round into a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,10 +16,12 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     rows = results["rounds"]
     xs = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(xs, [r["accuracy"] for r in rows], color="tab:blue", marker=".", label="accuracy")
+    metric = results.get("metric", "accuracy")
+    ax.plot(xs, [r[metric] for r in rows], color="tab:blue", marker=".", label=metric)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean test accuracy", color="tab:blue")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"mean test {metric}", color="tab:blue")
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
     ax2 = ax.twinx()
     ax2.bar(xs, [r["bytes"] / 1e6 for r in rows], color="tab:orange", alpha=0.3, label="MB sent")
     ax2.set_ylabel("MB sent in the round", color="tab:orange")

@@ -84,6 +84,8 @@ class SimConfig:
 
     nodes: int = 16
     task: str = "digits-mlp"
+    #: Options of the task (`NodeConfig.task_options`), for example ``{"size": "tiny"}`` for ``tiny-lm``.
+    task_options: dict[str, Any] = field(default_factory=dict)
     topology: str = "gossip"
     rule: str = "mean"
     rule_params: dict[str, Any] = field(default_factory=dict)
@@ -171,7 +173,8 @@ class SimConfig:
                   if hasattr(self, SIM_NAMES.get(f.name, f.name))}
         byzantine = index in self.byzantine_indices()
         shared.update(run_id=f"sim-{self.seed}", shard=(index, self.nodes), device="cpu",
-                      rule_params=dict(self.rule_params), attack=self.attack if byzantine else None,
+                      rule_params=dict(self.rule_params), task_options=dict(self.task_options),
+                      attack=self.attack if byzantine else None,
                       attack_params=dict(self.attack_params) if byzantine else {})
         return NodeConfig(**shared).validate()
 
@@ -396,13 +399,39 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
     return {"rounds": ordered, "stalled": stalled, "protocol_events": dict(sorted(events.items()))}
 
 
+#: Keys of a result row that a task's metric name may not take (it becomes the key of its value).
+_ROW_KEYS = frozenset({"round", "time_s", "loss", "bytes", "bytes_per_node", "active_nodes", "participants", "sample",
+                       "aggregators", "secagg", "ignored", "layer_variance", "metric"})
+
+
+def _metric_key(name: str) -> str:
+    """The task's metric name as a result key (rows hold it as ``row[name]``, e.g. ``"perplexity"``)."""
+    if not name.isidentifier() or name in _ROW_KEYS:
+        raise ConfigError(f"task metric name {name!r} cannot be a results key: use an identifier other than "
+                          f"{', '.join(sorted(_ROW_KEYS))}")
+    return name
+
+
+def _name_metric(row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Rows are built with the metric's value under ``accuracy``; put it under the metric's own name."""
+    if metric != "accuracy":
+        row[metric] = row.pop("accuracy")
+    return row
+
+
 async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: EventCallback | None = None
                     ) -> dict[str, Any]:
     link = LinkModel(latency_s=cfg.latency_ms / 1000, bandwidth_bytes_per_s=cfg.bandwidth_mbps * 1e6 / 8,
                      loss=cfg.loss)
     network = MemoryNetwork(NetworkModel(link), seed=cfg.seed)
     registry = MemoryRegistry()
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, **cfg.task_options)
+    metric = _metric_key(task.metric)
+    if on_round is not None and metric != "accuracy":
+        user_round = on_round
+
+        def on_round(row: dict[str, Any]) -> None:
+            user_round(_name_metric(dict(row), metric))
     compute = VirtualCompute()
     nodes: list[Node] = []
     byzantine = set(cfg.byzantine_indices())
@@ -447,12 +476,15 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     final = next((row["accuracy"] for row in reversed(rounds) if row["accuracy"] is not None), None)
     result = {
         "config": _config_dict(cfg),
-        "rounds": rounds,
-        "final_accuracy": final,
+        "rounds": [_name_metric(row, metric) for row in rounds],
+        f"final_{metric}": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
         # Bytes one node sent in one round, the mean over the rounds' live nodes (rows: "bytes_per_node").
         "bytes_per_node_per_round": _mean([row["bytes_per_node"] for row in rounds]),
     }
+    if metric != "accuracy":  # image tasks keep the results layout they always had
+        result["metric"] = metric
+        result["higher_is_better"] = bool(task.higher_is_better)
     if byzantine:
         result["byzantine"] = [sim_peer_id(i) for i in sorted(byzantine)]
         result["accuracy_over"] = "honest nodes"

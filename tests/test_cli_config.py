@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from p2pnode.cli.invite import decode_token, differences, encode_token, make_invite, option_values
 from p2pnode.cli.main import cli
 from p2pnode.cli.options import parse_params
+from p2pnode.config import NodeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +135,23 @@ def test_tables_flags_spelling_and_rule_params(tmp_path: Path) -> None:
     env = show(env={"P2PNODE_RULE_PARAM": "trim=1,tau=0.5"})
     assert parse_params(tuple(env["rule_params"]["value"])) == {"trim": 1, "tau": 0.5}
     assert env["rule_params"]["origin"] == "P2PNODE_RULE_PARAM"
+
+
+def test_task_options_from_a_table_flags_and_an_invite(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", """\
+        task = "tiny-lm"
+        [task_options]
+        size = "tiny"
+        warmup_steps = 10
+        """)
+    got = show(["--config", str(cfg)])
+    assert parse_params(tuple(got["task_options"]["value"])) == {"size": "tiny", "warmup_steps": 10}
+    flags = show(["--task", "tiny-lm", "--task-option", "size=tiny", "--task-option", "context=32"])
+    assert parse_params(tuple(flags["task_options"]["value"])) == {"size": "tiny", "context": 32}
+    config = NodeConfig(task="tiny-lm", task_options={"size": "tiny", "context": 32}).validate()
+    invite = decode_token(encode_token(make_invite(config, [])))
+    assert parse_params(tuple(option_values(invite)["task_options"])) == {"size": "tiny", "context": 32}
+    assert differences(config, invite) == []
 
 
 @pytest.mark.parametrize("value", [

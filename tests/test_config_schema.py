@@ -157,12 +157,16 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     assert "gossip" not in TOPOLOGY_RUN_KEYS
     # Hashed only when set (not at their default), so that runs without them keep their hash.
     outer = {"outer_lr": "outer_lr", "outer_momentum": "outer_lr", "outer_nesterov": "outer_lr"}
-    assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, "compression": "compression"},
-                                    "dpsgd": {**outer, "compression": "compression"},
-                                    "modest": {"compression": "compression"}, "fl": {"compression": "compression"}}
+    always = {"compression": "compression", "task_options": "task_options"}
+    assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, **always}, "dpsgd": {**outer, **always},
+                                    "modest": always, "fl": always}
     assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
     for kw, expected in KNOWN_HASHES:
         assert NodeConfig(**kw).config_hash == expected, kw
+    # task_options count once given (every node must build the same model), and leave old hashes alone.
+    plain = NodeConfig(task="tiny-lm")
+    assert "task_options" not in plain.run_fields()
+    assert NodeConfig(task="tiny-lm", task_options={"size": "tiny"}).config_hash != plain.config_hash
 
 
 def test_docs_config_reference_matches_the_schema() -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -64,17 +65,18 @@ class Swarm:
         return self.nodes[0]
 
 
-def _make_nodes(count: int) -> list[Node]:
-    """`count` digits-mlp gossip nodes on an in-memory network with instant links, each training on its
-    own worker thread, as in the daemon (the simulator's virtual clock is not used here)."""
+def _make_nodes(count: int, task_name: str = "digits-mlp", **task_options: Any) -> list[Node]:
+    """`count` gossip nodes (digits-mlp by default) on an in-memory network with instant links, each training
+    on its own worker thread, as in the daemon (the simulator's virtual clock is not used here)."""
     network = MemoryNetwork(NetworkModel(LinkModel(latency_s=0.0, bandwidth_bytes_per_s=math.inf)))
     # Wall-clock records, like the real DHT's: the control API reports their age in real seconds.
     registry = MemoryRegistry(clock=time.time)
-    task = get_task("digits-mlp")
+    task = get_task(task_name, **task_options)
     nodes = []
     for i in range(count):
-        config = NodeConfig(run_id="control-test", task="digits-mlp", shard=(i, count), device="cpu",
-                            local_steps=2, exchange_timeout_s=5.0, min_round_time_s=0.02).validate()
+        config = NodeConfig(run_id="control-test", task=task_name, task_options=dict(task_options), shard=(i, count),
+                            device="cpu", local_steps=2, exchange_timeout_s=5.0, min_round_time_s=0.02,
+                            batch_size=8 if task_options else None).validate()
         pid = f"peer-{i}"
         transport = network.transport(pid)
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id,
@@ -411,3 +413,33 @@ async def test_watch_ends_when_client_leaves_or_server_stops(swarm: Swarm) -> No
         await swarm.control.stop(grace_s=10)
         assert await open_call.code() == grpc.StatusCode.OK  # ended cleanly, not cancelled
         assert time.monotonic() - t0 < 5
+
+
+async def test_language_model_node_reports_perplexity_under_its_name(tmp_path: Path) -> None:
+    nodes = _make_nodes(2, "tiny-lm", size="tiny")
+    for node in nodes:
+        await node.start()
+    control = await start_control(nodes[0], tmp_path / "state", lambda: None)
+    try:
+        await _run_rounds(nodes, 1)
+        info = read_control_file(tmp_path / "state")
+        assert info is not None
+        async with grpc.aio.insecure_channel(info.address) as channel:
+            stub = control_pb2_grpc.ControlStub(channel)
+            s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
+            m = await stub.Metrics(control_pb2.MetricsRequest(), metadata=_metadata(info.token), timeout=5)
+        # A perplexity (about 256 for an untrained byte model, lower after a round) is never an accuracy.
+        for reply in (s, m):
+            assert reply.metric == "perplexity" and not reply.HasField("accuracy")
+            assert 1.0 < reply.metric_value < 300.0
+        assert m.metric_value == pytest.approx(math.exp(m.test_loss))
+        result = await invoke(["status", "--state-dir", str(tmp_path / "state"), "--json"])
+        data = json.loads(result.output)
+        assert (data["metric"], data["accuracy"]) == ("perplexity", None)
+        assert data["metric_value"] == pytest.approx(s.metric_value)
+        text = (await invoke(["status", "--state-dir", str(tmp_path / "state")])).output
+        assert "perplexity" in text and "accuracy" not in text
+    finally:
+        await control.stop(grace_s=0)
+        for node in nodes:
+            await node.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> No
     assert m["p2pnode_bytes_sent_total"] == status["bytes_sent"] > 0
     assert m["p2pnode_bytes_received_total"] == status["bytes_received"] > 0
     assert m["p2pnode_accuracy"] == pytest.approx(status["accuracy"], abs=1e-12)
+    assert status["metric"] == "accuracy" and status["metric_value"] == status["accuracy"]
+    assert m['p2pnode_eval_metric{metric="accuracy"}'] == pytest.approx(status["accuracy"], abs=1e-12)
     assert m["p2pnode_train_loss"] == pytest.approx(status["loss"], abs=1e-12)
     assert status["rejected"] == {"wrong_run": 1}
     assert m['p2pnode_rejected_messages_total{reason="wrong_run"}'] == 1
@@ -127,6 +130,25 @@ def test_nodes_in_one_process_have_separate_registries() -> None:
             await n.shutdown()
 
     run_virtual(main())
+
+
+def test_language_model_exports_perplexity_not_accuracy() -> None:
+    async def main() -> dict[str, float]:
+        net, registry = MemoryNetwork(seed=0), MemoryRegistry()
+        nodes = [memory_node(net, registry, i, 2, task="tiny-lm", task_options={"size": "tiny"}, batch_size=8,
+                             local_steps=3) for i in range(2)]
+        for n in nodes:
+            await n.start()
+        await asyncio.gather(*(n.run_round() for n in nodes))
+        m = parse_exposition(nodes[0].metrics.exposition().decode())
+        for n in nodes:
+            await n.shutdown()
+        return m
+
+    m = run_virtual(main())
+    assert "p2pnode_accuracy" not in m
+    assert m["p2pnode_test_loss"] > 0
+    assert m['p2pnode_eval_metric{metric="perplexity"}'] == pytest.approx(math.exp(m["p2pnode_test_loss"]), rel=1e-6)
 
 
 def test_directory_rejections_are_exported_by_reason() -> None:

@@ -121,7 +121,7 @@ def test_cuda_without_gpu_is_a_config_error_with_a_fix(digits: Task) -> None:
 
 
 def test_builtin_tasks_and_digits_data(digits: Task) -> None:
-    assert available_tasks() == ["cifar10-resnet18", "digits-mlp"]
+    assert available_tasks() == ["cifar10-resnet18", "digits-mlp", "tiny-lm"]
     train, test = digits.datasets()
     assert isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset)
     assert (len(train), len(test)) == (1437, 360)

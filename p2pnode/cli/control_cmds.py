@@ -244,6 +244,20 @@ def dht_line(reply: control_pb2.StatusReply) -> str:
     return f"{text}; {events}" if events else text
 
 
+def _metric_value(msg: Any) -> float | None:
+    """The metric's value of a reply or event; a daemon of an older version sets only ``accuracy``."""
+    value = _opt(msg, "metric_value")
+    return _opt(msg, "accuracy") if value is None and not msg.metric else value
+
+
+def _metric_label(msg: Any) -> str:
+    return "accuracy" if not msg.metric else str(msg.metric)
+
+
+def _metric_num(msg: Any) -> str:
+    return _num(_metric_value(msg), 3 if _metric_label(msg) == "accuracy" else 4)
+
+
 def partial_line(reply: control_pb2.StatusReply) -> str:
     """The partial rounds of `reply` with their reasons, e.g. ``3 (quorum 2, fraction 1)``."""
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(reply.partial_by_reason.items()) if v)
@@ -259,7 +273,8 @@ def status_dict(reply: control_pb2.StatusReply, address: str) -> dict[str, Any]:
         "partial_by_reason": dict(sorted(reply.partial_by_reason.items())),
         "last_checkpoint_round": _opt(reply, "last_checkpoint_round"),
         "resumed_from": reply.resumed_from or None,
-        "accuracy": _opt(reply, "accuracy"), "loss": _opt(reply, "loss"), "bytes_sent": reply.bytes_sent,
+        "accuracy": _opt(reply, "accuracy"), "metric": reply.metric or "accuracy",
+        "metric_value": _metric_value(reply), "loss": _opt(reply, "loss"), "bytes_sent": reply.bytes_sent,
         "bytes_received": reply.bytes_received, "rejected": dict(sorted(reply.rejected.items())),
         "maddrs": list(reply.maddrs), "pid": reply.pid, "uptime_s": round(reply.uptime_s, 3),
         "version": reply.version, "control_address": address,
@@ -279,7 +294,8 @@ def event_dict(e: control_pb2.RoundEvent) -> dict[str, Any]:
     except json.JSONDecodeError:
         extra = {"raw": e.extra_json}
     return {"round": e.round, "train_loss": e.train_loss, "test_loss": _opt(e, "test_loss"),
-            "accuracy": _opt(e, "accuracy"), "peers": e.peers, "combined": e.combined, "fraction": e.fraction,
+            "accuracy": _opt(e, "accuracy"), "metric": _metric_label(e), "metric_value": _metric_value(e),
+            "peers": e.peers, "combined": e.combined, "fraction": e.fraction,
             "partner": e.partner if e.HasField("partner") else None, "failures": e.failures, "extra": extra,
             "peer_id": e.peer_id, "time": e.time, "bytes_sent": e.bytes_sent,
             "bytes_received": e.bytes_received}
@@ -287,7 +303,8 @@ def event_dict(e: control_pb2.RoundEvent) -> dict[str, Any]:
 
 def _event_line(e: control_pb2.RoundEvent) -> str:
     partner = e.partner[-12:] if e.HasField("partner") else "-"
-    return (f"round {e.round:<5d} loss {_num(e.train_loss)}  acc {_num(_opt(e, 'accuracy'), 3)}  "
+    label = "acc" if _metric_label(e) == "accuracy" else _metric_label(e)
+    return (f"round {e.round:<5d} loss {_num(e.train_loss)}  {label} {_metric_num(e)}  "
             f"peers {e.peers:<3d} merged {e.combined:<3d} failures {e.failures:<3d} partner {partner}  "
             f"sent {_mb(e.bytes_sent)}  received {_mb(e.bytes_received)}")
 
@@ -302,13 +319,12 @@ def _echo_json(obj: Any) -> None:
 @control_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def status(state_dir: Path | None, timeout: float, as_json: bool) -> None:
-    """Show the running node's identity, round, peers, accuracy and traffic."""
+    """Show the running node's identity, round, peers, evaluation metric (accuracy, perplexity) and traffic."""
     with ControlClient(_state_dir(state_dir), timeout) as client:
         reply = client.call(client.stub.Status, control_pb2.StatusRequest())
     if as_json:
         _echo_json(status_dict(reply, client.info.address))
         return
-    acc = _opt(reply, "accuracy")
     click.echo(key_values([
         ("peer id", reply.peer_id),
         ("run", f"{reply.run_id} (task {reply.task}, {reply.topology}/{reply.rule})"),
@@ -320,7 +336,7 @@ def status(state_dir: Path | None, timeout: float, as_json: bool) -> None:
          else f"round {reply.last_checkpoint_round}"),
         ("resumed from", reply.resumed_from or "-"),
         ("peers", str(reply.peers)),
-        ("accuracy", _num(acc, 3)),
+        (_metric_label(reply), _metric_num(reply)),
         ("loss", _num(_opt(reply, "loss"))),
         ("sent", _mb(reply.bytes_sent)),
         ("received", _mb(reply.bytes_received)),

@@ -130,8 +130,8 @@ def option_values(invite: Invite) -> dict[str, Any]:
     """The invite as option values of `p2pnode run` (option key -> value as click would give it)."""
     out: dict[str, Any] = {"run_id": invite.run_id, "admission": invite.admission}
     for name, value in invite.run.items():
-        if name == "rule_params":
-            out["rule_params"] = tuple(f"{k}={json.dumps(v)}" for k, v in dict(value).items())
+        if name in ("rule_params", "task_options"):
+            out[name] = tuple(f"{k}={json.dumps(v)}" for k, v in dict(value).items())
         else:
             out[_OPTION_KEYS.get(name, name)] = value
     if invite.key is not None:
@@ -146,7 +146,8 @@ def differences(config: NodeConfig, invite: Invite) -> list[str]:
     ours = run_fields(config)
     keys = sorted(set(ours) | set(invite.run))
     return [f"{k}={ours.get(k)!r} (run: {invite.run.get(k)!r})" for k in keys
-            if json.dumps(ours.get(k), default=list) != json.dumps(invite.run.get(k), default=list)]
+            if json.dumps(ours.get(k), default=list, sort_keys=True)
+            != json.dumps(invite.run.get(k), default=list, sort_keys=True)]
 
 
 __all__ = ["TOKEN_PREFIX", "Invite", "decode_token", "differences", "encode_token", "make_invite",

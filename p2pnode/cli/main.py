@@ -190,7 +190,7 @@ def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
               help="Add each round's per-layer weight variance, averaged over the live nodes, to the results.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Draw accuracy and bytes per round to this PNG.")
+              help="Draw the task's metric (accuracy, perplexity) and bytes per round to this PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path | None, quiet: bool,
         byzantine: int, local_attackers: bool, **kw: Any) -> None:
@@ -233,9 +233,15 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
                   TimeElapsedColumn(), disable=quiet) as progress:
         bar = progress.add_task("", total=rounds)
 
+        from p2pnode.daemon.node import metric_text
+        from p2pnode.training import get_task
+
+        # The results name the task's metric: "accuracy" for the image tasks, "perplexity" for tiny-lm.
+        metric = get_task(cfg.task, **cfg.task_options).metric
+
         def on_round(row: dict[str, Any]) -> None:
-            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-            progress.update(bar, advance=1, description=f"acc={acc} MB={row['bytes'] / 1e6:.2f}")
+            progress.update(bar, advance=1, description=f"{metric_text(metric, row.get(metric))} "
+                                                        f"MB={row['bytes'] / 1e6:.2f}")
 
         results = run_simulation(cfg, on_round)
     wall = time.perf_counter() - t0
@@ -243,7 +249,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
     stalled = " STALLED (no new model version for a long while)" if results.get("stalled") else ""
     byz = f" byzantine={byzantine} attack={kw['attack']}" if byzantine else ""
     click.echo(f"sim done: nodes={nodes}{byz} rounds={len(results['rounds'])} "
-               f"final_accuracy={results['final_accuracy']} total_MB={results['total_bytes'] / 1e6:.2f} "
+               f"final_{metric}={results[f'final_{metric}']} total_MB={results['total_bytes'] / 1e6:.2f} "
                f"KB_per_node_round={(results['bytes_per_node_per_round'] or 0) / 1e3:.1f} "
                f"virtual_s={last.get('time_s', 0):.2f} wall_s={wall:.1f}{stalled}")
     if out is not None:

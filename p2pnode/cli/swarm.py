@@ -29,7 +29,7 @@ STOP_TIMEOUT_S = 20.0
 #: Options of `training_options` passed on to each daemon as ``--name value`` when set (all of them but the
 #: ones `_args` passes itself: the run-wide ones every daemon must agree on, from the schema).
 FORWARDED = tuple(meta.param for f, meta in schema() if f.name in TRAINING_FIELDS and meta.param not in (
-    "task", "rule", "seed", "init", "secagg", "rule_params", "outer_nesterov"))
+    "task", "rule", "seed", "init", "secagg", "rule_params", "task_options", "outer_nesterov"))
 
 
 @dataclass
@@ -60,6 +60,8 @@ def _args(kw: dict[str, Any], index: int, initial: list[str]) -> list[str]:
         args.append("--no-outer-nesterov")
     for p in kw.get("rule_params", ()):
         args += ["--rule-param", p]
+    for p in kw.get("task_options", ()):
+        args += ["--task-option", p]
     for m in initial:
         args += ["--initial-peer", m]
     return args
@@ -101,15 +103,19 @@ def _spawn(kw: dict[str, Any], index: int, initial: list[str]) -> Member:
 
 def _table(members: list[Member], rounds: int, title: str, exit_codes: bool = False) -> Table:
     t = Table(title=title)
-    cols = ["node", "peer id", "round", "loss", "acc", "peers", "MB out", "MB in", "KB out/round", "rej"]
+    metric = next((m.last["metric"] for m in members if m.last.get("metric")), "accuracy")
+    cols = ["node", "peer id", "round", "loss", "acc" if metric == "accuracy" else metric, "peers", "MB out",
+            "MB in", "KB out/round", "rej"]
     for col in cols + (["exit"] if exit_codes else []):
         t.add_column(col, justify="left" if col == "peer id" else "right")
     for m in members:
         r = m.last
-        acc = r.get("accuracy")
+        # Round events carry the task's metric as metric_value (older daemons: accuracy only).
+        acc = r.get("metric_value", r.get("accuracy"))
         t.add_row(str(m.index), m.peer_id[-8:] or "starting", f"{r.get('round', 0)}/{rounds}",
                   f"{r['train_loss']:.4f}" if "train_loss" in r else "-",
-                  f"{acc:.3f}" if acc is not None else "-", str(r.get("peers", "-")),
+                  "-" if acc is None else f"{acc:.3f}" if metric == "accuracy" else f"{acc:.4g}",
+                  str(r.get("peers", "-")),
                   f"{r.get('bytes_sent', 0) / 1e6:.2f}", f"{r.get('bytes_received', 0) / 1e6:.2f}",
                   f"{r.get('round_bytes_sent', 0) / 1e3:.1f}", str(r.get("rejected", 0)),
                   *([str(m.proc.returncode)] if exit_codes else []))

@@ -65,7 +65,7 @@ def build_trainer(config: NodeConfig, task: Task | None = None, *, node_index: i
     with ``"independent"`` each node builds its own from ``seed + 1000 + shard index``. A node with
     ``attack = "label_flip"`` trains on flipped labels.
     """
-    task = task or get_task(config.task)
+    task = task or get_task(config.task, **config.task_options)
     index, count = config.shard
     index = index if node_index is None else node_index
     count = count if num_nodes is None else num_nodes

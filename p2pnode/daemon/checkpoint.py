@@ -7,8 +7,10 @@ File layout (``<state dir>/checkpoints/ckpt-<config hash>-<round, 10 digits>.p2p
 where ``message`` is a wire-codec message (`p2pnode.transport.codec`): ``u32 length | Envelope |
 raw tensor bytes``, whose body is a `CheckpointInfo` (round, run, config hash, ...) and whose tensors
 are ``model/<state_dict name>`` (every entry of the model's ``state_dict``) and
-``optim/<parameter index>/<key>`` (the optimizer's per-parameter tensors: SGD momentum). Nothing is
-ever unpickled: tensors are raw little-endian bytes with a dtype from the codec's allowlist and a shape.
+``optim/<parameter index>/<key>`` (the optimizer's per-parameter tensors: SGD momentum; AdamW's
+``exp_avg``, ``exp_avg_sq`` and ``step``) and ``sched/<key>`` (the numeric entries of the learning-rate
+scheduler's ``state_dict``, when the task has one: ``last_epoch``, ``base_lrs``, ...). Nothing is ever
+unpickled: tensors are raw little-endian bytes with a dtype from the codec's allowlist and a shape.
 
 Writing: the bytes go to a temporary file in the same directory (created 0600), which is fsynced and
 then renamed over the final name, and the directory is fsynced; a crash at any moment leaves either
@@ -57,6 +59,7 @@ _DIGEST_BYTES = 32
 _NAME = re.compile(r"^ckpt-([0-9a-f]{1,64})-(\d{10})\.p2pc$")
 _MODEL = "model/"
 _OPTIM = "optim/"
+_SCHED = "sched/"
 
 
 class CheckpointError(P2PNodeError):
@@ -79,6 +82,8 @@ class Checkpoint:
     :param config_hash: the run config hash (`NodeConfig.config_hash`) it belongs to.
     :param model: every ``state_dict`` entry of the model (CPU tensors).
     :param optimizer: per-parameter optimizer tensors (SGD: ``momentum_buffer``), by parameter index.
+    :param scheduler: numeric entries of the learning-rate scheduler's ``state_dict`` as CPU tensors
+        (int64 for integers, float64 for floats, 1-D for lists); empty when the task has no scheduler.
     :param steps_done: local SGD steps run so far.
     :param created: when it was taken, seconds since the Unix epoch.
     :param path: the file it was read from or written to, if any.
@@ -90,6 +95,7 @@ class Checkpoint:
     task: str
     model: dict[str, torch.Tensor]
     optimizer: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scheduler: dict[str, torch.Tensor] = field(default_factory=dict)
     steps_done: int = 0
     peer_id: str = ""
     created: float = 0.0
@@ -110,12 +116,62 @@ def capture(trainer: Trainer, *, round_: int, config_hash: str, run_id: str, tas
                    if isinstance(v, torch.Tensor) and v.dtype in codec.DTYPE_NAMES}
         if tensors:
             optimizer[int(index)] = tensors
+    scheduler = trainer.scheduler
     return Checkpoint(round=round_, config_hash=config_hash, run_id=run_id, task=task, model=model,
-                      optimizer=optimizer, steps_done=trainer.steps_done, peer_id=peer_id, created=time.time())
+                      optimizer=optimizer, scheduler=_scheduler_tensors(scheduler.state_dict()) if scheduler else {},
+                      steps_done=trainer.steps_done, peer_id=peer_id, created=time.time())
+
+
+def _scheduler_tensors(state: dict[str, object]) -> dict[str, torch.Tensor]:
+    """The numeric entries of a scheduler ``state_dict`` (ints, floats, lists of them) as tensors.
+
+    Other entries (a `LambdaLR`'s ``lr_lambdas``: None for plain functions) are rebuilt by the task.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            out[key] = torch.tensor(value, dtype=torch.int64)
+        elif isinstance(value, float):
+            out[key] = torch.tensor(value, dtype=torch.float64)
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                       for v in value):
+            out[key] = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    return out
+
+
+def _restore_scheduler(trainer: Trainer, saved: dict[str, torch.Tensor]) -> None:
+    """Load the saved scheduler position into the trainer's scheduler and set the current learning rate.
+
+    ``base_lrs`` stay this run's (a node may resume with another learning rate); the learning rate now
+    is the saved one scaled by the ratio of the base rates, which is exact for multiplicative schedules
+    such as `LambdaLR`.
+    """
+    scheduler = trainer.scheduler
+    if scheduler is None or not saved:
+        return  # no scheduler, or written without one: keep the fresh schedule (restore checked the rest)
+    state = scheduler.state_dict()
+    current_base = list(state.get("base_lrs", []))
+    for key, t in saved.items():
+        if key not in state or key == "base_lrs":
+            continue
+        if t.dim() == 0:
+            state[key] = int(t.item()) if t.dtype == torch.int64 else float(t.item())
+        else:
+            state[key] = [float(v) for v in t.tolist()]
+    scheduler.load_state_dict(state)
+    saved_base, last = saved.get("base_lrs"), saved.get("_last_lr")
+    if last is not None and saved_base is not None and len(last) == len(current_base) == len(saved_base):
+        lrs = [float(lr) * (base / float(sb) if sb else 1.0)
+               for lr, base, sb in zip(last.tolist(), current_base, saved_base.tolist(), strict=True)]
+        for group, lr in zip(trainer.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)  # type: ignore[assignment]  # what get_last_lr() reports
 
 
 def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
-    """Load `ckpt` into `trainer` (model, optimizer momentum, step count).
+    """Load `ckpt` into `trainer` (model, optimizer state, scheduler position, step count).
 
     :raises CheckpointMismatch: the checkpoint's tensors do not fit the model (names or shapes differ);
         nothing is loaded then.
@@ -136,9 +192,13 @@ def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
             raise CheckpointMismatch(f"checkpoint has optimizer state for parameter {index}; the model has "
                                      f"{len(params)}")
         for key, t in state.items():
-            if key == "momentum_buffer" and tuple(t.shape) != tuple(params[index].shape):
-                raise CheckpointMismatch(f"optimizer momentum of parameter {index} has shape {tuple(t.shape)}, "
+            # Per-element state (SGD momentum, AdamW moments) has the parameter's shape; scalars (AdamW's
+            # step count) have none.
+            if t.dim() > 0 and tuple(t.shape) != tuple(params[index].shape):
+                raise CheckpointMismatch(f"optimizer {key} of parameter {index} has shape {tuple(t.shape)}, "
                                          f"the parameter's is {tuple(params[index].shape)}")
+    if trainer.scheduler is None and ckpt.scheduler:
+        raise CheckpointMismatch("checkpoint has learning-rate scheduler state; this task has no scheduler")
     with torch.no_grad():
         for name, t in ckpt.model.items():
             current[name].copy_(t)
@@ -147,6 +207,7 @@ def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
     # a node may resume with another learning rate.
     opt_state["state"] = {index: dict(state) for index, state in ckpt.optimizer.items()}
     trainer.optimizer.load_state_dict(opt_state)
+    _restore_scheduler(trainer, ckpt.scheduler)
     trainer.steps_done = ckpt.steps_done
 
 
@@ -160,6 +221,8 @@ def encode(ckpt: Checkpoint) -> list[memoryview]:
     for index, state in sorted(ckpt.optimizer.items()):
         for key, t in state.items():
             tensors[f"{_OPTIM}{index}/{key}"] = t
+    for key, t in sorted(ckpt.scheduler.items()):
+        tensors[_SCHED + key] = t
     return [memoryview(_PREFIX.pack(MAGIC, FORMAT)), *codec.encode(ENVELOPE_METHOD, info, tensors)]
 
 
@@ -190,6 +253,7 @@ def decode(data: bytes | bytearray | memoryview, path: Path | None = None) -> Ch
         raise CorruptCheckpoint(f"{where}: {e}") from e
     model: dict[str, torch.Tensor] = {}
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    scheduler: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.startswith(_MODEL):
             model[name[len(_MODEL):]] = t
@@ -198,10 +262,13 @@ def decode(data: bytes | bytearray | memoryview, path: Path | None = None) -> Ch
             if not index.isdigit() or not key:
                 raise CorruptCheckpoint(f"{where}: bad optimizer entry {name!r}")
             optimizer.setdefault(int(index), {})[key] = t
+        elif name.startswith(_SCHED) and len(name) > len(_SCHED) and t.dim() <= 1:
+            scheduler[name[len(_SCHED):]] = t
         else:
             raise CorruptCheckpoint(f"{where}: unknown entry {name!r}")
     return Checkpoint(round=info.round, config_hash=info.config_hash, run_id=info.run_id, task=info.task,
-                      model=model, optimizer=optimizer, steps_done=info.steps_done, peer_id=info.peer_id,
+                      model=model, optimizer=optimizer, scheduler=scheduler, steps_done=info.steps_done,
+                      peer_id=info.peer_id,
                       created=info.created, path=path)
 
 

@@ -124,18 +124,25 @@ def _opt(value: float | None) -> dict[str, float]:
 
 
 def round_event(report: RoundReport, *, peer_id: str, bytes_sent: int, bytes_received: int,
-                now: float | None = None) -> control_pb2.RoundEvent:
-    """The `RoundEvent` of one round report; `now` is the send time in seconds since the epoch."""
+                now: float | None = None, metric: str = "accuracy") -> control_pb2.RoundEvent:
+    """The `RoundEvent` of one round report; `now` is the send time in seconds since the epoch.
+
+    `metric` names the task's metric, whose value is ``report.accuracy``; ``accuracy`` is set only
+    when that metric is accuracy.
+    """
     event = control_pb2.RoundEvent(
         round=report.round, train_loss=report.train_loss, peers=report.peers, combined=report.combined,
         fraction=report.fraction, failures=report.failures,
         extra_json=json.dumps(report.extra, default=str, sort_keys=True), peer_id=peer_id,
-        time=time.time() if now is None else now, bytes_sent=bytes_sent, bytes_received=bytes_received)
+        time=time.time() if now is None else now, bytes_sent=bytes_sent, bytes_received=bytes_received,
+        metric=metric)
     # proto3 optional fields: leave unset (HasField false) rather than writing a fake 0.
     if report.test_loss is not None:
         event.test_loss = report.test_loss
     if report.accuracy is not None:
-        event.accuracy = report.accuracy
+        event.metric_value = report.accuracy
+        if metric == "accuracy":
+            event.accuracy = report.accuracy
     if report.partner is not None:
         event.partner = report.partner
     return event
@@ -164,11 +171,13 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             node_state=NODE_STATES.get(st.state, control_pb2.NODE_STATE_UNSPECIFIED),
             dht_state=st.dht_state or "", dht_events=st.dht_events,
             round_bytes_sent=st.round_bytes_sent, round_bytes_received=st.round_bytes_received,
-            partial_by_reason=st.partial_by_reason, **st.tensor_bytes)
+            metric=st.metric, partial_by_reason=st.partial_by_reason, **st.tensor_bytes)
         if st.last_checkpoint_round is not None:
             reply.last_checkpoint_round = st.last_checkpoint_round
         if st.accuracy is not None:
             reply.accuracy = st.accuracy
+        if st.metric_value is not None:
+            reply.metric_value = st.metric_value
         if st.loss is not None:
             reply.loss = st.loss
         return reply
@@ -196,7 +205,8 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             bytes_received=st.bytes_received, rejected=dict(st.rejected),
             directory_mismatched=node.directory.mismatched, directory_invalid=node.directory.invalid,
             round_bytes_sent=node.round_bytes_sent, round_bytes_received=node.round_bytes_received,
-            tensor_wire_bytes_sent=st.tensor_wire_bytes_sent, tensor_raw_bytes_sent=st.tensor_raw_bytes_sent)
+            tensor_wire_bytes_sent=st.tensor_wire_bytes_sent, tensor_raw_bytes_sent=st.tensor_raw_bytes_sent,
+            metric=node.trainer.metric)
         r = node.last_report
         if r is not None:
             reply.loss = r.train_loss
@@ -205,7 +215,9 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
             if r.test_loss is not None:
                 reply.test_loss = r.test_loss
             if r.accuracy is not None:
-                reply.accuracy = r.accuracy
+                reply.metric_value = r.accuracy
+                if node.trainer.metric == "accuracy":
+                    reply.accuracy = r.accuracy
         return reply
 
     async def Leave(self, request: control_pb2.LeaveRequest,
@@ -251,7 +263,7 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
                 pending = None
                 st = node.transport.stats
                 yield round_event(report, peer_id=node.peer_id, bytes_sent=st.bytes_sent,
-                                  bytes_received=st.bytes_received)
+                                  bytes_received=st.bytes_received, metric=node.trainer.metric)
                 pending = asyncio.ensure_future(anext(reports))
         finally:
             # Runs also when the client goes away (the call is cancelled): unregister from the node.

@@ -22,7 +22,10 @@ name                                       type       meaning
                                                       merge not applied; ``fraction``: part of the model)
 ``round_duration_seconds``                 histogram  wall time of one round, in seconds
 ``train_loss``, ``test_loss``              gauge      last round's losses
-``accuracy``                               gauge      last evaluated test accuracy, in [0, 1]
+``accuracy``                               gauge      last evaluated test accuracy, in [0, 1] (tasks whose
+                                                      metric is accuracy)
+``eval_metric{metric}``                    gauge      the task's metric after the last evaluation
+                                                      (``metric="accuracy"``, ``"perplexity"``, ...)
 ``peers``                                  gauge      peers known at the start of the last round
 ``merge_combined``, ``merge_fraction``     gauge      models merged in the last round (own included),
                                                       share of the model they covered (0: no merge
@@ -114,6 +117,11 @@ class _NodeCollector(Collector):
         if st.accuracy is not None:
             yield GaugeMetricFamily(PREFIX + "accuracy", "Test accuracy after the last evaluated round, in [0, 1]",
                                     value=st.accuracy)
+        if st.metric_value is not None:
+            metric = GaugeMetricFamily(PREFIX + "eval_metric", "The task's evaluation metric after the last "
+                                       "evaluated round (its name in the metric label)", labels=["metric"])
+            metric.add_metric([st.metric], st.metric_value)
+            yield metric
         if r is not None:
             yield GaugeMetricFamily(PREFIX + "merge_combined", "Models merged in the last round, own included",
                                     value=r.combined)

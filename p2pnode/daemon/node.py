@@ -92,6 +92,10 @@ class NodeStatus:
     :param last_checkpoint_round: round of the newest checkpoint written or resumed; None if none.
     :param resumed_from: where the model of the first round came from: ``fresh`` (the task's initial
         model), ``checkpoint`` or ``peers`` (state sync).
+    :param accuracy: test accuracy after the last evaluated round; None before it and when the task's
+        metric is not accuracy.
+    :param metric: name of the task's metric (``accuracy``, ``perplexity``, ...), and `metric_value` its
+        value after the last evaluated round (None before it).
     """
 
     peer_id: str
@@ -119,6 +123,23 @@ class NodeStatus:
     #: Tensor bytes since start: on the wire, and their uncompressed size (`TrafficStats.tensor_dict`).
     tensor_bytes: dict[str, int] = field(default_factory=dict)
     partial_by_reason: dict[str, int] = field(default_factory=dict)
+    metric: str = "accuracy"
+    metric_value: float | None = None
+
+
+def metric_fields(metric: str, value: float | None) -> dict[str, Any]:
+    """The metric of a round under the names that logs and results use: ``metric``, ``metric_value``,
+    and ``accuracy`` (the value for an accuracy metric, else None, so that readers of accuracy never
+    mistake a perplexity for one)."""
+    return {"accuracy": value if metric == "accuracy" else None, "metric": metric, "metric_value": value}
+
+
+def metric_text(metric: str, value: float | None) -> str:
+    """``acc=0.912`` / ``perplexity=14.09`` / ``acc=-`` for a log line."""
+    label = "acc" if metric == "accuracy" else metric
+    if value is None:
+        return f"{label}=-"
+    return f"{label}={value:.3f}" if metric == "accuracy" else f"{label}={value:.4g}"
 
 
 class Node:
@@ -407,15 +428,16 @@ class Node:
     def _log(self, r: RoundReport, partial: str | None, duration_s: float) -> None:
         if self.config.attack is not None and self.loud_attack:
             logger.warning("ATTACKER: round %d sent forged data (%s attack)", r.round, self.config.attack)
-        acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
-        event = {"event": "round", "peer_id": self.peer_id, **r.record(),
+        metric = self.trainer.metric
+        event = {"event": "round", "peer_id": self.peer_id, **r.record(), **metric_fields(metric, r.accuracy),
                  "bytes_sent": self.transport.stats.bytes_sent,
                  "bytes_received": self.transport.stats.bytes_received,
                  "round_bytes_sent": self.round_bytes_sent, "round_bytes_received": self.round_bytes_received,
                  "rejected": sum(self.transport.stats.rejected.values()),
                  "partial": partial, "duration_s": round(duration_s, 4)}
-        logger.info("peer=%s round=%d loss=%.4f acc=%s peers=%d merged=%d sent=%.2fMB%s", self.peer_id[-8:],
-                    r.round, r.train_loss, acc, r.peers, r.combined, self.transport.stats.bytes_sent / 1e6,
+        logger.info("peer=%s round=%d loss=%.4f %s peers=%d merged=%d sent=%.2fMB%s", self.peer_id[-8:],
+                    r.round, r.train_loss, metric_text(metric, r.accuracy), r.peers, r.combined,
+                    self.transport.stats.bytes_sent / 1e6,
                     f" partial={partial}" if partial else "", extra={"event": event})
 
     # -------------------------------------------------------------------------------------- checkpoints
@@ -545,7 +567,8 @@ class Node:
         r = self.last_report
         st = self.transport.stats
         return NodeStatus(peer_id=self.peer_id, run_id=self.config.run_id, task=self.config.task,
-                          round=self.round, peers=r.peers if r else 0, accuracy=r.accuracy if r else None,
+                          round=self.round, peers=r.peers if r else 0,
+                          **metric_fields(self.trainer.metric, r.accuracy if r else None),
                           loss=r.train_loss if r else None, bytes_sent=st.bytes_sent,
                           bytes_received=st.bytes_received, rejected=dict(st.rejected),
                           maddrs=self.transport.addresses(), state=self.state, partial_rounds=self.partial_rounds,

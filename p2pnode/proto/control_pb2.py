@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bp2pnode/proto/control.proto\x12\rp2pnode.proto\"\x0f\n\rStatusRequest\"\x82\x08\n\x0bStatusReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\t \x01(\x04\x12:\n\x08rejected\x18\n \x03(\x0b\x32(.p2pnode.proto.StatusReply.RejectedEntry\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\r\n\x05state\x18\x0c \x01(\t\x12\x10\n\x08topology\x18\r \x01(\t\x12\x0c\n\x04rule\x18\x0e \x01(\t\x12\x0b\n\x03pid\x18\x0f \x01(\r\x12\x10\n\x08uptime_s\x18\x10 \x01(\x01\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x16\n\x0epartial_rounds\x18\x12 \x01(\x04\x12\"\n\x15last_checkpoint_round\x18\x13 \x01(\x04H\x02\x88\x01\x01\x12\x14\n\x0cresumed_from\x18\x14 \x01(\t\x12,\n\nnode_state\x18\x15 \x01(\x0e\x32\x18.p2pnode.proto.NodeState\x12\x11\n\tdht_state\x18\x16 \x01(\t\x12=\n\ndht_events\x18\x17 \x03(\x0b\x32).p2pnode.proto.StatusReply.DhtEventsEntry\x12\x18\n\x10round_bytes_sent\x18\x18 \x01(\x04\x12\x1c\n\x14round_bytes_received\x18\x19 \x01(\x04\x12\x1e\n\x16tensor_wire_bytes_sent\x18\x1a \x01(\x04\x12\x1d\n\x15tensor_raw_bytes_sent\x18\x1b \x01(\x04\x12\"\n\x1atensor_wire_bytes_received\x18\x1c \x01(\x04\x12!\n\x19tensor_raw_bytes_received\x18\x1d \x01(\x04\x12J\n\x11partial_by_reason\x18( \x03(\x0b\x32/.p2pnode.proto.StatusReply.PartialByReasonEntry\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0e\x44htEventsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14PartialByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x0b\n\t_accuracyB\x07\n\x05_lossB\x18\n\x16_last_checkpoint_round\"\x12\n\x10ListPeersRequest\"\x81\x01\n\tPeerEntry\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\"9\n\x0eListPeersReply\x12\'\n\x05peers\x18\x01 \x03(\x0b\x32\x18.p2pnode.proto.PeerEntry\"\x10\n\x0eMetricsRequest\"\xb7\x04\n\x0cMetricsReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttest_loss\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05\x63\x61lls\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x61iled_calls\x18\x06 \x01(\x04\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12;\n\x08rejected\x18\t \x03(\x0b\x32).p2pnode.proto.MetricsReply.RejectedEntry\x12\x1c\n\x14\x64irectory_mismatched\x18\n \x01(\x04\x12\x19\n\x11\x64irectory_invalid\x18\x0b \x01(\x04\x12\r\n\x05peers\x18\x0c \x01(\r\x12\x10\n\x08\x63ombined\x18\r \x01(\r\x12\x10\n\x08\x66raction\x18\x0e \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x0f \x01(\r\x12\x18\n\x10round_bytes_sent\x18\x14 \x01(\x04\x12\x1c\n\x14round_bytes_received\x18\x15 \x01(\x04\x12\x1e\n\x16tensor_wire_bytes_sent\x18\x16 \x01(\x04\x12\x1d\n\x15tensor_raw_bytes_sent\x18\x17 \x01(\x04\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_test_lossB\x0b\n\t_accuracy\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"/\n\nLeaveReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cWatchRequest\"\xbf\x02\n\nRoundEvent\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\ttest_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x10\n\x08\x63ombined\x18\x06 \x01(\r\x12\x10\n\x08\x66raction\x18\x07 \x01(\x01\x12\x14\n\x07partner\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\r\x12\x12\n\nextra_json\x18\n \x01(\t\x12\x0f\n\x07peer_id\x18\x0b \x01(\t\x12\x0c\n\x04time\x18\x0c \x01(\x01\x12\x12\n\nbytes_sent\x18\r \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x0e \x01(\x04\x42\x0c\n\n_test_lossB\x0b\n\t_accuracyB\n\n\x08_partner*\xba\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_CREATED\x10\x01\x12\x17\n\x13NODE_STATE_STARTING\x10\x02\x12\x16\n\x12NODE_STATE_SYNCING\x10\x03\x12\x17\n\x13NODE_STATE_TRAINING\x10\x04\x12\x17\n\x13NODE_STATE_STOPPING\x10\x05\x12\x16\n\x12NODE_STATE_STOPPED\x10\x06\x32\xe5\x02\n\x07\x43ontrol\x12\x42\n\x06Status\x12\x1c.p2pnode.proto.StatusRequest\x1a\x1a.p2pnode.proto.StatusReply\x12K\n\tListPeers\x12\x1f.p2pnode.proto.ListPeersRequest\x1a\x1d.p2pnode.proto.ListPeersReply\x12\x45\n\x07Metrics\x12\x1d.p2pnode.proto.MetricsRequest\x1a\x1b.p2pnode.proto.MetricsReply\x12?\n\x05Leave\x12\x1b.p2pnode.proto.LeaveRequest\x1a\x19.p2pnode.proto.LeaveReply\x12\x41\n\x05Watch\x12\x1b.p2pnode.proto.WatchRequest\x1a\x19.p2pnode.proto.RoundEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bp2pnode/proto/control.proto\x12\rp2pnode.proto\"\x0f\n\rStatusRequest\"\xbe\x08\n\x0bStatusReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x15\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\t \x01(\x04\x12:\n\x08rejected\x18\n \x03(\x0b\x32(.p2pnode.proto.StatusReply.RejectedEntry\x12\x0e\n\x06maddrs\x18\x0b \x03(\t\x12\r\n\x05state\x18\x0c \x01(\t\x12\x10\n\x08topology\x18\r \x01(\t\x12\x0c\n\x04rule\x18\x0e \x01(\t\x12\x0b\n\x03pid\x18\x0f \x01(\r\x12\x10\n\x08uptime_s\x18\x10 \x01(\x01\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x16\n\x0epartial_rounds\x18\x12 \x01(\x04\x12\"\n\x15last_checkpoint_round\x18\x13 \x01(\x04H\x02\x88\x01\x01\x12\x14\n\x0cresumed_from\x18\x14 \x01(\t\x12,\n\nnode_state\x18\x15 \x01(\x0e\x32\x18.p2pnode.proto.NodeState\x12\x11\n\tdht_state\x18\x16 \x01(\t\x12=\n\ndht_events\x18\x17 \x03(\x0b\x32).p2pnode.proto.StatusReply.DhtEventsEntry\x12\x18\n\x10round_bytes_sent\x18\x18 \x01(\x04\x12\x1c\n\x14round_bytes_received\x18\x19 \x01(\x04\x12\x1e\n\x16tensor_wire_bytes_sent\x18\x1a \x01(\x04\x12\x1d\n\x15tensor_raw_bytes_sent\x18\x1b \x01(\x04\x12\"\n\x1atensor_wire_bytes_received\x18\x1c \x01(\x04\x12!\n\x19tensor_raw_bytes_received\x18\x1d \x01(\x04\x12J\n\x11partial_by_reason\x18( \x03(\x0b\x32/.p2pnode.proto.StatusReply.PartialByReasonEntry\x12\x0e\n\x06metric\x18) \x01(\t\x12\x19\n\x0cmetric_value\x18* \x01(\x01H\x03\x88\x01\x01\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0e\x44htEventsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14PartialByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x0b\n\t_accuracyB\x07\n\x05_lossB\x18\n\x16_last_checkpoint_roundB\x0f\n\r_metric_value\"\x12\n\x10ListPeersRequest\"\x81\x01\n\tPeerEntry\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06maddrs\x18\x02 \x03(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\"9\n\x0eListPeersReply\x12\'\n\x05peers\x18\x01 \x03(\x0b\x32\x18.p2pnode.proto.PeerEntry\"\x10\n\x0eMetricsRequest\"\xf3\x04\n\x0cMetricsReply\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttest_loss\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05\x63\x61lls\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x61iled_calls\x18\x06 \x01(\x04\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12;\n\x08rejected\x18\t \x03(\x0b\x32).p2pnode.proto.MetricsReply.RejectedEntry\x12\x1c\n\x14\x64irectory_mismatched\x18\n \x01(\x04\x12\x19\n\x11\x64irectory_invalid\x18\x0b \x01(\x04\x12\r\n\x05peers\x18\x0c \x01(\r\x12\x10\n\x08\x63ombined\x18\r \x01(\r\x12\x10\n\x08\x66raction\x18\x0e \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x0f \x01(\r\x12\x18\n\x10round_bytes_sent\x18\x14 \x01(\x04\x12\x1c\n\x14round_bytes_received\x18\x15 \x01(\x04\x12\x1e\n\x16tensor_wire_bytes_sent\x18\x16 \x01(\x04\x12\x1d\n\x15tensor_raw_bytes_sent\x18\x17 \x01(\x04\x12\x0e\n\x06metric\x18\x10 \x01(\t\x12\x19\n\x0cmetric_value\x18\x11 \x01(\x01H\x03\x88\x01\x01\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_test_lossB\x0b\n\t_accuracyB\x0f\n\r_metric_value\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"/\n\nLeaveReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cWatchRequest\"\xfb\x02\n\nRoundEvent\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x12\n\ntrain_loss\x18\x02 \x01(\x01\x12\x16\n\ttest_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05peers\x18\x05 \x01(\r\x12\x10\n\x08\x63ombined\x18\x06 \x01(\r\x12\x10\n\x08\x66raction\x18\x07 \x01(\x01\x12\x14\n\x07partner\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\r\x12\x12\n\nextra_json\x18\n \x01(\t\x12\x0f\n\x07peer_id\x18\x0b \x01(\t\x12\x0c\n\x04time\x18\x0c \x01(\x01\x12\x12\n\nbytes_sent\x18\r \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x0e \x01(\x04\x12\x0e\n\x06metric\x18( \x01(\t\x12\x19\n\x0cmetric_value\x18) \x01(\x01H\x03\x88\x01\x01\x42\x0c\n\n_test_lossB\x0b\n\t_accuracyB\n\n\x08_partnerB\x0f\n\r_metric_value*\xba\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_CREATED\x10\x01\x12\x17\n\x13NODE_STATE_STARTING\x10\x02\x12\x16\n\x12NODE_STATE_SYNCING\x10\x03\x12\x17\n\x13NODE_STATE_TRAINING\x10\x04\x12\x17\n\x13NODE_STATE_STOPPING\x10\x05\x12\x16\n\x12NODE_STATE_STOPPED\x10\x06\x32\xe5\x02\n\x07\x43ontrol\x12\x42\n\x06Status\x12\x1c.p2pnode.proto.StatusRequest\x1a\x1a.p2pnode.proto.StatusReply\x12K\n\tListPeers\x12\x1f.p2pnode.proto.ListPeersRequest\x1a\x1d.p2pnode.proto.ListPeersReply\x12\x45\n\x07Metrics\x12\x1d.p2pnode.proto.MetricsRequest\x1a\x1b.p2pnode.proto.MetricsReply\x12?\n\x05Leave\x12\x1b.p2pnode.proto.LeaveRequest\x1a\x19.p2pnode.proto.LeaveReply\x12\x41\n\x05Watch\x12\x1b.p2pnode.proto.WatchRequest\x1a\x19.p2pnode.proto.RoundEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,38 +39,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREPLY_PARTIALBYREASONENTRY']._serialized_options = b'8\001'
   _globals['_METRICSREPLY_REJECTEDENTRY']._loaded_options = None
   _globals['_METRICSREPLY_REJECTEDENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=2311
-  _globals['_NODESTATE']._serialized_end=2497
+  _globals['_NODESTATE']._serialized_start=2491
+  _globals['_NODESTATE']._serialized_end=2677
   _globals['_STATUSREQUEST']._serialized_start=46
   _globals['_STATUSREQUEST']._serialized_end=61
   _globals['_STATUSREPLY']._serialized_start=64
-  _globals['_STATUSREPLY']._serialized_end=1090
-  _globals['_STATUSREPLY_REJECTEDENTRY']._serialized_start=889
-  _globals['_STATUSREPLY_REJECTEDENTRY']._serialized_end=936
-  _globals['_STATUSREPLY_DHTEVENTSENTRY']._serialized_start=938
-  _globals['_STATUSREPLY_DHTEVENTSENTRY']._serialized_end=986
-  _globals['_STATUSREPLY_PARTIALBYREASONENTRY']._serialized_start=988
-  _globals['_STATUSREPLY_PARTIALBYREASONENTRY']._serialized_end=1042
-  _globals['_LISTPEERSREQUEST']._serialized_start=1092
-  _globals['_LISTPEERSREQUEST']._serialized_end=1110
-  _globals['_PEERENTRY']._serialized_start=1113
-  _globals['_PEERENTRY']._serialized_end=1242
-  _globals['_LISTPEERSREPLY']._serialized_start=1244
-  _globals['_LISTPEERSREPLY']._serialized_end=1301
-  _globals['_METRICSREQUEST']._serialized_start=1303
-  _globals['_METRICSREQUEST']._serialized_end=1319
-  _globals['_METRICSREPLY']._serialized_start=1322
-  _globals['_METRICSREPLY']._serialized_end=1889
-  _globals['_METRICSREPLY_REJECTEDENTRY']._serialized_start=889
-  _globals['_METRICSREPLY_REJECTEDENTRY']._serialized_end=936
-  _globals['_LEAVEREQUEST']._serialized_start=1891
-  _globals['_LEAVEREQUEST']._serialized_end=1921
-  _globals['_LEAVEREPLY']._serialized_start=1923
-  _globals['_LEAVEREPLY']._serialized_end=1970
-  _globals['_WATCHREQUEST']._serialized_start=1972
-  _globals['_WATCHREQUEST']._serialized_end=1986
-  _globals['_ROUNDEVENT']._serialized_start=1989
-  _globals['_ROUNDEVENT']._serialized_end=2308
-  _globals['_CONTROL']._serialized_start=2500
-  _globals['_CONTROL']._serialized_end=2857
+  _globals['_STATUSREPLY']._serialized_end=1150
+  _globals['_STATUSREPLY_REJECTEDENTRY']._serialized_start=932
+  _globals['_STATUSREPLY_REJECTEDENTRY']._serialized_end=979
+  _globals['_STATUSREPLY_DHTEVENTSENTRY']._serialized_start=981
+  _globals['_STATUSREPLY_DHTEVENTSENTRY']._serialized_end=1029
+  _globals['_STATUSREPLY_PARTIALBYREASONENTRY']._serialized_start=1031
+  _globals['_STATUSREPLY_PARTIALBYREASONENTRY']._serialized_end=1085
+  _globals['_LISTPEERSREQUEST']._serialized_start=1152
+  _globals['_LISTPEERSREQUEST']._serialized_end=1170
+  _globals['_PEERENTRY']._serialized_start=1173
+  _globals['_PEERENTRY']._serialized_end=1302
+  _globals['_LISTPEERSREPLY']._serialized_start=1304
+  _globals['_LISTPEERSREPLY']._serialized_end=1361
+  _globals['_METRICSREQUEST']._serialized_start=1363
+  _globals['_METRICSREQUEST']._serialized_end=1379
+  _globals['_METRICSREPLY']._serialized_start=1382
+  _globals['_METRICSREPLY']._serialized_end=2009
+  _globals['_METRICSREPLY_REJECTEDENTRY']._serialized_start=932
+  _globals['_METRICSREPLY_REJECTEDENTRY']._serialized_end=979
+  _globals['_LEAVEREQUEST']._serialized_start=2011
+  _globals['_LEAVEREQUEST']._serialized_end=2041
+  _globals['_LEAVEREPLY']._serialized_start=2043
+  _globals['_LEAVEREPLY']._serialized_end=2090
+  _globals['_WATCHREQUEST']._serialized_start=2092
+  _globals['_WATCHREQUEST']._serialized_end=2106
+  _globals['_ROUNDEVENT']._serialized_start=2109
+  _globals['_ROUNDEVENT']._serialized_end=2488
+  _globals['_CONTROL']._serialized_start=2680
+  _globals['_CONTROL']._serialized_end=3037
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "tensor_wire_bytes_received", "tensor_raw_bytes_received", "partial_by_reason")
+    __slots__ = ("peer_id", "run_id", "task", "round", "peers", "accuracy", "loss", "bytes_sent", "bytes_received", "rejected", "maddrs", "state", "topology", "rule", "pid", "uptime_s", "version", "partial_rounds", "last_checkpoint_round", "resumed_from", "node_state", "dht_state", "dht_events", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "tensor_wire_bytes_received", "tensor_raw_bytes_received", "partial_by_reason", "metric", "metric_value")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class StatusReply(_message.Message):
     TENSOR_WIRE_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_RAW_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    METRIC_VALUE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     task: str
@@ -111,7 +113,9 @@ class StatusReply(_message.Message):
     tensor_wire_bytes_received: int
     tensor_raw_bytes_received: int
     partial_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., tensor_wire_bytes_received: _Optional[int] = ..., tensor_raw_bytes_received: _Optional[int] = ..., partial_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    metric: str
+    metric_value: float
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task: _Optional[str] = ..., round: _Optional[int] = ..., peers: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., maddrs: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., topology: _Optional[str] = ..., rule: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., partial_rounds: _Optional[int] = ..., last_checkpoint_round: _Optional[int] = ..., resumed_from: _Optional[str] = ..., node_state: _Optional[_Union[NodeState, str]] = ..., dht_state: _Optional[str] = ..., dht_events: _Optional[_Mapping[str, int]] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., tensor_wire_bytes_received: _Optional[int] = ..., tensor_raw_bytes_received: _Optional[int] = ..., partial_by_reason: _Optional[_Mapping[str, int]] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()
@@ -146,7 +150,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MetricsReply(_message.Message):
-    __slots__ = ("round", "loss", "test_loss", "accuracy", "calls", "failed_calls", "bytes_sent", "bytes_received", "rejected", "directory_mismatched", "directory_invalid", "peers", "combined", "fraction", "failures", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent")
+    __slots__ = ("round", "loss", "test_loss", "accuracy", "calls", "failed_calls", "bytes_sent", "bytes_received", "rejected", "directory_mismatched", "directory_invalid", "peers", "combined", "fraction", "failures", "round_bytes_sent", "round_bytes_received", "tensor_wire_bytes_sent", "tensor_raw_bytes_sent", "metric", "metric_value")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +177,8 @@ class MetricsReply(_message.Message):
     ROUND_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_WIRE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_RAW_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    METRIC_VALUE_FIELD_NUMBER: _ClassVar[int]
     round: int
     loss: float
     test_loss: float
@@ -192,7 +198,9 @@ class MetricsReply(_message.Message):
     round_bytes_received: int
     tensor_wire_bytes_sent: int
     tensor_raw_bytes_sent: int
-    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., calls: _Optional[int] = ..., failed_calls: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., directory_mismatched: _Optional[int] = ..., directory_invalid: _Optional[int] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., failures: _Optional[int] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ...) -> None: ...
+    metric: str
+    metric_value: float
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., calls: _Optional[int] = ..., failed_calls: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., directory_mismatched: _Optional[int] = ..., directory_invalid: _Optional[int] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., failures: _Optional[int] = ..., round_bytes_sent: _Optional[int] = ..., round_bytes_received: _Optional[int] = ..., tensor_wire_bytes_sent: _Optional[int] = ..., tensor_raw_bytes_sent: _Optional[int] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)
@@ -213,7 +221,7 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoundEvent(_message.Message):
-    __slots__ = ("round", "train_loss", "test_loss", "accuracy", "peers", "combined", "fraction", "partner", "failures", "extra_json", "peer_id", "time", "bytes_sent", "bytes_received")
+    __slots__ = ("round", "train_loss", "test_loss", "accuracy", "peers", "combined", "fraction", "partner", "failures", "extra_json", "peer_id", "time", "bytes_sent", "bytes_received", "metric", "metric_value")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +236,8 @@ class RoundEvent(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    METRIC_VALUE_FIELD_NUMBER: _ClassVar[int]
     round: int
     train_loss: float
     test_loss: float
@@ -242,4 +252,6 @@ class RoundEvent(_message.Message):
     time: float
     bytes_sent: int
     bytes_received: int
-    def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., partner: _Optional[str] = ..., failures: _Optional[int] = ..., extra_json: _Optional[str] = ..., peer_id: _Optional[str] = ..., time: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    metric: str
+    metric_value: float
+    def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., peers: _Optional[int] = ..., combined: _Optional[int] = ..., fraction: _Optional[float] = ..., partner: _Optional[str] = ..., failures: _Optional[int] = ..., extra_json: _Optional[str] = ..., peer_id: _Optional[str] = ..., time: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ...) -> None: ...

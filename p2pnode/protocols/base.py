@@ -63,7 +63,9 @@ class RoundReport:
         round: the round just completed (1-based).
         train_loss: mean training loss over the round's local steps.
         test_loss: loss on the held-out test split, or None when not evaluated this round.
-        accuracy: accuracy on the held-out test split in [0, 1], or None when not evaluated.
+        accuracy: value of the task's metric on the held-out test split (`Trainer.metric`: accuracy in
+            [0, 1] for the image tasks, perplexity for ``tiny-lm``), or None when not evaluated. The node,
+            control API and simulator report it under the metric's name.
         peers: peers of the run this node knew at the start of the round.
         combined: models merged into this node's model this round, its own included (1: trained alone;
             modest and fl: the models combined into the version the node holds; 0: an aborted secure

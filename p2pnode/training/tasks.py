@@ -5,6 +5,8 @@ Built-in tasks:
 - ``digits-mlp``: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, no download) and a
   64-64-10 MLP. Small enough to run 64 nodes in one process in seconds; the tests' workhorse.
 - ``cifar10-resnet18``: CIFAR-10 (downloaded once to ``data_dir``) and a ResNet-18 for 32x32 images.
+- ``tiny-lm``: a small causal transformer language model on a shipped public-domain English text
+  (`p2pnode.training.lm`); its metric is perplexity and its optimizer AdamW with warm-up and cosine decay.
 
 A user task is named ``"package.module:factory"``: `get_task` imports the module and calls
 ``factory(**options)``, which must return a `Task`.
@@ -17,9 +19,9 @@ import functools
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -28,10 +30,14 @@ from torch.utils.data import Dataset
 
 from p2pnode.errors import ConfigError
 from p2pnode.training.cifar import ensure_cifar10, load_cifar10, random_crop_flip
-from p2pnode.training.data import ArrayDataset, dataset_size, fetch_batch
+from p2pnode.training.data import ArrayDataset, dataset_size, fetch_batch, split_indices
 from p2pnode.training.models import MLP, ResNet18
 
-__all__ = ["CifarResNetTask", "DigitsMLPTask", "Task", "available_tasks", "get_task", "seeded"]
+__all__ = ["CifarResNetTask", "DigitsMLPTask", "Optimizers", "Task", "available_tasks", "get_task", "seeded"]
+
+#: What `Task.make_optimizer` returns: the optimizer and an optional learning-rate scheduler that the
+#: trainer steps once after every local step.
+Optimizers: TypeAlias = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]
 
 DEFAULT_DATA_DIR = Path("~/.cache/p2pnode/data")
 
@@ -59,12 +65,16 @@ class Task(ABC):
     Attributes:
         name: the task's name, as given to `get_task`.
         num_classes: number of classes (labels are ``0 .. num_classes-1``).
-        default_lr: SGD learning rate used when the run sets none.
-        default_batch_size: examples per SGD step used when the run sets none.
-        default_local_steps: SGD steps a node runs per round before combining models with peers.
-        default_momentum: SGD momentum (default 0.9).
-        default_weight_decay: L2 penalty of SGD (default 0).
+        default_lr: learning rate used when the run sets none.
+        default_batch_size: examples per local step used when the run sets none.
+        default_local_steps: local steps a node runs per round before combining models with peers.
+        default_momentum: SGD momentum of the default `make_optimizer` (default 0.9).
+        default_weight_decay: L2 penalty of the default `make_optimizer` (default 0).
         eval_batch_size: examples per forward pass in `Trainer.evaluate` (default 1000).
+        metric: name of the evaluation metric that `Trainer.evaluate` returns besides the loss and that
+            logs, status, metrics and simulator results show (default ``"accuracy"``); computed by
+            `metric_sum` or, when that returns None, by `metric_from_loss`.
+        higher_is_better: whether a larger `metric` is better (default true; false for perplexity).
     """
 
     name: str
@@ -75,6 +85,8 @@ class Task(ABC):
     default_momentum: float = 0.9
     default_weight_decay: float = 0.0
     eval_batch_size: int = 1000
+    metric: str = "accuracy"
+    higher_is_better: bool = True
 
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
@@ -100,9 +112,45 @@ class Task(ABC):
         indices = torch.arange(dataset_size(train))
         return fetch_batch(train, indices)[1]
 
+    def split(self, num_nodes: int, seed: int, alpha: float | None = None) -> Sequence[Sequence[int] | torch.Tensor]:
+        """Indices of the training examples of each of ``num_nodes`` nodes (disjoint shards).
+
+        The default is `split_indices` over `train_labels` (IID, or Dirichlet(alpha) over classes).
+        Override it for data without classes (the language-model task cuts its token stream into
+        contiguous chunks). Every node computes it alike, so it must depend on its arguments only.
+        """
+        return split_indices(self.train_labels(), num_nodes, seed, alpha)
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss of a batch; cross entropy of logits ``outputs (B, C)`` and labels ``targets (B,)``."""
+        """Mean loss of a batch; cross entropy of logits ``outputs (B, C)`` and labels ``targets (B,)``.
+
+        `Trainer.evaluate` weights each batch's mean by ``targets.numel()``: a task whose targets are
+        sequences (``(B, T)``) averages over every target element.
+        """
         return nn.functional.cross_entropy(outputs, targets)
+
+    def metric_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Sum of the metric over the batch's ``targets.numel()`` targets; the metric is its mean.
+
+        The default counts correct top-1 predictions (accuracy). Return None to derive the metric
+        from the mean loss instead (`metric_from_loss`).
+        """
+        return (outputs.argmax(dim=1) == targets).sum()
+
+    def metric_from_loss(self, mean_loss: float) -> float:
+        """The metric from the mean evaluation loss, for tasks whose `metric_sum` returns None."""
+        raise NotImplementedError(f"task {self.name!r}: metric_sum returned None but metric_from_loss is missing")
+
+    def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> Optimizers:
+        """The local optimizer of the model's ``params`` at learning rate ``lr``, and its scheduler or None.
+
+        Default: SGD with `default_momentum` and `default_weight_decay`, no scheduler. The optimizer
+        and scheduler state stay on the node (`Trainer.load_state` replaces weights only) and are kept
+        by checkpoints; a scheduler is stepped after every local step.
+        """
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=self.default_momentum,
+                                    weight_decay=self.default_weight_decay)
+        return optimizer, None
 
     def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random training-time transformation of a batch (identity by default).
@@ -236,11 +284,15 @@ _BUILTIN: dict[str, Callable[..., Task]] = {
     DigitsMLPTask.name: DigitsMLPTask,
     CifarResNetTask.name: CifarResNetTask,
 }
+#: Built-in tasks defined in modules that import this one: name -> (module, class), imported on use.
+_LAZY: dict[str, tuple[str, str]] = {
+    "tiny-lm": ("p2pnode.training.lm", "TinyLMTask"),
+}
 
 
 def available_tasks() -> list[str]:
     """Names of the built-in tasks (a user task ``module:factory`` is accepted besides these)."""
-    return sorted(_BUILTIN)
+    return sorted([*_BUILTIN, *_LAZY])
 
 
 def _check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
@@ -293,7 +345,7 @@ def get_task(name: str, **options: Any) -> Task:
     Args:
         name: a built-in name (see `available_tasks`) or ``"package.module:factory"``.
         options: keyword arguments of the task, e.g. ``data_dir="/data"`` for ``cifar10-resnet18``,
-            ``hidden=128`` for ``digits-mlp``, anything a user factory accepts.
+            ``hidden=128`` for ``digits-mlp``, ``size="tiny"`` for ``tiny-lm``, anything a user factory accepts.
 
     Raises:
         ConfigError: unknown name, option the task does not accept, module that cannot be imported,
@@ -302,6 +354,9 @@ def get_task(name: str, **options: Any) -> Task:
     if ":" in name:
         return _load_user_task(name, options)
     factory = _BUILTIN.get(name)
+    if factory is None and name in _LAZY:
+        module, attr = _LAZY[name]
+        factory = getattr(importlib.import_module(module), attr)
     if factory is None:
         raise ConfigError(
             f"unknown task {name!r}; built-in tasks: {', '.join(available_tasks())}, "

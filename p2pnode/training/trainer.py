@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from p2pnode.errors import ConfigError
-from p2pnode.training.data import dataset_size, fetch_batch, split_indices
+from p2pnode.training.data import dataset_size, fetch_batch
 from p2pnode.training.device import select_device
 from p2pnode.training.tasks import Task, seeded
 
@@ -45,9 +45,11 @@ class Trainer:
             attack); never to the test labels.
         max_eval_examples: `evaluate` uses the first this many test examples (default: all).
 
-    SGD uses the task's momentum and weight decay; on CUDA the forward pass runs under float16
-    autocast with a gradient scaler (mixed precision). The momentum buffers are local: `load_state`
-    replaces the weights and keeps them, as in local SGD.
+    The optimizer is the task's (`Task.make_optimizer`: SGD with the task's momentum and weight decay
+    by default, AdamW with a warm-up and cosine schedule for ``tiny-lm``); its scheduler, if any, is
+    stepped after every local step. On CUDA the forward pass runs under float16 autocast with a
+    gradient scaler (mixed precision). Optimizer and scheduler state are local: `load_state` replaces
+    the weights and keeps them, as in local SGD.
     """
 
     def __init__(
@@ -85,9 +87,9 @@ class Trainer:
         self.max_eval_examples = max_eval_examples
 
         self._train_set, self._test_set = task.datasets()
-        shard = split_indices(task.train_labels(), num_nodes, seed, alpha)[node_index]
-        self._indices = torch.tensor(shard, dtype=torch.int64)
-        self.num_examples: int = len(shard)
+        shard = task.split(num_nodes, seed, alpha)[node_index]
+        self._indices = torch.as_tensor(shard, dtype=torch.int64)
+        self.num_examples: int = int(self._indices.numel())
         self.batch_size = min(batch_size or task.default_batch_size, self.num_examples)
         self.lr = lr if lr is not None else task.default_lr
         self.steps_done: int = 0
@@ -101,12 +103,9 @@ class Trainer:
         self._exchanged = [
             name for name, value in self.model.state_dict().items() if torch.is_floating_point(value)
         ]
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=self.lr,
-            momentum=task.default_momentum,
-            weight_decay=task.default_weight_decay,
-        )
+        # The task's optimizer (SGD with its momentum and weight decay unless it says otherwise) and
+        # optional learning-rate scheduler, stepped once per local step.
+        self.optimizer, self.scheduler = task.make_optimizer(self.model.parameters(), self.lr)
         self._amp = self.device.type == "cuda"
         self._scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
 
@@ -196,16 +195,26 @@ class Trainer:
             self._scaler.scale(loss).backward()
             self._scaler.step(self.optimizer)
             self._scaler.update()
+            if self.scheduler is not None:
+                self.scheduler.step()
             total += loss.detach().float()
             self.steps_done += 1
         # One device-to-host sync per call, not per step.
         return float(total.item()) / steps
 
+    @property
+    def metric(self) -> str:
+        """Name of the second value of `evaluate` (the task's `Task.metric`, e.g. ``"accuracy"``)."""
+        return self.task.metric
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """``(mean loss, accuracy in [0, 1])`` on the test set (its first ``max_eval_examples``).
+        """``(mean loss, metric)`` on the test set (its first ``max_eval_examples``).
 
-        The model is put in eval mode (BatchNorm uses its running statistics) and back in train mode.
+        The metric is the task's (`metric`): accuracy in [0, 1] for the image tasks, perplexity for
+        ``tiny-lm``. Loss and metric are means over every target element (an image's label, a
+        sequence's tokens). The model is put in eval mode (BatchNorm uses its running statistics) and
+        back in train mode.
         """
         n = dataset_size(self._test_set)
         if self.max_eval_examples is not None:
@@ -215,7 +224,8 @@ class Trainer:
         self.model.eval()
         try:
             loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            metric_sum: torch.Tensor | None = torch.zeros((), dtype=torch.float64, device=self.device)
+            count = 0
             for start in range(0, n, self.task.eval_batch_size):
                 indices = torch.arange(start, min(n, start + self.task.eval_batch_size))
                 inputs, targets = fetch_batch(self._test_set, indices)
@@ -224,10 +234,15 @@ class Trainer:
                     outputs = self.model(inputs)
                     loss = self.task.loss(outputs, targets)
                 loss_sum += loss.float() * targets.numel()
-                correct += (outputs.argmax(dim=1) == targets).sum()
+                count += targets.numel()
+                batch_metric = self.task.metric_sum(outputs, targets) if metric_sum is not None else None
+                metric_sum = None if batch_metric is None or metric_sum is None else metric_sum + batch_metric
         finally:
             self.model.train()
-        return float(loss_sum.item()) / n, int(correct.item()) / n
+        mean_loss = float(loss_sum.item()) / count
+        if metric_sum is None:
+            return mean_loss, float(self.task.metric_from_loss(mean_loss))
+        return mean_loss, float(metric_sum.item()) / count
 
     def __repr__(self) -> str:
         return (

@@ -311,9 +311,12 @@ class AggregatorRole:
         if aborted is None:
             c.counters["aggregations"] += 1
         c.events.append(event)
-        acc = "-" if accuracy is None else f"{accuracy:.3f}"
-        logger.info("%s: aggregated version %d from %d model(s) by %s; acc=%s; sent to %d peers", c.me_short,
-                    index, len(contributors), rule, acc, len(accepted))
+        # `accuracy` holds the task's metric (Trainer.metric): accuracy, or perplexity for a language model.
+        metric = getattr(c.trainer, "metric", "accuracy")
+        label = "acc" if metric == "accuracy" else metric
+        shown = "-" if accuracy is None else f"{accuracy:.3f}" if metric == "accuracy" else f"{accuracy:.4g}"
+        logger.info("%s: aggregated version %d from %d model(s) by %s; %s=%s; sent to %d peers", c.me_short,
+                    index, len(contributors), rule, label, shown, len(accepted))
         if self.hooks.on_aggregate is not None:
             self.hooks.on_aggregate(event)
 

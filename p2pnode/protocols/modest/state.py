@@ -56,7 +56,8 @@ class AggregationEvent:
     :param contributors: trainers whose models were combined, sorted.
     :param sample: peers that accepted the new model (the next sample), in arrival order.
     :param train_loss: mean training loss reported by the contributors.
-    :param accuracy: accuracy of the new model on the test split, or None when not evaluated.
+    :param accuracy: value of the task's metric (accuracy, or perplexity for a language model) of the new model on
+        the test split, or None when not evaluated.
     :param test_loss: loss of the new model on the test split, or None.
     :param time_s: loop time of the completion, in seconds (virtual seconds in the simulator).
     :param degraded: completed with fewer models than ``liveness_min`` after the top-ups.
