@@ -79,8 +79,8 @@ def test_modest_sim_cli_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     data = json.loads(outs[0])
     row = data["rounds"][0]
-    assert set(row) == {"round", "time_s", "accuracy", "loss", "bytes", "active_nodes", "participants", "sample",
-                        "aggregators"}
+    assert set(row) == {"round", "time_s", "accuracy", "loss", "bytes", "bytes_per_node", "active_nodes",
+                        "participants", "sample", "aggregators"}
     # Each of the two aggregators combines floor(0.8 * 5) = 4 models; the row holds the union.
     assert row["participants"] == len(row["sample"]) and 4 <= row["participants"] <= 5
     assert 1 <= len(row["aggregators"]) <= 2
