@@ -172,6 +172,12 @@ class NodeConfig:
     #: Seconds a directory record lives unless refreshed.
     announce_ttl_s: float = setting(
         default=60.0, section="network", help="Seconds a directory record lives unless refreshed.")
+    #: Shortest time between two reads of the peer directory from the DHT, in seconds (default 3): callers in
+    #: between (every round's partner choice) use the last read's view. See `DHTDirectory`.
+    directory_read_interval_s: float = setting(
+        default=3.0, section="network",
+        help="Shortest time, in seconds, between two reads of the peer directory from the DHT; rounds in "
+             "between choose partners from the last read (0: read every round).")
     #: Largest message sent or accepted, in bytes.
     max_message_bytes: int = setting(
         default=1 << 30, section="limits", help="Largest message sent or accepted, in bytes.")
@@ -451,6 +457,8 @@ class NodeConfig:
         for key in ("exchange_timeout_s", "announce_ttl_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be > 0")
+        if self.directory_read_interval_s < 0:
+            raise ConfigError(f"directory_read_interval_s={self.directory_read_interval_s}: must be >= 0")
         if self.wait_for_peers < 0:
             raise ConfigError(f"wait_for_peers={self.wait_for_peers}: must be >= 0")
         if self.min_round_time_s < 0:

@@ -42,7 +42,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[hivem
 
 def directories(swarm: list[tuple[hivemind.DHT, dict]], run: str, *, signed: bool = True, ttl: float = 60.0,
                 config: str = CONFIG) -> list[DHTDirectory]:
-    return [DHTDirectory(dht, run, config, ttl=ttl, signer=opts["record_validators"][0] if signed else None)
+    return [DHTDirectory(dht, run, config, ttl=ttl, signer=opts["record_validators"][0] if signed else None,
+                         min_read_interval=0.0)
             for dht, opts in swarm]
 
 
@@ -95,7 +96,8 @@ async def test_each_peer_sees_the_other_two(swarm: list[tuple[hivemind.DHT, dict
 async def test_mismatched_config_is_excluded_and_counted(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
     run = run_id()
     dirs = directories(swarm, run)[:2]
-    other = DHTDirectory(swarm[2][0], run, "cfg-b", signer=swarm[2][1]["record_validators"][0])
+    other = DHTDirectory(swarm[2][0], run, "cfg-b", signer=swarm[2][1]["record_validators"][0],
+                         min_read_interval=0.0)
     try:
         await announce_all([*dirs, other])
         for d, friend in ((dirs[0], dirs[1]), (dirs[1], dirs[0])):
@@ -143,7 +145,7 @@ async def test_records_refresh_and_expire(swarm: list[tuple[hivemind.DHT, dict]]
 async def test_invalid_and_forged_records_are_skipped(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
     run = run_id()
     dirs = directories(swarm, run)
-    unsigned = DHTDirectory(swarm[2][0], run, CONFIG)
+    unsigned = DHTDirectory(swarm[2][0], run, CONFIG, min_read_interval=0.0)
     try:
         infos = await announce_all(dirs[:2])
         key = dirs[0].key

@@ -10,11 +10,12 @@ Reading (`peers`) checks every record before use and counts what it skips in ``r
 `MAX_RECORD_BYTES` (``oversized``), whose ``peer_id`` differs from their subkey (``mismatched``), that
 expire further ahead than ``ttl * EXPIRATION_CAP_FACTOR`` (``expired_too_far``), records of another
 config hash (``other_config``), and, with an admission policy (`PeerDirectory.admission`), records
-without a valid admission MAC (``not_admitted``). Each record (subkey, value, expiration) is counted
-once, however many reads see it, and its verdict is remembered, so that a read re-parses only records
-it has not seen.
+without a valid admission MAC (``not_admitted``). Each record (subkey and value, not its expiration:
+junk stored again with a new expiration is the same junk) is counted once, however many reads see it,
+and its verdict is remembered (`VERDICT_CACHE_SIZE` records, least recently seen forgotten first), so
+that a read re-parses only records it has not seen.
 
-Outsiders. Anyone who reaches a DHT node can store under the run's key. Four defences:
+Outsiders. Anyone who reaches a DHT node can store under the run's key. Five defences:
 
 - `msgpack_guard` (installed when this module is imported, so before any DHT process forks) keeps
   values nested too deep for hivemind's recursive decoder away from it: one such value would otherwise
@@ -32,6 +33,11 @@ Outsiders. Anyone who reaches a DHT node can store under the run's key. Four def
 - a read parses at most ``max_parse_per_read`` records it has not seen before, the records of peers of
   its last view first; the others (counted once as ``over_budget``) wait for later reads. So thousands of
   junk subkeys cost each read a bounded amount of work, and their verdicts are cached.
+- reads are shared and rate-limited (``min_read_interval``, default 3 s): one read from the DHT at a
+  time, and `peers` calls within the interval get the last read's view. A read still handles every
+  subkey under the key (hivemind returns the whole dictionary), so with thousands of junk subkeys it
+  costs tens of milliseconds in the DHT process and here; this way the cost is paid once per interval,
+  whatever the number of rounds, protocols and callers that ask for peers.
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
 already past (``TimedStorage.store`` returns False), so an "already expired" value cannot overwrite a
@@ -106,6 +112,13 @@ EXPIRATION_CAP_FACTOR = 2.0
 MAX_SUBKEY_BYTES = 2048
 #: Default number of records not seen before that one read parses; the rest wait for later reads.
 DEFAULT_MAX_PARSE_PER_READ = 256
+#: Default shortest time between two reads of the directory from the DHT, in seconds: `peers` calls in
+#: between get the last read's view. A read costs work in proportion to every subkey under the run's key,
+#: junk included, so rounds must not each pay for one.
+DEFAULT_MIN_READ_INTERVAL = 3.0
+#: Shortest time between two reads while the last view held no peer, in seconds (a joining node should
+#: see its first peers quickly; without peers there are no rounds to slow down).
+EMPTY_VIEW_READ_INTERVAL = 0.5
 #: Record verdicts remembered by a directory (so that a record is parsed and counted once).
 VERDICT_CACHE_SIZE = 8192
 #: How often a request in flight checks that the DHT process is still alive, in seconds.
@@ -287,8 +300,14 @@ async def dht_refusals(_dht: hivemind.DHT, node: Any) -> dict[str, int]:
     return out
 
 
-def _verdict_key(subkey: object, value: object, expiration: object) -> tuple[object, object, object]:
-    """What identifies one record for the verdict cache: subkey, digest of the value, expiration."""
+def _verdict_key(subkey: object, value: object, far: bool = False) -> tuple[object, object, bool]:
+    """What identifies one record for the verdict cache: its subkey and a digest of its value.
+
+    Not its expiration: the same junk stored again with a fresh expiration is the same record, counted
+    once. Whether the expiration lies too far ahead is checked on every read (a float comparison) and is
+    part of the key (`far`), so a value refused for its expiration once is judged again when it comes
+    back with an acceptable one.
+    """
     if isinstance(subkey, str) and len(subkey) <= MAX_SUBKEY_BYTES:
         sk: object = subkey
     else:
@@ -297,8 +316,16 @@ def _verdict_key(subkey: object, value: object, expiration: object) -> tuple[obj
         except TypeError:
             sk = (type(subkey).__name__,)
     digest = hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, bytes) else type(value).__name__
-    exp = expiration if isinstance(expiration, float | int) else None
-    return sk, digest, exp
+    return sk, digest, far
+
+
+def _too_far(expiration: object, horizon: float) -> bool:
+    """Whether `expiration` is no finite time at or before `horizon` (DHT clock)."""
+    return not isinstance(expiration, float | int) or not math.isfinite(expiration) or expiration > horizon
+
+
+#: A verdict cache key (see `_verdict_key`).
+_VerdictKey = tuple[object, object, bool]
 
 
 class DHTDirectory(PeerDirectory):
@@ -315,6 +342,9 @@ class DHTDirectory(PeerDirectory):
     :param read_timeout: longest wait for one read (`peers`), in seconds (default 5); a read that takes
         longer returns the last good view and counts ``timeout``.
     :param max_parse_per_read: records not seen before that one read parses (default 256).
+    :param min_read_interval: shortest time between two reads from the DHT, in seconds (default 3; 0:
+        every call reads). `peers` calls within it get the last read's view (less expired records), and
+        calls while a read is in flight wait for that read: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
         True; idempotent, and harmless when the daemon installed it at DHT start).
     """
@@ -323,8 +353,11 @@ class DHTDirectory(PeerDirectory):
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  signer: RSASignatureValidator | None = None, peer_id: str | None = None,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True) -> None:
+                 max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True,
+                 min_read_interval: float = DEFAULT_MIN_READ_INTERVAL) -> None:
         super().__init__()
+        if min_read_interval < 0:
+            raise ValueError(f"min_read_interval must be >= 0, got {min_read_interval}")
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
         if read_timeout <= 0 or max_parse_per_read < 1:
@@ -335,14 +368,21 @@ class DHTDirectory(PeerDirectory):
         self.key = directory_key(run_id)
         self.read_timeout = read_timeout
         self.max_parse_per_read = max_parse_per_read
+        self.min_read_interval = min_read_interval
+        #: Reads from the DHT made so far (each `peers` call that was not served from the last view).
+        self.reads = 0
+        #: When the last read finished (time.monotonic()); -inf before the first.
+        self._read_at = -math.inf
+        #: The read in flight, shared by every `peers` call that arrives meanwhile.
+        self._reading: asyncio.Future[list[PeerInfo]] | None = None
         #: Expirations further ahead than this are refused, in seconds.
         self.max_ahead = ttl * EXPIRATION_CAP_FACTOR
         self._validator_pending = validate_records
-        #: (subkey, value digest, expiration) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
-        self._verdicts: collections.OrderedDict[tuple[object, object, object], PeerInfo | str] = (
+        #: (subkey, value digest, expiration too far) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
+        self._verdicts: collections.OrderedDict[_VerdictKey, PeerInfo | str] = (
             collections.OrderedDict())
         #: Records left for later reads (counted once as over_budget).
-        self._deferred: collections.OrderedDict[tuple[object, object, object], None] = collections.OrderedDict()
+        self._deferred: collections.OrderedDict[_VerdictKey, None] = collections.OrderedDict()
         #: The last good view: peer id -> (record, its expiration on the DHT clock).
         self._view: dict[str, tuple[PeerInfo, float]] = {}
         self.config_hash = config_hash
@@ -458,10 +498,39 @@ class DHTDirectory(PeerDirectory):
     async def peers(self) -> list[PeerInfo]:
         """Live, valid peers of this run with this config hash, excluding this node, sorted by peer id.
 
+        Reads are shared and rate-limited: within ``min_read_interval`` of the last read this returns
+        that read's view (less the records that have expired since), and a call that arrives while a read
+        is in flight waits for that read. So the cost of reading the run's key, which grows with every
+        subkey stored under it (junk included), is paid once per interval, not once per caller or round.
+
         Never raises for what the DHT holds or for a slow DHT: a read that fails, takes longer than
         ``read_timeout`` or finds a plain value at the key returns the last good view (peers of the last
         successful read whose records have not expired), and counts why in `rejected`.
         """
+        if self._reading is None:
+            interval = self.min_read_interval if self._view else min(self.min_read_interval,
+                                                                     EMPTY_VIEW_READ_INTERVAL)
+            if time.monotonic() - self._read_at < interval:
+                return self._current_view()
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
+        # Shielded: a caller that gives up (its own timeout) does not cancel the read the others wait for.
+        return list(await asyncio.shield(self._reading))
+
+    def _read_done(self, future: asyncio.Future[list[PeerInfo]]) -> None:
+        self._reading = None
+        self._read_at = time.monotonic()
+        if not future.cancelled():
+            future.exception()  # retrieved: the callers that awaited it got it already
+
+    def _current_view(self) -> list[PeerInfo]:
+        """The last view, less the records that have expired since it was read."""
+        now = get_dht_time()
+        return [self._view[k][0] for k in sorted(self._view) if self._view[k][1] > now]
+
+    async def _read(self) -> list[PeerInfo]:
+        """One read of the run's key from the DHT (see `peers`)."""
+        self.reads += 1
         own = await self.peer_id()
         await self._install_validator()
         try:
@@ -481,7 +550,7 @@ class DHTDirectory(PeerDirectory):
             return []
         if not isinstance(found.value, dict):
             # A plain value won over the dictionary on some replica that does not run our validator.
-            key = _verdict_key(None, found.value, found.expiration_time)
+            key = _verdict_key(None, found.value)
             if key not in self._verdicts:
                 self._decide(key, "not_dictionary")
             return await self._fallback()
@@ -498,11 +567,11 @@ class DHTDirectory(PeerDirectory):
         """The usable peers among one read's `records`; updates the verdict cache, counters and view."""
         horizon = get_dht_time() + self.max_ahead
         view: dict[str, tuple[PeerInfo, float]] = {}
-        todo: list[tuple[int, float, str, bytes, tuple[object, object, object]]] = []
+        todo: list[tuple[int, float, str, bytes, _VerdictKey]] = []
         for subkey, item in records.items():
             value = getattr(item, "value", None)
             expiration = getattr(item, "expiration_time", None)
-            key = _verdict_key(subkey, value, expiration)
+            key = _verdict_key(subkey, value, _too_far(expiration, horizon))
             verdict = self._verdicts.get(key)
             if verdict is not None:
                 self._verdicts.move_to_end(key)
@@ -533,7 +602,7 @@ class DHTDirectory(PeerDirectory):
         self._view = view
         return [view[k][0] for k in sorted(view)]
 
-    def _decide(self, key: tuple[object, object, object], verdict: PeerInfo | str) -> PeerInfo | str:
+    def _decide(self, key: _VerdictKey, verdict: PeerInfo | str) -> PeerInfo | str:
         """Remember `verdict` for the record `key`; count it if it is a rejection (so: once per record)."""
         if isinstance(verdict, PeerInfo) and verdict.config_hash != self.config_hash:
             verdict = OTHER_CONFIG
@@ -568,8 +637,7 @@ class DHTDirectory(PeerDirectory):
             return "oversized"
         if value == TOMBSTONE:
             return _SKIP
-        if (not isinstance(expiration, float | int) or not math.isfinite(expiration)
-                or expiration > horizon):
+        if _too_far(expiration, horizon):
             return "expired_too_far"
         peer_part, sep, owner = subkey.partition(_OWNER_PREFIX)
         if self.signer is not None and (not sep or not owner.endswith("]")):
