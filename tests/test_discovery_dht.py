@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +189,32 @@ async def test_announce_checks_the_peer_id(swarm: list[tuple[hivemind.DHT, dict]
     with pytest.raises(ValueError):
         await d.announce(PeerInfo(peer_id="someone-else", config_hash=CONFIG))
     await d.shutdown()
+
+
+async def test_rate_limited_reads_and_round_announcements(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
+    """With ``min_read_interval``: `peers` answers from the last read within the interval and refreshes in
+    the background after it; an announcement that only moves the round on is stored in the background, at
+    most once per interval, and a reader sees the latest round afterwards."""
+    run = run_id()
+    dirs = [DHTDirectory(dht, run, CONFIG, signer=opts["record_validators"][0], min_read_interval=0.5)
+            for dht, opts in swarm[:2]]
+    try:
+        infos = await announce_all(dirs)
+        assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]  # the first read is waited for
+        reads = dirs[0].reads
+        for _ in range(20):
+            assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
+        assert dirs[0].reads == reads  # within the interval: no read
+        t0 = time.monotonic()
+        for r in range(1, 11):  # ten rounds in quick succession
+            await dirs[1].announce(dataclasses.replace(infos[1], round=r))
+        assert time.monotonic() - t0 < 0.5, "no announcement of a round waited for a store"
+        deadline = time.monotonic() + 10
+        while True:
+            seen = {p.peer_id: p.round for p in await dirs[0].refresh()}
+            if seen.get(infos[1].peer_id) == 10 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert seen == {infos[1].peer_id: 10}
+    finally:
+        await shutdown_all(dirs)

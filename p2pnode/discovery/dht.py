@@ -34,10 +34,13 @@ Outsiders. Anyone who reaches a DHT node can store under the run's key. Five def
   its last view first; the others (counted once as ``over_budget``) wait for later reads. So thousands of
   junk subkeys cost each read a bounded amount of work, and their verdicts are cached.
 - reads are shared and rate-limited (``min_read_interval``, default 3 s): one read from the DHT at a
-  time, and `peers` calls within the interval get the last read's view. A read still handles every
-  subkey under the key (hivemind returns the whole dictionary), so with thousands of junk subkeys it
-  costs tens of milliseconds in the DHT process and here; this way the cost is paid once per interval,
-  whatever the number of rounds, protocols and callers that ask for peers.
+  time, in the background, and `peers` calls get the last read's view without waiting for the next. A
+  read still handles every subkey under the key (hivemind returns the whole dictionary), so with
+  thousands of junk subkeys it takes the replicas and the DHT process a second or more; this way the
+  cost is paid once per interval, whatever the number of rounds, protocols and callers that ask for
+  peers, and no round waits for it. Likewise `announce` after a round in which only the round number
+  changed stores the record in the background, at most once per interval (a store waits for the
+  replicas too).
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
 already past (``TimedStorage.store`` returns False), so an "already expired" value cannot overwrite a
@@ -65,6 +68,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -343,8 +347,10 @@ class DHTDirectory(PeerDirectory):
         longer returns the last good view and counts ``timeout``.
     :param max_parse_per_read: records not seen before that one read parses (default 256).
     :param min_read_interval: shortest time between two reads from the DHT, in seconds (default 3; 0:
-        every call reads). `peers` calls within it get the last read's view (less expired records), and
-        calls while a read is in flight wait for that read: one read at a time, however many callers.
+        every call reads and every `announce` stores at once); also between two stores of a record in
+        which only the round changed (`announce` after every round). `peers` calls within it get the
+        last read's view (less expired records), and
+        calls while a read is in flight get the last view too: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
         True; idempotent, and harmless when the daemon installed it at DHT start).
     """
@@ -373,6 +379,9 @@ class DHTDirectory(PeerDirectory):
         self.reads = 0
         #: When the last read finished (time.monotonic()); -inf before the first.
         self._read_at = -math.inf
+        #: A store of the record put off by `announce` (only the round changed), and when the last began.
+        self._pending_store: asyncio.Task[None] | None = None
+        self._stored_at = -math.inf
         #: The read in flight, shared by every `peers` call that arrives meanwhile.
         self._reading: asyncio.Future[list[PeerInfo]] | None = None
         #: Expirations further ahead than this are refused, in seconds.
@@ -427,6 +436,11 @@ class DHTDirectory(PeerDirectory):
 
     async def shutdown(self) -> None:
         """Stop the refresher and withdraw this node's record (waits at most ``request_timeout``)."""
+        for task in (self._reading, self._pending_store):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -449,8 +463,26 @@ class DHTDirectory(PeerDirectory):
         if info.peer_id != pid:
             raise ValueError(f"announced peer id {info.peer_id} is not this node's id {pid}")
         await self._install_validator()
-        self._info = info
+        previous, self._info = self._info, info
+        if (previous is not None and self.min_read_interval > 0
+                and dataclasses.replace(previous, round=info.round, timestamp=info.timestamp) == info):
+            # Only the round moved on (the node announces after every round): published by a store at most
+            # `min_read_interval` after the last one, in the background. A store waits for the replicas,
+            # which may be busy with an outsider's junk: no round should wait for it.
+            if self._pending_store is None or self._pending_store.done():
+                self._pending_store = asyncio.create_task(self._store_later(), name=f"store {self.key}")
+            return
         await self._store_record(info)
+
+    async def _store_later(self) -> None:
+        await asyncio.sleep(max(0.0, self._stored_at + self.min_read_interval - time.monotonic()))
+        info = self._info
+        if info is None:
+            return
+        try:
+            await self._store_record(info)
+        except Exception as e:  # the refresher or the next announce tries again
+            logger.warning("store of the record under %s failed: %r", self.key, e)
 
     async def withdraw(self) -> None:
         """Stop refreshing and make the record disappear for readers (tombstone, see the module doc)."""
@@ -465,6 +497,7 @@ class DHTDirectory(PeerDirectory):
         async with self._store_lock:
             if self._info is not info:  # withdrawn or replaced while waiting for the lock
                 return
+            self._stored_at = time.monotonic()
             record = self.seal(PeerInfo(**{**info.__dict__, "timestamp": time.time()})).to_proto()
             expiration = max(get_dht_time() + self.ttl, self._last_expiration + _EXPIRATION_STEP)
             await self._store(record.SerializeToString(), expiration)
@@ -499,9 +532,11 @@ class DHTDirectory(PeerDirectory):
         """Live, valid peers of this run with this config hash, excluding this node, sorted by peer id.
 
         Reads are shared and rate-limited: within ``min_read_interval`` of the last read this returns
-        that read's view (less the records that have expired since), and a call that arrives while a read
-        is in flight waits for that read. So the cost of reading the run's key, which grows with every
-        subkey stored under it (junk included), is paid once per interval, not once per caller or round.
+        that read's view (less the records that have expired since); after it, a call starts a read in
+        the background and returns the last view at once (only the first read is waited for, and every
+        read when ``min_read_interval`` is 0; callers that arrive meanwhile wait for that same read). So
+        the cost of reading the run's key, which grows with every subkey stored under it (junk included),
+        is paid once per interval, not once per caller or round, and no round waits for it.
 
         Never raises for what the DHT holds or for a slow DHT: a read that fails, takes longer than
         ``read_timeout`` or finds a plain value at the key returns the last good view (peers of the last
@@ -514,7 +549,19 @@ class DHTDirectory(PeerDirectory):
                 return self._current_view()
             self._reading = asyncio.ensure_future(self._read())
             self._reading.add_done_callback(self._read_done)
-        # Shielded: a caller that gives up (its own timeout) does not cancel the read the others wait for.
+        if self._read_at > -math.inf and self.min_read_interval > 0:
+            # Stale while the read refreshes it: a read of a key that holds thousands of junk subkeys takes
+            # the DHT process a second or more, and no round should wait for it.
+            return self._current_view()
+        # The first read (or every read, with no interval): wait for it. Shielded: a caller that gives up
+        # (its own timeout) does not cancel the read that the others wait for.
+        return list(await asyncio.shield(self._reading))
+
+    async def refresh(self) -> list[PeerInfo]:
+        """Like `peers`, but waits for a read from the DHT: the one in flight, else a new one."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
         return list(await asyncio.shield(self._reading))
 
     def _read_done(self, future: asyncio.Future[list[PeerInfo]]) -> None:
