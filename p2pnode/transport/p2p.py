@@ -677,7 +677,8 @@ class P2PTransport(Transport):
             except (OSError, ssl.SSLError) as e:
                 logger.debug("stream from %s failed while reading a request: %r", sender[-8:], e)
                 return False
-            parts, ok = await self._dispatch_checked(sender, data)
+            # Admission was checked on the envelope before the payload was read (`read_message`'s `admit`).
+            parts, ok = await self._dispatch_checked(sender, data, admitted=True)
             if not ok:
                 self.buffers.discard(data)
             del data
