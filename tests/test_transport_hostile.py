@@ -23,6 +23,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from netutil import NetworkGuard, start_p2p
+from p2pnode.config import NodeConfig
 from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
@@ -348,10 +349,13 @@ def test_rate_guard_cuts_off_a_trickle_after_the_grace_period() -> None:
 @pytest.mark.network
 @pytest.mark.timeout(90)
 async def test_direct_channel_survives_a_slowloris_and_counts_it() -> None:
-    async with swarm() as (victim, honest, _):
+    # The direct channel's caps come from the ``limits`` section of the config.
+    limits = NodeConfig(direct_max_connections=32, direct_max_pending=16,
+                        direct_handshake_timeout_s=2.0).validate().transport_limits()
+    async with swarm(**limits) as (victim, honest, _):
         server = victim._direct
         assert server is not None and victim.direct_address is not None
-        server.max_connections, server.max_pending, server.handshake_timeout = 32, 16, 2.0
+        assert (server.max_connections, server.max_pending, server.handshake_timeout) == (32, 16, 2.0)
         host, port = victim.direct_address
         socks: list[socket.socket] = []
         try:
@@ -387,9 +391,10 @@ async def test_direct_channel_survives_a_slowloris_and_counts_it() -> None:
 @pytest.mark.network
 @pytest.mark.timeout(60)
 async def test_direct_tickets_are_capped_per_peer_and_ask_admits() -> None:
-    async with swarm() as (victim, honest, raw):
+    async with swarm(**NodeConfig(direct_max_tickets_per_peer=5).validate().transport_limits()) as (
+            victim, honest, raw):
         server = victim._direct
-        assert server is not None
+        assert server is not None and server.max_tickets_per_peer == 5
         inner = peer_pb2.Envelope(method="echo", payload_bytes=0)
         codes = [(await exchange_raw(raw, victim, codec.join(codec.encode(DIRECT_TICKET_METHOD, inner)))).error
                  for _ in range(server.max_tickets_per_peer + 3)]
