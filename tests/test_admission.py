@@ -249,3 +249,21 @@ async def test_real_network_two_admitted_nodes_and_an_outsider(tmp_path: Path) -
             for n in nodes:
                 await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes
+
+
+def test_simulator_runs_admission_and_refuses_outsiders() -> None:
+    """The simulator with ``admission = "secret"`` and two outsiders (the run id and every peer id, no
+    secret): the outsiders' requests and records are refused and counted, and the run's own rows are those
+    of the same run without them (nobody merged an outsider's model)."""
+    from simulator.runner import SimConfig, run_simulation
+
+    base = {"nodes": 4, "rounds": 3, "topology": "gossip", "admission": "secret", "run_secret": SECRET.decode()}
+    with_outsiders = run_simulation(SimConfig(**base, outsiders=2))  # type: ignore[arg-type]
+    alone = run_simulation(SimConfig(**base))  # type: ignore[arg-type]
+    refused = with_outsiders["outsider_refusals"]
+    assert refused["transport"] > 0 and refused["directory"] > 0, refused
+    assert with_outsiders["outsiders"] == ["node-0004", "node-0005"]
+    assert with_outsiders["config"]["run_secret"] == "***"
+    assert [r["accuracy"] for r in with_outsiders["rounds"]] == [r["accuracy"] for r in alone["rounds"]]
+    with pytest.raises(ConfigError, match="outsiders need admission=secret"):
+        SimConfig(nodes=4, outsiders=1).outsider_config(0)
