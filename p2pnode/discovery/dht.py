@@ -471,6 +471,7 @@ class DHTDirectory(PeerDirectory):
             # which may be busy with an outsider's junk: no round should wait for it.
             if self._pending_store is None or self._pending_store.done():
                 self._pending_store = asyncio.create_task(self._store_later(), name=f"store {self.key}")
+            await _yield()
             return
         await self._store_record(info)
 
@@ -546,12 +547,14 @@ class DHTDirectory(PeerDirectory):
             interval = self.min_read_interval if self._view else min(self.min_read_interval,
                                                                      EMPTY_VIEW_READ_INTERVAL)
             if time.monotonic() - self._read_at < interval:
+                await _yield()
                 return self._current_view()
             self._reading = asyncio.ensure_future(self._read())
             self._reading.add_done_callback(self._read_done)
         if self._read_at > -math.inf and self.min_read_interval > 0:
             # Stale while the read refreshes it: a read of a key that holds thousands of junk subkeys takes
             # the DHT process a second or more, and no round should wait for it.
+            await _yield()
             return self._current_view()
         # The first read (or every read, with no interval): wait for it. Shielded: a caller that gives up
         # (its own timeout) does not cancel the read that the others wait for.
@@ -787,6 +790,14 @@ class DHTDirectory(PeerDirectory):
                 cancel = getattr(future, "cancel", None)
                 if cancel is not None:
                     cancel()
+
+
+async def _yield() -> None:
+    """Let the event loop run other tasks once. A directory call answered from memory must still suspend
+    its caller: a round loop whose partner choice and announcement both finish without suspending (no
+    partner to call) would otherwise never give the loop back, and starve every other task of the node
+    (serving peers, the control API, the refresher)."""
+    await asyncio.sleep(0)
 
 
 def _process_alive(dht: hivemind.DHT) -> bool:
