@@ -194,7 +194,7 @@ async def test_announce_checks_the_peer_id(swarm: list[tuple[hivemind.DHT, dict]
 async def test_rate_limited_reads_and_round_announcements(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
     """With ``min_read_interval``: `peers` answers from the last read within the interval and refreshes in
     the background after it; an announcement that only moves the round on is stored in the background, at
-    most once per interval, and a reader sees the latest round afterwards."""
+    most once a second, and a reader sees the latest round afterwards."""
     run = run_id()
     dirs = [DHTDirectory(dht, run, CONFIG, signer=opts["record_validators"][0], min_read_interval=0.5)
             for dht, opts in swarm[:2]]

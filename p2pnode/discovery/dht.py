@@ -39,7 +39,7 @@ Outsiders. Anyone who reaches a DHT node can store under the run's key. Five def
   thousands of junk subkeys it takes the replicas and the DHT process a second or more; this way the
   cost is paid once per interval, whatever the number of rounds, protocols and callers that ask for
   peers, and no round waits for it. Likewise `announce` after a round in which only the round number
-  changed stores the record in the background, at most once per interval (a store waits for the
+  changed stores the record in the background, at most once a second (a store waits for the
   replicas too).
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
@@ -123,6 +123,11 @@ DEFAULT_MIN_READ_INTERVAL = 3.0
 #: Shortest time between two reads while the last view held no peer, in seconds (a joining node should
 #: see its first peers quickly; without peers there are no rounds to slow down).
 EMPTY_VIEW_READ_INTERVAL = 0.5
+#: Longest time a record's round may lag the node's, in seconds: an announcement in which only the round
+#: changed is stored at most this long after the previous store (at most ``min_read_interval``). Short,
+#: since a joiner syncs only from peers whose record says they are ahead; one store at a time, so a slow
+#: DHT (busy replicas) stores less often by itself.
+ROUND_STORE_INTERVAL = 1.0
 #: Record verdicts remembered by a directory (so that a record is parsed and counted once).
 VERDICT_CACHE_SIZE = 8192
 #: How often a request in flight checks that the DHT process is still alive, in seconds.
@@ -347,8 +352,9 @@ class DHTDirectory(PeerDirectory):
         longer returns the last good view and counts ``timeout``.
     :param max_parse_per_read: records not seen before that one read parses (default 256).
     :param min_read_interval: shortest time between two reads from the DHT, in seconds (default 3; 0:
-        every call reads and every `announce` stores at once); also between two stores of a record in
-        which only the round changed (`announce` after every round). `peers` calls within it get the
+        every call reads and every `announce` stores at once). An `announce` in which only the round
+        changed (the node announces after every round) is stored in the background, at most once per
+        ``min(min_read_interval, ROUND_STORE_INTERVAL)`` (1 s). `peers` calls within it get the
         last read's view (less expired records), and
         calls while a read is in flight get the last view too: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
@@ -467,7 +473,7 @@ class DHTDirectory(PeerDirectory):
         if (previous is not None and self.min_read_interval > 0
                 and dataclasses.replace(previous, round=info.round, timestamp=info.timestamp) == info):
             # Only the round moved on (the node announces after every round): published by a store at most
-            # `min_read_interval` after the last one, in the background. A store waits for the replicas,
+            # `ROUND_STORE_INTERVAL` after the last one, in the background. A store waits for the replicas,
             # which may be busy with an outsider's junk: no round should wait for it.
             if self._pending_store is None or self._pending_store.done():
                 self._pending_store = asyncio.create_task(self._store_later(), name=f"store {self.key}")
@@ -476,7 +482,8 @@ class DHTDirectory(PeerDirectory):
         await self._store_record(info)
 
     async def _store_later(self) -> None:
-        await asyncio.sleep(max(0.0, self._stored_at + self.min_read_interval - time.monotonic()))
+        spacing = min(self.min_read_interval, ROUND_STORE_INTERVAL)
+        await asyncio.sleep(max(0.0, self._stored_at + spacing - time.monotonic()))
         info = self._info
         if info is None:
             return
