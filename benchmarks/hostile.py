@@ -24,8 +24,11 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 
 - ``deep``: values and subkeys nested 200 tuples deep under the run's key ``<run_id>/peers``;
 - ``plain``: a plain value (not a dictionary) under ``<run_id>/peers``, expiring after the records;
-- ``junk``: 3,000 peer-id-like subkeys with bytes that are no record, in one ``store_many`` (expiring
-  within the run's record lifetime, so that the replicas' validator lets them in), repeated every second;
+- ``junk``: 3,000 peer-id-like subkeys with bytes that are no record (expiring within the run's record
+  lifetime, so that the replicas' validator lets them in), stored straight at each node's DHT in batches
+  of 500 with a deadline each, repeated every second with a later expiration. (The subkeys are made
+  inside the outsider's DHT process: hivemind's pipe to that process breaks on a message larger than the
+  pipe's buffer, which is why a ``store_many`` of 3,000 subkeys sent through it never returned.)
 - ``replay``: one captured request sent again 1,000 times, each on a new stream;
 - ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
 - ``flood``: requests with a 2 MB method name, back to back.
@@ -111,6 +114,16 @@ def rss_bytes(pids: set[int]) -> int:
     return total
 
 
+def cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU time of `pids` so far, in seconds (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------------------------------------ swarm
 @dataclass
 class Swarm:
@@ -132,8 +145,9 @@ class Swarm:
         return process_tree([os.getpid(), *(d.pid for d in self.dhts() if d.pid)]) - process_tree([attacker])
 
     def target(self) -> Target:
-        return Target([str(a) for a in self.dhts()[0].get_visible_maddrs()],
-                      self.nodes[0].transport.addresses()[:1], self.nodes[1].peer_id)
+        return Target([str(a) for d in self.dhts() for a in d.get_visible_maddrs()[:1]],
+                      self.nodes[0].transport.addresses()[:1], self.nodes[1].peer_id,
+                      [d.peer_id.to_base58() for d in self.dhts()])
 
     def alive(self) -> bool:
         return (all(d.is_alive() for d in self.dhts()) and not self.errors
@@ -143,7 +157,8 @@ class Swarm:
         out: Counter[str] = Counter()
         for n in self.nodes:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(n.directory.peers(), 10)  # also copies the DHT process's refusals
+                assert isinstance(n.directory, DHTDirectory)
+                await asyncio.wait_for(n.directory.refresh(), 10)  # also copies the DHT process's refusals
             out.update({f"transport.{k}": v for k, v in n.transport.stats.rejected.items()})
             out.update({f"directory.{k}": v for k, v in n.directory.rejected.items()})
         return out
@@ -196,13 +211,14 @@ async def stop_swarm(swarm: Swarm) -> None:
 class Target:
     """What the attacker process knows of the swarm: public addresses only."""
 
-    dht_maddrs: list[str]  # node 0's DHT
+    dht_maddrs: list[str]  # the nodes' DHTs (one address each)
     transport_maddrs: list[str]  # node 0's p2pd
     victim: str  # node 1's peer id
+    replicas: list[str]  # the nodes' DHT peer ids
 
 
 async def start_outsider(target: Target) -> hivemind.DHT:
-    """A stock hivemind DHT (no validators) bootstrapped from node 0; retried once if it hangs at start."""
+    """A stock hivemind DHT (no validators) bootstrapped from the nodes; retried once if it hangs at start."""
     for attempt in range(2):
         gc.collect()
         dht = hivemind.DHT(initial_peers=target.dht_maddrs, host_maddrs=[LOOPBACK], start=True, await_ready=False)
@@ -225,10 +241,30 @@ def nested_tuple(depth: int) -> object:
     return value
 
 
-async def _store_many(_dht: hivemind.DHT, node: Any, key: str, subkeys: list[str], value: bytes,
-                      expiration: float) -> None:
-    """Runs in the outsider's DHT process: one stock `DHTNode.store_many`."""
-    await node.store_many([key] * len(subkeys), [value] * len(subkeys), expiration, subkeys=list(subkeys))
+def junk_subkeys(count: int, seed: int) -> list[str]:
+    """`count` peer-id-like subkeys (base58 sha2-256 multihashes of random bytes)."""
+    rng = random.Random(seed)
+    return [base58.b58encode(bytes([0x12, 0x20]) + rng.randbytes(32)).decode() for _ in range(count)]
+
+
+async def _store_direct(_dht: hivemind.DHT, node: Any, key: str, count: int, seed: int, value: bytes,
+                        expiration: float, peers: list[str], batch: int = 500, timeout: float = 5.0) -> int:
+    """Runs in the outsider's DHT process: store `junk_subkeys(count, seed)` straight at `peers` (the
+    replicas), `batch` records per request, each request with a deadline; returns how many they accepted."""
+    from hivemind.dht.routing import DHTID
+
+    subkeys = junk_subkeys(count, seed)
+    key_id, value_bytes = DHTID.generate(source=key), node.protocol.serializer.dumps(value)
+    stored = 0
+    for peer in peers:
+        for i in range(0, len(subkeys), batch):
+            part = subkeys[i:i + batch]
+            with contextlib.suppress(Exception):
+                ok = await asyncio.wait_for(node.protocol.call_store(
+                    PeerID.from_base58(peer), [key_id] * len(part), [value_bytes] * len(part), expiration,
+                    subkeys=part), timeout)
+                stored += sum(ok or [])
+    return stored
 
 
 async def open_stream(raw: P2P, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -300,12 +336,12 @@ async def attack_plain(client: Client, deadline: float) -> None:
 
 
 async def attack_junk(client: Client, deadline: float) -> None:
-    key, rng = directory_key(RUN_ID), random.Random(0)
-    junk = [base58.b58encode(bytes([0x12, 0x20]) + rng.randbytes(32)).decode() for _ in range(3000)]
+    key = directory_key(RUN_ID)
 
     async def shot(outsider: hivemind.DHT) -> None:
-        await outsider.run_coroutine(partial(_store_many, key=key, subkeys=junk, value=b"\xff" * 20,
-                                             expiration=get_dht_time() + 15), return_future=True)
+        await outsider.run_coroutine(partial(_store_direct, key=key, count=3000, seed=0, value=b"\xff" * 20,
+                                             expiration=get_dht_time() + 15, peers=client.target.replicas),
+                                     return_future=True)
 
     await attack_dht(client, deadline, shot, 1.0)
 
@@ -386,10 +422,15 @@ class Row:
     rss_mib: float
     caught: dict[str, int]
     alive: bool
+    #: CPU cores used on average during the window: this process (the nodes' round loops), the nodes'
+    #: DHT processes and p2pds, the attacker's processes.
+    cpu: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-async def window(swarm: Swarm, seconds: float, attack: str | None) -> tuple[float, float]:
-    """Rounds per second over `seconds` (with the `attack` process running) and the peak RSS growth in MiB.
+async def window(swarm: Swarm, seconds: float, attack: str | None
+                 ) -> tuple[float, float, tuple[float, float, float]]:
+    """Rounds per second over `seconds` (with the `attack` process running), the peak RSS growth in MiB,
+    and the CPU cores used on average by this process, the nodes' other processes and the attacker's.
 
     The attacker is its own (spawned) process, so that its work does not run on the nodes' event loop; the
     window starts once it has started its DHT or p2pd.
@@ -407,19 +448,23 @@ async def window(swarm: Swarm, seconds: float, attack: str | None) -> tuple[floa
             raise RuntimeError(f"the attacker process of {attack} did not start within 120 s")
         parent.recv()
     pids = swarm.node_pids(attacker)
+    groups = [{os.getpid()}, pids - {os.getpid()}, process_tree([attacker]) if attacker > 0 else set()]
+    cpu0 = [cpu_seconds(g) for g in groups]
     base = rss_bytes(pids)
     peak = base
     start_rounds, t0 = sum(swarm.rounds), time.monotonic()
     while time.monotonic() - t0 < seconds:
         await asyncio.sleep(0.1)
         peak = max(peak, rss_bytes(pids))
-    rate = (sum(swarm.rounds) - start_rounds) / (time.monotonic() - t0)
+    elapsed = time.monotonic() - t0
+    rate = (sum(swarm.rounds) - start_rounds) / elapsed
+    main_cpu, dht_cpu, attacker_cpu = ((cpu_seconds(g) - c) / elapsed for g, c in zip(groups, cpu0, strict=True))
     if proc is not None:
         await asyncio.to_thread(proc.join, 30.0)
         if proc.exitcode is None:  # its DHT still busy with a store: not the nodes' problem
             proc.kill()
             print(f"# {attack}: the attacker process did not stop within 30 s, killed", flush=True)
-    return rate, (peak - base) / MiB
+    return rate, (peak - base) / MiB, (main_cpu, dht_cpu, attacker_cpu)
 
 
 def machine() -> str:
@@ -433,15 +478,15 @@ async def bench(seconds: float, attacks: list[str], local_steps: int) -> list[Ro
     rows: list[Row] = []
     try:
         await window(swarm, 2.0, None)  # warm-up, not reported
-        clean, _ = await window(swarm, seconds, None)
-        rows.append(Row("clean", clean, 0.0, {}, swarm.alive()))
+        clean, _, cpu = await window(swarm, seconds, None)
+        rows.append(Row("clean", clean, 0.0, {}, swarm.alive(), cpu))
         for name in attacks:
             before = await swarm.counters()
             swarm.errors.clear()
-            rate, rss = await window(swarm, seconds, name)
+            rate, rss, cpu = await window(swarm, seconds, name)
             after = await swarm.counters()
             caught = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
-            rows.append(Row(name, rate, rss, caught, swarm.alive()))
+            rows.append(Row(name, rate, rss, caught, swarm.alive(), cpu))
             if swarm.errors:
                 print(f"# {name}: {swarm.errors[:3]}", flush=True)
             await asyncio.sleep(1.0)  # let the last refusals settle before the next attack
@@ -454,8 +499,10 @@ def report(rows: list[Row], seconds: float) -> bool:
     clean = rows[0].rate
     print(f"# machine: {machine()}")
     print(f"# windows: {seconds:g} s; targets: no crash, counted, rounds >= {MIN_ROUNDS_X}x clean, "
-          f"RSS growth <= {MAX_RSS_MIB:g} MiB")
-    print(f"{'attack':<8} {'rounds/s':>8} {'x clean':>7} {'rss MiB':>8} {'alive':>5}  {'verdict':<7} caught by")
+          f"RSS growth <= {MAX_RSS_MIB:g} MiB; cpu: cores used by the round loops / the nodes' DHT processes "
+          "and p2pds / the attacker")
+    print(f"{'attack':<8} {'rounds/s':>8} {'x clean':>7} {'rss MiB':>8} {'cpu':>14} {'alive':>5}  {'verdict':<7} "
+          "caught by")
     ok = True
     for r in rows:
         x = r.rate / clean if clean else 0.0
@@ -467,8 +514,9 @@ def report(rows: list[Row], seconds: float) -> bool:
             verdict = "pass" if not fails else "FAIL:" + ",".join(fails)
             caught = ", ".join(f"{k}+{v}" for k, v in r.caught.items()) or "-"
         ok = ok and verdict == "pass"
-        print(f"{r.name:<8} {r.rate:8.2f} {x:7.2f} {r.rss_mib:8.1f} {'yes' if r.alive else 'NO':>5}  {verdict:<7} "
-              f"{caught}")
+        cpu = "/".join(f"{c:.2f}" for c in r.cpu)
+        print(f"{r.name:<8} {r.rate:8.2f} {x:7.2f} {r.rss_mib:8.1f} {cpu:>14} {'yes' if r.alive else 'NO':>5}  "
+              f"{verdict:<7} {caught}")
     return ok
 
 

@@ -188,6 +188,12 @@ class NodeConfig:
     #: Seconds a directory record lives unless refreshed.
     announce_ttl_s: float = setting(
         default=60.0, section="network", help="Seconds a directory record lives unless refreshed.")
+    #: Shortest time between two reads of the peer directory from the DHT, in seconds (default 3): callers in
+    #: between (every round's partner choice) use the last read's view. See `DHTDirectory`.
+    directory_read_interval_s: float = setting(
+        default=3.0, section="network",
+        help="Shortest time, in seconds, between two reads of the peer directory from the DHT; rounds in "
+             "between choose partners from the last read (0: read every round).")
     #: Largest message sent or accepted, in bytes.
     max_message_bytes: int = setting(
         default=1 << 30, section="limits", help="Largest message sent or accepted, in bytes.")
@@ -437,6 +443,27 @@ class NodeConfig:
         help="Seconds a peer whose direct connection failed is called over libp2p only.")
     direct_connect_timeout_s: float = setting(
         default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
+    #: Caps of the direct channel's listener, which anyone who reaches its address can connect to (defaults
+    #: are `p2pnode.transport.direct`'s): connections at once (128), of them in their TLS handshake (64),
+    #: admitted connections per peer (8), unused tickets per peer (32) and in all (4096); and the longest
+    #: TLS handshake plus first token (None: the larger of 30 s and the transport's idle timeout).
+    direct_max_connections: int = setting(
+        default=128, section="limits", help="Direct channel: most connections at once (in their handshake, "
+                                            "serving or idle).")
+    direct_max_pending: int = setting(
+        default=64, section="limits", help="Direct channel: most connections still in their TLS handshake; "
+                                           "beyond it the oldest is closed.")
+    direct_max_connections_per_peer: int = setting(
+        default=8, section="limits", help="Direct channel: most admitted connections of one peer.")
+    direct_max_tickets_per_peer: int = setting(
+        default=32, section="limits", help="Direct channel: most unused tickets of one peer (beyond it, its "
+                                           "messages go over libp2p).")
+    direct_max_tickets: int = setting(
+        default=4096, section="limits", help="Direct channel: most unused tickets of all peers; the oldest "
+                                             "are dropped beyond it.")
+    direct_handshake_timeout_s: float | None = setting(
+        default=None, section="limits",
+        help="Direct channel: seconds allowed for a client's TLS handshake and first token [30].")
 
     def transport_limits(self) -> dict[str, Any]:
         """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
@@ -445,10 +472,18 @@ class NodeConfig:
                 "max_streams_per_peer": self.max_streams_per_peer, "min_receive_rate": self.min_receive_rate,
                 "receive_grace_s": self.receive_grace_s, "receive_pool_bytes": self.receive_pool_bytes,
                 "direct": self.direct, "direct_threshold": self.direct_threshold,
-                "direct_retry_s": self.direct_retry_s, "direct_connect_timeout": self.direct_connect_timeout_s}
+                "direct_retry_s": self.direct_retry_s, "direct_connect_timeout": self.direct_connect_timeout_s,
+                "direct_max_connections": self.direct_max_connections,
+                "direct_max_pending": self.direct_max_pending,
+                "direct_max_connections_per_peer": self.direct_max_connections_per_peer,
+                "direct_max_tickets_per_peer": self.direct_max_tickets_per_peer,
+                "direct_max_tickets": self.direct_max_tickets,
+                "direct_handshake_timeout": self.direct_handshake_timeout_s}
 
     def _validate_limits(self) -> None:
-        for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold"):
+        for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold",
+                    "direct_max_connections", "direct_max_pending", "direct_max_connections_per_peer",
+                    "direct_max_tickets_per_peer", "direct_max_tickets"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
         for key in ("max_inflight_bytes", "max_inflight_bytes_per_peer"):
@@ -461,6 +496,8 @@ class NodeConfig:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if not self.direct_connect_timeout_s > 0:
             raise ConfigError(f"direct_connect_timeout_s={self.direct_connect_timeout_s}: must be > 0")
+        if self.direct_handshake_timeout_s is not None and not self.direct_handshake_timeout_s > 0:
+            raise ConfigError(f"direct_handshake_timeout_s={self.direct_handshake_timeout_s}: must be > 0 (or unset)")
 
     def validate(self) -> NodeConfig:
         """Check every value once; raise `ConfigError` naming the key and the allowed values."""
@@ -484,6 +521,8 @@ class NodeConfig:
         for key in ("exchange_timeout_s", "announce_ttl_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be > 0")
+        if self.directory_read_interval_s < 0:
+            raise ConfigError(f"directory_read_interval_s={self.directory_read_interval_s}: must be >= 0")
         if self.wait_for_peers < 0:
             raise ConfigError(f"wait_for_peers={self.wait_for_peers}: must be >= 0")
         if self.min_round_time_s < 0:

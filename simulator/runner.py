@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_attacker, build_protocol, build_trainer, seeded_secagg_identity
+from p2pnode.daemon.build import (
+    apply_admission,
+    build_attacker,
+    build_protocol,
+    build_trainer,
+    seeded_secagg_identity,
+)
 from p2pnode.daemon.node import Node
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError
@@ -75,6 +81,14 @@ class SimConfig:
         4 for a robust rule, 1 otherwise).
     :param exclude_suspects: leave out peers whose suspicion exceeds ``suspect_threshold`` (default 1.0).
     Accuracy in the results is that of honest nodes only (attackers' own models are not counted).
+    :param admission: the run's admission (`NodeConfig.admission`): ``open`` (default) or ``secret``, with
+        ``run_secret`` (at least 16 bytes; written into the results as ``***``). The in-memory transport and
+        directory refuse non-admitted peers exactly as the real ones do.
+    :param outsiders: gossip/dpsgd with ``admission = "secret"``: this many extra nodes (peer ids after the
+        run's) that know the run id and every peer id but not the secret; they train on the shards of
+        nodes 0, 1, ... and run rounds alongside the run, calling its nodes. They are not part of the
+        results' rows; ``outsider_refusals`` counts what the run's nodes refused (``not_admitted``: their
+        requests at the transport, their records in the directory). Default 0.
     :param record_variance: add ``layer_variance`` to every round's row: for each floating-point entry
         of the model with more than one element, the population variance of its elements averaged over
         the live nodes' current models (see `simulator.analysis.layer_variance`). Default False; when
@@ -138,6 +152,9 @@ class SimConfig:
     suspicion_decay: float = 0.8
     exclude_suspects: bool = False
     suspect_threshold: float = 1.0
+    admission: str = "open"
+    run_secret: str | None = field(default=None, repr=False)
+    outsiders: int = 0
 
     def byzantine_indices(self) -> list[int]:
         """The attacking nodes, chosen by the seed (in fl never node 0, the server)."""
@@ -177,6 +194,16 @@ class SimConfig:
                       attack=self.attack if byzantine else None,
                       attack_params=dict(self.attack_params) if byzantine else {})
         return NodeConfig(**shared).validate()
+
+    def outsider_config(self, j: int) -> NodeConfig:
+        """The config of outsider `j`: that of node ``j % nodes``, without the run's secret."""
+        if self.outsiders < 0:
+            raise ConfigError(f"outsiders={self.outsiders}: must be >= 0")
+        if self.admission != "secret":
+            raise ConfigError("outsiders need admission=secret (in an open run everyone is admitted)")
+        if self.topology in EVENT_DRIVEN:
+            raise ConfigError(f"outsiders run rounds alongside gossip or dpsgd, not {self.topology}")
+        return dataclasses.replace(self.node_config(j % self.nodes), admission="open", run_secret=None).validate()
 
 
 def sim_peer_id(index: int) -> str:
@@ -446,6 +473,7 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                                       compression=config.compression)
         directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
                                     ttl_s=config.announce_ttl_s)
+        apply_admission(config, transport, directory)
         trainer = build_trainer(config, task)
         attacker = build_attacker(config, peer_id=pid, population=cfg.nodes, colluders=max(1, len(byzantine)),
                                   oracle=board.updates if cfg.omniscient else None)
@@ -461,13 +489,25 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
                     compute=compute)
         node.loud_attack = False
         nodes.append(node)
-    for node in nodes:
+    outsiders = [_outsider(cfg, j, network, registry, task, compute) for j in range(cfg.outsiders)]
+    for node in [*nodes, *outsiders]:
         await node.start()
+    outsider_loops = [asyncio.create_task(_outsider_rounds(o)) for o in outsiders]
     churn = _Churn(cfg, network, nodes)
     if cfg.topology in EVENT_DRIVEN:
         out = await _event_driven(cfg, nodes, network, churn, on_round, on_event)
     else:
         out = await _lockstep(cfg, nodes, network, churn, on_round)
+    for task_ in outsider_loops:
+        task_.cancel()
+    await asyncio.gather(*outsider_loops, return_exceptions=True)
+    for node in outsiders:
+        await node.shutdown()
+    if outsiders:
+        out["outsiders"] = [o.peer_id for o in outsiders]
+        out["outsider_refusals"] = {
+            "transport": sum(n.transport.stats.rejected["not_admitted"] for n in nodes),
+            "directory": sum(n.directory.not_admitted for n in nodes)}
     for node in nodes:
         if not network.is_alive(node.peer_id):
             network.revive(node.peer_id)  # let crashed nodes release their resources like the others
@@ -496,6 +536,34 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
             result["rejoined"] = [sim_peer_id(i) for i in churn.returning]
     result.update(out)
     return result
+
+
+def _outsider(cfg: SimConfig, j: int, network: MemoryNetwork, registry: MemoryRegistry, task: Any,
+              compute: VirtualCompute) -> Node:
+    """Outsider `j` (see `SimConfig.outsiders`): a node of the run's config without its secret."""
+    config = cfg.outsider_config(j)
+    pid = sim_peer_id(cfg.nodes + j)
+    transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
+    directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
+                                ttl_s=config.announce_ttl_s)
+    trainer = build_trainer(config, task)
+    protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory, compute=compute,
+                              rng=_node_rng(cfg.seed, cfg.nodes + j), step_cost_s=cfg.step_time_ms / 1000)
+    node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
+                compute=compute)
+    node.loud_attack = False
+    return node
+
+
+async def _outsider_rounds(node: Node) -> None:
+    """An outsider's rounds, until cancelled (its failures are its own)."""
+    while True:
+        try:
+            await node.run_round()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await asyncio.sleep(1.0)
 
 
 def _suspicion_summary(nodes: list[Node], attackers: set[str]) -> dict[str, Any]:
@@ -530,7 +598,10 @@ def _config_dict(cfg: SimConfig) -> dict[str, Any]:
         del out["secagg_groups"]
     if cfg.secagg_min_group == DEFAULT_MIN_GROUP:
         del out["secagg_min_group"]
-    for key, default in (("outer_momentum", 0.9), ("outer_nesterov", True), ("compression", "none")):
+    if cfg.run_secret is not None:
+        out["run_secret"] = "***"  # the secret never goes into a results file
+    for key, default in (("outer_momentum", 0.9), ("outer_nesterov", True), ("compression", "none"),
+                         ("admission", "open"), ("run_secret", None), ("outsiders", 0)):
         if out[key] == default:
             del out[key]
     return out

@@ -37,21 +37,29 @@ OTHER = b"another secret of the same length"
 
 
 # -- proofs ---------------------------------------------------------------------------------------------------
-def test_proof_verifies_and_is_bound_to_secret_run_sender_receiver_and_method() -> None:
+def test_proof_verifies_and_is_bound_to_secret_run_sender_receiver_method_and_nonce() -> None:
     adm = Admission(derive_key(SECRET, "run"))
-    proof = adm.proof("alice", "bob", EXCHANGE)
-    assert adm.admits("alice", "bob", EXCHANGE, proof)
-    assert not Admission(derive_key(OTHER, "run")).admits("alice", "bob", EXCHANGE, proof)  # wrong secret
-    assert not Admission(derive_key(SECRET, "run2")).admits("alice", "bob", EXCHANGE, proof)  # other run
-    assert not adm.admits("alice", "carol", EXCHANGE, proof)  # another receiver
-    assert not adm.admits("mallory", "bob", EXCHANGE, proof)  # another sender replays it
-    assert not adm.admits("alice", "bob", MANIFEST, proof)  # another method
+    nonce, other_nonce = bytes(16), bytes([1] * 16)
+    proof = adm.proof("alice", "bob", EXCHANGE, nonce)
+    assert adm.admits("alice", "bob", EXCHANGE, nonce, proof)
+    assert not Admission(derive_key(OTHER, "run")).admits("alice", "bob", EXCHANGE, nonce, proof)  # wrong secret
+    assert not Admission(derive_key(SECRET, "run2")).admits("alice", "bob", EXCHANGE, nonce, proof)  # other run
+    assert not adm.admits("alice", "carol", EXCHANGE, nonce, proof)  # another receiver
+    assert not adm.admits("mallory", "bob", EXCHANGE, nonce, proof)  # another sender replays it
+    assert not adm.admits("alice", "bob", MANIFEST, nonce, proof)  # another method
+    assert not adm.admits("alice", "bob", EXCHANGE, other_nonce, proof)  # on another message (its nonce)
     tampered = bytearray(proof)
     tampered[-1] ^= 1
-    assert not adm.admits("alice", "bob", EXCHANGE, bytes(tampered))
-    assert not adm.admits("alice", "bob", EXCHANGE, b"")
-    assert not adm.admits("alice", "bob", EXCHANGE, proof[:-1])
-    assert adm.proof("alice", "bob", EXCHANGE) != proof  # a fresh nonce each time
+    assert not adm.admits("alice", "bob", EXCHANGE, nonce, bytes(tampered))
+    assert not adm.admits("alice", "bob", EXCHANGE, nonce, b"")
+    assert not adm.admits("alice", "bob", EXCHANGE, nonce, proof[:-1])
+    # A response's proof names the request it answers, and a request's proof is no response's.
+    answer = adm.response_proof("bob", "alice", EXCHANGE, other_nonce, nonce)
+    assert adm.admits_response("bob", "alice", EXCHANGE, other_nonce, nonce, answer)
+    assert not adm.admits_response("bob", "alice", EXCHANGE, other_nonce, bytes([2] * 16), answer)
+    assert not adm.admits_response("bob", "alice", EXCHANGE, other_nonce, nonce,
+                                   adm.proof("bob", "alice", EXCHANGE, other_nonce))
+    assert not adm.admits("bob", "alice", EXCHANGE, other_nonce, answer)
 
 
 def test_short_secret_and_allowlist() -> None:
@@ -59,10 +67,10 @@ def test_short_secret_and_allowlist() -> None:
         derive_key(b"short", "run")
     adm = Admission.create(None, ["alice"])
     assert adm is not None and adm.mode == "allowlist"
-    assert adm.admits("alice", "bob", EXCHANGE, b"") and not adm.admits("eve", "bob", EXCHANGE, b"")
+    assert adm.admits("alice", "bob", EXCHANGE, b"n", b"") and not adm.admits("eve", "bob", EXCHANGE, b"n", b"")
     assert Admission.create(None, None) is None
     both = Admission(derive_key(SECRET, "run"), frozenset({"alice"}))
-    assert not both.admits("eve", "bob", EXCHANGE, both.proof("eve", "bob", EXCHANGE))  # key, but not listed
+    assert not both.admits("eve", "bob", EXCHANGE, b"n", both.proof("eve", "bob", EXCHANGE, b"n"))  # not listed
 
 
 def test_record_mac_drops_outsiders_and_tampered_records() -> None:
@@ -233,9 +241,29 @@ async def test_real_network_two_admitted_nodes_and_an_outsider(tmp_path: Path) -
                 reports = await asyncio.gather(*(n.run_round() for n in nodes))
             assert [r.combined for r in reports[:2]] == [2, 2] and all(r.peers == 1 for r in reports[:2]), reports
             assert reports[2].peers == 0 and reports[2].combined == 1
+            for n in admitted:  # the directories read in the background: one more read counts the record
+                await n.directory.refresh()
             assert all(n.directory.not_admitted > 0 for n in admitted)
             await _outsider_is_refused(outsider, admitted)
         finally:
             for n in nodes:
                 await n.shutdown()
     assert not guard.leaked_processes, guard.leaked_processes
+
+
+def test_simulator_runs_admission_and_refuses_outsiders() -> None:
+    """The simulator with ``admission = "secret"`` and two outsiders (the run id and every peer id, no
+    secret): the outsiders' requests and records are refused and counted, and the run's own rows are those
+    of the same run without them (nobody merged an outsider's model)."""
+    from simulator.runner import SimConfig, run_simulation
+
+    base = {"nodes": 4, "rounds": 3, "topology": "gossip", "admission": "secret", "run_secret": SECRET.decode()}
+    with_outsiders = run_simulation(SimConfig(**base, outsiders=2))  # type: ignore[arg-type]
+    alone = run_simulation(SimConfig(**base))  # type: ignore[arg-type]
+    refused = with_outsiders["outsider_refusals"]
+    assert refused["transport"] > 0 and refused["directory"] > 0, refused
+    assert with_outsiders["outsiders"] == ["node-0004", "node-0005"]
+    assert with_outsiders["config"]["run_secret"] == "***"
+    assert [r["accuracy"] for r in with_outsiders["rounds"]] == [r["accuracy"] for r in alone["rounds"]]
+    with pytest.raises(ConfigError, match="outsiders need admission=secret"):
+        SimConfig(nodes=4, outsiders=1).outsider_config(0)

@@ -217,6 +217,10 @@ def test_limits_are_validated() -> None:
         NodeConfig(max_inflight_bytes_per_peer=10).validate()
     with pytest.raises(ConfigError, match="max_streams=0"):
         NodeConfig(max_streams=0).validate()
+    with pytest.raises(ConfigError, match="direct_max_pending=0"):
+        NodeConfig(direct_max_pending=0).validate()
+    with pytest.raises(ConfigError, match="direct_handshake_timeout_s=0"):
+        NodeConfig(direct_handshake_timeout_s=0).validate()
 
 
 def test_sim_config_repeats_node_config_fields_with_their_types() -> None:

@@ -65,7 +65,7 @@ def run_id() -> str:
 
 async def honest_directories(swarm: Swarm, run: str, *, signed: bool) -> list[DHTDirectory]:
     """One directory per node, each announced (which installs the run's validator in its DHT)."""
-    dirs = [DHTDirectory(dht, run, CONFIG, signer=signer if signed else None)  # type: ignore[arg-type]
+    dirs = [DHTDirectory(dht, run, CONFIG, signer=signer if signed else None, min_read_interval=0.0)  # type: ignore[arg-type]
             for dht, signer in zip(swarm.nodes, swarm.signers, strict=True)]
     for i, d in enumerate(dirs):
         pid = await d.peer_id()
@@ -180,7 +180,8 @@ async def test_undecodable_value_neither_hangs_nor_blinds_a_read(swarm: Swarm) -
     """
     run = run_id()
     dirs = await honest_directories(swarm, run, signed=False)
-    blind = DHTDirectory(swarm.outsider, run, CONFIG, read_timeout=1.0, validate_records=False)
+    blind = DHTDirectory(swarm.outsider, run, CONFIG, read_timeout=1.0, validate_records=False,
+                         min_read_interval=0.0)
     try:
         honest = sorted([await d.peer_id() for d in dirs])
         other = await dirs[1].peer_id()
@@ -207,7 +208,8 @@ async def test_plain_value_at_the_key_does_not_empty_the_directory(swarm: Swarm)
     run = run_id()
     # Unsigned records: a stock DHT cannot strip signatures, so it could not read signed ones at all.
     dirs = await honest_directories(swarm, run, signed=False)
-    blind = DHTDirectory(swarm.outsider, run, CONFIG, peer_id="Qm" + "y" * 44, validate_records=False)
+    blind = DHTDirectory(swarm.outsider, run, CONFIG, peer_id="Qm" + "y" * 44, validate_records=False,
+                         min_read_interval=0.0)
     try:
         honest = sorted([await d.peer_id() for d in dirs])
         assert await peer_ids(blind) == honest
@@ -216,7 +218,7 @@ async def test_plain_value_at_the_key_does_not_empty_the_directory(swarm: Swarm)
             assert await peer_ids(dirs[0]) == [await dirs[1].peer_id()]
             assert await peer_ids(blind) == honest
         assert blind.rejected["not_dictionary"] == 1  # once, however many reads see it
-        joiner = DHTDirectory(swarm.nodes[1], run, CONFIG)
+        joiner = DHTDirectory(swarm.nodes[1], run, CONFIG, min_read_interval=0.0)
         assert await peer_ids(joiner) == [await dirs[0].peer_id()]
         assert dirs[0].rejected["not_dictionary"] == 0
         assert (await refusals(swarm.nodes[0])).get("dht_refused_not_dictionary", 0) >= 1
@@ -227,7 +229,8 @@ async def test_plain_value_at_the_key_does_not_empty_the_directory(swarm: Swarm)
 async def test_expiration_years_ahead_is_refused(swarm: Swarm) -> None:
     run = run_id()
     dirs = await honest_directories(swarm, run, signed=False)
-    blind = DHTDirectory(swarm.outsider, run, CONFIG, peer_id="Qm" + "z" * 44, validate_records=False)
+    blind = DHTDirectory(swarm.outsider, run, CONFIG, peer_id="Qm" + "z" * 44, validate_records=False,
+                         min_read_interval=0.0)
     try:
         before = await refusals(swarm.nodes[0])
         fake = base58.b58encode(bytes([0x12, 0x20]) + bytes(range(32))).decode()
@@ -251,7 +254,7 @@ async def test_junk_subkeys_cost_bounded_work_and_are_counted_once(swarm: Swarm)
     known peers first, and each junk record is counted once."""
     run = run_id()
     dirs = await honest_directories(swarm, run, signed=False)
-    reader = DHTDirectory(swarm.nodes[0], run, CONFIG, max_parse_per_read=64)
+    reader = DHTDirectory(swarm.nodes[0], run, CONFIG, max_parse_per_read=64, min_read_interval=0.0)
     try:
         other = await dirs[1].peer_id()
         assert await peer_ids(reader) == [other]
@@ -269,9 +272,81 @@ async def test_junk_subkeys_cost_bounded_work_and_are_counted_once(swarm: Swarm)
         assert reader.invalid == 300
         assert await peer_ids(reader) == [other] and reader.invalid == 300  # nothing counted twice
         # A joiner has no known peers: it finds the honest one within a few reads.
-        joiner = DHTDirectory(swarm.nodes[0], run, CONFIG, max_parse_per_read=64)
+        joiner = DHTDirectory(swarm.nodes[0], run, CONFIG, max_parse_per_read=64, min_read_interval=0.0)
         seen = [await peer_ids(joiner) for _ in range(6)]
         assert seen[-1] == [other] and joiner.invalid == 300
     finally:
         await asyncio.gather(*(d.shutdown() for d in dirs))
 
+
+
+def junk_subkeys(count: int, seed: int) -> list[str]:
+    """`count` peer-id-like subkeys (base58 sha2-256 multihashes of random bytes)."""
+    rng = random.Random(seed)
+    return [base58.b58encode(bytes([0x12, 0x20]) + rng.randbytes(32)).decode() for _ in range(count)]
+
+
+async def _store_direct(_dht: hivemind.DHT, node: object, key: str, count: int, seed: int, value: bytes,
+                        expiration: float, peers: list[str], batch: int = 500, timeout: float = 10.0) -> int:
+    """Runs in the outsider's DHT process: store `junk_subkeys(count, seed)` straight at `peers` (the
+    replicas), in batches of `batch`, each batch with a deadline; returns how many records they accepted.
+
+    The subkeys are made here, not sent: hivemind's pipe to its DHT process breaks on a message larger
+    than the pipe's buffer (the process reads it non-blocking and fails with EAGAIN halfway).
+    """
+    from hivemind.dht.routing import DHTID
+    from hivemind.p2p import PeerID
+
+    subkeys = junk_subkeys(count, seed)
+    protocol = node.protocol  # type: ignore[attr-defined]
+    key_id, value_bytes = DHTID.generate(source=key), protocol.serializer.dumps(value)
+    stored = 0
+    for peer in peers:
+        for i in range(0, len(subkeys), batch):
+            part = subkeys[i:i + batch]
+            ok = await asyncio.wait_for(protocol.call_store(PeerID.from_base58(peer), [key_id] * len(part),
+                                                            [value_bytes] * len(part), expiration,
+                                                            subkeys=part), timeout)
+            stored += sum(ok or [])
+    return stored
+
+
+async def test_three_thousand_junk_subkeys_do_not_slow_reads_and_are_counted_once(swarm: Swarm) -> None:
+    """3,000 junk subkeys stored straight at both replicas, then stored again with a later expiration.
+    Reads are shared, rate-limited and made in the background: 200 `peers` calls (50 at once, then one
+    after another) cost one read from the DHT and return the honest peer; the junk is counted once, and
+    not again once re-stored."""
+    run = run_id()
+    dirs = await honest_directories(swarm, run, signed=False)
+    reader = DHTDirectory(swarm.nodes[0], run, CONFIG, max_parse_per_read=4096, min_read_interval=1.0)
+    try:
+        other = await dirs[1].peer_id()
+        assert await peer_ids(reader) == [other]
+        replicas = [await d.peer_id() for d in dirs]
+
+        async def store_junk(expiration: float) -> None:
+            stored = await swarm.outsider.run_coroutine(
+                partial(_store_direct, key=dirs[0].key, count=3000, seed=1, value=b"\xff" * 20,
+                        expiration=expiration, peers=replicas), return_future=True)
+            assert stored == 2 * 3000  # every replica took every junk record: the attack landed
+
+        await store_junk(get_dht_time() + 60)
+        await asyncio.sleep(1.0)  # past the interval: the next call reads
+        reads = reader.reads
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(peer_ids(reader) for _ in range(50)))
+        results += [await peer_ids(reader) for _ in range(150)]
+        elapsed = time.monotonic() - t0
+        assert all(r == [other] for r in results)
+        assert reader.reads - reads == 1, "the calls within the interval share one read"
+        assert elapsed < 5.0, "no call waited for the read (it runs in the background)"
+        assert [p.peer_id for p in await reader.refresh()] == [other]  # the read the first call started
+        assert reader.reads - reads == 1
+        assert reader.rejected["undecodable"] == 3000 and reader.invalid == 3000
+        # The same junk again with a fresh expiration: the same records, not counted again.
+        await store_junk(get_dht_time() + 80)
+        assert [p.peer_id for p in await reader.refresh()] == [other]
+        assert reader.reads - reads == 2
+        assert reader.rejected["undecodable"] == 3000 and reader.invalid == 3000
+    finally:
+        await asyncio.gather(*(d.shutdown() for d in dirs))

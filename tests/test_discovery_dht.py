@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +44,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[hivem
 
 def directories(swarm: list[tuple[hivemind.DHT, dict]], run: str, *, signed: bool = True, ttl: float = 60.0,
                 config: str = CONFIG) -> list[DHTDirectory]:
-    return [DHTDirectory(dht, run, config, ttl=ttl, signer=opts["record_validators"][0] if signed else None)
+    return [DHTDirectory(dht, run, config, ttl=ttl, signer=opts["record_validators"][0] if signed else None,
+                         min_read_interval=0.0)
             for dht, opts in swarm]
 
 
@@ -95,7 +98,8 @@ async def test_each_peer_sees_the_other_two(swarm: list[tuple[hivemind.DHT, dict
 async def test_mismatched_config_is_excluded_and_counted(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
     run = run_id()
     dirs = directories(swarm, run)[:2]
-    other = DHTDirectory(swarm[2][0], run, "cfg-b", signer=swarm[2][1]["record_validators"][0])
+    other = DHTDirectory(swarm[2][0], run, "cfg-b", signer=swarm[2][1]["record_validators"][0],
+                         min_read_interval=0.0)
     try:
         await announce_all([*dirs, other])
         for d, friend in ((dirs[0], dirs[1]), (dirs[1], dirs[0])):
@@ -143,7 +147,7 @@ async def test_records_refresh_and_expire(swarm: list[tuple[hivemind.DHT, dict]]
 async def test_invalid_and_forged_records_are_skipped(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
     run = run_id()
     dirs = directories(swarm, run)
-    unsigned = DHTDirectory(swarm[2][0], run, CONFIG)
+    unsigned = DHTDirectory(swarm[2][0], run, CONFIG, min_read_interval=0.0)
     try:
         infos = await announce_all(dirs[:2])
         key = dirs[0].key
@@ -185,3 +189,32 @@ async def test_announce_checks_the_peer_id(swarm: list[tuple[hivemind.DHT, dict]
     with pytest.raises(ValueError):
         await d.announce(PeerInfo(peer_id="someone-else", config_hash=CONFIG))
     await d.shutdown()
+
+
+async def test_rate_limited_reads_and_round_announcements(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
+    """With ``min_read_interval``: `peers` answers from the last read within the interval and refreshes in
+    the background after it; an announcement that only moves the round on is stored in the background, at
+    most once a second, and a reader sees the latest round afterwards."""
+    run = run_id()
+    dirs = [DHTDirectory(dht, run, CONFIG, signer=opts["record_validators"][0], min_read_interval=0.5)
+            for dht, opts in swarm[:2]]
+    try:
+        infos = await announce_all(dirs)
+        assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]  # the first read is waited for
+        reads = dirs[0].reads
+        for _ in range(20):
+            assert [p.peer_id for p in await dirs[0].peers()] == [infos[1].peer_id]
+        assert dirs[0].reads == reads  # within the interval: no read
+        t0 = time.monotonic()
+        for r in range(1, 11):  # ten rounds in quick succession
+            await dirs[1].announce(dataclasses.replace(infos[1], round=r))
+        assert time.monotonic() - t0 < 0.5, "no announcement of a round waited for a store"
+        deadline = time.monotonic() + 10
+        while True:
+            seen = {p.peer_id: p.round for p in await dirs[0].refresh()}
+            if seen.get(infos[1].peer_id) == 10 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert seen == {infos[1].peer_id: 10}
+    finally:
+        await shutdown_all(dirs)

@@ -16,16 +16,18 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 
 from netutil import NetworkGuard, start_p2p
+from p2pnode.config import NodeConfig
 from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
+from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
 from p2pnode.transport.direct import TLSConnection
@@ -347,10 +349,13 @@ def test_rate_guard_cuts_off_a_trickle_after_the_grace_period() -> None:
 @pytest.mark.network
 @pytest.mark.timeout(90)
 async def test_direct_channel_survives_a_slowloris_and_counts_it() -> None:
-    async with swarm() as (victim, honest, _):
+    # The direct channel's caps come from the ``limits`` section of the config.
+    limits = NodeConfig(direct_max_connections=32, direct_max_pending=16,
+                        direct_handshake_timeout_s=2.0).validate().transport_limits()
+    async with swarm(**limits) as (victim, honest, _):
         server = victim._direct
         assert server is not None and victim.direct_address is not None
-        server.max_connections, server.max_pending, server.handshake_timeout = 32, 16, 2.0
+        assert (server.max_connections, server.max_pending, server.handshake_timeout) == (32, 16, 2.0)
         host, port = victim.direct_address
         socks: list[socket.socket] = []
         try:
@@ -386,9 +391,10 @@ async def test_direct_channel_survives_a_slowloris_and_counts_it() -> None:
 @pytest.mark.network
 @pytest.mark.timeout(60)
 async def test_direct_tickets_are_capped_per_peer_and_ask_admits() -> None:
-    async with swarm() as (victim, honest, raw):
+    async with swarm(**NodeConfig(direct_max_tickets_per_peer=5).validate().transport_limits()) as (
+            victim, honest, raw):
         server = victim._direct
-        assert server is not None
+        assert server is not None and server.max_tickets_per_peer == 5
         inner = peer_pb2.Envelope(method="echo", payload_bytes=0)
         codes = [(await exchange_raw(raw, victim, codec.join(codec.encode(DIRECT_TICKET_METHOD, inner)))).error
                  for _ in range(server.max_tickets_per_peer + 3)]
@@ -476,6 +482,87 @@ async def test_replayed_exchange_is_refused_by_the_real_transport() -> None:
         assert len(served) == 1
         # Fresh requests still pass.
         assert (await exchange_raw(raw, victim, codec.join(codec.encode("record", peer_pb2.Ping())))).error == 0
+
+
+async def _read_request(reader: asyncio.StreamReader) -> peer_pb2.Envelope:
+    """Read one framed request off a raw stream (header, envelope, payload); return its envelope."""
+    head = await reader.readexactly(codec.HEADER.size)
+    env = codec.parse_envelope(await reader.readexactly(codec.parse_header(head)))
+    await reader.readexactly(env.payload_bytes)
+    return env
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_replayed_response_is_refused_and_counted() -> None:
+    """An outside peer that a node calls answers with one captured response again and again, then with a
+    stale one: the node uses the first, refuses the others (``replayed``, ``stale_clock``) and goes on."""
+    async with swarm(direct=False) as (victim, honest, raw):
+        captured = codec.join(codec.encode("echo", peer_pb2.Pong(round=7)))
+        answers = [captured, captured, captured,
+                   codec.join(codec.encode("echo", peer_pb2.Pong(round=8), sent_at=time.time() - 3600))]
+
+        async def answer(_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await _read_request(reader)
+                writer.write(answers.pop(0) if answers else codec.join(codec.encode("echo", peer_pb2.Pong())))
+                await writer.drain()
+            finally:
+                writer.close()
+
+        await raw.add_binary_stream_handler(RPC_HANDLER, answer)
+        outsider = raw.peer_id.to_base58()
+        first = await victim.call(outsider, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+        assert first.body.round == 7
+        for reason in ("replayed", "replayed", "stale_clock"):
+            with pytest.raises(BadMessage) as e:
+                await victim.call(outsider, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+            assert e.value.code == reason
+        assert victim.stats.rejected["replayed"] == 2 and victim.stats.rejected["stale_clock"] == 1
+        fresh = await victim.call(outsider, "echo", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=10)
+        assert fresh.body.round == 0
+        ok = await victim.call(honest.peer_id, "echo", Message(peer_pb2.Ping(round=3)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 3
+
+
+class CountingAdmission(Admission):
+    """A real `Admission` that counts the MACs it computes (frozen dataclass: the count lives in a list)."""
+
+    macs: ClassVar[list[int]] = []
+
+    def _mac(self, data: bytes) -> bytes:
+        self.macs.append(1)
+        return super()._mac(data)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_a_proof_is_bound_to_its_message_and_checked_once() -> None:
+    """An outside p2pd that holds the run key (as a leaked proof's sender would) sends a valid request, then
+    another message carrying the same proof: the proof names the first message's nonce, so the second is
+    refused (``not_admitted``). The node computes one MAC to check each request and one for its answer."""
+    key = derive_key(b"correct horse battery staple 42", "run")
+    async with swarm(direct=False) as (victim, honest, raw):
+        CountingAdmission.macs = []
+        victim.admission = CountingAdmission(key)
+        honest.admission = Admission(key)
+        outsider = raw.peer_id.to_base58()
+
+        def request(nonce: bytes, proof_nonce: bytes) -> bytes:
+            proof = Admission(key).proof(outsider, victim.peer_id, "echo", proof_nonce)
+            return codec.join(codec.encode("echo", peer_pb2.Ping(round=4), nonce=nonce, admission=proof))
+
+        n1, n2 = bytes(range(16)), bytes(range(1, 17))
+        env = await exchange_raw(raw, victim, request(n1, n1))
+        assert env.error == peer_pb2.OK
+        assert len(CountingAdmission.macs) == 2  # the request's proof once, the response's proof once
+        env = await exchange_raw(raw, victim, request(n2, n1))  # the captured proof on another message
+        assert env.error == peer_pb2.NOT_ADMITTED
+        assert victim.stats.rejected["not_admitted"] == 1
+        # An honest admitted peer: its request and the response are checked once each on either side.
+        CountingAdmission.macs = []
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=5)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 5 and len(CountingAdmission.macs) == 2
 
 
 def test_replay_is_refused_in_the_simulator_on_its_virtual_clock() -> None:

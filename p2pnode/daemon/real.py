@@ -121,7 +121,8 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
             transport = ThrottledTransport(p2p_transport, TokenBucket(rate))
             logger.info("upload capped at %.1f Mbit/s", settings.max_upload_mbps)
         directory = DHTDirectory(dht, config.run_id, config.config_hash, ttl=config.announce_ttl_s,
-                                 peer_id=transport.peer_id, signer=signer)
+                                 peer_id=transport.peer_id, signer=signer,
+                                 min_read_interval=config.directory_read_interval_s)
         # On the inner transport: a throttling wrapper forwards calls and handlers to it.
         admission = apply_admission(config, p2p_transport, directory)
         if admission is not None:

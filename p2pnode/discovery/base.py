@@ -148,3 +148,8 @@ class PeerDirectory(ABC):
     @abstractmethod
     async def peers(self) -> list[PeerInfo]:
         """Live peers of this run with the same config hash, excluding this node, sorted by peer id."""
+
+    async def refresh(self) -> list[PeerInfo]:
+        """`peers` as the directory holds them now: a directory that serves `peers` from a recent read
+        (`DHTDirectory`) reads again first. Default: `peers`."""
+        return await self.peers()

@@ -10,11 +10,12 @@ Reading (`peers`) checks every record before use and counts what it skips in ``r
 `MAX_RECORD_BYTES` (``oversized``), whose ``peer_id`` differs from their subkey (``mismatched``), that
 expire further ahead than ``ttl * EXPIRATION_CAP_FACTOR`` (``expired_too_far``), records of another
 config hash (``other_config``), and, with an admission policy (`PeerDirectory.admission`), records
-without a valid admission MAC (``not_admitted``). Each record (subkey, value, expiration) is counted
-once, however many reads see it, and its verdict is remembered, so that a read re-parses only records
-it has not seen.
+without a valid admission MAC (``not_admitted``). Each record (subkey and value, not its expiration:
+junk stored again with a new expiration is the same junk) is counted once, however many reads see it,
+and its verdict is remembered (`VERDICT_CACHE_SIZE` records, least recently seen forgotten first), so
+that a read re-parses only records it has not seen.
 
-Outsiders. Anyone who reaches a DHT node can store under the run's key. Four defences:
+Outsiders. Anyone who reaches a DHT node can store under the run's key. Five defences:
 
 - `msgpack_guard` (installed when this module is imported, so before any DHT process forks) keeps
   values nested too deep for hivemind's recursive decoder away from it: one such value would otherwise
@@ -32,6 +33,14 @@ Outsiders. Anyone who reaches a DHT node can store under the run's key. Four def
 - a read parses at most ``max_parse_per_read`` records it has not seen before, the records of peers of
   its last view first; the others (counted once as ``over_budget``) wait for later reads. So thousands of
   junk subkeys cost each read a bounded amount of work, and their verdicts are cached.
+- reads are shared and rate-limited (``min_read_interval``, default 3 s): one read from the DHT at a
+  time, in the background, and `peers` calls get the last read's view without waiting for the next. A
+  read still handles every subkey under the key (hivemind returns the whole dictionary), so with
+  thousands of junk subkeys it takes the replicas and the DHT process a second or more; this way the
+  cost is paid once per interval, whatever the number of rounds, protocols and callers that ask for
+  peers, and no round waits for it. Likewise `announce` after a round in which only the round number
+  changed stores the record in the background, at most once a second (a store waits for the
+  replicas too).
 
 Withdrawal. hivemind's DHT has no delete, and it refuses to store a value whose expiration time is
 already past (``TimedStorage.store`` returns False), so an "already expired" value cannot overwrite a
@@ -59,6 +68,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -106,6 +116,18 @@ EXPIRATION_CAP_FACTOR = 2.0
 MAX_SUBKEY_BYTES = 2048
 #: Default number of records not seen before that one read parses; the rest wait for later reads.
 DEFAULT_MAX_PARSE_PER_READ = 256
+#: Default shortest time between two reads of the directory from the DHT, in seconds: `peers` calls in
+#: between get the last read's view. A read costs work in proportion to every subkey under the run's key,
+#: junk included, so rounds must not each pay for one.
+DEFAULT_MIN_READ_INTERVAL = 3.0
+#: Shortest time between two reads while the last view held no peer, in seconds (a joining node should
+#: see its first peers quickly; without peers there are no rounds to slow down).
+EMPTY_VIEW_READ_INTERVAL = 0.5
+#: Longest time a record's round may lag the node's, in seconds: an announcement in which only the round
+#: changed is stored at most this long after the previous store (at most ``min_read_interval``). Short,
+#: since a joiner syncs only from peers whose record says they are ahead; one store at a time, so a slow
+#: DHT (busy replicas) stores less often by itself.
+ROUND_STORE_INTERVAL = 1.0
 #: Record verdicts remembered by a directory (so that a record is parsed and counted once).
 VERDICT_CACHE_SIZE = 8192
 #: How often a request in flight checks that the DHT process is still alive, in seconds.
@@ -287,8 +309,14 @@ async def dht_refusals(_dht: hivemind.DHT, node: Any) -> dict[str, int]:
     return out
 
 
-def _verdict_key(subkey: object, value: object, expiration: object) -> tuple[object, object, object]:
-    """What identifies one record for the verdict cache: subkey, digest of the value, expiration."""
+def _verdict_key(subkey: object, value: object, far: bool = False) -> tuple[object, object, bool]:
+    """What identifies one record for the verdict cache: its subkey and a digest of its value.
+
+    Not its expiration: the same junk stored again with a fresh expiration is the same record, counted
+    once. Whether the expiration lies too far ahead is checked on every read (a float comparison) and is
+    part of the key (`far`), so a value refused for its expiration once is judged again when it comes
+    back with an acceptable one.
+    """
     if isinstance(subkey, str) and len(subkey) <= MAX_SUBKEY_BYTES:
         sk: object = subkey
     else:
@@ -297,8 +325,16 @@ def _verdict_key(subkey: object, value: object, expiration: object) -> tuple[obj
         except TypeError:
             sk = (type(subkey).__name__,)
     digest = hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, bytes) else type(value).__name__
-    exp = expiration if isinstance(expiration, float | int) else None
-    return sk, digest, exp
+    return sk, digest, far
+
+
+def _too_far(expiration: object, horizon: float) -> bool:
+    """Whether `expiration` is no finite time at or before `horizon` (DHT clock)."""
+    return not isinstance(expiration, float | int) or not math.isfinite(expiration) or expiration > horizon
+
+
+#: A verdict cache key (see `_verdict_key`).
+_VerdictKey = tuple[object, object, bool]
 
 
 class DHTDirectory(PeerDirectory):
@@ -315,6 +351,12 @@ class DHTDirectory(PeerDirectory):
     :param read_timeout: longest wait for one read (`peers`), in seconds (default 5); a read that takes
         longer returns the last good view and counts ``timeout``.
     :param max_parse_per_read: records not seen before that one read parses (default 256).
+    :param min_read_interval: shortest time between two reads from the DHT, in seconds (default 3; 0:
+        every call reads and every `announce` stores at once). An `announce` in which only the round
+        changed (the node announces after every round) is stored in the background, at most once per
+        ``min(min_read_interval, ROUND_STORE_INTERVAL)`` (1 s). `peers` calls within it get the
+        last read's view (less expired records), and
+        calls while a read is in flight get the last view too: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
         True; idempotent, and harmless when the daemon installed it at DHT start).
     """
@@ -323,8 +365,11 @@ class DHTDirectory(PeerDirectory):
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  signer: RSASignatureValidator | None = None, peer_id: str | None = None,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True) -> None:
+                 max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True,
+                 min_read_interval: float = DEFAULT_MIN_READ_INTERVAL) -> None:
         super().__init__()
+        if min_read_interval < 0:
+            raise ValueError(f"min_read_interval must be >= 0, got {min_read_interval}")
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
         if read_timeout <= 0 or max_parse_per_read < 1:
@@ -335,14 +380,24 @@ class DHTDirectory(PeerDirectory):
         self.key = directory_key(run_id)
         self.read_timeout = read_timeout
         self.max_parse_per_read = max_parse_per_read
+        self.min_read_interval = min_read_interval
+        #: Reads from the DHT made so far (each `peers` call that was not served from the last view).
+        self.reads = 0
+        #: When the last read finished (time.monotonic()); -inf before the first.
+        self._read_at = -math.inf
+        #: A store of the record put off by `announce` (only the round changed), and when the last began.
+        self._pending_store: asyncio.Task[None] | None = None
+        self._stored_at = -math.inf
+        #: The read in flight, shared by every `peers` call that arrives meanwhile.
+        self._reading: asyncio.Future[list[PeerInfo]] | None = None
         #: Expirations further ahead than this are refused, in seconds.
         self.max_ahead = ttl * EXPIRATION_CAP_FACTOR
         self._validator_pending = validate_records
-        #: (subkey, value digest, expiration) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
-        self._verdicts: collections.OrderedDict[tuple[object, object, object], PeerInfo | str] = (
+        #: (subkey, value digest, expiration too far) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
+        self._verdicts: collections.OrderedDict[_VerdictKey, PeerInfo | str] = (
             collections.OrderedDict())
         #: Records left for later reads (counted once as over_budget).
-        self._deferred: collections.OrderedDict[tuple[object, object, object], None] = collections.OrderedDict()
+        self._deferred: collections.OrderedDict[_VerdictKey, None] = collections.OrderedDict()
         #: The last good view: peer id -> (record, its expiration on the DHT clock).
         self._view: dict[str, tuple[PeerInfo, float]] = {}
         self.config_hash = config_hash
@@ -387,6 +442,11 @@ class DHTDirectory(PeerDirectory):
 
     async def shutdown(self) -> None:
         """Stop the refresher and withdraw this node's record (waits at most ``request_timeout``)."""
+        for task in (self._reading, self._pending_store):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -409,8 +469,28 @@ class DHTDirectory(PeerDirectory):
         if info.peer_id != pid:
             raise ValueError(f"announced peer id {info.peer_id} is not this node's id {pid}")
         await self._install_validator()
-        self._info = info
+        previous, self._info = self._info, info
+        if (previous is not None and self.min_read_interval > 0
+                and dataclasses.replace(previous, round=info.round, timestamp=info.timestamp) == info):
+            # Only the round moved on (the node announces after every round): published by a store at most
+            # `ROUND_STORE_INTERVAL` after the last one, in the background. A store waits for the replicas,
+            # which may be busy with an outsider's junk: no round should wait for it.
+            if self._pending_store is None or self._pending_store.done():
+                self._pending_store = asyncio.create_task(self._store_later(), name=f"store {self.key}")
+            await _yield()
+            return
         await self._store_record(info)
+
+    async def _store_later(self) -> None:
+        spacing = min(self.min_read_interval, ROUND_STORE_INTERVAL)
+        await asyncio.sleep(max(0.0, self._stored_at + spacing - time.monotonic()))
+        info = self._info
+        if info is None:
+            return
+        try:
+            await self._store_record(info)
+        except Exception as e:  # the refresher or the next announce tries again
+            logger.warning("store of the record under %s failed: %r", self.key, e)
 
     async def withdraw(self) -> None:
         """Stop refreshing and make the record disappear for readers (tombstone, see the module doc)."""
@@ -425,6 +505,7 @@ class DHTDirectory(PeerDirectory):
         async with self._store_lock:
             if self._info is not info:  # withdrawn or replaced while waiting for the lock
                 return
+            self._stored_at = time.monotonic()
             record = self.seal(PeerInfo(**{**info.__dict__, "timestamp": time.time()})).to_proto()
             expiration = max(get_dht_time() + self.ttl, self._last_expiration + _EXPIRATION_STEP)
             await self._store(record.SerializeToString(), expiration)
@@ -458,10 +539,55 @@ class DHTDirectory(PeerDirectory):
     async def peers(self) -> list[PeerInfo]:
         """Live, valid peers of this run with this config hash, excluding this node, sorted by peer id.
 
+        Reads are shared and rate-limited: within ``min_read_interval`` of the last read this returns
+        that read's view (less the records that have expired since); after it, a call starts a read in
+        the background and returns the last view at once (only the first read is waited for, and every
+        read when ``min_read_interval`` is 0; callers that arrive meanwhile wait for that same read). So
+        the cost of reading the run's key, which grows with every subkey stored under it (junk included),
+        is paid once per interval, not once per caller or round, and no round waits for it.
+
         Never raises for what the DHT holds or for a slow DHT: a read that fails, takes longer than
         ``read_timeout`` or finds a plain value at the key returns the last good view (peers of the last
         successful read whose records have not expired), and counts why in `rejected`.
         """
+        if self._reading is None:
+            interval = self.min_read_interval if self._view else min(self.min_read_interval,
+                                                                     EMPTY_VIEW_READ_INTERVAL)
+            if time.monotonic() - self._read_at < interval:
+                await _yield()
+                return self._current_view()
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
+        if self._read_at > -math.inf and self.min_read_interval > 0:
+            # Stale while the read refreshes it: a read of a key that holds thousands of junk subkeys takes
+            # the DHT process a second or more, and no round should wait for it.
+            await _yield()
+            return self._current_view()
+        # The first read (or every read, with no interval): wait for it. Shielded: a caller that gives up
+        # (its own timeout) does not cancel the read that the others wait for.
+        return list(await asyncio.shield(self._reading))
+
+    async def refresh(self) -> list[PeerInfo]:
+        """Like `peers`, but waits for a read from the DHT: the one in flight, else a new one."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
+        return list(await asyncio.shield(self._reading))
+
+    def _read_done(self, future: asyncio.Future[list[PeerInfo]]) -> None:
+        self._reading = None
+        self._read_at = time.monotonic()
+        if not future.cancelled():
+            future.exception()  # retrieved: the callers that awaited it got it already
+
+    def _current_view(self) -> list[PeerInfo]:
+        """The last view, less the records that have expired since it was read."""
+        now = get_dht_time()
+        return [self._view[k][0] for k in sorted(self._view) if self._view[k][1] > now]
+
+    async def _read(self) -> list[PeerInfo]:
+        """One read of the run's key from the DHT (see `peers`)."""
+        self.reads += 1
         own = await self.peer_id()
         await self._install_validator()
         try:
@@ -481,7 +607,7 @@ class DHTDirectory(PeerDirectory):
             return []
         if not isinstance(found.value, dict):
             # A plain value won over the dictionary on some replica that does not run our validator.
-            key = _verdict_key(None, found.value, found.expiration_time)
+            key = _verdict_key(None, found.value)
             if key not in self._verdicts:
                 self._decide(key, "not_dictionary")
             return await self._fallback()
@@ -498,11 +624,11 @@ class DHTDirectory(PeerDirectory):
         """The usable peers among one read's `records`; updates the verdict cache, counters and view."""
         horizon = get_dht_time() + self.max_ahead
         view: dict[str, tuple[PeerInfo, float]] = {}
-        todo: list[tuple[int, float, str, bytes, tuple[object, object, object]]] = []
+        todo: list[tuple[int, float, str, bytes, _VerdictKey]] = []
         for subkey, item in records.items():
             value = getattr(item, "value", None)
             expiration = getattr(item, "expiration_time", None)
-            key = _verdict_key(subkey, value, expiration)
+            key = _verdict_key(subkey, value, _too_far(expiration, horizon))
             verdict = self._verdicts.get(key)
             if verdict is not None:
                 self._verdicts.move_to_end(key)
@@ -533,7 +659,7 @@ class DHTDirectory(PeerDirectory):
         self._view = view
         return [view[k][0] for k in sorted(view)]
 
-    def _decide(self, key: tuple[object, object, object], verdict: PeerInfo | str) -> PeerInfo | str:
+    def _decide(self, key: _VerdictKey, verdict: PeerInfo | str) -> PeerInfo | str:
         """Remember `verdict` for the record `key`; count it if it is a rejection (so: once per record)."""
         if isinstance(verdict, PeerInfo) and verdict.config_hash != self.config_hash:
             verdict = OTHER_CONFIG
@@ -568,8 +694,7 @@ class DHTDirectory(PeerDirectory):
             return "oversized"
         if value == TOMBSTONE:
             return _SKIP
-        if (not isinstance(expiration, float | int) or not math.isfinite(expiration)
-                or expiration > horizon):
+        if _too_far(expiration, horizon):
             return "expired_too_far"
         peer_part, sep, owner = subkey.partition(_OWNER_PREFIX)
         if self.signer is not None and (not sep or not owner.endswith("]")):
@@ -672,6 +797,14 @@ class DHTDirectory(PeerDirectory):
                 cancel = getattr(future, "cancel", None)
                 if cancel is not None:
                     cancel()
+
+
+async def _yield() -> None:
+    """Let the event loop run other tasks once. A directory call answered from memory must still suspend
+    its caller: a round loop whose partner choice and announcement both finish without suspending (no
+    partner to call) would otherwise never give the loop back, and starve every other task of the node
+    (serving peers, the control API, the refresher)."""
+    await asyncio.sleep(0)
 
 
 def _process_alive(dht: hivemind.DHT) -> bool:

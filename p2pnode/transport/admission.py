@@ -5,11 +5,16 @@ Three modes (`MODES`):
 - ``open``: the run's models are public; anyone who knows the run id can fetch and push models.
 - ``secret``: every peer holds a key derived from the run's secret (`derive_key`: HKDF-SHA256, salted by
   the run id, so one secret gives unrelated keys in different runs). A sender puts a *proof* in
-  ``Envelope.admission`` of every request and response (`Admission.proof`): a version byte, a fresh
-  random nonce and ``HMAC-SHA256(key, "req" | sender | receiver | method | nonce)``. The receiver checks
-  it (constant-time) before anything else. The sender's peer id is the one libp2p authenticates on the
-  stream, and the proof names both ends, so a proof seen by one peer cannot be used by another peer,
-  nor against another receiver. The secret never travels.
+  ``Envelope.admission`` of every request and response: a version byte and
+  ``HMAC-SHA256(key, role | sender | receiver | method | Envelope.nonce [| request nonce])``
+  (`Admission.proof`, `Admission.response_proof`). The receiver checks it (constant-time) before
+  anything else. The sender's peer id is the one libp2p authenticates on the stream, and the proof
+  names both ends and the envelope's own nonce, so a proof seen by one peer cannot be used by another
+  peer, nor against another receiver, nor on another message (a new message needs a new nonce, which
+  the transports' replay guard insists on; the old nonce is refused as ``replayed``). A response's proof
+  also names the nonce of the request it answers, so a captured response cannot answer another
+  request. The roles (``req``, ``rsp``) keep a request from passing as a response. The secret never
+  travels.
 - ``allowlist``: only the listed peer ids are served and used (may be combined with a secret).
 
 Directory records carry ``PeerRecord.admission_mac`` = ``HMAC-SHA256(key, "rec" | record fields)``
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,12 +42,11 @@ KEY_BYTES = 32
 #: Shortest run secret accepted, in bytes: a record's MAC is public (it sits in the DHT), so a short
 #: secret could be guessed offline.
 MIN_SECRET_BYTES = 16
-#: Version byte of a proof.
-PROOF_VERSION = 1
-#: Random bytes in each proof, and the MAC length, in bytes.
-NONCE_BYTES = 16
+#: Version byte of a proof (2: bound to the envelope's nonce; 1 carried a nonce of its own).
+PROOF_VERSION = 2
+#: MAC length, and proof length, in bytes.
 MAC_BYTES = 32
-PROOF_BYTES = 1 + NONCE_BYTES + MAC_BYTES
+PROOF_BYTES = 1 + MAC_BYTES
 #: Reason code under which refusals are counted (`Transport.stats.rejected`, `PeerDirectory.not_admitted`).
 NOT_ADMITTED = "not_admitted"
 
@@ -104,27 +107,42 @@ class Admission:
         return hmac.new(self.key, data, hashlib.sha256).digest()
 
     # -- requests and responses -----------------------------------------------------------------------
-    def proof(self, sender: str, receiver: str, method: str) -> bytes:
-        """What `sender` puts in ``Envelope.admission`` of a message to `receiver` (empty without a key)."""
+    def proof(self, sender: str, receiver: str, method: str, nonce: bytes) -> bytes:
+        """What `sender` puts in ``Envelope.admission`` of a request to `receiver` whose envelope carries
+        `nonce` (empty without a key)."""
+        return self._proof(b"req", sender, receiver, method, nonce)
+
+    def response_proof(self, sender: str, receiver: str, method: str, nonce: bytes, request_nonce: bytes) -> bytes:
+        """The proof of a response from `sender` to `receiver` with envelope nonce `nonce`, answering the
+        request whose nonce was `request_nonce` (empty without a key)."""
+        return self._proof(b"rsp", sender, receiver, method, nonce, request_nonce)
+
+    def admits(self, sender: str, receiver: str, method: str, nonce: bytes, proof: bytes) -> bool:
+        """Whether `receiver` may serve a request of `sender` for `method` with envelope nonce `nonce`.
+
+        True when `sender` is on the allowlist (if any) and `proof` is a valid request proof of `sender`
+        to `receiver` for `method` and `nonce` (if a key is set). The MAC is compared in constant time.
+        """
+        return self._check(proof, sender, b"req", sender, receiver, method, nonce)
+
+    def admits_response(self, sender: str, receiver: str, method: str, nonce: bytes, request_nonce: bytes,
+                        proof: bytes) -> bool:
+        """Whether `receiver` may use a response of `sender` (see `response_proof`)."""
+        return self._check(proof, sender, b"rsp", sender, receiver, method, nonce, request_nonce)
+
+    def _proof(self, *fields: str | bytes) -> bytes:
         if self.key is None:
             return b""
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        return bytes([PROOF_VERSION]) + nonce + self._mac(_fields(b"req", sender, receiver, method, nonce))
+        return bytes([PROOF_VERSION]) + self._mac(_fields(*fields))
 
-    def admits(self, sender: str, receiver: str, method: str, proof: bytes) -> bool:
-        """Whether `receiver` may serve (or accept the response of) `sender` for `method`.
-
-        True when `sender` is on the allowlist (if any) and `proof` is a valid proof of `sender` to
-        `receiver` for `method` (if a key is set). The MAC is compared in constant time.
-        """
+    def _check(self, proof: bytes, sender: str, *fields: str | bytes) -> bool:
         if self.allow is not None and sender not in self.allow:
             return False
         if self.key is None:
             return True
         if len(proof) != PROOF_BYTES or proof[0] != PROOF_VERSION:
             return False
-        nonce, mac = proof[1:1 + NONCE_BYTES], proof[1 + NONCE_BYTES:]
-        return hmac.compare_digest(mac, self._mac(_fields(b"req", sender, receiver, method, nonce)))
+        return hmac.compare_digest(proof[1:], self._mac(_fields(*fields)))
 
     # -- directory records ----------------------------------------------------------------------------
     def record_mac(self, record_fields: bytes) -> bytes:

@@ -12,9 +12,16 @@ frames (`codec`), replays and stale send times (`replay.ReplayGuard`, on the tra
 virtual in the simulator), peers that `admits` says no to, and unknown methods. Every refusal is
 counted by reason in `TrafficStats.rejected` and logged clipped and rate-limited (`refusals`).
 Admission (`p2pnode.transport.admission`): with `Transport.admission` set, every request and response
-carries a proof bound to both ends, and `_dispatch`, the one place all requests pass, refuses a request
-that `admits` says no to before its handler runs (``not_admitted``); `call` likewise refuses a response
-from a peer that is not admitted.
+carries a proof bound to both ends and to the envelope's nonce, and `_dispatch`, the one place all
+requests pass, refuses a request that `admits` says no to before its handler runs (``not_admitted``);
+`call` likewise refuses a response from a peer that is not admitted, or whose proof does not name the
+request it answers.
+
+Responses are checked for replay too (`call`): a response must carry a nonce and a send time within the
+window, and a nonce not seen from that peer before (``replayed``, ``stale_clock``, ``no_nonce``, counted
+like requests). A response arrives on the caller's own libp2p stream or pinned TLS connection, so only
+the answering peer itself can send an old one; with admission its proof must also name this request's
+nonce. Error responses carry no proof and are not checked: they are refusals, used only to report why.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,12 +185,13 @@ class Transport(ABC):
 
     # -- admission --------------------------------------------------------------------------------
     def admits(self, peer_id: str, envelope: peer_pb2.Envelope) -> bool:
-        """Whether a message from `peer_id` with this `envelope` is admitted (always, without `admission`).
+        """Whether a request from `peer_id` with this `envelope` is admitted (always, without `admission`).
 
         Cheap and synchronous (one HMAC): it runs for every request, before anything else is done with it.
         """
         adm = self.admission
-        return adm is None or adm.admits(peer_id, self.peer_id, envelope.method, envelope.admission)
+        return adm is None or adm.admits(peer_id, self.peer_id, envelope.method, envelope.nonce,
+                                         envelope.admission)
 
     def check_admission(self, peer_id: str, envelope: peer_pb2.Envelope) -> None:
         """Raise `BadMessage` (``not_admitted``) when `admits` says no."""
@@ -194,14 +203,15 @@ class Transport(ABC):
         """Encode a request to `peer_id`, with this node's admission proof."""
         return self._encode_request(peer_id, method, request)[0]
 
-    def _encode_request(self, peer_id: str, method: str, request: Message[Any]) -> tuple[list[memoryview], int]:
-        """`encode_request`, and the request's tensor bytes uncompressed."""
-        return codec.encode_sized(method, request.body, request.tensors, sent_at=self.clock(),
-                                  admission=self._proof(peer_id, method), compression=request.compression,
-                                  compressed=request.compressed)
-
-    def _proof(self, peer_id: str, method: str) -> bytes:
-        return b"" if self.admission is None else self.admission.proof(self.peer_id, peer_id, method)
+    def _encode_request(self, peer_id: str, method: str, request: Message[Any]
+                        ) -> tuple[list[memoryview], int, bytes]:
+        """`encode_request`, the request's tensor bytes uncompressed, and its nonce."""
+        nonce = secrets.token_bytes(codec.NONCE_BYTES)
+        proof = b"" if self.admission is None else self.admission.proof(self.peer_id, peer_id, method, nonce)
+        parts, raw = codec.encode_sized(method, request.body, request.tensors, nonce=nonce, sent_at=self.clock(),
+                                        admission=proof, compression=request.compression,
+                                        compressed=request.compressed)
+        return parts, raw, nonce
 
     # -- serving ----------------------------------------------------------------------------------
     def register(self, method: str, request_type: type[ProtoMessage], handler: Handler) -> None:
@@ -221,40 +231,69 @@ class Transport(ABC):
         if self.on_reject is not None:
             self.on_reject(peer_id, reason, clip(message, 1000))
 
-    def check_request(self, peer_id: str, env: peer_pb2.Envelope) -> None:
+    def check_request(self, peer_id: str, env: peer_pb2.Envelope, *, admitted: bool = False) -> None:
         """Refuse a request that is replayed, stale or unstamped, or whose sender is not admitted.
+
+        Args:
+            peer_id: the authenticated sender.
+            env: the request's envelope.
+            admitted: the caller checked `admits` for this very envelope already (the real transport does
+                so before it reads a payload): the HMAC is not computed a second time.
 
         Raises `BadMessage` with reason ``not_admitted``, ``no_nonce``, ``malformed``, ``stale_clock``
         or ``replayed``; otherwise remembers the request's nonce.
         """
-        self.check_admission(peer_id, env)
+        if not admitted:
+            self.check_admission(peer_id, env)
+        self._check_replay(peer_id, env)
+
+    def _check_replay(self, peer_id: str, env: peer_pb2.Envelope) -> None:
         refusal = self.replay.check(peer_id, env.nonce, env.sent_at if env.HasField("sent_at") else None,
                                     self.clock())
         if refusal is not None:
             raise BadMessage(refusal[1], code=refusal[0])
 
+    def check_response(self, peer_id: str, method: str, env: peer_pb2.Envelope, request_nonce: bytes) -> None:
+        """Refuse a response that is not admitted (its proof must name the request, `request_nonce`), or
+        that is replayed, stale or unstamped (the same guard as requests, see the module doc).
+
+        Raises `BadMessage` with reason ``not_admitted``, ``no_nonce``, ``malformed``, ``stale_clock``
+        or ``replayed``; otherwise remembers the response's nonce.
+        """
+        adm = self.admission
+        if adm is not None and not adm.admits_response(peer_id, self.peer_id, method, env.nonce, request_nonce,
+                                                       env.admission):
+            raise BadMessage("the response carries no valid admission proof for this request", code=NOT_ADMITTED)
+        self._check_replay(peer_id, env)
+
     async def _dispatch(self, peer_id: str, data: bytes | bytearray | memoryview) -> list[memoryview]:
         """Decode a request, run its handler and encode the response (or an error envelope)."""
         return (await self._dispatch_checked(peer_id, data))[0]
 
-    async def _dispatch_checked(self, peer_id: str, data: bytes | bytearray | memoryview
+    async def _dispatch_checked(self, peer_id: str, data: bytes | bytearray | memoryview, *, admitted: bool = False
                                 ) -> tuple[list[memoryview], bool]:
-        """`_dispatch`, and whether the handler answered (False: the answer is an error envelope)."""
+        """`_dispatch`, and whether the handler answered (False: the answer is an error envelope).
+
+        `admitted`: the request's envelope passed `check_admission` already (see `check_request`).
+        """
         self.stats.bytes_received += len(data)
         method = ""
         ok = False
         try:
             env, tensors = codec.decode(data, self.max_message_bytes)
             method = env.method
-            self.check_request(peer_id, env)
+            self.check_request(peer_id, env, admitted=admitted)
             route = self._routes.get(method)
             if route is None:
                 raise BadMessage(f"unknown method {clip(repr(method), 100)}", code="unknown_method")
             self.stats._received(env, tensors)
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
-            parts, raw = codec.encode_sized(method, response.body, response.tensors,
-                                            admission=self._proof(peer_id, method),
+            nonce = secrets.token_bytes(codec.NONCE_BYTES)
+            proof = (b"" if self.admission is None
+                     else self.admission.response_proof(self.peer_id, peer_id, method, nonce, env.nonce))
+            parts, raw = codec.encode_sized(method, response.body, response.tensors, nonce=nonce,
+                                            sent_at=self.clock(), admission=proof,
                                             compression=response.compression, compressed=response.compressed)
             self.stats._sent(parts, raw)
             ok = True
@@ -293,7 +332,7 @@ class Transport(ABC):
         Raises `PeerUnreachable` (no answer in time), `RemoteError` (the peer refused) or `BadMessage`
         (the response is malformed; also counted in `stats.rejected`).
         """
-        parts, raw = self._encode_request(peer_id, method, request)
+        parts, raw, nonce = self._encode_request(peer_id, method, request)
         size = codec.encoded_size(parts)
         if size > self.max_message_bytes:
             raise TransportError(f"request of {size} bytes exceeds max_message_bytes={self.max_message_bytes}",
@@ -316,8 +355,9 @@ class Transport(ABC):
                 self.stats.failed_calls += 1
                 raise RemoteError(f"{peer_id} refused {method}: {env.error_message}",
                                   code=_ERROR_NAMES.get(env.error, "internal"))
-            # A response from a peer outside the run (one that this node was led to call) is never used.
-            self.check_admission(peer_id, env)
+            # A response from a peer outside the run (one that this node was led to call), an old one or one
+            # that answers another request is never used.
+            self.check_response(peer_id, method, env, nonce)
             self.stats._received(env, tensors)
             return Message(codec.parse_body(env, response_type), tensors)
         except BadMessage as e:

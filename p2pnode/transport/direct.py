@@ -96,7 +96,7 @@ DEFAULT_SERVER_IDLE = 60.0
 #: Default time a client keeps an idle connection for reuse, in seconds (below the server's, so that a
 #: reused connection is rarely one the server is closing).
 DEFAULT_CLIENT_IDLE = 30.0
-#: Most outstanding tickets (all peers together); the oldest are dropped beyond it.
+#: Default most outstanding tickets (all peers together); the oldest are dropped beyond it.
 MAX_TICKETS = 4096
 #: Most idle connections kept per peer.
 MAX_IDLE_PER_PEER = 4
@@ -401,6 +401,8 @@ class DirectServer:
     :param max_pending: most connections still in their handshake (default 64).
     :param max_connections_per_peer: most admitted connections of one peer (default 8).
     :param max_tickets_per_peer: most unused tickets of one peer (default 32).
+    :param max_tickets: most unused tickets of all peers together (default 4096); the oldest are dropped
+        beyond it.
     :param on_reject: told of each refused connection or token (see `RejectCallback`).
     """
 
@@ -409,8 +411,13 @@ class DirectServer:
                  idle_timeout: float = DEFAULT_SERVER_IDLE, max_connections: int = MAX_CONNECTIONS,
                  max_pending: int = MAX_PENDING_HANDSHAKES,
                  max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
-                 max_tickets_per_peer: int = MAX_TICKETS_PER_PEER,
+                 max_tickets_per_peer: int = MAX_TICKETS_PER_PEER, max_tickets: int = MAX_TICKETS,
                  on_reject: RejectCallback | None = None) -> None:
+        for name, value in (("max_connections", max_connections), ("max_pending", max_pending),
+                            ("max_connections_per_peer", max_connections_per_peer),
+                            ("max_tickets_per_peer", max_tickets_per_peer), ("max_tickets", max_tickets)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
@@ -423,6 +430,7 @@ class DirectServer:
         self.max_pending = min(max_pending, max_connections)
         self.max_connections_per_peer = max_connections_per_peer
         self.max_tickets_per_peer = max_tickets_per_peer
+        self.max_tickets = max_tickets
         self.on_reject = on_reject
         cert_pem, key_pem, self.fingerprint = make_certificate()
         self._ctx = server_context(cert_pem, key_pem)
@@ -516,9 +524,9 @@ class DirectServer:
         conns = [c for c in self._connections.values() if c.peer == peer_id]
         if len(conns) >= self.max_connections_per_peer and not any(c.idle for c in conns):
             raise Busy(f"{len(conns)} direct connections of this peer are busy")
-        if len(self._tickets) >= MAX_TICKETS:
+        if len(self._tickets) >= self.max_tickets:
             self._drop_expired(now)
-            while len(self._tickets) >= MAX_TICKETS:  # dicts keep insertion order: drop the oldest
+            while len(self._tickets) >= self.max_tickets:  # dicts keep insertion order: drop the oldest
                 self._pop_ticket(next(iter(self._tickets)))
         token = secrets.token_bytes(TOKEN_BYTES)
         self._tickets[token] = _Pending(peer_id, now + self.ticket_ttl)

@@ -27,7 +27,8 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
   a grace of 5 s) is refused and its reservation released (``too_slow``); so is a request that stalls
   for ``idle_timeout``; a stream that ends inside a request is counted as ``truncated``;
 - `Transport.admits` is asked before a request's payload is read and before a direct-channel ticket is
-  issued (``not_admitted``); the direct channel has limits of its own (`direct.DirectServer`);
+  issued (``not_admitted``); the direct channel has limits of its own (`direct.DirectServer`, set by the
+  ``direct_max_*`` and ``direct_handshake_timeout`` parameters);
 - a receive buffer whose message was refused is dropped from the reuse pool, so that large malformed
   messages do not leave the pool holding memory.
 
@@ -62,6 +63,11 @@ from p2pnode.transport.compression import Compression
 from p2pnode.transport.direct import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_PEER,
+    MAX_PENDING_HANDSHAKES,
+    MAX_TICKETS,
+    MAX_TICKETS_PER_PEER,
     Busy,
     ConnectionPool,
     DirectServer,
@@ -386,6 +392,14 @@ class P2PTransport(Transport):
         (default 5); the TLS handshake that follows may take the rest of the call's timeout.
     :param direct_retry_s: after a failed direct connection, how long that peer is only called over
         libp2p, in seconds (default 60).
+    :param direct_max_connections: the direct channel's most connections at once, all states (default
+        128), see `direct.DirectServer`.
+    :param direct_max_pending: its most connections still in their TLS handshake (default 64).
+    :param direct_max_connections_per_peer: its most admitted connections of one peer (default 8).
+    :param direct_max_tickets_per_peer: its most unused tickets of one peer (default 32).
+    :param direct_max_tickets: its most unused tickets of all peers together (default 4096).
+    :param direct_handshake_timeout: longest wait for a direct connection's TLS handshake and first token,
+        in seconds (default None: the larger of `idle_timeout` and 30).
     :param receive_pool_bytes: most bytes of large receive buffers kept for reuse (default 512 MiB;
         0: off), see `ReceiveBuffers`.
     :param compression: the node's wire format for models and updates (default ``none``), see
@@ -400,6 +414,10 @@ class P2PTransport(Transport):
                  direct_advertise_host: str | None = None, direct_port: int = 0,
                  direct_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  direct_retry_s: float = DEFAULT_DIRECT_RETRY,
+                 direct_max_connections: int = MAX_CONNECTIONS, direct_max_pending: int = MAX_PENDING_HANDSHAKES,
+                 direct_max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
+                 direct_max_tickets_per_peer: int = MAX_TICKETS_PER_PEER, direct_max_tickets: int = MAX_TICKETS,
+                 direct_handshake_timeout: float | None = None,
                  receive_pool_bytes: int = DEFAULT_RECEIVE_POOL_BYTES,
                  max_inflight_bytes_per_peer: int | None = None,
                  max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
@@ -440,6 +458,13 @@ class P2PTransport(Transport):
         self._direct_port = direct_port
         self.direct_connect_timeout = direct_connect_timeout
         self.direct_retry_s = direct_retry_s
+        #: Keyword arguments of the `DirectServer` (its limits), see the class doc.
+        self.direct_limits: dict[str, Any] = {
+            "max_connections": direct_max_connections, "max_pending": direct_max_pending,
+            "max_connections_per_peer": direct_max_connections_per_peer,
+            "max_tickets_per_peer": direct_max_tickets_per_peer, "max_tickets": direct_max_tickets,
+            "handshake_timeout": (max(idle_timeout, DEFAULT_HANDSHAKE_TIMEOUT) if direct_handshake_timeout is None
+                                  else direct_handshake_timeout)}
         self._direct: DirectServer | None = None
         self._pool = ConnectionPool()
         self._outbound_tls: set[TLSConnection] = set()
@@ -515,8 +540,8 @@ class P2PTransport(Transport):
             host = self._direct_host or _first_ipv4(self._maddrs)
             self._direct = DirectServer(host=host, port=self._direct_port,
                                         advertise_host=self._direct_advertise_host,
-                                        handshake_timeout=max(self.idle_timeout, DEFAULT_HANDSHAKE_TIMEOUT),
-                                        idle_timeout=2 * self.idle_timeout, on_reject=self.reject)
+                                        idle_timeout=2 * self.idle_timeout, on_reject=self.reject,
+                                        **self.direct_limits)
             await self._direct.start(self._serve_direct)
             self.register(DIRECT_TICKET_METHOD, peer_pb2.Envelope, self._issue_ticket)
         async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
@@ -677,7 +702,8 @@ class P2PTransport(Transport):
             except (OSError, ssl.SSLError) as e:
                 logger.debug("stream from %s failed while reading a request: %r", sender[-8:], e)
                 return False
-            parts, ok = await self._dispatch_checked(sender, data)
+            # Admission was checked on the envelope before the payload was read (`read_message`'s `admit`).
+            parts, ok = await self._dispatch_checked(sender, data, admitted=True)
             if not ok:
                 self.buffers.discard(data)
             del data
