@@ -238,11 +238,12 @@ def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
         return _raw(t)
     shape = tuple(t.shape)
     flat = t.reshape(-1)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    lo, hi = _extremes(flat)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return _raw(t)
     kind = compression.kind
     if kind == "fp16":
-        if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
+        if max(-lo, hi) > _FP16_MAX:
             return _raw(t)
         return CompressedTensor(kind, t.dtype, shape, (flat.to(torch.float16),))
     if kind == "bf16":
@@ -250,6 +251,22 @@ def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
     if kind == "int8":
         return _int8(flat, t.dtype, shape, compression.block_size)
     return _topk(flat, t.dtype, shape, compression.fraction)
+
+
+def _extremes(flat: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a 1-d floating tensor in one pass ((0, 0) when empty). NaN anywhere makes both NaN and
+    an infinity is an extreme, so both are finite exactly when every element is: ``torch.isfinite(t).all()``
+    says the same about 10x slower on CPU (it builds a bool tensor in several passes; 0.09 s against
+    0.006 s for 12.5M float32 on one thread), which was most of the time to compress or decode a model."""
+    if flat.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(flat)
+    return float(lo), float(hi)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    lo, hi = _extremes(t.reshape(-1))
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def _blocks(numel: int, block_size: int) -> int:
@@ -368,7 +385,7 @@ def check_spec(spec: peer_pb2.TensorSpec, itemsize: int) -> tuple[int, int]:
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise BadMessage(f"{what} decodes to NaN or Inf", code="non_finite")
 
 
