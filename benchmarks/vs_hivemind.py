@@ -93,6 +93,8 @@ STOP_TIMEOUT = 20.0
 #: Our int8 block (elements per float32 scale); the default of `p2pnode.transport.compression`.
 INT8_BLOCK = 1024
 FORMATS = ("fp16", "int8")
+#: Most pieces a butterfly slice may travel in (message ids are ``step * MAX_PIECES + piece``).
+MAX_PIECES = 64
 PATTERNS = ("butterfly", "alltoall")
 
 
@@ -253,18 +255,29 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     n, numel = spec.n, spec.numel
     original = peer_values(numel, spec.rank)
     bounds = slice_bounds(numel, n)
-    lo, hi = bounds[spec.rank]
     #: Per step: accumulator (float32), contributions counted, event once complete, the compressed answer.
     states: dict[int, dict[str, Any]] = {}
     current: dict[str, Any] = {}
 
-    def state(step: int) -> dict[str, Any]:
-        if step not in states:
-            own = original[lo:hi] if current["pattern"] == "butterfly" else original
-            states[step] = {"acc": own.clone(), "count": 1, "done": asyncio.Event(), "reply": None}
-            for old in [s for s in states if s < step - 1]:
+    pieces = int(spec.options.get("pieces", 1))
+
+    def piece(j: int, p: int) -> tuple[int, int]:
+        """Bounds of piece `p` of slice `j` (each slice travels as `pieces` calls, pipelined)."""
+        a, b = bounds[j]
+        return a + (b - a) * p // pieces, a + (b - a) * (p + 1) // pieces
+
+    def state(wire_id: int) -> dict[str, Any]:
+        """Accumulator of one message id: ``step * MAX_PIECES + piece`` (all-to-all: piece 0)."""
+        if wire_id not in states:
+            if current["pattern"] == "butterfly":
+                a, b = piece(spec.rank, wire_id % MAX_PIECES)
+                own = original[a:b]
+            else:
+                own = original
+            states[wire_id] = {"acc": own.clone(), "count": 1, "done": asyncio.Event(), "reply": None}
+            for old in [s for s in states if s < wire_id - 2 * MAX_PIECES]:
                 del states[old]
-        return states[step]
+        return states[wire_id]
 
     def add(st: dict[str, Any], x: torch.Tensor) -> None:
         st["acc"] += x
@@ -295,24 +308,28 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     out = torch.empty_like(original)
 
     async def butterfly(step: int, c: Compression) -> None:
-        """Send each owner its slice, compressed; take the averaged slices back; my own one stays exact."""
-        async def one(j: int) -> None:
-            a, b = bounds[j]
-            request = Message(peer_pb2.ModelExchange(round=step), {"x": original[a:b]}, compression=c)
+        """Send each owner its slice, compressed (in `pieces` concurrent calls); take the averaged slices
+        back; my own slice stays exact."""
+        async def one(j: int, p: int) -> None:
+            a, b = piece(j, p)
+            request = Message(peer_pb2.ModelExchange(round=step * MAX_PIECES + p), {"x": original[a:b]},
+                              compression=c)
             reply = await transport.call(peers[j], "bench.part", request, peer_pb2.Pong, timeout=STEP_TIMEOUT)
             out[a:b] = reply.tensors["x"]
 
-        mine = state(step)
-        await asyncio.gather(*(one(j) for j in range(n) if j != spec.rank))
-        async with asyncio.timeout(STEP_TIMEOUT):
-            await mine["done"].wait()
-        out[lo:hi] = mine["acc"]
+        mine = [state(step * MAX_PIECES + p) for p in range(pieces)]
+        await asyncio.gather(*(one(j, p) for p in range(pieces) for j in range(n) if j != spec.rank))
+        for p, st in enumerate(mine):
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await st["done"].wait()
+            a, b = piece(spec.rank, p)
+            out[a:b] = st["acc"]
 
     async def all_to_all(step: int, c: Compression) -> None:
         """Send my whole tensor, compressed once, to every other node; average what they sent me."""
-        mine = state(step)
+        mine = state(step * MAX_PIECES)
         sent = compress(original, c)
-        request = Message(peer_pb2.ModelExchange(round=step), compressed={"x": sent})
+        request = Message(peer_pb2.ModelExchange(round=step * MAX_PIECES), compressed={"x": sent})
         await asyncio.gather(*(transport.call(peers[j], "bench.push", request, peer_pb2.Pong, timeout=STEP_TIMEOUT)
                                for j in range(n) if j != spec.rank))
         async with asyncio.timeout(STEP_TIMEOUT):
@@ -568,7 +585,7 @@ def run_n(n: int, numel: int, args: argparse.Namespace, rows: list[Row]) -> None
         write_exact(numel, n, exact_path)
         hm_opts = {"formats": args.formats, "hivemind_int8": args.hivemind_int8, "log_level": args.log_level,
                    "hivemind_unpatched": args.hivemind_unpatched}
-        ours_opts = {"log_level": args.log_level}
+        ours_opts = {"log_level": args.log_level, "pieces": args.pieces}
         sides: list[tuple[str, str, dict[str, Any]]] = [("hivemind", "hivemind", hm_opts)]
         sides += [(f"ours {p}", "ours", ours_opts) for p in args.patterns]
         mine = {side: [Row(side, fmt, n, ideal_bytes(side, fmt, n, numel)) for fmt in args.formats]
@@ -626,6 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", default="fp16,int8", help="comma-separated: fp16, int8; default both")
     parser.add_argument("--patterns", default="butterfly",
                         help="our patterns, comma-separated: butterfly, alltoall; default butterfly")
+    parser.add_argument("--pieces", type=int, default=1,
+                        help=f"our butterfly: calls per slice (1..{MAX_PIECES}), concurrent, so that the "
+                             "reduce and the gather of different pieces overlap; default 1")
     parser.add_argument("--hivemind-int8", choices=["uniform", "quantile"], default="uniform",
                         help="hivemind's 8-bit format: Uniform8BitQuantization (default) or Quantile8BitQuantization")
     parser.add_argument("--hivemind-unpatched", action="store_true",
@@ -638,6 +658,8 @@ def main(argv: list[str] | None = None) -> None:
     peers = [int(p) for p in args.peers.split(",") if p.strip()]
     if not set(args.formats) <= set(FORMATS) or not set(args.patterns) <= set(PATTERNS) or not args.formats:
         parser.error(f"formats must be among {FORMATS}, patterns among {PATTERNS}")
+    if not 1 <= args.pieces <= MAX_PIECES:
+        parser.error(f"--pieces must be in [1, {MAX_PIECES}]")
     if any(p < 2 for p in peers) or args.repeats < 1:
         parser.error("every group needs at least 2 peers, and --repeats must be >= 1")
     numel = int(args.mb * MB) // 4
