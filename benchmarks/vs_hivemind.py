@@ -26,6 +26,7 @@ all N. Compared, per N and per format:
   every node calls every other node once with that node's slice, compressed; the owner adds the decoded
   contributions in float32 and answers every call with the averaged slice, compressed once. Each node
   sends 2 (N-1)/N of the compressed tensor, as in hivemind; the owner keeps its own slice exact.
+  ``--pieces K`` sends each slice as K concurrent calls instead of one (default 1).
 - ``ours all-to-all`` (``--patterns butterfly,alltoall``): every node sends its whole compressed tensor
   to every other node (the pattern of a gossip push to everyone) and averages what it got with its own;
   each node sends (N-1) compressed tensors, so it only matches the butterfly's bytes at N = 2.
@@ -38,7 +39,7 @@ Per configuration (median over ``--repeats`` timed steps after one warm-up step)
   p2pd), then averaged over peers. It includes every framing the bytes get on the way (protobuf, yamux,
   noise / TLS records, libp2p control and ticket messages). A socket opened and closed within the step
   would be missed; ours reuses its connections (and the warm-up opens them), hivemind's p2pd keeps its.
-- ``ours MB/peer``: our transport's own accounting, ``stats.bytes_sent`` (whole encoded messages).
+- ``ours accounted MB/peer``: our transport's own accounting, ``stats.bytes_sent`` (whole encoded messages).
 - ``ideal MB/peer``: the compressed tensor bytes the pattern must send (2 (N-1)/N or N-1 times 2 bytes
   per element for fp16, 1 + 4/1024 for our int8, 1 for hivemind's codes plus its codebooks).
 - ``time s``: wall time of the step from a barrier to the slowest peer's result.
@@ -47,12 +48,12 @@ Per configuration (median over ``--repeats`` timed steps after one warm-up step)
   success for a step in which a part from a peer was missing and left at the local values: that step's
   error is of the order of the values themselves, and only the worst-step column shows it).
 - ``CPU s``: user + system CPU time of every process involved during the step (the machine may be
-  loaded by other work: this hardly depends on that load, wall time does).
+  loaded by other work: this depends much less on that load than wall time does).
 
 Measurements of the same N run side by side and their steps interleaved (hivemind fp16, ours fp16,
 hivemind int8, ours int8, ...), so that load from other programs falls on both alike; when memory is
-short the two clusters run one after the other. Ratios are ours / hivemind (bytes, time: < 1 is ours
-smaller / faster); "speedup" is hivemind time / ours time.
+short the two clusters run one after the other. Ratios are ours / hivemind (bytes, time, error: < 1 is
+ours smaller / faster); "speedup" is hivemind time / ours time, "CPU hivemind/ours" likewise.
 """
 
 from __future__ import annotations
