@@ -238,11 +238,12 @@ def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
         return _raw(t)
     shape = tuple(t.shape)
     flat = t.reshape(-1)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    lo, hi = _extremes(flat)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         return _raw(t)
     kind = compression.kind
     if kind == "fp16":
-        if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
+        if max(-lo, hi) > _FP16_MAX:
             return _raw(t)
         return CompressedTensor(kind, t.dtype, shape, (flat.to(torch.float16),))
     if kind == "bf16":
@@ -250,6 +251,22 @@ def compress(t: torch.Tensor, compression: Compression) -> CompressedTensor:
     if kind == "int8":
         return _int8(flat, t.dtype, shape, compression.block_size)
     return _topk(flat, t.dtype, shape, compression.fraction)
+
+
+def _extremes(flat: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a 1-d floating tensor in one pass ((0, 0) when empty). NaN anywhere makes both NaN and
+    an infinity is an extreme, so both are finite exactly when every element is: ``torch.isfinite(t).all()``
+    says the same about 10x slower on CPU (it builds a bool tensor in several passes; 0.09 s against
+    0.006 s for 12.5M float32 on one thread), which was most of the time to compress or decode a model."""
+    if flat.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(flat)
+    return float(lo), float(hi)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    lo, hi = _extremes(t.reshape(-1))
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def _blocks(numel: int, block_size: int) -> int:
@@ -263,16 +280,24 @@ def _int8(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], block_
     n = flat.numel()
     blocks = _blocks(n, block_size)
     x = flat.to(torch.float32)
-    # One block (per-tensor scale, or a tensor no larger than a block) spans exactly the tensor.
+    scale = torch.zeros(blocks, dtype=torch.float32)
+    codes = torch.empty(n, dtype=torch.int8)
+    # One block (per-tensor scale, or a tensor no larger than a block) spans exactly the tensor. The full
+    # blocks are one 2-d view and the short last block (if any) is done apart: no padded copy, and
+    # max(amax, -amin) instead of abs().amax(), which would first build |x| (together about 2x faster).
     size = n if blocks == 1 else block_size
-    padded = torch.zeros(blocks * max(size, 1), dtype=torch.float32)
-    padded[:n] = x
-    grid = padded.view(blocks, -1)
-    scale = grid.abs().amax(dim=1) / 127.0
+    full = n // size if n else 0
+    k = full * size
+    pieces = [(x[:k].view(full, size), slice(0, full))] if full else []
+    if k < n:
+        pieces.append((x[k:].view(1, n - k), slice(blocks - 1, blocks)))
+    for grid, rows in pieces:
+        scale[rows] = torch.maximum(grid.amax(dim=1), grid.amin(dim=1).neg_()) / 127.0
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = torch.round(grid * inv[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return CompressedTensor("int8", dtype, shape, (scale.contiguous(), codes.contiguous()),
-                            block_size=block_size, blocks=blocks)
+    for grid, rows in pieces:
+        lo = rows.start * size
+        codes[lo:lo + grid.numel()] = (grid * inv[rows, None]).round_().clamp_(-127, 127).reshape(-1)
+    return CompressedTensor("int8", dtype, shape, (scale, codes), block_size=block_size, blocks=blocks)
 
 
 def _topk(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], fraction: float) -> CompressedTensor:
@@ -305,8 +330,16 @@ def decompress(c: CompressedTensor) -> torch.Tensor:
 def _int8_values(scale: torch.Tensor, codes: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
     if scale.numel() == 1:  # per tensor, or one block: never expand a (peer-chosen) block size
         return codes.to(torch.float32) * scale[0]
-    per = scale.repeat_interleave(block_size)[:n]
-    return codes.to(torch.float32) * per
+    # Full blocks as one 2-d view times a column of scales, the short last block apart: no expanded
+    # per-element scale tensor.
+    out = codes.to(torch.float32)
+    full = n // block_size
+    k = full * block_size
+    if full:
+        out[:k].view(full, block_size).mul_(scale[:full, None])
+    if k < n:
+        out[k:].mul_(scale[-1])
+    return out
 
 
 # -- receiving -------------------------------------------------------------------------------------------
@@ -368,7 +401,7 @@ def check_spec(spec: peer_pb2.TensorSpec, itemsize: int) -> tuple[int, int]:
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise BadMessage(f"{what} decodes to NaN or Inf", code="non_finite")
 
 
