@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, partial_line, register
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_protocol, build_trainer
-from p2pnode.daemon.control import SERVICE_NAME, ControlServer
+from p2pnode.daemon.control import SERVICE_NAME, ControlServer, start_control
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.statedir import (
     StateDirError,
@@ -35,7 +35,6 @@ from p2pnode.daemon.statedir import (
     new_token,
     read_control_file,
     remove_control_file,
-    start_control,
     write_control_file,
 )
 from p2pnode.discovery.base import PeerInfo
