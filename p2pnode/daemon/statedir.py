@@ -12,17 +12,16 @@ that every Control call must present, so only the user who runs the daemon (and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import secrets
 import stat
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from p2pnode.daemon.atomic import write_atomic
 from p2pnode.errors import P2PNodeError
 
 logger = logging.getLogger(__name__)
@@ -101,9 +100,9 @@ def write_control_file(state_dir: str | os.PathLike[str], address: str, token: s
                        pid: int | None = None) -> Path:
     """Write ``control.json`` atomically with mode 0600 and return its path.
 
-    Atomic: the content goes to a temporary file in the same directory, which is flushed to disk and
-    then renamed over ``control.json``, so a reader sees either the old file or the whole new one,
-    never a half-written one (even after a crash).
+    Atomic (`p2pnode.daemon.atomic`): the content goes to a temporary file in the same directory, which
+    is flushed to disk and then renamed over ``control.json``, so a reader sees either the old file or
+    the whole new one, never a half-written one (even after a crash).
 
     :param pid: the daemon's process id; None (default) takes this process's.
     """
@@ -111,32 +110,9 @@ def write_control_file(state_dir: str | os.PathLike[str], address: str, token: s
     info = ControlInfo(address=address, token=token, peer_id=peer_id, pid=os.getpid() if pid is None else pid,
                        started_at=time.time())
     data = json.dumps({"format": CONTROL_FORMAT, **asdict(info)}, indent=2).encode() + b"\n"
-    # mkstemp creates the file with mode 0600 from the start: the token is never readable by others,
-    # not even for a moment.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".control.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, directory / CONTROL_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    # Created 0600 from the start: the token is never readable by others, not even for a moment.
+    write_atomic(directory / CONTROL_FILE, data)
     return directory / CONTROL_FILE
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change (the rename) to disk; not all file systems allow it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_control_file(state_dir: str | os.PathLike[str]) -> ControlInfo | None:
