@@ -14,15 +14,10 @@ from typing import Any
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import (
-    apply_admission,
-    build_attacker,
-    build_protocol,
-    build_trainer,
-    seeded_secagg_identity,
-)
+from p2pnode.daemon.build import build_attacker
+from p2pnode.daemon.memory import create_memory_node
 from p2pnode.daemon.node import Node
-from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
@@ -469,24 +464,15 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     for i in range(cfg.nodes):
         config = cfg.node_config(i)
         pid = sim_peer_id(i)
-        transport = network.transport(pid, max_message_bytes=config.max_message_bytes,
-                                      compression=config.compression)
-        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
-                                    ttl_s=config.announce_ttl_s)
-        apply_admission(config, transport, directory)
-        trainer = build_trainer(config, task)
         attacker = build_attacker(config, peer_id=pid, population=cfg.nodes, colluders=max(1, len(byzantine)),
                                   oracle=board.updates if cfg.omniscient else None)
-        protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
+        node = create_memory_node(config, network=network, registry=registry, peer_id=pid, task=task,
                                   compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000,
                                   # seeded secagg keys and rounding: the same seed gives the same results
                                   secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
-                                  secagg_identity=seeded_secagg_identity(cfg.seed, pid) if config.secagg else None,
                                   attacker=attacker)
         if i not in byzantine and cfg.omniscient and byzantine:
-            protocol.hooks.on_trained = board.hook(pid)
-        node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                    compute=compute)
+            node.protocol.hooks.on_trained = board.hook(pid)
         node.loud_attack = False
         nodes.append(node)
     outsiders = [_outsider(cfg, j, network, registry, task, compute) for j in range(cfg.outsiders)]
@@ -543,14 +529,9 @@ def _outsider(cfg: SimConfig, j: int, network: MemoryNetwork, registry: MemoryRe
     """Outsider `j` (see `SimConfig.outsiders`): a node of the run's config without its secret."""
     config = cfg.outsider_config(j)
     pid = sim_peer_id(cfg.nodes + j)
-    transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
-    directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
-                                ttl_s=config.announce_ttl_s)
-    trainer = build_trainer(config, task)
-    protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory, compute=compute,
+    # Its admission is open: it has no secret, so the run's nodes refuse what it sends.
+    node = create_memory_node(config, network=network, registry=registry, peer_id=pid, task=task, compute=compute,
                               rng=_node_rng(cfg.seed, cfg.nodes + j), step_cost_s=cfg.step_time_ms / 1000)
-    node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=compute)
     node.loud_attack = False
     return node
 

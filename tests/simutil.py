@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
+from p2pnode.daemon.memory import create_memory_node
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
-from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
-from p2pnode.protocols.compute import VirtualCompute
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.transport.memory import MemoryNetwork
 
 
@@ -53,16 +52,9 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
     for i in range(count):
         config = make_config(i, count, **overrides)
         pid = f"node-{i}"
-        transport = network.transport(pid, max_message_bytes=config.max_message_bytes, compression=compression)
-        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash,
-                                    authenticated=signed_records)
-        trainer = build_trainer(config)
-        protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                                  compute=VirtualCompute(), rng=random.Random(i), step_cost_s=0.01,
-                                  secagg_identity=seeded_secagg_identity(config.seed, pid)
-                                  if config.secagg and i not in no_key else None)
-        node = Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                    compute=VirtualCompute(), settings=settings)
+        node = create_memory_node(config, settings, network=network, registry=registry, peer_id=pid,
+                                  rng=random.Random(i), step_cost_s=0.01, compression=compression, ttl_s=30.0,
+                                  authenticated=signed_records, secagg_key=i not in no_key)
         await node.start()
         nodes.append(node)
     return Group(network, registry, nodes)

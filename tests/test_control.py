@@ -27,8 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, partial_line, register
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer
-from p2pnode.daemon.control import SERVICE_NAME, ControlServer
+from p2pnode.daemon.control import SERVICE_NAME, ControlServer, start_control
+from p2pnode.daemon.memory import create_memory_node
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.statedir import (
     StateDirError,
@@ -36,7 +36,6 @@ from p2pnode.daemon.statedir import (
     new_token,
     read_control_file,
     remove_control_file,
-    start_control,
     write_control_file,
 )
 from p2pnode.discovery.base import PeerInfo
@@ -77,16 +76,8 @@ def _make_nodes(count: int, task_name: str = "digits-mlp", **task_options: Any) 
         config = NodeConfig(run_id="control-test", task=task_name, task_options=dict(task_options), shard=(i, count),
                             device="cpu", local_steps=2, exchange_timeout_s=5.0, min_round_time_s=0.02,
                             batch_size=8 if task_options else None).validate()
-        pid = f"peer-{i}"
-        transport = network.transport(pid)
-        directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id,
-                                    config_hash=config.config_hash, ttl_s=config.announce_ttl_s)
-        trainer = build_trainer(config, task)
-        compute = ThreadCompute()
-        protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                                  compute=compute, rng=random.Random(i))
-        nodes.append(Node(config, trainer=trainer, transport=transport, directory=directory,
-                          protocol=protocol, compute=compute))
+        nodes.append(create_memory_node(config, network=network, registry=registry, peer_id=f"peer-{i}", task=task,
+                                        compute=ThreadCompute(), rng=random.Random(i)))
     return nodes
 
 

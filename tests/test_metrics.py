@@ -46,8 +46,8 @@ async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> No
     """Two real nodes train 3 rounds; one refuses a message of another run. Then the Prometheus
     endpoint and `p2pnode status --json` of node 0 show the same numbers."""
     from netutil import NetworkGuard
+    from p2pnode.daemon.control import start_control
     from p2pnode.daemon.real import create_real_node
-    from p2pnode.daemon.statedir import start_control
 
     with NetworkGuard() as guard:
         nodes: list[Node] = []

@@ -32,12 +32,12 @@ from netutil import NetworkGuard, descendant_pids, shutdown_replicas, wait_for_d
 from p2pnode.cli.control_cmds import register
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.children import ProcessRecord, pid_file_path, read_pid_file, start_time, write_pid_file
+from p2pnode.daemon.control import start_control
 from p2pnode.daemon.identity import load_or_create_identity
 from p2pnode.daemon.metrics import parse_exposition
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.real import create_real_node
 from p2pnode.daemon.settings import DaemonSettings
-from p2pnode.daemon.statedir import start_control
 from p2pnode.daemon.supervisor import DHTSupervisor
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(180)]

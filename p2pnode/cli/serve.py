@@ -104,8 +104,9 @@ async def serve(config: NodeConfig, settings: DaemonSettings) -> None:
 
     :param settings: node-local settings; ``state_dir`` None takes the default state dir.
     """
+    from p2pnode.daemon.control import start_control
     from p2pnode.daemon.real import create_real_node
-    from p2pnode.daemon.statedir import default_state_dir, ensure_state_dir, start_control
+    from p2pnode.daemon.statedir import default_state_dir, ensure_state_dir
 
     if settings.state_dir is None:
         settings.state_dir = default_state_dir()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from p2pnode.daemon.statedir import fsync_dir
+from p2pnode.daemon.atomic import atomic_file, fsync_dir
 from p2pnode.errors import BadMessage, P2PNodeError
 from p2pnode.proto import statesync_pb2
 from p2pnode.training.trainer import Trainer
@@ -337,25 +337,17 @@ class CheckpointStore:
         except OSError as e:
             raise CheckpointError(f"cannot create {self.directory}: {e.strerror or e}") from e
         final = self.directory / self.file_name(ckpt.config_hash, ckpt.round)
-        tmp = self.directory / f".{final.name}.{os.getpid()}.tmp"
         digest = hashlib.sha256()
         try:
-            # O_EXCL + 0600: nobody else can read the model, and no stale file is reused.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            # Created 0600: nobody else can read the model; a fresh temporary name, never a stale file.
+            with atomic_file(final) as f:
                 for part in encode(ckpt):
                     view = part.cast("B") if part.format != "B" else part
                     digest.update(view)
                     f.write(view)
                 f.write(digest.digest())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from e
-        fsync_dir(self.directory)
         ckpt.path = final
         self.prune(ckpt.config_hash)
         return final

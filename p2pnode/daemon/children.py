@@ -30,13 +30,14 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from p2pnode.daemon.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -191,15 +192,7 @@ def write_pid_file(state_dir: str | os.PathLike[str], records: Sequence[ProcessR
     """Record `records` (and this daemon's pid) in the pid file, atomically (mode 0600)."""
     directory = Path(state_dir).expanduser()
     data = json.dumps({"daemon": os.getpid(), "children": [asdict(r) for r in records]}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".children.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, directory / PID_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(directory / PID_FILE, data.encode())
 
 
 def read_pid_file(state_dir: str | os.PathLike[str]) -> list[ProcessRecord]:

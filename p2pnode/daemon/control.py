@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,6 +29,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from p2pnode import __version__
+from p2pnode.daemon.statedir import (
+    ControlFileError,
+    StateDirError,
+    control_file_path,
+    ensure_state_dir,
+    new_token,
+    read_control_file,
+    remove_control_file,
+    write_control_file,
+)
 from p2pnode.proto import control_pb2, control_pb2_grpc
 
 if TYPE_CHECKING:
@@ -43,6 +54,8 @@ _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 #: How often the health status is refreshed from the node's state for Health.Watch subscribers, in
 #: seconds. Health.Check refreshes it on every call, so a probe never sees a stale answer.
 HEALTH_POLL_S = 1.0
+#: How long `start_control` waits for an answer from the node named by an existing control file, in seconds.
+PROBE_TIMEOUT_S = 1.0
 #: Longest wait for the directory's peer list in ListPeers, in seconds (the real DHT may be slow).
 LIST_PEERS_TIMEOUT_S = 10.0
 #: How long `stop()` lets calls in flight finish before cancelling them, in seconds.
@@ -404,3 +417,57 @@ class ControlServer:
                 await self._poller
         await self._server.stop(grace_s)
         logger.info("control API on %s stopped", self.address)
+
+
+async def _answers(address: str, timeout_s: float) -> bool:
+    """Whether a health service answers at `address` within `timeout_s` seconds (any status counts)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+    return True
+
+
+async def start_control(node: Node, state_dir: str | os.PathLike[str], on_leave: Callable[[], None], *,
+                        host: str = "127.0.0.1", port: int = 0) -> ControlServer:
+    """Start the control API of `node` and publish it in ``<state_dir>/control.json``.
+
+    Creates the state dir (0700) and a fresh token, starts a `ControlServer`, then writes the control
+    file (0600). The server's ``stop()`` removes the file again (only if it is still this server's).
+
+    :param on_leave: called when a client asks the node to leave (see `ControlServer`).
+    :param host: ``"127.0.0.1"`` (default) or ``"unix:PATH"``.
+    :param port: TCP port; 0 (default) picks a free one.
+    :raises StateDirError: when another node that still answers already uses `state_dir`.
+    """
+    directory = ensure_state_dir(state_dir)
+    try:
+        existing = read_control_file(directory)
+    except ControlFileError as e:
+        logger.warning("replacing an unreadable control file: %s", e)
+        existing = None
+    # Two daemons on one state dir would fight over control.json, and the CLI would find only one of them.
+    if existing is not None and await _answers(existing.address, PROBE_TIMEOUT_S):
+        raise StateDirError(f"another node (peer {existing.peer_id}, pid {existing.pid}) is running with "
+                            f"state dir {directory}; stop it first or pass a different --state-dir")
+    if existing is not None:
+        logger.info("replacing a stale control file of pid %d in %s", existing.pid, directory)
+    token = new_token()
+    server = ControlServer(node, token=token, on_leave=on_leave, host=host, port=port)
+    address = await server.start()
+    try:
+        write_control_file(directory, address, token, node.peer_id)
+    except BaseException:
+        await server.stop(grace_s=0)
+        raise
+    server.add_stop_callback(lambda: _remove_quietly(directory, token))
+    return server
+
+
+def _remove_quietly(directory: Path, token: str) -> None:
+    try:
+        remove_control_file(directory, token)
+    except OSError as e:  # a read-only or vanished state dir must not break shutdown
+        logger.warning("could not remove %s: %s", control_file_path(directory), e)

@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2pnode.daemon.statedir import StateDirError, fsync_dir
+from p2pnode.daemon.atomic import write_atomic
+from p2pnode.daemon.statedir import StateDirError
 from p2pnode.errors import P2PNodeError
 from p2pnode.secagg import keys
 
@@ -102,24 +102,7 @@ def _create_once(directory: Path, name: str, data: bytes) -> bool:
     overwritten (link() fails if the name exists).
     """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    created = False
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, IDENTITY_MODE)
-        try:
-            os.link(tmp, directory / name)
-            created = True
-        except FileExistsError:
-            pass
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    fsync_dir(directory)
-    return created
+    return write_atomic(directory / name, data, mode=IDENTITY_MODE, replace=False)
 
 
 def _tighten(path: Path) -> None:

@@ -12,24 +12,17 @@ that every Control call must present, so only the user who runs the daemon (and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import secrets
 import stat
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from p2pnode.daemon.atomic import write_atomic
 from p2pnode.errors import P2PNodeError
-
-if TYPE_CHECKING:
-    from p2pnode.daemon.control import ControlServer
-    from p2pnode.daemon.node import Node
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +33,6 @@ DEFAULT_STATE_DIR = "~/.p2pnode"
 CONTROL_FILE = "control.json"
 #: Version of the control file's layout; a reader refuses files of another version.
 CONTROL_FORMAT = 1
-#: How long `start_control` waits for an answer from the node named by an existing control file, in seconds.
-PROBE_TIMEOUT_S = 1.0
 
 
 class StateDirError(P2PNodeError):
@@ -109,9 +100,9 @@ def write_control_file(state_dir: str | os.PathLike[str], address: str, token: s
                        pid: int | None = None) -> Path:
     """Write ``control.json`` atomically with mode 0600 and return its path.
 
-    Atomic: the content goes to a temporary file in the same directory, which is flushed to disk and
-    then renamed over ``control.json``, so a reader sees either the old file or the whole new one,
-    never a half-written one (even after a crash).
+    Atomic (`p2pnode.daemon.atomic`): the content goes to a temporary file in the same directory, which
+    is flushed to disk and then renamed over ``control.json``, so a reader sees either the old file or
+    the whole new one, never a half-written one (even after a crash).
 
     :param pid: the daemon's process id; None (default) takes this process's.
     """
@@ -119,32 +110,9 @@ def write_control_file(state_dir: str | os.PathLike[str], address: str, token: s
     info = ControlInfo(address=address, token=token, peer_id=peer_id, pid=os.getpid() if pid is None else pid,
                        started_at=time.time())
     data = json.dumps({"format": CONTROL_FORMAT, **asdict(info)}, indent=2).encode() + b"\n"
-    # mkstemp creates the file with mode 0600 from the start: the token is never readable by others,
-    # not even for a moment.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".control.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, directory / CONTROL_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    # Created 0600 from the start: the token is never readable by others, not even for a moment.
+    write_atomic(directory / CONTROL_FILE, data)
     return directory / CONTROL_FILE
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change (the rename) to disk; not all file systems allow it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_control_file(state_dir: str | os.PathLike[str]) -> ControlInfo | None:
@@ -199,65 +167,6 @@ def remove_control_file(state_dir: str | os.PathLike[str], token: str | None = N
     return True
 
 
-async def _answers(address: str, timeout_s: float) -> bool:
-    """Whether a health service answers at `address` within `timeout_s` seconds (any status counts)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-    return True
-
-
-async def start_control(node: Node, state_dir: str | os.PathLike[str], on_leave: Callable[[], None], *,
-                        host: str = "127.0.0.1", port: int = 0) -> ControlServer:
-    """Start the control API of `node` and publish it in ``<state_dir>/control.json``.
-
-    Creates the state dir (0700) and a fresh token, starts a `ControlServer`, then writes the control
-    file (0600). The server's ``stop()`` removes the file again (only if it is still this server's).
-
-    :param on_leave: called when a client asks the node to leave (see `ControlServer`).
-    :param host: ``"127.0.0.1"`` (default) or ``"unix:PATH"``.
-    :param port: TCP port; 0 (default) picks a free one.
-    :raises StateDirError: when another node that still answers already uses `state_dir`.
-    """
-    from p2pnode.daemon.control import ControlServer
-
-    directory = ensure_state_dir(state_dir)
-    try:
-        existing = read_control_file(directory)
-    except ControlFileError as e:
-        logger.warning("replacing an unreadable control file: %s", e)
-        existing = None
-    # Two daemons on one state dir would fight over control.json, and the CLI would find only one of them.
-    if existing is not None and await _answers(existing.address, PROBE_TIMEOUT_S):
-        raise StateDirError(f"another node (peer {existing.peer_id}, pid {existing.pid}) is running with "
-                            f"state dir {directory}; stop it first or pass a different --state-dir")
-    if existing is not None:
-        logger.info("replacing a stale control file of pid %d in %s", existing.pid, directory)
-    token = new_token()
-    server = ControlServer(node, token=token, on_leave=on_leave, host=host, port=port)
-    address = await server.start()
-    try:
-        write_control_file(directory, address, token, node.peer_id)
-    except BaseException:
-        await server.stop(grace_s=0)
-        raise
-    server.add_stop_callback(lambda: _remove_quietly(directory, token))
-    return server
-
-
-def _remove_quietly(directory: Path, token: str) -> None:
-    try:
-        remove_control_file(directory, token)
-    except OSError as e:  # a read-only or vanished state dir must not break shutdown
-        logger.warning("could not remove %s: %s", control_file_path(directory), e)
-
-
 __all__ = [
     "CONTROL_FILE",
     "DEFAULT_STATE_DIR",
@@ -271,6 +180,5 @@ __all__ = [
     "new_token",
     "read_control_file",
     "remove_control_file",
-    "start_control",
     "write_control_file",
 ]

@@ -49,14 +49,7 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import (
-    aggregate_states,
-    byzantine_target,
-    max_byzantine,
-    outer_optimizer,
-    rule_info,
-    tolerance,
-)
+from p2pnode.aggregation import byzantine_target, max_byzantine, merge_states, outer_optimizer
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
@@ -196,7 +189,6 @@ class GossipProtocol:
         # Newest model of each sender with the merge count at its arrival, oldest first.
         self._window: dict[str, _Entry] = {}
         self._epoch = 0
-        self._needs_updates = rule_info(settings.rule).needs_updates
         self._robust = is_robust(settings.rule, settings.rule_params) or settings.window > 1
         # A merge must keep the rule's guarantee: f = the rule's `f`, or 1 for a robust rule (0 for mean, vca).
         self._target_f = byzantine_target(settings.rule, settings.rule_params)
@@ -318,18 +310,9 @@ class GossipProtocol:
                 params.setdefault("self_index", 0)
             states = [own, *(received[p] for p in senders)]
             try:
-                if tolerance(s.rule, len(states), s.rule_params) < self._target_f:
-                    # Too few inputs for the rule's guarantee (flag with the own model and one peer's: an
-                    # attacker would be half of the merge), though the rule itself would run with f = 0.
-                    raise AggregationError(f"{s.rule} tolerates fewer than f = {self._target_f} Byzantine "
-                                           f"input(s) among {len(states)}")
-                if self._needs_updates:
-                    # Direction-based rules need updates: every model relative to this round's start.
-                    updates = [{k: st[k] - start[k] for k in start} for st in states]
-                    delta = aggregate_states(s.rule, updates, **params)
-                    merged = {k: start[k] + delta[k] for k in start}
-                else:
-                    merged = aggregate_states(s.rule, states, **params)
+                # Direction-based rules get every model relative to this round's start; too few inputs for
+                # the rule's guarantee refuse the merge, though the rule itself would run with f = 0.
+                merged = merge_states(s.rule, states, start, params, require_f=self._target_f)
             except AggregationError as e:
                 # Too few inputs for the rule (e.g. multikrum needs 3) or for its guarantee: keep the own
                 # model rather than merge models that no rule vetted; the window fills up within a few rounds.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from p2pnode.aggregation import OuterOptimizer, aggregate_states, rule_info
+from p2pnode.aggregation import OuterOptimizer, aggregate_states, merge_states
 from p2pnode.errors import AggregationError
 from p2pnode.protocols.base import State
 from p2pnode.protocols.modest.settings import ModestSettings
@@ -33,13 +33,7 @@ def combine(states: Sequence[State], base: Base | None, settings: ModestSettings
     params = dict(s.rule_params)
     rule = s.rule
     try:
-        if rule_info(rule).needs_updates:
-            assert base is not None
-            updates = [{k: st[k] - base.state[k] for k in st} for st in states]
-            delta = aggregate_states(rule, updates, **params)
-            combined = {k: base.state[k] + delta[k] for k in base.state}
-        else:
-            combined = aggregate_states(rule, states, **params)
+        combined = merge_states(rule, states, base.state if base is not None else None, params)
     except AggregationError as e:
         # e.g. a robust rule refuses too few inputs after a degraded round: fall back, and say so.
         logger.warning("%s: rule %s refused %d input(s) (%s); using mean", label, rule, len(states), e)
