@@ -45,7 +45,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cli": ("test_cli_config",),
     "sim": ("test_simulator", "test_simulator_analysis", "test_simulator_churn", "test_byzantine_sim"),
     "net": ("test_byzantine_real", "test_dht_hostile", "test_discovery_dht", "test_modest_crash_real",
-            "test_modest_real", "test_modest_secagg_real", "test_swarm_real", "test_transport_hostile",
+            "test_lm_real", "test_modest_real", "test_modest_secagg_real", "test_swarm_real", "test_transport_hostile",
             "test_transport_p2p"),
 }
 _LAYER_OF = {stem: layer for layer, stems in LAYERS.items() for stem in stems}
