@@ -42,7 +42,7 @@ protos: install
 test: lint check-protos
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The unit layer (pure math, codecs, tasks, the in-memory seams: tests/conftest.py LAYERS), in under 60 s.
+# The unit layer (tests/unit/: pure math, codecs, tasks, the in-memory seams), in under 60 s.
 test-fast: install
 	$(VENV)/bin/pytest -q -m "unit and not slow and not network" $(PYTEST_ARGS)
 

@@ -8,8 +8,9 @@
   socket files it left behind, and fails the test when it leaked a process;
 - a leaked-process check for every other test: a child process still alive after the test fails it.
 
-Layer markers: each test module is marked with the layer it belongs to (`LAYERS`), so
-``pytest -m unit`` runs the unit layer (``make test-fast``) before the files move to tests/<layer>/.
+Layers: the tests live in tests/<layer>/ (`LAYERS`: unit, protocols, daemon, cli, sim, net) and each is
+marked with its layer, so ``pytest tests/unit`` and ``pytest -m unit`` (``make test-fast``) run the same
+tests. The helpers the layers share (netutil.py, simutil.py) stay in tests/.
 """
 
 from __future__ import annotations
@@ -30,37 +31,34 @@ GLOBAL_SEED = 0
 #: Seconds a child process started by a test may take to exit after the test.
 CHILD_GRACE_S = 5.0
 
-#: Layer of each test module (file stem). `make test-fast` runs ``-m unit``.
-LAYERS: dict[str, tuple[str, ...]] = {
-    "unit": ("test_aggregation_flag", "test_aggregation_outer", "test_aggregation_robustness",
-             "test_aggregation_rules", "test_aggregation_vca", "test_attacks", "test_byzantine_units",
-             "test_codec", "test_secagg_primitives", "test_secagg_compose", "test_training",
-             "test_training_cifar", "test_virtual_clock", "test_transport_memory", "test_discovery_memory",
-             "test_identity"),
-    "protocols": ("test_admission", "test_backoff", "test_gossip_bad_input", "test_gossip_vca", "test_modest",
-                  "test_modest_rounds", "test_modest_secagg", "test_modest_secagg_spread",
-                  "test_protocols_dpsgd", "test_secagg_adversarial", "test_secagg_protocol", "test_statesync"),
-    "daemon": ("test_checkpoint", "test_control", "test_daemon_restart", "test_metrics", "test_supervisor",
-               "test_doctor"),
-    "cli": ("test_cli_config",),
-    "sim": ("test_simulator", "test_simulator_analysis", "test_simulator_churn", "test_byzantine_sim"),
-    "net": ("test_byzantine_real", "test_dht_hostile", "test_discovery_dht", "test_modest_crash_real",
-            "test_lm_real", "test_modest_real", "test_modest_secagg_real", "test_swarm_real", "test_transport_hostile",
-            "test_transport_p2p"),
+#: The layers, one directory of tests/ each. `make test-fast` runs ``-m unit``.
+LAYERS: tuple[str, ...] = ("unit", "protocols", "daemon", "cli", "sim", "net")
+#: What each layer holds.
+LAYER_HELP = {
+    "unit": "pure math, codecs, tasks and the in-memory seams, one object at a time",
+    "protocols": "round protocols over the in-memory network (gossip, dpsgd, modest, secagg, statesync)",
+    "daemon": "the node, its checkpoints, control API, metrics and supervisor",
+    "cli": "the command line and the config schema",
+    "sim": "simulator runs",
+    "net": "real hivemind DHT / p2pd processes on 127.0.0.1",
 }
-_LAYER_OF = {stem: layer for layer, stems in LAYERS.items() for stem in stems}
+_TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for layer in LAYERS:
-        config.addinivalue_line("markers", f"{layer}: tests of the {layer} layer (tests/conftest.py LAYERS)")
+        config.addinivalue_line("markers", f"{layer}: tests/{layer}/: {LAYER_HELP[layer]}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with its layer: the directory of tests/ its module lives in."""
     for item in items:
-        layer = _LAYER_OF.get(Path(str(item.fspath)).stem)
-        if layer is not None:
-            item.add_marker(getattr(pytest.mark, layer))
+        path = Path(str(item.fspath)).resolve()
+        if path.parent == _TESTS:
+            raise pytest.UsageError(f"{path.name}: test modules belong in a layer directory, tests/<layer>/ "
+                                    f"with <layer> one of {', '.join(LAYERS)}")
+        if path.parent.parent == _TESTS and path.parent.name in LAYERS:
+            item.add_marker(getattr(pytest.mark, path.parent.name))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pnode.config import NodeConfig
+from p2pnode.daemon.checkpoint import CheckpointStore
 from p2pnode.daemon.memory import create_memory_node
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
@@ -90,3 +91,12 @@ async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120
         await asyncio.gather(*tasks, return_exceptions=True)
         for node in group.nodes:
             await node.shutdown()
+
+
+def memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, count: int,
+                settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None,
+                **overrides: object) -> Node:
+    """Gossip node `index` of `count` of run "test" on the in-memory network (not started), as ``node-<index>``."""
+    config = make_config(index, count, **overrides)
+    return create_memory_node(config, settings, network=network, registry=registry, peer_id=f"node-{index}",
+                              rng=random.Random(index), step_cost_s=0.01, ttl_s=30.0, checkpoints=checkpoints)

@@ -1,7 +1,7 @@
 """The reference table of every `NodeConfig` setting, generated from the schema (`p2pnode.config.Setting`).
 
 ``python -m p2pnode.cli.schema_doc`` rewrites the table between the markers of ``docs/config.md``;
-``tests/test_config_schema.py`` fails when the file and the schema disagree, so the docs cannot drift.
+``tests/cli/test_config_schema.py`` fails when the file and the schema disagree, so the docs cannot drift.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import random
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import apply_admission, build_protocol, build_trainer, seeded_secagg_identity
+from p2pnode.daemon.checkpoint import CheckpointStore
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
@@ -30,7 +31,8 @@ def create_memory_node(config: NodeConfig, settings: DaemonSettings | None = Non
                        compute: Compute | None = None, rng: random.Random | None = None, step_cost_s: float = 0.0,
                        compression: Compression | str | None = None, ttl_s: float | None = None,
                        authenticated: bool = True, secagg_key: bool = True,
-                       secagg_randomness: Randomness | None = None, attacker: Attacker | None = None) -> Node:
+                       secagg_randomness: Randomness | None = None, attacker: Attacker | None = None,
+                       checkpoints: CheckpointStore | None = None) -> Node:
     """A `Node` of `config` on `network` and `registry` as `peer_id`, ready to `start()`.
 
     Args:
@@ -53,6 +55,7 @@ def create_memory_node(config: NodeConfig, settings: DaemonSettings | None = Non
             (`seeded_secagg_identity`; default True); False leaves it without one.
         secagg_randomness: secret randomness of secure aggregation (default None: the OS CSPRNG).
         attacker: the node's forging (default None: built from ``config.attack``).
+        checkpoints: where the node saves and resumes its checkpoints (default None: none).
 
     Returns:
         The node, not started.
@@ -72,4 +75,4 @@ def create_memory_node(config: NodeConfig, settings: DaemonSettings | None = Non
                               if config.secagg and secagg_key else None,
                               attacker=attacker)
     return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=compute, settings=settings)
+                compute=compute, settings=settings, checkpoints=checkpoints)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from test_swarm_real import Daemon
+from daemonutil import Daemon
 
 from p2pnode.cli.doctor import _judge, check_state_dir, doctor
 from p2pnode.daemon.identity import load_or_create_identity

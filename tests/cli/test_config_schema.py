@@ -32,7 +32,7 @@ from p2pnode.config import (
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Hashes computed before the schema existed (literal key lists): they must not change, or old runs split.
 KNOWN_HASHES = [
     ({}, "89aabe327b865323"),

@@ -25,8 +25,8 @@ import click
 import grpc
 import pytest
 from click.testing import CliRunner
+from daemonutil import Daemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_swarm_real import Daemon
 
 from netutil import NetworkGuard, descendant_pids, shutdown_replicas, wait_for_directory_peers
 from p2pnode.cli.control_cmds import register

@@ -21,7 +21,7 @@ from p2pnode.cli.main import cli
 from p2pnode.cli.options import parse_params
 from p2pnode.config import NodeConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

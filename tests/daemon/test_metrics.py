@@ -14,7 +14,6 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from test_statesync import memory_node
 
 from p2pnode.cli.control_cmds import register
 from p2pnode.cli.daemon_options import daemon_options, settings_from_options
@@ -31,7 +30,7 @@ from p2pnode.proto import peer_pb2
 from p2pnode.transport import Message
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
-from simutil import make_config
+from simutil import make_config, memory_node
 
 
 def _scrape(address: str) -> dict[str, float]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_swarm_real import Daemon
+from daemonutil import Daemon
 
 from p2pnode.daemon.identity import (
     IDENTITY_MODE,

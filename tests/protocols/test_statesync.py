@@ -7,42 +7,22 @@ swarm of hivemind nodes on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import build_protocol, build_trainer
-from p2pnode.daemon.checkpoint import CheckpointStore
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerInfo
-from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
-from p2pnode.protocols.compute import VirtualCompute
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.protocols.statesync import Snapshot, StateSyncServer, fetch_state
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
-from simutil import make_config
+from simutil import memory_node
 
 CHUNK = 8 << 10
-
-
-def memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, count: int,
-                settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None,
-                **overrides: object) -> Node:
-    """A gossip node of run "test" on the in-memory network (not started)."""
-    config = make_config(index, count, **overrides)
-    pid = f"node-{index}"
-    transport = network.transport(pid, max_message_bytes=config.max_message_bytes)
-    directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
-    trainer = build_trainer(config)
-    compute = VirtualCompute()
-    protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                              compute=compute, rng=random.Random(index), step_cost_s=0.01)
-    return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=compute, settings=settings, checkpoints=checkpoints)
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

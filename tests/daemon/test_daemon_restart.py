@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_swarm_real import Daemon
+from daemonutil import Daemon
 
 from p2pnode.daemon.checkpoint import CheckpointStore, CorruptCheckpoint, read
 from p2pnode.daemon.identity import load_or_create_identity
@@ -74,7 +74,9 @@ def _kill(d: Daemon) -> None:
 def test_kill_9_at_random_moments_always_resumes_a_valid_checkpoint(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(SEED)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+    # The daemon imports this module for its task, and this module imports the helpers in tests/.
+    here = Path(__file__).resolve()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(here.parent), str(here.parents[1]),
                                                                    os.environ.get("PYTHONPATH")])))
     state = tmp_path / "state"
     args = ["--state-dir", str(state), "--min-round-time", "0", "--device", "cpu", "--run-id", "restart",

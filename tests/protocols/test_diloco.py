@@ -147,7 +147,7 @@ def test_refused_settings_say_why(kw: dict[str, object], message: str) -> None:
 def test_every_topology_takes_the_outer_optimizer_and_old_hashes_stay() -> None:
     for topology in ("gossip", "dpsgd", "modest", "fl"):
         NodeConfig(topology=topology, outer_lr=0.7).validate()
-    # Unset: the hash of a run from before (tests/test_config_schema.py pins these).
+    # Unset: the hash of a run from before (tests/cli/test_config_schema.py pins these).
     assert NodeConfig().config_hash == "89aabe327b865323"
     assert NodeConfig(compression="none").validate().config_hash == "89aabe327b865323"
     assert NodeConfig(topology="modest", outer_lr=0.5).config_hash == "9ae599f65289629d"

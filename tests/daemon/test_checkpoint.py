@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_statesync import memory_node
 
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_trainer
@@ -27,7 +26,7 @@ from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_config
+from simutil import make_config, memory_node
 
 
 def _trainer(seed: int = 3, **overrides: object) -> Trainer:

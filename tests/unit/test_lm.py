@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_statesync import memory_node
 
 from p2pnode.cli.main import cli
 from p2pnode.daemon.checkpoint import CheckpointStore, capture, restore
@@ -30,6 +29,7 @@ from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
 from simulator import SimConfig, run_simulation
 from simulator.analysis import rounds_to_target
+from simutil import memory_node
 
 
 @pytest.fixture(autouse=True)
