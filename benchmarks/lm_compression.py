@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python benchmarks/lm_compression.py                  # 16 nodes, modest and gossip (~10-15 min, 2 cores)
-    python benchmarks/lm_compression.py --quick          # 8 nodes, fewer steps (~1 min)
+    python benchmarks/lm_compression.py                  # 16 nodes, modest and gossip (~8 min, 2 cores)
+    python benchmarks/lm_compression.py --quick          # 8 nodes, fewer steps (1-2 min)
     python benchmarks/lm_compression.py --topologies modest --steps 400 --json out.json
 
 Every run is a `simulator.run_simulation` of the ``tiny-lm`` task (``--size``, default ``tiny``: 0.12 M
@@ -275,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="8 nodes, 100 steps, H 5 vs 50, 16 eval windows (about a minute); explicit options win")
+                    help="8 nodes, 100 steps, H 5 vs 50, 16 eval windows (1-2 min); explicit options win")
     ap.add_argument("--nodes", type=int, default=None, help="simulated nodes (default 16; quick 8)")
     ap.add_argument("--steps", type=int, default=None,
                     help="local steps per trainer over the run (default 400; quick 100)")
