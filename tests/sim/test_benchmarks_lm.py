@@ -1,0 +1,49 @@
+"""benchmarks/lm_compression.py on a tiny configuration: the tables' layout and the int8 byte saving."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lm_compression_bench", ROOT / "benchmarks" / "lm_compression.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lm_compression_tiny_run_tables_and_int8_bytes() -> None:
+    bench = _bench()
+    args = bench.parse_args(["--quick", "--nodes", "4", "--steps", "10", "--h-small", "5", "--h-large", "10",
+                             "--eval-windows", "2", "--batch-size", "2", "--topologies", "modest,gossip",
+                             "--compressions", "none,int8,topk:0.01"])
+    out = io.StringIO()
+    result = bench.run_benchmark(args, out=out)
+    text = out.getvalue()
+    assert "(topk:0.01: not allowed on gossip, skipped)" in text
+    for topology in ("modest", "gossip"):
+        entry = result["topologies"][topology]
+        rows = {c["label"]: c for c in entry["compression"]}
+        assert list(rows) == (["none", "int8", "topk:0.01"] if topology == "modest" else ["none", "int8"])
+        for row in rows.values():
+            assert row["rounds"] == 2 and math.isfinite(row["val_loss"]) and row["total_bytes"] > 0
+            assert len(row["curve"]) == 2 and row["curve"][-1][2] == row["total_bytes"]
+        # int8 sends about a quarter of float32 (block scales and envelopes are the rest).
+        assert rows["int8"]["total_bytes"] < rows["none"]["total_bytes"] / 3.5
+        diloco = entry["diloco"]
+        assert diloco["large"]["rounds"] == 1 and diloco["large"]["outer_lr"] == args.outer_lr
+        assert diloco["small"]["total_bytes"] == rows["none"]["total_bytes"]
+        assert any(line.startswith(f"{topology}: int8 loss ratio") for line in entry["verdicts"])
+    # Markdown tables: a header, a separator and one line per row, ratio columns included.
+    header = next(line for line in text.splitlines() if line.startswith("| compression |"))
+    assert "loss ratio" in header and "bytes ratio" in header and "uplink s/round @50 Mbit/s" in header
+    assert "| int8 |" in text and "MB to reach L=" in text
