@@ -113,6 +113,8 @@ DEFAULT_MAX_STREAMS = 128
 DEFAULT_MAX_STREAMS_PER_PEER = 8
 #: Longest time a stream refused for the per-peer stream limit is drained before it closes, in seconds.
 BUSY_DRAIN_S = 1.0
+#: Seconds an answered libp2p stream waits at most for the caller to close it (`serve_one`).
+ANSWER_LINGER_S = 5.0
 
 _STREAM_ERRORS = (asyncio.IncompleteReadError, ConnectionError, OSError, P2PDaemonError)
 _TLS_ERRORS = (asyncio.IncompleteReadError, OSError, ssl.SSLError)
@@ -715,6 +717,11 @@ class P2PTransport(Transport):
             # The caller gave up (timed out or was cancelled); it reports the failure on its side.
             logger.debug("could not answer %s: %r", sender[-8:], e)
             return False
+        if isinstance(io, StreamIO):
+            # Close only once the caller has read the answer and closed its side: a close while p2pd still
+            # holds the answer's tail can make it reset the stream, and the caller then reads a truncated
+            # answer (seen with 16 MiB answers on a loaded machine).
+            await io.drain(min(self.idle_timeout, ANSWER_LINGER_S))
         return True
 
     async def _answer_error(self, io: MessageIO, code: str, message: str, drain_s: float = REFUSAL_DRAIN_S
