@@ -43,20 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from p2pnode.aggregation import aggregate, available_rules, max_byzantine  # noqa: E402
 from p2pnode.aggregation.flag import default_m  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_report(device: torch.device) -> list[str]:

@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from p2pnode.errors import ConfigError  # noqa: E402
 from p2pnode.transport.compression import check_combination, parse_compression  # noqa: E402
 from simulator import SimConfig, run_simulation  # noqa: E402
@@ -62,18 +63,6 @@ from simulator import SimConfig, run_simulation  # noqa: E402
 INT8_LOSS_RATIO_MAX = 1.02  # int8 within 2 % of the uncompressed validation loss ...
 INT8_BYTES_RATIO_MIN = 3.9  # ... with at least 3.9x fewer bytes
 DILOCO_BYTES_RATIO_MIN = 10.0  # H = 100 + outer step reaches H = 10's loss with >= 10x fewer bytes
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_report() -> list[str]:

@@ -48,7 +48,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -60,6 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
+from benchmarks.machine import commit, cpu_model  # noqa: E402
 from p2pnode.proto import peer_pb2  # noqa: E402
 from p2pnode.secagg import SecAggSettings, run_instance  # noqa: E402
 from p2pnode.secagg.prg import ALGORITHMS, MaskGenerator  # noqa: E402
@@ -70,20 +70,9 @@ from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel  # n
 
 def machine() -> str:
     """CPU model, cores, commit and versions: these figures depend on all of them."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, load {load}; Python {platform.python_version()}, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} torch threads; commit {commit}")
+    return (f"{cpu_model()}, {os.cpu_count()} cores, load {load}; Python {platform.python_version()}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} torch threads; commit {commit()}")
 
 
 def network(mbit: float) -> MemoryNetwork:

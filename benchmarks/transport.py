@@ -46,7 +46,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 import traceback
@@ -57,6 +56,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
+
+from benchmarks.machine import commit, cpu_model  # noqa: E402
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: Longest wait for a worker to start (import torch, start p2pd / DHT), in seconds.
@@ -469,20 +470,9 @@ def machine() -> dict[str, str]:
     import hivemind
     import torch
 
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    commit = "?"
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "python": platform.python_version(),
             "torch": torch.__version__, "hivemind": hivemind.__version__, "platform": platform.platform(),
-            "commit": commit}
+            "commit": commit()}
 
 
 @dataclass
