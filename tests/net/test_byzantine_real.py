@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 HONEST = 5
 
 
-async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
-    """Final accuracies of the honest nodes, and the attacker node (after shutdown). With a robust rule,
-    checks that the honest nodes that scored the attacker rank it as their most suspicious peer."""
+async def _swarm(rule: str, rounds: int) -> tuple[list[list[tuple[float, float]]], Any]:
+    """The honest nodes' (accuracy, test loss) after each round (one list per round), and the attacker node
+    (after shutdown). With a robust rule, checks that the honest nodes that scored the attacker rank it as their
+    most suspicious peer."""
 
     def config(i: int, initial: list[str]) -> NodeConfig:
         return NodeConfig(run_id=f"byz-{rule}", seed=5, shard=(i, HONEST + 1), device="cpu", initial_peers=initial,
@@ -32,10 +33,12 @@ async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
     # No state sync: every node starts at round 0 together, in lockstep.
     async with RealSwarm(HONEST + 1, config, settings=DaemonSettings(sync_on_join=False)) as swarm:
         nodes = swarm.nodes
-        for _ in range(rounds):
-            await asyncio.gather(*(n.run_round() for n in nodes))
         honest = nodes[:HONEST]
-        accs = [n.last_report.accuracy for n in honest]
+        history: list[list[tuple[float, float]]] = []
+        for _ in range(rounds):
+            reports = await asyncio.gather(*(n.run_round() for n in nodes))
+            history.append([(r.accuracy if r.accuracy is not None else 0.0,
+                             r.test_loss if r.test_loss is not None else float("inf")) for r in reports[:HONEST]])
         attacker = nodes[HONEST]
         if rule != "mean":
             # Mean over the honest nodes that scored each peer: the attacker is the most suspicious.
@@ -45,21 +48,28 @@ async def _swarm(rule: str, rounds: int) -> tuple[list[float], Any]:
                     totals.setdefault(peer, []).append(score)
             mean = {p: sum(v) / len(v) for p, v in totals.items()}
             assert max(mean, key=mean.__getitem__) == attacker.peer_id, mean
-        return accs, attacker
+        return history, attacker
 
 
 async def test_flag_over_the_robust_window_resists_a_real_scaled_attacker(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="p2pnode.daemon.node")
     with NetworkGuard() as guard:
-        accs, attacker = await _swarm("flag", rounds=10)
-        assert all(a is not None and a >= 0.85 for a in accs), accs
+        history, attacker = await _swarm("flag", rounds=10)
+        assert all(acc >= 0.85 for acc, _ in history[-1]), history[-1]
         assert attacker.protocol.hooks.attacker.forged >= 10
         # The attacker says so, loudly, at start and every round.
         loud = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ATTACKER")]
         assert any("runs the scaled attack" in m for m in loud) and len(loud) >= 11
-        accs_mean, _ = await _swarm("mean", rounds=6)
-        assert sum(a or 0.0 for a in accs_mean) / HONEST < 0.85, accs_mean
-        assert not all(a is not None and a >= 0.85 for a in accs_mean), accs_mean
+        # The control: with `mean`, an honest node that merges the forged model (x100) that round is wrecked:
+        # its test loss jumps by orders of magnitude (its accuracy may survive a round, as scaling a ReLU
+        # net keeps much of its argmax). The attacker pushes to the partner it picks every round, so from
+        # round 2 on most rounds have such a node; which ones were hit last is chance (the others recover by
+        # training), so the check is over the rounds, not the last one.
+        history_mean, _ = await _swarm("mean", rounds=6)
+        worst_flag = max(loss for accs in history[1:] for _, loss in accs)
+        worst_mean = [max(loss for _, loss in accs) for accs in history_mean[1:]]
+        assert worst_flag < 3.0, history
+        assert sum(w > 10 * worst_flag for w in worst_mean) >= 2, history_mean
     assert not guard.leaked_processes, guard.leaked_processes
 
 
