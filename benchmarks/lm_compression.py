@@ -116,7 +116,7 @@ def run_case(args: argparse.Namespace, topology: str, label: str, compression: s
     """Simulate one configuration (see the module docstring) and collect its figures."""
     rounds = max(1, args.steps // local_steps)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    cfg = SimConfig(
+    cfg = SimConfig.of(
         nodes=args.nodes, task="tiny-lm", topology=topology, rounds=rounds, seed=args.seed,
         task_options={"size": args.size, "eval_windows": args.eval_windows, "warmup_steps": min(warmup, args.steps),
                       "total_steps": args.steps},

@@ -57,9 +57,9 @@ def run(hidden: int, secagg: bool, rounds: int, nodes: int, sample: int, seed: i
 
     # The simulator imports this file as the module `secagg_modest` (not `__main__`): set the width there.
     importlib.import_module("secagg_modest")._HIDDEN["units"] = hidden
-    cfg = SimConfig(nodes=nodes, rounds=rounds, topology="modest", sample_size=sample, seed=seed,
-                    task="secagg_modest:hidden_digits", secagg=secagg, aggregators=aggregators,
-                    secagg_groups=groups if secagg else 1, secagg_min_group=min_group)
+    cfg = SimConfig.of(nodes=nodes, rounds=rounds, topology="modest", sample_size=sample, seed=seed,
+                       task="secagg_modest:hidden_digits", secagg=secagg, aggregators=aggregators,
+                       secagg_groups=groups if secagg else 1, secagg_min_group=min_group)
     t0, c0 = time.perf_counter(), time.process_time()
     result = run_simulation(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -74,13 +74,14 @@ class Setting:
     hash_always: tuple[str, ...] = ()
 
 
-def setting(*, section: str, help: str, **kw: Any) -> Any:
+def setting(*, section: str, help: str, sections: tuple[str, ...] = SECTIONS, **kw: Any) -> Any:
     """A dataclass field of `NodeConfig` with its `Setting` attached (``default``/``default_factory``/``repr``
-    go to `dataclasses.field`, the rest to `Setting`)."""
+    go to `dataclasses.field`, the rest to `Setting`). `sections`: the allowed sections (default `SECTIONS`;
+    the simulator's own settings, `simulator.settings`, have theirs)."""
     field_kw = {k: kw.pop(k) for k in ("default", "default_factory", "repr") if k in kw}
     meta = Setting(section=section, help=help, **kw)
-    if meta.section not in SECTIONS:
-        raise ValueError(f"section {meta.section!r} is not one of {SECTIONS}")
+    if meta.section not in sections:
+        raise ValueError(f"section {meta.section!r} is not one of {sections}")
     return field(metadata={_KEY: meta}, **field_kw)
 
 
@@ -162,7 +163,7 @@ class NodeConfig:
     device: str = setting(default="auto", section="node", help="auto, cpu, cuda or cuda:N.")
     #: Rounds to run; None runs until stopped.
     rounds: int | None = setting(default=None, section="node", help="Rounds to run (default: until stopped).")
-    #: Shortest wall time of one round, in seconds (paces a real swarm; 0 in the simulator).
+    #: Shortest wall time of one round, in seconds (default 0; ``run`` paces a real swarm with 1).
     min_round_time_s: float = setting(
         default=0.0, section="node", help="Shortest round, in seconds (paces the swarm).", flag_default=1.0)
     #: Time allowed for one model exchange with a peer, in seconds.
@@ -214,7 +215,7 @@ class NodeConfig:
     #: MW'23 simulations, 300 s in the latest code]).
     aggregation_timeout_s: float = setting(
         default=60.0, section="modest",
-        help="modest/fl: seconds from an aggregation's first model to its deadline [60; 10 in the simulator].",
+        help="modest/fl: seconds from an aggregation's first model to its deadline [60].",
         topologies=("modest", "fl"), flag_default=None)
     #: Models an aggregator needs at its deadline (default 3, the latest code's liveness rule); with fewer
     #: it sends the base model to more peers (top-up).

@@ -4,6 +4,19 @@ It builds the same `Node`, protocols and trainers as the daemon; only the transp
 (`MemoryTransport`), the directory (`MemoryDirectory`) and the clock differ.
 """
 
-from simulator.runner import SimConfig, run_simulation
+from __future__ import annotations
+
+from typing import Any
+
+from simulator.settings import SimConfig
 
 __all__ = ["SimConfig", "run_simulation"]
+
+
+def __getattr__(name: str) -> Any:
+    # The runner imports torch; `SimConfig` (and the options of ``p2pnode sim``) do not need it.
+    if name == "run_simulation":
+        from simulator.runner import run_simulation
+
+        return run_simulation
+    raise AttributeError(f"module 'simulator' has no attribute {name!r}")

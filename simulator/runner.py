@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_attacker
 from p2pnode.daemon.memory import create_memory_node
 from p2pnode.daemon.node import Node
@@ -23,187 +20,14 @@ from p2pnode.protocols.adversary import HonestBoard
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.modest import AggregationEvent
 from p2pnode.secagg import Stage
-from p2pnode.secagg.groups import DEFAULT_MIN_GROUP
 from p2pnode.secagg.randomness import SeededRandomness
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
 from simulator.analysis import layer_variance
+from simulator.settings import EVENT_DRIVEN, SimConfig, results_config, sim_peer_id
 
-EVENT_DRIVEN = ("modest", "fl")
-#: `NodeConfig` field -> `SimConfig` field, where the two are spelled differently.
-SIM_NAMES = {"model_seed_mode": "init"}
-
-
-@dataclass
-class SimConfig:
-    """One simulated run.
-
-    :param nodes: number of nodes.
-    :param rounds: rounds to simulate. For ``gossip`` and ``dpsgd`` every live node runs each round in
-        lockstep; for ``modest`` and ``fl`` a round is one model version (one completed aggregation).
-    :param latency_ms: one-way latency of every link, in milliseconds (default 5).
-    :param bandwidth_mbps: bandwidth of every link, in Mbit/s (default 100).
-    :param loss: probability that a message is lost (default 0).
-    :param step_time_ms: modelled compute time of one training step, in virtual milliseconds (default 10).
-    :param exchange_timeout_s: time allowed for one exchange, in virtual seconds (default 5).
-    :param init: ``shared`` (one initial model for all) or ``independent`` (one per node).
-    :param sample_size: modest/fl: trainers per round ``s`` (default 10).
-    :param aggregators: modest: aggregators per round ``a`` (default 1).
-    :param success_fraction: modest/fl: ``sf`` (default 1.0).
-    :param aggregation_timeout_s: modest/fl: aggregation deadline, in virtual seconds (default 10; a
-        simulated round of digits-mlp takes about 0.15 s).
-    :param sample_key: modest: ``model`` (default, against grinding) or ``round``.
-    :param inactivity_threshold: modest/fl: rounds without activity before a peer leaves the active set
-        (default 50, the authors').
-    :param dpsgd_graph: dpsgd: ``exponential`` (default) or ``regular``; ``dpsgd_degree``: its degree (4).
-    :param crash_fraction: share of the nodes, chosen by the seed, that stop answering (default 0). In fl
-        the server is never chosen: it is the reference.
-    :param crash_round: they stop right after round ``crash_round - 1`` completes, i.e. they take no part
-        in round ``crash_round`` and later (default 1).
-    :param rejoin_round: they come back (and announce a join) right after round ``rejoin_round - 1``;
-        None (default): never.
-    :param rejoin_fraction: share of the crashed nodes that come back, chosen by the seed (default 1.0).
-    :param outer_lr: DiLoCo outer Nesterov optimizer's learning rate, every topology (default None: none);
-        ``outer_momentum`` (0.9) and ``outer_nesterov`` (True) as `NodeConfig`'s.
-    :param compression: the run's wire format (`NodeConfig.compression`; default ``none``).
-    :param byzantine: number of attacking nodes, chosen by the seed (default 0; in fl never the server).
-    :param attack: what they do (``p2pnode.attacks.available_attacks()``); needed when ``byzantine > 0``.
-    :param attack_params: the attack's parameters.
-    :param omniscient: attackers see the honest updates of the same round (default True, the attack papers'
-        threat model); False: they use only what they hold themselves, as in the daemon.
-    :param robust_window: gossip: merges over which received models are kept for the rule (default None:
-        4 for a robust rule, 1 otherwise).
-    :param exclude_suspects: leave out peers whose suspicion exceeds ``suspect_threshold`` (default 1.0).
-    Accuracy in the results is that of honest nodes only (attackers' own models are not counted).
-    :param admission: the run's admission (`NodeConfig.admission`): ``open`` (default) or ``secret``, with
-        ``run_secret`` (at least 16 bytes; written into the results as ``***``). The in-memory transport and
-        directory refuse non-admitted peers exactly as the real ones do.
-    :param outsiders: gossip/dpsgd with ``admission = "secret"``: this many extra nodes (peer ids after the
-        run's) that know the run id and every peer id but not the secret; they train on the shards of
-        nodes 0, 1, ... and run rounds alongside the run, calling its nodes. They are not part of the
-        results' rows; ``outsider_refusals`` counts what the run's nodes refused (``not_admitted``: their
-        requests at the transport, their records in the directory). Default 0.
-    :param record_variance: add ``layer_variance`` to every round's row: for each floating-point entry
-        of the model with more than one element, the population variance of its elements averaged over
-        the live nodes' current models (see `simulator.analysis.layer_variance`). Default False; when
-        False the results (rows and ``config``) are exactly those of a run without this option.
-    Other fields are those of `NodeConfig`.
-    """
-
-    nodes: int = 16
-    task: str = "digits-mlp"
-    #: Options of the task (`NodeConfig.task_options`), for example ``{"size": "tiny"}`` for ``tiny-lm``.
-    task_options: dict[str, Any] = field(default_factory=dict)
-    topology: str = "gossip"
-    rule: str = "mean"
-    rule_params: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 20
-    seed: int = 0
-    alpha: float | None = None
-    local_steps: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    init: str = "shared"
-    latency_ms: float = 5.0
-    bandwidth_mbps: float = 100.0
-    loss: float = 0.0
-    step_time_ms: float = 10.0
-    exchange_timeout_s: float = 5.0
-    eval_every: int = 1
-    sample_size: int = 10
-    aggregators: int = 1
-    success_fraction: float = 1.0
-    aggregation_timeout_s: float = 10.0
-    sample_key: str = "model"
-    inactivity_threshold: int = 50
-    dpsgd_graph: str = "exponential"
-    dpsgd_degree: int = 4
-    outer_lr: float | None = None
-    outer_momentum: float = 0.9
-    outer_nesterov: bool = True
-    compression: str = "none"
-    crash_fraction: float = 0.0
-    crash_round: int = 1
-    rejoin_round: int | None = None
-    rejoin_fraction: float = 1.0
-    secagg: bool = False
-    secagg_neighbours: int | None = None
-    secagg_threshold: int | None = None
-    secagg_clip: float = 8.0
-    #: secagg: split each sample into this many secure groups (`NodeConfig.secagg_groups`; default 1).
-    secagg_groups: int = 1
-    #: secagg with groups: fewest members of a group (`NodeConfig.secagg_min_group`; default 5).
-    secagg_min_group: int = DEFAULT_MIN_GROUP
-    #: secagg fault injection: peer id (``node-NNNN``) -> stage label (``advertise``, ``share``, ``masked``,
-    #: ``unmask``); that node goes silent from that stage on in the first secure round it trains in (with
-    #: ``unmask`` it has sent its masked input, so its update is in the sum). Default: none.
-    secagg_silent: dict[str, str] = field(default_factory=dict)
-    byzantine: int = 0
-    attack: str | None = None
-    attack_params: dict[str, Any] = field(default_factory=dict)
-    omniscient: bool = True
-    robust_window: int | None = None
-    suspicion_decay: float = 0.8
-    exclude_suspects: bool = False
-    suspect_threshold: float = 1.0
-    admission: str = "open"
-    run_secret: str | None = field(default=None, repr=False)
-    outsiders: int = 0
-
-    def byzantine_indices(self) -> list[int]:
-        """The attacking nodes, chosen by the seed (in fl never node 0, the server)."""
-        if self.byzantine < 0:
-            raise ConfigError(f"byzantine={self.byzantine}: must be >= 0")
-        if self.byzantine == 0:
-            return []
-        if self.attack is None:
-            raise ConfigError(f"byzantine={self.byzantine} needs an attack (--attack NAME)")
-        eligible = list(range(1, self.nodes)) if self.topology == "fl" else list(range(self.nodes))
-        if self.byzantine >= len(eligible):
-            raise ConfigError(f"byzantine={self.byzantine}: must leave at least one honest trainer of "
-                              f"{len(eligible)}")
-        return sorted(random.Random(f"byzantine/{self.seed}").sample(eligible, self.byzantine))
-
-    def byzantine_indices_ids(self) -> list[str]:
-        """Peer ids of `byzantine_indices`."""
-        return [sim_peer_id(i) for i in self.byzantine_indices()]
-    record_variance: bool = False
-
-    def node_config(self, index: int) -> NodeConfig:
-        if not 0.0 <= self.crash_fraction <= 1.0:
-            raise ConfigError(f"crash_fraction={self.crash_fraction}: must be in [0, 1]")
-        if self.crash_round < 1:
-            raise ConfigError(f"crash_round={self.crash_round}: must be >= 1")
-        if self.rejoin_round is not None and self.rejoin_round <= self.crash_round:
-            raise ConfigError(f"rejoin_round={self.rejoin_round}: must be > crash_round={self.crash_round}")
-        if not 0.0 <= self.rejoin_fraction <= 1.0:
-            raise ConfigError(f"rejoin_fraction={self.rejoin_fraction}: must be in [0, 1]")
-        # Every NodeConfig field that this class repeats is copied by name (init is model_seed_mode), so a
-        # setting added to both needs no line here; the rest are the simulator's own or fixed per node.
-        shared = {f.name: getattr(self, SIM_NAMES.get(f.name, f.name)) for f in dataclasses.fields(NodeConfig)
-                  if hasattr(self, SIM_NAMES.get(f.name, f.name))}
-        byzantine = index in self.byzantine_indices()
-        shared.update(run_id=f"sim-{self.seed}", shard=(index, self.nodes), device="cpu",
-                      rule_params=dict(self.rule_params), task_options=dict(self.task_options),
-                      attack=self.attack if byzantine else None,
-                      attack_params=dict(self.attack_params) if byzantine else {})
-        return NodeConfig(**shared).validate()
-
-    def outsider_config(self, j: int) -> NodeConfig:
-        """The config of outsider `j`: that of node ``j % nodes``, without the run's secret."""
-        if self.outsiders < 0:
-            raise ConfigError(f"outsiders={self.outsiders}: must be >= 0")
-        if self.admission != "secret":
-            raise ConfigError("outsiders need admission=secret (in an open run everyone is admitted)")
-        if self.topology in EVENT_DRIVEN:
-            raise ConfigError(f"outsiders run rounds alongside gossip or dpsgd, not {self.topology}")
-        return dataclasses.replace(self.node_config(j % self.nodes), admission="open", run_secret=None).validate()
-
-
-def sim_peer_id(index: int) -> str:
-    """Peer id of simulated node `index` (readable and stable across runs)."""
-    return f"node-{index:04d}"
+__all__ = ["EVENT_DRIVEN", "SimConfig", "run_simulation", "sim_peer_id"]
 
 
 def _node_rng(seed: int, index: int) -> random.Random:
@@ -223,23 +47,23 @@ class _Churn:
         self.cfg = cfg
         self.network = network
         eligible = list(range(cfg.nodes))
-        if cfg.topology == "fl":
+        if cfg.config.topology == "fl":
             eligible.remove(0)  # the server (lowest peer id) is the reference: it stays up
-        count = round(cfg.crash_fraction * cfg.nodes)
+        count = round(cfg.churn.crash_fraction * cfg.nodes)
         count = min(count, len(eligible))
-        rng = random.Random(f"crash/{cfg.seed}")
+        rng = random.Random(f"crash/{cfg.config.seed}")
         self.victims = sorted(rng.sample(eligible, count)) if count else []
-        back = round(cfg.rejoin_fraction * len(self.victims))
+        back = round(cfg.churn.rejoin_fraction * len(self.victims))
         self.returning = sorted(rng.sample(self.victims, back)) if back else []
         self.nodes = nodes
         self.crashed = False
         self.rejoined = False
 
     def crash_due(self, completed: int) -> bool:
-        return bool(self.victims) and not self.crashed and completed >= self.cfg.crash_round - 1
+        return bool(self.victims) and not self.crashed and completed >= self.cfg.churn.crash_round - 1
 
     def rejoin_due(self, completed: int) -> bool:
-        r = self.cfg.rejoin_round
+        r = self.cfg.churn.rejoin_round
         return self.crashed and not self.rejoined and r is not None and completed >= r - 1
 
     def crash(self) -> list[int]:
@@ -294,7 +118,7 @@ async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, c
         if ignored:
             row["ignored"] = ignored
         sent_before = sent
-        if cfg.record_variance:
+        if cfg.recording.record_variance:
             row["layer_variance"] = layer_variance(n.trainer.state() for n in live)
         rounds.append(row)
         if on_round is not None:
@@ -367,7 +191,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
             if ev.secure:  # who is in the secure mean, who is not, and whether it was aborted
                 row["secagg"] = {"dropped": list(ev.dropped), "aborted": ev.aborted is not None}
             sent_before = sent
-            if cfg.record_variance:
+            if cfg.recording.record_variance:
                 # The live nodes' models at the moment version ev.index first completes.
                 row["layer_variance"] = layer_variance(n.trainer.state() for n in nodes
                                                        if network.is_alive(n.peer_id))
@@ -390,7 +214,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
 
     for p in protocols:
         p.hooks.on_aggregate = on_aggregate
-    for peer, label in cfg.secagg_silent.items():
+    for peer, label in cfg.attackers.secagg_silent.items():
         stage = next((st for st in Stage if st.label == label), None)
         if stage is None:
             raise ConfigError(f"secagg_silent: unknown stage {label!r}; allowed: {', '.join(st.label for st in Stage)}")
@@ -401,7 +225,7 @@ async def _event_driven(cfg: SimConfig, nodes: list[Node], network: MemoryNetwor
         if network.is_alive(nodes[i].peer_id):
             start(i)
     # No new version for this long (virtual seconds) means the swarm is stuck: stop and say so.
-    stall_limit_s = 20 * cfg.aggregation_timeout_s + 600.0
+    stall_limit_s = 20 * cfg.config.aggregation_timeout_s + 600.0
     stalled = False
     while max(rows, default=0) < cfg.rounds:
         progress.clear()
@@ -443,11 +267,12 @@ def _name_metric(row: dict[str, Any], metric: str) -> dict[str, Any]:
 
 async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: EventCallback | None = None
                     ) -> dict[str, Any]:
-    link = LinkModel(latency_s=cfg.latency_ms / 1000, bandwidth_bytes_per_s=cfg.bandwidth_mbps * 1e6 / 8,
-                     loss=cfg.loss)
-    network = MemoryNetwork(NetworkModel(link), seed=cfg.seed)
+    cfg.validate()
+    net = cfg.network
+    link = LinkModel(latency_s=net.latency_ms / 1000, bandwidth_bytes_per_s=net.bandwidth_mbps * 1e6 / 8, loss=net.loss)
+    network = MemoryNetwork(NetworkModel(link), seed=cfg.config.seed)
     registry = MemoryRegistry()
-    task = get_task(cfg.task, **cfg.task_options)
+    task = get_task(cfg.config.task, **cfg.config.task_options)
     metric = _metric_key(task.metric)
     if on_round is not None and metric != "accuracy":
         user_round = on_round
@@ -459,28 +284,29 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     byzantine = set(cfg.byzantine_indices())
     # Omniscient attackers read the honest updates of their round; trainings of one sample start within a
     # few link latencies of each other in modest/fl, at the same instant in gossip/dpsgd.
-    settle_s = 4 * cfg.latency_ms / 1000 + 0.01 if cfg.topology in EVENT_DRIVEN else 1e-6
+    settle_s = 4 * cfg.network.latency_ms / 1000 + 0.01 if cfg.config.topology in EVENT_DRIVEN else 1e-6
     board = HonestBoard(settle_s=settle_s)
     for i in range(cfg.nodes):
         config = cfg.node_config(i)
         pid = sim_peer_id(i)
         attacker = build_attacker(config, peer_id=pid, population=cfg.nodes, colluders=max(1, len(byzantine)),
-                                  oracle=board.updates if cfg.omniscient else None)
+                                  oracle=board.updates if cfg.attackers.omniscient else None)
         node = create_memory_node(config, network=network, registry=registry, peer_id=pid, task=task,
-                                  compute=compute, rng=_node_rng(cfg.seed, i), step_cost_s=cfg.step_time_ms / 1000,
+                                  compute=compute, rng=_node_rng(cfg.config.seed, i),
+                                  step_cost_s=net.step_time_ms / 1000,
                                   # seeded secagg keys and rounding: the same seed gives the same results
-                                  secagg_randomness=SeededRandomness(str(cfg.seed).encode(), pid.encode()),
+                                  secagg_randomness=SeededRandomness(str(cfg.config.seed).encode(), pid.encode()),
                                   attacker=attacker)
-        if i not in byzantine and cfg.omniscient and byzantine:
+        if i not in byzantine and cfg.attackers.omniscient and byzantine:
             node.protocol.hooks.on_trained = board.hook(pid)
         node.loud_attack = False
         nodes.append(node)
-    outsiders = [_outsider(cfg, j, network, registry, task, compute) for j in range(cfg.outsiders)]
+    outsiders = [_outsider(cfg, j, network, registry, task, compute) for j in range(cfg.attackers.outsiders)]
     for node in [*nodes, *outsiders]:
         await node.start()
     outsider_loops = [asyncio.create_task(_outsider_rounds(o)) for o in outsiders]
     churn = _Churn(cfg, network, nodes)
-    if cfg.topology in EVENT_DRIVEN:
+    if cfg.config.topology in EVENT_DRIVEN:
         out = await _event_driven(cfg, nodes, network, churn, on_round, on_event)
     else:
         out = await _lockstep(cfg, nodes, network, churn, on_round)
@@ -501,7 +327,7 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     rounds = out.pop("rounds")
     final = next((row["accuracy"] for row in reversed(rounds) if row["accuracy"] is not None), None)
     result = {
-        "config": _config_dict(cfg),
+        "config": results_config(cfg),
         "rounds": [_name_metric(row, metric) for row in rounds],
         f"final_{metric}": final,
         "total_bytes": sum(row["bytes"] for row in rounds),
@@ -514,11 +340,11 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
     if byzantine:
         result["byzantine"] = [sim_peer_id(i) for i in sorted(byzantine)]
         result["accuracy_over"] = "honest nodes"
-    if byzantine or cfg.exclude_suspects:
+    if byzantine or cfg.config.exclude_suspects:
         result.update(_suspicion_summary(nodes, {sim_peer_id(i) for i in byzantine}))
     if churn.victims:
         result["crashed"] = [sim_peer_id(i) for i in churn.victims]
-        if cfg.rejoin_round is not None:
+        if cfg.churn.rejoin_round is not None:
             result["rejoined"] = [sim_peer_id(i) for i in churn.returning]
     result.update(out)
     return result
@@ -531,7 +357,8 @@ def _outsider(cfg: SimConfig, j: int, network: MemoryNetwork, registry: MemoryRe
     pid = sim_peer_id(cfg.nodes + j)
     # Its admission is open: it has no secret, so the run's nodes refuse what it sends.
     node = create_memory_node(config, network=network, registry=registry, peer_id=pid, task=task, compute=compute,
-                              rng=_node_rng(cfg.seed, cfg.nodes + j), step_cost_s=cfg.step_time_ms / 1000)
+                              rng=_node_rng(cfg.config.seed, cfg.nodes + j),
+                              step_cost_s=cfg.network.step_time_ms / 1000)
     node.loud_attack = False
     return node
 
@@ -565,26 +392,6 @@ def _suspicion_summary(nodes: list[Node], attackers: set[str]) -> dict[str, Any]
     if bad and good:
         wins = sum(1.0 if b > g else 0.5 if b == g else 0.0 for b in bad for g in good)
         out["suspicion_auc"] = round(wins / (len(bad) * len(good)), 6)
-    return out
-
-
-def _config_dict(cfg: SimConfig) -> dict[str, Any]:
-    """``cfg`` as written into the results; opt-in recording flags and settings left at their default
-    appear only when set, so that a run without them gives the same file, byte for byte, as before they
-    existed."""
-    out = dataclasses.asdict(cfg)
-    if not cfg.record_variance:
-        del out["record_variance"]
-    if cfg.secagg_groups == 1:
-        del out["secagg_groups"]
-    if cfg.secagg_min_group == DEFAULT_MIN_GROUP:
-        del out["secagg_min_group"]
-    if cfg.run_secret is not None:
-        out["run_secret"] = "***"  # the secret never goes into a results file
-    for key, default in (("outer_momentum", 0.9), ("outer_nesterov", True), ("compression", "none"),
-                         ("admission", "open"), ("run_secret", None), ("outsiders", 0)):
-        if out[key] == default:
-            del out[key]
     return out
 
 

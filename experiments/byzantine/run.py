@@ -64,10 +64,10 @@ def sweep(seeds: list[int], rounds: int, force: bool) -> None:
                     path = result_path(topology, attack, rule, seed)
                     if path.exists() and not force:
                         continue
-                    cfg = SimConfig(nodes=NODES, rounds=rounds, topology=topology, rule=rule, seed=seed,
-                                    rule_params=dict(RULE_PARAMS.get(rule, {})),
-                                    byzantine=0 if attack == "none" else BYZANTINE,
-                                    attack=None if attack == "none" else attack)
+                    cfg = SimConfig.of(nodes=NODES, rounds=rounds, topology=topology, rule=rule, seed=seed,
+                                       rule_params=dict(RULE_PARAMS.get(rule, {})),
+                                       byzantine=0 if attack == "none" else BYZANTINE,
+                                       attack=None if attack == "none" else attack)
                     t0 = time.perf_counter()
                     res = run_simulation(cfg)
                     wall = time.perf_counter() - t0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,13 +18,9 @@ from p2pnode.cli.daemon_options import run_options, settings_from_options
 from p2pnode.cli.doctor import doctor
 from p2pnode.cli.invite import TOKEN_PREFIX, Invite, decode_token, differences, encode_token, make_invite, option_values
 from p2pnode.cli.layered import LayeredCommand, explain_config_error
-from p2pnode.cli.options import (
-    byzantine_options,
-    config_fields,
-    config_from_options,
-    training_options,
-)
+from p2pnode.cli.options import config_from_options, training_options
 from p2pnode.cli.serve import serve
+from p2pnode.cli.sim_options import sim_config_from_options, sim_options
 from p2pnode.errors import ConfigError, P2PNodeError
 from p2pnode.log import setup_logging
 
@@ -159,45 +154,23 @@ def invite(ctx: click.Context, bootstrap: tuple[str, ...], **kw: Any) -> None:
                    err=True)
 
 
-@cli.command(cls=LayeredCommand, unlayered=("out", "plot", "quiet"),
+@cli.command(cls=LayeredCommand, unlayered=("out", "plot", "quiet", "show_config"),
              also_accept_env_of=lambda: [cli.commands["run"], cli.commands["join"]])
-@click.option("--nodes", default=16, show_default=True, type=int, help="Number of simulated nodes.")
-@click.option("--rounds", default=20, show_default=True, type=int, help="Rounds to simulate.")
-@training_options
-@click.option("--latency-ms", default=5.0, show_default=True, type=float, help="One-way link latency, ms.")
-@click.option("--bandwidth-mbps", default=100.0, show_default=True, type=float, help="Link bandwidth, Mbit/s.")
-@click.option("--loss", "msg_loss", default=0.0, show_default=True, type=float,
-              help="Probability that a message is lost.")
-@click.option("--step-time-ms", default=10.0, show_default=True, type=float,
-              help="Modelled compute time of one training step, virtual ms.")
-@click.option("--inactivity-threshold", default=50, show_default=True, type=int,
-              help="modest/fl: rounds without activity before a peer leaves the active set.")
-@click.option("--crash-fraction", default=0.0, show_default=True, type=float,
-              help="Share of the nodes (chosen by the seed) that stop answering at --crash-round.")
-@click.option("--crash-round", default=1, show_default=True, type=int,
-              help="First round without the crashed nodes.")
-@click.option("--rejoin-round", default=None, type=int, help="First round in which they are back (default: never).")
-@click.option("--rejoin-fraction", default=1.0, show_default=True, type=float,
-              help="Share of the crashed nodes that come back at --rejoin-round.")
-@click.option("--byzantine", default=0, show_default=True, type=int,
-              help="Number of attacking nodes (chosen by the seed) running --attack; accuracy is then over the "
-                   "honest nodes only.")
-@click.option("--local-attackers", is_flag=True,
-              help="Attackers use only what they hold themselves, as in the daemon (default: they see the honest "
-                   "updates of the same round).")
-@byzantine_options
-@click.option("--record-variance", is_flag=True,
-              help="Add each round's per-layer weight variance, averaged over the live nodes, to the results.")
+@sim_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the task's metric (accuracy, perplexity) and bytes per round to this PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path | None, quiet: bool,
-        byzantine: int, local_attackers: bool, **kw: Any) -> None:
+@click.option("--show-config", is_flag=True,
+              help="Print the run's settings as JSON (each option's value and where it came from) and exit.")
+@click.pass_context
+def sim(ctx: click.Context, out: Path | None, plot: Path | None, quiet: bool, show_config: bool, **kw: Any) -> None:
     """Simulate NODES nodes in one process over an in-memory network on a virtual clock.
 
-    Options are layered as for `run`: defaults < TOML file (--config or $P2PNODE_CONFIG) < P2PNODE_*
-    environment < flags.
+    Every node runs with the settings of `p2pnode run` (the same options and defaults, generated from one
+    schema; the simulator sets each node's shard and the fl server itself), plus the simulator's own: the
+    network model, churn, attackers and recording. Options are layered as for `run`: defaults < TOML file
+    (--config or $P2PNODE_CONFIG) < P2PNODE_* environment < flags.
 
     For gossip and dpsgd a round is one step of every live node, in lockstep; for modest and fl it is one
     model version (one completed aggregation). The same seed gives the same results file, byte for byte.
@@ -207,26 +180,46 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulator import SimConfig, run_simulation
-    from simulator.runner import SIM_NAMES
+    from p2pnode.cli.layered import source_of
+    from p2pnode.cli.sim_options import sim_value
+    from p2pnode.config import MASK
+    from simulator.settings import results_config, sim_schema
 
     try:
-        # The NodeConfig settings among the options (schema-generated), under SimConfig's names; an option
-        # left unset keeps SimConfig's default (the aggregation deadline: 10 virtual seconds).
-        sim_fields = {f.name for f in dataclasses.fields(SimConfig)}
-        shared = {SIM_NAMES.get(k, k): v for k, v in config_fields({**kw, "rounds": rounds}).items()
-                  if SIM_NAMES.get(k, k) in sim_fields}
-        cfg = SimConfig(nodes=nodes, **shared, latency_ms=kw["latency_ms"], bandwidth_mbps=kw["bandwidth_mbps"],
-                        loss=msg_loss, step_time_ms=kw["step_time_ms"], crash_fraction=kw["crash_fraction"],
-                        crash_round=kw["crash_round"], rejoin_round=kw["rejoin_round"],
-                        rejoin_fraction=kw["rejoin_fraction"], byzantine=byzantine,
-                        omniscient=not local_attackers, record_variance=kw["record_variance"])
-        if kw["fl_server"] is not None:
-            raise P2PNodeError("--fl-server is for real swarms; the simulator's fl server is node-0000")
-        for i in [0, *cfg.byzantine_indices()]:
-            cfg.node_config(i)
+        cfg = sim_config_from_options(kw, validate=False)
+        error = None
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            error = e
     except P2PNodeError as e:
         raise click.UsageError(str(e)) from e
+    if show_config:
+        # Like `config show --json`: each option's value in the SimConfig and its source; printed even when the
+        # settings are invalid (then with the error, and exit 2).
+        options: dict[str, Any] = {}
+        for section, f, meta in sim_schema():
+            value = sim_value(cfg, section, f.name)
+            source = source_of(ctx, meta.param)
+            options[meta.param] = {"value": MASK if meta.secret and value else
+                                   list(value) if isinstance(value, tuple) else value,
+                                   "source": source.kind, "origin": source.origin}
+        shown: dict[str, Any] = {"options": options}
+        if error is None:
+            shown["config"] = results_config(cfg)
+        else:
+            shown["error"] = str(error)
+        click.echo(json.dumps(shown, sort_keys=True, default=str))
+        if error is not None:
+            ctx.exit(EXIT_CONFIG)
+        return
+    if error is not None:
+        raise explain_config_error(ctx, error)
+    for name in cfg.ignored_settings():
+        click.echo(f"warning: {name} has no effect in the simulator (in-memory network)", err=True)
+    from simulator import run_simulation
+
+    rounds, nodes, byzantine = cfg.rounds, cfg.nodes, cfg.attackers.byzantine
     setup_logging("WARNING")
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]sim"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -237,7 +230,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
         from p2pnode.training import get_task
 
         # The results name the task's metric: "accuracy" for the image tasks, "perplexity" for tiny-lm.
-        metric = get_task(cfg.task, **cfg.task_options).metric
+        metric = get_task(cfg.config.task, **cfg.config.task_options).metric
 
         def on_round(row: dict[str, Any]) -> None:
             progress.update(bar, advance=1, description=f"{metric_text(metric, row.get(metric))} "
@@ -247,7 +240,7 @@ def sim(nodes: int, rounds: int, msg_loss: float, out: Path | None, plot: Path |
     wall = time.perf_counter() - t0
     last = results["rounds"][-1] if results["rounds"] else {}
     stalled = " STALLED (no new model version for a long while)" if results.get("stalled") else ""
-    byz = f" byzantine={byzantine} attack={kw['attack']}" if byzantine else ""
+    byz = f" byzantine={byzantine} attack={cfg.config.attack}" if byzantine else ""
     click.echo(f"sim done: nodes={nodes}{byz} rounds={len(results['rounds'])} "
                f"final_{metric}={results[f'final_{metric}']} total_MB={results['total_bytes'] / 1e6:.2f} "
                f"KB_per_node_round={(results['bytes_per_node_per_round'] or 0) / 1e3:.1f} "

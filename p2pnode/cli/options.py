@@ -51,10 +51,12 @@ TRAINING_FIELDS = ("task", "task_options", "topology", "rule", "rule_params", "s
 _TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 
-def schema_option(f: dataclasses.Field[Any], meta: Setting) -> Callable[[F], F]:
-    """The click option of one `NodeConfig` field, generated from its type, default and `Setting`."""
+def schema_option(f: dataclasses.Field[Any], meta: Setting, default: Any = _UNSET) -> Callable[[F], F]:
+    """The click option of one `NodeConfig` field, generated from its type, default and `Setting`; `default`
+    replaces the option's default (``p2pnode sim`` gives the simulator's, `simulator.settings.SIM_DEFAULTS`)."""
     typ = str(f.type).replace(" | None", "")
-    default = field_default(f) if meta.flag_default is _UNSET else meta.flag_default
+    if default is _UNSET:
+        default = field_default(f) if meta.flag_default is _UNSET else meta.flag_default
     decl = meta.flag or "--" + meta.param.replace("_", "-")
     kw: dict[str, Any] = {"help": meta.help, "metavar": meta.metavar}
     if typ == "bool":

@@ -55,7 +55,35 @@ def reference_table() -> str:
             out.append(f"| `{flag}` | `{meta.param}` / `P2PNODE_{meta.param.upper()}` | {default} | {run_wide} | "
                        f"{', '.join(meta.topologies) or 'all'} | {help_text} |")
         out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out + _sim_tables()).rstrip() + "\n"
+
+
+def _sim_tables() -> list[str]:
+    """The simulator's own sections (`simulator.settings`) and the `NodeConfig` defaults it changes."""
+    from simulator.settings import NO_EFFECT, PER_NODE, SIM_DEFAULTS, SIM_RUN_ID, SIM_SECTIONS, sim_schema
+
+    out = ["### simulator (`p2pnode sim`)", "",
+           "`p2pnode sim` takes every setting above but `--" + "`, `--".join(n.replace("_", "-") for n in PER_NODE)
+           + "` (set per node: shard i/nodes, the fl server is `node-0000`), with the daemon's defaults except:", "",
+           "| setting | simulator default | daemon default |", "| --- | --- | --- |"]
+    fields = {f.name: f for f, _ in schema()}
+    for name, value in SIM_DEFAULTS.items():
+        out.append(f"| `{name}` | {_default(value)} | {_default(field_default(fields[name]))} |")
+    out += ["", f"A `run_id` left at its default becomes `{SIM_RUN_ID.format(seed='<seed>')}`.", "",
+            "Without effect on the in-memory network (a warning says so when set): "
+            + ", ".join(f"`{n}`" for n in NO_EFFECT) + ".", ""]
+    rows = [(f, meta) for section, f, meta in sim_schema() if section != "config"]
+    for section in SIM_SECTIONS:
+        fields_ = [(f, meta) for f, meta in rows if meta.section == section]
+        out += [f"#### sim: {section}", "", "| flag | TOML key / `P2PNODE_*` | default | meaning |",
+                "| --- | --- | --- | --- |"]
+        for f, meta in fields_:
+            flag = meta.flag or "--" + meta.param.replace("_", "-")
+            help_text = meta.help.replace("|", "\\|")
+            out.append(f"| `{flag}` | `{meta.param}` / `P2PNODE_{meta.param.upper()}` | "
+                       f"{_default(field_default(f))} | {help_text} |")
+        out.append("")
+    return out
 
 
 def render(text: str) -> str:

@@ -27,7 +27,9 @@ from p2pnode.config import (
     TOPOLOGY_RUN_KEYS,
     NodeConfig,
     Setting,
+    field_default,
     schema,
+    setting_of,
 )
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.errors import ConfigError
@@ -139,12 +141,98 @@ def test_config_show_lists_every_field_with_its_default() -> None:
 
 
 def test_sim_and_swarm_share_the_training_fields() -> None:
+    from simulator.settings import PER_NODE
+
     names = {f.name for f, _ in FIELDS}
     assert set(TRAINING_FIELDS) <= names
     for command in ("sim", "swarm"):
         params = {p.name for p in cli.commands[command].params}
-        missing = [n for f, meta in FIELDS if f.name in TRAINING_FIELDS and (n := meta.param) not in params]
+        missing = [n for f, meta in FIELDS if f.name in TRAINING_FIELDS and (n := meta.param) not in params
+                   and not (command == "sim" and f.name in PER_NODE)]
         assert not missing, (command, missing)
+
+
+#: Every setting of `p2pnode sim`, walked from the dataclasses themselves: (section, field, setting).
+def _sim_fields() -> list[tuple[str, dataclasses.Field[Any], Setting]]:
+    from simulator.settings import PER_NODE, SECTION_TYPES, SimConfig
+
+    out = [("config", f, meta) for f, meta in schema() if f.name not in PER_NODE]
+    for f in dataclasses.fields(SimConfig):
+        if f.name in SECTION_TYPES:
+            out += [(f.name, g, meta) for g, meta in schema(SECTION_TYPES[f.name])]
+        elif f.name != "config":
+            out.append(("", f, setting_of(f)))
+    return out
+
+
+SIM_FIELDS = _sim_fields()
+
+
+def sim_show(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["sim", "--show-config", *args], env=env, catch_exceptions=False)
+    # Exit 2 is fine here: one unusual value alone may make an invalid run; --show-config prints it all the same.
+    assert result.exit_code in (0, 2), result.output
+    data: dict[str, Any] = json.loads(result.stdout.splitlines()[0])
+    return data["options"]
+
+
+def test_sim_schema_is_every_node_field_but_the_per_node_ones_plus_the_sims_own() -> None:
+    from simulator.settings import PER_NODE, SIM_SECTIONS, sim_schema
+
+    assert PER_NODE == ("shard", "fl_server")
+    assert sorted((s, f.name) for s, f, _ in sim_schema()) == sorted((s, f.name) for s, f, _ in SIM_FIELDS)
+    node = {f.name for f in dataclasses.fields(NodeConfig)}
+    assert {f.name for s, f, _ in SIM_FIELDS if s == "config"} == node - set(PER_NODE)
+    own = [(f.name, meta.section) for s, f, meta in SIM_FIELDS if s != "config"]
+    assert {name for name, _ in own} == {
+        "nodes", "latency_ms", "bandwidth_mbps", "loss", "step_time_ms", "crash_fraction", "crash_round",
+        "rejoin_round", "rejoin_fraction", "byzantine", "omniscient", "outsiders", "secagg_silent", "record_variance"}
+    assert all(section in SIM_SECTIONS for _, section in own)
+    params = [meta.param for _, _, meta in SIM_FIELDS]
+    assert len(params) == len(set(params))
+    sim_params = {p.name for p in cli.commands["sim"].params}
+    assert set(params) <= sim_params
+    for name in PER_NODE:  # the simulator sets them per node: no option
+        assert setting_of(next(f for f in dataclasses.fields(NodeConfig) if f.name == name)).param not in sim_params
+
+
+@pytest.mark.parametrize(("section", "f", "meta"), SIM_FIELDS, ids=[f.name for _, f, _ in SIM_FIELDS])
+def test_sim_field_reachable_from_flag_toml_and_env(section: str, f: dataclasses.Field[Any], meta: Setting,
+                                                    tmp_path: Path) -> None:
+    """Every NodeConfig field (but shard and fl_server) and every field of the simulator's sections is set by
+    a flag, a P2PNODE_* variable and a TOML key of `sim`, and lands in its place in the SimConfig."""
+    from simulator.settings import SECTION_TYPES
+
+    text, value = sample(f, meta)
+    if section == "":
+        expected = value
+    else:
+        cls = NodeConfig if section == "config" else SECTION_TYPES[section]
+        expected = config_fields({meta.param: value}, cls)[f.name]
+    expected = "***" if meta.secret else expected
+    got = sim_show(flag_args(f, meta, text))[meta.param]
+    assert (got["value"], got["source"]) == (expected, "flag")
+    got = sim_show([], env={"P2PNODE_" + meta.param.upper(): text})[meta.param]
+    assert (got["value"], got["source"]) == (expected, "env")
+    path = tmp_path / "c.toml"
+    path.write_text(toml_line(f, meta, text, value) + "\n")
+    got = sim_show(["--config", str(path)])[meta.param]
+    assert (got["value"], got["source"]) == (expected, "file")
+
+
+def test_sim_defaults_are_the_daemons_but_sim_defaults() -> None:
+    from simulator.settings import SIM_DEFAULTS
+
+    options = sim_show([])
+    for section, f, meta in SIM_FIELDS:
+        assert options[meta.param]["source"] == "default", f.name
+        if section == "config":
+            expected = SIM_DEFAULTS.get(f.name, field_default(f))
+            assert options[meta.param]["value"] == (list(expected) if isinstance(expected, tuple) else expected), \
+                f.name
+    assert (options["exchange_timeout"]["value"], options["aggregation_timeout"]["value"]) == (30.0, 60.0)
+    assert (options["rounds"]["value"], options["device"]["value"], options["min_round_time"]["value"]) == (
+        20, "cpu", 0.0)
 
 
 def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
@@ -223,16 +311,23 @@ def test_limits_are_validated() -> None:
         NodeConfig(direct_handshake_timeout_s=0).validate()
 
 
-def test_sim_config_repeats_node_config_fields_with_their_types() -> None:
-    """A field that SimConfig repeats from NodeConfig is copied into each node's config by name: same type."""
-    from simulator.runner import SIM_NAMES, SimConfig
+def test_sim_config_is_a_node_config_plus_the_simulators_sections() -> None:
+    """SimConfig holds the daemon's NodeConfig (its defaults but SIM_DEFAULTS), and `of` routes flat keywords."""
+    from simulator.settings import SIM_DEFAULTS, SimConfig
 
-    node = {f.name: str(f.type) for f in dataclasses.fields(NodeConfig)}
-    for f in dataclasses.fields(SimConfig):
-        name = {v: k for k, v in SIM_NAMES.items()}.get(f.name, f.name)
-        if name in node and name != "rounds":  # the simulator always runs a number of rounds
-            assert str(f.type) == node[name], f.name
-    cfg = SimConfig(nodes=4, topology="modest", sample_size=3, secagg=True, init="independent")
+    cfg = SimConfig.of(nodes=4, topology="modest", sample_size=3, secagg=True, init="independent", crash_fraction=0.5,
+                       latency_ms=2.0, record_variance=True)
+    assert (cfg.nodes, cfg.churn.crash_fraction, cfg.network.latency_ms, cfg.recording.record_variance) == (
+        4, 0.5, 2.0, True)
     got = cfg.node_config(2)
-    assert (got.shard, got.model_seed_mode, got.secagg, got.sample_size, got.aggregation_timeout_s) == (
-        (2, 4), "independent", True, 3, 10.0)
+    assert (got.shard, got.model_seed_mode, got.secagg, got.sample_size, got.run_id) == (
+        (2, 4), "independent", True, 3, "sim-0")
+    daemon = NodeConfig()
+    for f in dataclasses.fields(NodeConfig):
+        expected = SIM_DEFAULTS.get(f.name, getattr(daemon, f.name))
+        assert getattr(SimConfig().config, f.name) == expected, f.name
+    assert (got.exchange_timeout_s, got.aggregation_timeout_s) == (30.0, 60.0)
+    with pytest.raises(ConfigError, match=r"not a setting of the simulator.*did you mean crash_fraction"):
+        SimConfig.of(crash_fractoin=0.5)
+    with pytest.raises(ConfigError, match="shard is set per node"):
+        SimConfig.of(shard=(0, 2))

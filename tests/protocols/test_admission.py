@@ -258,12 +258,12 @@ def test_simulator_runs_admission_and_refuses_outsiders() -> None:
     from simulator.runner import SimConfig, run_simulation
 
     base = {"nodes": 4, "rounds": 3, "topology": "gossip", "admission": "secret", "run_secret": SECRET.decode()}
-    with_outsiders = run_simulation(SimConfig(**base, outsiders=2))  # type: ignore[arg-type]
-    alone = run_simulation(SimConfig(**base))  # type: ignore[arg-type]
+    with_outsiders = run_simulation(SimConfig.of(**base, outsiders=2))
+    alone = run_simulation(SimConfig.of(**base))
     refused = with_outsiders["outsider_refusals"]
     assert refused["transport"] > 0 and refused["directory"] > 0, refused
     assert with_outsiders["outsiders"] == ["node-0004", "node-0005"]
     assert with_outsiders["config"]["run_secret"] == "***"
     assert [r["accuracy"] for r in with_outsiders["rounds"]] == [r["accuracy"] for r in alone["rounds"]]
     with pytest.raises(ConfigError, match="outsiders need admission=secret"):
-        SimConfig(nodes=4, outsiders=1).outsider_config(0)
+        SimConfig.of(nodes=4, outsiders=1).outsider_config(0)

@@ -60,8 +60,8 @@ _max_diff = max_state_diff
 
 def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:
     base = {"nodes": 20, "topology": "modest", "sample_size": 10, "seed": 1}
-    _, plain_events = _run(SimConfig(rounds=1, **base))  # type: ignore[arg-type]
-    secure, events = _run(SimConfig(rounds=10, secagg=True, **base))  # type: ignore[arg-type]
+    _, plain_events = _run(SimConfig.of(rounds=1, **base))
+    secure, events = _run(SimConfig.of(rounds=10, secagg=True, **base))
     # Round 1: the same sample and the same updates, so the same model up to the fixed-point error.
     assert events[1].secure and events[1].aborted is None and events[1].dropped == []
     assert events[1].contributors == plain_events[1].contributors and len(events[1].contributors) == 10
@@ -88,8 +88,8 @@ def test_secure_modest_gives_the_plain_mean_and_learns_digits() -> None:
 def test_secure_aggregation_composes(overrides: dict[str, object], tolerance: float) -> None:
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 2}
     base.update(overrides)
-    _, plain_events = _run(SimConfig(**base))  # type: ignore[arg-type]
-    secure, events = _run(SimConfig(secagg=True, **base))  # type: ignore[arg-type]
+    _, plain_events = _run(SimConfig.of(**base))
+    secure, events = _run(SimConfig.of(secagg=True, **base))
     assert events[1].secure and events[1].aborted is None
     assert events[1].contributors == plain_events[1].contributors and len(events[1].contributors) == 6
     assert events[1].rule == plain_events[1].rule
@@ -101,7 +101,7 @@ def test_a_trainer_that_vanishes_after_its_masked_input_is_still_in_the_exact_me
     # Plain reference: one node (chosen by the seed) is down from the start, so version 1 is the mean of
     # the other nine trainers (sf = 0.9).
     base = {"nodes": 10, "topology": "modest", "sample_size": 10, "success_fraction": 0.9, "seed": 4, "rounds": 1}
-    plain, plain_events = _run(SimConfig(crash_fraction=0.1, **base))  # type: ignore[arg-type]
+    plain, plain_events = _run(SimConfig.of(crash_fraction=0.1, **base))
     crashed = plain["crashed"]
     assert isinstance(crashed, list) and len(crashed) == 1
     gone = crashed[0]
@@ -109,8 +109,8 @@ def test_a_trainer_that_vanishes_after_its_masked_input_is_still_in_the_exact_me
     # Secure: `gone` is in the sample but never sends its masked input; `late` sends it and then vanishes
     # (it reveals no shares), so its self mask must be rebuilt from the others' shares.
     late = next(p for p in plain_events[1].contributors if p != plain_events[1].aggregator)
-    secure, events = _run(SimConfig(secagg=True, secagg_silent={gone: "masked", late: "unmask"},
-                                    **base))  # type: ignore[arg-type]
+    secure, events = _run(SimConfig.of(secagg=True, secagg_silent={gone: "masked", late: "unmask"},
+                                       **base))
     ev = events[1]
     assert ev.secure and ev.aborted is None
     assert ev.dropped == [gone] and late in ev.contributors
@@ -123,7 +123,7 @@ def test_a_trainer_that_vanishes_after_its_masked_input_is_still_in_the_exact_me
 def test_below_the_threshold_the_round_is_aborted_counted_and_not_applied() -> None:
     # s = 10, t = 7: four trainers go silent before sharing their keys, so six remain: abort.
     silent = {f"node-{i:04d}": "share" for i in range(4)}
-    cfg = SimConfig(nodes=10, topology="modest", sample_size=10, seed=2, rounds=2, secagg=True, secagg_silent=silent)
+    cfg = SimConfig.of(nodes=10, topology="modest", sample_size=10, seed=2, rounds=2, secagg=True, secagg_silent=silent)
     result, events = _run(cfg)
     first = events[1]
     assert first.aborted is not None and "share" in first.aborted
@@ -252,7 +252,7 @@ def test_config_accepts_mean_and_vca_and_hashes_secagg_only_when_on() -> None:
 
 def test_secure_simulations_are_reproducible() -> None:
     # The simulator seeds each node's secagg randomness from the run's seed: same seed, same results.
-    cfg = SimConfig(nodes=12, topology="modest", sample_size=6, seed=5, rounds=3, secagg=True)
+    cfg = SimConfig.of(nodes=12, topology="modest", sample_size=6, seed=5, rounds=3, secagg=True)
     first, second = run_simulation(cfg), run_simulation(cfg)
     assert first == second
     assert first["protocol_events"]["secagg_rounds"] >= 3  # type: ignore[index]
@@ -526,8 +526,8 @@ def test_two_groups_with_mean_give_the_plain_mean() -> None:
     # The aggregator pools the group sums: the weighted mean of the two group means is the mean of all
     # inputs that arrived, as without secure aggregation (within the fixed-point bound).
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 2}
-    plain, plain_events = _run(SimConfig(**base))  # type: ignore[arg-type]
-    secure, events = _run(SimConfig(secagg=True, secagg_groups=2, secagg_min_group=3, **base))  # type: ignore[arg-type]
+    plain, plain_events = _run(SimConfig.of(**base))
+    secure, events = _run(SimConfig.of(secagg=True, secagg_groups=2, secagg_min_group=3, **base))
     # The results name the setting only when it is not the default (files of older runs stay the same).
     assert "secagg_groups" not in plain["config"] and secure["config"]["secagg_groups"] == 2  # type: ignore[index,operator]
     ev = events[1]
@@ -544,11 +544,11 @@ def test_median_across_four_groups_resists_a_scaled_update_that_spoils_the_mean(
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 8, "seed": 1, "rounds": 3}
     attack: dict[str, object] = {"byzantine": 1, "attack": "scaled"}
     grouped: dict[str, object] = {"secagg": True, "secagg_groups": 4, "secagg_min_group": 2, "rule": "median"}
-    clean_g, clean_g_events = _run(SimConfig(**grouped, **base))  # type: ignore[arg-type]
-    attacked_g, attacked_g_events = _run(SimConfig(**grouped, **attack, **base))  # type: ignore[arg-type]
-    clean_m, clean_m_events = _run(SimConfig(secagg=True, **base))  # type: ignore[arg-type]
-    attacked_m, attacked_m_events = _run(SimConfig(secagg=True, **attack, **base))  # type: ignore[arg-type]
-    attacker = SimConfig(**attack, **base).byzantine_indices_ids()[0]  # type: ignore[arg-type]
+    clean_g, clean_g_events = _run(SimConfig.of(**grouped, **base))
+    attacked_g, attacked_g_events = _run(SimConfig.of(**grouped, **attack, **base))
+    clean_m, clean_m_events = _run(SimConfig.of(secagg=True, **base))
+    attacked_m, attacked_m_events = _run(SimConfig.of(secagg=True, **attack, **base))
+    attacker = SimConfig.of(**attack, **base).byzantine_indices_ids()[0]
     assert attacker in attacked_g_events[1].contributors and attacker in attacked_m_events[1].contributors
     assert attacked_g_events[1].rule == "median" and attacked_g_events[1].aborted is None
     assert _max_diff(attacked_g_events[1].state, clean_g_events[1].state) < 0.2
@@ -564,9 +564,9 @@ def test_a_group_below_its_threshold_is_left_out_and_counted() -> None:
     # t = 3 in groups of 3: one silent member sinks its group; the other group's mean is applied.
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
                                "secagg": True, "secagg_groups": 2, "secagg_threshold": 3, "secagg_min_group": 3}
-    _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
+    _, clean = _run(SimConfig.of(**base))
     silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
-    run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
+    run, events = _run(SimConfig.of(secagg_silent={silent: "advertise"}, **base))
     ev = events[1]
     assert ev.secure and ev.aborted is None
     assert silent not in ev.contributors and len(ev.contributors) == 3
@@ -579,8 +579,8 @@ def test_a_group_below_its_threshold_is_left_out_and_counted() -> None:
 def test_a_group_smaller_than_the_minimum_does_not_train_and_is_counted() -> None:
     # s = 10 in 2 groups of at least 5, but only 9 nodes: each sample has 9 members, so its group 1 has 4.
     # Its members do not train (their group mean would say more than the run allows); group 0 still counts.
-    run = run_simulation(SimConfig(nodes=9, topology="modest", sample_size=10, seed=3, rounds=2, secagg=True,
-                                   secagg_groups=2))
+    run = run_simulation(SimConfig.of(nodes=9, topology="modest", sample_size=10, seed=3, rounds=2, secagg=True,
+                                      secagg_groups=2))
     counters = run["protocol_events"]
     assert counters["secagg_small_group"] >= 8  # 4 members x 2 versions (and those of the next sample)  # type: ignore[index]
     assert counters["secagg_rounds"] == 2 and counters["secagg_groups_left_out"] == 2  # type: ignore[index]
@@ -592,9 +592,9 @@ def test_with_fewer_groups_than_the_rule_needs_the_round_aborts() -> None:
     # median across 3 groups needs all 3 (f = 1 among 2f + 1): losing one aborts the round, counted.
     base: dict[str, object] = {"nodes": 12, "topology": "modest", "sample_size": 6, "seed": 3, "rounds": 1,
                                "secagg": True, "secagg_groups": 3, "rule": "median", "secagg_min_group": 2}
-    _, clean = _run(SimConfig(**base))  # type: ignore[arg-type]
+    _, clean = _run(SimConfig.of(**base))
     silent = next(p for p in clean[1].contributors if p != clean[1].aggregator)
-    run, events = _run(SimConfig(secagg_silent={silent: "advertise"}, **base))  # type: ignore[arg-type]
+    run, events = _run(SimConfig.of(secagg_silent={silent: "advertise"}, **base))
     ev = events[1]
     assert ev.aborted is not None and "2 of 3 secure groups" in ev.aborted and "needs 3" in ev.aborted
     assert ev.contributors == []

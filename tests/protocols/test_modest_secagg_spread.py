@@ -46,8 +46,8 @@ BASE: dict[str, Any] = {"nodes": 20, "topology": "modest", "sample_size": 10, "a
 
 @pytest.mark.parametrize("rule", ["mean", "vca"])
 def test_spread_groups_give_every_aggregator_the_same_model_and_the_plain_result(rule: str) -> None:
-    plain, plain_events = _events(SimConfig(rounds=3, rule=rule, **BASE))
-    secure, events = _events(SimConfig(rounds=3, secagg=True, secagg_groups=2, rule=rule, **BASE))
+    plain, plain_events = _events(SimConfig.of(rounds=3, rule=rule, **BASE))
+    secure, events = _events(SimConfig.of(rounds=3, secagg=True, secagg_groups=2, rule=rule, **BASE))
     assert secure["config"]["secagg_groups"] == 2
     for index in (1, 2):
         evs = events[index]
@@ -121,11 +121,11 @@ def test_an_aggregator_that_lies_about_its_group_is_one_bad_group_for_a_robust_r
         rule: str, robust: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"nodes": 20, "topology": "modest", "sample_size": 15, "aggregators": 3, "seed": 3, "rounds": 2,
             "secagg": True, "secagg_groups": 3, "rule": rule}
-    _, clean = _events(SimConfig(**base))
+    _, clean = _events(SimConfig.of(**base))
     assert len(clean[1]) == 3
     liar = clean[1][0].aggregator
     monkeypatch.setattr(ModestProtocol, "_send_group_sums", _forge_group_sums(liar, -50.0))
-    _, attacked = _events(SimConfig(**base))
+    _, attacked = _events(SimConfig.of(**base))
     honest = [ev for ev in attacked[1] if ev.aggregator != liar]
     assert len(honest) == 2 and all(ev.aborted is None and ev.rule == rule for ev in honest)
     reference = next(ev for ev in clean[1] if ev.aggregator == honest[0].aggregator)
@@ -139,7 +139,7 @@ def test_an_aggregator_that_lies_about_its_group_is_one_bad_group_for_a_robust_r
 def test_an_aggregator_that_never_sends_its_groups_leaves_them_out_after_the_timeout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     base = {**BASE, "rounds": 2, "secagg": True, "secagg_groups": 2, "aggregation_timeout_s": 5.0}
-    _, clean = _events(SimConfig(**base))
+    _, clean = _events(SimConfig.of(**base))
     silent = clean[1][0].aggregator
 
     real = ModestProtocol._send_group_sums
@@ -149,7 +149,7 @@ def test_an_aggregator_that_never_sends_its_groups_leaves_them_out_after_the_tim
             await real(self, *args)
 
     monkeypatch.setattr(ModestProtocol, "_send_group_sums", send)
-    run, events = _events(SimConfig(**base))
+    run, events = _events(SimConfig.of(**base))
     other = next(ev for ev in events[1] if ev.aggregator != silent)
     assert other.aborted is None and other.rule == "mean"
     assert len(other.contributors) == 5  # its own group only

@@ -57,7 +57,7 @@ def test_dense_regular_graphs_are_drawn_too(n: int, degree: int) -> None:
 @pytest.mark.parametrize("graph", ["exponential", "regular"])
 def test_dpsgd_learns_and_sends_the_expected_traffic(graph: str) -> None:
     threads = torch.get_num_threads()
-    res = run_simulation(SimConfig(nodes=16, rounds=8, seed=0, topology="dpsgd", dpsgd_graph=graph))
+    res = run_simulation(SimConfig.of(nodes=16, rounds=8, seed=0, topology="dpsgd", dpsgd_graph=graph))
     assert torch.get_num_threads() == threads
     rows = res["rounds"]
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2

@@ -26,8 +26,8 @@ NODES, BYZANTINE, ROUNDS, SEED = 16, 3, 10, 2
 
 @cache
 def _run(topology: str, rule: str, attack: str | None, **extra: Any) -> dict[str, Any]:
-    cfg = SimConfig(nodes=NODES, rounds=ROUNDS, topology=topology, rule=rule, seed=SEED,
-                    byzantine=BYZANTINE if attack else 0, attack=attack, **extra)
+    cfg = SimConfig.of(nodes=NODES, rounds=ROUNDS, topology=topology, rule=rule, seed=SEED,
+                       byzantine=BYZANTINE if attack else 0, attack=attack, **extra)
     return run_simulation(cfg)
 
 
@@ -75,8 +75,8 @@ def test_modest_aggregators_leave_out_suspects_locally() -> None:
 
 @pytest.mark.parametrize("topology", ["fl", "dpsgd"])
 def test_attackers_take_part_in_every_topology(topology: str) -> None:
-    res = run_simulation(SimConfig(nodes=8, rounds=3, topology=topology, rule="median", seed=1, byzantine=2,
-                                   attack="sign_flip", sample_size=4))
+    res = run_simulation(SimConfig.of(nodes=8, rounds=3, topology=topology, rule="median", seed=1, byzantine=2,
+                                      attack="sign_flip", sample_size=4))
     assert len(res["rounds"]) == 3 and len(res["byzantine"]) == 2
     if topology == "fl":
         assert "node-0000" not in res["byzantine"]  # the server is the reference, never an attacker
@@ -93,7 +93,7 @@ def test_cli_sim_records_attackers_in_the_results(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["config"]["byzantine"] == 2 and data["config"]["attack"] == "scaled"
     assert data["config"]["attack_params"] == {"factor": 10}
-    assert data["byzantine"] == SimConfig(nodes=6, seed=4, byzantine=2, attack="scaled").byzantine_indices_ids()
+    assert data["byzantine"] == SimConfig.of(nodes=6, seed=4, byzantine=2, attack="scaled").byzantine_indices_ids()
     assert data["accuracy_over"] == "honest nodes"
 
 
@@ -106,8 +106,8 @@ def test_cli_sim_refuses_byzantine_without_attack() -> None:
 
 def test_attackers_forge_under_secure_aggregation_too() -> None:
     """Masking hides an update, it does not vet it: a scaled attacker wrecks the secure mean."""
-    res = run_simulation(SimConfig(nodes=12, rounds=4, topology="modest", secagg=True, seed=1, sample_size=6,
-                                   byzantine=2, attack="scaled"))
+    res = run_simulation(SimConfig.of(nodes=12, rounds=4, topology="modest", secagg=True, seed=1, sample_size=6,
+                                      byzantine=2, attack="scaled"))
     assert res["final_accuracy"] is not None and res["final_accuracy"] < 0.5
 
 

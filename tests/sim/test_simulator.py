@@ -12,7 +12,7 @@ from simulator import SimConfig, run_simulation
 
 
 def test_64_nodes_gossip_mean_reach_090_on_digits() -> None:
-    res = run_simulation(SimConfig(nodes=64, rounds=40, seed=1, task="digits-mlp", topology="gossip", rule="mean"))
+    res = run_simulation(SimConfig.of(nodes=64, rounds=40, seed=1, task="digits-mlp", topology="gossip", rule="mean"))
     rows = res["rounds"]
     assert len(rows) == 40 and all(r["active_nodes"] == 64 for r in rows)
     assert res["final_accuracy"] >= 0.9, [r["accuracy"] for r in rows]

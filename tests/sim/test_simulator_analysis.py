@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -56,9 +55,9 @@ def test_averaging_independent_models_shrinks_the_variance() -> None:
 
 
 def test_record_variance_adds_only_the_variance() -> None:
-    base = SimConfig(nodes=6, rounds=3, seed=4, init="independent", rule="vca", local_steps=2)
+    base = SimConfig.of(nodes=6, rounds=3, seed=4, init="independent", rule="vca", local_steps=2)
     plain = run_simulation(base)
-    recorded = run_simulation(dataclasses.replace(base, record_variance=True))
+    recorded = run_simulation(base.replace(record_variance=True))
     assert "record_variance" not in plain["config"] and recorded["config"]["record_variance"] is True
     for p_row, r_row in zip(plain["rounds"], recorded["rounds"], strict=True):
         lv = r_row.pop("layer_variance")

@@ -13,8 +13,8 @@ from simulator.runner import sim_peer_id
 
 
 def test_modest_100_nodes_80_percent_crash_at_round_10_keeps_learning() -> None:
-    res = run_simulation(SimConfig(nodes=100, rounds=30, seed=1, topology="modest", sample_size=10,
-                                   crash_fraction=0.8, crash_round=10))
+    res = run_simulation(SimConfig.of(nodes=100, rounds=30, seed=1, topology="modest", sample_size=10,
+                                      crash_fraction=0.8, crash_round=10))
     rows = res["rounds"]
     assert [r["round"] for r in rows] == list(range(1, 31)) and not res["stalled"]
     crashed = set(res["crashed"])
@@ -32,8 +32,8 @@ def test_modest_100_nodes_80_percent_crash_at_round_10_keeps_learning() -> None:
 
 
 def test_modest_rejoin_brings_nodes_back_into_samples() -> None:
-    res = run_simulation(SimConfig(nodes=40, rounds=16, seed=2, topology="modest", sample_size=5,
-                                   crash_fraction=0.5, crash_round=4, rejoin_round=9, rejoin_fraction=0.5))
+    res = run_simulation(SimConfig.of(nodes=40, rounds=16, seed=2, topology="modest", sample_size=5,
+                                      crash_fraction=0.5, crash_round=4, rejoin_round=9, rejoin_fraction=0.5))
     rows = res["rounds"]
     assert len(rows) == 16 and not res["stalled"]
     assert len(res["crashed"]) == 20 and len(res["rejoined"]) == 10
@@ -46,8 +46,8 @@ def test_modest_rejoin_brings_nodes_back_into_samples() -> None:
 
 
 def test_fl_keeps_its_server_through_churn() -> None:
-    res = run_simulation(SimConfig(nodes=30, rounds=8, seed=3, topology="fl", sample_size=5,
-                                   crash_fraction=0.5, crash_round=4))
+    res = run_simulation(SimConfig.of(nodes=30, rounds=8, seed=3, topology="fl", sample_size=5,
+                                      crash_fraction=0.5, crash_round=4))
     rows = res["rounds"]
     assert len(rows) == 8 and sim_peer_id(0) not in res["crashed"]
     assert all(r["aggregators"] == [sim_peer_id(0)] for r in rows)
@@ -56,8 +56,8 @@ def test_fl_keeps_its_server_through_churn() -> None:
 
 def test_gossip_and_dpsgd_churn_skip_crashed_nodes() -> None:
     for topology in ("gossip", "dpsgd"):
-        res = run_simulation(SimConfig(nodes=20, rounds=6, seed=4, topology=topology, crash_fraction=0.5,
-                                       crash_round=3, rejoin_round=5))
+        res = run_simulation(SimConfig.of(nodes=20, rounds=6, seed=4, topology=topology, crash_fraction=0.5,
+                                          crash_round=3, rejoin_round=5))
         rows = res["rounds"]
         assert [r["active_nodes"] for r in rows] == [20, 20, 10, 10, 20, 20], topology
         assert [r["participants"] for r in rows] == [20, 20, 10, 10, 20, 20], topology

@@ -314,8 +314,8 @@ def test_metric_reported_under_its_name() -> None:
 
 
 def test_simulator_reports_perplexity(tmp_path: Path) -> None:
-    res = run_simulation(SimConfig(nodes=4, rounds=2, task="tiny-lm", task_options={"size": "tiny"}, local_steps=5,
-                                   batch_size=8))
+    res = run_simulation(SimConfig.of(nodes=4, rounds=2, task="tiny-lm", task_options={"size": "tiny"}, local_steps=5,
+                                      batch_size=8))
     assert res["metric"] == "perplexity" and res["higher_is_better"] is False
     rows = res["rounds"]
     assert len(rows) == 2 and all("accuracy" not in r and r["perplexity"] > 1 for r in rows)
