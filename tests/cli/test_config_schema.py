@@ -331,3 +331,30 @@ def test_sim_config_is_a_node_config_plus_the_simulators_sections() -> None:
         SimConfig.of(crash_fractoin=0.5)
     with pytest.raises(ConfigError, match="shard is set per node"):
         SimConfig.of(shard=(0, 2))
+
+
+def test_sim_results_config_is_flat_with_the_original_keys_and_masks_secrets() -> None:
+    from simulator.settings import RESULT_KEYS, SimConfig, results_config
+
+    plain = results_config(SimConfig())
+    assert set(plain) == RESULT_KEYS
+    assert (plain["nodes"], plain["rounds"], plain["init"], plain["exchange_timeout_s"]) == (16, 20, "shared", 30.0)
+    # A setting outside the original keys appears once it is set; a secret only as ***.
+    cfg = SimConfig.of(idle_timeout_s=7.0, admission="secret", run_secret="s" * 20, record_variance=True)
+    got = results_config(cfg)
+    assert set(got) - RESULT_KEYS == {"idle_timeout_s", "admission", "run_secret", "record_variance"}
+    assert (got["idle_timeout_s"], got["run_secret"]) == (7.0, "***")
+
+
+def test_sim_warns_about_settings_without_effect_and_refuses_per_node_ones() -> None:
+    result = CliRunner().invoke(cli, ["sim", "--show-config", "--port", "5"], catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.stdout)["options"]["port"]["value"] == 5
+    result = CliRunner().invoke(cli, ["sim", "--nodes", "2", "--rounds", "0", "--quiet", "--port", "5"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "warning: port has no effect in the simulator" in result.stderr and "rounds=0 " in result.stdout
+    from simulator.settings import SimConfig
+
+    assert SimConfig.of(port=5, direct=False).ignored_settings() == ["port", "direct"]
+    result = CliRunner().invoke(cli, ["sim", "--shard", "1/2"])
+    assert result.exit_code == 2 and "No such option '--shard'" in result.output
