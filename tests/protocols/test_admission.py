@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,19 @@ from click.testing import CliRunner
 from p2pnode.cli.invite import decode_token, encode_token, make_invite
 from p2pnode.cli.main import cli
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import apply_admission, build_protocol, build_trainer
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerInfo
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError, RemoteError
 from p2pnode.proto import peer_pb2, statesync_pb2
-from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.gossip import EXCHANGE
 from p2pnode.protocols.statesync import MANIFEST
 from p2pnode.transport import Message
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_config
+from simutil import memory_node
 
 SECRET = b"correct horse battery staple 42"
 OTHER = b"another secret of the same length"
@@ -165,16 +162,7 @@ def test_config_refuses_inconsistent_admission(tmp_path: Path) -> None:
 # -- whole runs -----------------------------------------------------------------------------------------------
 def _memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, secret: bytes | None) -> Node:
     extra: dict[str, object] = {} if secret is None else {"admission": "secret", "run_secret": secret.decode()}
-    config = make_config(index, 3, **extra)
-    pid = f"node-{index}"
-    transport = network.transport(pid)
-    directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
-    apply_admission(config, transport, directory)
-    trainer = build_trainer(config)
-    protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                              compute=VirtualCompute(), rng=random.Random(index), step_cost_s=0.01)
-    return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=VirtualCompute(), settings=DaemonSettings.in_memory(serve_state=True))
+    return memory_node(network, registry, index, 3, DaemonSettings.in_memory(serve_state=True), **extra)
 
 
 async def _outsider_is_refused(outsider: Node, admitted: list[Node]) -> None:
