@@ -45,21 +45,16 @@ async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> No
     endpoint and `p2pnode status --json` of node 0 show the same numbers."""
     from daemonutil import invoke_control
 
-    from netutil import NetworkGuard
+    from netutil import NetworkGuard, start_real_nodes
     from p2pnode.daemon.control import start_control
-    from p2pnode.daemon.real import create_real_node
 
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         control = server = None
         try:
-            for i in range(2):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="metrics", seed=2, shard=(i, 2), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, local_steps=5).validate()
-                node = await create_real_node(config, DaemonSettings(state_dir=tmp_path / f"n{i}", metrics_port=0))
-                await node.start()
-                nodes.append(node)
+            await start_real_nodes(nodes, 2, lambda i, initial: NodeConfig(
+                run_id="metrics", seed=2, shard=(i, 2), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                local_steps=5), lambda i: DaemonSettings(state_dir=tmp_path / f"n{i}", metrics_port=0))
             node = nodes[0]
             control = await start_control(node, tmp_path / "n0", on_leave=node.stop)
             server = node.metrics.serve("127.0.0.1", 0)

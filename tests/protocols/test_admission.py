@@ -208,22 +208,18 @@ def test_outsider_is_refused_in_memory_and_admitted_nodes_train(outsider_secret:
 @pytest.mark.slow
 async def test_real_network_two_admitted_nodes_and_an_outsider(tmp_path: Path) -> None:
     """2 real nodes with the run's secret and 1 with another secret, all joined to one DHT on 127.0.0.1."""
-    from netutil import NetworkGuard
-    from p2pnode.daemon.real import create_real_node
+    from netutil import NetworkGuard, start_real_nodes
 
     (tmp_path / "good").write_bytes(SECRET)
     (tmp_path / "bad").write_bytes(OTHER)
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         try:
-            for i, secret in enumerate(["good", "good", "bad"]):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="adm", seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=5,
-                                    admission="secret", run_secret_file=str(tmp_path / secret)).validate()
-                node = await create_real_node(config, DaemonSettings(state_dir=tmp_path / f"n{i}", sync_wait_s=1.0))
-                await node.start()
-                nodes.append(node)
+            secrets = ["good", "good", "bad"]
+            await start_real_nodes(nodes, 3, lambda i, initial: NodeConfig(
+                run_id="adm", seed=5, shard=(i, 3), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                announce_ttl_s=20.0, local_steps=5, admission="secret", run_secret_file=str(tmp_path / secrets[i])),
+                lambda i: DaemonSettings(state_dir=tmp_path / f"n{i}", sync_wait_s=1.0))
             admitted, outsider = nodes[:2], nodes[2]
             for _ in range(2):
                 reports = await asyncio.gather(*(n.run_round() for n in nodes))
