@@ -25,6 +25,7 @@ DHT and averager processes), in seconds per GB of model:
   is owned by node j; every node calls every other node once, sending the owner its slice, and the
   owner answers each call with the averaged slice once all N contributions have arrived. Each node
   sends and receives 2 (N-1)/N of the model, as in hivemind. Time from a barrier to the slowest node.
+  (`benchmarks.cluster.Butterfly`, which `vs_hivemind.py` runs with compression.)
 
 MB are 10^6 bytes; "MB/s" is the model size divided by the time (for the all-reduces: model bytes per
 second of all-reduce, the "algorithm bandwidth"). Ratios: ours_pair / raw_tcp (bandwidth) and
@@ -36,20 +37,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
-import logging
-import multiprocessing as mp
 import os
-import platform
-import resource
-import signal
 import socket
 import statistics
 import struct
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -57,50 +51,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
-from benchmarks.machine import commit, cpu_model  # noqa: E402
+from benchmarks.cluster import (  # noqa: E402
+    MB,
+    Butterfly,
+    Cluster,
+    WorkerSpec,
+    allreduce,
+    available_memory,
+    await_trigger,
+    dht_info,
+    hivemind_dht,
+    machine_line,
+    own_cpu,
+    start_transport,
+    timed,
+    timed_async,
+    tree_cpu,
+)
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: Longest wait for a worker to start (import torch, start p2pd / DHT), in seconds.
 START_TIMEOUT = 120.0
 #: Longest wait for one timed round, in seconds.
 ROUND_TIMEOUT = 300.0
-#: Longest wait for a worker to exit after "stop", in seconds.
-STOP_TIMEOUT = 20.0
-MB = 1_000_000
 
 
 # ------------------------------------------------------------------------------------------------
 # worker processes
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class WorkerSpec:
-    kind: str
-    rank: int
-    n: int
-    nbytes: int
-    options: dict[str, Any] = field(default_factory=dict)
-
-
 def worker_main(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
-    """Entry point of every worker: set up, report ``ready``, run rounds on ``go``, exit on ``stop``."""
-    # The workers are spawned (a clean interpreter each), which makes "spawn" their default start method;
-    # hivemind's averager is a default-context Process that must fork (its state does not pickle).
-    mp.set_start_method("fork", force=True)
-    logging.basicConfig(level=spec.options.get("log_level", "WARNING"),
-                        format=f"%(asctime)s {spec.kind}[{spec.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        if spec.kind in ("ours_pair", "ours_allreduce"):
-            run_loop(spec.options.get("loop", "asyncio"), ours_worker(spec, conn, barrier))
-        elif spec.kind == "hivemind":
-            hivemind_worker(spec, conn, barrier)
-        elif spec.kind == "raw_tcp":
-            raw_tcp_receiver(spec, conn)
-        else:
-            raise ValueError(spec.kind)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    """Every worker: set up, report ``ready``, run rounds on ``go``, exit on ``stop``."""
+    if spec.kind in ("ours_pair", "ours_allreduce"):
+        run_loop(spec.options.get("loop", "asyncio"), ours_worker(spec, conn, barrier))
+    elif spec.kind == "hivemind":
+        hivemind_worker(spec, conn, barrier)
+    elif spec.kind == "raw_tcp":
+        raw_tcp_receiver(spec, conn)
+    else:
+        raise ValueError(spec.kind)
 
 
 def run_loop(loop: str, coro: Any) -> None:
@@ -118,40 +105,19 @@ def model_tensor(nbytes: int, value: float) -> Any:
     return torch.full((nbytes // 4,), float(value), dtype=torch.float32)
 
 
-def slice_bounds(numel: int, n: int) -> list[tuple[int, int]]:
-    return [(numel * j // n, numel * (j + 1) // n) for j in range(n)]
+class RoundCluster(Cluster):
+    """The workers of one measurement: ``go`` starts a round, each answers ``done``."""
 
+    def __init__(self, kind: str, n: int, nbytes: int, options: dict[str, Any]) -> None:
+        super().__init__(kind, n, worker_main, dict(options, nbytes=nbytes), start_timeout=START_TIMEOUT)
 
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, user + system CPU seconds) of every process, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(stat_path) as f:
-                stat = f.read()
-            fields = stat[stat.rfind(")") + 2:].split()
-            table[int(stat_path.split("/")[2])] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    return table
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by `pid` and its live descendants (p2pd, DHT, averager)."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += table.get(p, (0, 0.0))[1]
-        todo += children.get(p, [])
-    return total
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    def round(self, step: int) -> tuple[float, float, bool]:
+        """Run one round: the slowest worker's time, the CPU seconds of all workers and their child
+        processes together, and whether every worker ended with the right values."""
+        self.send_all("go", step)
+        results = self.expect_all("done", ROUND_TIMEOUT)
+        return (max(t for t, _, _ in results), sum(c for _, _, c in results),
+                all(ok for _, ok, _ in results))
 
 
 # -- raw TCP -------------------------------------------------------------------------------------
@@ -160,7 +126,7 @@ def raw_tcp_receiver(spec: WorkerSpec, conn: Connection) -> None:
     conn.send(("ready", srv.getsockname()[1]))
     sock, _ = srv.accept()
     srv.close()
-    buf = bytearray(spec.nbytes)
+    buf = bytearray(spec.options["nbytes"])
     view = memoryview(buf)
     with sock:
         while True:
@@ -183,7 +149,7 @@ class RawTCP:
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        self.cluster = Cluster("raw_tcp", 1, nbytes, {})
+        self.cluster = RoundCluster("raw_tcp", 1, nbytes, {})
         self.sock: socket.socket | None = None
 
     def __enter__(self) -> RawTCP:
@@ -219,50 +185,34 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
 
     from p2pnode.proto import peer_pb2
     from p2pnode.transport.codec import Message
-    from p2pnode.transport.p2p import P2PTransport
 
     # One intra-op thread: with more, OpenMP workers spin after every tensor op and take the CPU that p2pd
     # needs (on 2 cores this slowed the all-reduce several times over).
     torch.set_num_threads(1)
-    opts = spec.options
-    transport = await P2PTransport.create(initial_peers=opts.get("initial_peers") or None,
-                                          host_maddrs=[LOOPBACK], direct=opts.get("direct", True))
+    transport = await start_transport(spec)
     try:
-        numel = spec.nbytes // 4
-        bounds = slice_bounds(numel, spec.n)
-        original = model_tensor(spec.nbytes, spec.rank)
+        nbytes = spec.options["nbytes"]
+        numel = nbytes // 4
+        original = model_tensor(nbytes, spec.rank)
         out = torch.empty_like(original)
-        lo, hi = bounds[spec.rank]
-        states: dict[int, dict[str, Any]] = {}
-
-        def state(step: int) -> dict[str, Any]:
-            if step not in states:
-                states[step] = {"acc": original[lo:hi].clone(), "count": 1, "done": asyncio.Event()}
-                for old in [s for s in states if s < step - 1]:
-                    del states[old]
-            return states[step]
-
-        async def part(sender: str, request: Message[Any]) -> Message[Any]:
-            """All-reduce: add a contribution to my slice; answer with the average once all are in."""
-            st = state(request.body.round)
-            st["acc"] += request.tensors["x"]
-            st["count"] += 1
-            if st["count"] == spec.n:
-                st["acc"] /= spec.n
-                st["done"].set()
-            async with asyncio.timeout(ROUND_TIMEOUT):
-                await st["done"].wait()
-            return Message(peer_pb2.Pong(round=request.body.round), {"x": st["acc"]})
+        butterfly = Butterfly(transport, original, spec.rank, spec.n, timeout=ROUND_TIMEOUT)
 
         async def sink(sender: str, request: Message[Any]) -> Message[Any]:
             if request.tensors["x"].numel() != numel:
                 raise ValueError("truncated model")
             return Message(peer_pb2.Pong(round=request.body.round))
 
-        transport.register("bench.part", peer_pb2.ModelExchange, part)
+        butterfly.register()
         transport.register("bench.sink", peer_pb2.ModelExchange, sink)
         conn.send(("ready", (transport.peer_id, transport.addresses())))
         peers: list[str] = []
+
+        async def pair(step: int) -> None:
+            if spec.rank == 1:
+                await transport.call(peers[0], "bench.sink",
+                                     Message(peer_pb2.ModelExchange(round=step), {"x": original}),
+                                     peer_pb2.Pong, timeout=ROUND_TIMEOUT)
+
         while True:
             msg, arg = await asyncio.to_thread(conn.recv)
             if msg == "peers":
@@ -270,32 +220,12 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                 conn.send(("ok", None))
             elif msg == "go":
                 step = arg
-                await asyncio.to_thread(barrier.wait, ROUND_TIMEOUT)
-                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
-                ok = True
                 if spec.kind == "ours_pair":
-                    if spec.rank == 1:
-                        await transport.call(peers[0], "bench.sink",
-                                             Message(peer_pb2.ModelExchange(round=step), {"x": original}),
-                                             peer_pb2.Pong, timeout=ROUND_TIMEOUT)
+                    elapsed, cpu = await timed_async(barrier, ROUND_TIMEOUT, pair, step)
+                    ok = True
                 else:
-                    async def one(j: int, peer: str, step: int) -> None:
-                        a, b = bounds[j]
-                        request = Message(peer_pb2.ModelExchange(round=step), {"x": original[a:b]})
-                        reply = await transport.call(peer, "bench.part", request, peer_pb2.Pong,
-                                                     timeout=ROUND_TIMEOUT)
-                        out[a:b] = reply.tensors["x"]
-
-                    mine = state(step)
-                    await asyncio.gather(*(one(j, peers[j], step) for j in range(spec.n) if j != spec.rank))
-                    async with asyncio.timeout(ROUND_TIMEOUT):
-                        await mine["done"].wait()
-                    out[lo:hi] = mine["acc"]
-                elapsed = time.perf_counter() - t0
-                # Once everyone is done, no node still works for this round: its CPU time is complete.
-                await asyncio.to_thread(barrier.wait, ROUND_TIMEOUT)
-                cpu = tree_cpu(os.getpid()) - cpu0
-                if spec.kind == "ours_allreduce":  # checked outside the timed part
+                    elapsed, cpu = await timed_async(barrier, ROUND_TIMEOUT, butterfly.run, step, peers, out)
+                    # checked outside the timed part
                     ok = bool(torch.allclose(out, torch.full_like(out, (spec.n - 1) / 2)))
                 conn.send(("done", (elapsed, ok, cpu)))
             elif msg == "stop":
@@ -309,17 +239,15 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
 def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     import hivemind
     import torch
-    from hivemind.averaging.control import AveragingStage
 
-    dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK],
-                       initial_peers=spec.options.get("initial_peers") or None)
+    dht = hivemind_dht(spec)
     averager = None
     try:
-        tensor = model_tensor(spec.nbytes, spec.rank)
+        tensor = model_tensor(spec.options["nbytes"], spec.rank)
         averager = hivemind.averaging.DecentralizedAverager(
             [tensor], dht, prefix="bench", target_group_size=spec.n, min_group_size=spec.n,
             min_matchmaking_time=spec.options.get("matchmaking_s", 3.0), request_timeout=10.0, start=True)
-        conn.send(("ready", (dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])))
+        conn.send(("ready", dht_info(dht)))
         expected = (spec.n - 1) / 2
         while True:
             msg, _ = conn.recv()
@@ -329,19 +257,8 @@ def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                 with averager.get_tensors() as tensors:
                     tensors[0].fill_(float(spec.rank))
                 barrier.wait(ROUND_TIMEOUT)
-                control = averager.step(wait=False, require_trigger=True, timeout=ROUND_TIMEOUT)
-                deadline = time.monotonic() + ROUND_TIMEOUT
-                while control.stage != AveragingStage.AWAITING_TRIGGER:
-                    if control.done() or time.monotonic() > deadline:
-                        raise RuntimeError(f"matchmaking failed: {control.result()}")
-                    time.sleep(0.01)
-                barrier.wait(ROUND_TIMEOUT)
-                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
-                control.allow_allreduce()
-                control.result(timeout=ROUND_TIMEOUT)
-                elapsed = time.perf_counter() - t0
-                barrier.wait(ROUND_TIMEOUT)
-                cpu = tree_cpu(os.getpid()) - cpu0
+                control = await_trigger(averager, ROUND_TIMEOUT)
+                elapsed, cpu = timed(barrier, ROUND_TIMEOUT, allreduce, control, ROUND_TIMEOUT)
                 with averager.get_tensors() as tensors:
                     # hivemind reports success even when a slice was not averaged: check every value.
                     ok = bool(torch.allclose(tensors[0], torch.full_like(tensors[0], expected)))
@@ -358,123 +275,6 @@ def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 # orchestration
 # ------------------------------------------------------------------------------------------------
-class Cluster:
-    """Worker processes of one measurement. Worker 0 starts first; the others bootstrap from it."""
-
-    def __init__(self, kind: str, n: int, nbytes: int, options: dict[str, Any]) -> None:
-        self.ctx = mp.get_context("spawn")
-        self.kind, self.n, self.nbytes, self.options = kind, n, nbytes, options
-        self.barrier = self.ctx.Barrier(n)
-        self.procs: list[Any] = []
-        self.conns: list[Connection] = []
-        self.infos: list[Any] = []
-        self.sockets_before = set(glob.glob("/tmp/hivemind-*.sock"))
-
-    def __enter__(self) -> Cluster:
-        try:
-            self._start(0, self.options)
-            first = self._expect(0, "ready", START_TIMEOUT)
-            self.infos.append(first)
-            opts = dict(self.options)
-            if isinstance(first, tuple):
-                opts["initial_peers"] = first[1]
-            for rank in range(1, self.n):
-                self._start(rank, opts)
-            self.infos += [self._expect(rank, "ready", START_TIMEOUT) for rank in range(1, self.n)]
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _start(self, rank: int, options: dict[str, Any]) -> None:
-        parent, child = self.ctx.Pipe()
-        spec = WorkerSpec(self.kind, rank, self.n, self.nbytes, options)
-        proc = self.ctx.Process(target=worker_main, args=(spec, child, self.barrier), daemon=False)
-        proc.start()
-        child.close()
-        self.procs.append(proc)
-        self.conns.append(parent)
-
-    def _expect(self, rank: int, what: str, timeout: float) -> Any:
-        conn = self.conns[rank]
-        if not conn.poll(timeout):
-            raise TimeoutError(f"{self.kind} worker {rank} sent no {what!r} within {timeout} s")
-        msg, arg = conn.recv()
-        if msg == "error":
-            raise RuntimeError(f"{self.kind} worker {rank} failed:\n{arg}")
-        if msg != what:
-            raise RuntimeError(f"{self.kind} worker {rank} sent {msg!r}, expected {what!r}")
-        return arg
-
-    def prepare(self) -> None:
-        """Tell every worker who its peers are."""
-        for conn in self.conns:
-            conn.send(("peers", self.infos))
-        for rank in range(self.n):
-            self._expect(rank, "ok", START_TIMEOUT)
-
-    def round(self, step: int) -> tuple[float, float, bool]:
-        """Run one round: the slowest worker's time, the CPU seconds of all workers and their child
-        processes together, and whether every worker ended with the right values."""
-        for conn in self.conns:
-            conn.send(("go", step))
-        results = [self._expect(rank, "done", ROUND_TIMEOUT) for rank in range(self.n)]
-        return (max(t for t, _, _ in results), sum(c for _, _, c in results),
-                all(ok for _, ok, _ in results))
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("stop", None))
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                print(f"  worker {proc.pid} did not stop; killing its process group", file=sys.stderr)
-                kill_tree(proc.pid)
-                proc.join(5)
-        # Remove the socket files the workers left behind, but not those of other programs running
-        # hivemind on this machine at the same time: a file still bound by a live process is not ours.
-        bound = set()
-        with contextlib.suppress(OSError), open("/proc/net/unix") as f:
-            bound = {line.split()[7] for line in f if len(line.split()) >= 8}
-        for path in set(glob.glob("/tmp/hivemind-*.sock")) - self.sockets_before - bound:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
-def kill_tree(pid: int) -> None:
-    """Kill a process and its descendants (found through /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(stat_path) as f:
-                stat = f.read()
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(stat_path.split("/")[2]))
-    todo, found = [pid], []
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children.get(p, [])
-    for p in reversed(found):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
-def machine() -> dict[str, str]:
-    import hivemind
-    import torch
-
-    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "torch": torch.__version__, "hivemind": hivemind.__version__, "platform": platform.platform(),
-            "commit": commit()}
-
-
 @dataclass
 class Result:
     name: str
@@ -519,15 +319,6 @@ GROUPS = [
 ]
 
 
-def available_memory() -> float:
-    """MemAvailable from /proc/meminfo, in bytes (infinite if unknown)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    return float("inf")
-
-
 def run_batch(batch: list[tuple[str, str, str, int | None, dict[str, Any]]], n: int, nbytes: int,
               args: argparse.Namespace, results: dict[str, Result]) -> None:
     """Start the measurements of `batch` together and run their rounds interleaved."""
@@ -539,7 +330,7 @@ def run_batch(batch: list[tuple[str, str, str, int | None, dict[str, Any]]], n: 
             else:
                 opts = (dict(options, loop=args.loop, log_level=args.log_level) if kind != "hivemind"
                         else dict(options))
-                runner = stack.enter_context(Cluster(kind, nodes or n, nbytes, opts))
+                runner = stack.enter_context(RoundCluster(kind, nodes or n, nbytes, opts))
             runner.prepare()
             runners.append((key, runner))
             results[key] = Result(label.format(n=n), [], [], nbytes)
@@ -568,10 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     nbytes = int(args.mb * MB) // 4 * 4
     n = args.nodes
-    info = machine()
-    with contextlib.suppress(OSError):
-        info["load average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(machine_line())
     print(f"model: {nbytes / MB:.1f} MB float32, median of {args.repeats} (after one warm-up), "
           f"loop={args.loop}")
     cmd = ["python", "benchmarks/transport.py", *(argv if argv is not None else sys.argv[1:])]

@@ -61,18 +61,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import math
-import multiprocessing as mp
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -81,21 +76,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
-from benchmarks.transport import available_memory, kill_tree, machine, tree_cpu  # noqa: E402
+from benchmarks.cluster import (  # noqa: E402
+    MAX_PIECES,
+    MB,
+    Butterfly,
+    Cluster,
+    Sums,
+    WorkerSpec,
+    allreduce,
+    available_memory,
+    await_trigger,
+    descendants,
+    dht_info,
+    hivemind_dht,
+    machine_line,
+    start_transport,
+    timed,
+    timed_async,
+)
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-MB = 1_000_000
 #: Longest wait for a worker to start (import torch, start p2pd / DHT), in seconds.
 START_TIMEOUT = 180.0
 #: Longest wait for matchmaking or one timed step, in seconds.
 STEP_TIMEOUT = 300.0
-#: Longest wait for a worker to exit after "stop", in seconds.
-STOP_TIMEOUT = 20.0
 #: Our int8 block (elements per float32 scale); the default of `p2pnode.transport.compression`.
 INT8_BLOCK = 1024
 FORMATS = ("fp16", "int8")
-#: Most pieces a butterfly slice may travel in (message ids are ``step * MAX_PIECES + piece``).
-MAX_PIECES = 64
 PATTERNS = ("butterfly", "alltoall")
 
 
@@ -105,10 +111,6 @@ def peer_values(numel: int, rank: int) -> Any:
 
     gen = torch.Generator().manual_seed(rank)
     return torch.randn(numel, generator=gen, dtype=torch.float32)
-
-
-def slice_bounds(numel: int, n: int) -> list[tuple[int, int]]:
-    return [(numel * j // n, numel * (j + 1) // n) for j in range(n)]
 
 
 def max_abs_error(result: Any, exact_path: str) -> float:
@@ -127,35 +129,16 @@ def max_abs_error(result: Any, exact_path: str) -> float:
 # ------------------------------------------------------------------------------------------------
 # workers
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class WorkerSpec:
-    kind: str  # "hivemind" or "ours"
-    rank: int
-    n: int
-    numel: int
-    exact_path: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
 def worker_main(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
-    """Entry point of every worker: set up, report ``ready``; ``arm`` / ``fire`` per step; ``stop``."""
-    # Spawned workers default to "spawn"; hivemind's averager is a default-context Process that must fork.
-    mp.set_start_method("fork", force=True)
-    logging.basicConfig(level=spec.options.get("log_level", "WARNING"),
-                        format=f"%(asctime)s {spec.kind}[{spec.rank}] %(levelname)s %(name)s: %(message)s")
+    """Every worker: set up, report ``ready``; ``arm`` / ``fire`` per step; ``stop``."""
     import torch
 
     # One intra-op thread: more OpenMP workers spin after each op and take the CPU that p2pd needs.
     torch.set_num_threads(1)
-    try:
-        if spec.kind == "hivemind":
-            hivemind_worker(spec, conn, barrier)
-        else:
-            asyncio.run(ours_worker(spec, conn, barrier))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    if spec.kind == "hivemind":
+        hivemind_worker(spec, conn, barrier)
+    else:
+        asyncio.run(ours_worker(spec, conn, barrier))
 
 
 def patch_hivemind_quantization() -> None:
@@ -185,15 +168,14 @@ def patch_hivemind_quantization() -> None:
 
 def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     import hivemind
-    from hivemind.averaging.control import AveragingStage
     from hivemind.compression import Float16Compression, Quantile8BitQuantization, Uniform8BitQuantization
 
     if not spec.options.get("hivemind_unpatched"):
         patch_hivemind_quantization()
     int8 = Quantile8BitQuantization if spec.options.get("hivemind_int8") == "quantile" else Uniform8BitQuantization
     formats = {"fp16": Float16Compression(), "int8": int8()}
-    dht = hivemind.DHT(start=True, host_maddrs=[LOOPBACK], initial_peers=spec.options.get("initial_peers") or None)
-    original = peer_values(spec.numel, spec.rank)
+    dht = hivemind_dht(spec)
+    original = peer_values(spec.options["numel"], spec.rank)
     averagers: dict[str, Any] = {}
     try:
         for fmt in spec.options["formats"]:
@@ -202,7 +184,7 @@ def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                 [original.clone()], dht, prefix=f"bench_{fmt}", target_group_size=spec.n, min_group_size=spec.n,
                 min_matchmaking_time=spec.options.get("matchmaking_s", 3.0), request_timeout=30.0,
                 compression=formats[fmt], start=True)
-        conn.send(("ready", (dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])))
+        conn.send(("ready", dht_info(dht)))
         control = None
         averager = None
         while True:
@@ -210,28 +192,16 @@ def hivemind_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
             if msg == "peers":
                 conn.send(("ok", None))
             elif msg == "arm":
-                fmt = arg["format"]
-                averager = averagers[fmt]
+                averager = averagers[arg["format"]]
                 with averager.get_tensors() as tensors:
                     tensors[0].copy_(original)
-                control = averager.step(wait=False, require_trigger=True, timeout=STEP_TIMEOUT)
-                deadline = time.monotonic() + STEP_TIMEOUT
-                while control.stage != AveragingStage.AWAITING_TRIGGER:
-                    if control.done() or time.monotonic() > deadline:
-                        raise RuntimeError(f"matchmaking failed: {control.result()}")
-                    time.sleep(0.01)
+                control = await_trigger(averager, STEP_TIMEOUT)
                 conn.send(("armed", None))
             elif msg == "fire":
                 assert control is not None and averager is not None
-                barrier.wait(STEP_TIMEOUT)
-                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
-                control.allow_allreduce()
-                control.result(timeout=STEP_TIMEOUT)
-                elapsed = time.perf_counter() - t0
-                barrier.wait(STEP_TIMEOUT)  # everyone is done: no process still works for this step
-                cpu = tree_cpu(os.getpid()) - cpu0
+                elapsed, cpu = timed(barrier, STEP_TIMEOUT, allreduce, control, STEP_TIMEOUT)
                 with averager.get_tensors() as tensors:
-                    err = max_abs_error(tensors[0], spec.exact_path)
+                    err = max_abs_error(tensors[0], spec.options["exact_path"])
                 conn.send(("done", (elapsed, err, cpu, 0)))
             elif msg == "stop":
                 break
@@ -248,94 +218,38 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
     from p2pnode.proto import peer_pb2
     from p2pnode.transport.codec import Message
     from p2pnode.transport.compression import Compression, compress
-    from p2pnode.transport.p2p import P2PTransport
 
     formats = {"fp16": Compression("fp16"), "int8": Compression("int8", block_size=INT8_BLOCK)}
-    transport = await P2PTransport.create(initial_peers=spec.options.get("initial_peers") or None,
-                                          host_maddrs=[LOOPBACK])
-    n, numel = spec.n, spec.numel
+    transport = await start_transport(spec)
+    n, numel = spec.n, spec.options["numel"]
     original = peer_values(numel, spec.rank)
-    bounds = slice_bounds(numel, n)
-    #: Per step: accumulator (float32), contributions counted, event once complete, the compressed answer.
-    states: dict[int, dict[str, Any]] = {}
+    butterfly = Butterfly(transport, original, spec.rank, n, timeout=STEP_TIMEOUT,
+                          pieces=int(spec.options.get("pieces", 1)))
+    #: All-to-all: the sum of the whole tensors of one step (message id ``step * MAX_PIECES``).
+    pushed = Sums(n, lambda wire_id: original)
     current: dict[str, Any] = {}
-
-    pieces = int(spec.options.get("pieces", 1))
-
-    def piece(j: int, p: int) -> tuple[int, int]:
-        """Bounds of piece `p` of slice `j` (each slice travels as `pieces` calls, pipelined)."""
-        a, b = bounds[j]
-        return a + (b - a) * p // pieces, a + (b - a) * (p + 1) // pieces
-
-    def state(wire_id: int) -> dict[str, Any]:
-        """Accumulator of one message id: ``step * MAX_PIECES + piece`` (all-to-all: piece 0)."""
-        if wire_id not in states:
-            if current["pattern"] == "butterfly":
-                a, b = piece(spec.rank, wire_id % MAX_PIECES)
-                own = original[a:b]
-            else:
-                own = original
-            states[wire_id] = {"acc": own.clone(), "count": 1, "done": asyncio.Event(), "reply": None}
-            for old in [s for s in states if s < wire_id - 2 * MAX_PIECES]:
-                del states[old]
-        return states[wire_id]
-
-    def add(st: dict[str, Any], x: torch.Tensor) -> None:
-        st["acc"] += x
-        st["count"] += 1
-        if st["count"] == n:
-            st["acc"] /= n
-            st["done"].set()
-
-    async def part(sender: str, request: Message[Any]) -> Message[Any]:
-        """Butterfly: add a contribution to my slice; answer with the average once all N are in."""
-        st = state(request.body.round)
-        add(st, request.tensors["x"])
-        async with asyncio.timeout(STEP_TIMEOUT):
-            await st["done"].wait()
-        if st["reply"] is None:  # compressed once, the same bytes for every caller
-            st["reply"] = compress(st["acc"], formats[current["format"]])
-        return Message(peer_pb2.Pong(round=request.body.round), compressed={"x": st["reply"]})
 
     async def push(sender: str, request: Message[Any]) -> Message[Any]:
         """All-to-all: add a peer's whole tensor to my sum."""
-        add(state(request.body.round), request.tensors["x"])
+        pushed[request.body.round].add(request.tensors["x"])
         return Message(peer_pb2.Pong(round=request.body.round))
 
-    transport.register("bench.part", peer_pb2.ModelExchange, part)
+    butterfly.register()
     transport.register("bench.push", peer_pb2.ModelExchange, push)
     conn.send(("ready", (transport.peer_id, transport.addresses())))
     peers: list[str] = []
     out = torch.empty_like(original)
 
-    async def butterfly(step: int, c: Compression) -> None:
-        """Send each owner its slice, compressed (in `pieces` concurrent calls); take the averaged slices
-        back; my own slice stays exact."""
-        async def one(j: int, p: int) -> None:
-            a, b = piece(j, p)
-            request = Message(peer_pb2.ModelExchange(round=step * MAX_PIECES + p), {"x": original[a:b]},
-                              compression=c)
-            reply = await transport.call(peers[j], "bench.part", request, peer_pb2.Pong, timeout=STEP_TIMEOUT)
-            out[a:b] = reply.tensors["x"]
-
-        mine = [state(step * MAX_PIECES + p) for p in range(pieces)]
-        await asyncio.gather(*(one(j, p) for p in range(pieces) for j in range(n) if j != spec.rank))
-        for p, st in enumerate(mine):
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await st["done"].wait()
-            a, b = piece(spec.rank, p)
-            out[a:b] = st["acc"]
-
     async def all_to_all(step: int, c: Compression) -> None:
         """Send my whole tensor, compressed once, to every other node; average what they sent me."""
-        mine = state(step * MAX_PIECES)
+        mine = pushed[step * MAX_PIECES]
         sent = compress(original, c)
         request = Message(peer_pb2.ModelExchange(round=step * MAX_PIECES), compressed={"x": sent})
         await asyncio.gather(*(transport.call(peers[j], "bench.push", request, peer_pb2.Pong, timeout=STEP_TIMEOUT)
                                for j in range(n) if j != spec.rank))
         async with asyncio.timeout(STEP_TIMEOUT):
-            await mine["done"].wait()
-        out.copy_(mine["acc"])
+            await mine.done.wait()
+        out.copy_(mine.acc)
 
     try:
         while True:
@@ -345,17 +259,17 @@ async def ours_worker(spec: WorkerSpec, conn: Connection, barrier: Any) -> None:
                 conn.send(("ok", None))
             elif msg == "arm":
                 current.update(arg)
+                # Set on every node before any node fires: the owners answer in the step's format.
+                butterfly.compression = formats[current["format"]]
                 conn.send(("armed", None))
             elif msg == "fire":
-                run = butterfly if current["pattern"] == "butterfly" else all_to_all
-                await asyncio.to_thread(barrier.wait, STEP_TIMEOUT)
                 sent0 = transport.stats.bytes_sent
-                t0, cpu0 = time.perf_counter(), tree_cpu(os.getpid())
-                await run(current["step"], formats[current["format"]])
-                elapsed = time.perf_counter() - t0
-                await asyncio.to_thread(barrier.wait, STEP_TIMEOUT)
-                cpu = tree_cpu(os.getpid()) - cpu0
-                err = max_abs_error(out, spec.exact_path)
+                if current["pattern"] == "butterfly":
+                    elapsed, cpu = await timed_async(barrier, STEP_TIMEOUT, butterfly.run, current["step"], peers, out)
+                else:
+                    elapsed, cpu = await timed_async(barrier, STEP_TIMEOUT, all_to_all, current["step"],
+                                                     formats[current["format"]])
+                err = max_abs_error(out, spec.options["exact_path"])
                 conn.send(("done", (elapsed, err, cpu, transport.stats.bytes_sent - sent0)))
             elif msg == "stop":
                 break
@@ -390,25 +304,6 @@ def tcp_sent() -> dict[tuple[str, str, int], int]:
     return table
 
 
-def descendants(pids: Iterable[int]) -> dict[int, int]:
-    """Every live descendant of each of `pids` (and the pid itself) -> that root pid."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                children.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry))
-    owner: dict[int, int] = {}
-    for root in pids:
-        todo = [root]
-        while todo:
-            p = todo.pop()
-            owner[p] = root
-            todo += children.get(p, [])
-    return owner
-
-
 def sent_per_root(before: dict[tuple[str, str, int], int], after: dict[tuple[str, str, int], int],
                   owner: dict[int, int]) -> dict[int, int]:
     """Bytes sent between two `tcp_sent` snapshots, per root process (sockets new since `before` count
@@ -424,87 +319,36 @@ def sent_per_root(before: dict[tuple[str, str, int], int], after: dict[tuple[str
 # ------------------------------------------------------------------------------------------------
 # orchestration
 # ------------------------------------------------------------------------------------------------
-class Cluster:
-    """The N worker processes of one side. Worker 0 starts first; the others bootstrap from it."""
+class StepCluster(Cluster):
+    """The N worker processes of one side: ``arm`` forms a step's group, ``fire`` runs it."""
 
     def __init__(self, kind: str, n: int, numel: int, exact_path: str, options: dict[str, Any]) -> None:
-        self.ctx = mp.get_context("spawn")
-        self.kind, self.n, self.numel, self.exact_path, self.options = kind, n, numel, exact_path, options
-        self.barrier = self.ctx.Barrier(n)
-        self.procs: list[Any] = []
-        self.conns: list[Connection] = []
-        self.infos: list[Any] = []
+        super().__init__(kind, n, worker_main, dict(options, numel=numel, exact_path=exact_path),
+                         start_timeout=START_TIMEOUT)
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> StepCluster:
+        super().__enter__()
         try:
-            self._start(0, self.options)
-            self.infos.append(self._expect(0, "ready", START_TIMEOUT))
-            opts = dict(self.options, initial_peers=self.infos[0][1])
-            for rank in range(1, self.n):
-                self._start(rank, opts)
-            self.infos += [self._expect(rank, "ready", START_TIMEOUT) for rank in range(1, self.n)]
-            for conn in self.conns:
-                conn.send(("peers", self.infos))
-            for rank in range(self.n):
-                self._expect(rank, "ok", START_TIMEOUT)
+            self.prepare()
         except BaseException:
             self.close()
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _start(self, rank: int, options: dict[str, Any]) -> None:
-        parent, child = self.ctx.Pipe()
-        spec = WorkerSpec(self.kind, rank, self.n, self.numel, self.exact_path, options)
-        proc = self.ctx.Process(target=worker_main, args=(spec, child, self.barrier), daemon=False)
-        proc.start()
-        child.close()
-        self.procs.append(proc)
-        self.conns.append(parent)
-
-    def _expect(self, rank: int, what: str, timeout: float) -> Any:
-        conn = self.conns[rank]
-        if not conn.poll(timeout):
-            raise TimeoutError(f"{self.kind} worker {rank} sent no {what!r} within {timeout} s")
-        msg, arg = conn.recv()
-        if msg == "error":
-            raise RuntimeError(f"{self.kind} worker {rank} failed:\n{arg}")
-        if msg != what:
-            raise RuntimeError(f"{self.kind} worker {rank} sent {msg!r}, expected {what!r}")
-        return arg
-
     def step(self, config: dict[str, Any]) -> tuple[float, float, float, float, float]:
         """One timed step: (slowest peer's time, max abs error over peers, CPU s of all processes,
         TCP bytes sent per peer (mean), our accounted bytes sent per peer (mean; 0 for hivemind))."""
-        for conn in self.conns:
-            conn.send(("arm", config))
-        for rank in range(self.n):
-            self._expect(rank, "armed", STEP_TIMEOUT)
+        self.send_all("arm", config)
+        self.expect_all("armed", STEP_TIMEOUT)
         owner = descendants(p.pid for p in self.procs)
         before = tcp_sent()
-        for conn in self.conns:
-            conn.send(("fire", None))
-        results = [self._expect(rank, "done", STEP_TIMEOUT) for rank in range(self.n)]
+        self.send_all("fire", None)
+        results = self.expect_all("done", STEP_TIMEOUT)
         after = tcp_sent()
         per = sent_per_root(before, after, owner)
         tcp = sum(per.get(p.pid, 0) for p in self.procs) / self.n
         return (max(r[0] for r in results), max(r[1] for r in results), sum(r[2] for r in results), tcp,
                 sum(r[3] for r in results) / self.n)
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("stop", None))
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                print(f"  worker {proc.pid} did not stop; killing its process tree", file=sys.stderr)
-                kill_tree(proc.pid)
-                proc.join(5)
 
 
 @dataclass
@@ -560,7 +404,7 @@ def write_exact(numel: int, n: int, path: str) -> None:
     total.numpy().tofile(path)
 
 
-def run_steps(clusters: dict[str, Cluster], sides: list[tuple[str, str, dict[str, Any]]],
+def run_steps(clusters: dict[str, StepCluster], sides: list[tuple[str, str, dict[str, Any]]],
               args: argparse.Namespace, mine: dict[str, list[Row]]) -> None:
     """Run a warm-up step and ``args.repeats`` timed steps of every (format, side) whose cluster is up,
     interleaved: for each repeat, each format, each side in turn."""
@@ -597,12 +441,12 @@ def run_n(n: int, numel: int, args: argparse.Namespace, rows: list[Row]) -> None
         print(f"{n} peers: hivemind and ours {'side by side, steps interleaved' if together else 'one after the other'}"
               , flush=True)
         if together:
-            with Cluster("hivemind", n, numel, exact_path, hm_opts) as hm, \
-                    Cluster("ours", n, numel, exact_path, ours_opts) as ours:
+            with StepCluster("hivemind", n, numel, exact_path, hm_opts) as hm, \
+                    StepCluster("ours", n, numel, exact_path, ours_opts) as ours:
                 run_steps({"hivemind": hm, "ours": ours}, sides, args, mine)
         else:
             for kind, opts in (("hivemind", hm_opts), ("ours", ours_opts)):
-                with Cluster(kind, n, numel, exact_path, opts) as cluster:
+                with StepCluster(kind, n, numel, exact_path, opts) as cluster:
                     run_steps({kind: cluster}, sides, args, mine)
         for side, _, _ in sides:
             rows += mine[side]
@@ -667,10 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(p < 2 for p in peers) or args.repeats < 1:
         parser.error("every group needs at least 2 peers, and --repeats must be >= 1")
     numel = int(args.mb * MB) // 4
-    info = machine()
-    with contextlib.suppress(OSError):
-        info["load average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(machine_line())
     print(f"tensor: {numel:,} float32 ({numel * 4 / MB:.1f} MB), randn per peer; median of {args.repeats} "
           f"(after one warm-up); hivemind int8 = {args.hivemind_int8}; ours int8 = blocks of {INT8_BLOCK}")
     cmd = ["python", "benchmarks/vs_hivemind.py", *(argv if argv is not None else sys.argv[1:])]

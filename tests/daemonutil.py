@@ -1,7 +1,9 @@
-"""A real `p2pnode run` daemon process for the tests of several layers (daemon, net)."""
+"""A real `p2pnode run` daemon process, and the control commands run in-process, for the tests of several
+layers (daemon, net)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -12,7 +14,11 @@ import threading
 import time
 from typing import Any
 
+import click
+from click.testing import CliRunner, Result
+
 from netutil import descendant_pids
+from p2pnode.cli.control_cmds import register
 
 READY = re.compile(r"^p2pnode ready peer_id=(\S+) maddrs=(\S+) control=(\S+)$")
 
@@ -66,3 +72,20 @@ class Daemon:
 
     def group_pids(self) -> set[int]:
         return {self.proc.pid} | descendant_pids(self.proc.pid)
+
+
+def control_cli() -> click.Group:
+    """A click group with the control commands (`p2pnode status`, `peers`, `leave`, ...) alone."""
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    return cli
+
+
+async def invoke_control(args: list[str]) -> Result:
+    """Run the control command `args` in a worker thread (a gRPC server of this thread's event loop keeps
+    answering); exceptions propagate."""
+    return await asyncio.to_thread(CliRunner().invoke, control_cli(), list(args), catch_exceptions=False)

@@ -262,6 +262,26 @@ class AggregationLog:
             await asyncio.wait_for(self._progress.wait(), max(0.1, deadline - time.monotonic()))
 
 
+async def start_real_nodes(nodes: list[Any], count: int, config_for: Callable[[int, list[str]], Any],
+                           settings_for: Callable[[int], Any] | None = None) -> None:
+    """Start `count` in-process nodes over the real network into `nodes`: node 0 alone, each other one
+    bootstrapped from node 0's first address.
+
+    :param nodes: where each node goes, before it starts (so that the caller's cleanup shuts down every
+        node that was created, also when a start fails).
+    :param config_for: ``(index, initial peers) -> NodeConfig`` of each node (validated here).
+    :param settings_for: ``index -> DaemonSettings`` of each node (default None: `create_real_node`'s).
+    """
+    from p2pnode.daemon.real import create_real_node
+
+    for i in range(count):
+        initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
+        node = await create_real_node(config_for(i, initial).validate(),
+                                      settings_for(i) if settings_for is not None else None)
+        nodes.append(node)
+        await node.start()
+
+
 class RealSwarm:
     """`count` in-process nodes over the real network (hivemind DHT + libp2p on 127.0.0.1), as an async
     context manager: node 0 starts alone and the others join it; on entry every node is started and its
@@ -284,17 +304,13 @@ class RealSwarm:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def __aenter__(self) -> RealSwarm:
-        from p2pnode.daemon.real import create_real_node
         from p2pnode.daemon.settings import DaemonSettings
 
         settings = self.settings if self.settings is not None else DaemonSettings.in_memory()
         try:
-            for i in range(self.count):
-                initial = [] if i == 0 else self.nodes[0].transport.addresses()[:1]
-                node = await create_real_node(self.config_for(i, initial).validate(), settings)
-                self.nodes.append(node)
-                await node.start()
-                if self.log is not None:
+            await start_real_nodes(self.nodes, self.count, self.config_for, lambda i: settings)
+            if self.log is not None:
+                for node in self.nodes:
                     node.protocol.hooks.on_aggregate = self.log.on_aggregate
             await wait_for_directory_peers(self.nodes, self.count - 1)
         except BaseException:

@@ -95,8 +95,9 @@ async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120
 
 def memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, count: int,
                 settings: DaemonSettings | None = None, checkpoints: CheckpointStore | None = None,
-                **overrides: object) -> Node:
-    """Gossip node `index` of `count` of run "test" on the in-memory network (not started), as ``node-<index>``."""
+                step_cost_s: float = 0.01, **overrides: object) -> Node:
+    """Node `index` of `count` of run "test" (`make_config` with `overrides`; gossip unless told) on the
+    in-memory network, not started, as ``node-<index>``; `step_cost_s`: virtual seconds per training step."""
     config = make_config(index, count, **overrides)
     return create_memory_node(config, settings, network=network, registry=registry, peer_id=f"node-{index}",
-                              rng=random.Random(index), step_cost_s=0.01, ttl_s=30.0, checkpoints=checkpoints)
+                              rng=random.Random(index), step_cost_s=step_cost_s, ttl_s=30.0, checkpoints=checkpoints)

@@ -27,6 +27,11 @@ summing to 1): ``x_i <- theta0 - outer_lr * nesterov(theta0 - merged)``, momentu
 node (not checkpointed). A round without neighbours' models steps on the own pseudo-gradient. With
 ``outer_lr = 1, outer_momentum = 0`` that is the plain average, bit for bit. Neighbours still receive the
 trained model ``x_j`` (each forms the pseudo-gradient against its own ``theta0``).
+
+The merge is `merge_states`, the step gossip and MoDeST use: a rule that works on updates (``flag``,
+``krum``, ``geomed``, ...) combines ``x_j - theta0`` and its result is added to ``theta0``; a rule that
+refuses its inputs (e.g. ``multikrum`` with fewer than 3) leaves the node with its own trained model
+for the round (``combined = 1``), as in gossip.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import aggregate_states, outer_optimizer, rule_info
+from p2pnode.aggregation import merge_states, outer_optimizer, rule_info
 from p2pnode.discovery import PeerDirectory
-from p2pnode.errors import BadMessage, TransportError
+from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.adversary import Attacker
 from p2pnode.protocols.base import (
@@ -224,6 +229,7 @@ class DpsgdProtocol:
         self.keep_pre_merge = False
         self._spec = trainer.spec
         self._weighted = rule_info(settings.rule).weighted and settings.rule == "mean"
+        self._needs_updates = rule_info(settings.rule).needs_updates
         self._peers: list[str] | None = None
         self._adjacency: list[list[int]] | None = None
         # (round, sender) -> (model, sender's degree)
@@ -312,7 +318,8 @@ class DpsgdProtocol:
 
         attacker, on_trained = self.hooks.attacker, self.hooks.on_trained
         attacking = attacker is not None and attacker.model_attack
-        keep_start = attacking or on_trained is not None or self.outer is not None
+        # The round's start: the attacker's reference, DiLoCo's theta0, the base of an update rule.
+        keep_start = attacking or on_trained is not None or self.outer is not None or self._needs_updates
 
         def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
             start = self.trainer.state() if keep_start else None
@@ -337,29 +344,38 @@ class DpsgdProtocol:
         received = [got[p] for p in in_ if p in got]
         pre_merge: State | None = None
         outer = self.outer
-        if outer is not None and not received:
-            assert start is not None
-            theta0 = start
-            await self.compute.run(lambda: self.trainer.load_state(outer.step_towards(theta0, own)))
+        merged_with = 0  # neighbours' models in the merge
         if received:
             states = [own, *(st for st, _ in received)]
             w_self, w = metropolis_hastings(degree, [d for _, d in received])
+            params = {"weights": [w_self, *w]} if self._weighted else s.rule_params
 
-            def merge() -> None:
-                if self._weighted:
-                    merged = aggregate_states("mean", states, weights=[w_self, *w])
-                else:
-                    merged = aggregate_states(s.rule, states, **s.rule_params)
+            def merge() -> bool:
+                try:
+                    merged = merge_states(s.rule, states, start, params)
+                except AggregationError as e:
+                    # Too few inputs for the rule (e.g. multikrum needs 3): keep the own model this round.
+                    logger.debug("merge skipped: %s", e)
+                    return False
                 if outer is not None:
                     # DiLoCo: pseudo-gradient theta0 - merged (the same weights over theta0 - x_j), outer step.
                     assert start is not None
                     merged = outer.step_towards(start, merged)
                 self.trainer.load_state(merged)
+                return True
 
             if self.keep_pre_merge:
                 pre_merge = own  # a copy (Trainer.state), not changed by the load
 
-            await self.compute.run(merge)
+            if await self.compute.run(merge):
+                merged_with = len(received)
+            else:
+                pre_merge = None
+        if outer is not None and not merged_with:
+            assert start is not None
+            theta0 = start
+            # DiLoCo without a merge: the outer step on the own pseudo-gradient.
+            await self.compute.run(lambda: self.trainer.load_state(outer.step_towards(theta0, own)))
         # Drop what can no longer be used (older rounds), keep models pushed early for later rounds.
         for key in [k for k in self._inbox if k[0] <= self.round]:
             del self._inbox[key]
@@ -369,7 +385,7 @@ class DpsgdProtocol:
         if s.eval_every and self.round % s.eval_every == 0:
             test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss, accuracy=accuracy,
-                           peers=len(peers) - 1, combined=1 + len(received), fraction=merged_fraction(bool(received)),
+                           peers=len(peers) - 1, combined=1 + merged_with, fraction=merged_fraction(bool(merged_with)),
                            partner=out[0] if out else None, failures=len(in_) - len(received),
                            extra=RoundExtra(role="trainer"), pre_merge=pre_merge)
 

@@ -24,19 +24,6 @@ from p2pnode.config import NodeConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No P2PNODE_* variable of the caller's environment leaks in; the state dir is an empty temp dir
-    (so a ~/.p2pnode/config.toml of the machine is never read)."""
-    for name in list(os.environ):
-        if name.startswith("P2PNODE_"):
-            monkeypatch.delenv(name)
-    state = tmp_path / "state"
-    state.mkdir()
-    monkeypatch.setenv("P2PNODE_STATE_DIR", str(state))
-    return state
-
-
 def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
 

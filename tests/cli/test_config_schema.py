@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,16 +43,6 @@ KNOWN_HASHES = [
      "96690385450e89e6"),
     ({"topology": "dpsgd", "rule_params": {"a": 1}}, "c6f452afad822916"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("P2PNODE_"):
-            monkeypatch.delenv(name)
-    state = tmp_path / "state"
-    state.mkdir()
-    monkeypatch.setenv("P2PNODE_STATE_DIR", str(state))
 
 
 def sample(f: dataclasses.Field[Any], meta: Setting) -> tuple[str, Any]:

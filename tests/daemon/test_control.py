@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import grpc
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from daemonutil import invoke_control
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, partial_line, register
+from p2pnode.cli.control_cmds import EXIT_NO_DAEMON, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE, partial_line
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.control import SERVICE_NAME, ControlServer, start_control
 from p2pnode.daemon.memory import create_memory_node
@@ -103,18 +103,9 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
             await node.shutdown()
 
 
-def _cli() -> click.Group:
-    @click.group()
-    def cli() -> None:
-        pass
-
-    register(cli)
-    return cli
-
-
 async def invoke(args: Sequence[str]) -> Result:
     """Run `p2pnode ARGS` in a worker thread (the gRPC server needs this thread's event loop)."""
-    return await asyncio.to_thread(CliRunner().invoke, _cli(), list(args), catch_exceptions=False)
+    return await invoke_control(list(args))
 
 
 def _metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from p2pnode.cli.control_cmds import register
 from p2pnode.cli.daemon_options import daemon_options, settings_from_options
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.build import build_trainer
@@ -44,21 +43,18 @@ def _scrape(address: str) -> dict[str, float]:
 async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> None:
     """Two real nodes train 3 rounds; one refuses a message of another run. Then the Prometheus
     endpoint and `p2pnode status --json` of node 0 show the same numbers."""
-    from netutil import NetworkGuard
+    from daemonutil import invoke_control
+
+    from netutil import NetworkGuard, start_real_nodes
     from p2pnode.daemon.control import start_control
-    from p2pnode.daemon.real import create_real_node
 
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         control = server = None
         try:
-            for i in range(2):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="metrics", seed=2, shard=(i, 2), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, local_steps=5).validate()
-                node = await create_real_node(config, DaemonSettings(state_dir=tmp_path / f"n{i}", metrics_port=0))
-                await node.start()
-                nodes.append(node)
+            await start_real_nodes(nodes, 2, lambda i, initial: NodeConfig(
+                run_id="metrics", seed=2, shard=(i, 2), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                local_steps=5), lambda i: DaemonSettings(state_dir=tmp_path / f"n{i}", metrics_port=0))
             node = nodes[0]
             control = await start_control(node, tmp_path / "n0", on_leave=node.stop)
             server = node.metrics.serve("127.0.0.1", 0)
@@ -73,8 +69,7 @@ async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> No
                 await nodes[1].transport.call(node.peer_id, "gossip.exchange", bad, peer_pb2.ModelExchange, 10.0)
             await node.wait_for_checkpoint()
 
-            result = await asyncio.to_thread(CliRunner().invoke, _control_cli(),
-                                             ["status", "--json", "--state-dir", str(tmp_path / "n0")])
+            result = await invoke_control(["status", "--json", "--state-dir", str(tmp_path / "n0")])
             assert result.exit_code == 0, result.output
             status = json.loads(result.stdout)
             m = await asyncio.to_thread(_scrape, server.address)
@@ -104,15 +99,6 @@ async def test_scraped_metrics_match_status_of_a_real_node(tmp_path: Path) -> No
     assert m["p2pnode_merge_combined"] >= 2 and m["p2pnode_merge_fraction"] == 1.0
     info = [k for k in m if k.startswith("p2pnode_info{")]
     assert len(info) == 1 and f'peer_id="{status["peer_id"]}"' in info[0] and 'run_id="metrics"' in info[0]
-
-
-def _control_cli() -> click.Group:
-    @click.group()
-    def cli() -> None:
-        pass
-
-    register(cli)
-    return cli
 
 
 def test_nodes_in_one_process_have_separate_registries() -> None:

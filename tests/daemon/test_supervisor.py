@@ -21,15 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import grpc
 import pytest
-from click.testing import CliRunner
-from daemonutil import Daemon
+from daemonutil import Daemon, invoke_control
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from netutil import NetworkGuard, descendant_pids, shutdown_replicas, wait_for_directory_peers
-from p2pnode.cli.control_cmds import register
+from netutil import NetworkGuard, descendant_pids, shutdown_replicas, start_real_nodes, wait_for_directory_peers
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.children import ProcessRecord, pid_file_path, read_pid_file, start_time, write_pid_file
 from p2pnode.daemon.control import start_control
@@ -90,19 +87,9 @@ def _config(i: int, initial: list[str]) -> NodeConfig:
                       min_round_time_s=0.2).validate()
 
 
-def _cli() -> click.Group:
-    @click.group()
-    def cli() -> None:
-        pass
-
-    register(cli)
-    return cli
-
-
 async def _status_json(state_dir: Path) -> dict[str, Any]:
     """`p2pnode status --json`, run in a worker thread (the gRPC server needs this thread's loop)."""
-    result = await asyncio.to_thread(CliRunner().invoke, _cli(), ["status", "--json", "--state-dir", str(state_dir)],
-                                     catch_exceptions=False)
+    result = await invoke_control(["status", "--json", "--state-dir", str(state_dir)])
     assert result.exit_code == 0, result.output
     out: dict[str, Any] = json.loads(result.stdout)
     return out
@@ -117,11 +104,7 @@ async def test_killed_dht_process_is_reported_restarted_with_the_same_peer_id_an
         nodes: list[Node] = []
         control = runner = None
         try:
-            for i in range(2):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                node = await create_real_node(_config(i, initial), settings)
-                nodes.append(node)
-                await node.start()
+            await start_real_nodes(nodes, 2, _config, lambda i: settings)
             await wait_for_directory_peers(nodes, 1)
             a, b = nodes
             control = await start_control(a, control_dir, on_leave=a.stop)

@@ -18,9 +18,8 @@ import pytest
 import torch
 from daemonutil import Daemon
 
-from netutil import NetworkGuard, process_name, wait_for_directory_peers
+from netutil import NetworkGuard, process_name, start_real_nodes, wait_for_directory_peers
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.real import create_real_node
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -40,14 +39,9 @@ async def test_three_real_nodes_discover_train_and_agree() -> None:
     with NetworkGuard() as guard:
         nodes = []
         try:
-            for i in range(3):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="it", seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=40,
-                                    model_seed_mode="independent").validate()
-                node = await create_real_node(config)
-                await node.start()
-                nodes.append(node)
+            await start_real_nodes(nodes, 3, lambda i, initial: NodeConfig(
+                run_id="it", seed=5, shard=(i, 3), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                announce_ttl_s=20.0, local_steps=40, model_seed_mode="independent"))
             await wait_for_directory_peers(nodes, 2)
             distances = [_max_distance(nodes)]
             for _ in range(10):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,19 @@ from click.testing import CliRunner
 from p2pnode.cli.invite import decode_token, encode_token, make_invite
 from p2pnode.cli.main import cli
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.build import apply_admission, build_protocol, build_trainer
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerInfo
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.errors import ConfigError, RemoteError
 from p2pnode.proto import peer_pb2, statesync_pb2
-from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.gossip import EXCHANGE
 from p2pnode.protocols.statesync import MANIFEST
 from p2pnode.transport import Message
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_config
+from simutil import memory_node
 
 SECRET = b"correct horse battery staple 42"
 OTHER = b"another secret of the same length"
@@ -165,16 +162,7 @@ def test_config_refuses_inconsistent_admission(tmp_path: Path) -> None:
 # -- whole runs -----------------------------------------------------------------------------------------------
 def _memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, secret: bytes | None) -> Node:
     extra: dict[str, object] = {} if secret is None else {"admission": "secret", "run_secret": secret.decode()}
-    config = make_config(index, 3, **extra)
-    pid = f"node-{index}"
-    transport = network.transport(pid)
-    directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
-    apply_admission(config, transport, directory)
-    trainer = build_trainer(config)
-    protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                              compute=VirtualCompute(), rng=random.Random(index), step_cost_s=0.01)
-    return Node(config, trainer=trainer, transport=transport, directory=directory, protocol=protocol,
-                compute=VirtualCompute(), settings=DaemonSettings.in_memory(serve_state=True))
+    return memory_node(network, registry, index, 3, DaemonSettings.in_memory(serve_state=True), **extra)
 
 
 async def _outsider_is_refused(outsider: Node, admitted: list[Node]) -> None:
@@ -220,22 +208,18 @@ def test_outsider_is_refused_in_memory_and_admitted_nodes_train(outsider_secret:
 @pytest.mark.slow
 async def test_real_network_two_admitted_nodes_and_an_outsider(tmp_path: Path) -> None:
     """2 real nodes with the run's secret and 1 with another secret, all joined to one DHT on 127.0.0.1."""
-    from netutil import NetworkGuard
-    from p2pnode.daemon.real import create_real_node
+    from netutil import NetworkGuard, start_real_nodes
 
     (tmp_path / "good").write_bytes(SECRET)
     (tmp_path / "bad").write_bytes(OTHER)
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         try:
-            for i, secret in enumerate(["good", "good", "bad"]):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="adm", seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=5,
-                                    admission="secret", run_secret_file=str(tmp_path / secret)).validate()
-                node = await create_real_node(config, DaemonSettings(state_dir=tmp_path / f"n{i}", sync_wait_s=1.0))
-                await node.start()
-                nodes.append(node)
+            secrets = ["good", "good", "bad"]
+            await start_real_nodes(nodes, 3, lambda i, initial: NodeConfig(
+                run_id="adm", seed=5, shard=(i, 3), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                announce_ttl_s=20.0, local_steps=5, admission="secret", run_secret_file=str(tmp_path / secrets[i])),
+                lambda i: DaemonSettings(state_dir=tmp_path / f"n{i}", sync_wait_s=1.0))
             admitted, outsider = nodes[:2], nodes[2]
             for _ in range(2):
                 reports = await asyncio.gather(*(n.run_round() for n in nodes))

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 
 import pytest
 
-from p2pnode.daemon.build import build_protocol, build_trainer
 from p2pnode.daemon.node import Node
 from p2pnode.discovery import PeerInfo
-from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
+from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.protocols.backoff import SilentBackoff
-from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.protocols.gossip import GossipProtocol
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork
-from simutil import make_config
+from simutil import memory_node
 
 
 def test_backoff_doubles_caps_and_resets() -> None:
@@ -44,19 +41,14 @@ def _black_hole_run(silent_backoff: bool, seconds: float = 40.0) -> tuple[int, f
         network, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = []
         for i in range(3):
-            config = make_config(i, 3, local_steps=1, exchange_timeout_s=5.0, eval_every=0)
-            pid = f"node-{i}"
-            transport = network.transport(pid)
-            directory = MemoryDirectory(registry, peer_id=pid, run_id=config.run_id, config_hash=config.config_hash)
-            trainer = build_trainer(config)
-            protocol = build_protocol(config, trainer=trainer, transport=transport, directory=directory,
-                                      compute=VirtualCompute(), rng=random.Random(i), step_cost_s=0.1)
-            assert isinstance(protocol, GossipProtocol)
-            protocol.settings.silent_backoff = silent_backoff
+            node = memory_node(network, registry, i, 3, step_cost_s=0.1, local_steps=1, exchange_timeout_s=5.0,
+                               eval_every=0)
+            assert isinstance(node.protocol, GossipProtocol)
+            # The back-off is no config option: the run without it takes it out of the built protocol.
+            node.protocol.settings.silent_backoff = silent_backoff
             if not silent_backoff:
-                protocol.backoff = None
-            nodes.append(Node(config, trainer=trainer, transport=transport, directory=directory,
-                              protocol=protocol, compute=VirtualCompute()))
+                node.protocol.backoff = None
+            nodes.append(node)
         network.transport("hole")
         for other in ("node-0", "node-1", "node-2"):
             network.model.set_link("hole", other, LinkModel(loss=1.0))  # requests and answers are lost

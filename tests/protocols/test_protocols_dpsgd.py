@@ -1,14 +1,22 @@
-"""D-PSGD: Metropolis-Hastings weights, the communication graphs, and a small run."""
+"""D-PSGD: Metropolis-Hastings weights, the communication graphs, the merge step, and a small run."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 import torch
 
+from p2pnode.aggregation import aggregate_states
+from p2pnode.daemon.build import build_trainer
+from p2pnode.protocols.base import RoundReport
 from p2pnode.protocols.dpsgd import exponential_neighbours, metropolis_hastings, random_regular_graph
+from p2pnode.transport.clock import run_virtual
 from simulator import SimConfig, run_simulation
+from simutil import make_config, make_group
+
+State = dict[str, torch.Tensor]
 
 
 def test_metropolis_hastings_path_graph_known_answer() -> None:
@@ -65,3 +73,53 @@ def test_dpsgd_learns_and_sends_the_expected_traffic(graph: str) -> None:
     transfers = 16 * (1 if graph == "exponential" else 4)
     model_bytes = 4810 * 4  # digits-mlp: 64*64 + 64 + 64*10 + 10 float32
     assert all(transfers * model_bytes < r["bytes"] < transfers * (model_bytes + 400) for r in rows)
+
+
+def _pair_round(**overrides: object) -> tuple[list[State], list[RoundReport]]:
+    """Two D-PSGD nodes run one round in lockstep: their models and reports."""
+
+    async def main() -> tuple[list[State], list[RoundReport]]:
+        group = await make_group(2, topology="dpsgd", **overrides)
+        reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
+        states = [n.trainer.state() for n in group.nodes]
+        for n in group.nodes:
+            await n.shutdown()
+        return states, list(reports)
+
+    return run_virtual(main())
+
+
+def _trained_by_hand(**overrides: object) -> tuple[list[State], list[State]]:
+    """The two nodes' round-start and trained models, computed without the protocol (same data, same steps)."""
+    trainers = [build_trainer(make_config(i, 2, topology="dpsgd", **overrides)) for i in range(2)]
+    starts = [t.state() for t in trainers]
+    for t in trainers:
+        t.train(5)
+    return starts, [t.state() for t in trainers]
+
+
+def test_an_update_rule_merges_updates_relative_to_the_round_start() -> None:
+    """flag (a rule on updates): x_i <- theta0_i + flag(x_i - theta0_i, x_j - theta0_i), as in gossip and MoDeST."""
+    kw: dict[str, object] = {"rule": "flag", "model_seed_mode": "independent"}
+    starts, trained = _trained_by_hand(**kw)
+    got, reports = _pair_round(**kw)
+    assert [r.combined for r in reports] == [2, 2]
+    for i in range(2):
+        updates = [{k: trained[j][k] - starts[i][k] for k in starts[i]} for j in (i, 1 - i)]
+        delta = aggregate_states("flag", updates)
+        want = {k: starts[i][k] + delta[k] for k in starts[i]}
+        on_models = aggregate_states("flag", [trained[i], trained[1 - i]])
+        for k in want:
+            torch.testing.assert_close(got[i][k], want[k], rtol=1e-5, atol=1e-6)
+        # Flag on the models themselves is another answer: the test tells the two apart.
+        assert max(float((on_models[k] - want[k]).abs().max()) for k in want) > 1e-3
+
+
+def test_a_rule_that_refuses_its_inputs_keeps_the_own_model() -> None:
+    """multikrum needs 3 inputs: with one neighbour the node keeps its trained model and reports no merge."""
+    _, trained = _trained_by_hand(rule="multikrum")
+    got, reports = _pair_round(rule="multikrum")
+    assert [(r.combined, r.fraction) for r in reports] == [(1, 0.0), (1, 0.0)]
+    for i in range(2):
+        for k in trained[i]:
+            assert torch.equal(got[i][k], trained[i][k])

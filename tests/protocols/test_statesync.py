@@ -207,20 +207,16 @@ def test_late_joiner_starts_from_the_swarms_model_in_the_simulator() -> None:
 async def test_late_joiner_syncs_from_a_real_swarm(tmp_path: Path) -> None:
     """3 real nodes (hivemind DHT + p2pd) train 5 rounds; a 4th joins through one of them and starts
     from the swarm's model and round (its first evaluation is close to the others')."""
-    from netutil import NetworkGuard
+    from netutil import NetworkGuard, start_real_nodes
     from p2pnode.daemon.real import create_real_node
 
     with NetworkGuard() as guard:
         nodes: list[Node] = []
         try:
-            for i in range(3):
-                initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
-                config = NodeConfig(run_id="late", seed=5, shard=(i, 4), device="cpu", initial_peers=initial,
-                                    exchange_timeout_s=10.0, announce_ttl_s=20.0, local_steps=20,
-                                    model_seed_mode="independent").validate()
-                node = await create_real_node(config, DaemonSettings(state_dir=tmp_path / f"n{i}"))
-                await node.start()
-                nodes.append(node)
+            await start_real_nodes(nodes, 3, lambda i, initial: NodeConfig(
+                run_id="late", seed=5, shard=(i, 4), device="cpu", initial_peers=initial, exchange_timeout_s=10.0,
+                announce_ttl_s=20.0, local_steps=20, model_seed_mode="independent"),
+                lambda i: DaemonSettings(state_dir=tmp_path / f"n{i}"))
             for _ in range(5):
                 await asyncio.gather(*(n.run_round() for n in nodes))
             config = NodeConfig(run_id="late", seed=5, shard=(3, 4), device="cpu",

@@ -238,19 +238,28 @@ def test_crashed_peer_never_answers_and_cannot_call() -> None:
     sim(main)
 
 
+def _slow_pair(delay_s: float, finished: list[float] | None = None) -> tuple[MemoryNetwork, MemoryTransport,
+                                                                               MemoryTransport]:
+    """Transports ``a`` and ``b`` on a new network; ``b`` answers "ping" after `delay_s` virtual seconds
+    (appending the time it finished to `finished`)."""
+    net = MemoryNetwork()
+    a, b = net.transport("a"), net.transport("b")
+
+    async def slow(sender: str, req: Message[Any]) -> Message[Any]:
+        await asyncio.sleep(delay_s)
+        if finished is not None:
+            finished.append(now())
+        return Message(peer_pb2.Pong())
+
+    b.register("ping", peer_pb2.Ping, slow)
+    return net, a, b
+
+
 def test_crash_during_handling_gives_no_answer_even_after_revival() -> None:
     finished: list[float] = []
 
     async def main() -> None:
-        net = MemoryNetwork()
-        a, b = net.transport("a"), net.transport("b")
-
-        async def slow(sender: str, req: Message[Any]) -> Message[Any]:
-            await asyncio.sleep(2.0)
-            finished.append(now())
-            return Message(peer_pb2.Pong())
-
-        b.register("ping", peer_pb2.Ping, slow)
+        net, a, _ = _slow_pair(2.0, finished)
         call = asyncio.ensure_future(ping(a, "b", timeout=10.0))
         await asyncio.sleep(1.0)
         net.crash("b")
@@ -265,14 +274,7 @@ def test_crash_during_handling_gives_no_answer_even_after_revival() -> None:
 
 def test_caller_crashing_while_waiting_gets_no_answer() -> None:
     async def main() -> None:
-        net = MemoryNetwork()
-        a, b = net.transport("a"), net.transport("b")
-
-        async def slow(sender: str, req: Message[Any]) -> Message[Any]:
-            await asyncio.sleep(2.0)
-            return Message(peer_pb2.Pong())
-
-        b.register("ping", peer_pb2.Ping, slow)
+        net, a, _ = _slow_pair(2.0)
         call = asyncio.ensure_future(ping(a, "b", timeout=10.0))
         await asyncio.sleep(1.0)
         net.crash("a")
@@ -287,15 +289,7 @@ def test_handler_outlives_a_caller_that_timed_out() -> None:
     finished: list[float] = []
 
     async def main() -> int:
-        net = MemoryNetwork()
-        a, b = net.transport("a"), net.transport("b")
-
-        async def slow(sender: str, req: Message[Any]) -> Message[Any]:
-            await asyncio.sleep(5.0)
-            finished.append(now())
-            return Message(peer_pb2.Pong())
-
-        b.register("ping", peer_pb2.Ping, slow)
+        _, a, b = _slow_pair(5.0, finished)
         with pytest.raises(PeerUnreachable):
             await ping(a, "b", timeout=1.0)
         assert now() == pytest.approx(1.0)
