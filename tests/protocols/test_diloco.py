@@ -234,6 +234,7 @@ def test_modest_with_compressed_uploads_learns(compression: str, extra: dict[str
     # No upload was made against another base: every holder keeps the decoded version, digests agree.
     assert res["protocol_events"].get("stale_updates", 0) == 0
     assert rows[-1]["accuracy"] > 0.7, [r["accuracy"] for r in rows]
-    assert res["total_bytes"] < raw["total_bytes"] * (0.45 if compression == "int8" else 0.8)
+    # int8: versions, base pulls and uploads all travel int8 (measured 0.27-0.31 of the raw run's bytes).
+    assert res["total_bytes"] < raw["total_bytes"] * (0.33 if compression == "int8" else 0.8)
     assert all(r["bytes_per_node"] > 0 for r in rows)
     assert res["bytes_per_node_per_round"] > 0
