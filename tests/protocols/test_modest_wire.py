@@ -157,14 +157,16 @@ def test_held_versions_travel_int8_and_arrive_bit_for_bit(topology: str) -> None
     run_virtual(main())
 
 
-def test_a_model_off_the_int8_grid_travels_raw() -> None:
-    """A tensor that int8 does not carry exactly travels raw (its digest holds); its decoding re-encodes exactly."""
-    x = torch.randn(3000, generator=torch.Generator().manual_seed(4))
-    c = parse_compression("int8")
+@pytest.mark.parametrize("fmt", ["int8", "int8:256", "int8:0", "fp16", "bf16"])
+def test_a_tensor_off_the_format_grid_travels_raw_and_a_decoded_one_reencodes_exactly(fmt: str) -> None:
+    """A tensor the format does not carry exactly travels raw (its digest holds); its decoding re-encodes exactly."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(4)) * 3.7
+    c = parse_compression(fmt)
     assert compress_exact(x, c).kind == "none"
     decoded = decompress(compress(x, c))
     again = compress_exact(decoded, c)
-    assert again.kind == "int8" and torch.equal(_bits(decompress(again)), _bits(decoded))
+    assert again.kind == c.kind and torch.equal(_bits(decompress(again)), _bits(decoded))
+    assert again.wire_bytes == compress(x, c).wire_bytes < x.numel() * 4
 
 
 def _forge(case: str, wire: dict[str, CompressedTensor], name: str) -> dict[str, CompressedTensor]:
