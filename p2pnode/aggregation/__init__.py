@@ -21,7 +21,7 @@ docs/aggregation.md.
 
 from p2pnode.aggregation.flag import FlagSolution, solve_flag
 from p2pnode.aggregation.merge import merge_states
-from p2pnode.aggregation.outer import OuterOptimizer, outer_optimizer
+from p2pnode.aggregation.outer import OuterOptimizer, load_outer_state, outer_optimizer
 from p2pnode.aggregation.registry import (
     RuleInfo,
     aggregate,
@@ -41,6 +41,7 @@ __all__ = [
     "aggregate_states",
     "available_rules",
     "byzantine_target",
+    "load_outer_state",
     "max_byzantine",
     "merge_states",
     "outer_optimizer",

@@ -204,3 +204,18 @@ class OuterOptimizer:
 def outer_optimizer(lr: float | None, momentum: float = 0.9, nesterov: bool = True) -> OuterOptimizer | None:
     """The outer optimizer of a run's settings, or None when `lr` is None (no outer step: the plain merge)."""
     return None if lr is None else OuterOptimizer(lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def load_outer_state(opt: OuterOptimizer | None, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` (a `state_dict`; empty: no momentum yet) into `opt`; with no optimizer, `state` must be empty.
+
+    :raises AggregationError: `state` is not a valid state, or there is state but no optimizer to take it.
+    """
+    if opt is None:
+        if state:
+            raise AggregationError("outer optimizer state given, but this run has no outer optimizer")
+        return
+    if state:
+        opt.load_state_dict(state)
+    else:
+        opt.reset()

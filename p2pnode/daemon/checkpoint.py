@@ -9,7 +9,10 @@ raw tensor bytes``, whose body is a `CheckpointInfo` (round, run, config hash, .
 are ``model/<state_dict name>`` (every entry of the model's ``state_dict``) and
 ``optim/<parameter index>/<key>`` (the optimizer's per-parameter tensors: SGD momentum; AdamW's
 ``exp_avg``, ``exp_avg_sq`` and ``step``) and ``sched/<key>`` (the numeric entries of the learning-rate
-scheduler's ``state_dict``, when the task has one: ``last_epoch``, ``base_lrs``, ...). Nothing is ever
+scheduler's ``state_dict``, when the task has one: ``last_epoch``, ``base_lrs``, ...) and ``outer/<key>``
+(the DiLoCo outer optimizer's state where it is the node's own, gossip and dpsgd: ``steps`` and
+``momentum/<state_dict name>``; `OuterOptimizer.state_dict`). Files written before ``outer/`` entries
+existed read as having no outer state: the node then starts its momentum afresh. Nothing is ever
 unpickled: tensors are raw little-endian bytes with a dtype from the codec's allowlist and a shape.
 
 Writing: the bytes go to a temporary file in the same directory (created 0600), which is fsynced and
@@ -31,7 +34,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +63,7 @@ _NAME = re.compile(r"^ckpt-([0-9a-f]{1,64})-(\d{10})\.p2pc$")
 _MODEL = "model/"
 _OPTIM = "optim/"
 _SCHED = "sched/"
+_OUTER = "outer/"
 
 
 class CheckpointError(P2PNodeError):
@@ -84,6 +88,9 @@ class Checkpoint:
     :param optimizer: per-parameter optimizer tensors (SGD: ``momentum_buffer``), by parameter index.
     :param scheduler: numeric entries of the learning-rate scheduler's ``state_dict`` as CPU tensors
         (int64 for integers, float64 for floats, 1-D for lists); empty when the task has no scheduler.
+    :param outer: the DiLoCo outer optimizer's state (`OuterOptimizer.state_dict`: ``steps``, an int64
+        scalar, and ``momentum/<model entry>`` buffers) where the protocol keeps it on the node
+        (`LocalOuterState`); empty otherwise, and in checkpoints written before it was saved.
     :param steps_done: local SGD steps run so far.
     :param created: when it was taken, seconds since the Unix epoch.
     :param path: the file it was read from or written to, if any.
@@ -96,6 +103,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     scheduler: dict[str, torch.Tensor] = field(default_factory=dict)
+    outer: dict[str, torch.Tensor] = field(default_factory=dict)
     steps_done: int = 0
     peer_id: str = ""
     created: float = 0.0
@@ -103,9 +111,10 @@ class Checkpoint:
 
 
 def capture(trainer: Trainer, *, round_: int, config_hash: str, run_id: str, task: str,
-            peer_id: str = "") -> Checkpoint:
+            peer_id: str = "", outer: Mapping[str, torch.Tensor] | None = None) -> Checkpoint:
     """A `Checkpoint` of `trainer` now: detached CPU copies, so training may go on while it is written.
 
+    `outer`: the node's own outer optimizer state (`LocalOuterState.outer_state`), if any (default None).
     Call it between rounds (on the thread that trains), never while a training step runs.
     """
     model = {name: t.detach().to("cpu", copy=True) for name, t in trainer.model.state_dict().items()
@@ -119,6 +128,7 @@ def capture(trainer: Trainer, *, round_: int, config_hash: str, run_id: str, tas
     scheduler = trainer.scheduler
     return Checkpoint(round=round_, config_hash=config_hash, run_id=run_id, task=task, model=model,
                       optimizer=optimizer, scheduler=_scheduler_tensors(scheduler.state_dict()) if scheduler else {},
+                      outer={k: v.detach().to("cpu", copy=True) for k, v in (outer or {}).items()},
                       steps_done=trainer.steps_done, peer_id=peer_id, created=time.time())
 
 
@@ -199,6 +209,7 @@ def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
                                          f"the parameter's is {tuple(params[index].shape)}")
     if trainer.scheduler is None and ckpt.scheduler:
         raise CheckpointMismatch("checkpoint has learning-rate scheduler state; this task has no scheduler")
+    check_outer(ckpt, current)
     with torch.no_grad():
         for name, t in ckpt.model.items():
             current[name].copy_(t)
@@ -209,6 +220,27 @@ def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
     trainer.optimizer.load_state_dict(opt_state)
     _restore_scheduler(trainer, ckpt.scheduler)
     trainer.steps_done = ckpt.steps_done
+
+
+def check_outer(ckpt: Checkpoint, model: Mapping[str, torch.Tensor]) -> None:
+    """Refuse outer optimizer state that does not fit `model` (a ``state_dict``).
+
+    :raises CheckpointMismatch: an entry other than ``steps`` (a non-negative int64 scalar) and
+        ``momentum/<floating model entry>`` (finite, floating, that entry's shape).
+    """
+    for key, t in ckpt.outer.items():
+        if key == "steps":
+            if t.dtype != torch.int64 or t.numel() != 1 or int(t.reshape(())) < 0:
+                raise CheckpointMismatch("outer optimizer 'steps' must be a non-negative int64 scalar")
+            continue
+        name = key[len("momentum/"):] if key.startswith("momentum/") else None
+        if name is None or name not in model or not model[name].is_floating_point():
+            raise CheckpointMismatch(f"checkpoint has outer optimizer state {key[:80]!r} for no floating model entry")
+        if tuple(t.shape) != tuple(model[name].shape) or not t.is_floating_point():
+            raise CheckpointMismatch(f"outer optimizer {key[:80]!r} has shape {tuple(t.shape)} {t.dtype}, the "
+                                     f"entry's is {tuple(model[name].shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointMismatch(f"outer optimizer {key[:80]!r} holds NaN or Inf")
 
 
 # ---------------------------------------------------------------------------------------- encoding
@@ -223,6 +255,8 @@ def encode(ckpt: Checkpoint) -> list[memoryview]:
             tensors[f"{_OPTIM}{index}/{key}"] = t
     for key, t in sorted(ckpt.scheduler.items()):
         tensors[_SCHED + key] = t
+    for key, t in sorted(ckpt.outer.items()):
+        tensors[_OUTER + key] = t
     return [memoryview(_PREFIX.pack(MAGIC, FORMAT)), *codec.encode(ENVELOPE_METHOD, info, tensors)]
 
 
@@ -254,6 +288,7 @@ def decode(data: bytes | bytearray | memoryview, path: Path | None = None) -> Ch
     model: dict[str, torch.Tensor] = {}
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
     scheduler: dict[str, torch.Tensor] = {}
+    outer: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.startswith(_MODEL):
             model[name[len(_MODEL):]] = t
@@ -264,10 +299,12 @@ def decode(data: bytes | bytearray | memoryview, path: Path | None = None) -> Ch
             optimizer.setdefault(int(index), {})[key] = t
         elif name.startswith(_SCHED) and len(name) > len(_SCHED) and t.dim() <= 1:
             scheduler[name[len(_SCHED):]] = t
+        elif name.startswith(_OUTER) and len(name) > len(_OUTER):
+            outer[name[len(_OUTER):]] = t
         else:
             raise CorruptCheckpoint(f"{where}: unknown entry {name!r}")
     return Checkpoint(round=info.round, config_hash=info.config_hash, run_id=info.run_id, task=info.task,
-                      model=model, optimizer=optimizer, scheduler=scheduler, steps_done=info.steps_done,
+                      model=model, optimizer=optimizer, scheduler=scheduler, outer=outer, steps_done=info.steps_done,
                       peer_id=info.peer_id,
                       created=info.created, path=path)
 
@@ -436,6 +473,7 @@ __all__ = [
     "CheckpointStore",
     "CorruptCheckpoint",
     "capture",
+    "check_outer",
     "decode",
     "encode",
     "read",

@@ -35,7 +35,7 @@ from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointSto
 from p2pnode.daemon.metrics import NodeMetrics
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerDirectory, PeerInfo
-from p2pnode.protocols import RoundExtra, RoundProtocol, RoundReport
+from p2pnode.protocols import LocalOuterState, RoundExtra, RoundProtocol, RoundReport
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.statesync import StateSyncServer, SyncResult, fetch_state
 from p2pnode.training.trainer import Trainer
@@ -269,6 +269,12 @@ class Node:
             return
         found = ckpt
         await self.compute.run(lambda: restore(self.trainer, found))
+        if isinstance(self.protocol, LocalOuterState):
+            # The node's own DiLoCo momentum (gossip, dpsgd); none in an older checkpoint: it starts afresh.
+            self.protocol.load_outer_state(found.outer)
+        elif found.outer:
+            logger.warning("the checkpoint of round %d holds outer optimizer state that this protocol does not keep "
+                           "on the node; ignored", found.round)
         self.protocol.round = ckpt.round
         self._state_adopted()
         self.resumed_from = "checkpoint"
@@ -361,7 +367,8 @@ class Node:
         """
         quorum = self.settings.min_merge
         reason = partial_reason(report, quorum)
-        pre, report = report.pre_merge, dataclasses.replace(report, pre_merge=None)
+        pre, pre_outer = report.pre_merge, report.pre_outer
+        report = dataclasses.replace(report, pre_merge=None, pre_outer=None)
         if reason == "quorum":
             test_loss, accuracy = report.test_loss, report.accuracy
             undo = pre is not None and report.fraction > 0.0
@@ -369,6 +376,8 @@ class Node:
                 assert pre is not None
                 before = pre
                 await self.compute.run(lambda: self.trainer.load_state(before))
+                if pre_outer is not None and isinstance(self.protocol, LocalOuterState):
+                    self.protocol.load_outer_state(pre_outer)  # the momentum from before the round's outer step
                 self._state_adopted()
                 if accuracy is not None:  # the report must describe the model the node keeps
                     test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
@@ -458,8 +467,10 @@ class Node:
         await self.wait_for_checkpoint()
         cfg = self.config
         round_ = self.round
-        ckpt = await self.compute.run(lambda: capture(self.trainer, round_=round_, config_hash=cfg.config_hash,
-                                                      run_id=cfg.run_id, task=cfg.task, peer_id=self.peer_id))
+        protocol = self.protocol
+        ckpt = await self.compute.run(lambda: capture(
+            self.trainer, round_=round_, config_hash=cfg.config_hash, run_id=cfg.run_id, task=cfg.task,
+            peer_id=self.peer_id, outer=protocol.outer_state() if isinstance(protocol, LocalOuterState) else None))
         self._checkpoint_task = asyncio.ensure_future(self._write_checkpoint(self.checkpoints, ckpt))
 
     async def wait_for_checkpoint(self) -> None:

@@ -6,7 +6,14 @@ The daemon and the simulator run these same classes: ``gossip`` (push-pull gossi
 and the `ProtocolHooks` object are all the daemon and the simulator use of them. See docs/protocols.md.
 """
 
-from p2pnode.protocols.base import ProtocolHooks, ProtocolSnapshot, RoundExtra, RoundProtocol, RoundReport
+from p2pnode.protocols.base import (
+    LocalOuterState,
+    ProtocolHooks,
+    ProtocolSnapshot,
+    RoundExtra,
+    RoundProtocol,
+    RoundReport,
+)
 from p2pnode.protocols.dpsgd import DpsgdProtocol, DpsgdSettings
 from p2pnode.protocols.fl import FLProtocol
 from p2pnode.protocols.gossip import GossipProtocol, GossipSettings
@@ -19,6 +26,7 @@ __all__ = [
     "FLProtocol",
     "GossipProtocol",
     "GossipSettings",
+    "LocalOuterState",
     "ModestProtocol",
     "ModestSettings",
     "ProtocolHooks",

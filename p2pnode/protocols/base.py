@@ -82,6 +82,9 @@ class RoundReport:
         pre_merge: the model as it was before this round's merge was applied, when the node asked the
             protocol to keep it (`RoundProtocol.keep_pre_merge`, for the quorum) and a merge was applied;
             else None. Not part of the round's record (logs, control API).
+        pre_outer: with `pre_merge`, the state of the protocol's own outer optimizer from before this round
+            (`LocalOuterState.outer_state`; gossip and dpsgd with DiLoCo), which undoing the merge loads
+            back; else None. Not part of the round's record.
     """
 
     round: int
@@ -95,9 +98,10 @@ class RoundReport:
     failures: int = 0
     extra: RoundExtra = field(default_factory=lambda: RoundExtra())
     pre_merge: State | None = field(default=None, repr=False, compare=False)
+    pre_outer: State | None = field(default=None, repr=False, compare=False)
 
     def record(self) -> dict[str, Any]:
-        """The report as a JSON-ready record (logs, control API): every field but `pre_merge`."""
+        """The report as a JSON-ready record (logs, control API): every field but `pre_merge` and `pre_outer`."""
         return {"round": self.round, "train_loss": self.train_loss, "test_loss": self.test_loss,
                 "accuracy": self.accuracy, "peers": self.peers, "combined": self.combined,
                 "fraction": self.fraction, "partner": self.partner, "failures": self.failures,
@@ -151,6 +155,21 @@ class ProtocolSnapshot:
 
     counters: dict[str, int] = field(default_factory=dict)
     suspicion: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class LocalOuterState(Protocol):
+    """A protocol whose DiLoCo outer optimizer is the node's own (gossip, dpsgd), so that the node checkpoints
+    its momentum and restores it (resume, an undone merge). In modest and fl the momentum travels with each
+    model version instead, and is no node's own."""
+
+    def outer_state(self) -> State:
+        """A copy of the outer optimizer's state (`OuterOptimizer.state_dict`; empty without one)."""
+        ...
+
+    def load_outer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an `outer_state` back (empty: forget the momentum); call between rounds."""
+        ...
 
 
 @runtime_checkable

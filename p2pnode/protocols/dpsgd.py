@@ -41,12 +41,13 @@ import functools
 import logging
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from p2pnode.aggregation import merge_states, outer_optimizer, rule_info
+from p2pnode.aggregation import load_outer_state, merge_states, outer_optimizer, rule_info
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
@@ -320,6 +321,8 @@ class DpsgdProtocol:
         attacking = attacker is not None and attacker.model_attack
         # The round's start: the attacker's reference, DiLoCo's theta0, the base of an update rule.
         keep_start = attacking or on_trained is not None or self.outer is not None or self._needs_updates
+        # For an undone merge (the quorum): the outer momentum before this round (a copy).
+        pre_outer = self.outer.state_dict() if self.outer is not None and self.keep_pre_merge else None
 
         def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
             start = self.trainer.state() if keep_start else None
@@ -387,12 +390,21 @@ class DpsgdProtocol:
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss, accuracy=accuracy,
                            peers=len(peers) - 1, combined=1 + merged_with, fraction=merged_fraction(bool(merged_with)),
                            partner=out[0] if out else None, failures=len(in_) - len(received),
-                           extra=RoundExtra(role="trainer"), pre_merge=pre_merge)
+                           extra=RoundExtra(role="trainer"), pre_merge=pre_merge,
+                           pre_outer=pre_outer if pre_merge is not None else None)
 
     # -- the rest of RoundProtocol ----------------------------------------------------------------------
     def snapshot(self) -> ProtocolSnapshot:
         """No event counters and no suspicion scores (D-PSGD scores nobody)."""
         return ProtocolSnapshot()
+
+    def outer_state(self) -> State:
+        """`LocalOuterState`: a copy of this node's outer optimizer state (empty without DiLoCo)."""
+        return self.outer.state_dict() if self.outer is not None else {}
+
+    def load_outer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """`LocalOuterState`: load a saved outer optimizer state (empty: no momentum yet)."""
+        load_outer_state(self.outer, state)
 
     def state_loaded(self) -> None:
         """Nothing to refresh: every round pushes the model the trainer holds then."""

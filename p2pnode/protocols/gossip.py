@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import byzantine_target, max_byzantine, merge_states, outer_optimizer
+from p2pnode.aggregation import byzantine_target, load_outer_state, max_byzantine, merge_states, outer_optimizer
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
@@ -196,6 +196,7 @@ class GossipProtocol:
         self.hooks = ProtocolHooks(attacker=attacker)
         self.keep_pre_merge = False
         self._pre_merge: State | None = None
+        self._pre_outer: State | None = None
         self.suspicion = SuspicionTracker(settings.suspicion_decay)
         #: Senders whose models the last merge ignored as suspects, and models it combined (own included).
         self.last_ignored: list[str] = []
@@ -292,7 +293,7 @@ class GossipProtocol:
         """Merge the own model with `received` (sender -> model) by the rule; score the `fresh` senders."""
         self.last_ignored = []
         self.last_combined = 1
-        self._pre_merge = None
+        self._pre_merge = self._pre_outer = None
         if not received:
             if self.outer is not None:  # DiLoCo: the own pseudo-gradient alone
                 self.trainer.load_state(self.outer.step_towards(start, self.trainer.state()))
@@ -322,6 +323,8 @@ class GossipProtocol:
             else:
                 if self.keep_pre_merge:
                     self._pre_merge = own  # a copy (Trainer.state), not changed by the load
+                    # The momentum before this round's outer step (a copy), for an undone merge.
+                    self._pre_outer = self.outer.state_dict() if self.outer is not None else None
                 if self.outer is None:
                     self.trainer.load_state(merged)
         if self.outer is not None:
@@ -384,12 +387,21 @@ class GossipProtocol:
         return RoundReport(round=self.round, train_loss=float(train_loss), test_loss=test_loss,
                            accuracy=accuracy, peers=len(candidates), combined=combined,
                            fraction=merged_fraction(combined > 1), partner=partner if pulled is not None else None,
-                           failures=failures, extra=extra, pre_merge=self._pre_merge)
+                           failures=failures, extra=extra, pre_merge=self._pre_merge,
+                           pre_outer=self._pre_outer)
 
     # -- the rest of RoundProtocol ------------------------------------------------------------
     def snapshot(self) -> ProtocolSnapshot:
         """No event counters yet; the suspicion scores of the senders this node merged."""
         return ProtocolSnapshot(counters={}, suspicion=self.suspicion.scores())
+
+    def outer_state(self) -> State:
+        """`LocalOuterState`: a copy of this node's outer optimizer state (empty without DiLoCo)."""
+        return self.outer.state_dict() if self.outer is not None else {}
+
+    def load_outer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """`LocalOuterState`: load a saved outer optimizer state (empty: no momentum yet)."""
+        load_outer_state(self.outer, state)
 
     def state_loaded(self) -> None:
         """Serve the model now in the trainer: what peers pull must be the model this node keeps (after a

@@ -51,7 +51,9 @@ __all__ = [
     "check_combination",
     "check_spec",
     "compress",
+    "compress_exact",
     "compress_state",
+    "compress_state_exact",
     "decode",
     "decompress",
     "parse_compression",
@@ -453,6 +455,38 @@ def decode(spec: peer_pb2.TensorSpec, chunk: memoryview) -> torch.Tensor:
 def compress_state(state: Mapping[str, torch.Tensor], compression: Compression) -> dict[str, CompressedTensor]:
     """`compress` each tensor of `state` (non-floating ones travel raw)."""
     return {k: compress(v, compression) for k, v in state.items()}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` hold the same bytes (``-0.0`` differs from ``0.0``; NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def compress_exact(t: torch.Tensor, compression: Compression) -> CompressedTensor:
+    """Encode `t` in `compression` only if the receiver then decodes `t` bit for bit; else raw (kind ``none``).
+
+    For a tensor that is itself the decoding of this format (a model version a node keeps as it decoded
+    it) the format re-encodes to the same values: fp16 and bf16 values are exact in their format, and an
+    int8 block decoded as ``code * scale`` has the absmax ``127 * scale`` and gives back the same scale
+    and codes. Checked here by decoding, at the cost of one decompression, rather than assumed: whatever
+    holds other values (an initial model, a rounding case) travels raw, so that what arrives is exactly
+    what the sender holds and its digest still matches.
+    """
+    c = compress(t, compression)
+    if c.kind == "none":
+        return c
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return c if _same_bits(decompress(c), t) else _raw(t.contiguous())
+
+
+def compress_state_exact(state: Mapping[str, torch.Tensor], compression: Compression
+                         ) -> dict[str, CompressedTensor]:
+    """`compress_exact` each tensor of `state`: what the receiver decodes is `state` bit for bit."""
+    return {k: compress_exact(v, compression) for k, v in state.items()}
 
 
 @dataclass

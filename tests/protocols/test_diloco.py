@@ -226,7 +226,10 @@ def test_gossip_with_int8_and_diloco_sends_fewer_bytes_and_learns() -> None:
 ])
 def test_modest_with_compressed_uploads_learns(compression: str, extra: dict[str, object]) -> None:
     """Trainers upload model - base with error feedback; aggregators send int8 versions (topk: raw)."""
-    cfg = {"nodes": 8, "rounds": 10, "seed": 0, "topology": "modest", "sample_size": 4, "local_steps": 10, **extra}
+    # Samples keyed by round, not by model digest: with ``model`` who is sampled (and so how many base pulls
+    # a round needs) follows the models' last bits, which differ between CPUs, and so would the byte counts.
+    cfg = {"nodes": 8, "rounds": 10, "seed": 0, "topology": "modest", "sample_size": 4, "local_steps": 10,
+           "sample_key": "round", **extra}
     raw = run_simulation(SimConfig.of(**cfg))
     res = run_simulation(SimConfig.of(**cfg, compression=compression))
     rows = res["rounds"]
@@ -234,6 +237,9 @@ def test_modest_with_compressed_uploads_learns(compression: str, extra: dict[str
     # No upload was made against another base: every holder keeps the decoded version, digests agree.
     assert res["protocol_events"].get("stale_updates", 0) == 0
     assert rows[-1]["accuracy"] > 0.7, [r["accuracy"] for r in rows]
-    assert res["total_bytes"] < raw["total_bytes"] * (0.45 if compression == "int8" else 0.8)
+    # int8: versions, base pulls and uploads all travel int8 (measured 0.27-0.31 of the raw run's bytes).
+    # topk:0.25: uploads are half the size (a quarter of the entries, float32 value + int32 index each), while
+    # versions and base pulls travel raw (a top-k version is not the model): measured 0.815.
+    assert res["total_bytes"] < raw["total_bytes"] * (0.33 if compression == "int8" else 0.85)
     assert all(r["bytes_per_node"] > 0 for r in rows)
     assert res["bytes_per_node_per_round"] > 0

@@ -41,7 +41,7 @@ from p2pnode.protocols.modest.state import (
 from p2pnode.protocols.modest.wire import BASE, MODEL, OUTER_PREFIX, check_run, outer_tensors, split_model
 from p2pnode.secagg import SecAggResult
 from p2pnode.transport import Message
-from p2pnode.transport.compression import CompressedTensor, compress_state, decompress
+from p2pnode.transport.compression import CompressedTensor, compress_state, compress_state_exact, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,22 @@ class AggregatorRole:
         if base is None or (body.digest and bytes(body.digest) != base.digest):
             return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
         reply = peer_pb2.ModestBaseResponse(found=True, round=body.round)
-        if c.model_compression.lossy:
-            # The model travels raw (the puller checks its digest); the outer momentum in the run's format.
-            return Message(reply, base.state, compressed=compress_state(outer_tensors(base.outer), c.model_compression))
-        return Message(reply, {**base.state, **outer_tensors(base.outer)})
+        return self.version_message(reply, base.state, base.outer)
+
+    def version_message(self, body: Any, state: State, outer: State) -> Message[Any]:
+        """A message that carries a version this node holds (`state`) and its outer optimizer state, in the run's
+        format for models where that decodes to the held tensors bit for bit (`compress_state_exact`).
+
+        Every version of a lossy run is held as decoded (`complete`; version 0 from the start), so it
+        re-encodes to the same values: a base pull, a top-up or a relaunch then travels compressed, the
+        receiver holds exactly the sender's tensors (same digest, same momentum), and whatever would not
+        survive the round trip travels raw.
+        """
+        c = self.core
+        tensors = {**state, **outer_tensors(outer)}
+        if not c.model_compression.lossy:
+            return Message(body, tensors)
+        return Message(body, compressed=compress_state_exact(tensors, c.model_compression))
 
     async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
@@ -158,16 +170,20 @@ class AggregatorRole:
             try:
                 resp = await c.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
                                               timeout=s.exchange_timeout_s)
-                if not resp.body.found:
-                    continue
+            except BadMessage as e:  # a response that does not decode: `call` counted it under its reason
+                logger.info("%s: base pull from %s refused: %s", c.me_short, short(peer), e)
+                continue
+            except TransportError as e:
+                logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
+                continue
+            if not resp.body.found:
+                continue
+            try:
                 model, outer = split_model(resp.tensors, c.spec, c.settings, outer_allowed=True)
                 if model_digest(model) != digest:
                     raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
             except BadMessage as e:
                 c.transport.reject(peer, e.code, str(e))
-                continue
-            except TransportError as e:
-                logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
                 continue
             base = Base(k, digest, model, outer, agg.parent_digest(), 1)
             c.bases[k] = base
@@ -361,8 +377,8 @@ class AggregatorRole:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
 
         `wire`: `state` and `outer` (as `outer_tensors`) compressed, their decoded tensors `state` and `outer`;
-        None: they travel raw, as every
-        resend of a version held (top-up, relaunch) does, so that its bytes and digest never change.
+        None: a version held (top-up, relaunch), which travels as `version_message` encodes it, so that what
+        arrives is bit for bit what this node holds and its digest never changes.
 
         With secure aggregation the message also names `targets` as the sample of `round_`, and
         `sample_key` as the key that ordered its candidates: the users and the checkable claim of the
@@ -377,8 +393,7 @@ class AggregatorRole:
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
                                     combined=combined, sample=sample, sample_key=key)
-        msg = (Message(body, compressed=dict(wire)) if wire is not None
-               else Message(body, {**state, **outer_tensors(outer)}))
+        msg = Message(body, compressed=dict(wire)) if wire is not None else self.version_message(body, state, outer)
 
         async def one(peer: str) -> bool:
             if peer == c.me:

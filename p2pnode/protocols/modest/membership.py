@@ -18,7 +18,7 @@ from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.membership import JOIN, LEAVE, Entry, from_proto, initial_view
 from p2pnode.protocols.modest.sampling import candidate_order
-from p2pnode.protocols.modest.state import Core, Incoming, short
+from p2pnode.protocols.modest.state import Core, Incoming, initial_version, short
 from p2pnode.protocols.modest.wire import MEMBERSHIP, check_round, check_run
 from p2pnode.transport import Message
 
@@ -162,4 +162,4 @@ class Membership:
         first = [p for p in candidate_order(c.view.active(0), 0) if p != c.server][:c.settings.sample_size]
         if c.me in first:
             # parent b"", combined 1; the bootstrap sample is the first s candidates, keyed by b"".
-            self.offer(Incoming(0, c.trainer.state(), {}, c.me, sample=tuple(first)))
+            self.offer(Incoming(0, initial_version(c), {}, c.me, sample=tuple(first)))

@@ -31,7 +31,14 @@ from p2pnode.secagg import SecAggResult
 from p2pnode.secagg.aggregator import SecAggAggregator
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
-from p2pnode.transport.compression import NONE, CompressedTensor, ErrorFeedback, check_combination, decompress
+from p2pnode.transport.compression import (
+    NONE,
+    CompressedTensor,
+    ErrorFeedback,
+    check_combination,
+    compress_state,
+    decompress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -405,3 +412,17 @@ class Core:
 def decoded(wire: Mapping[str, CompressedTensor]) -> State:
     """The tensors a receiver decodes from `wire` (what the sender keeps when it must hold the same bytes)."""
     return {k: decompress(v) for k, v in wire.items()}
+
+
+def initial_version(core: Core) -> State:
+    """Version 0 as the trainers of the first sample hold it: the run's common initial model (the trainer's).
+
+    Under a lossy model format it is kept as decoded from that format, as every later version is (the
+    encoding is a deterministic function of the model's bytes, so every trainer of the first sample gets
+    the same tensors and digest): base pulls, top-ups and relaunches of version 0 then travel compressed
+    too (`AggregatorRole.version_message`).
+    """
+    state = core.trainer.state()
+    if not core.model_compression.lossy:
+        return state
+    return decoded(compress_state(state, core.model_compression))
