@@ -29,7 +29,8 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
   of 500 with a deadline each, repeated every second with a later expiration. (The subkeys are made
   inside the outsider's DHT process: hivemind's pipe to that process breaks on a message larger than the
   pipe's buffer, which is why a ``store_many`` of 3,000 subkeys sent through it never returned.)
-- ``replay``: one captured request sent again 1,000 times, each on a new stream;
+- ``replay``: one captured request (a gossip exchange without a model) sent again 1,000 times, each on a new
+  stream;
 - ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
 - ``flood``: requests with a 2 MB method name, back to back.
 
@@ -349,7 +350,8 @@ async def attack_junk(client: Client, deadline: float) -> None:
 async def attack_replay(client: Client, deadline: float) -> None:
     victim, raw = client.target.victim, client.raw
     assert raw is not None
-    captured = codec.join(codec.encode("bench.capture", peer_pb2.Ping(round=9)))
+    # A method the nodes serve: a request to an unknown one is refused from its name, before the replay guard.
+    captured = codec.join(codec.encode(EXCHANGE, peer_pb2.ModelExchange()))
     for _ in range(1001):  # the original, then 1,000 replays
         if time.monotonic() >= deadline:
             break
