@@ -236,3 +236,11 @@ def test_sim_config_repeats_node_config_fields_with_their_types() -> None:
     got = cfg.node_config(2)
     assert (got.shard, got.model_seed_mode, got.secagg, got.sample_size, got.aggregation_timeout_s) == (
         (2, 4), "independent", True, 3, 10.0)
+
+
+def test_directory_quota_default_is_the_discovery_default() -> None:
+    from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
+
+    assert NodeConfig().directory_max_subkeys == DEFAULT_MAX_SUBKEYS
+    with pytest.raises(ConfigError, match="directory_max_subkeys"):
+        NodeConfig(directory_max_subkeys=0).validate()
