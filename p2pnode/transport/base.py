@@ -349,11 +349,15 @@ class Transport(ABC):
         self.stats.bytes_sent += size
         self.stats._sent(parts, raw)
         try:
-            # Not `asyncio.wait_for`: on Python 3.11 it returns the result, swallowing the cancellation, when
-            # the caller is cancelled just as the call completes. A round loop cancelled that way ran on
-            # for ever (benchmarks/hostile.py then never stopped its swarm).
-            async with asyncio.timeout(timeout):
-                data = await self._send(peer_id, method, parts, timeout)
+            data = await asyncio.wait_for(self._send(peer_id, method, parts, timeout), timeout)
+            # On Python 3.11 `wait_for` returns the result, swallowing the cancellation, when the caller is
+            # cancelled just as the call completes. A round loop cancelled that way ran on for ever
+            # (benchmarks/hostile.py then never stopped its swarm). The cancellation is passed on here.
+            # (`asyncio.timeout` would not swallow it, but it also turns a call that completes at its very
+            # deadline into a timeout, which changes the simulator's deterministic runs.)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
         except TimeoutError as e:
             self.stats.failed_calls += 1
             raise PeerUnreachable(f"{peer_id} did not answer {method} within {timeout:.1f} s") from e
