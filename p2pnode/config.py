@@ -408,6 +408,14 @@ class NodeConfig:
     dpsgd_degree: int = setting(
         default=4, section="dpsgd", help="dpsgd: degree of the regular graph.", hashed=True, topologies=("dpsgd",))
 
+    #: Most subkeys (peer records) this node's DHT stores under the run's directory key (default 512,
+    #: `p2pnode.discovery.quota.DEFAULT_MAX_SUBKEYS`); new ones beyond it are refused (``dht_refused_over_quota``),
+    #: records already stored are always refreshed. Raise it for swarms of more than a few hundred peers.
+    directory_max_subkeys: int = setting(
+        default=512, section="limits",
+        help="Most peer records this node's DHT stores under the run's key; new ones beyond it are refused "
+             "(junk flood), stored ones are always refreshed.")
+
     # -- limits of the libp2p transport (local; defaults are `p2pnode.transport.p2p`'s, checked by a test) ------
     #: Bytes of inbound messages being received at once, all peers together (None: 2 x `max_message_bytes`).
     max_inflight_bytes: int | None = setting(
@@ -522,6 +530,8 @@ class NodeConfig:
         for key in ("exchange_timeout_s", "announce_ttl_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be > 0")
+        if self.directory_max_subkeys < 1:
+            raise ConfigError(f"directory_max_subkeys={self.directory_max_subkeys}: must be at least 1")
         if self.directory_read_interval_s < 0:
             raise ConfigError(f"directory_read_interval_s={self.directory_read_interval_s}: must be >= 0")
         if self.wait_for_peers < 0:

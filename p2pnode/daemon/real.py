@@ -99,7 +99,8 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         # the first message it receives (see p2pnode.discovery.dht), after every restart too.
         msgpack_guard.install()
         dht_kwargs["record_validators"] = [*dht_kwargs.pop("record_validators", []),
-                                           RunRecordValidator(config.run_id, config.announce_ttl_s)]
+                                           RunRecordValidator(config.run_id, config.announce_ttl_s,
+                                                              config.directory_max_subkeys)]
         directory_box: list[DHTDirectory] = []
         supervisor = DHTSupervisor(host=config.host, port=config.port, initial_peers=list(config.initial_peers),
                                    dht_options=dht_kwargs, start_timeout_s=DHT_START_TIMEOUT_S,
@@ -122,7 +123,8 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
             logger.info("upload capped at %.1f Mbit/s", settings.max_upload_mbps)
         directory = DHTDirectory(dht, config.run_id, config.config_hash, ttl=config.announce_ttl_s,
                                  peer_id=transport.peer_id, signer=signer,
-                                 min_read_interval=config.directory_read_interval_s)
+                                 min_read_interval=config.directory_read_interval_s,
+                                 max_subkeys=config.directory_max_subkeys)
         # On the inner transport: a throttling wrapper forwards calls and handlers to it.
         admission = apply_admission(config, p2p_transport, directory)
         if admission is not None:
@@ -171,7 +173,7 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         await p2p_transport.rebind(await new_dht.replicate_p2p())
         with contextlib.suppress(Exception):
             await old.shutdown()  # the replica of the dead daemon: removes its client socket file
-        directory.dht = new_dht
+        directory.rebind(new_dht)
         if node.state == "running":
             await directory.announce(node.info())
 

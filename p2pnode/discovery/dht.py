@@ -15,7 +15,7 @@ junk stored again with a new expiration is the same junk) is counted once, howev
 and its verdict is remembered (`VERDICT_CACHE_SIZE` records, least recently seen forgotten first), so
 that a read re-parses only records it has not seen.
 
-Outsiders. Anyone who reaches a DHT node can store under the run's key. Five defences:
+Outsiders. Anyone who reaches a DHT node can store under the run's key. Six defences:
 
 - `msgpack_guard` (installed when this module is imported, so before any DHT process forks) keeps
   values nested too deep for hivemind's recursive decoder away from it: one such value would otherwise
@@ -26,6 +26,9 @@ Outsiders. Anyone who reaches a DHT node can store under the run's key. Five def
   directory), a subkey that is not a short string, a value that is not a byte string of at most
   `MAX_RECORD_BYTES`, and an expiration beyond ``now + ttl * EXPIRATION_CAP_FACTOR``. The same check
   runs on what other DHT nodes return, so a reply that carries such a record is dropped.
+- a quota of subkeys per replica (`quota`, installed with the validator: ``max_subkeys``, default 512):
+  a new subkey is refused once the run's key holds that many live ones (``dht_refused_over_quota``); a
+  stored subkey is always refreshed. So junk subkeys cost every replica and every read a bounded amount.
 - reads have a deadline (``read_timeout``, default 5 s): a read that does not finish (an undecodable
   value makes hivemind's search wait forever) is counted as ``timeout``. A read that fails, or finds a
   plain value at the key (``not_dictionary``), returns the last good view instead: the peers of the last
@@ -86,14 +89,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf.message import DecodeError
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2pnode.discovery import msgpack_guard
+from p2pnode.discovery import msgpack_guard, quota
 from p2pnode.discovery.base import OTHER_CONFIG, SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
+from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS, install_quota
 from p2pnode.proto import peer_pb2
 from p2pnode.transport.admission import NOT_ADMITTED
 
@@ -239,16 +244,25 @@ class RunRecordValidator(RecordValidatorBase):
     it sees values after the signature validator has checked and stripped them (lower `priority`).
     Validators of other runs merge into one (`merge_with`). Refusals are counted in `validator_refusals`.
 
+    It also carries the run's quota of subkeys per replica (`quotas`), which `_add_validator` installs in
+    the DHT node's storage (`quota.install_quota`: a validator cannot apply it, see there).
+
     :param run_id: the run.
     :param ttl: the lifetime of the run's records, in seconds.
+    :param max_subkeys: most subkeys a DHT node stores under the run's key (default
+        `quota.DEFAULT_MAX_SUBKEYS`, 512); new subkeys beyond it are refused (``over_quota``).
     """
 
-    def __init__(self, run_id: str, ttl: float) -> None:
+    def __init__(self, run_id: str, ttl: float, max_subkeys: int = DEFAULT_MAX_SUBKEYS) -> None:
         if not ttl > 0:
             raise ValueError(f"ttl must be positive, got {ttl}")
+        if max_subkeys < 1:
+            raise ValueError(f"max_subkeys must be at least 1, got {max_subkeys}")
+        key = DHTID.generate(source=directory_key(run_id)).to_bytes()
         #: DHT key id (bytes) -> how far ahead an expiration may lie, in seconds.
-        self.limits: dict[bytes, float] = {
-            DHTID.generate(source=directory_key(run_id)).to_bytes(): ttl * EXPIRATION_CAP_FACTOR}
+        self.limits: dict[bytes, float] = {key: ttl * EXPIRATION_CAP_FACTOR}
+        #: DHT key id (bytes) -> most subkeys stored under it on one DHT node.
+        self.quotas: dict[bytes, int] = {key: max_subkeys}
 
     @staticmethod
     def problem(record: DHTRecord, max_ahead: float) -> str | None:
@@ -286,6 +300,8 @@ class RunRecordValidator(RecordValidatorBase):
             return False
         for key, ahead in other.limits.items():
             self.limits[key] = max(ahead, self.limits.get(key, 0.0))
+        for key, most in other.quotas.items():
+            self.quotas[key] = max(most, self.quotas.get(key, 0))
         return True
 
 
@@ -294,18 +310,31 @@ _REGULAR_VALUE = b"\xc0"
 
 
 async def _add_validator(_dht: hivemind.DHT, node: Any, validator: RecordValidatorBase) -> None:
-    """Runs inside the DHT process: add `validator` to the node's validators (merging duplicates)."""
+    """Runs inside the DHT process: add `validator` to the node's validators (merging duplicates), and
+    install the subkey quota of a `RunRecordValidator` in the node's storage."""
     node.protocol.record_validator.extend([validator])
+    if isinstance(validator, RunRecordValidator):
+        install_quota(node.protocol.storage, validator.quotas)
+
+
+async def stored_subkeys(_dht: hivemind.DHT, node: Any, key: str) -> int:
+    """Runs inside the DHT process (``dht.run_coroutine(partial(stored_subkeys, key=...))``): how many
+    live subkeys the node stores under `key`."""
+    current = node.protocol.storage.get(DHTID.generate(source=key))
+    value = None if current is None else current.value
+    return len(value) if isinstance(value, DictionaryDHTValue) else 0
 
 
 async def dht_refusals(_dht: hivemind.DHT, node: Any) -> dict[str, int]:
     """Runs inside the DHT process (``dht.run_coroutine(dht_refusals)``): what it refused, by reason.
 
     ``dht_decoder_<reason>``: values kept away from the msgpack decoder (`msgpack_guard`);
-    ``dht_refused_<reason>``: records refused by `RunRecordValidator`.
+    ``dht_refused_<reason>``: records refused by `RunRecordValidator` and by the subkey quota
+    (``dht_refused_over_quota``, `quota`).
     """
     out = {f"dht_decoder_{k}": v for k, v in msgpack_guard.refusals.items()}
     out.update({f"dht_refused_{k}": v for k, v in validator_refusals.items()})
+    out.update({f"dht_refused_{k}": v for k, v in quota.refusals.items()})
     return out
 
 
@@ -358,7 +387,9 @@ class DHTDirectory(PeerDirectory):
         last read's view (less expired records), and
         calls while a read is in flight get the last view too: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
-        True; idempotent, and harmless when the daemon installed it at DHT start).
+        True; idempotent, and harmless when the daemon installed it at DHT start), with its subkey quota.
+    :param max_subkeys: most subkeys each DHT node stores under the run's key (default
+        `quota.DEFAULT_MAX_SUBKEYS`, 512), see `quota`.
     """
 
     def __init__(self, dht: hivemind.DHT, run_id: str, config_hash: str, *, ttl: float = DEFAULT_TTL,
@@ -366,7 +397,8 @@ class DHTDirectory(PeerDirectory):
                  signer: RSASignatureValidator | None = None, peer_id: str | None = None,
                  read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_parse_per_read: int = DEFAULT_MAX_PARSE_PER_READ, validate_records: bool = True,
-                 min_read_interval: float = DEFAULT_MIN_READ_INTERVAL) -> None:
+                 min_read_interval: float = DEFAULT_MIN_READ_INTERVAL,
+                 max_subkeys: int = DEFAULT_MAX_SUBKEYS) -> None:
         super().__init__()
         if min_read_interval < 0:
             raise ValueError(f"min_read_interval must be >= 0, got {min_read_interval}")
@@ -393,6 +425,8 @@ class DHTDirectory(PeerDirectory):
         #: Expirations further ahead than this are refused, in seconds.
         self.max_ahead = ttl * EXPIRATION_CAP_FACTOR
         self._validator_pending = validate_records
+        self._validate_records = validate_records
+        self.max_subkeys = max_subkeys
         #: (subkey, value digest, expiration too far) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
         self._verdicts: collections.OrderedDict[_VerdictKey, PeerInfo | str] = (
             collections.OrderedDict())
@@ -740,13 +774,18 @@ class DHTDirectory(PeerDirectory):
         """Install `RunRecordValidator` for this run in the DHT process, once (retried after a failure)."""
         if not self._validator_pending:
             return
-        validator = RunRecordValidator(self.run_id, self.ttl)
+        validator = RunRecordValidator(self.run_id, self.ttl, self.max_subkeys)
         try:
             await self._wait(self.dht.run_coroutine(partial(_add_validator, validator=validator),
                                                     return_future=True), "validator install", self.request_timeout)
             self._validator_pending = False
         except Exception as e:
             logger.warning("could not install the record validator of %s: %r", self.key, e)
+
+    def rebind(self, dht: hivemind.DHT) -> None:
+        """Use `dht`, a restarted DHT process of the same identity; the validator and quota go in again."""
+        self.dht = dht
+        self._validator_pending = self._validate_records
 
     async def _poll_dht_refusals(self) -> None:
         """Copy the refusal counts of the DHT process into `rejected` (``dht_*``; best effort)."""
@@ -818,3 +857,4 @@ def _process_alive(dht: hivemind.DHT) -> bool:
 async def _dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:
     """Runs inside the DHT process: this node's base58 peer id."""
     return str(node.peer_id.to_base58())
+

@@ -100,6 +100,11 @@ class TrafficStats:
     #: ``bad_token``, ``handshake_timeout``, ``bad_compression``, ``bad_blocks``, ``bad_scale``,
     #: ``bad_index``, ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Bytes of refused requests that were read before the refusal (libp2p streams: the header and what
+    #: of the envelope was needed to refuse it), and bytes read and dropped after refusals (`p2p`'s
+    #: drain). Not part of `as_dict`.
+    refused_bytes_read: int = 0
+    refused_bytes_drained: int = 0
     tensor_wire_bytes_sent: int = 0
     tensor_raw_bytes_sent: int = 0
     tensor_wire_bytes_received: int = 0
@@ -285,7 +290,10 @@ class Transport(ABC):
             self.check_request(peer_id, env, admitted=admitted)
             route = self._routes.get(method)
             if route is None:
-                raise BadMessage(f"unknown method {clip(repr(method), 100)}", code="unknown_method")
+                # Clipped before repr: a peer's method name may be megabytes (repr and clip copy it whole).
+                raise BadMessage(f"unknown method {clip(repr(method[:100]), 100)}"
+                                 + (f"...({len(method)} characters)" if len(method) > 100 else ""),
+                                 code="unknown_method")
             self.stats._received(env, tensors)
             request = Message(codec.parse_body(env, route.request_type), tensors)
             response = await route.handler(peer_id, request)
@@ -305,7 +313,7 @@ class Transport(ABC):
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            logger.exception("handler %s failed for a request from %s", clip(repr(method)), peer_id[-8:])
+            logger.exception("handler %s failed for a request from %s", clip(repr(method[:200])), peer_id[-8:])
             parts = self._error(method, "internal", f"{type(e).__name__}: {e}")
         self.stats.bytes_sent += codec.encoded_size(parts)
         return parts, ok
@@ -342,6 +350,14 @@ class Transport(ABC):
         self.stats._sent(parts, raw)
         try:
             data = await asyncio.wait_for(self._send(peer_id, method, parts, timeout), timeout)
+            # On Python 3.11 `wait_for` returns the result, swallowing the cancellation, when the caller is
+            # cancelled just as the call completes. A round loop cancelled that way ran on for ever
+            # (benchmarks/hostile.py then never stopped its swarm). The cancellation is passed on here.
+            # (`asyncio.timeout` would not swallow it, but it also turns a call that completes at its very
+            # deadline into a timeout, which changes the simulator's deterministic runs.)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
         except TimeoutError as e:
             self.stats.failed_calls += 1
             raise PeerUnreachable(f"{peer_id} did not answer {method} within {timeout:.1f} s") from e

@@ -41,6 +41,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_TENSORS = 4096
 #: Length of the random nonce every encoded message carries, in bytes.
 NONCE_BYTES = 16
+#: Longest method name a receiver accepts, in bytes (ours are under 40). A longer name is refused as
+#: ``unknown_method`` from its length alone, before the rest of its envelope is read (`method_prefix`).
+MAX_METHOD_BYTES = 256
+#: The envelope's first byte when it starts with its method: field 1, length-delimited. Serializers write
+#: fields in field-number order, so every envelope of ours with a method starts so.
+_METHOD_TAG = 0x0A
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -184,6 +190,31 @@ def parse_header(prefix: bytes | memoryview, max_message_bytes: int = DEFAULT_MA
         raise BadMessage(f"envelope of {n} bytes exceeds the limit of {min(MAX_ENVELOPE_BYTES, max_message_bytes)}",
                          code="oversized")
     return int(n)
+
+
+def method_prefix(prefix: bytes) -> tuple[int, int] | None:
+    """Where the method name of an envelope that starts with `prefix` (its first 3 bytes or fewer) lies.
+
+    Returns ``(start, length)`` of the name's bytes inside the envelope, or None when the envelope does not
+    start with its method field (then only parsing the whole envelope tells its method).
+
+    :raises BadMessage: ``unknown_method`` when the name is longer than `MAX_METHOD_BYTES` (known from its
+        length's varint alone: no byte of the name needs to be read).
+    """
+    if len(prefix) < 2 or prefix[0] != _METHOD_TAG:
+        return None
+    length = prefix[1] & 0x7F
+    if not prefix[1] & 0x80:
+        return 2, length
+    # A name of at most MAX_METHOD_BYTES (< 2**14) has a varint length of at most two bytes.
+    if len(prefix) < 3 or prefix[2] & 0x80:
+        raise BadMessage(f"method name of {1 << 14} bytes or more; the longest accepted is {MAX_METHOD_BYTES}",
+                         code="unknown_method")
+    length |= prefix[2] << 7
+    if length > MAX_METHOD_BYTES:
+        raise BadMessage(f"method name of {length} bytes; the longest accepted is {MAX_METHOD_BYTES}",
+                         code="unknown_method")
+    return 3, length
 
 
 def parse_envelope(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

@@ -26,6 +26,9 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
 - a payload that arrives below ``min_receive_rate`` (default 64 KiB/s, measured over windows of 3 s after
   a grace of 5 s) is refused and its reservation released (``too_slow``); so is a request that stalls
   for ``idle_timeout``; a stream that ends inside a request is counted as ``truncated``;
+- a request's method name is read before the rest of its envelope (`read_envelope`): a name longer than
+  `codec.MAX_METHOD_BYTES` or not served here is refused at once (``unknown_method``), and at most
+  `UNKNOWN_METHOD_DRAIN_BYTES` more of the stream are read before it closes;
 - `Transport.admits` is asked before a request's payload is read and before a direct-channel ticket is
   issued (``not_admitted``); the direct channel has limits of its own (`direct.DirectServer`, set by the
   ``direct_max_*`` and ``direct_handshake_timeout`` parameters);
@@ -75,6 +78,7 @@ from p2pnode.transport.direct import (
     TLSConnection,
 )
 from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE, RateGuard, TooSlow
+from p2pnode.transport.refusals import clip
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,12 @@ DEFAULT_INFLIGHT_MESSAGES = 2
 DEFAULT_DIRECT_THRESHOLD = 1 << 20
 #: Longest time a refused request's remaining bytes are read and dropped before the stream closes, in s.
 REFUSAL_DRAIN_S = 5.0
+#: Most bytes read and dropped after a request refused for its method (``unknown_method``), before the
+#: stream closes (64 KiB). An honest caller reads the refusal while it writes and closes at once; one that
+#: keeps writing a large request to a method this node lacks may see the stream reset instead. Without the
+#: bound a flood of requests with megabyte method names cost their whole size in reads (see
+#: docs/benchmarks.md, hostile swarm).
+UNKNOWN_METHOD_DRAIN_BYTES = 64 << 10
 #: Default time during which a peer that could not be reached directly is only called over libp2p, in s.
 DEFAULT_DIRECT_RETRY = 60.0
 #: Default most bytes of receive buffers kept for reuse (512 MiB); 0 turns reuse off.
@@ -137,10 +147,14 @@ class StreamIO:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  idle_timeout: float) -> None:
         self.reader, self.writer, self.idle_timeout = reader, writer, idle_timeout
+        #: Bytes read from the stream so far (`drain` included), in bytes.
+        self.bytes_read = 0
 
     async def readexactly(self, n: int) -> bytes:
         async with asyncio.timeout(self.idle_timeout):
-            return await self.reader.readexactly(n)
+            data = await self.reader.readexactly(n)
+        self.bytes_read += n
+        return data
 
     async def readinto(self, view: memoryview, rate: RateGuard | None = None) -> None:
         pos, total = 0, view.nbytes
@@ -159,6 +173,7 @@ class StreamIO:
                 raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
             view[pos:pos + len(chunk)] = chunk
             pos += len(chunk)
+            self.bytes_read += len(chunk)
             if rate is not None:
                 rate.progress(len(chunk))
 
@@ -168,17 +183,25 @@ class StreamIO:
             async with asyncio.timeout(self.idle_timeout):
                 await self.writer.drain()
 
-    async def drain(self, seconds: float) -> None:
-        """Read and drop what the peer still sends, until it closes the stream or `seconds` pass.
+    async def drain(self, seconds: float, max_bytes: int | None = None) -> int:
+        """Read and drop what the peer still sends, until it closes the stream, `seconds` pass or (when
+        given) `max_bytes` are read; return the bytes dropped.
 
         After an early refusal the caller is still sending its payload. Closing at once would make p2pd
         reset the stream, and a reset can overtake the refusal we wrote: the caller would see a broken
         stream instead of the reason. The caller closes as soon as it has read the refusal.
         """
+        dropped = 0
         with contextlib.suppress(TimeoutError, OSError, asyncio.IncompleteReadError):
             async with asyncio.timeout(seconds):
-                while await self.reader.read(CHUNK_BYTES):
-                    pass
+                while max_bytes is None or dropped < max_bytes:
+                    chunk = await self.reader.read(CHUNK_BYTES if max_bytes is None
+                                                   else min(CHUNK_BYTES, max_bytes - dropped))
+                    if not chunk:
+                        break
+                    dropped += len(chunk)
+        self.bytes_read += dropped
+        return dropped
 
 
 class TLSIO:
@@ -314,7 +337,8 @@ async def write_message(io: MessageIO, parts: Sequence[memoryview]) -> None:
 async def read_message(io: MessageIO, max_message_bytes: int,
                        reserve: Callable[[int], None] | None = None,
                        buffers: ReceiveBuffers | None = None, rate: RateGuard | None = None,
-                       admit: Callable[[peer_pb2.Envelope], None] | None = None) -> memoryview:
+                       admit: Callable[[peer_pb2.Envelope], None] | None = None,
+                       known_method: Callable[[str], bool] | None = None) -> memoryview:
     """Read one framed message, checking the limits before its payload is read.
 
     The header and envelope are read and checked first (`codec.parse_header`, `codec.parse_envelope`);
@@ -329,6 +353,10 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     :param rate: minimum-rate check of the payload (started when the payload starts).
     :param admit: optional ``admit(envelope)``, called before anything else is done with the message; it
         raises `BadMessage` to refuse it (admission control: an outsider's payload is never read).
+    :param known_method: optional ``known_method(name)`` (serving side): an envelope that starts with its
+        method name (every one of ours does) is refused as ``unknown_method`` once the name is read, if the
+        name is unknown or longer than `codec.MAX_METHOD_BYTES`, before the rest of the envelope is read
+        (`read_envelope`).
     :raises BadMessage: the message is malformed or oversized (nothing after the envelope was read).
     :raises rate.TooSlow: the payload arrived below the minimum rate.
     :raises asyncio.IncompleteReadError: the stream ended inside the message.
@@ -336,7 +364,7 @@ async def read_message(io: MessageIO, max_message_bytes: int,
     """
     head = await io.readexactly(codec.HEADER.size)
     n = codec.parse_header(head, max_message_bytes)
-    env_bytes = await io.readexactly(n)
+    env_bytes = await read_envelope(io, n, known_method)
     env = codec.parse_envelope(env_bytes, max_message_bytes)
     if admit is not None:
         admit(env)
@@ -356,6 +384,33 @@ async def read_message(io: MessageIO, max_message_bytes: int,
             buffers.discard(buf)
         raise
     return buf
+
+
+async def read_envelope(io: MessageIO, n: int, known_method: Callable[[str], bool] | None = None) -> bytes:
+    """Read an envelope of `n` bytes; with `known_method`, refuse an unknown method after reading its name.
+
+    The envelope's first bytes say where its method name lies (`codec.method_prefix`): a name longer than
+    `codec.MAX_METHOD_BYTES` is refused from its length alone, an unknown one once its bytes are read, so a
+    request with a 2 MB method name costs 3 bytes read, not 2 MB. An envelope that does not start with its
+    method (no encoder of ours writes one) is read whole and checked after parsing, as before.
+
+    :raises BadMessage: ``unknown_method``.
+    """
+    if known_method is None or n < 3:
+        return await io.readexactly(n)
+    first = await io.readexactly(3)
+    where = codec.method_prefix(first)
+    if where is None or where[0] + where[1] > n:
+        return first + await io.readexactly(n - len(first))  # malformed or reordered: the parser decides
+    start, length = where
+    read = first + await io.readexactly(start + length - len(first)) if start + length > len(first) else first
+    try:
+        name = read[start:start + length].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadMessage(f"method name is not UTF-8: {e}", code="malformed") from e
+    if not known_method(name):
+        raise BadMessage(f"unknown method {clip(repr(name), 100)}", code="unknown_method")
+    return read + await io.readexactly(n - len(read))
 
 
 class P2PTransport(Transport):
@@ -678,7 +733,8 @@ class P2PTransport(Transport):
             try:
                 data = await read_message(io, self.max_message_bytes, reserve, self.buffers,
                                           RateGuard(self.min_receive_rate, grace_s=self.receive_grace_s),
-                                          admit=lambda env: self.check_admission(sender, env))
+                                          admit=lambda env: self.check_admission(sender, env),
+                                          known_method=self._routes.__contains__)
             except TooSlow as e:
                 # The payload was cut off: the reservation goes back now, and a slow sender is not drained.
                 self.reject(sender, e.code, str(e))
@@ -687,7 +743,9 @@ class P2PTransport(Transport):
             except BadMessage as e:
                 # Refused before the payload was read: answer with the reason, then close.
                 self.reject(sender, e.code, str(e))
-                await self._answer_error(io, e.code, str(e))
+                self._count_refused_read(io)
+                await self._answer_error(io, e.code, str(e), drain_bytes=(
+                    UNKNOWN_METHOD_DRAIN_BYTES if e.code == "unknown_method" else None))
                 return False
             except _Busy as e:
                 self.reject(sender, e.code, str(e))
@@ -724,14 +782,19 @@ class P2PTransport(Transport):
             await io.drain(min(self.idle_timeout, ANSWER_LINGER_S))
         return True
 
-    async def _answer_error(self, io: MessageIO, code: str, message: str, drain_s: float = REFUSAL_DRAIN_S
-                            ) -> None:
+    def _count_refused_read(self, io: MessageIO) -> None:
+        if isinstance(io, StreamIO):
+            self.stats.refused_bytes_read += io.bytes_read
+
+    async def _answer_error(self, io: MessageIO, code: str, message: str, drain_s: float = REFUSAL_DRAIN_S,
+                            drain_bytes: int | None = None) -> None:
         """Answer a request refused before its payload was read (then drain a libp2p stream for at most
-        `drain_s` seconds, see `StreamIO.drain`)."""
+        `drain_s` seconds and, when given, `drain_bytes` bytes, see `StreamIO.drain`; counted in
+        ``stats.refused_bytes_drained``)."""
         with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
             await write_message(io, self._error("", code, message))
         if isinstance(io, StreamIO) and drain_s > 0:
-            await io.drain(min(self.idle_timeout, drain_s))
+            self.stats.refused_bytes_drained += await io.drain(min(self.idle_timeout, drain_s), drain_bytes)
         # On the direct channel, refusals of size happen at the ticket; a message that differs from its
         # ticket is not worth draining: the connection is closed and the caller sees it break.
 

@@ -347,3 +347,11 @@ def test_sim_warns_about_settings_without_effect_and_refuses_per_node_ones() -> 
     assert SimConfig.of(port=5, direct=False).ignored_settings() == ["port", "direct"]
     result = CliRunner().invoke(cli, ["sim", "--shard", "1/2"])
     assert result.exit_code == 2 and "No such option '--shard'" in result.output
+
+
+def test_directory_quota_default_is_the_discovery_default() -> None:
+    from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
+
+    assert NodeConfig().directory_max_subkeys == DEFAULT_MAX_SUBKEYS
+    with pytest.raises(ConfigError, match="directory_max_subkeys"):
+        NodeConfig(directory_max_subkeys=0).validate()

@@ -24,7 +24,8 @@ from hivemind.utils.timed_storage import get_dht_time
 from netutil import NetworkGuard, start_dht, stop_dhts
 from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.base import PeerInfo
-from p2pnode.discovery.dht import DHTDirectory, dht_refusals, signed_dht_options
+from p2pnode.discovery.dht import DHTDirectory, dht_refusals, signed_dht_options, stored_subkeys
+from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
 from p2pnode.proto import peer_pb2
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
@@ -96,6 +97,11 @@ def nested_tuple(depth: int) -> object:
 
 async def refusals(dht: hivemind.DHT) -> dict[str, int]:
     return await dht.run_coroutine(dht_refusals, return_future=True)
+
+
+async def held(dht: hivemind.DHT, key: str) -> int:
+    """Live subkeys that `dht`'s node stores under `key`."""
+    return await dht.run_coroutine(partial(stored_subkeys, key=key), return_future=True)
 
 
 async def peer_ids(d: DHTDirectory) -> list[str]:
@@ -313,6 +319,8 @@ async def _store_direct(_dht: hivemind.DHT, node: object, key: str, count: int, 
 
 async def test_three_thousand_junk_subkeys_do_not_slow_reads_and_are_counted_once(swarm: Swarm) -> None:
     """3,000 junk subkeys stored straight at both replicas, then stored again with a later expiration.
+    Each replica keeps at most `DEFAULT_MAX_SUBKEYS` subkeys under the run's key (the honest records and
+    the first junk), refuses the rest (``dht_refused_over_quota``), and lets the stored junk be refreshed.
     Reads are shared, rate-limited and made in the background: 200 `peers` calls (50 at once, then one
     after another) cost one read from the DHT and return the honest peer; the junk is counted once, and
     not again once re-stored."""
@@ -323,14 +331,21 @@ async def test_three_thousand_junk_subkeys_do_not_slow_reads_and_are_counted_onc
         other = await dirs[1].peer_id()
         assert await peer_ids(reader) == [other]
         replicas = [await d.peer_id() for d in dirs]
+        room = DEFAULT_MAX_SUBKEYS - 2  # the two honest records are in already
+        before = [(await refusals(dht)).get("dht_refused_over_quota", 0) for dht in swarm.nodes]
 
         async def store_junk(expiration: float) -> None:
             stored = await swarm.outsider.run_coroutine(
                 partial(_store_direct, key=dirs[0].key, count=3000, seed=1, value=b"\xff" * 20,
                         expiration=expiration, peers=replicas), return_future=True)
-            assert stored == 2 * 3000  # every replica took every junk record: the attack landed
+            assert stored == 2 * room  # each replica took junk up to its quota, the first 510 subkeys
+            for dht in swarm.nodes:
+                assert await held(dht, dirs[0].key) == DEFAULT_MAX_SUBKEYS
 
         await store_junk(get_dht_time() + 60)
+        refused = [(await refusals(dht))["dht_refused_over_quota"] - b for dht, b in zip(swarm.nodes, before,
+                                                                                           strict=True)]
+        assert refused == [3000 - room] * 2
         await asyncio.sleep(1.0)  # past the interval: the next call reads
         reads = reader.reads
         t0 = time.monotonic()
@@ -342,11 +357,58 @@ async def test_three_thousand_junk_subkeys_do_not_slow_reads_and_are_counted_onc
         assert elapsed < 5.0, "no call waited for the read (it runs in the background)"
         assert [p.peer_id for p in await reader.refresh()] == [other]  # the read the first call started
         assert reader.reads - reads == 1
-        assert reader.rejected["undecodable"] == 3000 and reader.invalid == 3000
-        # The same junk again with a fresh expiration: the same records, not counted again.
+        assert reader.rejected["undecodable"] == room and reader.invalid == room
+        # The same junk again with a fresh expiration: the stored junk is refreshed (a stored subkey always
+        # passes), the rest refused again; the same records, not counted again by the reader.
         await store_junk(get_dht_time() + 80)
         assert [p.peer_id for p in await reader.refresh()] == [other]
         assert reader.reads - reads == 2
-        assert reader.rejected["undecodable"] == 3000 and reader.invalid == 3000
+        assert reader.rejected["undecodable"] == room and reader.invalid == room
+        assert reader.rejected["dht_refused_over_quota"] >= 2 * (3000 - room)  # the DHT process's count
+    finally:
+        await asyncio.gather(*(d.shutdown() for d in dirs))
+
+
+async def test_a_full_key_keeps_its_honest_records_and_frees_room_as_junk_expires(swarm: Swarm) -> None:
+    """A quota of 40 subkeys per replica, and 2,000 junk subkeys from a stock DHT: each replica stores 40
+    (the 2 honest records among them) and counts the rest; the honest peers re-store their records while
+    the key is full and stay listed; a new record is refused until the junk expires, then it gets in."""
+    run = run_id()
+    dirs = [DHTDirectory(dht, run, CONFIG, min_read_interval=0.0, max_subkeys=40) for dht in swarm.nodes]
+    try:
+        for i, d in enumerate(dirs):
+            pid = await d.peer_id()
+            await d.announce(PeerInfo(peer_id=pid, maddrs=(f"/ip4/127.0.0.1/tcp/{4100 + i}/p2p/{pid}",),
+                                      config_hash=CONFIG, capabilities=("gossip",)))
+        replicas = [await d.peer_id() for d in dirs]
+        stored = await swarm.outsider.run_coroutine(
+            partial(_store_direct, key=dirs[0].key, count=2000, seed=2, value=b"\xff" * 20,
+                    expiration=get_dht_time() + 4, peers=replicas), return_future=True)
+        t_junk = get_dht_time()
+        assert stored == 2 * 38
+        for dht in swarm.nodes:
+            assert await held(dht, dirs[0].key) == 40
+        # The honest peers re-store their own subkeys on the full key: always accepted.
+        for d in dirs:
+            await d._store_record(d._info)  # type: ignore[arg-type]
+        assert sorted([await peer_ids(dirs[0]), await peer_ids(dirs[1])]) == sorted([[replicas[1]], [replicas[0]]])
+        # A newcomer's record (stored at both replicas from outside) cannot get in while the key is full ...
+        newcomer = junk_subkeys(1, 99)[0]
+        record = PeerInfo(peer_id=newcomer, maddrs=("/ip4/127.0.0.1/tcp/4199",), config_hash=CONFIG).to_proto()
+
+        async def newcomer_stores() -> None:
+            await outsider_store(swarm.outsider, dirs[0].key, record.SerializeToString(), get_dht_time() + 30,
+                                 subkey=newcomer, exclude_self=True)
+
+        await newcomer_stores()
+        assert [await held(dht, dirs[0].key) for dht in swarm.nodes] == [40, 40]
+        # ... and once the junk has expired there is room again: its next store lands on both.
+        await asyncio.sleep(max(0.0, t_junk + 4.5 - get_dht_time()))
+        assert [await held(dht, dirs[0].key) for dht in swarm.nodes] == [2, 2]
+        await newcomer_stores()
+        assert [await held(dht, dirs[0].key) for dht in swarm.nodes] == [3, 3]
+        assert newcomer in await peer_ids(dirs[0])
+        for dht in swarm.nodes:
+            assert (await refusals(dht))["dht_refused_over_quota"] >= 2000 - 38
     finally:
         await asyncio.gather(*(d.shutdown() for d in dirs))
