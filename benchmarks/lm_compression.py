@@ -22,8 +22,12 @@ bytes(none) / bytes (so 4.0 means four times fewer bytes).
 
 (b) DiLoCo: H = ``--h-large`` (default 100) with the outer Nesterov step (``--outer-lr``, default 1.0,
 ``--outer-momentum`` 0.5; on ``--quick``, 0.7 / 0.9 ended higher) against H = ``--h-small`` plain
-averaging (row ``none`` of (a)), the same total local steps. ``bytes to reach L``: total bytes sent up
-to the first round whose validation loss is <= L, where L is the larger of the two final losses (so both reach it).
+averaging, the same total local steps: ``--diloco-steps`` (default ``--steps``, and then the baseline is row
+``none`` of (a); a longer setting, so that H = 100 takes tens of outer steps, runs its own baseline, and
+``--compressions ''`` skips (a)). ``MB to reach L0``: total bytes sent up to the first evaluation whose
+validation loss is <= L0, the H small run's final loss (the claim at equal loss; "never" if H large does
+not get there); ``MB to reach L``: the same at L, the larger of the two final losses (both reach it).
+``ratio at`` = the H small run's bytes to that loss / this run's. The verdict is the ratio at L0.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
@@ -111,15 +115,24 @@ def _val_loss(perplexity: float | None) -> float | None:
     return math.log(perplexity)
 
 
+def warmup_of(args: argparse.Namespace, steps: int) -> int:
+    """Warm-up steps of a run of `steps` local steps: ``--warmup``, else 10 % of `steps`."""
+    return min(steps, args.warmup if args.warmup is not None else max(1, steps // 10))
+
+
 def run_case(args: argparse.Namespace, topology: str, label: str, compression: str, local_steps: int,
-             outer_lr: float | None) -> Case:
-    """Simulate one configuration (see the module docstring) and collect its figures."""
-    rounds = max(1, args.steps // local_steps)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
+             outer_lr: float | None, steps: int | None = None) -> Case:
+    """Simulate one configuration (see the module docstring) and collect its figures.
+
+    `steps`: local steps over the run (default ``--steps``); the schedule is fitted to it.
+    """
+    steps = args.steps if steps is None else steps
+    rounds = max(1, steps // local_steps)
+    warmup = warmup_of(args, steps)
     cfg = SimConfig.of(
         nodes=args.nodes, task="tiny-lm", topology=topology, rounds=rounds, seed=args.seed,
-        task_options={"size": args.size, "eval_windows": args.eval_windows, "warmup_steps": min(warmup, args.steps),
-                      "total_steps": args.steps},
+        task_options={"size": args.size, "eval_windows": args.eval_windows, "warmup_steps": warmup,
+                      "total_steps": steps},
         local_steps=local_steps, batch_size=args.batch_size, lr=args.lr, bandwidth_mbps=args.bandwidth_mbps,
         compression=compression, outer_lr=outer_lr, outer_momentum=args.outer_momentum)
     t0 = time.perf_counter()
@@ -171,18 +184,26 @@ def compression_table(cases: list[Case], mbps: float) -> list[str]:
 
 
 def diloco_table(small: Case, large: Case, mbps: float) -> tuple[list[str], float]:
-    """(b): H small plain against H large + outer step; also the bytes to reach the common loss L."""
+    """(b): H small plain against H large + outer step, and the bytes each sends to reach two losses.
+
+    ``L0`` is the H small run's final loss (the claim at equal loss: does H large reach it, and with how many
+    bytes?); ``L`` the larger of the two final losses, which both runs reach. Returns the lines and ``L``.
+    """
     target = max(small.val_loss, large.val_loss)
-    lines = [f"| run | rounds | val loss | ppl | loss ratio | total MB | bytes ratio | MB to reach L={target:.4f} "
-             f"| ratio to reach L | uplink s/round @{mbps:g} Mbit/s | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    reach_small = small.bytes_to_reach(target)
-    for c in (small, large):
-        reach = c.bytes_to_reach(target)
-        reach_ratio = f"{reach_small / reach:.2f}x" if reach and reach_small else "-"
+    lines = [f"| run | rounds | val loss | ppl | loss ratio | total MB | bytes ratio "
+             f"| MB to reach L0={small.val_loss:.4f} | ratio at L0 | MB to reach L={target:.4f} | ratio at L "
+             f"| uplink s/round @{mbps:g} Mbit/s | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cells: list[list[str]] = [[], []]
+    for loss in (small.val_loss, target):
+        reach_small = small.bytes_to_reach(loss)
+        for i, c in enumerate((small, large)):
+            reach = c.bytes_to_reach(loss)
+            cells[i] += [_fmt_bytes(reach), f"{reach_small / reach:.2f}x" if reach and reach_small else "-"]
+    for c, extra in zip((small, large), cells, strict=True):
         lines.append(f"| {c.label} | {c.rounds} | {c.val_loss:.4f} | {c.perplexity:.2f} "
                      f"| {c.val_loss / small.val_loss:.4f} | {c.total_bytes / 1e6:.2f} "
-                     f"| {small.total_bytes / max(1, c.total_bytes):.2f}x | {_fmt_bytes(reach)} | {reach_ratio} "
+                     f"| {small.total_bytes / max(1, c.total_bytes):.2f}x | {' | '.join(extra)} "
                      f"| {c.uplink_s_per_round(mbps):.4f} | {c.wall_s:.0f} |")
     return lines, target
 
@@ -204,7 +225,9 @@ def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | 
             out.append(f"{topology}: H={large.local_steps} + outer does not reach H={small.local_steps}'s loss "
                        f"{small.val_loss:.4f} (it ends at {large.val_loss:.4f}): MISSES")
         else:
-            ratio = small.total_bytes / reach
+            # Both at their first evaluation at or below that loss: H small may reach its own final loss
+            # before its last round (the curve is not monotone), which is what it needed to send.
+            ratio = (small.bytes_to_reach(small.val_loss) or small.total_bytes) / reach
             ok = ratio >= DILOCO_BYTES_RATIO_MIN
             out.append(f"{topology}: H={large.local_steps} + outer reaches H={small.local_steps}'s final loss "
                        f"{small.val_loss:.4f} with {ratio:.2f}x fewer bytes (target >= {DILOCO_BYTES_RATIO_MIN}x): "
@@ -219,10 +242,9 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
 
     for line in machine_report():
         say(line)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     say(f"tiny-lm size={args.size}, {args.nodes} nodes, seed {args.seed}, batch {args.batch_size}, "
         f"lr {args.lr if args.lr is not None else 'task default'}, {args.steps} local steps per trainer "
-        f"(warm-up {warmup}, cosine to {args.steps}), eval windows {args.eval_windows}, "
+        f"(warm-up {warmup_of(args, args.steps)}, cosine to {args.steps}), eval windows {args.eval_windows}, "
         f"links {args.bandwidth_mbps:g} Mbit/s\n")
     result: dict[str, Any] = {"args": vars(args), "topologies": {}}
     for topology in args.topologies:
@@ -233,20 +255,26 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
                 say(f"({compression}: not allowed on {topology}, skipped)")
                 continue
             comp.append(run_case(args, topology, compression, compression, args.h_small, None))
-        if not any(c.compression == "none" for c in comp):
+        if args.compressions and not any(c.compression == "none" for c in comp):
             comp.insert(0, run_case(args, topology, "none", "none", args.h_small, None))
-        say(f"(a) compression, H={args.h_small}, {comp[0].rounds} rounds\n")
-        for line in compression_table(comp, args.bandwidth_mbps):
-            say(line)
-        say()
         entry: dict[str, Any] = {"compression": [asdict(c) for c in comp]}
+        if comp:
+            say(f"(a) compression, H={args.h_small}, {comp[0].rounds} rounds\n")
+            for line in compression_table(comp, args.bandwidth_mbps):
+                say(line)
+            say()
         small = large = None
         if not args.no_diloco:
-            small = next(c for c in comp if c.compression == "none")
-            small = Case(**{**asdict(small), "label": f"H={args.h_small} plain"})
+            steps = args.diloco_steps
+            label = f"H={args.h_small} plain"
+            base = next((c for c in comp if c.compression == "none"), None)
+            if base is not None and steps == args.steps:
+                small = Case(**{**asdict(base), "label": label})
+            else:  # (b) runs longer than (a), or (a) was skipped: its own baseline
+                small = run_case(args, topology, label, "none", args.h_small, None, steps)
             large = run_case(args, topology, f"H={args.h_large} + outer (lr {args.outer_lr:g}, "
-                             f"Nesterov {args.outer_momentum:g})", "none", args.h_large, args.outer_lr)
-            say(f"(b) DiLoCo, {args.steps} local steps each\n")
+                             f"Nesterov {args.outer_momentum:g})", "none", args.h_large, args.outer_lr, steps)
+            say(f"(b) DiLoCo, {steps} local steps each (warm-up {warmup_of(args, steps)}, cosine to {steps})\n")
             table, target = diloco_table(small, large, args.bandwidth_mbps)
             for line in table:
                 say(line)
@@ -271,13 +299,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", default="tiny", help="tiny-lm size preset (default tiny)")
     ap.add_argument("--topologies", default="modest,gossip", help="comma-separated (default modest,gossip)")
     ap.add_argument("--compressions", default="none,fp16,int8,topk:0.01",
-                    help="comma-separated (default none,fp16,int8,topk:0.01; topk is skipped where refused)")
+                    help="comma-separated (default none,fp16,int8,topk:0.01; topk is skipped where refused; "
+                         "empty: skip (a))")
     ap.add_argument("--h-small", type=int, default=None,
                     help="local steps per round of (a) and the (b) baseline (10; quick 5)")
     ap.add_argument("--h-large", type=int, default=None, help="local steps per round of DiLoCo in (b) (100; quick 50)")
     ap.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (default 1.0)")
     ap.add_argument("--outer-momentum", type=float, default=0.5, help="outer Nesterov momentum (default 0.5)")
     ap.add_argument("--no-diloco", action="store_true", help="skip (b)")
+    ap.add_argument("--diloco-steps", type=int, default=None,
+                    help="local steps per trainer of (b) (default --steps; longer runs its own H-small baseline)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per local step (default 8)")
     ap.add_argument("--lr", type=float, default=None, help="peak inner lr (default: the task's, 3e-3 for tiny)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of --steps)")
@@ -293,8 +324,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.topologies = [t for t in args.topologies.split(",") if t]
     args.compressions = [c for c in args.compressions.split(",") if c]
-    if args.h_small < 1 or args.h_large < 1 or args.steps < max(args.h_small, args.h_large):
-        ap.error("need 1 <= --h-small, --h-large <= --steps")
+    if args.diloco_steps is None:
+        args.diloco_steps = args.steps
+    if args.h_small < 1 or args.h_large < 1 or min(args.steps, args.diloco_steps) < max(args.h_small, args.h_large):
+        ap.error("need 1 <= --h-small, --h-large <= --steps, --diloco-steps")
     return args
 
 

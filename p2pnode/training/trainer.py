@@ -168,12 +168,39 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def align_schedule(self, step: int) -> bool:
+        """Put the learning-rate schedule at local step ``step`` (0-based): the next step runs at its rate.
+
+        By default the schedule follows this trainer's own step count, which is the run's when the node
+        trains every round (gossip, dpsgd). A MoDeST node trains only the versions whose sample it is in,
+        so its own count lags the swarm's; the protocol aligns it to the version it trains instead, as
+        DiLoCo's workers follow the outer step count. Only a `LambdaLR` (a closed form of the step, as the
+        ``tiny-lm`` task's warm-up and cosine) can be moved; other schedulers keep their own count.
+
+        Returns:
+            Whether the schedule was moved (False: no scheduler, or one that is not a `LambdaLR`).
+
+        Raises:
+            ValueError: ``step < 0``.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        sched = self.scheduler
+        if type(sched) is not torch.optim.lr_scheduler.LambdaLR:  # subclasses may not be closed forms
+            return False
+        sched.last_epoch = step
+        for group, base_lr, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base_lr * factor(step)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+        return True
+
     def train(self, steps: int) -> float:
         """Run ``steps`` SGD steps on minibatches of the local shard; return their mean training loss.
 
         Batches walk through a fresh permutation of the shard each epoch (batches may straddle two
         epochs), drawn from a generator seeded by the run seed and node index: on the CPU, the same
-        seeds give the same result. The loss is NaN or inf if training diverged.
+        seeds give the same result. The loss is NaN or inf if training diverged. The scheduler, if
+        any, steps after every step (see `align_schedule`).
 
         Raises:
             ValueError: ``steps < 1``.

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,3 +49,23 @@ def test_lm_compression_tiny_run_tables_and_int8_bytes() -> None:
     header = next(line for line in text.splitlines() if line.startswith("| compression |"))
     assert "loss ratio" in header and "bytes ratio" in header and "uplink s/round @50 Mbit/s" in header
     assert "| int8 |" in text and "MB to reach L=" in text
+    dil = next(line for line in text.splitlines() if line.startswith("| run |"))
+    assert "MB to reach L0=" in dil and "ratio at L0" in dil and "ratio at L " in dil
+    assert len(dil.split("|")) == len(text.splitlines()[text.splitlines().index(dil) + 2].split("|"))
+
+
+def test_lm_compression_longer_diloco_runs_its_own_baseline() -> None:
+    bench = _bench()
+    args = bench.parse_args(["--nodes", "4", "--steps", "10", "--diloco-steps", "20", "--h-small", "5",
+                             "--h-large", "10", "--eval-windows", "2", "--batch-size", "2", "--topologies", "gossip",
+                             "--compressions", ""])
+    out = io.StringIO()
+    entry = bench.run_benchmark(args, out=out)["topologies"]["gossip"]
+    assert entry["compression"] == [] and "(a) compression" not in out.getvalue()
+    small, large = entry["diloco"]["small"], entry["diloco"]["large"]
+    assert (small["rounds"], large["rounds"]) == (4, 2)  # 20 local steps: 4 rounds of 5, 2 of 10
+    # gossip: every node sends its model every round, so H = 10 sends half the bytes of H = 5.
+    assert large["total_bytes"] == pytest.approx(small["total_bytes"] / 2, rel=0.01)
+    assert "(b) DiLoCo, 20 local steps each (warm-up 2, cosine to 20)" in out.getvalue()
+    verdict = entry["verdicts"][0]
+    assert verdict.startswith("gossip: H=10 + outer ")

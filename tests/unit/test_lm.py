@@ -158,6 +158,54 @@ def _lrs(trainer: Trainer) -> list[float]:
     return [g["lr"] for g in trainer.optimizer.param_groups]
 
 
+def test_schedule_spans_rounds_and_aligns_to_a_given_step() -> None:
+    task = get_task("tiny-lm", size="tiny", warmup_steps=4, total_steps=40, min_lr_ratio=0.1)
+    trainer = Trainer(task, node_index=0, num_nodes=2, seed=0, device="cpu", batch_size=2, lr=0.01)
+    # Rounds of 5 steps go on along one schedule: no restart (or warm-up again) at a round's start.
+    for _ in range(3):
+        trainer.train(5)
+    assert _lrs(trainer) == pytest.approx([0.01 * warmup_cosine(15, 4, 40, 0.1)] * 2)
+    # A MoDeST node that sat out versions 3..5 trains version 6 (of 5 steps each) at the swarm's step 30.
+    assert trainer.align_schedule(30)
+    assert trainer.scheduler is not None and trainer.scheduler.last_epoch == 30
+    assert _lrs(trainer) == pytest.approx([0.01 * warmup_cosine(30, 4, 40, 0.1)] * 2)
+    assert trainer.scheduler.get_last_lr() == pytest.approx(_lrs(trainer))
+    trainer.train(2)
+    assert _lrs(trainer) == pytest.approx([0.01 * warmup_cosine(32, 4, 40, 0.1)] * 2)
+    assert trainer.steps_done == 17  # its own count is unchanged
+    # Back to an earlier step too (a node that trains an old version).
+    assert trainer.align_schedule(0) and _lrs(trainer) == pytest.approx([0.01 * 0.25] * 2)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        trainer.align_schedule(-1)
+    # SGD without a scheduler (digits-mlp): nothing to move.
+    plain = Trainer(get_task("digits-mlp"), node_index=0, num_nodes=2, seed=0, device="cpu")
+    assert not plain.align_schedule(10) and _lrs(plain) == [plain.lr]
+
+
+def test_modest_trainers_follow_the_versions_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 nodes, samples of 2: each node trains about half the versions, so its own count would lag.
+    cfg = SimConfig.of(nodes=4, task="tiny-lm", topology="modest", rounds=6, seed=0, sample_size=2,
+                       task_options={"size": "tiny", "eval_windows": 2, "warmup_steps": 2, "total_steps": 18},
+                       local_steps=3, batch_size=2)
+    seen: dict[int, list[float]] = {}
+    original = Trainer.train
+
+    def spy(self: Trainer, steps: int) -> float:
+        assert self.scheduler is not None
+        seen.setdefault(self.node_index, []).append(self.scheduler.last_epoch)
+        return original(self, steps)
+
+    monkeypatch.setattr(Trainer, "train", spy)  # records where each training starts, then trains
+    res = run_simulation(cfg)
+    assert len(res["rounds"]) == 6
+    starts = sorted(int(e) for epochs in seen.values() for e in epochs)
+    # Every training starts at a version's step k * 3, version 0..5, two trainers per version.
+    assert set(starts) <= {0, 3, 6, 9, 12, 15} and {12, 15} <= set(starts)
+    assert sum(len(v) for v in seen.values()) >= 12
+    # Some node skipped versions: its own count (3 per training) is behind the step it trained at.
+    assert any(max(epochs) > 3 * (len(epochs) - 1) for epochs in seen.values())
+
+
 def test_checkpoint_keeps_adamw_moments_steps_and_schedule(tmp_path: Path) -> None:
     task = get_task("tiny-lm", size="tiny", warmup_steps=5, total_steps=40)
     trainer = Trainer(task, node_index=1, num_nodes=2, seed=0, device="cpu", batch_size=4)

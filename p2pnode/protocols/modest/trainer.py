@@ -122,6 +122,9 @@ class TrainerRole:
         def work() -> tuple[float, State]:
             # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
             c.load_model(inc.state)
+            # Version k starts at local step k * H of the swarm, whatever this node trained before: the
+            # inner learning-rate schedule follows the versions, not the node's own (lagging) step count.
+            c.trainer.align_schedule(inc.round * s.local_steps)
             loss = c.trainer.train(s.local_steps)
             return loss, c.trainer.state()
 
