@@ -77,7 +77,8 @@ from p2pnode.daemon.children import child_pids  # noqa: E402
 from p2pnode.daemon.node import Node  # noqa: E402
 from p2pnode.daemon.real import create_real_node  # noqa: E402
 from p2pnode.daemon.settings import DaemonSettings  # noqa: E402
-from p2pnode.discovery.dht import DHTDirectory, directory_key  # noqa: E402
+from p2pnode.discovery.dht import DHTDirectory  # noqa: E402
+from p2pnode.discovery.validator import directory_key  # noqa: E402
 from p2pnode.proto import peer_pb2  # noqa: E402
 from p2pnode.protocols.gossip import EXCHANGE  # noqa: E402
 from p2pnode.transport import codec  # noqa: E402

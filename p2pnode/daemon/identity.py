@@ -3,7 +3,7 @@
 Identity: ``<state dir>/identity.key`` holds the node's libp2p private key (an RSA key in the protobuf
 format p2pd reads, as hivemind's ``P2P.generate_identity`` writes it). hivemind's DHT starts p2pd with
 it (``identity_path``), so the node keeps its libp2p peer id across restarts, and its DHT records can
-be signed with it (`p2pnode.discovery.dht.signed_dht_options`). The file is created once, atomically
+be signed with it (`p2pnode.discovery.signing.signed_dht_options`). The file is created once, atomically
 (written to a temporary file with mode 0600, fsynced, then linked to its final name, so a crash never
 leaves a half-written key) and is kept with owner-only permissions (0400).
 

@@ -39,7 +39,9 @@ from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.daemon.statedir import ensure_state_dir
 from p2pnode.daemon.supervisor import DHTSupervisor
 from p2pnode.discovery import msgpack_guard
-from p2pnode.discovery.dht import DHTDirectory, RunRecordValidator, signed_dht_options
+from p2pnode.discovery.dht import DHTDirectory
+from p2pnode.discovery.signing import signed_dht_options
+from p2pnode.discovery.validator import RunRecordValidator
 from p2pnode.protocols.compute import ThreadCompute
 from p2pnode.transport import Transport
 from p2pnode.transport.p2p import P2PTransport

@@ -13,22 +13,23 @@ config hash (``other_config``), and, with an admission policy (`PeerDirectory.ad
 without a valid admission MAC (``not_admitted``). Each record (subkey and value, not its expiration:
 junk stored again with a new expiration is the same junk) is counted once, however many reads see it,
 and its verdict is remembered (`VERDICT_CACHE_SIZE` records, least recently seen forgotten first), so
-that a read re-parses only records it has not seen.
+that a read re-parses only records it has not seen (`record_reader.RecordReader` does the judging).
 
 Outsiders. Anyone who reaches a DHT node can store under the run's key. Six defences:
 
 - `msgpack_guard` (installed when this module is imported, so before any DHT process forks) keeps
   values nested too deep for hivemind's recursive decoder away from it: one such value would otherwise
   crash the DHT process of every replica.
-- `RunRecordValidator`, installed in the DHT by every directory (and at DHT start by the daemon), makes
-  every replica that runs this code refuse, under ``"<run_id>/peers"``, a plain value (hivemind lets a
+- `RunRecordValidator` (`validator`), installed in the DHT by every directory (and at DHT start by the
+  daemon), makes every replica that runs this code refuse, under ``"<run_id>/peers"``, a plain value (hivemind lets a
   plain value with a later expiration replace the whole dictionary: one store would empty every
   directory), a subkey that is not a short string, a value that is not a byte string of at most
   `MAX_RECORD_BYTES`, and an expiration beyond ``now + ttl * EXPIRATION_CAP_FACTOR``. The same check
   runs on what other DHT nodes return, so a reply that carries such a record is dropped.
-- a quota of subkeys per replica (`quota`, installed with the validator: ``max_subkeys``, default 512):
-  a new subkey is refused once the run's key holds that many live ones (``dht_refused_over_quota``); a
-  stored subkey is always refreshed. So junk subkeys cost every replica and every read a bounded amount.
+- a quota of subkeys per replica (`quota`, installed with the validator by `dht_process.add_validator`:
+  ``max_subkeys``, default 512): a new subkey is refused once the run's key holds that many live ones
+  (``dht_refused_over_quota``); a stored subkey is always refreshed. So junk subkeys cost every replica
+  and every read a bounded amount.
 - reads have a deadline (``read_timeout``, default 5 s): a read that does not finish (an undecodable
   value makes hivemind's search wait forever) is counted as ``timeout``. A read that fails, or finds a
   plain value at the key (``not_dictionary``), returns the last good view instead: the peers of the last
@@ -60,47 +61,33 @@ each value on store and makes every DHT node refuse values under that subkey tha
 not sign. This directory then also requires that the libp2p peer id derived from the owner key is the
 record's peer id, so a record is bound to the identity that libp2p authenticates on every stream; in
 this mode unsigned records are counted as ``invalid``. This needs the node's libp2p identity to be that
-RSA key (`signed_dht_options` arranges it). Only signed records are `authenticated`: the Ed25519 key a
-record announces for secure aggregation (``secagg_key``) is then bound to the peer id; without signing
+RSA key (`signing.signed_dht_options` arranges it). Only signed records are `authenticated`: the Ed25519
+key a record announces for secure aggregation (``secagg_key``) is then bound to the peer id; without signing
 it is never used (secure aggregation falls back to the transport's authenticated sender).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import collections
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
-import os
-import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import base58
 import hivemind
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from google.protobuf.message import DecodeError
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.routing import DHTID
-from hivemind.dht.storage import DictionaryDHTValue
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.p2p import P2P
-from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from p2pnode.discovery import msgpack_guard, quota
-from p2pnode.discovery.base import OTHER_CONFIG, SECAGG_KEY_BYTES, PeerDirectory, PeerInfo
-from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS, install_quota
-from p2pnode.proto import peer_pb2
-from p2pnode.transport.admission import NOT_ADMITTED
+from p2pnode.discovery import msgpack_guard
+from p2pnode.discovery.base import PeerDirectory, PeerInfo
+from p2pnode.discovery.dht_process import add_validator, dht_peer_id, dht_refusals, wait_for_dht
+from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
+from p2pnode.discovery.record_reader import TOMBSTONE, RecordReader
+from p2pnode.discovery.validator import EXPIRATION_CAP_FACTOR, RunRecordValidator, directory_key
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +102,6 @@ DEFAULT_TTL = 60.0
 DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Default longest wait for one read of the directory (`DHTDirectory.peers`), in seconds.
 DEFAULT_READ_TIMEOUT = 5.0
-#: Records expiring more than ``ttl`` times this after now are refused (honest ones expire after ``ttl``).
-EXPIRATION_CAP_FACTOR = 2.0
-#: Longest subkey accepted, in bytes (a peer id plus an OpenSSH RSA public key is about 450).
-MAX_SUBKEY_BYTES = 2048
 #: Default number of records not seen before that one read parses; the rest wait for later reads.
 DEFAULT_MAX_PARSE_PER_READ = 256
 #: Default shortest time between two reads of the directory from the DHT, in seconds: `peers` calls in
@@ -133,237 +116,8 @@ EMPTY_VIEW_READ_INTERVAL = 0.5
 #: since a joiner syncs only from peers whose record says they are ahead; one store at a time, so a slow
 #: DHT (busy replicas) stores less often by itself.
 ROUND_STORE_INTERVAL = 1.0
-#: Record verdicts remembered by a directory (so that a record is parsed and counted once).
-VERDICT_CACHE_SIZE = 8192
-#: How often a request in flight checks that the DHT process is still alive, in seconds.
-DEAD_CHECK_S = 0.5
-#: Largest record accepted, in bytes (a record holds a few multiaddrs and names).
-MAX_RECORD_BYTES = 16 * 1024
-#: Most multiaddrs / capabilities accepted in one record.
-MAX_RECORD_ITEMS = 64
-#: Value stored by `withdraw`; readers skip it.
-TOMBSTONE = b""
 #: How much later than the last record a tombstone (or a record after a tombstone) expires, in seconds.
 _EXPIRATION_STEP = 1e-3
-_OWNER_PREFIX = "[owner:"
-#: A base58 libp2p peer id (the syntax only, checked before anything costly).
-_PEER_ID_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{16,128}")
-#: Verdict of a record that is skipped without being counted (a tombstone, this node's own record).
-_SKIP = "skip"
-
-#: Records refused by `RunRecordValidator` in this process, by reason (read from the DHT process by
-#: `DHTDirectory`, see `dht_refusals`).
-validator_refusals: collections.Counter[str] = collections.Counter()
-os.register_at_fork(after_in_child=validator_refusals.clear)  # a DHT process counts its own
-
-
-def peer_id_of_public_key(ssh_public_key: bytes) -> str:
-    """The base58 libp2p peer id of an RSA public key given in OpenSSH format.
-
-    Follows the libp2p peer-id spec: sha2-256 multihash of the protobuf `PublicKey` holding the DER
-    SubjectPublicKeyInfo (RSA keys are too long for the identity multihash).
-    """
-    key = serialization.load_ssh_public_key(ssh_public_key)
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise ValueError("owner key is not an RSA key")
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    proto = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-    digest = hashlib.sha256(proto).digest()
-    return base58.b58encode(bytes([0x12, len(digest)]) + digest).decode()
-
-
-def load_or_create_identity(identity_path: str) -> RSAPrivateKey:
-    """Load the RSA libp2p identity at `identity_path`, creating it (mode 0400) if missing.
-
-    The file is the private key in the format p2pd reads (hivemind's `P2P.generate_identity`).
-    """
-    if not os.path.isfile(identity_path):
-        P2P.generate_identity(identity_path)
-    with open(identity_path, "rb") as f:
-        proto = crypto_pb2.PrivateKey.FromString(f.read())
-    if proto.key_type != crypto_pb2.RSA:
-        raise ValueError(f"{identity_path} holds a non-RSA key; signed records need an RSA identity")
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    key.__setstate__({"_private_key": proto.data})  # the documented pickling path of hivemind's key
-    return key
-
-
-def signed_dht_options(identity_path: str, *, check_if_identity_free: bool = True) -> dict[str, Any]:
-    """Keyword arguments for `hivemind.DHT` that make its libp2p identity the RSA key at `identity_path`
-    and install the signature validator; pass ``signer=options["record_validators"][0]`` to
-    `DHTDirectory`.
-
-    :param check_if_identity_free: let p2pd check that no other peer uses this identity (slower start).
-    """
-    validator = RSASignatureValidator(load_or_create_identity(identity_path))
-    return {"identity_path": identity_path, "record_validators": [validator],
-            "check_if_identity_free": check_if_identity_free}
-
-def directory_key(run_id: str) -> str:
-    """The DHT key under which the records of `run_id` live."""
-    return f"{run_id}/peers"
-
-
-def _msgpack_str_ok(data: bytes, max_len: int) -> bool:
-    """Whether `data` is exactly one msgpack str of at most `max_len` bytes of UTF-8."""
-    if not data:
-        return False
-    b = data[0]
-    if 0xA0 <= b <= 0xBF:
-        header, length = 1, b & 0x1F
-    elif b in (0xD9, 0xDA, 0xDB):
-        header = {0xD9: 2, 0xDA: 3, 0xDB: 5}[b]
-        length = int.from_bytes(data[1:header], "big")
-    else:
-        return False
-    if len(data) != header + length or length > max_len:
-        return False
-    try:
-        data[header:].decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _msgpack_bin_length(data: bytes) -> int | None:
-    """The length of the byte string that `data` encodes as exactly one msgpack bin, or None."""
-    if not data or data[0] not in (0xC4, 0xC5, 0xC6):
-        return None
-    header = {0xC4: 2, 0xC5: 3, 0xC6: 5}[data[0]]
-    length = int.from_bytes(data[1:header], "big")
-    return length if len(data) == header + length else None
-
-
-class RunRecordValidator(RecordValidatorBase):
-    """hivemind record validator for the directory key of one or more runs (see the module doc).
-
-    Under ``"<run_id>/peers"`` it accepts only dictionary entries whose subkey is a msgpack string of at
-    most `MAX_SUBKEY_BYTES`, whose value is a byte string of at most `MAX_RECORD_BYTES` and whose
-    expiration is finite and at most ``ttl * EXPIRATION_CAP_FACTOR`` seconds after now; other keys pass.
-    hivemind runs it on every store a node receives or makes, and on every record another node returns;
-    it sees values after the signature validator has checked and stripped them (lower `priority`).
-    Validators of other runs merge into one (`merge_with`). Refusals are counted in `validator_refusals`.
-
-    It also carries the run's quota of subkeys per replica (`quotas`), which `_add_validator` installs in
-    the DHT node's storage (`quota.install_quota`: a validator cannot apply it, see there).
-
-    :param run_id: the run.
-    :param ttl: the lifetime of the run's records, in seconds.
-    :param max_subkeys: most subkeys a DHT node stores under the run's key (default
-        `quota.DEFAULT_MAX_SUBKEYS`, 512); new subkeys beyond it are refused (``over_quota``).
-    """
-
-    def __init__(self, run_id: str, ttl: float, max_subkeys: int = DEFAULT_MAX_SUBKEYS) -> None:
-        if not ttl > 0:
-            raise ValueError(f"ttl must be positive, got {ttl}")
-        if max_subkeys < 1:
-            raise ValueError(f"max_subkeys must be at least 1, got {max_subkeys}")
-        key = DHTID.generate(source=directory_key(run_id)).to_bytes()
-        #: DHT key id (bytes) -> how far ahead an expiration may lie, in seconds.
-        self.limits: dict[bytes, float] = {key: ttl * EXPIRATION_CAP_FACTOR}
-        #: DHT key id (bytes) -> most subkeys stored under it on one DHT node.
-        self.quotas: dict[bytes, int] = {key: max_subkeys}
-
-    @staticmethod
-    def problem(record: DHTRecord, max_ahead: float) -> str | None:
-        """Why `record` is refused (a reason of `PeerDirectory.rejected`), or None."""
-        if record.subkey == _REGULAR_VALUE:
-            return "not_dictionary"
-        if not _msgpack_str_ok(record.subkey, MAX_SUBKEY_BYTES):
-            return "undecodable"
-        length = _msgpack_bin_length(record.value)
-        if length is None:
-            return "undecodable"
-        if length > MAX_RECORD_BYTES:
-            return "oversized"
-        if not math.isfinite(record.expiration_time) or record.expiration_time > get_dht_time() + max_ahead:
-            return "expired_too_far"
-        return None
-
-    def validate(self, record: DHTRecord) -> bool:
-        max_ahead = self.limits.get(record.key)
-        if max_ahead is None:
-            return True  # not a directory key
-        reason = self.problem(record, max_ahead)
-        if reason is None:
-            return True
-        validator_refusals[reason] += 1
-        logger.debug("refused a directory record (%s)", reason)
-        return False
-
-    @property
-    def priority(self) -> int:
-        return 5  # below RSASignatureValidator (10): validate the value it has checked and stripped
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        if not isinstance(other, RunRecordValidator):
-            return False
-        for key, ahead in other.limits.items():
-            self.limits[key] = max(ahead, self.limits.get(key, 0.0))
-        for key, most in other.quotas.items():
-            self.quotas[key] = max(most, self.quotas.get(key, 0))
-        return True
-
-
-#: hivemind's subkey of a plain (non-dictionary) value: msgpack ``None``.
-_REGULAR_VALUE = b"\xc0"
-
-
-async def _add_validator(_dht: hivemind.DHT, node: Any, validator: RecordValidatorBase) -> None:
-    """Runs inside the DHT process: add `validator` to the node's validators (merging duplicates), and
-    install the subkey quota of a `RunRecordValidator` in the node's storage."""
-    node.protocol.record_validator.extend([validator])
-    if isinstance(validator, RunRecordValidator):
-        install_quota(node.protocol.storage, validator.quotas)
-
-
-async def stored_subkeys(_dht: hivemind.DHT, node: Any, key: str) -> int:
-    """Runs inside the DHT process (``dht.run_coroutine(partial(stored_subkeys, key=...))``): how many
-    live subkeys the node stores under `key`."""
-    current = node.protocol.storage.get(DHTID.generate(source=key))
-    value = None if current is None else current.value
-    return len(value) if isinstance(value, DictionaryDHTValue) else 0
-
-
-async def dht_refusals(_dht: hivemind.DHT, node: Any) -> dict[str, int]:
-    """Runs inside the DHT process (``dht.run_coroutine(dht_refusals)``): what it refused, by reason.
-
-    ``dht_decoder_<reason>``: values kept away from the msgpack decoder (`msgpack_guard`);
-    ``dht_refused_<reason>``: records refused by `RunRecordValidator` and by the subkey quota
-    (``dht_refused_over_quota``, `quota`).
-    """
-    out = {f"dht_decoder_{k}": v for k, v in msgpack_guard.refusals.items()}
-    out.update({f"dht_refused_{k}": v for k, v in validator_refusals.items()})
-    out.update({f"dht_refused_{k}": v for k, v in quota.refusals.items()})
-    return out
-
-
-def _verdict_key(subkey: object, value: object, far: bool = False) -> tuple[object, object, bool]:
-    """What identifies one record for the verdict cache: its subkey and a digest of its value.
-
-    Not its expiration: the same junk stored again with a fresh expiration is the same record, counted
-    once. Whether the expiration lies too far ahead is checked on every read (a float comparison) and is
-    part of the key (`far`), so a value refused for its expiration once is judged again when it comes
-    back with an acceptable one.
-    """
-    if isinstance(subkey, str) and len(subkey) <= MAX_SUBKEY_BYTES:
-        sk: object = subkey
-    else:
-        try:
-            sk = (type(subkey).__name__, hash(subkey))
-        except TypeError:
-            sk = (type(subkey).__name__,)
-    digest = hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, bytes) else type(value).__name__
-    return sk, digest, far
-
-
-def _too_far(expiration: object, horizon: float) -> bool:
-    """Whether `expiration` is no finite time at or before `horizon` (DHT clock)."""
-    return not isinstance(expiration, float | int) or not math.isfinite(expiration) or expiration > horizon
-
-
-#: A verdict cache key (see `_verdict_key`).
-_VerdictKey = tuple[object, object, bool]
 
 
 class DHTDirectory(PeerDirectory):
@@ -427,11 +181,6 @@ class DHTDirectory(PeerDirectory):
         self._validator_pending = validate_records
         self._validate_records = validate_records
         self.max_subkeys = max_subkeys
-        #: (subkey, value digest, expiration too far) -> PeerInfo, a rejection reason, or _SKIP (LRU-bounded).
-        self._verdicts: collections.OrderedDict[_VerdictKey, PeerInfo | str] = (
-            collections.OrderedDict())
-        #: Records left for later reads (counted once as over_budget).
-        self._deferred: collections.OrderedDict[_VerdictKey, None] = collections.OrderedDict()
         #: The last good view: peer id -> (record, its expiration on the DHT clock).
         self._view: dict[str, tuple[PeerInfo, float]] = {}
         self.config_hash = config_hash
@@ -446,16 +195,18 @@ class DHTDirectory(PeerDirectory):
         self._last_expiration = float("-inf")
         self._refresher: asyncio.Task[None] | None = None
         self._store_lock = asyncio.Lock()
-        self._owner_ids: dict[str, str | None] = {}
+        #: Judges each record once and remembers the verdict (counts into `rejected`).
+        self._reader = RecordReader(rejected=self.rejected, signed=signer is not None,
+                                    max_parse_per_read=max_parse_per_read, admitted=self.record_admitted,
+                                    key=self.key)
         #: Successful stores by the refresher (for monitoring and tests).
         self.refreshes = 0
-        #: The peers of the last successful `peers` call (a node whose DHT restarts rejoins through them).
 
     # -- identity ---------------------------------------------------------------------------------
     async def peer_id(self) -> str:
         """This node's peer id (base58), asked from the DHT process once without blocking."""
         if self._peer_id is None:
-            pid = await self._wait(self.dht.run_coroutine(_dht_peer_id, return_future=True), "peer id lookup",
+            pid = await self._wait(self.dht.run_coroutine(dht_peer_id, return_future=True), "peer id lookup",
                                    self.request_timeout)
             self._peer_id = str(pid)
         return self._peer_id
@@ -641,77 +392,16 @@ class DHTDirectory(PeerDirectory):
             return []
         if not isinstance(found.value, dict):
             # A plain value won over the dictionary on some replica that does not run our validator.
-            key = _verdict_key(None, found.value)
-            if key not in self._verdicts:
-                self._decide(key, "not_dictionary")
+            self._reader.plain_value(found.value)
             return await self._fallback()
-        out = self._read_records(found.value, own)
+        self._view = self._reader.read(found.value, own, self._view, self.config_hash, self.max_ahead)
         await self._poll_dht_refusals()
-        return out
+        return [self._view[k][0] for k in sorted(self._view)]
 
     @property
     def last_peers(self) -> list[PeerInfo]:
         """The peers of the last good view, sorted by peer id (the supervisor's hints for a restart)."""
         return [self._view[k][0] for k in sorted(self._view)]
-
-    def _read_records(self, records: Mapping[object, object], own: str) -> list[PeerInfo]:
-        """The usable peers among one read's `records`; updates the verdict cache, counters and view."""
-        horizon = get_dht_time() + self.max_ahead
-        view: dict[str, tuple[PeerInfo, float]] = {}
-        todo: list[tuple[int, float, str, bytes, _VerdictKey]] = []
-        for subkey, item in records.items():
-            value = getattr(item, "value", None)
-            expiration = getattr(item, "expiration_time", None)
-            key = _verdict_key(subkey, value, _too_far(expiration, horizon))
-            verdict = self._verdicts.get(key)
-            if verdict is not None:
-                self._verdicts.move_to_end(key)
-            else:
-                verdict = self._precheck(subkey, value, expiration, horizon)
-                if verdict is None:  # needs parsing: queued, known peers first, then by expiration
-                    assert isinstance(subkey, str) and isinstance(value, bytes)
-                    peer_part = subkey.partition(_OWNER_PREFIX)[0]
-                    todo.append((0 if peer_part in self._view else 1, -float(expiration), subkey,  # type: ignore[arg-type]
-                                 value, key))
-                    continue
-                verdict = self._decide(key, verdict)
-            self._keep(view, verdict, expiration)
-        todo.sort(key=lambda t: t[:3])
-        for i, (_, neg_expiration, subkey, value, key) in enumerate(todo):
-            if i >= self.max_parse_per_read:
-                if key not in self._deferred:
-                    self._deferred[key] = None
-                    self.rejected["over_budget"] += 1
-                    if len(self._deferred) > VERDICT_CACHE_SIZE:
-                        self._deferred.popitem(last=False)
-                continue
-            verdict = self._decide(key, self._parse(subkey, value, own))
-            self._keep(view, verdict, -neg_expiration)
-        if len(todo) > self.max_parse_per_read:
-            logger.info("read under %s left %d new records for later reads", self.key,
-                        len(todo) - self.max_parse_per_read)
-        self._view = view
-        return [view[k][0] for k in sorted(view)]
-
-    def _decide(self, key: _VerdictKey, verdict: PeerInfo | str) -> PeerInfo | str:
-        """Remember `verdict` for the record `key`; count it if it is a rejection (so: once per record)."""
-        if isinstance(verdict, PeerInfo) and verdict.config_hash != self.config_hash:
-            verdict = OTHER_CONFIG
-        if isinstance(verdict, str) and verdict != _SKIP:
-            self.rejected[verdict] += 1
-        self._verdicts[key] = verdict
-        self._deferred.pop(key, None)
-        if len(self._verdicts) > VERDICT_CACHE_SIZE:
-            self._verdicts.popitem(last=False)
-        return verdict
-
-    @staticmethod
-    def _keep(view: dict[str, tuple[PeerInfo, float]], verdict: PeerInfo | str, expiration: object) -> None:
-        if not isinstance(verdict, PeerInfo):
-            return
-        old = view.get(verdict.peer_id)
-        if old is None or verdict.timestamp > old[0].timestamp:
-            view[verdict.peer_id] = (verdict, float(expiration))  # type: ignore[arg-type]
 
     async def _fallback(self) -> list[PeerInfo]:
         """The last good view, less the records that have expired since."""
@@ -720,63 +410,13 @@ class DHTDirectory(PeerDirectory):
         await self._poll_dht_refusals()
         return [self._view[k][0] for k in sorted(self._view)]
 
-    def _precheck(self, subkey: object, value: object, expiration: object, horizon: float) -> str | None:
-        """The cheap checks of one record: its rejection reason, _SKIP, or None when it must be parsed."""
-        if not isinstance(subkey, str) or not isinstance(value, bytes):
-            return "undecodable"
-        if len(subkey) > MAX_SUBKEY_BYTES or len(value) > MAX_RECORD_BYTES:
-            return "oversized"
-        if value == TOMBSTONE:
-            return _SKIP
-        if _too_far(expiration, horizon):
-            return "expired_too_far"
-        peer_part, sep, owner = subkey.partition(_OWNER_PREFIX)
-        if self.signer is not None and (not sep or not owner.endswith("]")):
-            return "bad_record"  # unsigned, where signatures are required
-        if self.signer is None and sep:
-            return "bad_record"  # a signed record in an unsigned directory: its signature was never checked
-        if not _PEER_ID_RE.fullmatch(peer_part):
-            return "bad_record"
-        return None
-
-    def _parse(self, subkey: str, value: bytes, own: str) -> PeerInfo | str:
-        """Parse and validate one prechecked record: a `PeerInfo`, _SKIP (own record) or the reason."""
-        peer_part, _, owner = subkey.partition(_OWNER_PREFIX)
-        if self.signer is not None:
-            owner_id = self._owner_id(owner[:-1])
-            if owner_id is None:
-                return "bad_record"
-            if owner_id != peer_part:
-                logger.debug("record %s is not signed by the owner of its peer id", peer_part[-8:])
-                return "mismatched"
-        rec = peer_pb2.PeerRecord()
-        try:
-            rec.ParseFromString(value)
-        except (DecodeError, ValueError):
-            logger.debug("record %s does not parse", peer_part[-8:])
-            return "undecodable"
-        if rec.peer_id != peer_part:
-            logger.debug("record under subkey %s claims peer id %s", peer_part[-8:], rec.peer_id[-8:])
-            return "mismatched"
-        if len(rec.maddrs) > MAX_RECORD_ITEMS or len(rec.capabilities) > MAX_RECORD_ITEMS:
-            return "oversized"
-        if len(rec.secagg_key) not in (0, SECAGG_KEY_BYTES):
-            logger.debug("record %s has a secagg key of %d bytes", peer_part[-8:], len(rec.secagg_key))
-            return "bad_record"
-        if rec.peer_id == own:
-            return _SKIP
-        info = PeerInfo.from_proto(rec)
-        if not self.record_admitted(info):
-            return NOT_ADMITTED
-        return info
-
     async def _install_validator(self) -> None:
         """Install `RunRecordValidator` for this run in the DHT process, once (retried after a failure)."""
         if not self._validator_pending:
             return
         validator = RunRecordValidator(self.run_id, self.ttl, self.max_subkeys)
         try:
-            await self._wait(self.dht.run_coroutine(partial(_add_validator, validator=validator),
+            await self._wait(self.dht.run_coroutine(partial(add_validator, validator=validator),
                                                     return_future=True), "validator install", self.request_timeout)
             self._validator_pending = False
         except Exception as e:
@@ -799,43 +439,13 @@ class DHTDirectory(PeerDirectory):
             if count:
                 self.rejected[reason] = count
 
-    def _owner_id(self, ssh_key: str) -> str | None:
-        if ssh_key not in self._owner_ids:
-            try:
-                self._owner_ids[ssh_key] = peer_id_of_public_key(ssh_key.encode())
-            except (ValueError, TypeError, base64.binascii.Error):  # type: ignore[attr-defined]
-                self._owner_ids[ssh_key] = None
-            if len(self._owner_ids) > 4096:  # bound the cache against floods of junk keys
-                self._owner_ids.pop(next(iter(self._owner_ids)))
-        return self._owner_ids[ssh_key]
-
     async def _wait(self, future: Awaitable[T], what: str, timeout: float) -> T:
-        """Await a request to the DHT process for at most `timeout` seconds.
-
-        A request sent to a DHT process that has died is never answered: it fails within
-        `DEAD_CHECK_S` of the death instead of running into the timeout (the daemon restarts the process).
+        """Await a request to the DHT process for at most `timeout` seconds (`wait_for_dht`).
 
         :raises TimeoutError: no answer within `timeout`.
         :raises ConnectionError: the DHT process died.
         """
-        dht = self.dht
-        waiter = asyncio.ensure_future(future)
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    done, _ = await asyncio.wait({waiter}, timeout=DEAD_CHECK_S)
-                    if done:
-                        return waiter.result()
-                    if not _process_alive(dht):
-                        raise ConnectionError(f"DHT {what} under {self.key}: the DHT process is gone")
-        except TimeoutError:
-            raise TimeoutError(f"DHT {what} under {self.key} took over {timeout} s") from None
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-                cancel = getattr(future, "cancel", None)
-                if cancel is not None:
-                    cancel()
+        return await wait_for_dht(self.dht, future, f"{what} under {self.key}", timeout)
 
 
 async def _yield() -> None:
@@ -844,17 +454,3 @@ async def _yield() -> None:
     partner to call) would otherwise never give the loop back, and starve every other task of the node
     (serving peers, the control API, the refresher)."""
     await asyncio.sleep(0)
-
-
-def _process_alive(dht: hivemind.DHT) -> bool:
-    """Whether the process of `dht` runs (True when this process cannot tell: not its parent)."""
-    try:
-        return bool(dht.is_alive())
-    except (AssertionError, ValueError):
-        return True
-
-
-async def _dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:
-    """Runs inside the DHT process: this node's base58 peer id."""
-    return str(node.peer_id.to_base58())
-

@@ -21,7 +21,7 @@ Upstream-compatible: the wrapper keeps the signature and the result of ``loads``
 lets through, installing it twice is a no-op, and it changes nothing else in hivemind. Install it
 before the DHT process forks (importing `p2pnode.discovery.dht` does it): the child inherits the patched
 class. Refusals are counted per process in `refusals` (the DHT child's counts can be read through
-``DHT.run_coroutine``, see `p2pnode.discovery.dht`) and logged (the first few, then every 1000th).
+``DHT.run_coroutine``, see `p2pnode.discovery.dht_process.dht_refusals`) and logged (the first few, then every 1000th).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ go through) and refuses, under a limited key, a *new* subkey once the key holds 
   ``limit`` subkeys are kept, whoever stored them); the limit should leave room for the swarm's growth.
 
 Refusals are counted in `refusals` (``over_quota``), read from the DHT process like the validator's
-(`p2pnode.discovery.dht.dht_refusals`).
+(`p2pnode.discovery.dht_process.dht_refusals`).
 """
 
 from __future__ import annotations

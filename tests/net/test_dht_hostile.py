@@ -24,8 +24,10 @@ from hivemind.utils.timed_storage import get_dht_time
 from netutil import NetworkGuard, start_dht, stop_dhts
 from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.base import PeerInfo
-from p2pnode.discovery.dht import DHTDirectory, dht_refusals, signed_dht_options, stored_subkeys
+from p2pnode.discovery.dht import DHTDirectory
+from p2pnode.discovery.dht_process import dht_refusals, stored_subkeys
 from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
+from p2pnode.discovery.signing import signed_dht_options
 from p2pnode.proto import peer_pb2
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]

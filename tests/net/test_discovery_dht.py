@@ -15,7 +15,8 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from netutil import NetworkGuard, start_dht, start_dhts, stop_dhts
 from p2pnode.discovery.base import PeerInfo
-from p2pnode.discovery.dht import DHTDirectory, peer_id_of_public_key, signed_dht_options
+from p2pnode.discovery.dht import DHTDirectory
+from p2pnode.discovery.signing import peer_id_of_public_key, signed_dht_options
 from p2pnode.proto import peer_pb2
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
