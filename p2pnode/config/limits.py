@@ -1,0 +1,117 @@
+"""Limits of the libp2p transport, the direct channel and the DHT directory (`LimitSettings`; local, never
+hashed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from p2pnode.config.schema import setting
+from p2pnode.errors import ConfigError
+
+
+@dataclass
+class LimitSettings:
+    """Section ``limits``: defaults are `p2pnode.transport.p2p`'s and `p2pnode.transport.direct`'s (checked by a
+    test)."""
+
+    #: Largest message sent or accepted, in bytes.
+    max_message_bytes: int = setting(
+        default=1 << 30, section="limits", help="Largest message sent or accepted, in bytes.")
+    #: Most subkeys (peer records) this node's DHT stores under the run's directory key (default 512,
+    #: `p2pnode.discovery.quota.DEFAULT_MAX_SUBKEYS`); new ones beyond it are refused (``dht_refused_over_quota``),
+    #: records already stored are always refreshed. Raise it for swarms of more than a few hundred peers.
+    directory_max_subkeys: int = setting(
+        default=512, section="limits",
+        help="Most peer records this node's DHT stores under the run's key; new ones beyond it are refused "
+             "(junk flood), stored ones are always refreshed.")
+    #: Bytes of inbound messages being received at once, all peers together (None: 2 x `max_message_bytes`).
+    max_inflight_bytes: int | None = setting(
+        default=None, section="limits",
+        help="Receive budget: bytes of inbound messages in flight, all peers together [2 x max message bytes].")
+    #: The same, per peer (None: a quarter of `max_inflight_bytes`, at least one message).
+    max_inflight_bytes_per_peer: int | None = setting(
+        default=None, section="limits",
+        help="Per-peer receive budget: bytes of one peer's inbound messages in flight [max(budget / 4, max "
+             "message bytes)].")
+    #: Inbound streams served at once, all peers together (default 128) and per peer (default 8).
+    max_streams: int = setting(default=128, section="limits", help="Inbound streams served at once, all peers.")
+    max_streams_per_peer: int = setting(default=8, section="limits", help="Inbound streams served at once per peer.")
+    #: Slowest accepted sender, in bytes/s (default 64 KiB/s), after a grace of `receive_grace_s` (default 5).
+    min_receive_rate: float = setting(
+        default=64.0 * 1024, section="limits",
+        help="Slowest accepted inbound rate, in bytes/s, averaged after the grace period; slower senders are "
+             "cut off.")
+    receive_grace_s: float = setting(
+        default=5.0, section="limits", help="Seconds of a message before --min-receive-rate applies.")
+    #: Bytes of large receive buffers kept for reuse (default 512 MiB; 0: off).
+    receive_pool_bytes: int = setting(
+        default=512 << 20, section="limits", help="Bytes of large receive buffers kept for reuse (0: off).")
+    #: Direct TLS channel for bulk tensors (docs/transport.md): on (default), from `direct_threshold` bytes
+    #: (default 1 MiB); a peer whose direct connection failed is called over libp2p for `direct_retry_s`
+    #: (default 60); a connection attempt may take `direct_connect_timeout_s` (default 5).
+    direct: bool = setting(
+        default=True, section="limits", flag="--direct/--no-direct",
+        help="Send large messages over a direct TLS channel when the peer is reachable (libp2p otherwise).")
+    direct_threshold: int = setting(
+        default=1 << 20, section="limits", help="Smallest message, in bytes, sent over the direct channel.")
+    direct_retry_s: float = setting(
+        default=60.0, section="limits",
+        help="Seconds a peer whose direct connection failed is called over libp2p only.")
+    direct_connect_timeout_s: float = setting(
+        default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
+    #: Caps of the direct channel's listener, which anyone who reaches its address can connect to (defaults
+    #: are `p2pnode.transport.direct`'s): connections at once (128), of them in their TLS handshake (64),
+    #: admitted connections per peer (8), unused tickets per peer (32) and in all (4096); and the longest
+    #: TLS handshake plus first token (None: the larger of 30 s and the transport's idle timeout).
+    direct_max_connections: int = setting(
+        default=128, section="limits", help="Direct channel: most connections at once (in their handshake, "
+                                            "serving or idle).")
+    direct_max_pending: int = setting(
+        default=64, section="limits", help="Direct channel: most connections still in their TLS handshake; "
+                                           "beyond it the oldest is closed.")
+    direct_max_connections_per_peer: int = setting(
+        default=8, section="limits", help="Direct channel: most admitted connections of one peer.")
+    direct_max_tickets_per_peer: int = setting(
+        default=32, section="limits", help="Direct channel: most unused tickets of one peer (beyond it, its "
+                                           "messages go over libp2p).")
+    direct_max_tickets: int = setting(
+        default=4096, section="limits", help="Direct channel: most unused tickets of all peers; the oldest "
+                                             "are dropped beyond it.")
+    direct_handshake_timeout_s: float | None = setting(
+        default=None, section="limits",
+        help="Direct channel: seconds allowed for a client's TLS handshake and first token [30].")
+
+    def transport_limits(self) -> dict[str, Any]:
+        """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
+        return {"max_message_bytes": self.max_message_bytes, "max_inflight_bytes": self.max_inflight_bytes,
+                "max_inflight_bytes_per_peer": self.max_inflight_bytes_per_peer, "max_streams": self.max_streams,
+                "max_streams_per_peer": self.max_streams_per_peer, "min_receive_rate": self.min_receive_rate,
+                "receive_grace_s": self.receive_grace_s, "receive_pool_bytes": self.receive_pool_bytes,
+                "direct": self.direct, "direct_threshold": self.direct_threshold,
+                "direct_retry_s": self.direct_retry_s, "direct_connect_timeout": self.direct_connect_timeout_s,
+                "direct_max_connections": self.direct_max_connections,
+                "direct_max_pending": self.direct_max_pending,
+                "direct_max_connections_per_peer": self.direct_max_connections_per_peer,
+                "direct_max_tickets_per_peer": self.direct_max_tickets_per_peer,
+                "direct_max_tickets": self.direct_max_tickets,
+                "direct_handshake_timeout": self.direct_handshake_timeout_s}
+
+    def _validate_limits(self) -> None:
+        for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold",
+                    "direct_max_connections", "direct_max_pending", "direct_max_connections_per_peer",
+                    "direct_max_tickets_per_peer", "direct_max_tickets"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in ("max_inflight_bytes", "max_inflight_bytes_per_peer"):
+            v = getattr(self, key)
+            if v is not None and v < self.max_message_bytes:
+                raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
+                                  "else no message of the largest size could ever be received")
+        for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if not self.direct_connect_timeout_s > 0:
+            raise ConfigError(f"direct_connect_timeout_s={self.direct_connect_timeout_s}: must be > 0")
+        if self.direct_handshake_timeout_s is not None and not self.direct_handshake_timeout_s > 0:
+            raise ConfigError(f"direct_handshake_timeout_s={self.direct_handshake_timeout_s}: must be > 0 (or unset)")

@@ -1,0 +1,93 @@
+"""What is trained and how models are merged (`TrainingSettings`), and the outer optimizer and wire
+compression that apply to every topology (`DilocoSettings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from p2pnode.config.choices import TOPOLOGIES
+from p2pnode.config.schema import setting
+
+
+@dataclass
+class TrainingSettings:
+    """Section ``training``: task, topology, aggregation rule and the local training schedule.
+
+    Run-wide (hashed into `NodeConfig.config_hash`): `task`, `task_options`, `topology`, `rule`, `rule_params`,
+    `model_seed_mode`. The rest is local to the node.
+    """
+
+    #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
+    task: str = setting(
+        default="digits-mlp", section="training",
+        help="Task: digits-mlp, cifar10-resnet18, tiny-lm, or package.module:factory.", hashed=True)
+    #: Options of the task, passed to its factory (for example ``{"size": "tiny"}`` for ``tiny-lm``). Run-wide:
+    #: every node must build the same model from the same data; hashed only when given, so that the hash of
+    #: runs without options stays as it was.
+    task_options: dict[str, Any] = setting(
+        default_factory=dict, section="training",
+        help="Option of the task (repeatable), for example size=tiny for tiny-lm.", hashed=True,
+        hash_when="task_options", flag="--task-option", metavar="KEY=VALUE")
+    #: Who exchanges with whom: ``gossip`` (push-pull with random peers), ``modest`` (a sample of trainers and
+    #: aggregators per round), ``fl`` (federated learning with one fixed server, a baseline) or ``dpsgd``
+    #: (every node averages with its graph neighbours every round, a baseline). See docs/protocols.md.
+    topology: str = setting(
+        default="gossip", section="training",
+        help="Who exchanges with whom: gossip, modest (sampled trainers and aggregators), fl (one fixed server; "
+             "baseline), dpsgd (neighbour averaging; baseline).",
+        hashed=True, choices=TOPOLOGIES)
+    #: Aggregation rule used to merge models (see `p2pnode.aggregation.available_rules()`).
+    rule: str = setting(default="mean", section="training", help="Aggregation rule for merging models.", hashed=True)
+    #: Extra parameters of the rule (for example ``{"trim": 1}``).
+    rule_params: dict[str, Any] = setting(
+        default_factory=dict, section="training", help="Parameter of the rule (repeatable), for example trim=1.",
+        hashed=True, flag="--rule-param", metavar="KEY=VALUE")
+    #: ``shared``: every node starts from the model built with `seed`; ``independent``: each node its own.
+    model_seed_mode: str = setting(
+        default="shared", section="training", help="One initial model for all nodes, or one per node.", hashed=True,
+        param="init", choices=("shared", "independent"))
+    #: Seed of the run: initial model, data split, peer choice.
+    seed: int = setting(default=0, section="training", help="Seed of the run.")
+    #: Dirichlet concentration for a non-IID split; None for IID.
+    alpha: float | None = setting(
+        default=None, section="training", help="Dirichlet alpha for a non-IID split (unset: IID).")
+    #: Local SGD steps per round; None takes the task's default.
+    local_steps: int | None = setting(
+        default=None, section="training", help="Local SGD steps per round [task default].")
+    #: Learning rate and batch size; None takes the task's default.
+    lr: float | None = setting(default=None, section="training", help="Learning rate [task default].")
+    batch_size: int | None = setting(default=None, section="training", help="Batch size [task default].")
+
+
+@dataclass
+class DilocoSettings:
+    """Section ``diloco``: the DiLoCo outer optimizer and the wire compression (every topology; docs/protocols.md,
+    docs/compression.md)."""
+
+    #: Outer optimizer (DiLoCo-style Nesterov SGD on the pseudo-gradient ``theta0 - merged``): its learning
+    #: rate, or None (default) for none; its momentum (default 0.9) and Nesterov flag (default True). Every
+    #: topology: gossip and dpsgd step it on each node after the merge (buffers local to the node), modest and fl
+    #: on the aggregator (buffers travel with the model). Hashed for modest/fl always (as they were), for
+    #: gossip/dpsgd only when outer_lr is set (runs without it keep their hash).
+    outer_lr: float | None = setting(
+        default=None, section="diloco",
+        help="DiLoCo: learning rate of the outer Nesterov optimizer on the pseudo-gradient (round-start model minus "
+             "the merge), stepped after every merge (unset: none, plain merge).",
+        hashed=True, topologies=TOPOLOGIES, hash_when="outer_lr", hash_always=("modest", "fl"))
+    outer_momentum: float = setting(
+        default=0.9, section="diloco", help="DiLoCo: momentum of the outer optimizer, in [0, 1).", hashed=True,
+        topologies=TOPOLOGIES, hash_when="outer_lr", hash_always=("modest", "fl"))
+    outer_nesterov: bool = setting(
+        default=True, section="diloco", help="DiLoCo: Nesterov momentum in the outer optimizer.", hashed=True,
+        topologies=TOPOLOGIES, flag="--outer-nesterov/--no-outer-nesterov", hash_when="outer_lr",
+        hash_always=("modest", "fl"))
+    #: Wire format of the exchanged tensors (`p2pnode.transport.compression`): ``none`` (default), ``fp16``,
+    #: ``bf16``, ``int8[:<block>]`` or ``topk:<fraction>``. Run-wide: hashed when not ``none``. gossip and
+    #: dpsgd send whole models (topk refused); modest and fl send updates from trainers (with error feedback,
+    #: topk allowed) and models from aggregators (topk: those travel raw). Not with secagg (lossy).
+    compression: str = setting(
+        default="none", section="diloco",
+        help="Wire compression of exchanged tensors: none, fp16, bf16, int8[:BLOCK] or topk:FRACTION (topk: modest/fl "
+             "trainer updates only); run-wide.",
+        hashed=True, hash_when="compression", metavar="FORMAT")
