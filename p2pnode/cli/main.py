@@ -226,7 +226,7 @@ def sim(ctx: click.Context, out: Path | None, plot: Path | None, quiet: bool, sh
                   TimeElapsedColumn(), disable=quiet) as progress:
         bar = progress.add_task("", total=rounds)
 
-        from p2pnode.daemon.node import metric_text
+        from p2pnode.daemon.node_status import metric_text
         from p2pnode.training import get_task
 
         # The results name the task's metric: "accuracy" for the image tasks, "perplexity" for tiny-lm.

@@ -69,7 +69,7 @@ class ProgressDisplay:
         table.add_row("state", f"{st.state}  (model from: {st.resumed_from})")
         table.add_row("round", rounds)
         table.add_row("loss", "-" if st.loss is None else f"{st.loss:.4f}")
-        from p2pnode.daemon.node import metric_text
+        from p2pnode.daemon.node_status import metric_text
 
         table.add_row(st.metric, metric_text(st.metric, st.metric_value).partition("=")[2])
         table.add_row("peers", str(st.peers))

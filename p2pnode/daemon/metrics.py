@@ -205,7 +205,7 @@ class NodeMetrics:
         self._partial_by_reason: dict[str, int] = {}
 
     def observe_round(self, report: RoundReport, duration_s: float, partial: str | None) -> None:
-        """Count one completed round; `partial` is the reason it was partial (`p2pnode.daemon.node.partial_reason`),
+        """Count one completed round; `partial` is the reason it was partial (`p2pnode.daemon.quorum.partial_reason`),
         or None."""
         self.rounds.inc()
         self.round_duration.observe(duration_s)

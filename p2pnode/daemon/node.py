@@ -4,14 +4,14 @@
 `simulator.runner` build it with the real or the in-memory seams. Around the protocol's rounds the node
 adds what every deployment needs (each switched by `DaemonSettings`):
 
-- resume from the newest valid checkpoint at start, and write checkpoints every few rounds
-  (`p2pnode.daemon.checkpoint`);
+- resume from the newest valid checkpoint at start (`p2pnode.daemon.resume`), and write checkpoints
+  every few rounds (`p2pnode.daemon.checkpoint`);
 - late joiner state sync: at start, fetch the model and round of the most advanced peers when they are
-  ahead (`p2pnode.protocols.statesync`), and serve this node's model to joiners;
-- the merge quorum: a round that merged fewer models than ``min_merge`` is reported and counted as
-  partial, and its merge is undone: the node's decision over the round's report (`partial_reason`),
-  which carries the model as it was before the merge (`RoundReport.pre_merge`, kept by the protocol
-  when the node sets `RoundProtocol.keep_pre_merge`);
+  ahead (`p2pnode.daemon.resume`, `p2pnode.protocols.statesync`), and serve this node's model to joiners;
+- the merge quorum (`p2pnode.daemon.quorum`): a round that merged fewer models than ``min_merge`` is
+  reported and counted as partial, and its merge is undone: the node's decision over the round's report
+  (`partial_reason`), which carries the model as it was before the merge (`RoundReport.pre_merge`, kept
+  by the protocol when the node sets `RoundProtocol.keep_pre_merge`);
 - metrics of every round (`p2pnode.daemon.metrics`);
 - with a `NetworkMonitor` (the daemon's `DHTSupervisor`): no rounds while the node is off the network
   (its DHT process or p2pd died and is being restarted), logged once per outage.
@@ -21,32 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointStore, capture, restore
+from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointStore, capture
 from p2pnode.daemon.metrics import NodeMetrics
+from p2pnode.daemon.node_status import NodeStatus, metric_fields, metric_text
+from p2pnode.daemon.quorum import apply_quorum
+from p2pnode.daemon.resume import STATESYNC_CAPABILITY, resume_from_checkpoint, sync_from_peers
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery import PeerDirectory, PeerInfo
-from p2pnode.protocols import LocalOuterState, RoundExtra, RoundProtocol, RoundReport
+from p2pnode.protocols import LocalOuterState, RoundProtocol, RoundReport
 from p2pnode.protocols.compute import Compute
-from p2pnode.protocols.statesync import StateSyncServer, SyncResult, fetch_state
+from p2pnode.protocols.statesync import StateSyncServer, SyncResult
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 
 logger = logging.getLogger(__name__)
 
-#: Capability announced in the directory by nodes that serve their model to joiners.
-STATESYNC_CAPABILITY = "statesync"
-#: How often the directory is polled while waiting for peers, in seconds.
-PEER_POLL_S = 0.5
 #: How often a node whose network is down checks whether it is back, in seconds.
 NETWORK_POLL_S = 0.2
 
@@ -61,85 +59,6 @@ class NetworkMonitor(Protocol):
     @property
     def events(self) -> Mapping[str, int]:
         """Counts by event name (``dht_died``, ``restarted``, ...)."""
-
-
-def partial_reason(report: RoundReport, min_merge: int) -> str | None:
-    """Why the round of `report` is partial, or None when it is not: the node's quorum decision.
-
-    Args:
-        report: the protocol's report of the round.
-        min_merge: the quorum (``--min-merge``): models a round must combine, the node's own included.
-
-    Returns:
-        ``"quorum"`` when it combined fewer than `min_merge` models (the node then undoes the merge, if
-        one was applied); ``"fraction"`` when it combined several models but only part of the model
-        (`RoundReport.fraction` < 1); else the reason the protocol gave (``extra["partial"]``), or None.
-    """
-    if report.combined < min_merge:
-        return "quorum"
-    if report.combined > 1 and report.fraction < 1.0:
-        return "fraction"
-    reason = report.extra.get("partial")
-    return str(reason) if reason else None
-
-
-@dataclass
-class NodeStatus:
-    """A snapshot of a node, as `p2pnode status` shows it. Byte counts are whole messages.
-
-    :param partial_rounds: rounds that combined less than asked (quorum not met, or part of the model).
-    :param partial_by_reason: the same rounds by reason (``quorum``, ``fraction``; see `partial_reason`).
-    :param last_checkpoint_round: round of the newest checkpoint written or resumed; None if none.
-    :param resumed_from: where the model of the first round came from: ``fresh`` (the task's initial
-        model), ``checkpoint`` or ``peers`` (state sync).
-    :param accuracy: test accuracy after the last evaluated round; None before it and when the task's
-        metric is not accuracy.
-    :param metric: name of the task's metric (``accuracy``, ``perplexity``, ...), and `metric_value` its
-        value after the last evaluated round (None before it).
-    """
-
-    peer_id: str
-    run_id: str
-    task: str
-    round: int
-    peers: int
-    accuracy: float | None
-    loss: float | None
-    bytes_sent: int
-    bytes_received: int
-    rejected: dict[str, int]
-    maddrs: list[str]
-    state: str
-    partial_rounds: int = 0
-    last_checkpoint_round: int | None = None
-    resumed_from: str = "fresh"
-    #: State of the supervised DHT process (``ok``, ``down``, ``restarting``); None without supervision.
-    dht_state: str | None = None
-    #: Events of the DHT supervisor (``dht_died``, ``p2pd_died``, ``restarted``, ``restart_failed``).
-    dht_events: dict[str, int] = field(default_factory=dict)
-    #: Bytes sent and received during the last completed round (0 before the first one).
-    round_bytes_sent: int = 0
-    round_bytes_received: int = 0
-    #: Tensor bytes since start: on the wire, and their uncompressed size (`TrafficStats.tensor_dict`).
-    tensor_bytes: dict[str, int] = field(default_factory=dict)
-    partial_by_reason: dict[str, int] = field(default_factory=dict)
-    metric: str = "accuracy"
-    metric_value: float | None = None
-
-
-def metric_fields(metric: str, value: float | None) -> dict[str, Any]:
-    """The metric of a round under the names that logs and results use: ``metric``, ``metric_value``,
-    and ``accuracy`` (the value for an accuracy metric, else None, so that readers of accuracy never
-    mistake a perplexity for one)."""
-    return {"accuracy": value if metric == "accuracy" else None, "metric": metric, "metric_value": value}
-
-
-def metric_text(metric: str, value: float | None) -> str:
-    """``acc=0.912`` / ``perplexity=14.09`` / ``acc=-`` for a log line."""
-    label = "acc" if metric == "accuracy" else metric
-    if value is None:
-        return f"{label}=-"
-    return f"{label}={value:.3f}" if metric == "accuracy" else f"{label}={value:.4g}"
 
 
 class Node:
@@ -213,6 +132,11 @@ class Node:
         return sum(self.metrics.partial_by_reason.values())
 
     @property
+    def stop_event(self) -> asyncio.Event:
+        """Set once the node is asked to stop (`stop`, `shutdown`): waits of the node end early on it."""
+        return self._stop
+
+    @property
     def network_ok(self) -> bool:
         """False while the supervised network processes are down or restarting (True without supervision)."""
         return self.network is None or self.network.state == "ok"
@@ -235,7 +159,7 @@ class Node:
         await self.transport.start()
         await self.directory.start()
         self.state = "starting"
-        await self._resume()
+        await resume_from_checkpoint(self)
         if self.settings.sync_on_join:
             await self.sync_from_peers()
         self._publish_state()
@@ -252,104 +176,7 @@ class Node:
                            extra={"event": {"event": "attacker", "attack": self.config.attack,
                                             "params": self.config.attack_params}})
 
-    async def _resume(self) -> None:
-        store = self.checkpoints
-        cfg = self.config
-        ckpt: Checkpoint | None = None
-        if store is not None and not self.settings.resume:
-            moved = await asyncio.to_thread(store.set_aside, cfg.config_hash)
-            if moved is not None:
-                logger.info("--no-resume: earlier checkpoints of this run moved to %s", moved)
-        elif store is not None:
-            await asyncio.to_thread(store.remove_temporary)
-            ckpt = await asyncio.to_thread(store.load_latest, cfg.config_hash, run_id=cfg.run_id, task=cfg.task)
-        if ckpt is None:
-            logger.info("starting from round %d with the task's initial model", self.round,
-                        extra={"event": {"event": "resume", "round": self.round, "source": "fresh"}})
-            return
-        found = ckpt
-        await self.compute.run(lambda: restore(self.trainer, found))
-        if isinstance(self.protocol, LocalOuterState):
-            # The node's own DiLoCo momentum (gossip, dpsgd); none in an older checkpoint: it starts afresh.
-            self.protocol.load_outer_state(found.outer)
-        elif found.outer:
-            logger.warning("the checkpoint of round %d holds outer optimizer state that this protocol does not keep "
-                           "on the node; ignored", found.round)
-        self.protocol.round = ckpt.round
-        self._state_adopted()
-        self.resumed_from = "checkpoint"
-        self.last_checkpoint_round = ckpt.round
-        self.metrics.last_checkpoint_round.set(ckpt.round)
-        logger.info("resumed from the checkpoint of round %d (%s)", ckpt.round, ckpt.path,
-                    extra={"event": {"event": "resume", "round": ckpt.round, "source": "checkpoint",
-                                     "path": str(ckpt.path)}})
-
-    async def _visible_peers(self, wait_s: float) -> list[PeerInfo]:
-        """Peers in the directory now, or the first ones to appear within `wait_s` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                peers = await self.directory.peers()
-            except Exception as e:  # a slow directory must not stop the start
-                logger.warning("peer directory unavailable: %s", e)
-                peers = []
-            if peers or loop.time() >= deadline or self._stop.is_set():
-                return peers
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PEER_POLL_S)
-
-    async def sync_from_peers(self) -> SyncResult | None:
-        """Fetch the model and round of the most advanced peers if they are ahead of this node.
-
-        When initial peers are configured, waits up to ``settings.sync_wait_s`` for peers to appear.
-        Never raises: a failed sync leaves this node on its own model (logged and counted).
-        """
-        s = self.settings
-        wait_s = s.sync_wait_s if self.config.initial_peers else 0.0
-        peers = await self._visible_peers(wait_s)
-        ahead = [p for p in peers if p.round > self.round and STATESYNC_CAPABILITY in p.capabilities]
-        if not ahead:
-            logger.info("state sync: no peer is ahead of round %d (%d visible)", self.round, len(peers))
-            return None
-        previous = self.state
-        self.state = "syncing"
-        logger.info("state sync: %d peer(s) ahead (up to round %d); fetching their model", len(ahead),
-                    max(p.round for p in ahead))
-        try:
-            result = await fetch_state(self.transport, ahead, run_id=self.config.run_id,
-                                       config_hash=self.config.config_hash, spec=self.trainer.spec,
-                                       min_round=self.round, sources=s.sync_sources, parallel=s.sync_parallel,
-                                       request_timeout_s=s.sync_request_timeout_s, timeout_s=s.sync_timeout_s)
-        except Exception as e:  # a peer's bug must not keep this node from starting
-            logger.exception("state sync failed: %s", e)
-            result = None
-        finally:
-            self.state = previous
-        if result is None:
-            self.metrics.syncs.labels(result="failed").inc()
-            logger.warning("state sync: no peer could give its model; starting from round %d with this node's "
-                           "own model", self.round,
-                           extra={"event": {"event": "sync", "ok": False, "round": self.round}})
-            return None
-        fetched = result
-        await self.compute.run(lambda: self.trainer.load_state(fetched.state))
-        self.protocol.round = result.round
-        self._state_adopted()
-        self.sync_result = result
-        self.resumed_from = "peers"
-        self.metrics.syncs.labels(result="ok").inc()
-        self.metrics.sync_bytes.inc(result.bytes_fetched)
-        logger.info("state sync: took the model of round %d from %d peer(s) in %.1f s (%.2f MB, %d chunk retries)",
-                    result.round, len(result.sources), result.seconds, result.bytes_fetched / 1e6,
-                    result.failed_chunks,
-                    extra={"event": {"event": "sync", "ok": True, "round": result.round, "sources": result.sources,
-                                     "chunks_from": result.chunks_from, "bytes": result.bytes_fetched,
-                                     "failed_chunks": result.failed_chunks, "seconds": round(result.seconds, 3),
-                                     "model_sha256": result.model_sha256}})
-        return result
-
-    def _state_adopted(self) -> None:
+    def state_adopted(self) -> None:
         """Tell the protocol that the trainer's model was replaced outside a round (resume, sync, undo)."""
         self.protocol.state_loaded()
 
@@ -357,48 +184,15 @@ class Node:
         if self.sync_server is not None:
             self.sync_server.publish(self.round, state if state is not None else self.trainer.state())
 
-    # -------------------------------------------------------------------------------------- rounds
-    async def _apply_quorum(self, report: RoundReport) -> tuple[RoundReport, str | None]:
-        """Decide whether the round was partial (`partial_reason`); below the quorum, undo its merge.
+    async def sync_from_peers(self) -> SyncResult | None:
+        """Fetch the model and round of the most advanced peers if they are ahead of this node.
 
-        A merge was applied when the report says it combined part of the model (`RoundReport.fraction` > 0)
-        and carries the model from before it (`RoundReport.pre_merge`): the node then loads that model back.
-        The returned report never carries `pre_merge` (the node keeps its last report).
+        When initial peers are configured, waits up to ``settings.sync_wait_s`` for peers to appear.
+        Never raises: a failed sync leaves this node on its own model (logged and counted).
         """
-        quorum = self.settings.min_merge
-        reason = partial_reason(report, quorum)
-        pre, pre_outer = report.pre_merge, report.pre_outer
-        report = dataclasses.replace(report, pre_merge=None, pre_outer=None)
-        if reason == "quorum":
-            test_loss, accuracy = report.test_loss, report.accuracy
-            undo = pre is not None and report.fraction > 0.0
-            if undo:  # put back the model as trained, before the merge
-                assert pre is not None
-                before = pre
-                await self.compute.run(lambda: self.trainer.load_state(before))
-                if pre_outer is not None and isinstance(self.protocol, LocalOuterState):
-                    self.protocol.load_outer_state(pre_outer)  # the momentum from before the round's outer step
-                self._state_adopted()
-                if accuracy is not None:  # the report must describe the model the node keeps
-                    test_loss, accuracy = await self.compute.run(self.trainer.evaluate)
-            extra = report.extra.copy()
-            extra.update(RoundExtra(partial="quorum", offered=report.combined, quorum=quorum, merge_applied=False))
-            if undo:
-                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for; the merge "
-                               "is not applied", report.round, report.combined, quorum)
-            else:
-                logger.warning("round %d is partial: %d of the %d models the quorum (--min-merge) asks for, nothing "
-                               "merged", report.round, report.combined, quorum)
-            return dataclasses.replace(report, combined=1, fraction=0.0, test_loss=test_loss, accuracy=accuracy,
-                                       extra=extra), reason
-        if reason == "fraction":
-            logger.warning("round %d is partial: the merge combined %.0f %% of the model", report.round,
-                           report.fraction * 100)
-            extra = report.extra.copy()
-            extra["partial"] = "fraction"
-            return dataclasses.replace(report, extra=extra), reason
-        return report, reason
+        return await sync_from_peers(self)
 
+    # -------------------------------------------------------------------------------------- rounds
     async def run_round(self) -> RoundReport:
         """Run one round of the protocol, check its merge, checkpoint, refresh the directory record, and
         publish the report."""
@@ -409,7 +203,7 @@ class Node:
         self._in_round = True
         try:
             report = await self.protocol.run_round()
-            report, partial = await self._apply_quorum(report)
+            report, partial = await apply_quorum(self, report)
         finally:
             self._in_round = False
         duration = loop.time() - t0

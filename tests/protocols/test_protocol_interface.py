@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from p2pnode.daemon.build import build_protocol, build_trainer, seeded_secagg_identity
-from p2pnode.daemon.node import Node, partial_reason
+from p2pnode.daemon.node import Node
+from p2pnode.daemon.quorum import partial_reason
 from p2pnode.daemon.settings import DaemonSettings
 from p2pnode.discovery.memory import MemoryDirectory, MemoryRegistry
 from p2pnode.protocols import (
