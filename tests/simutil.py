@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,6 +62,45 @@ async def make_group(count: int, *, signed_records: bool = True, unkeyed: Iterab
     return Group(network, registry, nodes)
 
 
+async def shutdown_nodes(nodes: Iterable[Node]) -> None:
+    """Shut every node down, one after the other; a failing shutdown does not spare the others (the first
+    error is raised after the last node)."""
+    error: BaseException | None = None
+    for node in nodes:
+        try:
+            await node.shutdown()
+        except Exception as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+@contextlib.asynccontextmanager
+async def running_group(count: int, **kwargs: Any) -> AsyncIterator[Group]:
+    """`make_group` (same arguments) as a context: its nodes are shut down on the way out, test failure
+    included (call inside `run_virtual`)."""
+    group = await make_group(count, **kwargs)
+    try:
+        yield group
+    finally:
+        await shutdown_nodes(group.nodes)
+
+
+@contextlib.asynccontextmanager
+async def running_nodes(nodes: Iterable[Node], *, start: bool = True) -> AsyncIterator[list[Node]]:
+    """Nodes built by hand (`memory_node`, ...) as a context: started in order (unless `start` is False:
+    they were), and every one shut down on the way out, test failure included. It yields its list of the
+    nodes: a node appended to it (a late joiner, started by the test) is shut down too, last."""
+    nodes = list(nodes)
+    try:
+        if start:
+            for node in nodes:
+                await node.start()
+        yield nodes
+    finally:
+        await shutdown_nodes(nodes)
+
+
 #: Per-coordinate bound on the error of a securely aggregated mean: each update is quantized with step
 #: 2 c / Q (c = 8, Q = 2^22), so their mean is off by at most that; plus float32 rounding.
 SECAGG_TOLERANCE = 2 * 8.0 / 2**22 + 1e-6
@@ -89,8 +129,7 @@ async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for node in group.nodes:
-            await node.shutdown()
+        await shutdown_nodes(group.nodes)
 
 
 def memory_node(network: MemoryNetwork, registry: MemoryRegistry, index: int, count: int,

@@ -44,6 +44,7 @@ from p2pnode.proto import control_pb2, control_pb2_grpc
 from p2pnode.protocols.compute import ThreadCompute
 from p2pnode.training.tasks import get_task
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
+from simutil import running_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,23 +85,20 @@ def _make_nodes(count: int, task_name: str = "digits-mlp", **task_options: Any) 
 @pytest.fixture
 async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
     nodes = _make_nodes(NODES)
-    for node in nodes:
-        await node.start()
-    leaves: list[float] = []
+    async with running_nodes(nodes):
+        leaves: list[float] = []
 
-    def on_leave() -> None:
-        leaves.append(time.time())
-        nodes[0].stop()
+        def on_leave() -> None:
+            leaves.append(time.time())
+            nodes[0].stop()
 
-    state_dir = tmp_path / "state"
-    control = await start_control(nodes[0], state_dir, on_leave)
-    s = Swarm(nodes=nodes, state_dir=state_dir, control=control, leaves=leaves)
-    try:
-        yield s
-    finally:
-        await control.stop(grace_s=0)
-        for node in nodes:
-            await node.shutdown()
+        state_dir = tmp_path / "state"
+        control = await start_control(nodes[0], state_dir, on_leave)
+        s = Swarm(nodes=nodes, state_dir=state_dir, control=control, leaves=leaves)
+        try:
+            yield s
+        finally:
+            await control.stop(grace_s=0)
 
 
 async def invoke(args: Sequence[str]) -> Result:
@@ -399,29 +397,26 @@ async def test_watch_ends_when_client_leaves_or_server_stops(swarm: Swarm) -> No
 
 async def test_language_model_node_reports_perplexity_under_its_name(tmp_path: Path) -> None:
     nodes = _make_nodes(2, "tiny-lm", size="tiny")
-    for node in nodes:
-        await node.start()
-    control = await start_control(nodes[0], tmp_path / "state", lambda: None)
-    try:
-        await _run_rounds(nodes, 1)
-        info = read_control_file(tmp_path / "state")
-        assert info is not None
-        async with grpc.aio.insecure_channel(info.address) as channel:
-            stub = control_pb2_grpc.ControlStub(channel)
-            s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
-            m = await stub.Metrics(control_pb2.MetricsRequest(), metadata=_metadata(info.token), timeout=5)
-        # A perplexity (about 256 for an untrained byte model, lower after a round) is never an accuracy.
-        for reply in (s, m):
-            assert reply.metric == "perplexity" and not reply.HasField("accuracy")
-            assert 1.0 < reply.metric_value < 300.0
-        assert m.metric_value == pytest.approx(math.exp(m.test_loss))
-        result = await invoke(["status", "--state-dir", str(tmp_path / "state"), "--json"])
-        data = json.loads(result.output)
-        assert (data["metric"], data["accuracy"]) == ("perplexity", None)
-        assert data["metric_value"] == pytest.approx(s.metric_value)
-        text = (await invoke(["status", "--state-dir", str(tmp_path / "state")])).output
-        assert "perplexity" in text and "accuracy" not in text
-    finally:
-        await control.stop(grace_s=0)
-        for node in nodes:
-            await node.shutdown()
+    async with running_nodes(nodes):
+        control = await start_control(nodes[0], tmp_path / "state", lambda: None)
+        try:
+            await _run_rounds(nodes, 1)
+            info = read_control_file(tmp_path / "state")
+            assert info is not None
+            async with grpc.aio.insecure_channel(info.address) as channel:
+                stub = control_pb2_grpc.ControlStub(channel)
+                s = await stub.Status(control_pb2.StatusRequest(), metadata=_metadata(info.token), timeout=5)
+                m = await stub.Metrics(control_pb2.MetricsRequest(), metadata=_metadata(info.token), timeout=5)
+            # A perplexity (about 256 for an untrained byte model, lower after a round) is never an accuracy.
+            for reply in (s, m):
+                assert reply.metric == "perplexity" and not reply.HasField("accuracy")
+                assert 1.0 < reply.metric_value < 300.0
+            assert m.metric_value == pytest.approx(math.exp(m.test_loss))
+            result = await invoke(["status", "--state-dir", str(tmp_path / "state"), "--json"])
+            data = json.loads(result.output)
+            assert (data["metric"], data["accuracy"]) == ("perplexity", None)
+            assert data["metric_value"] == pytest.approx(s.metric_value)
+            text = (await invoke(["status", "--state-dir", str(tmp_path / "state")])).output
+            assert "perplexity" in text and "accuracy" not in text
+        finally:
+            await control.stop(grace_s=0)

@@ -29,7 +29,7 @@ from p2pnode.proto import peer_pb2
 from p2pnode.transport import Message
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
-from simutil import make_config, memory_node
+from simutil import make_config, memory_node, running_nodes
 
 
 def _scrape(address: str) -> dict[str, float]:
@@ -105,14 +105,11 @@ def test_nodes_in_one_process_have_separate_registries() -> None:
     async def main() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2) for i in range(2)]
-        for n in nodes:
-            await n.start()
-        await nodes[0].run_round()
-        a, b = (parse_exposition(n.metrics.exposition().decode()) for n in nodes)
-        assert a["p2pnode_rounds_total"] == 1 and b["p2pnode_rounds_total"] == 0
-        assert a["p2pnode_round"] == 1 and b["p2pnode_round"] == 0
-        for n in nodes:
-            await n.shutdown()
+        async with running_nodes(nodes):
+            await nodes[0].run_round()
+            a, b = (parse_exposition(n.metrics.exposition().decode()) for n in nodes)
+            assert a["p2pnode_rounds_total"] == 1 and b["p2pnode_rounds_total"] == 0
+            assert a["p2pnode_round"] == 1 and b["p2pnode_round"] == 0
 
     run_virtual(main())
 
@@ -122,12 +119,9 @@ def test_language_model_exports_perplexity_not_accuracy() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2, task="tiny-lm", task_options={"size": "tiny"}, batch_size=8,
                              local_steps=3) for i in range(2)]
-        for n in nodes:
-            await n.start()
-        await asyncio.gather(*(n.run_round() for n in nodes))
-        m = parse_exposition(nodes[0].metrics.exposition().decode())
-        for n in nodes:
-            await n.shutdown()
+        async with running_nodes(nodes):
+            await asyncio.gather(*(n.run_round() for n in nodes))
+            m = parse_exposition(nodes[0].metrics.exposition().decode())
         return m
 
     m = run_virtual(main())
@@ -142,18 +136,15 @@ def test_directory_rejections_are_exported_by_reason() -> None:
     async def main() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2) for i in range(2)]
-        for n in nodes:
-            await n.start()
-        run = nodes[0].config.run_id
-        registry.put(run, PeerInfo(peer_id="other", config_hash="another config"), 60.0)
-        registry.put(run, PeerInfo(peer_id="bad", round=-1, config_hash=nodes[0].config.config_hash), 60.0)
-        await nodes[0].directory.peers()
-        m = parse_exposition(nodes[0].metrics.exposition().decode())
-        assert m['p2pnode_directory_rejected_total{reason="other_config"}'] == 1
-        assert m['p2pnode_directory_rejected_total{reason="bad_record"}'] == 1
-        assert m["p2pnode_directory_mismatched_total"] == 1 and m["p2pnode_directory_invalid_total"] == 1
-        for n in nodes:
-            await n.shutdown()
+        async with running_nodes(nodes):
+            run = nodes[0].config.run_id
+            registry.put(run, PeerInfo(peer_id="other", config_hash="another config"), 60.0)
+            registry.put(run, PeerInfo(peer_id="bad", round=-1, config_hash=nodes[0].config.config_hash), 60.0)
+            await nodes[0].directory.peers()
+            m = parse_exposition(nodes[0].metrics.exposition().decode())
+            assert m['p2pnode_directory_rejected_total{reason="other_config"}'] == 1
+            assert m['p2pnode_directory_rejected_total{reason="bad_record"}'] == 1
+            assert m["p2pnode_directory_mismatched_total"] == 1 and m["p2pnode_directory_invalid_total"] == 1
 
     run_virtual(main())
 
@@ -168,29 +159,26 @@ def test_round_below_quorum_is_partial_counted_and_its_merge_undone() -> None:
     async def main() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2, quorum, model_seed_mode="independent") for i in range(2)]
-        for n in nodes:
-            await n.start()
-        for _ in range(rounds):
-            reports = await asyncio.gather(*(n.run_round() for n in nodes))
-            for r in reports:
-                assert r.extra["partial"] == "quorum" and r.extra["merge_applied"] is False
-                assert r.extra["offered"] >= 2 and (r.combined, r.fraction) == (1, 0.0)
-        for i, n in enumerate(nodes):
-            alone = build_trainer(make_config(i, 2, model_seed_mode="independent"))
+        async with running_nodes(nodes):
             for _ in range(rounds):
-                alone.train(n.config.local_steps or 1)
-            got, want = n.trainer.state(), alone.state()
-            assert all(torch.equal(got[k], want[k]) for k in want)
-            # What the node serves to peers is the kept model, not the undone merge.
-            published = n.protocol._published  # type: ignore[attr-defined]
-            assert all(torch.equal(published[k], want[k]) for k in want)
-            assert n.last_report is not None and n.last_report.accuracy == pytest.approx(alone.evaluate()[1])
-            assert n.status().partial_rounds == rounds
-            m = parse_exposition(n.metrics.exposition().decode())
-            assert m['p2pnode_partial_rounds_total{reason="quorum"}'] == rounds
-            assert n.transport.stats.bytes_received > 0  # models did arrive; they were not merged
-        for n in nodes:
-            await n.shutdown()
+                reports = await asyncio.gather(*(n.run_round() for n in nodes))
+                for r in reports:
+                    assert r.extra["partial"] == "quorum" and r.extra["merge_applied"] is False
+                    assert r.extra["offered"] >= 2 and (r.combined, r.fraction) == (1, 0.0)
+            for i, n in enumerate(nodes):
+                alone = build_trainer(make_config(i, 2, model_seed_mode="independent"))
+                for _ in range(rounds):
+                    alone.train(n.config.local_steps or 1)
+                got, want = n.trainer.state(), alone.state()
+                assert all(torch.equal(got[k], want[k]) for k in want)
+                # What the node serves to peers is the kept model, not the undone merge.
+                published = n.protocol._published  # type: ignore[attr-defined]
+                assert all(torch.equal(published[k], want[k]) for k in want)
+                assert n.last_report is not None and n.last_report.accuracy == pytest.approx(alone.evaluate()[1])
+                assert n.status().partial_rounds == rounds
+                m = parse_exposition(n.metrics.exposition().decode())
+                assert m['p2pnode_partial_rounds_total{reason="quorum"}'] == rounds
+                assert n.transport.stats.bytes_received > 0  # models did arrive; they were not merged
 
     run_virtual(main())
 
@@ -199,13 +187,10 @@ def test_quorum_met_merges_as_usual() -> None:
     async def main() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2, DaemonSettings.in_memory(min_merge=2)) for i in range(2)]
-        for n in nodes:
-            await n.start()
-        reports = await asyncio.gather(*(n.run_round() for n in nodes))
-        assert all(r.combined >= 2 and "partial" not in r.extra for r in reports)
-        assert all(n.partial_rounds == 0 for n in nodes)
-        for n in nodes:
-            await n.shutdown()
+        async with running_nodes(nodes):
+            reports = await asyncio.gather(*(n.run_round() for n in nodes))
+            assert all(r.combined >= 2 and "partial" not in r.extra for r in reports)
+            assert all(n.partial_rounds == 0 for n in nodes)
 
     run_virtual(main())
 
@@ -355,21 +340,18 @@ def test_live_display_only_on_a_terminal_and_logs_go_above_it() -> None:
     async def main() -> None:
         net, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [memory_node(net, registry, i, 2) for i in range(2)]
-        for n in nodes:
-            await n.start()
-        await asyncio.gather(*(n.run_round() for n in nodes))
-        out = Tty()
-        console = Console(file=out, force_terminal=True, width=100)
-        root = logging.getLogger("p2pnode")
-        before = list(root.handlers)
-        display = ProgressDisplay(nodes[0], console, target_rounds=10)
-        display.start()
-        logging.getLogger("p2pnode.test").warning("a log line while the display runs")
-        display.stop()
-        assert root.handlers == before
-        text = out.getvalue()
-        assert "a log line while the display runs" in text and "1/10" in text and "last merge" in text
-        for n in nodes:
-            await n.shutdown()
+        async with running_nodes(nodes):
+            await asyncio.gather(*(n.run_round() for n in nodes))
+            out = Tty()
+            console = Console(file=out, force_terminal=True, width=100)
+            root = logging.getLogger("p2pnode")
+            before = list(root.handlers)
+            display = ProgressDisplay(nodes[0], console, target_rounds=10)
+            display.start()
+            logging.getLogger("p2pnode.test").warning("a log line while the display runs")
+            display.stop()
+            assert root.handlers == before
+            text = out.getvalue()
+            assert "a log line while the display runs" in text and "1/10" in text and "last merge" in text
 
     run_virtual(main())

@@ -15,7 +15,7 @@ from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.protocols import LocalOuterState
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_group, memory_node
+from simutil import memory_node, running_group
 
 State = dict[str, torch.Tensor]
 
@@ -133,29 +133,27 @@ def test_an_undone_merge_leaves_the_outer_momentum_as_before_the_round(topology:
     """Two nodes merge 2 models a round: below a quorum of 3 the merge and its outer step are undone."""
 
     async def main() -> None:
-        group = await make_group(2, topology=topology, outer_lr=0.7, outer_momentum=0.9,
-                                 settings=DaemonSettings.in_memory(min_merge=min_merge))
-        # A momentum from earlier rounds (loaded through the protocol's own seam), so that an undo has
-        # something other than a fresh optimizer to put back.
-        for i, n in enumerate(group.nodes):
-            assert isinstance(n.protocol, LocalOuterState)
-            g = torch.Generator().manual_seed(i)
-            n.protocol.load_outer_state({"steps": torch.tensor(5, dtype=torch.int64),
-                                         **{f"momentum/{k}": torch.randn(v.shape, generator=g) * 0.01
-                                            for k, v in n.trainer.state().items() if v.is_floating_point()}})
-        before = [_outer(n) for n in group.nodes]
-        reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
-        after = [_outer(n) for n in group.nodes]
-        for r, b, a in zip(reports, before, after, strict=True):
-            assert r.pre_merge is None and r.pre_outer is None  # the node keeps no copies in its reports
-            if min_merge == 3:
-                assert r.extra.get("partial") == "quorum" and r.extra.get("merge_applied") is False
-                assert _same(a, b)  # the momentum before the round, bit for bit
-            else:
-                assert r.extra.get("partial") is None and int(a["steps"]) == 6
-                assert not _same({k: v for k, v in a.items() if k != "steps"},
-                                 {k: v for k, v in b.items() if k != "steps"})
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(2, topology=topology, outer_lr=0.7, outer_momentum=0.9,
+                                 settings=DaemonSettings.in_memory(min_merge=min_merge)) as group:
+            # A momentum from earlier rounds (loaded through the protocol's own seam), so that an undo has
+            # something other than a fresh optimizer to put back.
+            for i, n in enumerate(group.nodes):
+                assert isinstance(n.protocol, LocalOuterState)
+                g = torch.Generator().manual_seed(i)
+                n.protocol.load_outer_state({"steps": torch.tensor(5, dtype=torch.int64),
+                                             **{f"momentum/{k}": torch.randn(v.shape, generator=g) * 0.01
+                                                for k, v in n.trainer.state().items() if v.is_floating_point()}})
+            before = [_outer(n) for n in group.nodes]
+            reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
+            after = [_outer(n) for n in group.nodes]
+            for r, b, a in zip(reports, before, after, strict=True):
+                assert r.pre_merge is None and r.pre_outer is None  # the node keeps no copies in its reports
+                if min_merge == 3:
+                    assert r.extra.get("partial") == "quorum" and r.extra.get("merge_applied") is False
+                    assert _same(a, b)  # the momentum before the round, bit for bit
+                else:
+                    assert r.extra.get("partial") is None and int(a["steps"]) == 6
+                    assert not _same({k: v for k, v in a.items() if k != "steps"},
+                                     {k: v for k, v in b.items() if k != "steps"})
 
     run_virtual(main())

@@ -27,7 +27,7 @@ from p2pnode.transport import Message
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import memory_node
+from simutil import memory_node, running_nodes
 
 SECRET = b"correct horse battery staple 42"
 OTHER = b"another secret of the same length"
@@ -188,18 +188,13 @@ def test_outsider_is_refused_in_memory_and_admitted_nodes_train(outsider_secret:
         network, registry = MemoryNetwork(seed=0), MemoryRegistry()
         nodes = [_memory_node(network, registry, i, SECRET) for i in range(2)]
         outsider = _memory_node(network, registry, 2, outsider_secret)
-        for n in [*nodes, outsider]:
-            await n.start()
-        try:
+        async with running_nodes([*nodes, outsider]):
             for _ in range(3):
                 reports = await asyncio.gather(*(n.run_round() for n in [*nodes, outsider]))
             assert all(r.combined == 2 and r.peers == 1 for r in reports[:2]), reports
             assert reports[2].combined == 1 and reports[2].partner is None  # nobody talks to the outsider
             assert all(n.directory.not_admitted > 0 for n in nodes)
             await _outsider_is_refused(outsider, nodes)
-        finally:
-            for n in [*nodes, outsider]:
-                await n.shutdown()
 
     run_virtual(main())
 

@@ -18,7 +18,7 @@ from p2pnode.daemon.build import build_trainer
 from p2pnode.errors import ConfigError
 from p2pnode.transport.clock import run_virtual
 from simulator import SimConfig, run_simulation
-from simutil import make_config, make_group
+from simutil import make_config, running_group
 
 State = dict[str, torch.Tensor]
 
@@ -27,14 +27,12 @@ def _run_lockstep(count: int, rounds: int, *, combined: list[int] | None = None,
     """`count` nodes run `rounds` rounds in lockstep; their final models (`combined` gets every report's count)."""
 
     async def main() -> list[State]:
-        group = await make_group(count, **overrides)
-        for _ in range(rounds):
-            reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
-            if combined is not None:
-                combined.extend(r.combined for r in reports)
-        states = [n.trainer.state() for n in group.nodes]
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(count, **overrides) as group:
+            for _ in range(rounds):
+                reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
+                if combined is not None:
+                    combined.extend(r.combined for r in reports)
+            states = [n.trainer.state() for n in group.nodes]
         return states
 
     return run_virtual(main())

@@ -9,7 +9,7 @@ import torch
 from p2pnode.aggregation import aggregate_states
 from p2pnode.daemon.build import build_trainer
 from p2pnode.transport.clock import run_virtual
-from simutil import make_config, make_group
+from simutil import make_config, running_group
 
 OVERRIDES: dict[str, object] = {"rule": "vca", "model_seed_mode": "independent", "local_steps": 5, "lr": 0.2}
 
@@ -28,12 +28,10 @@ def test_peers_merge_the_freshly_trained_models_and_take_their_variance() -> Non
     trained = [t.state() for t in alone]
 
     async def main() -> list[dict[str, torch.Tensor]]:
-        group = await make_group(2, **OVERRIDES)
-        reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
-        assert all(r.combined >= 2 for r in reports)
-        states = [n.trainer.state() for n in group.nodes]
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(2, **OVERRIDES) as group:
+            reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
+            assert all(r.combined >= 2 for r in reports)
+            states = [n.trainer.state() for n in group.nodes]
         return states
 
     merged = run_virtual(main())

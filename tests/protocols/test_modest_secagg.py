@@ -8,7 +8,9 @@ coordinate, within the fixed-point bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,9 +32,11 @@ from p2pnode.transport.codec import Message
 from simulator import SimConfig, run_simulation
 from simutil import (
     SECAGG_TOLERANCE,
+    Group,
     make_group,
     max_state_diff,
     run_until,
+    running_group,
 )
 
 TOLERANCE = SECAGG_TOLERANCE
@@ -140,51 +144,53 @@ def test_below_the_threshold_the_round_is_aborted_counted_and_not_applied() -> N
     assert events[2].aborted is None and len(events[2].contributors) == 10
 
 
-async def _started(count: int) -> tuple[Any, ModestProtocol]:
-    """`count` secure MoDeST nodes (s = 3), started, and the first node's protocol (the aggregator under test)."""
-    group = await make_group(count, topology="modest", sample_size=3, aggregation_timeout_s=5.0, idle_timeout_s=5.0,
-                             secagg=True)
-    for node in group.nodes:
-        assert isinstance(node.protocol, ModestProtocol)
-        await node.protocol._start()
-    agg = group.nodes[0].protocol
-    assert isinstance(agg, ModestProtocol)
-    return group, agg
+@contextlib.asynccontextmanager
+async def _started(count: int) -> AsyncIterator[tuple[Group, ModestProtocol]]:
+    """`count` secure MoDeST nodes (s = 3), started, and the first node's protocol (the aggregator under test);
+    the nodes are shut down on the way out."""
+    async with running_group(count, topology="modest", sample_size=3, aggregation_timeout_s=5.0,
+                             idle_timeout_s=5.0, secagg=True) as group:
+        for node in group.nodes:
+            assert isinstance(node.protocol, ModestProtocol)
+            await node.protocol._start()
+        agg = group.nodes[0].protocol
+        assert isinstance(agg, ModestProtocol)
+        yield group, agg
 
 
 def test_a_claim_from_outside_the_sample_is_refused_and_counted() -> None:
     async def main() -> None:
-        group, agg = await _started(12)
-        order = candidate_order(agg.view.active(0), 0)
-        outsider = order[-1]  # ranked 12th: outside the first 2 s = 6 candidates of round 0
-        assert outsider != agg.me
-        forged = (outsider, *order[:2])
-        user_node = next(n for n in group.nodes if n.peer_id == outsider)
-        settings = SecAggSettings(open_timeout_s=1.0, retry_interval_s=0.25)
-        user = SecAggUser(Session("test", 1, agg.me, forged, dim=agg.core.layout.dim), settings, user_node.transport)
-        report = await user.run(asyncio.sleep(0))  # type: ignore[arg-type]
-        assert report.status is Status.ABORTED
-        assert agg.counters["secagg_refused"] == 1  # once per claimant, not once per retry
-        assert agg.transport.stats.rejected[WRONG_SAMPLE] == 1
-        assert 1 not in agg.core.aggregations or not agg.core.aggregations[1].opened
-        # Further refusals: a sample that does not name its sender, the wrong layout, a made-up key.
-        honest = tuple(order[:3])
-        sender = next(p for p in honest if p != agg.me)
-        for claim in (SessionClaim("test", 1, outsider, honest, agg.core.layout.dim, 0),
-                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim + 1, 0),
-                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"\x01" * 32),
-                      SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"", 1)):  # no group 1 with G = 1
-            assert agg.secure_aggregator.check_claim(claim) is not None
-        # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
-        agg.secure_aggregator.on_claim(claim_for(agg, 1, sender, honest))
-        assert agg.core.aggregations[1].opened
-        assert agg.counters["secagg_refused"] == 1
-        # Operators see the refusals in the node's metrics.
-        scraped = parse_exposition(group.nodes[0].metrics.exposition().decode())
-        assert scraped['p2pnode_protocol_events_total{event="secagg_refused"}'] == 1
-        assert scraped['p2pnode_rejected_messages_total{reason="wrong_sample"}'] == 1
-        for node in group.nodes:
-            await node.shutdown()
+        async with _started(12) as (group, agg):
+            order = candidate_order(agg.view.active(0), 0)
+            outsider = order[-1]  # ranked 12th: outside the first 2 s = 6 candidates of round 0
+            assert outsider != agg.me
+            forged = (outsider, *order[:2])
+            user_node = next(n for n in group.nodes if n.peer_id == outsider)
+            settings = SecAggSettings(open_timeout_s=1.0, retry_interval_s=0.25)
+            user = SecAggUser(Session("test", 1, agg.me, forged, dim=agg.core.layout.dim), settings,
+                              user_node.transport)
+            report = await user.run(asyncio.sleep(0))  # type: ignore[arg-type]
+            assert report.status is Status.ABORTED
+            assert agg.counters["secagg_refused"] == 1  # once per claimant, not once per retry
+            assert agg.transport.stats.rejected[WRONG_SAMPLE] == 1
+            assert 1 not in agg.core.aggregations or not agg.core.aggregations[1].opened
+            # Further refusals: a sample that does not name its sender, the wrong layout, a made-up key.
+            honest = tuple(order[:3])
+            sender = next(p for p in honest if p != agg.me)
+            for claim in (SessionClaim("test", 1, outsider, honest, agg.core.layout.dim, 0),
+                          SessionClaim("test", 1, sender, honest, agg.core.layout.dim + 1, 0),
+                          SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"\x01" * 32),
+                          # No group 1 with G = 1:
+                          SessionClaim("test", 1, sender, honest, agg.core.layout.dim, 0, b"", 1)):
+                assert agg.secure_aggregator.check_claim(claim) is not None
+            # The real sample of round 0 (its first s candidates) is accepted and opens the instance.
+            agg.secure_aggregator.on_claim(claim_for(agg, 1, sender, honest))
+            assert agg.core.aggregations[1].opened
+            assert agg.counters["secagg_refused"] == 1
+            # Operators see the refusals in the node's metrics.
+            scraped = parse_exposition(group.nodes[0].metrics.exposition().decode())
+            assert scraped['p2pnode_protocol_events_total{event="secagg_refused"}'] == 1
+            assert scraped['p2pnode_rejected_messages_total{reason="wrong_sample"}'] == 1
 
     run_virtual(main())
 
@@ -194,31 +200,29 @@ def test_a_claim_naming_members_this_aggregator_has_not_seen_yet_waits_for_a_dir
     refuse an honest sample: a pending join counts as known, and a missing member makes the aggregator read
     the directory before it decides; the claimant retries meanwhile."""
     async def main() -> None:
-        group, agg = await _started(8)
-        honest = tuple(candidate_order(agg.view.active(0), 0)[:3])
-        sender = next(p for p in honest if p != agg.me)
-        member = next(p for p in honest if p not in (agg.me, sender))
-        claim = claim_for(agg, 1, sender, honest)
-        # A join held pending (not yet in the view) is a known member.
-        entry = agg.view._entries.pop(member)
-        agg.view.receive_join(member, entry)
-        assert agg.secure_aggregator.check_claim(claim) is None
-        # A member missing altogether: no refusal while the directory has not been read lately ...
-        agg.view._pending.pop(member)
-        agg.identity_keys.read_at = -math.inf
-        assert agg.secure_aggregator.check_claim(claim) is not None
-        agg.secure_aggregator.on_claim(claim)
-        assert agg.counters["secagg_refused"] == 0 and 1 not in agg.core.aggregations
-        await asyncio.sleep(1.0)  # the background read finds the member's record
-        assert agg.view.knows(member)
-        agg.secure_aggregator.on_claim(claim)
-        assert agg.core.aggregations[1].opened and agg.counters["secagg_refused"] == 0
-        # ... but a member that the fresh directory does not list either is refused.
-        stranger = (sender, agg.me, "QmNotAPeerOfThisRun")
-        agg.secure_aggregator.on_claim(claim_for(agg, 2, sender, stranger))
-        assert agg.counters["secagg_refused"] == 1
-        for node in group.nodes:
-            await node.shutdown()
+        async with _started(8) as (_group, agg):
+            honest = tuple(candidate_order(agg.view.active(0), 0)[:3])
+            sender = next(p for p in honest if p != agg.me)
+            member = next(p for p in honest if p not in (agg.me, sender))
+            claim = claim_for(agg, 1, sender, honest)
+            # A join held pending (not yet in the view) is a known member.
+            entry = agg.view._entries.pop(member)
+            agg.view.receive_join(member, entry)
+            assert agg.secure_aggregator.check_claim(claim) is None
+            # A member missing altogether: no refusal while the directory has not been read lately ...
+            agg.view._pending.pop(member)
+            agg.identity_keys.read_at = -math.inf
+            assert agg.secure_aggregator.check_claim(claim) is not None
+            agg.secure_aggregator.on_claim(claim)
+            assert agg.counters["secagg_refused"] == 0 and 1 not in agg.core.aggregations
+            await asyncio.sleep(1.0)  # the background read finds the member's record
+            assert agg.view.knows(member)
+            agg.secure_aggregator.on_claim(claim)
+            assert agg.core.aggregations[1].opened and agg.counters["secagg_refused"] == 0
+            # ... but a member that the fresh directory does not list either is refused.
+            stranger = (sender, agg.me, "QmNotAPeerOfThisRun")
+            agg.secure_aggregator.on_claim(claim_for(agg, 2, sender, stranger))
+            assert agg.counters["secagg_refused"] == 1
 
     run_virtual(main())
 

@@ -27,6 +27,7 @@ from simutil import (
     make_group,
     max_state_diff,
     run_until,
+    running_group,
 )
 
 TOLERANCE = SECAGG_TOLERANCE
@@ -175,23 +176,21 @@ def _sums(p: ModestProtocol, groups: Sequence[int], *, index: int = 5, dim: int 
 
 def test_group_sums_that_are_malformed_are_refused_with_a_clear_reason() -> None:
     async def main() -> None:
-        group = await make_group(4, topology="modest", sample_size=10, aggregators=2, secagg=True,
-                                 secagg_groups=2)
-        p = group.nodes[0].protocol
-        assert isinstance(p, ModestProtocol)
-        cases = [
-            (_sums(p, [0], dim=3), "bad_shape", "expected"),
-            (_sums(p, [0], value=float("nan")), "non_finite", "NaN"),
-            (_sums(p, [2]), "malformed", "beyond secagg_groups=2"),
-            (_sums(p, [0], left_out=[0]), "malformed", "duplicates"),
-        ]
-        for msg, code, needle in cases:
-            with pytest.raises(BadMessage, match=needle) as info:
-                await p._on_group_sums("node-1", msg)
-            assert info.value.code == code
-        ack = await p._on_group_sums("node-1", _sums(p, [0]))
-        assert ack.body.accepted and (0, "node-1") in p.spreader.remote_groups[5]
-        for node in group.nodes:
-            await node.shutdown()
+        async with running_group(4, topology="modest", sample_size=10, aggregators=2, secagg=True,
+                                 secagg_groups=2) as group:
+            p = group.nodes[0].protocol
+            assert isinstance(p, ModestProtocol)
+            cases = [
+                (_sums(p, [0], dim=3), "bad_shape", "expected"),
+                (_sums(p, [0], value=float("nan")), "non_finite", "NaN"),
+                (_sums(p, [2]), "malformed", "beyond secagg_groups=2"),
+                (_sums(p, [0], left_out=[0]), "malformed", "duplicates"),
+            ]
+            for msg, code, needle in cases:
+                with pytest.raises(BadMessage, match=needle) as info:
+                    await p._on_group_sums("node-1", msg)
+                assert info.value.code == code
+            ack = await p._on_group_sums("node-1", _sums(p, [0]))
+            assert ack.body.accepted and (0, "node-1") in p.spreader.remote_groups[5]
 
     run_virtual(main())

@@ -32,7 +32,7 @@ from p2pnode.transport.compression import (
     decompress,
     parse_compression,
 )
-from simutil import Group, make_group
+from simutil import Group, running_group
 
 SETTINGS: dict[str, Any] = {"topology": "modest", "sample_size": 4, "aggregation_timeout_s": 5.0,
                             "idle_timeout_s": 5.0, "ping_timeout_s": 2.0, "local_steps": 5, "outer_lr": 0.7,
@@ -103,56 +103,56 @@ def _newest_held(group: Group) -> tuple[Node, Base]:
 @pytest.mark.parametrize("topology", ["modest", "fl"])
 def test_held_versions_travel_int8_and_arrive_bit_for_bit(topology: str) -> None:
     async def main() -> None:
-        group = await make_group(8, compression="int8", **{**SETTINGS, "topology": topology})
-        await _rounds(group, 4)
-        cores = [_p(n).core for n in group.nodes]
-        if topology == "modest":  # the outer step needs the base (fl's server holds every version)
-            assert sum(c.counters["base_pulls"] for c in cores) > 0
-        assert sum(c.counters["stale_updates"] for c in cores) == 0
-        # Every version any node holds re-encodes to int8 exactly (no tensor falls back to raw), and every
-        # holder of one version has the same model and the same outer momentum, bit for bit.
-        by_digest: dict[bytes, Base] = {}
-        held = 0
-        for c in cores:
-            for b in c.bases.values():
-                tensors = {**b.state, **outer_tensors(b.outer)}
-                kinds = {k: compress_exact(v, c.model_compression).kind for k, v in tensors.items()}
-                assert all(kind == ("int8" if tensors[k].is_floating_point() else "none")
-                           for k, kind in kinds.items()), kinds
-                first = by_digest.setdefault(b.digest, b)
-                assert _same(first.state, b.state) and _same(first.outer, b.outer)
-                held += 1
-        assert held >= 8 and len(by_digest) >= 2
+        async with running_group(8, compression="int8", **{**SETTINGS, "topology": topology}) as group:
+            await _rounds(group, 4)
+            cores = [_p(n).core for n in group.nodes]
+            if topology == "modest":  # the outer step needs the base (fl's server holds every version)
+                assert sum(c.counters["base_pulls"] for c in cores) > 0
+            assert sum(c.counters["stale_updates"] for c in cores) == 0
+            # Every version any node holds re-encodes to int8 exactly (no tensor falls back to raw), and every
+            # holder of one version has the same model and the same outer momentum, bit for bit.
+            by_digest: dict[bytes, Base] = {}
+            held = 0
+            for c in cores:
+                for b in c.bases.values():
+                    tensors = {**b.state, **outer_tensors(b.outer)}
+                    kinds = {k: compress_exact(v, c.model_compression).kind for k, v in tensors.items()}
+                    assert all(kind == ("int8" if tensors[k].is_floating_point() else "none")
+                               for k, kind in kinds.items()), kinds
+                    first = by_digest.setdefault(b.digest, b)
+                    assert _same(first.state, b.state) and _same(first.outer, b.outer)
+                    held += 1
+            assert held >= 8 and len(by_digest) >= 2
 
-        holder, base = _newest_held(group)
-        other = next(n for n in group.nodes if n is not holder)
-        tensors = {**base.state, **outer_tensors(base.outer)}
-        wire, raw = _int8_bytes(tensors)
-        assert 3.9 < raw / wire < 4.0
+            holder, base = _newest_held(group)
+            other = next(n for n in group.nodes if n is not holder)
+            tensors = {**base.state, **outer_tensors(base.outer)}
+            wire, raw = _int8_bytes(tensors)
+            assert 3.9 < raw / wire < 4.0
 
-        # A base pull: int8 on the wire, the holder's version and momentum on arrival.
-        stats = other.transport.stats
-        before = _received(stats)
-        s = _p(other).core.settings
-        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=base.round,
-                                         digest=base.digest)
-        resp = await other.transport.call(holder.peer_id, BASE, Message(req), peer_pb2.ModestBaseResponse, timeout=5)
-        assert resp.body.found
-        assert _received(stats, before) == (wire, raw)
-        model = {k: v for k, v in resp.tensors.items() if not k.startswith(OUTER_PREFIX)}
-        assert model_digest(model) == base.digest and _same(model, base.state)
-        assert _same({k: v for k, v in resp.tensors.items() if k.startswith(OUTER_PREFIX)}, outer_tensors(base.outer))
+            # A base pull: int8 on the wire, the holder's version and momentum on arrival.
+            stats = other.transport.stats
+            before = _received(stats)
+            s = _p(other).core.settings
+            req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=base.round,
+                                             digest=base.digest)
+            resp = await other.transport.call(holder.peer_id, BASE, Message(req), peer_pb2.ModestBaseResponse,
+                                              timeout=5)
+            assert resp.body.found
+            assert _received(stats, before) == (wire, raw)
+            model = {k: v for k, v in resp.tensors.items() if not k.startswith(OUTER_PREFIX)}
+            assert model_digest(model) == base.digest and _same(model, base.state)
+            assert _same({k: v for k, v in resp.tensors.items() if k.startswith(OUTER_PREFIX)},
+                         outer_tensors(base.outer))
 
-        # A resend of a held version (top-up, relaunch: `push_model` without a fresh encoding): the same.
-        inbox = _p(other).trainer_role
-        before = _received(stats)
-        accepted = await _p(holder).aggregator_role.push_model([other.peer_id], base.round + 10, base.state,
-                                                               base.outer, parent=base.parent, combined=1)
-        assert accepted == [other.peer_id] and inbox.inbox is not None
-        assert _received(stats, before) == (wire, raw)
-        assert _same(inbox.inbox.state, base.state) and _same(inbox.inbox.outer, base.outer)
-        for n in group.nodes:
-            await n.shutdown()
+            # A resend of a held version (top-up, relaunch: `push_model` without a fresh encoding): the same.
+            inbox = _p(other).trainer_role
+            before = _received(stats)
+            accepted = await _p(holder).aggregator_role.push_model([other.peer_id], base.round + 10, base.state,
+                                                                   base.outer, parent=base.parent, combined=1)
+            assert accepted == [other.peer_id] and inbox.inbox is not None
+            assert _received(stats, before) == (wire, raw)
+            assert _same(inbox.inbox.state, base.state) and _same(inbox.inbox.outer, base.outer)
 
     run_virtual(main())
 
@@ -203,37 +203,36 @@ def _forge(case: str, wire: dict[str, CompressedTensor], name: str) -> dict[str,
 ])
 def test_a_bad_base_pull_is_refused_counted_once_and_the_next_contributor_serves(case: str, reason: str) -> None:
     async def main() -> None:
-        group = await make_group(8, compression="int8", **SETTINGS)
-        await _rounds(group, 3)
-        holder, base = _newest_held(group)
-        puller = next(n for n in group.nodes if n is not holder)
-        core = _p(puller).core
-        core.bases.pop(base.round, None)
-        honest = compress_state_exact({**base.state, **outer_tensors(base.outer)}, core.model_compression)
-        name = max((k for k in base.state if base.state[k].is_floating_point()), key=lambda k: base.state[k].numel())
-        assert honest[name].kind == "int8" and honest[name].blocks > 1
+        async with running_group(8, compression="int8", **SETTINGS) as group:
+            await _rounds(group, 3)
+            holder, base = _newest_held(group)
+            puller = next(n for n in group.nodes if n is not holder)
+            core = _p(puller).core
+            core.bases.pop(base.round, None)
+            honest = compress_state_exact({**base.state, **outer_tensors(base.outer)}, core.model_compression)
+            name = max((k for k in base.state if base.state[k].is_floating_point()),
+                       key=lambda k: base.state[k].numel())
+            assert honest[name].kind == "int8" and honest[name].blocks > 1
 
-        # A peer that claims to hold the version ("a-rogue" sorts before the honest holder, so it is asked first).
-        rogue = group.network.transport("a-rogue")
+            # A peer that claims to hold the version ("a-rogue" sorts before the honest holder, so it is asked first).
+            rogue = group.network.transport("a-rogue")
 
-        async def serve(sender: str, msg: Message[Any]) -> Message[Any]:
-            return Message(peer_pb2.ModestBaseResponse(found=True, round=msg.body.round),
-                           compressed=_forge(case, honest, name))
+            async def serve(sender: str, msg: Message[Any]) -> Message[Any]:
+                return Message(peer_pb2.ModestBaseResponse(found=True, round=msg.body.round),
+                               compressed=_forge(case, honest, name))
 
-        rogue.register(BASE, peer_pb2.ModestBaseRequest, serve)
-        agg = Aggregation(base.round + 1)
-        for peer in ("a-rogue", holder.peer_id):
-            agg.models[peer] = Upload({}, base.digest, base.parent, 1.0)
-        pulls = core.counters["base_pulls"]
-        rejected = dict(puller.transport.stats.rejected)
-        got = await _p(puller).aggregator_role.get_base(agg)
-        counted = {k: v - rejected.get(k, 0) for k, v in puller.transport.stats.rejected.items()
-                   if v != rejected.get(k, 0)}
-        assert counted == {reason: 1}
-        assert got is not None and got.digest == base.digest and core.counters["base_pulls"] == pulls + 1
-        assert _same(got.state, base.state) and _same(got.outer, base.outer)
-        for n in group.nodes:
-            await n.shutdown()
+            rogue.register(BASE, peer_pb2.ModestBaseRequest, serve)
+            agg = Aggregation(base.round + 1)
+            for peer in ("a-rogue", holder.peer_id):
+                agg.models[peer] = Upload({}, base.digest, base.parent, 1.0)
+            pulls = core.counters["base_pulls"]
+            rejected = dict(puller.transport.stats.rejected)
+            got = await _p(puller).aggregator_role.get_base(agg)
+            counted = {k: v - rejected.get(k, 0) for k, v in puller.transport.stats.rejected.items()
+                       if v != rejected.get(k, 0)}
+            assert counted == {reason: 1}
+            assert got is not None and got.digest == base.digest and core.counters["base_pulls"] == pulls + 1
+            assert _same(got.state, base.state) and _same(got.outer, base.outer)
         await rogue.shutdown()
 
     run_virtual(main())

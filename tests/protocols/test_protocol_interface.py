@@ -29,7 +29,7 @@ from p2pnode.protocols import (
 from p2pnode.protocols.compute import VirtualCompute
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import MemoryNetwork
-from simutil import make_config, make_group
+from simutil import make_config, make_group, running_group
 
 #: (topology, config overrides, class built): every protocol `build_protocol` makes.
 PROTOCOLS: list[tuple[str, dict[str, Any], type]] = [
@@ -138,22 +138,20 @@ def test_lockstep_reports_carry_the_model_before_the_merge_only_when_asked(topol
     """fraction 1.0 and, when asked, pre_merge = the model just trained (the merge's own input)."""
 
     async def main() -> None:
-        group = await make_group(2, topology=topology)
-        for n in group.nodes:
-            n.protocol.keep_pre_merge = keep
-        reports = await asyncio.gather(*(n.protocol.run_round() for n in group.nodes))
-        for r in reports:
-            assert (r.combined, r.fraction) == (2, 1.0)
-            assert (r.pre_merge is not None) is keep
-        if keep:  # the two pre-merge models are what the two merged: their mean is each node's model now
-            a, b = (r.pre_merge for r in reports)
-            assert a is not None and b is not None
-            mean = {k: (a[k] + b[k]) / 2 for k in a}
+        async with running_group(2, topology=topology) as group:
             for n in group.nodes:
-                got = n.trainer.state()
-                assert max(float((got[k] - mean[k]).abs().max()) for k in mean) < 1e-6
-        for n in group.nodes:
-            await n.shutdown()
+                n.protocol.keep_pre_merge = keep
+            reports = await asyncio.gather(*(n.protocol.run_round() for n in group.nodes))
+            for r in reports:
+                assert (r.combined, r.fraction) == (2, 1.0)
+                assert (r.pre_merge is not None) is keep
+            if keep:  # the two pre-merge models are what the two merged: their mean is each node's model now
+                a, b = (r.pre_merge for r in reports)
+                assert a is not None and b is not None
+                mean = {k: (a[k] + b[k]) / 2 for k in a}
+                for n in group.nodes:
+                    got = n.trainer.state()
+                    assert max(float((got[k] - mean[k]).abs().max()) for k in mean) < 1e-6
 
     run_virtual(main())
 

@@ -14,7 +14,7 @@ from p2pnode.protocols.base import RoundReport
 from p2pnode.protocols.dpsgd import exponential_neighbours, metropolis_hastings, random_regular_graph
 from p2pnode.transport.clock import run_virtual
 from simulator import SimConfig, run_simulation
-from simutil import make_config, make_group
+from simutil import make_config, running_group
 
 State = dict[str, torch.Tensor]
 
@@ -79,11 +79,9 @@ def _pair_round(**overrides: object) -> tuple[list[State], list[RoundReport]]:
     """Two D-PSGD nodes run one round in lockstep: their models and reports."""
 
     async def main() -> tuple[list[State], list[RoundReport]]:
-        group = await make_group(2, topology="dpsgd", **overrides)
-        reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
-        states = [n.trainer.state() for n in group.nodes]
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(2, topology="dpsgd", **overrides) as group:
+            reports = await asyncio.gather(*(n.run_round() for n in group.nodes))
+            states = [n.trainer.state() for n in group.nodes]
         return states, list(reports)
 
     return run_virtual(main())

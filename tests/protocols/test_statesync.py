@@ -20,7 +20,7 @@ from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.protocols.statesync import Snapshot, StateSyncServer, fetch_state
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
-from simutil import memory_node
+from simutil import memory_node, running_nodes
 
 CHUNK = 8 << 10
 
@@ -177,27 +177,25 @@ def test_late_joiner_starts_from_the_swarms_model_in_the_simulator() -> None:
         registry = MemoryRegistry()
         nodes = [memory_node(net, registry, i, 4, serving, model_seed_mode="independent", local_steps=20)
                  for i in range(3)]
-        for n in nodes:
-            await n.start()
-        for _ in range(5):
-            await asyncio.gather(*(n.run_round() for n in nodes))
-        joiner = memory_node(net, registry, 3, 4, joining, model_seed_mode="independent", local_steps=20)
-        fresh_acc = joiner.trainer.evaluate()[1]  # its own initial model
-        await joiner.start()
-        assert joiner.round == 5 and joiner.resumed_from == "peers" and joiner.sync_result is not None
-        source = next(n for n in nodes if n.peer_id == joiner.sync_result.sources[0])
-        got, want = joiner.trainer.state(), source.trainer.state()
-        assert all(torch.equal(got[k], want[k]) for k in want)
-        swarm_accs = [n.last_report.accuracy for n in nodes if n.last_report and n.last_report.accuracy]
-        joiner_acc = joiner.trainer.evaluate()[1]
-        assert min(swarm_accs) - 0.05 <= joiner_acc, (joiner_acc, swarm_accs)
-        assert joiner_acc > fresh_acc + 0.3, (joiner_acc, fresh_acc)
-        report = await joiner.run_round()
-        assert report.round == 6 and report.accuracy is not None
-        assert abs(report.accuracy - sum(swarm_accs) / len(swarm_accs)) < 0.1
-        assert joiner.metrics.syncs.labels(result="ok")._value.get() == 1
-        for n in [*nodes, joiner]:
-            await n.shutdown()
+        async with running_nodes(nodes) as members:
+            for _ in range(5):
+                await asyncio.gather(*(n.run_round() for n in nodes))
+            joiner = memory_node(net, registry, 3, 4, joining, model_seed_mode="independent", local_steps=20)
+            members.append(joiner)
+            fresh_acc = joiner.trainer.evaluate()[1]  # its own initial model
+            await joiner.start()
+            assert joiner.round == 5 and joiner.resumed_from == "peers" and joiner.sync_result is not None
+            source = next(n for n in nodes if n.peer_id == joiner.sync_result.sources[0])
+            got, want = joiner.trainer.state(), source.trainer.state()
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            swarm_accs = [n.last_report.accuracy for n in nodes if n.last_report and n.last_report.accuracy]
+            joiner_acc = joiner.trainer.evaluate()[1]
+            assert min(swarm_accs) - 0.05 <= joiner_acc, (joiner_acc, swarm_accs)
+            assert joiner_acc > fresh_acc + 0.3, (joiner_acc, fresh_acc)
+            report = await joiner.run_round()
+            assert report.round == 6 and report.accuracy is not None
+            assert abs(report.accuracy - sum(swarm_accs) / len(swarm_accs)) < 0.1
+            assert joiner.metrics.syncs.labels(result="ok")._value.get() == 1
 
     run_virtual(main())
 

@@ -14,7 +14,7 @@ from p2pnode.protocols.adversary import Attacker, HonestBoard, flatten, unflatte
 from p2pnode.protocols.gossip import GossipProtocol, default_window
 from p2pnode.protocols.suspicion import SuspicionTracker, deviations, state_distance
 from p2pnode.transport.clock import run_virtual
-from simutil import make_group
+from simutil import make_group, running_group
 
 # -- suspicion ------------------------------------------------------------------------------------------
 
@@ -161,24 +161,22 @@ def test_default_window_depends_on_the_rule() -> None:
 
 def test_window_keeps_newest_per_sender_for_the_last_n_merges() -> None:
     async def main() -> None:
-        group = await make_group(2, rule="median", robust_window=2)
-        p = group.nodes[0].protocol
-        assert isinstance(p, GossipProtocol)
-        m = {k: v.clone() for k, v in p.trainer.state().items()}
-        p._keep("a", m)
-        p._keep("b", m)
-        inputs, fresh = p._take_window()  # merge 0
-        assert set(inputs) == {"a", "b"} and fresh == {"a", "b"}
-        p._keep("b", m)  # b again: replaces its old entry
-        p._keep("c", m)
-        inputs, fresh = p._take_window()  # merge 1: a is one merge old, still inside a window of 2
-        assert set(inputs) == {"a", "b", "c"} and fresh == {"b", "c"}
-        inputs, fresh = p._take_window()  # merge 2: a fell out; b, c are one merge old
-        assert set(inputs) == {"b", "c"} and fresh == set()
-        inputs, fresh = p._take_window()  # merge 3: nothing new, everything fell out
-        assert inputs == {} and fresh == set() and p._window == {}
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(2, rule="median", robust_window=2) as group:
+            p = group.nodes[0].protocol
+            assert isinstance(p, GossipProtocol)
+            m = {k: v.clone() for k, v in p.trainer.state().items()}
+            p._keep("a", m)
+            p._keep("b", m)
+            inputs, fresh = p._take_window()  # merge 0
+            assert set(inputs) == {"a", "b"} and fresh == {"a", "b"}
+            p._keep("b", m)  # b again: replaces its old entry
+            p._keep("c", m)
+            inputs, fresh = p._take_window()  # merge 1: a is one merge old, still inside a window of 2
+            assert set(inputs) == {"a", "b", "c"} and fresh == {"b", "c"}
+            inputs, fresh = p._take_window()  # merge 2: a fell out; b, c are one merge old
+            assert set(inputs) == {"b", "c"} and fresh == set()
+            inputs, fresh = p._take_window()  # merge 3: nothing new, everything fell out
+            assert inputs == {} and fresh == set() and p._window == {}
 
     run_virtual(main())
 
@@ -227,21 +225,19 @@ def test_suspicion_is_exported_per_peer_with_capped_cardinality() -> None:
     from p2pnode.daemon.metrics import MAX_SUSPICION_PEERS, parse_exposition
 
     async def main() -> None:
-        group = await make_group(3, rule="median")
-        await asyncio.gather(*(n.run_round() for n in group.nodes))
-        node = group.nodes[0]
-        text = node.metrics.exposition().decode()
-        scraped = parse_exposition(text)
-        peers = [k for k in scraped if k.startswith("p2pnode_peer_suspicion{")]
-        assert peers and all('peer="node-' in k for k in peers)
-        assert scraped["p2pnode_attacker"] == 0.0
-        tracker = node.protocol.suspicion  # type: ignore[attr-defined]
-        tracker.observe({f"x{i}": float(i + 1) for i in range(MAX_SUSPICION_PEERS + 10)}, [1.0])
-        scraped = parse_exposition(node.metrics.exposition().decode())
-        exported = {k: v for k, v in scraped.items() if k.startswith("p2pnode_peer_suspicion{")}
-        assert len(exported) == MAX_SUSPICION_PEERS
-        assert min(exported.values()) >= sorted(tracker.scores().values())[-MAX_SUSPICION_PEERS]
-        for n in group.nodes:
-            await n.shutdown()
+        async with running_group(3, rule="median") as group:
+            await asyncio.gather(*(n.run_round() for n in group.nodes))
+            node = group.nodes[0]
+            text = node.metrics.exposition().decode()
+            scraped = parse_exposition(text)
+            peers = [k for k in scraped if k.startswith("p2pnode_peer_suspicion{")]
+            assert peers and all('peer="node-' in k for k in peers)
+            assert scraped["p2pnode_attacker"] == 0.0
+            tracker = node.protocol.suspicion  # type: ignore[attr-defined]
+            tracker.observe({f"x{i}": float(i + 1) for i in range(MAX_SUSPICION_PEERS + 10)}, [1.0])
+            scraped = parse_exposition(node.metrics.exposition().decode())
+            exported = {k: v for k, v in scraped.items() if k.startswith("p2pnode_peer_suspicion{")}
+            assert len(exported) == MAX_SUSPICION_PEERS
+            assert min(exported.values()) >= sorted(tracker.scores().values())[-MAX_SUSPICION_PEERS]
 
     run_virtual(main())
