@@ -266,15 +266,21 @@ class SimConfig:
         """Peer ids of `byzantine_indices`."""
         return [sim_peer_id(i) for i in self.byzantine_indices()]
 
+    @property
+    def run_id(self) -> str:
+        """The run id the nodes use: ``config.run_id``, or ``sim-<seed>`` (`SIM_RUN_ID`) when it is left at
+        the daemon's default."""
+        c = self.config
+        return SIM_RUN_ID.format(seed=c.seed) if c.run_id == field_default(_NODE_FIELDS["run_id"]) else c.run_id
+
     def node_config(self, index: int) -> NodeConfig:
         """The validated config of node `index`: ``config`` with its shard, the run id, and the attack only
         on the attacking nodes."""
         self.churn.validate()
         c = self.config
         byzantine = index in self.byzantine_indices()
-        run_id = SIM_RUN_ID.format(seed=c.seed) if c.run_id == field_default(_NODE_FIELDS["run_id"]) else c.run_id
         return dataclasses.replace(
-            c, run_id=run_id, shard=(index, self.nodes), rule_params=dict(c.rule_params),
+            c, run_id=self.run_id, shard=(index, self.nodes), rule_params=dict(c.rule_params),
             task_options=dict(c.task_options), attack=c.attack if byzantine else None,
             attack_params=dict(c.attack_params) if byzantine else {}).validate()
 

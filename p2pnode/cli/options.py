@@ -51,9 +51,12 @@ TRAINING_FIELDS = ("task", "task_options", "topology", "rule", "rule_params", "s
 _TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
 
 
-def schema_option(f: dataclasses.Field[Any], meta: Setting, default: Any = _UNSET) -> Callable[[F], F]:
+def schema_option(f: dataclasses.Field[Any], meta: Setting, default: Any = _UNSET,
+                  shown_default: str | None = None) -> Callable[[F], F]:
     """The click option of one `NodeConfig` field, generated from its type, default and `Setting`; `default`
-    replaces the option's default (``p2pnode sim`` gives the simulator's, `simulator.settings.SIM_DEFAULTS`)."""
+    replaces the option's default (``p2pnode sim`` gives the simulator's, `simulator.settings.SIM_DEFAULTS`),
+    and `shown_default`, when given, is what ``--help`` says the default is (``sim-<seed>``: a default that
+    depends on another option)."""
     typ = str(f.type).replace(" | None", "")
     if default is _UNSET:
         default = field_default(f) if meta.flag_default is _UNSET else meta.flag_default
@@ -72,7 +75,8 @@ def schema_option(f: dataclasses.Field[Any], meta: Setting, default: Any = _UNSE
         kw.pop("metavar")
     elif typ in _TYPES:
         kw["type"] = _TYPES[typ]
-    return click.option(decl, meta.param, default=default, show_default=default is not None, **kw)
+    show: bool | str = shown_default if shown_default is not None else default is not None
+    return click.option(decl, meta.param, default=default, show_default=show, **kw)
 
 
 def schema_options(names: Iterable[str], cls: Any = None) -> Callable[[F], F]:

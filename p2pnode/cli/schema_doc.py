@@ -69,7 +69,8 @@ def _sim_tables() -> list[str]:
     fields = {f.name: f for f, _ in schema()}
     for name, value in SIM_DEFAULTS.items():
         out.append(f"| `{name}` | {_default(value)} | {_default(field_default(fields[name]))} |")
-    out += ["", f"A `run_id` left at its default becomes `{SIM_RUN_ID.format(seed='<seed>')}`.", "",
+    out += ["", f"A `run_id` left at its default becomes `{SIM_RUN_ID.format(seed='<seed>')}` (what `sim --help` shows "
+                f"as its default and `sim --show-config` as its value).", "",
             "Without effect on the in-memory network (a warning says so when set): "
             + ", ".join(f"`{n}`" for n in NO_EFFECT) + ".", ""]
     rows = [(f, meta) for section, f, meta in sim_schema() if section != "config"]

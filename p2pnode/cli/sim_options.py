@@ -9,7 +9,7 @@ from typing import Any
 
 from p2pnode.cli.options import config_fields, schema_option
 from p2pnode.config import NodeConfig, field_default
-from simulator.settings import SECTION_TYPES, SIM_DEFAULTS, SimConfig, sim_schema
+from simulator.settings import SECTION_TYPES, SIM_DEFAULTS, SIM_RUN_ID, SimConfig, sim_schema
 
 F = Callable[..., Any]
 
@@ -17,11 +17,14 @@ F = Callable[..., Any]
 def sim_options(f: F) -> F:
     """Every option of ``p2pnode sim``, in the order of `sim_schema` (nodes, the node's settings, the
     network model, churn, attackers, recording). The options of `NodeConfig` fields default to the field's
-    default (the simulator's where `SIM_DEFAULTS` says so), never to ``run``'s pacing defaults."""
+    default (the simulator's where `SIM_DEFAULTS` says so), never to ``run``'s pacing defaults. ``--run-id``
+    keeps the daemon's default as its value (that is how the simulator sees it was not given) but shows
+    what a run left at it uses, ``sim-<seed>`` (`SimConfig.run_id`)."""
     opts = []
     for section, fl, meta in sim_schema():
         default = SIM_DEFAULTS.get(fl.name, field_default(fl)) if section == "config" else field_default(fl)
-        opts.append(schema_option(fl, meta, default=default))
+        shown = SIM_RUN_ID.format(seed="<seed>") if (section, fl.name) == ("config", "run_id") else None
+        opts.append(schema_option(fl, meta, default=default, shown_default=shown))
     for opt in reversed(opts):
         f = opt(f)
     return f
@@ -42,7 +45,10 @@ def sim_config_from_options(kw: dict[str, Any], validate: bool = True) -> SimCon
 
 
 def sim_value(cfg: SimConfig, section: str, name: str) -> Any:
-    """The value of field `name` of `section` (``""``: `SimConfig` itself) in `cfg`."""
+    """The value of field `name` of `section` (``""``: `SimConfig` itself) in `cfg`, as the run uses it: the
+    run id is `SimConfig.run_id` (``sim-<seed>`` when left at the daemon's default)."""
+    if (section, name) == ("config", "run_id"):
+        return cfg.run_id
     return getattr(cfg if section == "" else getattr(cfg, section), name)
 
 

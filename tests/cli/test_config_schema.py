@@ -217,6 +217,8 @@ def test_sim_defaults_are_the_daemons_but_sim_defaults() -> None:
         assert options[meta.param]["source"] == "default", f.name
         if section == "config":
             expected = SIM_DEFAULTS.get(f.name, field_default(f))
+            if f.name == "run_id":  # what a run left at the daemon's run id uses: sim-<seed>
+                expected = "sim-0"
             assert options[meta.param]["value"] == (list(expected) if isinstance(expected, tuple) else expected), \
                 f.name
     assert (options["exchange_timeout"]["value"], options["aggregation_timeout"]["value"]) == (30.0, 60.0)
@@ -355,3 +357,21 @@ def test_directory_quota_default_is_the_discovery_default() -> None:
     assert NodeConfig().directory_max_subkeys == DEFAULT_MAX_SUBKEYS
     with pytest.raises(ConfigError, match="directory_max_subkeys"):
         NodeConfig(directory_max_subkeys=0).validate()
+
+
+def test_sim_help_and_show_config_give_the_run_id_a_simulated_run_uses() -> None:
+    """A sim run left at the daemon's run id runs as ``sim-<seed>``: --help and --show-config say so."""
+    from simulator.settings import SimConfig
+
+    help_text = " ".join(CliRunner().invoke(cli, ["sim", "--help"], catch_exceptions=False).output.split())
+    assert "--run-id TEXT Name of the run to take part in. [env var: P2PNODE_RUN_ID; default: (sim-<seed>)]" \
+        in help_text
+    run_help = " ".join(CliRunner().invoke(cli, ["run", "--help"], catch_exceptions=False).output.split())
+    assert "P2PNODE_RUN_ID; default: default]" in run_help  # the daemon's own default is unchanged
+    shown = json.loads(CliRunner().invoke(cli, ["sim", "--show-config", "--seed", "7"]).stdout)
+    assert shown["options"]["run_id"] == {"value": "sim-7", "source": "default", "origin": None}
+    shown = json.loads(CliRunner().invoke(cli, ["sim", "--show-config", "--run-id", "mine"]).stdout)
+    assert shown["options"]["run_id"]["value"] == "mine" and shown["options"]["run_id"]["source"] == "flag"
+    cfg = SimConfig.of(seed=7)
+    assert cfg.run_id == "sim-7" == cfg.node_config(0).run_id
+    assert SimConfig.of(seed=7, run_id="mine").node_config(1).run_id == "mine"
