@@ -165,7 +165,6 @@ class DHTDirectory(PeerDirectory):
         self.run_id = run_id
         self.key = directory_key(run_id)
         self.read_timeout = read_timeout
-        self.max_parse_per_read = max_parse_per_read
         self.min_read_interval = min_read_interval
         #: Reads from the DHT made so far (each `peers` call that was not served from the last view).
         self.reads = 0
@@ -201,6 +200,15 @@ class DHTDirectory(PeerDirectory):
                                     key=self.key)
         #: Successful stores by the refresher (for monitoring and tests).
         self.refreshes = 0
+
+    @property
+    def max_parse_per_read(self) -> int:
+        """Records not seen before that one read parses (`RecordReader.max_parse_per_read`)."""
+        return self._reader.max_parse_per_read
+
+    @max_parse_per_read.setter
+    def max_parse_per_read(self, value: int) -> None:
+        self._reader.max_parse_per_read = value
 
     # -- identity ---------------------------------------------------------------------------------
     async def peer_id(self) -> str:
