@@ -453,7 +453,7 @@ class NodeConfig:
     direct_connect_timeout_s: float = setting(
         default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
     #: Caps of the direct channel's listener, which anyone who reaches its address can connect to (defaults
-    #: are `p2pnode.transport.direct`'s): connections at once (128), of them in their TLS handshake (64),
+    #: are `p2pnode.transport.direct_server`'s): connections at once (128), of them in their TLS handshake (64),
     #: admitted connections per peer (8), unused tickets per peer (32) and in all (4096); and the longest
     #: TLS handshake plus first token (None: the larger of 30 s and the transport's idle timeout).
     direct_max_connections: int = setting(
