@@ -22,6 +22,7 @@ from p2pnode.errors import BadMessage, PeerUnreachable
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import codec
 from p2pnode.transport.framing import TLSIO, MessageIO, write_message
+from p2pnode.transport.refusals import RejectCallback
 from p2pnode.transport.ticket import Ticket
 from p2pnode.transport.tls import TLSConnection
 
@@ -45,8 +46,6 @@ _TLS_ERRORS = (asyncio.IncompleteReadError, OSError, ssl.SSLError)
 
 #: Reads and checks one framed response from a peer: (peer id, channel) -> the message's bytes.
 ReadResponse = Callable[[str, MessageIO], Awaitable[memoryview]]
-#: Counts and logs a refused message: (peer id, reason, message), `Transport.reject`.
-RejectCallback = Callable[[str, str, str], None]
 
 
 class ConnectionPool:

@@ -54,6 +54,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from p2pnode.errors import TransportError
+from p2pnode.transport.refusals import RejectCallback
 from p2pnode.transport.ticket import TOKEN_BYTES, Ticket
 from p2pnode.transport.tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConnection, make_certificate, server_context
 
@@ -84,8 +85,6 @@ class Busy(TransportError):
 
 #: Serves one message on a connection; returns False when the connection must be closed.
 ServeCallback = Callable[[str, TLSConnection], Awaitable[bool]]
-#: Told of every refused connection or token: (peer id, or "ip:<address>" before a token; reason; message).
-RejectCallback = Callable[[str, str, str], None]
 
 
 @dataclass
@@ -124,7 +123,8 @@ class DirectServer:
     :param max_tickets_per_peer: most unused tickets of one peer (default 32).
     :param max_tickets: most unused tickets of all peers together (default 4096); the oldest are dropped
         beyond it.
-    :param on_reject: told of each refused connection or token (see `RejectCallback`).
+    :param on_reject: told of each refused connection or token: (peer id, or ``"ip:<address>"`` before a
+        token; reason; message), see `refusals.RejectCallback`.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
