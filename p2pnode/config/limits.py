@@ -12,7 +12,7 @@ from p2pnode.errors import ConfigError
 
 @dataclass
 class LimitSettings:
-    """Section ``limits``: defaults are `p2pnode.transport.p2p`'s and `p2pnode.transport.direct`'s (checked by a
+    """Section ``limits``: defaults are `p2pnode.transport.p2p`'s and `p2pnode.transport.direct_server`'s (checked by a
     test)."""
 
     #: Largest message sent or accepted, in bytes.
@@ -47,7 +47,7 @@ class LimitSettings:
     #: Bytes of large receive buffers kept for reuse (default 512 MiB; 0: off).
     receive_pool_bytes: int = setting(
         default=512 << 20, section="limits", help="Bytes of large receive buffers kept for reuse (0: off).")
-    #: Direct TLS channel for bulk tensors (docs/transport.md): on (default), from `direct_threshold` bytes
+    #: Direct TLS channel for bulk tensors (docs/architecture.md): on (default), from `direct_threshold` bytes
     #: (default 1 MiB); a peer whose direct connection failed is called over libp2p for `direct_retry_s`
     #: (default 60); a connection attempt may take `direct_connect_timeout_s` (default 5).
     direct: bool = setting(
@@ -61,7 +61,7 @@ class LimitSettings:
     direct_connect_timeout_s: float = setting(
         default=5.0, section="limits", help="Seconds allowed to open a direct connection.")
     #: Caps of the direct channel's listener, which anyone who reaches its address can connect to (defaults
-    #: are `p2pnode.transport.direct`'s): connections at once (128), of them in their TLS handshake (64),
+    #: are `p2pnode.transport.direct_server`'s): connections at once (128), of them in their TLS handshake (64),
     #: admitted connections per peer (8), unused tickets per peer (32) and in all (4096); and the longest
     #: TLS handshake plus first token (None: the larger of 30 s and the transport's idle timeout).
     direct_max_connections: int = setting(

@@ -101,8 +101,8 @@ class TrafficStats:
     #: ``bad_index``, ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Bytes of refused requests that were read before the refusal (libp2p streams: the header and what
-    #: of the envelope was needed to refuse it), and bytes read and dropped after refusals (`p2p`'s
-    #: drain). Not part of `as_dict`.
+    #: of the envelope was needed to refuse it), and bytes read and dropped after refusals
+    #: (`framing.StreamIO.drain`). Not part of `as_dict`.
     refused_bytes_read: int = 0
     refused_bytes_drained: int = 0
     tensor_wire_bytes_sent: int = 0
@@ -224,6 +224,10 @@ class Transport(ABC):
         if method in self._routes:
             raise ValueError(f"method {method!r} is already registered")
         self._routes[method] = _Route(request_type, handler)
+
+    def serves(self, method: str) -> bool:
+        """Whether a handler is registered for `method` (a request for another is ``unknown_method``)."""
+        return method in self._routes
 
     def reject(self, peer_id: str, reason: str, message: str) -> None:
         """Count and log a refused message (also used by protocols for checks they make themselves).

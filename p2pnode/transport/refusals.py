@@ -22,6 +22,10 @@ DEFAULT_LOG_INTERVAL_S = 10.0
 #: Most (peer, reason) pairs whose rate limit is remembered; the least recently refused are forgotten.
 MAX_TRACKED = 4096
 
+#: Told of a refusal: (peer id, or ``"ip:<address>"`` before the peer is known; reason; message), for
+#: example `Transport.reject`, which counts and logs it.
+RejectCallback = Callable[[str, str, str], None]
+
 
 def clip(text: str, limit: int = DEFAULT_CLIP_CHARS) -> str:
     """`text` cut to `limit` characters, followed by ``...(N bytes)`` with its full UTF-8 size when cut."""

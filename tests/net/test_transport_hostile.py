@@ -30,20 +30,14 @@ from p2pnode.transport import codec
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
-from p2pnode.transport.direct import TLSConnection
 from p2pnode.transport.memory import MemoryNetwork
-from p2pnode.transport.p2p import (
-    DIRECT_TICKET_METHOD,
-    POOLED_MIN_BYTES,
-    RPC_HANDLER,
-    UNKNOWN_METHOD_DRAIN_BYTES,
-    P2PTransport,
-    ReceiveBuffers,
-    lazy_buffer,
-)
+from p2pnode.transport.p2p import DIRECT_TICKET_METHOD, RPC_HANDLER, P2PTransport
 from p2pnode.transport.rate import RateGuard, TooSlow
+from p2pnode.transport.receive_buffers import POOLED_MIN_BYTES, ReceiveBuffers, lazy_buffer
 from p2pnode.transport.refusals import RefusalLog, clip
 from p2pnode.transport.replay import ReplayGuard
+from p2pnode.transport.request_server import UNKNOWN_METHOD_DRAIN_BYTES
+from p2pnode.transport.tls import TLSConnection
 
 MiB = 1 << 20
 
@@ -131,7 +125,7 @@ async def test_slow_streams_cannot_pin_the_receive_budget() -> None:
     """Two slow streams announcing a largest message each: the second is refused at once (the peer's
     share), honest pushes keep going through, and the slow one is cut off with ``too_slow``."""
     async with swarm(max_message_bytes=64 * MiB, receive_grace_s=1.0, direct=False) as (victim, honest, raw):
-        assert victim.max_inflight_bytes == 128 * MiB and victim.max_inflight_bytes_per_peer == 64 * MiB
+        assert victim.inbound.max_inflight_bytes == 128 * MiB and victim.inbound.max_inflight_bytes_per_peer == 64 * MiB
         size = 60 * MiB
         slow_reader, slow_writer = await open_stream(raw, victim)
         slow_writer.write(announcing(size))
@@ -246,7 +240,7 @@ async def test_streams_per_peer_are_capped() -> None:
         for _, writer in held:
             writer.write(b"\x01\x00")  # half a header, then nothing
             await writer.drain()
-        await until(lambda: victim._streams_by_peer.get(raw.peer_id.to_base58(), 0) == 4)
+        await until(lambda: victim.inbound.streams_by_peer.get(raw.peer_id.to_base58(), 0) == 4)
         reader, writer = await open_stream(raw, victim)
         refused = await read_reply(reader)
         writer.close()
@@ -258,7 +252,7 @@ async def test_streams_per_peer_are_capped() -> None:
         await until(lambda: victim.stats.rejected["too_slow"] == 4)
         for _, w in held:
             w.close()
-        await until(lambda: not victim._streams_by_peer)
+        await until(lambda: not victim.inbound.streams_by_peer)
 
 
 @pytest.mark.network
@@ -278,7 +272,7 @@ async def test_truncated_frames_and_budget_refusals_are_counted() -> None:
         await until(lambda: victim.stats.rejected["truncated"] == 2)
         assert victim.inflight_bytes == 0
         # The node's whole budget (12 MiB): one peer holds 7 MiB, so another's 7 MiB is refused (busy).
-        assert victim.max_inflight_bytes_per_peer == 8 * MiB
+        assert victim.inbound.max_inflight_bytes_per_peer == 8 * MiB
         _, writer = await open_stream(raw, victim)
         writer.write(announcing(7 * MiB))
         await writer.drain()

@@ -18,8 +18,8 @@ from p2pnode.errors import BadMessage, PeerUnreachable, RemoteError, TransportEr
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import TrafficStats, codec
 from p2pnode.transport.codec import Message
-from p2pnode.transport.direct import PinMismatch, TLSConnection
 from p2pnode.transport.p2p import RPC_HANDLER, P2PTransport
+from p2pnode.transport.tls import PinMismatch, TLSConnection
 
 # One event loop for the module, so that most tests share one pair of daemons (starting p2pd takes ~0.5 s).
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
@@ -293,7 +293,7 @@ async def test_direct_connections_are_reused_and_renewed(pair: tuple[P2PTranspor
         reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=10)
         assert torch.equal(reply.tensors["x"], x["x"] + 1)
     assert a.direct_messages == before + 2
-    assert a._pool.get(b.peer_id, b._direct.fingerprint) is not None  # type: ignore[union-attr]
+    assert a.direct_client.pool.get(b.peer_id, b._direct.fingerprint) is not None  # type: ignore[union-attr]
     # The peer drops its side of every connection (as after its idle timeout): the next call notices
     # that the reused connection is dead and succeeds on a fresh one.
     reply = await a.call(b.peer_id, "echo", Message(peer_pb2.Ping(), x), peer_pb2.Pong, timeout=10)
@@ -353,7 +353,7 @@ async def test_direct_timeout_closes_the_connection(pair: tuple[P2PTransport, P2
         await a.call(b.peer_id, "slow", Message(peer_pb2.Ping(), {"x": torch.ones(500_000)}), peer_pb2.Pong,
                      timeout=0.5)
     assert time.monotonic() - start < 2.0
-    assert not a._outbound_tls and not a._outbound
+    assert not a.direct_client.in_flight and not a._outbound
 
 
 async def test_falls_back_to_libp2p_when_direct_fails(pair: tuple[P2PTransport, P2PTransport]) -> None:
@@ -373,7 +373,7 @@ async def test_falls_back_to_libp2p_when_direct_fails(pair: tuple[P2PTransport, 
 
 
 def test_receive_buffers_are_reused_only_when_free() -> None:
-    from p2pnode.transport.p2p import POOLED_MIN_BYTES, ReceiveBuffers
+    from p2pnode.transport.receive_buffers import POOLED_MIN_BYTES, ReceiveBuffers
 
     pool = ReceiveBuffers(max_bytes=8 * POOLED_MIN_BYTES)
     first = pool.take(2 * POOLED_MIN_BYTES)

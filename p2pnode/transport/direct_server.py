@@ -1,4 +1,4 @@
-"""A direct TLS 1.3 data channel for bulk messages, authenticated through the libp2p channel.
+"""A direct TLS 1.3 data channel for bulk messages, authenticated through libp2p; its listening side.
 
 Why: messages through p2pd cross three sockets and two Go daemons; on the measured 2-core machine that
 reaches 10-20 % of a plain TCP socket (see ``docs/benchmarks.md``). Peers that can reach each
@@ -20,9 +20,9 @@ How a sender gets a connection (`p2pnode.transport.p2p.P2PTransport` drives this
    carries a fresh ticket for that same peer, so tokens stay one-time and each message is checked
    against the limits before it is sent.
 
-The socket is driven by the event loop; TLS runs on an `ssl.SSLObject` over memory buffers, so that
-the data is encrypted and decrypted in pieces of about 1 MiB with one system call per piece (asyncio's
-TLS streams were measured at 60-70 % of this on the same machine).
+This module is the listening side (`DirectServer`: the listener and the tickets). The TLS state is
+`p2pnode.transport.tls` (certificate, contexts, `TLSConnection`), the ticket's wire form
+`p2pnode.transport.ticket`, the sending side `p2pnode.transport.direct_client` (`DirectClient`).
 
 Limits against hostile clients (the listener is reachable by anyone who can reach the address):
 
@@ -35,7 +35,7 @@ Limits against hostile clients (the listener is reachable by anyone who can reac
 - at most ``max_connections_per_peer`` admitted connections and ``max_tickets_per_peer`` unused tickets
   per peer (tickets beyond are refused with `Busy`, so the caller uses libp2p for that message);
 - a connection allocates its 1 MiB decryption buffer only when a large payload arrives, and gives it
-  back when it goes idle: idle and half-open connections cost kilobytes, not megabytes.
+  back when it goes idle (`tls.TLSConnection.shrink`): idle and half-open connections cost kilobytes, not megabytes.
 
 Refusals are reported through ``on_reject(peer, reason, message)`` (the transport counts them).
 """
@@ -44,45 +44,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import hashlib
-import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 import ssl
-import struct
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from p2pnode.errors import TransportError
-
-if TYPE_CHECKING:
-    from p2pnode.transport.rate import RateGuard
+from p2pnode.transport.refusals import RejectCallback
+from p2pnode.transport.ticket import TOKEN_BYTES, Ticket
+from p2pnode.transport.tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConnection, make_certificate, server_context
 
 logger = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32
-FINGERPRINT_BYTES = 32
 #: Default lifetime of an unused ticket, in seconds.
 DEFAULT_TICKET_TTL = 30.0
-#: Default longest wait for a TCP connection to a peer's direct address, in seconds. Only the TCP
-#: connect: it decides whether the address is reachable at all (else libp2p is used instead).
-DEFAULT_CONNECT_TIMEOUT = 5.0
-#: Default longest wait for a TLS handshake plus the first token, in seconds. Generous: a peer whose
-#: event loop is busy moving other tensors may take seconds on a loaded machine, and a handshake given up
-#: on one side only breaks a call that the other side already started.
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 #: Default most connections still in their handshake (not yet admitted by a token).
 MAX_PENDING_HANDSHAKES = 64
 #: Default most connections at once (in their handshake, serving, or idle).
@@ -93,23 +72,8 @@ MAX_CONNECTIONS_PER_PEER = 8
 MAX_TICKETS_PER_PEER = 32
 #: Default time a server keeps an idle connection open waiting for the next token, in seconds.
 DEFAULT_SERVER_IDLE = 60.0
-#: Default time a client keeps an idle connection for reuse, in seconds (below the server's, so that a
-#: reused connection is rarely one the server is closing).
-DEFAULT_CLIENT_IDLE = 30.0
 #: Default most outstanding tickets (all peers together); the oldest are dropped beyond it.
 MAX_TICKETS = 4096
-#: Most idle connections kept per peer.
-MAX_IDLE_PER_PEER = 4
-#: Size of the pieces encrypted and sent, or received and decrypted, at once, in bytes.
-PIECE_BYTES = 1 << 20
-#: Size of a connection's receive buffer until a large payload arrives (handshakes, tokens, headers).
-SMALL_PIECE_BYTES = 64 << 10
-
-_TICKET = struct.Struct("!32s32sH")
-
-
-class PinMismatch(ssl.SSLError):
-    """The server's certificate is not the one the ticket named."""
 
 
 class Busy(TransportError):
@@ -119,252 +83,8 @@ class Busy(TransportError):
         super().__init__(message, code="busy")
 
 
-@dataclass(frozen=True)
-class Ticket:
-    """Permission to send one message on a peer's direct channel.
-
-    :param host: IP address to connect to.
-    :param port: TCP port.
-    :param token: one-time random token (32 bytes) bound to the sender's peer id.
-    :param fingerprint: SHA-256 of the server certificate (DER), 32 bytes.
-    """
-
-    host: str
-    port: int
-    token: bytes
-    fingerprint: bytes
-
-    def to_bytes(self) -> bytes:
-        return _TICKET.pack(self.token, self.fingerprint, self.port) + self.host.encode("ascii")
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Ticket:
-        """Parse a ticket; raises ValueError when it is malformed (the host must be an IP address)."""
-        if not _TICKET.size < len(data) <= _TICKET.size + 64:
-            raise ValueError(f"ticket of {len(data)} bytes")
-        token, fingerprint, port = _TICKET.unpack_from(data)
-        host = str(ipaddress.ip_address(data[_TICKET.size:].decode("ascii")))
-        if port == 0:
-            raise ValueError("ticket names port 0")
-        return cls(host, port, token, fingerprint)
-
-
-def make_certificate(lifetime_days: int = 30) -> tuple[bytes, bytes, bytes]:
-    """A fresh self-signed ECDSA P-256 certificate: (certificate PEM, private key PEM, fingerprint).
-
-    The fingerprint is the SHA-256 of the certificate's DER encoding.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pnode direct channel")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=lifetime_days))
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert_pem, key_pem, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
-
-
-def server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """TLS 1.3-only server context holding the certificate (written to a private temp dir to load it)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    with tempfile.TemporaryDirectory(prefix="p2pnode-tls-") as tmp:  # created with mode 0700
-        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        with open(cert_path, "wb") as f:
-            f.write(cert_pem)
-        with open(os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-            f.write(key_pem)
-        ctx.load_cert_chain(cert_path, key_path)
-    return ctx
-
-
-def client_context() -> ssl.SSLContext:
-    """TLS 1.3-only client context. The server is authenticated by pinning (see `TLSConnection.connect`),
-    not by a CA, so chain and host name checks are off here."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-class TLSConnection:
-    """One TLS connection over a non-blocking socket, driven by the event loop through memory BIOs.
-
-    Reads and writes must not overlap (the channel is strictly request then response).
-
-    :param sock: a connected non-blocking socket.
-    :param sslobj: the TLS state over `incoming` / `outgoing`.
-    """
-
-    def __init__(self, sock: socket.socket, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO) -> None:
-        self._sock = sock
-        self._ssl = sslobj
-        self._in = incoming
-        self._out = outgoing
-        self._loop = asyncio.get_running_loop()
-        # Small until a large payload arrives: half-open and idle connections must stay cheap.
-        self._scratch = bytearray(SMALL_PIECE_BYTES)
-        self.closed = False
-        self.last_used = time.monotonic()
-        #: SHA-256 of the server certificate this (client) connection was pinned to.
-        self.fingerprint = b""
-
-    # -- construction -----------------------------------------------------------------------------
-    @classmethod
-    async def connect(cls, host: str, port: int, fingerprint: bytes, connect_timeout: float,
-                      handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> TLSConnection:
-        """Connect, complete a TLS 1.3 handshake and check the server certificate's fingerprint.
-
-        :param connect_timeout: longest wait for the TCP connection, in seconds.
-        :param handshake_timeout: longest wait for the TLS handshake after that, in seconds (default 30).
-        :raises OSError: the connection could not be made.
-        :raises ssl.SSLError: the handshake failed (`PinMismatch`: wrong certificate).
-        :raises TimeoutError: no connection within `connect_timeout`, or no handshake within
-            `handshake_timeout`.
-        """
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        conn: TLSConnection | None = None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(connect_timeout):
-                await loop.sock_connect(sock, (host, port))
-            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            sslobj = client_context().wrap_bio(incoming, outgoing, server_side=False)
-            conn = cls(sock, sslobj, incoming, outgoing)
-            async with asyncio.timeout(handshake_timeout):
-                await conn._handshake()
-            cert = conn._ssl.getpeercert(binary_form=True) or b""
-            actual = hashlib.sha256(cert).digest()
-            if not hmac.compare_digest(actual, fingerprint):
-                raise PinMismatch(f"certificate of {host}:{port} does not match the ticket's fingerprint")
-            conn.fingerprint = actual
-            return conn
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            else:
-                sock.close()
-            raise
-
-    @classmethod
-    async def accept(cls, sock: socket.socket, ctx: ssl.SSLContext, timeout: float) -> TLSConnection:
-        """Complete the server side of a TLS handshake on an accepted socket (within `timeout` s)."""
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        conn = cls(sock, ctx.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing)
-        try:
-            async with asyncio.timeout(timeout):
-                await conn._handshake()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    async def _handshake(self) -> None:
-        while True:
-            try:
-                self._ssl.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-        await self._flush()
-
-    # -- I/O --------------------------------------------------------------------------------------
-    async def _flush(self) -> None:
-        if self._out.pending:
-            await self._loop.sock_sendall(self._sock, self._out.read())
-
-    async def _fill(self) -> None:
-        """Receive more ciphertext into the TLS state (whatever the socket holds, up to `PIECE_BYTES`)."""
-        # A receive low-water mark (SO_RCVLOWAT) to wake up less often was tried and dropped: it saved
-        # 5-8 % CPU in one process but stalled multi-node exchanges until the idle timeout.
-        n = await self._loop.sock_recv_into(self._sock, self._scratch)
-        if n == 0:
-            raise asyncio.IncompleteReadError(b"", None)
-        self._in.write(memoryview(self._scratch)[:n])
-
-    def shrink(self) -> None:
-        """Give back the large receive buffer (when the connection goes idle)."""
-        if len(self._scratch) > SMALL_PIECE_BYTES:
-            self._scratch = bytearray(SMALL_PIECE_BYTES)
-
-    async def readinto(self, view: memoryview, idle_timeout: float, rate: RateGuard | None = None) -> None:
-        """Fill `view` completely with decrypted bytes.
-
-        :param idle_timeout: longest wait for more bytes from the network, in seconds.
-        :param rate: optional minimum-rate check of the bytes as they arrive (raises `rate.TooSlow`).
-        :raises asyncio.IncompleteReadError: the peer closed the connection first.
-        :raises TimeoutError: nothing arrived for `idle_timeout` seconds.
-        """
-        pos, total = 0, view.nbytes
-        if total - pos > SMALL_PIECE_BYTES and len(self._scratch) < PIECE_BYTES:
-            self._scratch = bytearray(PIECE_BYTES)
-        while pos < total:
-            try:
-                # With a buffer, read() returns the number of bytes written into it.
-                n = cast(int, self._ssl.read(total - pos, view[pos:]))
-            except ssl.SSLWantReadError:
-                if rate is None:
-                    async with asyncio.timeout(idle_timeout):
-                        await self._fill()
-                    continue
-                try:
-                    async with asyncio.timeout(rate.wait_s(idle_timeout)):
-                        await self._fill()
-                except TimeoutError:
-                    rate.progress(0)
-                    if rate.idle_for() >= idle_timeout:
-                        raise
-                continue
-            except ssl.SSLZeroReturnError as e:
-                raise asyncio.IncompleteReadError(bytes(view[:pos]), total) from e
-            if n == 0:
-                raise asyncio.IncompleteReadError(bytes(view[:pos]), total)
-            pos += n
-            if rate is not None:
-                rate.progress(n)
-        self.last_used = time.monotonic()
-
-    async def readexactly(self, n: int, idle_timeout: float) -> bytes:
-        """Read exactly `n` decrypted bytes (see `readinto`)."""
-        buf = bytearray(n)
-        await self.readinto(memoryview(buf), idle_timeout)
-        return bytes(buf)
-
-    async def write(self, view: memoryview, idle_timeout: float) -> None:
-        """Encrypt and send `view` in pieces of `PIECE_BYTES`.
-
-        :param idle_timeout: longest wait for the peer to take one piece, in seconds.
-        """
-        view = view.cast("B") if view.format != "B" else view
-        for offset in range(0, view.nbytes, PIECE_BYTES):
-            self._ssl.write(view[offset:offset + PIECE_BYTES])
-            async with asyncio.timeout(idle_timeout):
-                await self._flush()
-        self.last_used = time.monotonic()
-
-    def close(self) -> None:
-        """Close the socket at once (no TLS close_notify: either side treats EOF as the end)."""
-        if not self.closed:
-            self.closed = True
-            self._sock.close()
-
-
 #: Serves one message on a connection; returns False when the connection must be closed.
 ServeCallback = Callable[[str, TLSConnection], Awaitable[bool]]
-#: Told of every refused connection or token: (peer id, or "ip:<address>" before a token; reason; message).
-RejectCallback = Callable[[str, str, str], None]
 
 
 @dataclass
@@ -403,7 +123,8 @@ class DirectServer:
     :param max_tickets_per_peer: most unused tickets of one peer (default 32).
     :param max_tickets: most unused tickets of all peers together (default 4096); the oldest are dropped
         beyond it.
-    :param on_reject: told of each refused connection or token (see `RejectCallback`).
+    :param on_reject: told of each refused connection or token: (peer id, or ``"ip:<address>"`` before a
+        token; reason; message), see `refusals.RejectCallback`.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
@@ -632,47 +353,18 @@ class DirectServer:
             conn.close()
 
 
-class ConnectionPool:
-    """Idle client connections for reuse, per peer (at most `max_idle_per_peer`, each for `idle_s` s)."""
-
-    def __init__(self, max_idle_per_peer: int = MAX_IDLE_PER_PEER,
-                 idle_s: float = DEFAULT_CLIENT_IDLE) -> None:
-        self.max_idle_per_peer = max_idle_per_peer
-        self.idle_s = idle_s
-        self._idle: dict[str, list[TLSConnection]] = {}
-
-    def get(self, peer_id: str, fingerprint: bytes) -> TLSConnection | None:
-        """An idle connection to `peer_id` pinned to `fingerprint`, or None."""
-        conns = self._idle.get(peer_id, [])
-        now = time.monotonic()
-        while conns:
-            conn = conns.pop()
-            if not conn.closed and now - conn.last_used < self.idle_s and conn.fingerprint == fingerprint:
-                return conn
-            conn.close()
-        return None
-
-    def put(self, peer_id: str, conn: TLSConnection) -> None:
-        """Return a connection after a complete exchange."""
-        conns = self._idle.setdefault(peer_id, [])
-        now = time.monotonic()
-        for old in [c for c in conns if now - c.last_used >= self.idle_s]:
-            conns.remove(old)
-            old.close()
-        if conn.closed or len(conns) >= self.max_idle_per_peer:
-            conn.close()
-        else:
-            conn.shrink()
-            conns.append(conn)
-
-    def close_all(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
-
-
-def close_quietly(conn: TLSConnection | None) -> None:
-    if conn is not None:
-        with contextlib.suppress(OSError):
-            conn.close()
+def first_ipv4(maddrs: Sequence[str]) -> str:
+    """The default host of a direct channel: the IPv4 address of the first non-loopback ``/ip4/...``
+    multiaddr, else of the first loopback one, else 127.0.0.1. (p2pd listening on 0.0.0.0 lists every
+    interface, loopback included.)"""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for maddr in maddrs:
+        fields = maddr.split("/")
+        if len(fields) > 2 and fields[1] == "ip4":
+            with contextlib.suppress(ValueError):
+                ip = ipaddress.ip_address(fields[2])
+                if not ip.is_unspecified:
+                    found.append(ip)
+    for ip in sorted(found, key=lambda ip: ip.is_loopback):  # stable: keeps p2pd's order otherwise
+        return str(ip)
+    return "127.0.0.1"
