@@ -57,7 +57,7 @@ MEMBER_JOIN: MemberStatus
 MEMBER_LEAVE: MemberStatus
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "compression", "wire_bytes", "block_size", "blocks", "k", "value_dtype")
+    __slots__ = ("name", "dtype", "shape", "compression", "wire_bytes", "block_size", "blocks", "k", "value_dtype", "scale_dtype", "scale_exponent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class TensorSpec(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -76,7 +78,9 @@ class TensorSpec(_message.Message):
     blocks: int
     k: int
     value_dtype: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[TensorCompression, str]] = ..., wire_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., k: _Optional[int] = ..., value_dtype: _Optional[str] = ...) -> None: ...
+    scale_dtype: str
+    scale_exponent: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[TensorCompression, str]] = ..., wire_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., k: _Optional[int] = ..., value_dtype: _Optional[str] = ..., scale_dtype: _Optional[str] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at", "admission")

@@ -78,12 +78,13 @@ async def _rounds(group: Group, versions: int) -> None:
 
 
 def _int8_bytes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(wire, raw) tensor bytes of `state` in int8 with 1024-element blocks; integer tensors raw."""
+    """(wire, raw) tensor bytes of `state` in int8 with 1024-element blocks and float16 scales (a model's and its
+    momentum's scales all fit float16's range once shifted); integer tensors raw."""
     wire = raw = 0
     for t in state.values():
         n = t.numel()
         raw += n * t.element_size()
-        wire += n + 4 * max(1, math.ceil(n / 1024)) if t.is_floating_point() else n * t.element_size()
+        wire += n + 2 * max(1, math.ceil(n / 1024)) if t.is_floating_point() else n * t.element_size()
     return wire, raw
 
 

@@ -34,11 +34,11 @@ from p2pnode.transport import Transport
 from p2pnode.transport.compression import (
     NONE,
     CompressedTensor,
-    ErrorFeedback,
     check_combination,
     compress_state,
     decompress,
 )
+from p2pnode.transport.feedback import ErrorFeedback
 
 logger = logging.getLogger(__name__)
 
