@@ -28,6 +28,9 @@ averaging, the same total local steps: ``--diloco-steps`` (default ``--steps``, 
 validation loss is <= L0, the H small run's final loss (the claim at equal loss; "never" if H large does
 not get there); ``MB to reach L``: the same at L, the larger of the two final losses (both reach it).
 ``ratio at`` = the H small run's bytes to that loss / this run's. The verdict is the ratio at L0.
+``--diloco-compressions`` (default ``int8``) adds an H large row per format with the pseudo-gradients
+compressed (modest: the uploaded updates, with error feedback, and the versions; gossip: the models the
+receivers form them from), against the same uncompressed H small baseline; each gets its verdict.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
