@@ -28,6 +28,9 @@ averaging, the same total local steps: ``--diloco-steps`` (default ``--steps``, 
 validation loss is <= L0, the H small run's final loss (the claim at equal loss; "never" if H large does
 not get there); ``MB to reach L``: the same at L, the larger of the two final losses (both reach it).
 ``ratio at`` = the H small run's bytes to that loss / this run's. The verdict is the ratio at L0.
+``--diloco-compressions`` (default ``int8``) adds an H large row per format with the pseudo-gradients
+compressed (modest: the uploaded updates, with error feedback, and the versions; gossip: the models the
+receivers form them from), against the same uncompressed H small baseline; each gets its verdict.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
@@ -183,8 +186,9 @@ def compression_table(cases: list[Case], mbps: float) -> list[str]:
     return lines
 
 
-def diloco_table(small: Case, large: Case, mbps: float) -> tuple[list[str], float]:
-    """(b): H small plain against H large + outer step, and the bytes each sends to reach two losses.
+def diloco_table(small: Case, large: Case, mbps: float, more: list[Case] | None = None) -> tuple[list[str], float]:
+    """(b): H small plain against H large + outer step, and the bytes each sends to reach two losses (`more`:
+    further H large rows, e.g. int8 pseudo-gradients, against the same losses).
 
     ``L0`` is the H small run's final loss (the claim at equal loss: does H large reach it, and with how many
     bytes?); ``L`` the larger of the two final losses, which both runs reach. Returns the lines and ``L``.
@@ -194,13 +198,14 @@ def diloco_table(small: Case, large: Case, mbps: float) -> tuple[list[str], floa
              f"| MB to reach L0={small.val_loss:.4f} | ratio at L0 | MB to reach L={target:.4f} | ratio at L "
              f"| uplink s/round @{mbps:g} Mbit/s | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    cells: list[list[str]] = [[], []]
+    runs = [small, large, *(more or [])]
+    cells: list[list[str]] = [[] for _ in runs]
     for loss in (small.val_loss, target):
         reach_small = small.bytes_to_reach(loss)
-        for i, c in enumerate((small, large)):
+        for i, c in enumerate(runs):
             reach = c.bytes_to_reach(loss)
             cells[i] += [_fmt_bytes(reach), f"{reach_small / reach:.2f}x" if reach and reach_small else "-"]
-    for c, extra in zip((small, large), cells, strict=True):
+    for c, extra in zip(runs, cells, strict=True):
         lines.append(f"| {c.label} | {c.rounds} | {c.val_loss:.4f} | {c.perplexity:.2f} "
                      f"| {c.val_loss / small.val_loss:.4f} | {c.total_bytes / 1e6:.2f} "
                      f"| {small.total_bytes / max(1, c.total_bytes):.2f}x | {' | '.join(extra)} "
@@ -208,8 +213,9 @@ def diloco_table(small: Case, large: Case, mbps: float) -> tuple[list[str], floa
     return lines, target
 
 
-def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | None) -> list[str]:
-    """Lines that say whether the targets are met on `topology`."""
+def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | None,
+             more: list[Case] | None = None) -> list[str]:
+    """Lines that say whether the targets are met on `topology` (`more`: further H large runs, each judged)."""
     out: list[str] = []
     base = next((c for c in comp if c.compression == "none"), None)
     int8 = next((c for c in comp if c.compression == "int8"), None)
@@ -219,17 +225,20 @@ def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | 
         ok = lr_ <= INT8_LOSS_RATIO_MAX and br >= INT8_BYTES_RATIO_MIN
         out.append(f"{topology}: int8 loss ratio {lr_:.4f} (target <= {INT8_LOSS_RATIO_MAX}), bytes ratio {br:.2f}x "
                    f"(target >= {INT8_BYTES_RATIO_MIN}x): {'MEETS' if ok else 'MISSES'}")
-    if small is not None and large is not None:
-        reach = large.bytes_to_reach(small.val_loss)
+    for run in ([large] if large is not None else []) + (more or []):
+        if small is None:
+            break
+        name = f"H={run.local_steps} + outer" + (f" ({run.compression})" if run.compression != "none" else "")
+        reach = run.bytes_to_reach(small.val_loss)
         if reach is None:
-            out.append(f"{topology}: H={large.local_steps} + outer does not reach H={small.local_steps}'s loss "
-                       f"{small.val_loss:.4f} (it ends at {large.val_loss:.4f}): MISSES")
+            out.append(f"{topology}: {name} does not reach H={small.local_steps}'s loss "
+                       f"{small.val_loss:.4f} (it ends at {run.val_loss:.4f}): MISSES")
         else:
             # Both at their first evaluation at or below that loss: H small may reach its own final loss
             # before its last round (the curve is not monotone), which is what it needed to send.
             ratio = (small.bytes_to_reach(small.val_loss) or small.total_bytes) / reach
             ok = ratio >= DILOCO_BYTES_RATIO_MIN
-            out.append(f"{topology}: H={large.local_steps} + outer reaches H={small.local_steps}'s final loss "
+            out.append(f"{topology}: {name} reaches H={small.local_steps}'s final loss "
                        f"{small.val_loss:.4f} with {ratio:.2f}x fewer bytes (target >= {DILOCO_BYTES_RATIO_MIN}x): "
                        f"{'MEETS' if ok else 'MISSES'}")
     return out
@@ -264,6 +273,7 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
                 say(line)
             say()
         small = large = None
+        more: list[Case] = []
         if not args.no_diloco:
             steps = args.diloco_steps
             label = f"H={args.h_small} plain"
@@ -272,15 +282,19 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
                 small = Case(**{**asdict(base), "label": label})
             else:  # (b) runs longer than (a), or (a) was skipped: its own baseline
                 small = run_case(args, topology, label, "none", args.h_small, None, steps)
-            large = run_case(args, topology, f"H={args.h_large} + outer (lr {args.outer_lr:g}, "
-                             f"Nesterov {args.outer_momentum:g})", "none", args.h_large, args.outer_lr, steps)
+            label_large = f"H={args.h_large} + outer (lr {args.outer_lr:g}, Nesterov {args.outer_momentum:g})"
+            large = run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps)
+            # The pseudo-gradients (modest: uploads; gossip: the models they are formed from) in a lossy format.
+            more = [run_case(args, topology, f"{label_large}, {fmt}", fmt, args.h_large, args.outer_lr, steps)
+                    for fmt in args.diloco_compressions if fmt != "none" and allowed(fmt, topology)]
             say(f"(b) DiLoCo, {steps} local steps each (warm-up {warmup_of(args, steps)}, cosine to {steps})\n")
-            table, target = diloco_table(small, large, args.bandwidth_mbps)
+            table, target = diloco_table(small, large, args.bandwidth_mbps, more)
             for line in table:
                 say(line)
             say()
-            entry["diloco"] = {"small": asdict(small), "large": asdict(large), "common_loss": target}
-        entry["verdicts"] = verdicts(topology, comp, small, large)
+            entry["diloco"] = {"small": asdict(small), "large": asdict(large), "common_loss": target,
+                               "more": [asdict(c) for c in more]}
+        entry["verdicts"] = verdicts(topology, comp, small, large, more)
         for line in entry["verdicts"]:
             say(line)
         say()
@@ -307,6 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer learning rate (default 1.0)")
     ap.add_argument("--outer-momentum", type=float, default=0.5, help="outer Nesterov momentum (default 0.5)")
     ap.add_argument("--no-diloco", action="store_true", help="skip (b)")
+    ap.add_argument("--diloco-compressions", default="int8",
+                    help="comma-separated formats of further H-large rows in (b), against the same uncompressed "
+                         "H-small baseline (default int8, OpenDiLoCo's practice; empty: none)")
     ap.add_argument("--diloco-steps", type=int, default=None,
                     help="local steps per trainer of (b) (default --steps; longer runs its own H-small baseline)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per local step (default 8)")
@@ -324,6 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.topologies = [t for t in args.topologies.split(",") if t]
     args.compressions = [c for c in args.compressions.split(",") if c]
+    args.diloco_compressions = [c for c in args.diloco_compressions.split(",") if c]
     if args.diloco_steps is None:
         args.diloco_steps = args.steps
     if args.h_small < 1 or args.h_large < 1 or min(args.steps, args.diloco_steps) < max(args.h_small, args.h_large):

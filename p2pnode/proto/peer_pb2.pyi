@@ -57,7 +57,7 @@ MEMBER_JOIN: MemberStatus
 MEMBER_LEAVE: MemberStatus
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "compression", "wire_bytes", "block_size", "blocks", "k", "value_dtype")
+    __slots__ = ("name", "dtype", "shape", "compression", "wire_bytes", "block_size", "blocks", "k", "value_dtype", "scale_dtype", "scale_exponent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class TensorSpec(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -76,7 +78,9 @@ class TensorSpec(_message.Message):
     blocks: int
     k: int
     value_dtype: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[TensorCompression, str]] = ..., wire_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., k: _Optional[int] = ..., value_dtype: _Optional[str] = ...) -> None: ...
+    scale_dtype: str
+    scale_exponent: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[TensorCompression, str]] = ..., wire_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ..., k: _Optional[int] = ..., value_dtype: _Optional[str] = ..., scale_dtype: _Optional[str] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("method", "body", "tensors", "payload_bytes", "error", "error_message", "nonce", "sent_at", "admission")
@@ -241,7 +245,7 @@ class ModestModelAck(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round_estimate: _Optional[int] = ...) -> None: ...
 
 class ModestUpdate(_message.Message):
-    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest", "secure", "aggregators")
+    __slots__ = ("run_id", "config_hash", "round", "round_estimate", "view", "base_digest", "train_loss", "examples", "parent_digest", "secure", "aggregators", "base_sender")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +257,7 @@ class ModestUpdate(_message.Message):
     PARENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATORS_FIELD_NUMBER: _ClassVar[int]
+    BASE_SENDER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     round: int
@@ -264,7 +269,8 @@ class ModestUpdate(_message.Message):
     parent_digest: bytes
     secure: bool
     aggregators: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ..., secure: _Optional[bool] = ..., aggregators: _Optional[_Iterable[str]] = ...) -> None: ...
+    base_sender: str
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., round_estimate: _Optional[int] = ..., view: _Optional[_Union[MembershipView, _Mapping]] = ..., base_digest: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., examples: _Optional[int] = ..., parent_digest: _Optional[bytes] = ..., secure: _Optional[bool] = ..., aggregators: _Optional[_Iterable[str]] = ..., base_sender: _Optional[str] = ...) -> None: ...
 
 class ModestGroupSums(_message.Message):
     __slots__ = ("run_id", "config_hash", "index", "base_digest", "groups", "left_out")
@@ -319,16 +325,18 @@ class ModestAggAck(_message.Message):
     def __init__(self, round: _Optional[int] = ..., success: _Optional[bool] = ..., reason: _Optional[str] = ..., round_estimate: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sample: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModestBaseRequest(_message.Message):
-    __slots__ = ("run_id", "config_hash", "round", "digest")
+    __slots__ = ("run_id", "config_hash", "round", "digest", "outer_only")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTER_ONLY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_hash: str
     round: int
     digest: bytes
-    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    outer_only: bool
+    def __init__(self, run_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[bytes] = ..., outer_only: _Optional[bool] = ...) -> None: ...
 
 class ModestBaseResponse(_message.Message):
     __slots__ = ("found", "round")

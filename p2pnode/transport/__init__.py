@@ -2,6 +2,7 @@
 
 from p2pnode.transport.base import Handler, TrafficStats, Transport
 from p2pnode.transport.codec import Message
-from p2pnode.transport.compression import Compression, ErrorFeedback, parse_compression
+from p2pnode.transport.compression import Compression, parse_compression
+from p2pnode.transport.feedback import ErrorFeedback
 
 __all__ = ["Compression", "ErrorFeedback", "Handler", "Message", "TrafficStats", "Transport", "parse_compression"]

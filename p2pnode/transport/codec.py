@@ -29,6 +29,7 @@ from google.protobuf.message import Message as ProtoMessage
 from p2pnode.errors import BadMessage
 from p2pnode.proto import peer_pb2
 from p2pnode.transport import compression as _compression
+from p2pnode.transport import decoding as _decoding
 from p2pnode.transport.clock import wall_time
 from p2pnode.transport.compression import CompressedTensor, Compression
 
@@ -237,7 +238,7 @@ def parse_envelope(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MA
             raise BadMessage(f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}", code="bad_shape")
         if any(d < 0 for d in spec.shape) or len(spec.shape) > 16:
             raise BadMessage(f"tensor {spec.name!r} has an invalid shape {list(spec.shape)}", code="malformed")
-        wire, raw = _compression.check_spec(spec, DTYPES[spec.dtype].itemsize)
+        wire, raw = _decoding.check_spec(spec, DTYPES[spec.dtype].itemsize)
         expected += wire
         decoded += raw
     if expected != env.payload_bytes:
@@ -252,7 +253,7 @@ def parse_envelope(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MA
 
 def decoded_bytes(env: peer_pb2.Envelope) -> int:
     """Size of an (already checked) envelope's tensors once decoded, in bytes."""
-    return sum(_compression.check_spec(s, DTYPES[s.dtype].itemsize)[1] for s in env.tensors)
+    return sum(_decoding.check_spec(s, DTYPES[s.dtype].itemsize)[1] for s in env.tensors)
 
 
 def decode_tensors(env: peer_pb2.Envelope, payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
@@ -269,7 +270,7 @@ def decode_tensors(env: peer_pb2.Envelope, payload: bytearray | memoryview) -> d
             raise BadMessage(f"tensor {spec.name!r} appears twice", code="malformed")
         if spec.compression != peer_pb2.COMPRESSION_NONE:
             nbytes = spec.wire_bytes
-            out[spec.name] = _compression.decode(spec, view[offset:offset + nbytes])
+            out[spec.name] = _decoding.decode(spec, view[offset:offset + nbytes])
             offset += nbytes
             continue
         numel = 1

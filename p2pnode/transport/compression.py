@@ -4,8 +4,9 @@ A `Compression` names a format (``none``, ``fp16``, ``bf16``, ``int8[:<block>]``
 `compress` turns one floating-point tensor into a `CompressedTensor` (the byte parts that go on the
 wire and the header fields of its `TensorSpec`), `decompress` turns it back, exactly as a receiver does.
 The receiver needs no setting of its own: every tensor's `TensorSpec` says how it was encoded, and
-`check_spec` (header only, before anything is allocated) and `decode` (payload) refuse whatever does
-not add up, with a reason code that the transport counts (`TrafficStats.rejected`):
+`p2pnode.transport.decoding` (`check_spec`, header only, before anything is allocated, and `decode`,
+payload) refuses whatever does not add up, with a reason code that the transport counts
+(`TrafficStats.rejected`):
 
 - ``bad_compression``: an unknown format, a compressed non-floating dtype, fields of another format, or
   header sizes that disagree (``wire_bytes`` against the format's layout);
@@ -17,29 +18,30 @@ not add up, with a reason code that the transport counts (`TrafficStats.rejected
 Wire layout of one tensor (little-endian, ``n = numel``):
 
 - fp16 / bf16: ``n`` 2-byte values;
-- int8: ``blocks`` float32 scales, then ``n`` int8 codes; element ``i`` is ``code[i] * scale[i // block]``
-  (one scale when ``block_size`` is 0); codes are ``round(x / scale)`` with ``scale = absmax / 127``, so the
-  error of each element is at most half its block's scale;
+- int8: ``blocks`` scales (``scale_dtype``: float16 times ``2^scale_exponent``, the exponent chosen per
+  tensor so that its largest scale is near 2^14, where every nonzero scale then lands in float16's normal
+  range; else float32), then ``n`` int8 codes; element ``i`` is ``code[i] * scale[i // block]`` (one
+  scale when ``block_size`` is 0); codes are ``round(x / scale)`` with ``scale = absmax / 127`` (in float16
+  rounded up, so that no code exceeds 127), so the error of each element is at most half its block's scale;
 - top-k: ``k`` int32 indices, strictly increasing, then ``k`` values (of ``value_dtype``, default the
   tensor's dtype); every other element is 0.
 
-`ErrorFeedback` keeps, per stream (a destination peer, or one stream for everyone), what lossy
-compression left out, and adds it to the next message of that stream, so that the sum of what a receiver
-decodes over rounds tracks the sum of what was meant (docs/compression.md).
+`p2pnode.transport.feedback.ErrorFeedback` keeps, per stream (a destination peer, or one stream for
+everyone), what lossy compression left out, and adds it to the next message of that stream, so that the
+sum of what a receiver decodes over rounds tracks the sum of what was meant (docs/compression.md).
 
 Pure tensor code: it imports only the generated protos and the error types.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from p2pnode.errors import BadMessage, ConfigError
+from p2pnode.errors import ConfigError
 from p2pnode.proto import peer_pb2
 
 __all__ = [
@@ -47,20 +49,17 @@ __all__ = [
     "NONE",
     "CompressedTensor",
     "Compression",
-    "ErrorFeedback",
     "check_combination",
-    "check_spec",
     "compress",
     "compress_exact",
     "compress_state",
     "compress_state_exact",
-    "decode",
     "decompress",
     "parse_compression",
 ]
 
-#: Default int8 block: elements per float32 scale. 1024 costs 0.4 % in scales (3.98x smaller than
-#: float32) while keeping each block's error tied to its own largest value.
+#: Default int8 block: elements per scale. 1024 costs 0.2 % in float16 scales (0.4 % in float32; 3.99x
+#: smaller than float32) while keeping each block's error tied to its own largest value.
 DEFAULT_BLOCK_SIZE = 1024
 #: Largest int8 block size accepted (header field), in elements.
 MAX_BLOCK_SIZE = 1 << 24
@@ -81,6 +80,17 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 _FLOAT_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+#: Smallest normal float16 (2^-14): int8 scales travel as float16 only where every nonzero one, shifted by the
+#: tensor's exponent, is at least this, so that rounding one up (by at most 2^-10 of it) keeps its block's
+#: absmax at code 127 and a decoded tensor re-encodes to the same scales and codes (`compress_exact`).
+_FP16_MIN_NORMAL = float(torch.finfo(torch.float16).tiny)
+#: Range of ``TensorSpec.scale_exponent``: 2^e is a normal float32 (header outside it: ``bad_scale``).
+SCALE_EXPONENT_MIN, SCALE_EXPONENT_MAX = -126, 127
+#: The float16 value the largest scale of a tensor is shifted to (by a power of two): 2^14 leaves 28
+#: binades below it in float16's normal range and a factor 4 above.
+_SCALE_TOP = 14
+#: dtypes int8 scales may travel in (``TensorSpec.scale_dtype``; empty means float32).
+SCALE_DTYPES: dict[str, torch.dtype] = {"": torch.float32, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,8 @@ class CompressedTensor:
     block_size: int = 0
     blocks: int = 0
     k: int = 0
+    #: int8 with float16 scales: the scales are ``parts[0] * 2^scale_exponent``.
+    scale_exponent: int = 0
 
     @property
     def numel(self) -> int:
@@ -216,6 +228,9 @@ class CompressedTensor:
         spec.wire_bytes = self.wire_bytes
         if self.kind == "int8":
             spec.block_size, spec.blocks = self.block_size, self.blocks
+            if self.parts[0].dtype == torch.float16:
+                spec.scale_dtype = "float16"
+                spec.scale_exponent = self.scale_exponent
         elif self.kind == "topk":
             spec.k = self.k
 
@@ -295,11 +310,58 @@ def _int8(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], block_
         pieces.append((x[k:].view(1, n - k), slice(blocks - 1, blocks)))
     for grid, rows in pieces:
         scale[rows] = torch.maximum(grid.amax(dim=1), grid.amin(dim=1).neg_()) / 127.0
+    half = _fp16_scales(scale)
+    if half is not None:
+        scale = _scale_values(*half)  # the codes are computed with the scales the receiver gets
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     for grid, rows in pieces:
         lo = rows.start * size
         codes[lo:lo + grid.numel()] = (grid * inv[rows, None]).round_().clamp_(-127, 127).reshape(-1)
-    return CompressedTensor("int8", dtype, shape, (scale, codes), block_size=block_size, blocks=blocks)
+    if half is None:
+        return CompressedTensor("int8", dtype, shape, (scale, codes), block_size=block_size, blocks=blocks)
+    return CompressedTensor("int8", dtype, shape, (half[0], codes), block_size=block_size, blocks=blocks,
+                            scale_exponent=half[1])
+
+
+def _scale_values(half: torch.Tensor, exponent: int) -> torch.Tensor:
+    """The float32 scales of float16 wire scales `half` shifted by ``2^exponent`` (exact where normal)."""
+    return half.to(torch.float32) * torch.tensor(2.0 ** exponent, dtype=torch.float32)
+
+
+def _fp16_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """`scale` as float16 values and a power of two (``scale <= half * 2^e``), each rounded up to the next
+    float16 value at or above it; None when a nonzero scale would leave float16's normal range (then the
+    tensor's scales travel as float32).
+
+    Rounded up, not to nearest: a scale below ``absmax / 127`` would put the block's largest element beyond
+    code 127. One float16 step is at most 2^-10 of a normal value, so the error bound (half a scale) grows by
+    at most that factor, and the largest element still codes to 127 (``127 / (1 + 2^-10) > 126.5``).
+    """
+    if scale.numel() == 0:
+        return None
+    top = float(scale.max())
+    if top == 0.0:
+        return torch.zeros(scale.numel(), dtype=torch.float16), 0
+    exponent = math.frexp(top)[1] - 1 - _SCALE_TOP  # top * 2^-exponent lies in [2^14, 2^15)
+    if not SCALE_EXPONENT_MIN <= exponent <= SCALE_EXPONENT_MAX:
+        return None
+    # Power-of-two shift in float64: exact, and no float32 underflow on the way.
+    shifted = scale.to(torch.float64) * 2.0 ** -exponent
+    nonzero = shifted[shifted > 0]
+    if float(nonzero.min()) < _FP16_MIN_NORMAL:
+        return None
+    half = shifted.to(torch.float16)
+    low = half.to(torch.float64) < shifted
+    if bool(low.any()):
+        # Positive float16 values are ordered as their bit patterns: the next one up is one more.
+        bits = half.view(torch.int16)
+        bits[low] += 1
+    # The receiver's float32 scales must cover absmax / 127 too (float32 cannot lose what float16 holds
+    # exactly, unless 2^exponent times it is subnormal: then float32 scales).
+    values = _scale_values(half, exponent)
+    if not bool((values >= scale).all()):
+        return None
+    return half, exponent
 
 
 def _topk(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], fraction: float) -> CompressedTensor:
@@ -322,7 +384,8 @@ def decompress(c: CompressedTensor) -> torch.Tensor:
         return c.parts[0].to(c.dtype).reshape(c.shape)
     if c.kind == "int8":
         scale, codes = c.parts
-        return _int8_values(scale, codes, c.block_size, c.numel).to(c.dtype).reshape(c.shape)
+        values = _scale_values(scale, c.scale_exponent) if scale.dtype == torch.float16 else scale
+        return _int8_values(values, codes, c.block_size, c.numel).to(c.dtype).reshape(c.shape)
     idx, values = c.parts
     out = torch.zeros(c.numel, dtype=c.dtype)
     out[idx.to(torch.int64)] = values.to(c.dtype)
@@ -344,114 +407,7 @@ def _int8_values(scale: torch.Tensor, codes: torch.Tensor, block_size: int, n: i
     return out
 
 
-# -- receiving -------------------------------------------------------------------------------------------
-def _numel(spec: peer_pb2.TensorSpec) -> int:
-    return math.prod(spec.shape)
-
-
-def check_spec(spec: peer_pb2.TensorSpec, itemsize: int) -> tuple[int, int]:
-    """Check one tensor header; return (bytes on the wire, bytes once decoded). Allocates nothing.
-
-    Args:
-        spec: the header (its dtype name is known and its shape valid: `codec.parse_envelope` checks them).
-        itemsize: bytes per element of the decoded dtype.
-
-    Raises `BadMessage` (``bad_compression``, ``bad_blocks``, ``bad_index``) when the fields disagree.
-    """
-    n = _numel(spec)
-    raw = n * itemsize
-    kind = _KIND_OF.get(spec.compression)
-    name = repr(spec.name[:100])
-    if kind is None:
-        raise BadMessage(f"tensor {name} has unknown compression {int(spec.compression)}", code="bad_compression")
-    if kind == "none":
-        if spec.wire_bytes or spec.block_size or spec.blocks or spec.k or spec.value_dtype:
-            raise BadMessage(f"uncompressed tensor {name} carries compression fields", code="bad_compression")
-        return raw, raw
-    if spec.dtype not in FLOAT_DTYPES:
-        raise BadMessage(f"tensor {name} of dtype {spec.dtype[:20]!r} is compressed; only floating tensors "
-                         f"may be", code="bad_compression")
-    if kind != "int8" and (spec.block_size or spec.blocks):
-        raise BadMessage(f"{kind} tensor {name} carries int8 block fields", code="bad_compression")
-    if kind != "topk" and (spec.k or spec.value_dtype):
-        raise BadMessage(f"{kind} tensor {name} carries top-k fields", code="bad_compression")
-    if kind in ("fp16", "bf16"):
-        expected = 2 * n
-    elif kind == "int8":
-        if spec.block_size > MAX_BLOCK_SIZE:
-            raise BadMessage(f"int8 tensor {name} has block size {spec.block_size} > {MAX_BLOCK_SIZE}",
-                             code="bad_blocks")
-        blocks = _blocks(n, spec.block_size)
-        if spec.blocks != blocks:
-            raise BadMessage(f"int8 tensor {name} of {n} elements in blocks of {spec.block_size} needs {blocks} "
-                             f"scales, its header says {spec.blocks}", code="bad_blocks")
-        expected = 4 * blocks + n
-    else:
-        if spec.value_dtype and spec.value_dtype not in FLOAT_DTYPES:
-            raise BadMessage(f"top-k tensor {name} has unknown value dtype {spec.value_dtype[:20]!r}",
-                             code="bad_compression")
-        if n > MAX_TOPK_NUMEL:
-            raise BadMessage(f"top-k tensor {name} of {n} elements: indices are int32", code="bad_compression")
-        if spec.k > n:
-            raise BadMessage(f"top-k tensor {name} keeps {spec.k} of {n} elements", code="bad_index")
-        value_size = FLOAT_DTYPES[spec.value_dtype or spec.dtype].itemsize
-        expected = spec.k * (4 + value_size)
-    if spec.wire_bytes != expected:
-        raise BadMessage(f"{kind} tensor {name} of shape {list(spec.shape)[:16]} takes {expected} bytes, its header "
-                         f"says {spec.wire_bytes}", code="bad_compression")
-    return expected, raw
-
-
-def _finite(t: torch.Tensor, what: str) -> None:
-    if not _all_finite(t):
-        raise BadMessage(f"{what} decodes to NaN or Inf", code="non_finite")
-
-
-def decode(spec: peer_pb2.TensorSpec, chunk: memoryview) -> torch.Tensor:
-    """Decode one compressed tensor from its wire bytes (`check_spec` passed; ``len(chunk) == wire_bytes``).
-
-    Raises `BadMessage` (``bad_scale``, ``bad_index``, ``non_finite``); returns a fresh tensor of the
-    spec's dtype and shape.
-    """
-    kind = _KIND_OF[spec.compression]
-    dtype = FLOAT_DTYPES[spec.dtype]
-    shape = tuple(spec.shape)
-    n = _numel(spec)
-    name = repr(spec.name[:100])
-    data = bytes(chunk)  # one copy: a writable, aligned buffer whatever the offset in the message
-
-    def view(start: int, count: int, dt: torch.dtype) -> torch.Tensor:
-        if count == 0:
-            return torch.zeros(0, dtype=dt)
-        return torch.frombuffer(bytearray(data[start:start + count * dt.itemsize]), dtype=dt)
-
-    if kind in ("fp16", "bf16"):
-        out = view(0, n, torch.float16 if kind == "fp16" else torch.bfloat16).to(dtype)
-        _finite(out, f"tensor {name}")
-        return out.reshape(shape)
-    if kind == "int8":
-        scale = view(0, spec.blocks, torch.float32)
-        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-            raise BadMessage(f"int8 tensor {name} has a NaN, infinite or negative scale", code="bad_scale")
-        codes = view(4 * spec.blocks, n, torch.int8)
-        out = _int8_values(scale, codes, spec.block_size, n)
-        _finite(out, f"int8 tensor {name}")  # finite scales can still overflow float32 times 127
-        return out.to(dtype).reshape(shape)
-    vdtype = FLOAT_DTYPES[spec.value_dtype or spec.dtype]
-    k = spec.k
-    idx = view(0, k, torch.int32).to(torch.int64)
-    if k and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
-        raise BadMessage(f"top-k tensor {name} has indices out of [0, {n}), repeated or out of order",
-                         code="bad_index")
-    values = view(4 * k, k, vdtype)
-    _finite(values, f"top-k tensor {name}")
-    out = torch.zeros(n, dtype=dtype)
-    out[idx] = values.to(dtype)
-    _finite(out, f"top-k tensor {name}")
-    return out.reshape(shape)
-
-
-# -- states and error feedback ---------------------------------------------------------------------------
+# -- states ---------------------------------------------------------------------------------
 def compress_state(state: Mapping[str, torch.Tensor], compression: Compression) -> dict[str, CompressedTensor]:
     """`compress` each tensor of `state` (non-floating ones travel raw)."""
     return {k: compress(v, compression) for k, v in state.items()}
@@ -487,78 +443,3 @@ def compress_state_exact(state: Mapping[str, torch.Tensor], compression: Compres
                          ) -> dict[str, CompressedTensor]:
     """`compress_exact` each tensor of `state`: what the receiver decodes is `state` bit for bit."""
     return {k: compress_exact(v, compression) for k, v in state.items()}
-
-
-@dataclass
-class _Residual:
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class ErrorFeedback:
-    """Error feedback for lossy compression: what one message left out is added to the next one.
-
-    For each stream (a destination peer id, or ``""`` for one stream shared by all destinations) it keeps
-    the residual ``e = (x + e_prev) - decoded(x + e_prev)`` of the last message and sends ``x + e`` next
-    time, so the running sum of what the receiver decodes stays within one residual of the running sum
-    of the inputs. A protocol holds one per kind of message it compresses.
-
-    Use it for values the receiver accumulates (updates, DiLoCo pseudo-gradients): there the residual
-    arrives one message later and nothing is lost. A whole model is not accumulated, so feedback would
-    only add last round's residual to this round's error: compress models without it.
-
-    Args:
-        compression: the format (``none``: `compress` only wraps the tensors; no residual is kept).
-        max_streams: most streams with a residual (default 16); the least recently used is dropped
-            (its next message starts without feedback). Each residual is one model's floating tensors
-            in float32 or their own dtype, so memory is at most ``max_streams`` models.
-    """
-
-    def __init__(self, compression: Compression | str, *, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
-        if max_streams < 1:
-            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
-        self.compression = parse_compression(compression)
-        self.max_streams = max_streams
-        self._streams: collections.OrderedDict[str, _Residual] = collections.OrderedDict()
-
-    def compress(self, state: Mapping[str, torch.Tensor], stream: str = "") -> dict[str, CompressedTensor]:
-        """Compress `state` for `stream`, with that stream's residual added; keep the new residual.
-
-        A residual whose tensor names or shapes no longer match `state` is dropped (a new model).
-        """
-        c = self.compression
-        if not c.lossy:
-            return compress_state(state, c)
-        res = self._streams.pop(stream, None) or _Residual()
-        while len(self._streams) >= self.max_streams:
-            self._streams.popitem(last=False)
-        out: dict[str, CompressedTensor] = {}
-        new = _Residual()
-        for name, t in state.items():
-            t = t.detach().cpu()
-            if t.dtype not in _FLOAT_NAMES:
-                out[name] = compress(t, c)
-                continue
-            prev = res.tensors.get(name)
-            x = t + prev if prev is not None and prev.shape == t.shape and prev.dtype == t.dtype else t
-            sent = compress(x, c)
-            out[name] = sent
-            new.tensors[name] = x - decompress(sent)
-        self._streams[stream] = new
-        return out
-
-    def residual(self, stream: str = "") -> dict[str, torch.Tensor]:
-        """The residual kept for `stream` (empty when none)."""
-        res = self._streams.get(stream)
-        return dict(res.tensors) if res is not None else {}
-
-    def reset(self, stream: str | None = None) -> None:
-        """Forget the residual of `stream`, or of every stream (None)."""
-        if stream is None:
-            self._streams.clear()
-        else:
-            self._streams.pop(stream, None)
-
-    @property
-    def streams(self) -> list[str]:
-        """Streams with a residual, least recently used first."""
-        return list(self._streams)

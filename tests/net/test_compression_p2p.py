@@ -10,7 +10,8 @@ import torch
 from netutil import NetworkGuard, start_p2p
 from p2pnode.proto import peer_pb2
 from p2pnode.transport.codec import Message
-from p2pnode.transport.compression import ErrorFeedback, decompress
+from p2pnode.transport.compression import decompress
+from p2pnode.transport.feedback import ErrorFeedback
 from p2pnode.transport.p2p import P2PTransport
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]

@@ -19,13 +19,14 @@ from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.compression import (
     DEFAULT_BLOCK_SIZE,
     Compression,
-    ErrorFeedback,
     check_combination,
     compress,
+    compress_exact,
     compress_state,
     decompress,
     parse_compression,
 )
+from p2pnode.transport.feedback import ErrorFeedback
 from p2pnode.transport.memory import LinkModel, MemoryNetwork, NetworkModel
 from simutil import make_group
 
@@ -72,7 +73,8 @@ def test_int8_error_is_at_most_half_a_scale_per_block(block: int) -> None:
     x = randn(50_001, seed=1)
     x[:100] *= 50.0  # one loud block: blockwise scales keep the others precise
     c = compress(x, Compression("int8", block_size=block))
-    scale = c.parts[0]
+    assert c.parts[0].dtype == torch.float16  # randn's scales fit float16 once shifted
+    scale = c.parts[0].to(torch.float32) * 2.0 ** c.scale_exponent
     y = decompress(c)
     err = (y - x).abs()
     per = scale.repeat_interleave(block)[:x.numel()] if block else scale.expand(x.numel())
@@ -82,6 +84,39 @@ def test_int8_error_is_at_most_half_a_scale_per_block(block: int) -> None:
     assert torch.equal(out["x"], y)  # the receiver decodes exactly what the sender computes
     if block:  # far from the loud block, the error follows the local scale, not the loud one
         assert float(err[10_000:].max()) < float(scale.max()) / 20
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e-3, 1.0, 1e7, 1e30])
+def test_int8_float16_scales_at_any_magnitude_round_up_and_reencode_exactly(magnitude: float) -> None:
+    """Scales travel as float16 times a power of two, whatever the tensor's magnitude: rounded up (no code
+    beyond 127, error <= half the float32 scale * (1 + 2^-10)) and re-encoding the decoded tensor gives the
+    same bytes (compress_exact)."""
+    x = randn(10_000, seed=3, scale=magnitude)
+    x[:2048] *= 1e-3  # two quiet blocks, 10 binades below the loud ones: still in float16's range once shifted
+    c = compress(x, parse_compression("int8"))
+    assert c.parts[0].dtype == torch.float16 and c.wire_bytes == 2 * c.blocks + x.numel()
+    y = decompress(c)
+    for b in range(c.blocks):
+        blk = x[b * 1024:(b + 1) * 1024]
+        scale32 = float(blk.abs().max()) / 127
+        assert float((y[b * 1024:(b + 1) * 1024] - blk).abs().max()) <= scale32 / 2 * (1 + 2 ** -10) * (1 + 1e-6)
+    assert int(c.parts[1].abs().max()) == 127
+    again = compress_exact(y, parse_compression("int8"))
+    assert again.kind == "int8" and again.parts[0].dtype == torch.float16 and torch.equal(decompress(again), y)
+    out, _ = roundtrip({"x": x}, "int8")
+    assert torch.equal(out["x"], y)
+
+
+def test_int8_scales_beyond_float16s_range_travel_float32() -> None:
+    """A tensor whose block scales span more than float16's normal range (about 2^30) keeps float32 scales."""
+    x = randn(4096, seed=4)
+    x[:1024] *= 1e-12  # 40 binades below the loud blocks
+    c = compress(x, parse_compression("int8"))
+    assert c.parts[0].dtype == torch.float32 and c.wire_bytes == 4 * c.blocks + x.numel()
+    out, _ = roundtrip({"x": x}, "int8")
+    assert torch.equal(out["x"], decompress(c))
+    assert float((out["x"][:1024] - x[:1024]).abs().max()) <= float(x[:1024].abs().max()) / 254 * (1 + 1e-6)
+    assert torch.equal(decompress(compress_exact(out["x"], parse_compression("int8"))), out["x"])
 
 
 def test_int8_of_zeros_and_empty_tensors() -> None:
@@ -117,8 +152,8 @@ def test_compression_ratios_against_float32() -> None:
     ratios = {fmt: plain / roundtrip(state, fmt)[1] for fmt in ("fp16", "bf16", "int8", "int8:256", "int8:0",
                                                                  "topk:0.01")}
     assert ratios["fp16"] > 1.99 and ratios["bf16"] > 1.99
-    assert ratios["int8"] > 3.95  # blocks of 1024: 1 + 4/1024 bytes per element
-    assert ratios["int8:256"] > 3.9
+    assert ratios["int8"] > 3.98  # blocks of 1024: 1 + 2/1024 bytes per element (float16 scales)
+    assert ratios["int8:256"] > 3.95
     assert ratios["int8:0"] > 3.99
     assert ratios["topk:0.01"] > 45  # 8 bytes (index + value) per kept element out of 100
 
@@ -216,6 +251,34 @@ def _set_f32(payload: bytearray, offset: int, value: float) -> None:
     payload[offset:offset + 4] = struct.pack("<f", value)
 
 
+def _set_scale(env: peer_pb2.Envelope, payload: bytearray, i: int, value: float) -> None:
+    """Write int8 scale `i` of the (only) tensor in its wire dtype (float16 or float32); `value` as it travels."""
+    if env.tensors[0].scale_dtype == "float16":
+        payload[2 * i:2 * i + 2] = struct.pack("<e", value)
+    else:
+        _set_f32(payload, 4 * i, value)
+
+
+def _f32_scales(env: peer_pb2.Envelope, payload: bytearray) -> None:
+    """Re-encode the int8 tensor's float16 scales as float32 (the same values), as a sender may."""
+    spec = env.tensors[0]
+    assert spec.scale_dtype == "float16"
+    n = spec.blocks
+    half = torch.frombuffer(bytearray(payload[:2 * n]), dtype=torch.float16)
+    values = half.to(torch.float32) * 2.0 ** spec.scale_exponent
+    payload[:2 * n] = values.numpy().tobytes()
+    spec.scale_dtype, spec.scale_exponent = "", 0
+    spec.wire_bytes += 2 * n
+    env.payload_bytes += 2 * n
+
+
+def _then(*edits: Callable[[peer_pb2.Envelope, bytearray], None]) -> Callable[[peer_pb2.Envelope, bytearray], None]:
+    def run(env: peer_pb2.Envelope, payload: bytearray) -> None:
+        for edit in edits:
+            edit(env, payload)
+    return run
+
+
 def _topk_index(payload: bytearray, i: int, value: int) -> None:
     payload[4 * i:4 * i + 4] = struct.pack("<i", value)
 
@@ -227,10 +290,11 @@ def _inflate(env: peer_pb2.Envelope, payload: bytearray) -> None:
 
 
 def _more_blocks(env: peer_pb2.Envelope, payload: bytearray) -> None:
+    size = 2 if env.tensors[0].scale_dtype == "float16" else 4
     env.tensors[0].blocks += 1
-    env.tensors[0].wire_bytes += 4
-    env.payload_bytes += 4
-    payload[0:0] = b"\0" * 4
+    env.tensors[0].wire_bytes += size
+    env.payload_bytes += size
+    payload[0:0] = b"\0" * size
 
 
 def _block_size(env: peer_pb2.Envelope, payload: bytearray) -> None:
@@ -242,7 +306,20 @@ def _fp16_nan(env: peer_pb2.Envelope, payload: bytearray) -> None:
 
 
 def _huge_scale(env: peer_pb2.Envelope, payload: bytearray) -> None:
-    _set_f32(payload, 0, 3e38)  # finite, but code * scale overflows float32
+    _set_scale(env, payload, 0, 3e38)  # finite, but code * scale overflows float32
+
+
+def _huge_exponent_scale(env: peer_pb2.Envelope, payload: bytearray) -> None:
+    env.tensors[0].scale_exponent = 127
+    _set_scale(env, payload, 0, 60000.0)  # finite float16, but times 2^127 beyond float32: an infinite scale
+
+
+def _scale_dtype(value: str) -> Callable[[peer_pb2.Envelope, bytearray], None]:
+    return lambda e, p: setattr(e.tensors[0], "scale_dtype", value)
+
+
+def _scale_exponent(value: int) -> Callable[[peer_pb2.Envelope, bytearray], None]:
+    return lambda e, p: setattr(e.tensors[0], "scale_exponent", value)
 
 
 def _topk_value_inf(env: peer_pb2.Envelope, payload: bytearray) -> None:
@@ -270,22 +347,36 @@ Edit = Callable[[peer_pb2.Envelope, bytearray], None]
 BAD: dict[str, tuple[str, Edit, str]] = {
     "size_mismatch": ("int8", _inflate, "bad_compression"),
     "truncated_payload": ("int8", _truncated, "malformed"),
-    "scale_nan": ("int8", lambda e, p: _set_f32(p, 4, float("nan")), "bad_scale"),
-    "scale_inf": ("int8", lambda e, p: _set_f32(p, 0, float("inf")), "bad_scale"),
-    "scale_negative": ("int8", lambda e, p: _set_f32(p, 0, -1.0), "bad_scale"),
+    # float16 scales (what int8 sends for a model's values) ...
+    "scale_nan": ("int8", lambda e, p: _set_scale(e, p, 1, float("nan")), "bad_scale"),
+    "scale_inf": ("int8", lambda e, p: _set_scale(e, p, 0, float("inf")), "bad_scale"),
+    "scale_negative": ("int8", lambda e, p: _set_scale(e, p, 0, -1.0), "bad_scale"),
+    "scale_exponent_overflow": ("int8", _huge_exponent_scale, "bad_scale"),
+    "scale_exponent_out_of_range": ("int8", _scale_exponent(-500), "bad_scale"),
+    "scale_dtype_unknown": ("int8", _scale_dtype("float64"), "bad_compression"),
+    "scale_dtype_wider": ("int8", _scale_dtype("float32"), "bad_compression"),  # wire_bytes no longer add up
     "wrong_block_count": ("int8", _more_blocks, "bad_blocks"),
     "wrong_scale_shape": ("int8", _block_size, "bad_blocks"),
+    # ... and float32 scales (a tensor whose scales do not fit float16's range)
+    "f32_scale_nan": ("int8", _then(_f32_scales, lambda e, p: _set_scale(e, p, 1, float("nan"))), "bad_scale"),
+    "f32_scale_inf": ("int8", _then(_f32_scales, lambda e, p: _set_scale(e, p, 0, float("inf"))), "bad_scale"),
+    "f32_scale_negative": ("int8", _then(_f32_scales, lambda e, p: _set_scale(e, p, 0, -1.0)), "bad_scale"),
+    "f32_scale_exponent": ("int8", _then(_f32_scales, _scale_exponent(3)), "bad_compression"),
+    "f32_wrong_block_count": ("int8", _then(_f32_scales, _more_blocks), "bad_blocks"),
+    "f32_wrong_scale_shape": ("int8", _then(_f32_scales, _block_size), "bad_blocks"),
     "topk_out_of_range": ("topk:0.1", lambda e, p: _topk_index(p, e.tensors[0].k - 1, 1 << 30), "bad_index"),
     "topk_negative": ("topk:0.1", lambda e, p: _topk_index(p, 0, -1), "bad_index"),
     "topk_duplicate": ("topk:0.1", lambda e, p: _topk_index(p, 1, struct.unpack_from("<i", p, 0)[0]),
                        "bad_index"),
     "topk_k_beyond_numel": ("topk:0.1", lambda e, p: setattr(e.tensors[0], "k", 10**6), "bad_index"),
     "fp16_nan": ("fp16", _fp16_nan, "non_finite"),
-    "int8_overflow": ("int8", _huge_scale, "non_finite"),
+    "int8_overflow": ("int8", _then(_f32_scales, _huge_scale), "non_finite"),
     "topk_inf_value": ("topk:0.1", _topk_value_inf, "non_finite"),
     "compressed_integer": ("int8", _compressed_int, "bad_compression"),
     "unknown_format": ("int8", _unknown_format, "bad_compression"),
     "stray_fields": ("int8", _stray_fields, "bad_compression"),
+    "stray_scale_dtype": ("fp16", _scale_dtype("float16"), "bad_compression"),
+    "stray_scale_exponent": ("topk:0.1", _scale_exponent(2), "bad_compression"),
 }
 
 

@@ -69,9 +69,11 @@ class AggregatorRole:
         body: peer_pb2.ModestBaseRequest = msg.body
         check_run(c.settings, sender, body)
         base = c.bases.get(int(body.round))
-        if base is None or (body.digest and bytes(body.digest) != base.digest):
+        if base is None or (body.digest and bytes(body.digest) != base.digest) or (body.outer_only and not base.outer):
             return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
         reply = peer_pb2.ModestBaseResponse(found=True, round=body.round)
+        if body.outer_only:  # the puller holds the model: the momentum alone
+            return self.version_message(reply, {}, base.outer)
         return self.version_message(reply, base.state, base.outer)
 
     def version_message(self, body: Any, state: State, outer: State) -> Message[Any]:
@@ -91,11 +93,12 @@ class AggregatorRole:
 
     async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
-                             aggregators: tuple[str, ...] = ()) -> peer_pb2.ModestAggAck:
+                             aggregators: tuple[str, ...] = (), base_sender: str = "") -> peer_pb2.ModestAggAck:
         """Add a trained model to aggregation ``round_ + 1`` and wait until that aggregation ends.
 
         `secure`: the update's metadata only (its model travels masked in the secure instance of that
-        aggregation, which a claim must have opened).
+        aggregation, which a claim must have opened). `base_sender`: who sent the trainer its base (DiLoCo:
+        the holder of the base's momentum).
         """
         c = self.core
         index = round_ + 1
@@ -114,7 +117,8 @@ class AggregatorRole:
         if secure:
             if agg is None or sender not in agg.secure_users():
                 return ack(False, "refused")  # no secure instance here that this trainer belongs to
-            agg.models.setdefault(sender, Upload({}, base_digest, parent_digest, train_loss, aggregators))
+            agg.models.setdefault(sender, Upload({}, base_digest, parent_digest, train_loss, aggregators,
+                                                 base_sender))
             agg.arrived.set()
             result = await asyncio.shield(agg.future)
             ok = result.success and sender in result.contributors
@@ -126,7 +130,7 @@ class AggregatorRole:
             c.aggregations[index] = agg
             agg.timer = c.spawn(self.deadline(agg))
         if sender not in agg.models:  # one model per sender: the first one counts
-            agg.models[sender] = Upload(state, base_digest, parent_digest, train_loss)
+            agg.models[sender] = Upload(state, base_digest, parent_digest, train_loss, base_sender=base_sender)
         if len(agg.models) >= c.threshold() and agg.state == "open":
             c.spawn(self.complete(agg))
         result = await asyncio.shield(agg.future)
@@ -155,41 +159,83 @@ class AggregatorRole:
             return
 
     async def get_base(self, agg: Aggregation) -> Base | None:
-        """Model ``index - 1`` (the contributors' start), from this node or pulled from a contributor."""
+        """Model ``index - 1`` (the contributors' start), from this node or pulled from a peer that holds it.
+
+        With an outer optimizer the base's momentum is held only where the version was built (its
+        aggregators) and where it was pulled to; trainers hold the model alone. So the pull asks the
+        peers the trainers name as their version's sender first (model and momentum), then the
+        contributors (model); a base held or pulled without its momentum gets it from those senders
+        (`outer_only`). When none of them answers, the outer step starts its momentum afresh from this
+        version (counted ``outer_momentum_lost``).
+        """
         c = self.core
         k = agg.index - 1
         digest = agg.base_digest()
         base = c.bases.get(k)
         if base is not None and (base.digest == digest or not agg.models):
-            return base  # (no models: an aborted secure aggregation whose trainers all vanished)
-        s = c.settings
-        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest)
-        for peer in sorted(agg.models):
-            if peer == c.me or agg.models[peer].base_digest != digest:
+            # (no models: an aborted secure aggregation whose trainers all vanished)
+            await self.ensure_outer(agg, base)
+            return base
+        senders = [p for p in agg.base_senders(digest) if p != c.me]
+        contributors = [p for p in sorted(agg.models)
+                        if p != c.me and agg.models[p].base_digest == digest and p not in senders]
+        for peer in senders + contributors:
+            got = await self.pull(peer, k, digest)
+            if got is None:
                 continue
-            try:
-                resp = await c.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
-                                              timeout=s.exchange_timeout_s)
-            except BadMessage as e:  # a response that does not decode: `call` counted it under its reason
-                logger.info("%s: base pull from %s refused: %s", c.me_short, short(peer), e)
-                continue
-            except TransportError as e:
-                logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
-                continue
-            if not resp.body.found:
-                continue
-            try:
-                model, outer = split_model(resp.tensors, c.spec, c.settings, outer_allowed=True)
-                if model_digest(model) != digest:
-                    raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
-            except BadMessage as e:
-                c.transport.reject(peer, e.code, str(e))
-                continue
-            base = Base(k, digest, model, outer, agg.parent_digest(), 1)
+            model, outer = got
+            base = Base(k, digest, model, outer, agg.parent_digest(), 1, sender=peer)
             c.bases[k] = base
             c.counters["base_pulls"] += 1
+            await self.ensure_outer(agg, base)
             return base
         return None
+
+    def needs_outer(self, base: Base) -> bool:
+        """Whether the outer step from `base` lacks the momentum it should have (version 0 has none yet)."""
+        return self.core.settings.outer_lr is not None and base.round >= 1 and not base.outer
+
+    async def ensure_outer(self, agg: Aggregation, base: Base) -> None:
+        """Give `base` its outer momentum (pulled from the peers that sent the version), if it lacks it."""
+        c = self.core
+        if not self.needs_outer(base):
+            return
+        for peer in [p for p in agg.base_senders(base.digest) if p != c.me]:
+            got = await self.pull(peer, base.round, base.digest, outer_only=True)
+            if got is not None:
+                base.outer = got[1]
+                c.counters["outer_pulls"] += 1
+                return
+        c.counters["outer_momentum_lost"] += 1
+        logger.warning("%s: no peer sent the outer momentum of version %d; aggregation %d starts it afresh",
+                       c.me_short, base.round, agg.index)
+
+    async def pull(self, peer: str, k: int, digest: bytes, *, outer_only: bool = False) -> tuple[State, State] | None:
+        """Ask `peer` for version `k` (`digest`), or only its momentum (`outer_only`); None when it has not
+        got it, does not answer or sends something malformed (refused and counted)."""
+        c = self.core
+        s = c.settings
+        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest,
+                                         outer_only=outer_only)
+        try:
+            resp = await c.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
+                                          timeout=s.exchange_timeout_s)
+        except BadMessage as e:  # a response that does not decode: `call` counted it under its reason
+            logger.info("%s: base pull from %s refused: %s", c.me_short, short(peer), e)
+            return None
+        except TransportError as e:
+            logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
+            return None
+        if not resp.body.found:
+            return None
+        try:
+            model, outer = split_model(resp.tensors, c.spec, c.settings, outer_allowed=True, outer_only=outer_only)
+            if not outer_only and model_digest(model) != digest:
+                raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
+        except BadMessage as e:
+            c.transport.reject(peer, e.code, str(e))
+            return None
+        return model, outer
 
     async def topup(self, agg: Aggregation) -> bool:
         """Send the base model to fresh live candidates so that more trained models arrive."""
@@ -272,12 +318,12 @@ class AggregatorRole:
         if c.model_compression.lossy and aborted is None:
             # Every holder of the version keeps it as decoded, so that its digest (the sample key, base pulls
             # and the trainers' updates relative to it) is the same everywhere. The outer optimizer's momentum
-            # travels in the same format (it is as large as the model), and is kept as decoded too.
+            # stays here (the next aggregators pull it), kept as decoded from the same format, so that a pull
+            # carries it compressed and every puller holds these very bits (`version_message`).
             wire = compress_state(new_state, c.model_compression)
             new_state = decoded(wire)
             if outer_state:
                 outer_wire = compress_state(outer_tensors(outer_state), c.model_compression)
-                wire.update(outer_wire)
                 outer_state = {k: decompress(outer_wire[OUTER_PREFIX + k]).reshape(v.shape)
                                for k, v in outer_state.items()}
         index = agg.index
@@ -376,9 +422,11 @@ class AggregatorRole:
                          wire: Mapping[str, CompressedTensor] | None = None) -> list[str]:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
 
-        `wire`: `state` and `outer` (as `outer_tensors`) compressed, their decoded tensors `state` and `outer`;
-        None: a version held (top-up, relaunch), which travels as `version_message` encodes it, so that what
-        arrives is bit for bit what this node holds and its digest never changes.
+        The model travels without the outer momentum `outer` (trainers do not need it; the aggregators of
+        the next version pull it from the peer that sent their trainers the version, `get_base`); this
+        node's own trainer role gets it with the model. `wire`: `state` compressed, its decoded tensors
+        `state`; None: a version held (top-up, relaunch), which travels as `version_message` encodes it, so
+        that what arrives is bit for bit what this node holds and its digest never changes.
 
         With secure aggregation the message also names `targets` as the sample of `round_`, and
         `sample_key` as the key that ordered its candidates: the users and the checkable claim of the
@@ -393,7 +441,7 @@ class AggregatorRole:
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
                                     combined=combined, sample=sample, sample_key=key)
-        msg = Message(body, compressed=dict(wire)) if wire is not None else self.version_message(body, state, outer)
+        msg = Message(body, compressed=dict(wire)) if wire is not None else self.version_message(body, state, {})
 
         async def one(peer: str) -> bool:
             if peer == c.me:

@@ -37,6 +37,7 @@ from p2pnode.protocols.modest.trainer import TrainerRole
 from p2pnode.protocols.modest.wire import (
     BASE,
     GROUP_SUMS,
+    MAX_PEER_ID,
     MEMBERSHIP,
     MODEL,
     PING,
@@ -205,10 +206,10 @@ class ModestProtocol:
 
     async def _receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                               parent_digest: bytes, train_loss: float, *, secure: bool = False,
-                              aggregators: tuple[str, ...] = ()) -> peer_pb2.ModestAggAck:
+                              aggregators: tuple[str, ...] = (), base_sender: str = "") -> peer_pb2.ModestAggAck:
         """`AggregatorRole.receive_update`: add a trained model to aggregation ``round_ + 1`` and wait for it."""
         return await self.aggregator_role.receive_update(sender, round_, state, base_digest, parent_digest, train_loss,
-                                                     secure=secure, aggregators=aggregators)
+                                                     secure=secure, aggregators=aggregators, base_sender=base_sender)
 
     async def _on_update(self, sender: str, msg: Message[Any]) -> Message[Any]:
         """A trained model (or, with secagg, its metadata) for this node as an aggregator."""
@@ -224,9 +225,11 @@ class ModestProtocol:
         self.membership.merge_view(body.view, max(body.round_estimate, body.round))
         c.heard(sender, max(body.round_estimate, body.round))
         check_aggregators(body, c.settings)
+        if len(body.base_sender) > MAX_PEER_ID:
+            raise BadMessage("the update names an over-long base sender", code="oversized")
         result = await self._receive_update(sender, int(body.round), model, bytes(body.base_digest),
                                             bytes(body.parent_digest), float(body.train_loss), secure=secure,
-                                            aggregators=tuple(body.aggregators))
+                                            aggregators=tuple(body.aggregators), base_sender=body.base_sender)
         return Message(result)
 
     async def _send_sums(self, *args: Any) -> None:

@@ -129,7 +129,8 @@ class SecureTrainer:
         loss, trained = await self.train(inc)
         base_digest = model_digest(inc.state)
         c.know(k, base_digest)
-        c.bases[k] = Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
+        sender = inc.sender if inc.sender != c.me else ""
+        c.bases[k] = Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined, sender)
         c.prune_bases()
         stale = c.accepted_round > k or c.closing
         if stale or not math.isfinite(loss):
@@ -157,7 +158,8 @@ class SecureTrainer:
         body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=c.round,
                                      view=c.view.to_proto(), base_digest=base_digest, train_loss=loss,
                                      examples=c.trainer.num_examples, parent_digest=inc.parent, secure=True,
-                                     aggregators=aggregators if c.spread else [])
+                                     aggregators=aggregators if c.spread else [],
+                                     base_sender=sender if s.outer_lr is not None else "")
         msg: Message[peer_pb2.ModestUpdate] = Message(body, {})
         tried = set(targets)
         acks_task = asyncio.gather(*(self.deliver(a, msg, k, key, tried, resend=False) for a in targets))

@@ -34,11 +34,11 @@ from p2pnode.transport import Transport
 from p2pnode.transport.compression import (
     NONE,
     CompressedTensor,
-    ErrorFeedback,
     check_combination,
     compress_state,
     decompress,
 )
+from p2pnode.transport.feedback import ErrorFeedback
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,12 @@ class Incoming:
 
 @dataclass
 class Base:
-    """A model version this node holds (to train from, to serve to aggregators, to send again)."""
+    """A model version this node holds (to train from, to serve to aggregators, to send again).
+
+    `outer`: the version's outer optimizer state, held by the aggregators that built it and by those that
+    pulled it (empty on trainers: the momentum does not travel with the version). `sender`: the peer that
+    sent this node the version (empty when it built it), whom the next aggregators ask for the momentum.
+    """
 
     round: int
     digest: bytes
@@ -121,6 +126,7 @@ class Base:
     outer: State
     parent: bytes  # digest of version round - 1
     combined: int
+    sender: str = ""
 
 
 @dataclass
@@ -131,6 +137,8 @@ class Upload:
     train_loss: float
     #: Spread secure groups: the aggregators of the version in the trainer's order.
     aggregators: tuple[str, ...] = ()
+    #: DiLoCo: the peer that sent the trainer its base version (it holds the outer momentum); "" if none.
+    base_sender: str = ""
 
 
 @dataclass
@@ -192,6 +200,11 @@ class Aggregation:
     def parent_digest(self) -> bytes:
         """The digest of the base's parent version, as the majority of the trainers name it."""
         return majority(u.parent_digest for u in self.models.values())
+
+    def base_senders(self, digest: bytes) -> list[str]:
+        """The peers the trainers of the base `digest` got it from, most named first (ties: by id)."""
+        counts = Counter(u.base_sender for u in self.models.values() if u.base_sender and u.base_digest == digest)
+        return sorted(counts, key=lambda p: (-counts[p], p))
 
     async def wait_metadata(self, needed: Iterable[str], *, timeout: float, any_one: bool = False) -> None:
         """Wait (at most `timeout` seconds) for the metadata updates of `needed` (or of any one trainer)."""

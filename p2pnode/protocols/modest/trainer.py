@@ -37,8 +37,8 @@ class ReceiveUpdate(Protocol):
     """The aggregator's intake of an update (`AggregatorRole.receive_update`)."""
 
     def __call__(self, sender: str, round_: int, state: State, base_digest: bytes, parent_digest: bytes,
-                 train_loss: float, *, secure: bool = False, aggregators: tuple[str, ...] = ()
-                 ) -> Awaitable[peer_pb2.ModestAggAck]: ...
+                 train_loss: float, *, secure: bool = False, aggregators: tuple[str, ...] = (),
+                 base_sender: str = "") -> Awaitable[peer_pb2.ModestAggAck]: ...
 
 
 class PushModel(Protocol):
@@ -139,7 +139,8 @@ class TrainerRole:
         k = inc.round
         loss, trained = await self.train(inc)
         base_digest = model_digest(inc.state)
-        c.bases[k] = Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined)
+        sender = inc.sender if inc.sender != c.me else ""
+        c.bases[k] = Base(k, base_digest, inc.state, inc.outer, inc.parent, inc.combined, sender)
         c.prune_bases()
         if c.accepted_round > k or c.closing:
             c.counters["aborted"] += 1  # a newer model arrived while training: this work is stale
@@ -151,17 +152,20 @@ class TrainerRole:
             self.hooks.on_trained(k, inc.state, trained)
         if self.hooks.attacker is not None and self.hooks.attacker.model_attack:
             trained = await self.hooks.attacker.forge(k, inc.state, trained)
-        acks = await self.upload(k, trained, loss, base_digest, inc.parent, base=inc.state)
+        acks = await self.upload(k, trained, loss, base_digest, inc.parent, base=inc.state, base_sender=sender)
         ok = [a for a in acks if a is not None and a[1].success]
         return c.report("trainer", train_loss=loss, failures=len(acks) - len(ok), partner=ok[0][0] if ok else None)
 
     async def upload(self, k: int, state: State, loss: float, base_digest: bytes, parent_digest: bytes, *,
-                     base: State | None = None) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
+                     base: State | None = None, base_sender: str = ""
+                     ) -> list[tuple[str, peer_pb2.ModestAggAck] | None]:
         """Send the model trained from version `k` to the aggregators of ``k + 1``; resend on failure.
 
         Under a lossy run compression (`Core.upload_updates`) what travels is the update ``state - base``
         (`base`: version `k` as this node holds it, the bytes the aggregator holds too), compressed with
         this node's error feedback: what this round's compression leaves out goes into the next upload.
+        `base_sender`: the peer that sent version `k` (with an outer optimizer the aggregators pull the
+        version's momentum from it).
         """
         c = self.core
         s = c.settings
@@ -170,7 +174,8 @@ class TrainerRole:
         key = c.key(index, parent_digest)
         body = peer_pb2.ModestUpdate(run_id=s.run_id, config_hash=s.config_hash, round=k, round_estimate=c.round,
                                      view=c.view.to_proto(), base_digest=base_digest, train_loss=loss,
-                                     examples=c.trainer.num_examples, parent_digest=parent_digest)
+                                     examples=c.trainer.num_examples, parent_digest=parent_digest,
+                                     base_sender=base_sender if s.outer_lr is not None else "")
         if c.upload_updates and base is not None:
             update = {n: state[n] - base[n] for n in state}
             msg = Message(body, compressed=c.feedback.compress(update))
@@ -229,7 +234,7 @@ class TrainerRole:
             tensors = {**msg.tensors, **decoded(msg.compressed)}
             return await self.receive_local(c.me, k, tensors, bytes(body.base_digest),
                                             bytes(body.parent_digest), body.train_loss, secure=body.secure,
-                                            aggregators=tuple(body.aggregators))
+                                            aggregators=tuple(body.aggregators), base_sender=body.base_sender)
         call = asyncio.get_running_loop().create_task(
             c.transport.call(agg, UPDATE, msg, peer_pb2.ModestAggAck, timeout=c.settings.ack_timeout_s))
         try:

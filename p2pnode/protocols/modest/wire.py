@@ -61,15 +61,23 @@ def outer_tensors(outer: Mapping[str, torch.Tensor]) -> State:
 
 
 def split_model(tensors: Mapping[str, torch.Tensor], spec: Spec, settings: ModestSettings, *,
-                outer_allowed: bool) -> tuple[State, State]:
+                outer_allowed: bool, outer_only: bool = False) -> tuple[State, State]:
     """Check a received model (and its outer optimizer state); raise `BadMessage` when malformed.
+
+    `outer_only`: the reply to a momentum pull (`ModestBaseRequest.outer_only`): no model, an outer state
+    with its ``steps`` counter.
 
     Returns:
         (model, outer optimizer state), the latter with its names unprefixed.
     """
     model = {k: v for k, v in tensors.items() if not k.startswith(OUTER_PREFIX)}
     outer = {k[len(OUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(OUTER_PREFIX)}
-    check_tensors(model, spec)
+    if outer_only:
+        if model or "steps" not in outer:
+            raise BadMessage("a reply with the outer momentum only must carry it, with its steps, and no model",
+                             code="bad_shape")
+    else:
+        check_tensors(model, spec)
     if outer and not (outer_allowed and settings.outer_lr is not None):
         raise BadMessage("unexpected outer optimizer state in this message", code="bad_shape")
     for name, t in outer.items():
