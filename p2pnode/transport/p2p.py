@@ -33,7 +33,11 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
   issued (``not_admitted``); the direct channel has limits of its own (`direct.DirectServer`, set by the
   ``direct_max_*`` and ``direct_handshake_timeout`` parameters);
 - a receive buffer whose message was refused is dropped from the reuse pool, so that large malformed
-  messages do not leave the pool holding memory.
+  messages do not leave the pool holding memory;
+- a peer refused more than ``tarpit_refusals`` times within ``tarpit_window_s`` (wire refusals only, see
+  `tarpit.Tarpit`; default 20 per 10 s) has its streams held unread for ``tarpit_hold_s`` (default 5 s),
+  then closed, until ``tarpit_window_s`` after that refusal (``tarpit``); held streams count against
+  ``max_streams_per_peer``, and its streams beyond that limit are closed at once.
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -79,6 +83,7 @@ from p2pnode.transport.direct import (
 )
 from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE, RateGuard, TooSlow
 from p2pnode.transport.refusals import clip
+from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, Tarpit
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +466,11 @@ class P2PTransport(Transport):
         0: off), see `ReceiveBuffers`.
     :param compression: the node's wire format for models and updates (default ``none``), see
         `Transport`.
+    :param tarpit_refusals: wire refusals of one peer allowed within `tarpit_window_s` before its streams
+        are held (default 20; 0: off), see `tarpit.Tarpit`.
+    :param tarpit_window_s: the window, and the penalty, in seconds (default 10).
+    :param tarpit_hold_s: how long each stream of a peer in the tarpit is held unread before it is
+        closed, in seconds (default 5).
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
@@ -479,8 +489,11 @@ class P2PTransport(Transport):
                  max_inflight_bytes_per_peer: int | None = None,
                  max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
                  min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
-                 compression: Compression | str | None = None) -> None:
+                 compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
+                 tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
+        #: Refusals per peer; peers past their budget have their streams held (`_handle_stream`).
+        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
         self._peer_id: str = p2p.peer_id.to_base58()
@@ -691,7 +704,13 @@ class P2PTransport(Transport):
         self._streams_by_peer[sender] = mine + 1
         io = StreamIO(reader, writer, self.idle_timeout)
         try:
-            if mine >= self.max_streams_per_peer:
+            if self.tarpit.holds(sender):
+                # Past its refusal budget: nothing is read or answered; the stream waits, then closes.
+                self.reject(sender, "tarpit", f"refused more than {self.tarpit.max_refusals} times in "
+                                              f"{self.tarpit.window_s:g} s; streams held for {self.tarpit.hold_s:g} s")
+                if mine < self.max_streams_per_peer:
+                    await asyncio.sleep(self.tarpit.hold_s)
+            elif mine >= self.max_streams_per_peer:
                 message = (f"{mine} streams of this peer are being served; the limit is "
                            f"{self.max_streams_per_peer}; retry later")
                 self.reject(sender, "busy", message)
@@ -712,6 +731,10 @@ class P2PTransport(Transport):
                 self._streams_by_peer.pop(sender, None)
             if task is not None:
                 self._serving.discard(task)
+
+    def reject(self, peer_id: str, reason: str, message: str) -> None:
+        super().reject(peer_id, reason, message)
+        self.tarpit.note(peer_id, reason)
 
     async def _serve_direct(self, sender: str, conn: TLSConnection) -> bool:
         return await self.serve_one(sender, TLSIO(conn, self.idle_timeout))
