@@ -34,10 +34,10 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
   ``direct_max_*`` and ``direct_handshake_timeout`` parameters);
 - a receive buffer whose message was refused is dropped from the reuse pool, so that large malformed
   messages do not leave the pool holding memory;
-- a peer refused more than ``tarpit_refusals`` times within ``tarpit_window_s`` (wire refusals only, see
-  `tarpit.Tarpit`; default 20 per 10 s) has its streams held unread for ``tarpit_hold_s`` (default 5 s),
-  then closed, until ``tarpit_window_s`` after that refusal (``tarpit``); held streams count against
-  ``max_streams_per_peer``, and its streams beyond that limit are closed at once.
+- a peer refused more than ``tarpit_refusals`` times within ``tarpit_window_s`` (wire refusals and streams
+  beyond its stream limit, see `tarpit.Tarpit`; default 20 per 10 s) has its streams held unread for
+  ``tarpit_hold_s`` (default 5 s), then closed, until ``tarpit_window_s`` after that refusal (``tarpit``);
+  held streams count against ``max_streams_per_peer``, and its streams beyond that limit are closed at once.
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -83,7 +83,13 @@ from p2pnode.transport.direct import (
 )
 from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE, RateGuard, TooSlow
 from p2pnode.transport.refusals import clip
-from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, Tarpit
+from p2pnode.transport.tarpit import (
+    DEFAULT_HOLD_S,
+    DEFAULT_MAX_REFUSALS,
+    DEFAULT_WINDOW_S,
+    STREAMS_PER_PEER,
+    Tarpit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -714,6 +720,7 @@ class P2PTransport(Transport):
                 message = (f"{mine} streams of this peer are being served; the limit is "
                            f"{self.max_streams_per_peer}; retry later")
                 self.reject(sender, "busy", message)
+                self.tarpit.note(sender, STREAMS_PER_PEER)
                 await self._answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S)
             else:
                 await self.serve_one(sender, io)

@@ -25,7 +25,10 @@ Defaults, and why:
   a peer that behaves again (a node restarted with the right secret, say) is served again within
   ``window_s``; one that goes on flooding is past the budget again after ``max_refusals`` more refusals.
 
-Not counted: ``busy`` (the node's own budget may be spent by others), ``tarpit`` itself, and the
+A stream beyond the peer's own stream limit counts too (`STREAMS_PER_PEER`; a parallel flooder fills its
+8 streams with refusals that are answered and drained, and is otherwise refused ``busy`` without ever
+reaching the budget); a correct peer hardly waits for 8 answers at once, let alone 20 times in 10 s.
+Not counted: ``busy`` for the node's budget (it may be spent by others), ``tarpit`` itself, and the
 protocols' verdicts on content (``stale``, ``wrong_run``, ``bad_shape``, ``non_finite``, ...), which a
 correct peer in another state or run can earn every round; the robust rules, not the transport, deal
 with lying peers. Memory is bounded: at most `MAX_TRACKED` peers are remembered (least recently refused
@@ -46,10 +49,14 @@ DEFAULT_WINDOW_S = 10.0
 DEFAULT_HOLD_S = 5.0
 #: Most peers whose refusals (and penalties) are remembered.
 MAX_TRACKED = 4096
+#: What the transport notes (besides the refusal, counted as ``busy``) when a peer opens a stream beyond its
+#: own stream limit (``max_streams_per_peer``): that one is the peer's doing, unlike a ``busy`` for the
+#: node's budget, which others may have spent.
+STREAMS_PER_PEER = "streams_per_peer"
 #: Refusal reasons that count against a peer's budget: what the transport refuses on the wire before any
 #: handler runs, which a correct peer of this version does not send (see the module doc).
 COUNTED_REASONS = frozenset({"unknown_method", "malformed", "oversized", "not_admitted", "replayed",
-                             "stale_clock", "no_nonce", "too_slow", "truncated"})
+                             "stale_clock", "no_nonce", "too_slow", "truncated", STREAMS_PER_PEER})
 
 
 class Tarpit:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from p2pnode.transport import tarpit as tarpit_module
-from p2pnode.transport.tarpit import COUNTED_REASONS, DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, Tarpit
+from p2pnode.transport.tarpit import (
+    COUNTED_REASONS,
+    DEFAULT_HOLD_S,
+    DEFAULT_MAX_REFUSALS,
+    DEFAULT_WINDOW_S,
+    STREAMS_PER_PEER,
+    Tarpit,
+)
 
 
 class FakeClock:
@@ -66,7 +73,7 @@ def test_only_wire_refusals_count() -> None:
         for _ in range(10):
             assert not pit.note("p", reason)
     assert not pit.holds("p")
-    assert {"unknown_method", "not_admitted", "malformed", "too_slow"} <= COUNTED_REASONS
+    assert {"unknown_method", "not_admitted", "malformed", "too_slow", STREAMS_PER_PEER} <= COUNTED_REASONS
     assert "busy" not in COUNTED_REASONS and "tarpit" not in COUNTED_REASONS
 
 
