@@ -8,10 +8,12 @@ Run from the repository root::
 One `P2PTransport` (its own p2pd, libp2p streams only) serves in this process; a flooder in its own
 (spawned) process with a bare p2pd opens a stream per request and writes a request whose method name is
 ``--name-bytes`` long, back to back, as `benchmarks/hostile.py`'s ``flood`` attack does, then reads the
-answer (or sees the stream closed). Printed: the requests the node refused (``unknown_method``), the CPU
-seconds per request of the node's Python process, of its p2pd, and of the flooder's processes, and the
-node's ``refused_bytes_read`` / ``refused_bytes_drained`` per request. CPU per request hardly depends on
-the machine's load, unlike the request rate.
+answer (or sees the stream closed). Printed: the requests the node refused (``unknown_method``) and the
+streams it held unread past the flooder's refusal budget (``tarpit``), the CPU seconds per stream of the
+node's Python process, of its p2pd, and of the flooder's processes, the node's ``refused_bytes_read`` /
+``refused_bytes_drained`` per refused request, and the cores each used over the flood. CPU per stream
+hardly depends on the machine's load, unlike the request rate; with the refusal budget the cores used
+are the figure to compare (the flooder is slowed, so per-stream costs cover few streams).
 """
 
 from __future__ import annotations
@@ -87,13 +89,15 @@ async def bench(seconds: float, name_bytes: int) -> None:
             proc.kill()
         await victim.shutdown()
     n = victim.stats.rejected["unknown_method"]
+    held = victim.stats.rejected["tarpit"]  # 0 on a tree without the refusal budget
     print(f"# machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} cpus "
           f"(load {os.getloadavg()[0]:.1f}), python {platform.python_version()}; commit {commit()}")
     print(f"# {seconds:g} s of requests with a {name_bytes}-byte method name")
-    print(f"refused {n} requests ({n / elapsed:.0f}/s); per request: "
-          + ", ".join(f"{k} {v / max(n, 1) * 1000:.2f} ms CPU" for k, v in cpu.items())
+    print(f"refused {n} requests ({n / elapsed:.0f}/s), held {held} streams (tarpit); per stream: "
+          + ", ".join(f"{k} {v / max(n + held, 1) * 1000:.2f} ms CPU" for k, v in cpu.items())
           + f"; read {per_request(victim, 'refused_bytes_read', n)}, "
-            f"drained {per_request(victim, 'refused_bytes_drained', n)}")
+            f"drained {per_request(victim, 'refused_bytes_drained', n)} per refused request")
+    print("cores used during the flood: " + ", ".join(f"{k} {v / elapsed:.3f}" for k, v in cpu.items()))
 
 
 def per_request(transport: P2PTransport, counter: str, n: int) -> str:

@@ -35,7 +35,17 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 - ``replay``: one captured request (a gossip exchange without a model) sent again 1,000 times, each on a new
   stream;
 - ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
-- ``flood``: requests with a 2 MB method name, back to back.
+- ``flood``: requests with a 2 MB method name, back to back;
+- ``flood-parallel``: the same from `PARALLEL_STREAMS` (32) streams at once, each opening its next stream
+  as soon as the last one is answered or closed.
+
+The attacker runs on the nodes' machine, so part of what it costs the rounds is only its own CPU. Right
+after each attack window a ``burn`` window of the same length runs a process that burns the CPU time the
+attacker's processes used during the attack (cores on average, measured from their CPU times; in
+``ceil(cores)`` processes, each tracking its own CPU time so that it gets what it asks for under load),
+and touches nothing of the nodes. Per attack, the report prints the round rate relative to the clean
+window before it (``x clean``) and relative to its burn window (``x burn``): ``x burn`` is the cost the
+attack imposes on the nodes beyond sharing the machine; ``burn/clean`` the cost of sharing alone.
 
 Targets, per attack: no node crashed (every DHT process alive, every round loop running), the attack
 was counted (some refusal counter grew), rounds >= 0.8x clean, RSS growth <= 256 MiB.
@@ -48,6 +58,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -72,6 +83,7 @@ import torch  # noqa: E402
 from hivemind.p2p import P2P, PeerID  # noqa: E402
 from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
 
+from benchmarks.machine import commit, cpu_model  # noqa: E402
 from p2pnode.config import NodeConfig  # noqa: E402
 from p2pnode.daemon.children import child_pids  # noqa: E402
 from p2pnode.daemon.node import Node  # noqa: E402
@@ -92,7 +104,9 @@ DHT_START_TIMEOUT_S = 60.0
 #: Targets (see the module docstring).
 MIN_ROUNDS_X = 0.8
 MAX_RSS_MIB = 256.0
-ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood")
+ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel")
+#: Streams the ``flood-parallel`` attacker keeps open at once.
+PARALLEL_STREAMS = 32
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -403,8 +417,13 @@ async def attack_flood(client: Client, deadline: float) -> None:
             await exchange_raw(raw, victim, frame)
 
 
+async def attack_flood_parallel(client: Client, deadline: float) -> None:
+    await asyncio.gather(*(attack_flood(client, deadline) for _ in range(PARALLEL_STREAMS)))
+
+
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
-                                   "replay": attack_replay, "slow": attack_slow, "flood": attack_flood}
+                                   "replay": attack_replay, "slow": attack_slow, "flood": attack_flood,
+                                   "flood-parallel": attack_flood_parallel}
 
 
 async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
@@ -429,6 +448,46 @@ def attacker_main(name: str, target: Target, seconds: float, conn: Connection) -
     asyncio.run(_attacker(name, target, seconds, conn))
 
 
+# ------------------------------------------------------------------------------------------------ burn control
+#: Length of one burn step, in seconds: the burner spins or sleeps in steps this long.
+BURN_STEP_S = 0.002
+
+
+def burn_main(cores: float, seconds: float, conn: Connection) -> None:
+    """Entry point of a burner process: use `cores` of CPU time (0 to 1) for `seconds`, then exit.
+
+    It compares its own CPU time (`time.process_time`) with ``cores x elapsed`` and spins while behind,
+    sleeps while ahead, so that it gets the CPU time it asks for also when the machine is loaded (a fixed
+    duty cycle of wall time would get less, since spinning wall time is not CPU time under contention).
+    """
+    conn.send("ready")
+    t0, c0 = time.monotonic(), time.process_time()
+    while (now := time.monotonic()) - t0 < seconds:
+        if time.process_time() - c0 < cores * (now - t0):
+            end = now + BURN_STEP_S
+            while time.monotonic() < end:
+                pass
+        else:
+            time.sleep(BURN_STEP_S)
+
+
+def start_burners(cores: float, seconds: float) -> list[BaseProcess]:
+    """Spawn ``ceil(cores)`` burner processes sharing `cores` equally (none for 0); returns once they run."""
+    count = math.ceil(cores - 1e-9) if cores > 0 else 0
+    ctx = mp.get_context("spawn")
+    procs: list[BaseProcess] = []
+    for _ in range(count):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=burn_main, args=(cores / count, seconds, child))
+        proc.start()
+        if not parent.poll(60.0):
+            proc.kill()
+            raise RuntimeError("a burner process did not start within 60 s")
+        parent.recv()
+        procs.append(proc)
+    return procs
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 @dataclass
 class Row:
@@ -442,18 +501,25 @@ class Row:
     cpu: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: Round rate of the clean window measured just before this one (the first clean window's own rate).
     clean_rate: float = 0.0
+    #: Round rate of the burn window right after this attack (0: none), and the cores its burners used.
+    burn_rate: float = 0.0
+    burn_cpu: float = 0.0
 
 
-async def window(swarm: Swarm, seconds: float, attack: str | None
+async def window(swarm: Swarm, seconds: float, attack: str | None, burn: float = 0.0
                  ) -> tuple[float, float, tuple[float, float, float]]:
-    """Rounds per second over `seconds` (with the `attack` process running), the peak RSS growth in MiB,
-    and the CPU cores used on average by this process, the nodes' other processes and the attacker's.
+    """Rounds per second over `seconds` (with the `attack` process running, or burners using `burn` cores),
+    the peak RSS growth in MiB, and the CPU cores used on average by this process, the nodes' other
+    processes and the attacker's (or the burners').
 
     The attacker is its own (spawned) process, so that its work does not run on the nodes' event loop; the
     window starts once it has started its DHT or p2pd.
     """
     proc: BaseProcess | None = None
     attacker = -1
+    burners: list[BaseProcess] = []
+    if burn > 0:
+        burners = await asyncio.to_thread(start_burners, burn, seconds)
     if attack is not None:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -464,8 +530,9 @@ async def window(swarm: Swarm, seconds: float, attack: str | None
             proc.kill()
             raise RuntimeError(f"the attacker process of {attack} did not start within 120 s")
         parent.recv()
-    pids = swarm.node_pids(attacker)
-    groups = [{os.getpid()}, pids - {os.getpid()}, process_tree([attacker]) if attacker > 0 else set()]
+    pids = swarm.node_pids(attacker) - {p.pid for p in burners if p.pid}
+    outside = process_tree([attacker]) if attacker > 0 else {p.pid for p in burners if p.pid}
+    groups = [{os.getpid()}, pids - {os.getpid()}, outside]
     cpu0 = [cpu_seconds(g) for g in groups]
     base = rss_bytes(pids)
     peak = base
@@ -481,16 +548,21 @@ async def window(swarm: Swarm, seconds: float, attack: str | None
         if proc.exitcode is None:  # its DHT still busy with a store: not the nodes' problem
             proc.kill()
             print(f"# {attack}: the attacker process did not stop within 30 s, killed", flush=True)
+    for b in burners:
+        await asyncio.to_thread(b.join, 10.0)
+        if b.exitcode is None:
+            b.kill()
     return rate, (peak - base) / MiB, (main_cpu, dht_cpu, attacker_cpu)
 
 
 def machine() -> str:
     load = os.getloadavg()
-    return (f"{platform.platform()}, {os.cpu_count()} cpus (load {load[0]:.1f}), python {platform.python_version()}, "
-            f"torch {torch.__version__}, hivemind {hivemind.__version__}")
+    return (f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cpus (load {load[0]:.1f}), python "
+            f"{platform.python_version()}, torch {torch.__version__}, hivemind {hivemind.__version__}; "
+            f"commit {commit()}")
 
 
-async def bench(seconds: float, attacks: list[str], local_steps: int) -> list[Row]:
+async def bench(seconds: float, attacks: list[str], local_steps: int, burn: bool = True) -> list[Row]:
     swarm = await start_swarm(local_steps)
     rows: list[Row] = []
     try:
@@ -505,10 +577,15 @@ async def bench(seconds: float, attacks: list[str], local_steps: int) -> list[Ro
             rate, rss, cpu = await window(swarm, seconds, name)
             after = await swarm.counters()
             caught = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
-            rows.append(Row(name, rate, rss, caught, swarm.alive(), cpu, clean))
+            row = Row(name, rate, rss, caught, swarm.alive(), cpu, clean)
+            rows.append(row)
             if swarm.errors:
                 print(f"# {name}: {swarm.errors[:3]}", flush=True)
             await asyncio.sleep(1.0)  # let the last refusals settle before the next attack
+            if burn:
+                # The control: the attacker's CPU, burnt by a process that touches nothing of the nodes.
+                row.burn_rate, _, burn_cpu = await window(swarm, seconds, None, burn=cpu[2])
+                row.burn_cpu = burn_cpu[2]
     finally:
         await stop_swarm(swarm)
     return rows
@@ -521,12 +598,15 @@ def report(rows: list[Row], seconds: float) -> bool:
     print(f"# machine: {machine()}")
     print(f"# windows: {seconds:g} s; targets: no crash, counted, rounds >= {MIN_ROUNDS_X}x clean, "
           f"RSS growth <= {MAX_RSS_MIB:g} MiB; cpu: cores used by the round loops / the nodes' DHT processes "
-          "and p2pds / the attacker")
-    print(f"{'attack':<8} {'clean/s':>8} {'rounds/s':>8} {'x clean':>7} {'rss MiB':>8} {'cpu':>14} {'alive':>5}  "
-          f"{'verdict':<7} caught by")
+          "and p2pds / the attacker; burn/s: rounds/s while a process burns the attacker's cores (burn cpu), "
+          "x burn: rounds/s over burn/s (the attack's cost beyond sharing the machine)")
+    print(f"{'attack':<14} {'clean/s':>8} {'rounds/s':>8} {'x clean':>7} {'burn/s':>7} {'burn cpu':>8} "
+          f"{'x burn':>6} {'rss MiB':>8} {'cpu':>14} {'alive':>5}  {'verdict':<7} caught by")
     ok = True
     for r in rows:
         x = r.rate / r.clean_rate if r.clean_rate else 0.0
+        xb = f"{r.rate / r.burn_rate:6.2f}" if r.burn_rate else f"{'-':>6}"
+        burn = f"{r.burn_rate:7.2f} {r.burn_cpu:8.2f}" if r.burn_rate else f"{'-':>7} {'-':>8}"
         if r.name == "clean":
             verdict, caught = ("pass" if r.alive and clean > 0 else "FAIL"), "-"
         else:
@@ -536,7 +616,7 @@ def report(rows: list[Row], seconds: float) -> bool:
             caught = ", ".join(f"{k}+{v}" for k, v in r.caught.items()) or "-"
         ok = ok and verdict == "pass"
         cpu = "/".join(f"{c:.2f}" for c in r.cpu)
-        print(f"{r.name:<8} {r.clean_rate:8.2f} {r.rate:8.2f} {x:7.2f} {r.rss_mib:8.1f} {cpu:>14} "
+        print(f"{r.name:<14} {r.clean_rate:8.2f} {r.rate:8.2f} {x:7.2f} {burn} {xb} {r.rss_mib:8.1f} {cpu:>14} "
               f"{'yes' if r.alive else 'NO':>5}  {verdict:<7} {caught}")
     return ok
 
@@ -546,6 +626,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the clean window and of each attack")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {','.join(ATTACKS)}")
     parser.add_argument("--local-steps", type=int, default=5, help="local SGD steps per round (default 5)")
+    parser.add_argument("--no-burn", action="store_true", help="skip the burn control window after each attack")
     args = parser.parse_args()
     attacks = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in attacks if a not in ATTACK_FUNCS]
@@ -553,7 +634,7 @@ def main() -> None:
         parser.error(f"unknown attacks {unknown}; choose from {','.join(ATTACKS)}")
     # The nodes log every (rate-limited) refusal as a warning: keep the table readable.
     logging.basicConfig(level=logging.ERROR)
-    rows = asyncio.run(bench(args.seconds, attacks, args.local_steps))
+    rows = asyncio.run(bench(args.seconds, attacks, args.local_steps, burn=not args.no_burn))
     sys.exit(0 if report(rows, args.seconds) else 1)
 
 

@@ -82,6 +82,19 @@ class LimitSettings:
         default=None, section="limits",
         help="Direct channel: seconds allowed for a client's TLS handshake and first token [30].")
 
+    #: Refusal budget (`p2pnode.transport.tarpit`): a peer refused on the wire more than `tarpit_refusals`
+    #: times (default 20; 0: off) within `tarpit_window_s` (default 10 s) has its streams held unread for
+    #: `tarpit_hold_s` (default 5 s) each, then closed, for `tarpit_window_s`.
+    tarpit_refusals: int = setting(
+        default=20, section="limits",
+        help="Refusals of one peer (unknown method, malformed, not admitted, replayed, ...) allowed within "
+             "--tarpit-window before its streams are held unread (0: off).")
+    tarpit_window_s: float = setting(
+        default=10.0, section="limits", help="Seconds of the refusal budget's window, and of the penalty.")
+    tarpit_hold_s: float = setting(
+        default=5.0, section="limits",
+        help="Seconds each stream of a peer past its refusal budget is held unread before it is closed.")
+
     def transport_limits(self) -> dict[str, Any]:
         """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
         return {"max_message_bytes": self.max_message_bytes, "max_inflight_bytes": self.max_inflight_bytes,
@@ -95,7 +108,9 @@ class LimitSettings:
                 "direct_max_connections_per_peer": self.direct_max_connections_per_peer,
                 "direct_max_tickets_per_peer": self.direct_max_tickets_per_peer,
                 "direct_max_tickets": self.direct_max_tickets,
-                "direct_handshake_timeout": self.direct_handshake_timeout_s}
+                "direct_handshake_timeout": self.direct_handshake_timeout_s,
+                "tarpit_refusals": self.tarpit_refusals, "tarpit_window_s": self.tarpit_window_s,
+                "tarpit_hold_s": self.tarpit_hold_s}
 
     def _validate_limits(self) -> None:
         for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold",
@@ -108,9 +123,12 @@ class LimitSettings:
             if v is not None and v < self.max_message_bytes:
                 raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
                                   "else no message of the largest size could ever be received")
-        for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s"):
+        for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s", "tarpit_refusals",
+                    "tarpit_hold_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if not self.tarpit_window_s > 0:
+            raise ConfigError(f"tarpit_window_s={self.tarpit_window_s}: must be > 0")
         if not self.direct_connect_timeout_s > 0:
             raise ConfigError(f"direct_connect_timeout_s={self.direct_connect_timeout_s}: must be > 0")
         if self.direct_handshake_timeout_s is not None and not self.direct_handshake_timeout_s > 0:

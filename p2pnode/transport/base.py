@@ -98,7 +98,8 @@ class TrafficStats:
     #: Messages this node refused, by reason code (``malformed``, ``oversized``, ``bad_shape``,
     #: ``replayed``, ``stale_clock``, ``no_nonce``, ``busy``, ``too_slow``, ``truncated``,
     #: ``bad_token``, ``handshake_timeout``, ``bad_compression``, ``bad_blocks``, ``bad_scale``,
-    #: ``bad_index``, ...).
+    #: ``bad_index``, ``tarpit`` (the real transport: streams of a peer past its refusal budget, held
+    #: unread, see `tarpit`), ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Bytes of refused requests that were read before the refusal (libp2p streams: the header and what
     #: of the envelope was needed to refuse it), and bytes read and dropped after refusals

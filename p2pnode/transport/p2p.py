@@ -24,7 +24,11 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
   unknown methods from their name alone (``unknown_method``) and peers that `Transport.admits` says no to
   (``not_admitted``, also asked before a direct-channel ticket is issued);
 - the direct channel has limits of its own (`direct_server.DirectServer`, set by the ``direct_max_*``
-  and ``direct_handshake_timeout`` parameters).
+  and ``direct_handshake_timeout`` parameters);
+- a peer refused more than ``tarpit_refusals`` times within ``tarpit_window_s`` (wire refusals and streams
+  beyond its stream limit, see `tarpit.Tarpit`; default 20 per 10 s) has its streams held unread for
+  ``tarpit_hold_s`` (default 5 s), then closed, until ``tarpit_window_s`` after that refusal (``tarpit``);
+  held streams count against ``max_streams_per_peer``, and its streams beyond that limit are closed at once.
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -71,6 +75,7 @@ from p2pnode.transport.inbound_limits import DEFAULT_MAX_STREAMS, DEFAULT_MAX_ST
 from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE
 from p2pnode.transport.receive_buffers import DEFAULT_RECEIVE_POOL_BYTES, ReceiveBuffers
 from p2pnode.transport.request_server import RequestServer
+from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, STREAMS_PER_PEER, Tarpit
 from p2pnode.transport.ticket import Ticket
 from p2pnode.transport.tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConnection
 
@@ -139,6 +144,11 @@ class P2PTransport(Transport):
         0: off), see `receive_buffers.ReceiveBuffers`.
     :param compression: the node's wire format for models and updates (default ``none``), see
         `Transport`.
+    :param tarpit_refusals: wire refusals of one peer allowed within `tarpit_window_s` before its streams
+        are held (default 20; 0: off), see `tarpit.Tarpit`.
+    :param tarpit_window_s: the window, and the penalty, in seconds (default 10).
+    :param tarpit_hold_s: how long each stream of a peer in the tarpit is held unread before it is
+        closed, in seconds (default 5).
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
@@ -157,8 +167,11 @@ class P2PTransport(Transport):
                  max_inflight_bytes_per_peer: int | None = None,
                  max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
                  min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
-                 compression: Compression | str | None = None) -> None:
+                 compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
+                 tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
+        #: Refusals per peer; peers past their budget have their streams held (`_handle_stream`).
+        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
         self._peer_id: str = p2p.peer_id.to_base58()
@@ -344,10 +357,17 @@ class P2PTransport(Transport):
         mine = self.inbound.open_stream(sender)
         io = StreamIO(reader, writer, self.idle_timeout)
         try:
-            if mine >= self.inbound.max_streams_per_peer:
+            if self.tarpit.holds(sender):
+                # Past its refusal budget: nothing is read or answered; the stream waits, then closes.
+                self.reject(sender, "tarpit", f"refused more than {self.tarpit.max_refusals} times in "
+                                              f"{self.tarpit.window_s:g} s; streams held for {self.tarpit.hold_s:g} s")
+                if mine < self.inbound.max_streams_per_peer:
+                    await asyncio.sleep(self.tarpit.hold_s)
+            elif mine >= self.inbound.max_streams_per_peer:
                 message = (f"{mine} streams of this peer are being served; the limit is "
                            f"{self.inbound.max_streams_per_peer}; retry later")
                 self.reject(sender, "busy", message)
+                self.tarpit.note(sender, STREAMS_PER_PEER)
                 await self.requests.answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S)
             else:
                 await self.requests.serve_one(sender, io)
@@ -360,6 +380,10 @@ class P2PTransport(Transport):
             self.inbound.close_stream(sender)
             if task is not None:
                 self._serving.discard(task)
+
+    def reject(self, peer_id: str, reason: str, message: str) -> None:
+        super().reject(peer_id, reason, message)
+        self.tarpit.note(peer_id, reason)
 
     async def _serve_direct(self, sender: str, conn: TLSConnection) -> bool:
         return await self.requests.serve_one(sender, TLSIO(conn, self.idle_timeout))

@@ -300,6 +300,10 @@ def test_limits_are_validated() -> None:
         NodeConfig(direct_max_pending=0).validate()
     with pytest.raises(ConfigError, match="direct_handshake_timeout_s=0"):
         NodeConfig(direct_handshake_timeout_s=0).validate()
+    with pytest.raises(ConfigError, match="tarpit_window_s=0"):
+        NodeConfig(tarpit_window_s=0).validate()
+    with pytest.raises(ConfigError, match="tarpit_refusals=-1"):
+        NodeConfig(tarpit_refusals=-1).validate()
 
 
 def test_sim_config_is_a_node_config_plus_the_simulators_sections() -> None:

@@ -459,6 +459,74 @@ async def test_a_flood_of_megabyte_method_names_is_refused_from_their_first_byte
         assert reply.body.round == 3
 
 
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_a_flooder_past_its_refusal_budget_is_held_and_honest_peers_are_not_slowed() -> None:
+    """A peer refused more than `tarpit_refusals` times in the window has its next streams held unread, then
+    closed (``tarpit``): a sequential flooder's rate falls to about one request per hold, a parallel one holds
+    at most `max_streams_per_peer` streams, an honest peer's call takes its usual time, and the flooder is
+    served again one window after it was put in the tarpit."""
+    hold_s, window_s, budget = 0.5, 8.0, 5
+    async with swarm(direct=False, tarpit_refusals=budget, tarpit_window_s=window_s, tarpit_hold_s=hold_s,
+                     max_streams_per_peer=4) as (victim, honest, raw):
+        flooder = raw.peer_id.to_base58()
+        frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
+        usual = []
+        for _ in range(3):
+            start = time.monotonic()
+            await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, 10.0)
+            usual.append(time.monotonic() - start)
+        # Within the budget and the one refusal past it: refused at once with the reason.
+        t0 = time.monotonic()
+        for _ in range(budget + 1):
+            env = await send_reading(raw, victim, frame)
+            assert env is None or env.error == peer_pb2.UNKNOWN_METHOD
+        refused_rate = (budget + 1) / (time.monotonic() - t0)
+        tripped_at = time.monotonic()
+        assert victim.stats.rejected["unknown_method"] == budget + 1 and victim.tarpit.holds(flooder)
+        read_before = victim.stats.refused_bytes_read
+
+        # Sequential flood in the tarpit, while the honest peer keeps calling.
+        async def flood(seconds: float) -> int:
+            sent, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                env = await send_reading(raw, victim, frame)
+                assert env is None  # held, then closed: no answer
+                sent += 1
+            return sent
+
+        flooding = asyncio.create_task(flood(2.0))
+        during = []
+        while not flooding.done():
+            start = time.monotonic()
+            reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=2)), peer_pb2.Pong, 10.0)
+            during.append(time.monotonic() - start)
+            assert reply.body.round == 2
+            await asyncio.sleep(0.1)
+        held = await flooding
+        held_rate = held / 2.0
+        assert 1 <= held <= 2.0 / hold_s + 1, held
+        assert held_rate < refused_rate / 2 and held_rate <= 1 / hold_s + 0.5, (held_rate, refused_rate)
+        assert victim.stats.rejected["tarpit"] == held
+        assert victim.stats.rejected["unknown_method"] == budget + 1  # nothing of a held stream is read
+        assert victim.stats.refused_bytes_read == read_before
+        assert max(during) < max(usual) + 1.0, (during, usual)
+
+        # Parallel: at most max_streams_per_peer streams are held; the others are closed at once.
+        streams = [await open_stream(raw, victim) for _ in range(10)]
+        await until(lambda: victim.stats.rejected["tarpit"] == held + 10)
+        assert victim.inbound.streams_by_peer.get(flooder, 0) <= 4
+        for _, writer in streams:
+            writer.close()
+        assert time.monotonic() - tripped_at < window_s, "the machine is too slow for this test's window"
+
+        # One window after the trip, the flooder is served (refused with the reason) again.
+        await until(lambda: not victim.tarpit.holds(flooder), timeout=window_s + 5)
+        env = await send_reading(raw, victim, codec.join(codec.encode("no.such.method", peer_pb2.Ping())))
+        assert env is not None and env.error == peer_pb2.UNKNOWN_METHOD
+        assert victim.stats.rejected["unknown_method"] == budget + 2 and victim.tarpit.trips == 1
+
+
 def envelope_with_method_last(method: str) -> bytes:
     """A request whose envelope has its method field after the others (valid protobuf; no encoder of ours
     writes one): only parsing the whole envelope tells the method."""
@@ -480,7 +548,8 @@ def _varint(n: int) -> bytes:
 @pytest.mark.network
 @pytest.mark.timeout(60)
 async def test_refusal_logs_are_clipped_and_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    async with swarm(direct=False) as (victim, _, raw):
+    # The refusal budget is off: the log's own rate limit is what is tested, over 100 refusals of one peer.
+    async with swarm(direct=False, tarpit_refusals=0) as (victim, _, raw):
         caplog.set_level(logging.WARNING, logger="p2pnode")
         huge = "m" * (2 * 1000 * 1000)
         env = await exchange_raw(raw, victim, envelope_with_method_last(huge))
@@ -515,7 +584,9 @@ def test_refusal_log_reports_how_many_it_suppressed(caplog: pytest.LogCaptureFix
 @pytest.mark.network
 @pytest.mark.timeout(60)
 async def test_replayed_exchange_is_refused_by_the_real_transport() -> None:
-    async with swarm(direct=False) as (victim, _, raw):
+    # The refusal budget is off: this test counts each of 100 replays refused with its reason (with it on, the
+    # replays past 20 would be held unread, see the tarpit test).
+    async with swarm(direct=False, tarpit_refusals=0) as (victim, _, raw):
         served: list[str] = []
 
         async def record(sender: str, request: Message[Any]) -> Message[Any]:
