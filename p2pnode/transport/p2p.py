@@ -167,7 +167,7 @@ class P2PTransport(Transport):
                  compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
                  tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
-        #: Refusals per peer; peers past their budget have their streams held (`_handle_stream`).
+        #: Refusals per peer; peers past their budget have their streams held (`StreamServer.handle`).
         self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s)
         self._p2p = p2p
         self._owns_p2p = owns_p2p

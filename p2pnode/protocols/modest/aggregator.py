@@ -319,7 +319,7 @@ class AggregatorRole:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
 
         The model travels without the outer momentum `outer` (trainers do not need it; the aggregators of
-        the next version pull it from the peer that sent their trainers the version, `get_base`); this
+        the next version pull it from the peer that sent their trainers the version, `Versions.get_base`); this
         node's own trainer role gets it with the model. `wire`: `state` compressed, its decoded tensors
         `state`; None: a version held (top-up, relaunch), which travels as `Versions.message` encodes it, so
         that what arrives is bit for bit what this node holds and its digest never changes.
