@@ -8,19 +8,18 @@ Authentication: every Control call must carry the metadata ``authorization: Bear
 token is a random secret that only the daemon's user can read (``control.json`` in the state dir,
 mode 0600, see `p2pnode.daemon.statedir`), so another local user who can connect to the port still
 cannot steer the node. The health service needs no token: it reveals nothing but "serving or not",
-and the health probe should not have to read a secret.
+and the health probe should not have to read a secret. The check is `control_auth.TokenInterceptor`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from p2pnode import __version__
+from p2pnode.daemon.control_auth import TokenInterceptor
 from p2pnode.daemon.statedir import (
     ControlFileError,
     StateDirError,
@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 #: Full name of the Control service, as health checks name it.
 SERVICE_NAME = "p2pnode.proto.Control"
-#: Method-path prefix of the health service; calls under it need no token.
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
 #: How often the health status is refreshed from the node's state for Health.Watch subscribers, in
 #: seconds. Health.Check refreshes it on every call, so a probe never sees a stale answer.
 HEALTH_POLL_S = 1.0
@@ -68,67 +66,6 @@ NODE_STATES: dict[str, control_pb2.NodeState] = {
     "syncing": control_pb2.NODE_STATE_SYNCING, "running": control_pb2.NODE_STATE_TRAINING,
     "stopping": control_pb2.NODE_STATE_STOPPING, "stopped": control_pb2.NODE_STATE_STOPPED,
 }
-
-
-def _bearer_token(metadata: Any) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and token:
-                return token.strip()
-    return None
-
-
-class _TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call outside the health service unless it carries the right bearer token.
-
-    Checking here rather than in each method means a method added later is protected by default.
-    """
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(_HEALTH_PREFIX):
-            return handler
-        given = _bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        # compare_digest takes the same time wherever the first difference is, so the answer's timing
-        # does not leak how much of a guessed token was right.
-        if given is not None and hmac.compare_digest(given.encode(), self._token):
-            return handler
-        reason = "missing" if given is None else "wrong"
-        logger.warning("control call %s refused: %s token", method, reason)
-        return _refusal(handler, f"{reason} control token: send the metadata 'authorization: Bearer <token>' "
-                                 "with the token from control.json in the node's state directory")
-
-
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator; abort() always raises
-
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream, **kw)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    # The Control service has no client-streaming methods; refuse those shapes without reading input.
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(stream, **kw)
-    return grpc.stream_unary_rpc_method_handler(unary, **kw)
 
 
 def _opt(value: float | None) -> dict[str, float]:
@@ -162,7 +99,7 @@ def round_event(report: RoundReport, *, peer_id: str, bytes_sent: int, bytes_rec
 
 
 class _ControlServicer(control_pb2_grpc.ControlServicer):
-    """The Control methods over one `Node`. Authentication happens before, in `_TokenInterceptor`."""
+    """The Control methods over one `Node`. Authentication happens before, in `TokenInterceptor`."""
 
     def __init__(self, server: ControlServer) -> None:
         self._server = server
@@ -358,7 +295,7 @@ class ControlServer:
         """Bind and start serving; return the bound address (``"127.0.0.1:PORT"`` or ``"unix:PATH"``)."""
         if self._server is not None:
             raise RuntimeError("the control server is already started")
-        server = grpc.aio.server(interceptors=[_TokenInterceptor(self._token)],
+        server = grpc.aio.server(interceptors=[TokenInterceptor(self._token)],
                                  # One local user and a few CLI calls: no need for large messages.
                                  options=[("grpc.max_receive_message_length", 1 << 20)])
         control_pb2_grpc.add_ControlServicer_to_server(_ControlServicer(self), server)

@@ -30,12 +30,13 @@ from typing import Any, Protocol
 import torch
 
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointStore, capture
+from p2pnode.daemon.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from p2pnode.daemon.metrics import NodeMetrics
 from p2pnode.daemon.node_status import NodeStatus, metric_fields, metric_text
 from p2pnode.daemon.quorum import apply_quorum
 from p2pnode.daemon.resume import STATESYNC_CAPABILITY, resume_from_checkpoint, sync_from_peers
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.daemon.trainer_state import capture
 from p2pnode.discovery import PeerDirectory, PeerInfo
 from p2pnode.protocols import LocalOuterState, RoundProtocol, RoundReport
 from p2pnode.protocols.compute import Compute

@@ -12,7 +12,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from p2pnode.daemon.checkpoint import Checkpoint, restore
+from p2pnode.daemon.checkpoint import Checkpoint
+from p2pnode.daemon.trainer_state import restore
 from p2pnode.discovery import PeerInfo
 from p2pnode.protocols import LocalOuterState
 from p2pnode.protocols.statesync import SyncResult, fetch_state

@@ -52,7 +52,8 @@ live record. What it does guarantee is that, per subkey, the value with the late
 (on every replica and when a reader merges replies). `withdraw` therefore stores a *tombstone*, an empty
 value whose expiration is just after that of the last record this node stored; readers skip empty
 values, and the tombstone itself expires when the record would have. A later `announce` uses an
-expiration after the tombstone's, so a node can come back.
+expiration after the tombstone's, so a node can come back. Storing, refreshing and withdrawing the
+record is `record_publisher.RecordPublisher`.
 
 Signed records (optional, recommended on open networks). Without signing, any peer could overwrite or
 tombstone another peer's subkey. With ``signer`` set, the subkey is ``"<peer id>[owner:<RSA public
@@ -86,7 +87,8 @@ from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.base import PeerDirectory, PeerInfo
 from p2pnode.discovery.dht_process import add_validator, dht_peer_id, dht_refusals, wait_for_dht
 from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
-from p2pnode.discovery.record_reader import TOMBSTONE, RecordReader
+from p2pnode.discovery.record_publisher import RecordPublisher
+from p2pnode.discovery.record_reader import RecordReader
 from p2pnode.discovery.validator import EXPIRATION_CAP_FACTOR, RunRecordValidator, directory_key
 
 logger = logging.getLogger(__name__)
@@ -111,13 +113,6 @@ DEFAULT_MIN_READ_INTERVAL = 3.0
 #: Shortest time between two reads while the last view held no peer, in seconds (a joining node should
 #: see its first peers quickly; without peers there are no rounds to slow down).
 EMPTY_VIEW_READ_INTERVAL = 0.5
-#: Longest time a record's round may lag the node's, in seconds: an announcement in which only the round
-#: changed is stored at most this long after the previous store (at most ``min_read_interval``). Short,
-#: since a joiner syncs only from peers whose record says they are ahead; one store at a time, so a slow
-#: DHT (busy replicas) stores less often by itself.
-ROUND_STORE_INTERVAL = 1.0
-#: How much later than the last record a tombstone (or a record after a tombstone) expires, in seconds.
-_EXPIRATION_STEP = 1e-3
 
 
 class DHTDirectory(PeerDirectory):
@@ -137,7 +132,7 @@ class DHTDirectory(PeerDirectory):
     :param min_read_interval: shortest time between two reads from the DHT, in seconds (default 3; 0:
         every call reads and every `announce` stores at once). An `announce` in which only the round
         changed (the node announces after every round) is stored in the background, at most once per
-        ``min(min_read_interval, ROUND_STORE_INTERVAL)`` (1 s). `peers` calls within it get the
+        ``min(min_read_interval, record_publisher.ROUND_STORE_INTERVAL)`` (1 s). `peers` calls within it get the
         last read's view (less expired records), and
         calls while a read is in flight get the last view too: one read at a time, however many callers.
     :param validate_records: install `RunRecordValidator` for this run in `dht` on first use (default
@@ -170,9 +165,6 @@ class DHTDirectory(PeerDirectory):
         self.reads = 0
         #: When the last read finished (time.monotonic()); -inf before the first.
         self._read_at = -math.inf
-        #: A store of the record put off by `announce` (only the round changed), and when the last began.
-        self._pending_store: asyncio.Task[None] | None = None
-        self._stored_at = -math.inf
         #: The read in flight, shared by every `peers` call that arrives meanwhile.
         self._reading: asyncio.Future[list[PeerInfo]] | None = None
         #: Expirations further ahead than this are refused, in seconds.
@@ -189,17 +181,18 @@ class DHTDirectory(PeerDirectory):
         # Signed records are bound to the peer id they name (the owner key must hash to it).
         self.authenticated = signer is not None
         self._peer_id = peer_id
-        self._info: PeerInfo | None = None
-        #: Expiration time (DHT clock) of the last value this node stored under its subkey.
-        self._last_expiration = float("-inf")
-        self._refresher: asyncio.Task[None] | None = None
-        self._store_lock = asyncio.Lock()
+        #: Stores, refreshes and withdraws this node's record.
+        self.publisher = RecordPublisher(self._store, self.seal, key=self.key, ttl=ttl,
+                                         min_read_interval=min_read_interval)
         #: Judges each record once and remembers the verdict (counts into `rejected`).
         self._reader = RecordReader(rejected=self.rejected, signed=signer is not None,
                                     max_parse_per_read=max_parse_per_read, admitted=self.record_admitted,
                                     key=self.key)
-        #: Successful stores by the refresher (for monitoring and tests).
-        self.refreshes = 0
+
+    @property
+    def refreshes(self) -> int:
+        """Successful stores by the refresher (for monitoring and tests)."""
+        return self.publisher.refreshes
 
     @property
     def max_parse_per_read(self) -> int:
@@ -230,26 +223,21 @@ class DHTDirectory(PeerDirectory):
     async def start(self) -> None:
         """Start the refresher task (idempotent). It re-stores the announced record every ``ttl / 3``."""
         await self._install_validator()
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.create_task(self._refresh_loop(), name=f"refresh {self.key}")
+        self.publisher.start()
 
     async def shutdown(self) -> None:
         """Stop the refresher and withdraw this node's record (waits at most ``request_timeout``)."""
-        for task in (self._reading, self._pending_store):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
-        if self._info is not None:
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reading
+        await self.publisher.stop()
+        info = self.publisher.info  # withdraw() clears it
+        if info is not None:
             try:
                 await self.withdraw()
             except Exception as e:  # leaving must not fail: the record expires by itself anyway
-                logger.warning("could not withdraw the record of %s: %r", self._info.peer_id[-8:], e)
+                logger.warning("could not withdraw the record of %s: %r", info.peer_id[-8:], e)
 
     # -- publishing -------------------------------------------------------------------------------
     async def announce(self, info: PeerInfo) -> None:
@@ -262,71 +250,20 @@ class DHTDirectory(PeerDirectory):
         if info.peer_id != pid:
             raise ValueError(f"announced peer id {info.peer_id} is not this node's id {pid}")
         await self._install_validator()
-        previous, self._info = self._info, info
-        if (previous is not None and self.min_read_interval > 0
-                and dataclasses.replace(previous, round=info.round, timestamp=info.timestamp) == info):
-            # Only the round moved on (the node announces after every round): published by a store at most
-            # `ROUND_STORE_INTERVAL` after the last one, in the background. A store waits for the replicas,
-            # which may be busy with an outsider's junk: no round should wait for it.
-            if self._pending_store is None or self._pending_store.done():
-                self._pending_store = asyncio.create_task(self._store_later(), name=f"store {self.key}")
+        previous = self.publisher.info
+        round_only = (previous is not None
+                      and dataclasses.replace(previous, round=info.round, timestamp=info.timestamp) == info)
+        if await self.publisher.announce(info, round_only=round_only):
             await _yield()
-            return
-        await self._store_record(info)
-
-    async def _store_later(self) -> None:
-        spacing = min(self.min_read_interval, ROUND_STORE_INTERVAL)
-        await asyncio.sleep(max(0.0, self._stored_at + spacing - time.monotonic()))
-        info = self._info
-        if info is None:
-            return
-        try:
-            await self._store_record(info)
-        except Exception as e:  # the refresher or the next announce tries again
-            logger.warning("store of the record under %s failed: %r", self.key, e)
 
     async def withdraw(self) -> None:
         """Stop refreshing and make the record disappear for readers (tombstone, see the module doc)."""
-        self._info = None
-        async with self._store_lock:
-            if self._last_expiration == float("-inf"):
-                return
-            expiration = self._last_expiration + _EXPIRATION_STEP
-            await self._store(TOMBSTONE, expiration)
+        await self.publisher.withdraw()
 
-    async def _store_record(self, info: PeerInfo) -> None:
-        async with self._store_lock:
-            if self._info is not info:  # withdrawn or replaced while waiting for the lock
-                return
-            self._stored_at = time.monotonic()
-            record = self.seal(PeerInfo(**{**info.__dict__, "timestamp": time.time()})).to_proto()
-            expiration = max(get_dht_time() + self.ttl, self._last_expiration + _EXPIRATION_STEP)
-            await self._store(record.SerializeToString(), expiration)
-
-    async def _store(self, value: bytes, expiration: float) -> None:
-        ok = await self._wait(self.dht.store(self.key, value, expiration_time=expiration,
-                                             subkey=await self.subkey(), return_future=True), "store",
-                              self.request_timeout)
-        # Even a store that no replica confirmed may have reached some; later values must still win.
-        self._last_expiration = max(self._last_expiration, expiration)
-        if not ok:
-            logger.warning("DHT store of %s did not reach any replica", self.key)
-
-    async def _refresh_loop(self) -> None:
-        period = self.ttl / 3
-        while True:
-            await asyncio.sleep(period)
-            info = self._info
-            if info is None:
-                continue
-            try:
-                await self._store_record(info)
-                self.refreshes += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                # Keep the loop alive: one failed refresh still leaves 2/3 of the ttl for the next one.
-                logger.warning("refresh of the record under %s failed: %r", self.key, e)
+    async def _store(self, value: bytes, expiration: float) -> bool:
+        return await self._wait(self.dht.store(self.key, value, expiration_time=expiration,
+                                               subkey=await self.subkey(), return_future=True), "store",
+                                self.request_timeout)
 
     # -- reading ----------------------------------------------------------------------------------
     async def peers(self) -> list[PeerInfo]:

@@ -20,7 +20,8 @@ Public API:
 Building blocks: shamir.py (secret sharing over GF(2^256 + 297)), prg.py (AES-256-CTR / ChaCha20
 mask generator), keys.py (X25519, HKDF, ChaCha20-Poly1305, Ed25519 binding), quantize.py (fixed
 point and the overflow bound), graph.py (Harary graph and parameter choice), stages.py and state.py
-(the state machine), wire.py (message checks), aggregator.py (the server role).
+(the state machine), wire.py (message checks), aggregator.py (the server role), unmask.py (its last
+step: secrets reconstructed from the shares, masks removed from the sum).
 """
 
 from p2pnode.secagg.compose import layer_variances, split_layers, variance_correct

@@ -12,7 +12,8 @@ Reconstruction at the end (algorithms.md 5.3, round 4)::
     sum_{u in U3} x_u = sum_{u in U3} y_u - sum_{u in U3} PRG(b_u)
                         + sum_{v in U2 \\ U3} sum_{u in U3 adjacent to v} sign(v, u) PRG(s_{v,u})   (mod R)
 
-with ``sign(v, u) = +1`` if ``v > u`` else ``-1``, which adds back ``p_{v,u} = -p_{u,v}``.
+with ``sign(v, u) = +1`` if ``v > u`` else ``-1``, which adds back ``p_{v,u} = -p_{u,v}``. The
+reconstruction of the secrets and the removal of the masks are `p2pnode.secagg.unmask`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import secagg_pb2
-from p2pnode.secagg import keys, shamir
+from p2pnode.secagg import keys, shamir, unmask
 from p2pnode.secagg.errors import SecAggAborted
-from p2pnode.secagg.masking import pair_sign
-from p2pnode.secagg.prg import MaskGenerator, word_dtype
+from p2pnode.secagg.prg import word_dtype
 from p2pnode.secagg.settings import Plan
 from p2pnode.secagg.stages import STAGES, Stage, Status
 from p2pnode.secagg.state import AggregatorState, SecAggResult
@@ -50,18 +48,11 @@ from p2pnode.transport.codec import Message, check_tensors
 
 logger = logging.getLogger(__name__)
 
-#: Most t-subsets tried when the shares of one secret disagree with its commitment (a corrupt share).
-MAX_SUBSETS = 256
-
 #: Refusal code of a user whose identity key the aggregator does not know (it cannot take part).
 UNKNOWN_IDENTITY = "unknown_identity"
 
 #: Called with (user index, masked words) for every masked input accepted: what the aggregator sees.
 MaskedObserver = Callable[[int, np.ndarray], None]
-
-
-class _ReconstructionFailed(Exception):
-    """No t-subset of a secret's shares opens its commitment (or matches its public key)."""
 
 
 class SecAggAggregator:
@@ -258,13 +249,6 @@ class SecAggAggregator:
         return Message(secagg_pb2.SecAggUnmaskReply(accepted=len(b_shares) + len(s_shares)))
 
     # -- the stage machine --------------------------------------------------------------------
-    def _needed(self) -> tuple[list[int], list[int]]:
-        """Secrets to reconstruct: self masks of U3, mask keys of U2 \\ U3 users adjacent to U3."""
-        u2 = self.state.completed[Stage.SHARE]
-        u3 = self.state.completed[Stage.MASKED]
-        dropped = [v for v in sorted(u2 - u3) if any(u in u3 for u in self.plan.graph[v - 1])]
-        return sorted(u3), dropped
-
     def _share_counts(self) -> tuple[dict[int, int], dict[int, int]]:
         b: dict[int, int] = {}
         s: dict[int, int] = {}
@@ -277,7 +261,7 @@ class SecAggAggregator:
 
     def _unmask_complete(self) -> bool:
         t = self.plan.threshold
-        need_b, need_s = self._needed()
+        need_b, need_s = unmask.needed(self.plan, self.state)
         b, s = self._share_counts()
         everyone = set(self.state.revealed) >= self.state.completed[Stage.MASKED]
         if self._want_all:  # a corrupt share was seen: wait for every share there may be
@@ -300,7 +284,7 @@ class SecAggAggregator:
         """The threshold check after `stage`; raise `SecAggAborted` when it fails."""
         t = self.plan.threshold
         if stage is Stage.UNMASK:
-            need_b, need_s = self._needed()
+            need_b, need_s = unmask.needed(self.plan, self.state)
             b, s = self._share_counts()
             short = [f"self mask of user {u} ({b.get(u, 0)} shares)" for u in need_b if b.get(u, 0) < t]
             short += [f"mask key of dropped user {v} ({s.get(v, 0)} shares)" for v in need_s if s.get(v, 0) < t]
@@ -339,7 +323,8 @@ class SecAggAggregator:
                 if stage is not Stage.UNMASK:
                     self._closed[stage].set()
             secrets = await self._reconstruct_all(deadline)
-            result, spent = await loop.run_in_executor(None, cpu_call, functools.partial(self._finish, secrets))
+            finish = functools.partial(unmask.unmask_sum, self.plan, self.state, secrets)
+            result, spent = await loop.run_in_executor(None, cpu_call, finish)
             self._cpu.seconds += spent
             result.compute_s = self._cpu.seconds
             st.status = Status.DONE
@@ -352,7 +337,7 @@ class SecAggAggregator:
                 self._abort(f"{type(e).__name__}: {e}" if not isinstance(e, asyncio.CancelledError) else "cancelled")
             raise
 
-    async def _reconstruct_all(self, deadline: float) -> tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]:
+    async def _reconstruct_all(self, deadline: float) -> unmask.Secrets:
         """Reconstruct every needed secret; on a corrupt share, reopen the stage for more shares until the deadline.
 
         Runs on the event loop (Shamir and X25519 only; cheap), so no late share is lost meanwhile.
@@ -362,8 +347,8 @@ class SecAggAggregator:
         while True:
             try:
                 with self._cpu.timed():
-                    return self._secrets()
-            except _ReconstructionFailed as e:
+                    return unmask.recover_secrets(self.plan, self.state)
+            except unmask.ReconstructionFailed as e:
                 pending = set(st.completed[Stage.MASKED]) - set(st.revealed)
                 if not pending or loop.time() >= deadline:
                     raise self._abort(str(e)) from None
@@ -374,83 +359,3 @@ class SecAggAggregator:
                 await self._wait_ready(deadline - loop.time())
                 st.open = False
                 st.completed[Stage.UNMASK] = frozenset(st.revealed)
-
-    # -- reconstruction -----------------------------------------------------------------------
-    def _reconstruct(self, owner: int, shares: Mapping[int, int], check: Callable[[int], bool], what: str) -> int:
-        t = self.plan.threshold
-        xs = sorted(shares)
-        for n_tried, subset in enumerate(itertools.combinations(xs, t)):
-            if n_tried >= MAX_SUBSETS:
-                break
-            secret = shamir.combine({x: shares[x] for x in subset}, t)
-            if check(secret):
-                if n_tried:
-                    logger.warning("secagg: corrupt %s share(s) for user %d; reconstructed from another subset",
-                                   what, owner)
-                return secret
-        raise _ReconstructionFailed(f"the {what} of user {owner} does not match its advertised commitment with "
-                                    f"any {t} of its {len(xs)} revealed shares: a share holder sent a corrupt share")
-
-    def _secrets(self) -> tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]:
-        """The self-mask seeds of U3 and the mask keys of the dropped users adjacent to U3."""
-        st = self.state
-        digest = self.plan.digest
-        need_b, need_s = self._needed()
-        b_by_owner: dict[int, dict[int, int]] = {u: {} for u in need_b}
-        s_by_owner: dict[int, dict[int, int]] = {v: {} for v in need_s}
-        for revealer, (bs, ss) in st.revealed.items():
-            for o, v in bs.items():
-                b_by_owner[o][revealer] = v
-            for o, v in ss.items():
-                if o in s_by_owner:
-                    s_by_owner[o][revealer] = v
-        seeds = []
-        for u in need_b:
-            commit = st.keys[u].self_mask_commitment
-
-            def opens(secret: int, u: int = u, commit: bytes = commit) -> bool:
-                return secret < 2**256 and keys.commitment_matches(commit, digest, u, secret.to_bytes(32, "big"))
-
-            seeds.append(self._reconstruct(u, b_by_owner[u], opens, "self-mask seed").to_bytes(32, "big"))
-        dropped = []
-        for v in need_s:
-            mask_pk = st.keys[v].mask_public_key
-
-            def matches(secret: int, mask_pk: bytes = mask_pk) -> bool:
-                try:
-                    return keys.public_of(keys.int_to_private(secret)) == mask_pk
-                except ValueError:
-                    return False
-
-            dropped.append((v, keys.int_to_private(self._reconstruct(v, s_by_owner[v], matches, "mask key"))))
-        return seeds, dropped
-
-    def _finish(self, secrets: tuple[list[bytes], list[tuple[int, X25519PrivateKey]]]) -> SecAggResult:
-        """Remove the masks from the sum and decode it (the heavy part: runs in an executor)."""
-        st = self.state
-        plan = self.plan
-        u3 = st.completed[Stage.MASKED]
-        seeds, dropped_keys = secrets
-        assert st.masked_sum is not None
-        total = st.masked_sum
-        gen = MaskGenerator(plan.settings.prg, plan.word_bits)
-        masks = [(seed, -1) for seed in seeds]
-        for v, sk in dropped_keys:
-            for u in plan.graph[v - 1]:
-                if u in u3:
-                    seed = keys.mask_seed(keys.agree(sk, st.keys[u].mask_public_key), plan.digest, u, v)
-                    masks.append((seed, pair_sign(v, u)))  # the term v would have added
-        # One pass: each chunk loses all its masks and is decoded while in cache.
-        weighted, extras, weight = plan.encoding.decode_sum(total, len(u3), ready=gen.chunks(total, masks))
-        users = plan.session.users
-        dropped: dict[str, tuple[str, ...]] = {}
-        previous = frozenset(range(1, plan.n + 1))
-        for stage in STAGES:
-            now = st.completed[stage]
-            dropped[stage.label] = tuple(users[i - 1] for i in sorted(previous - now))
-            previous = now
-        return SecAggResult(
-            weighted_sum=weighted, extras_sum=extras, weight_sum=weight,
-            survivors=tuple(users[i - 1] for i in sorted(u3)), dropped=dropped, users=plan.n,
-            neighbours=plan.neighbours, threshold=plan.threshold, word_bits=plan.word_bits,
-            rejected=dict(st.rejected))

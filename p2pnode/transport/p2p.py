@@ -5,6 +5,8 @@ method name travels in the envelope. On the stream the caller writes one framed 
 receiver answers with one framed response (`p2pnode.transport.framing`: the header and envelope are
 checked against the size limits before a buffer is mapped and the payload read into it;
 `p2pnode.transport.receive_buffers`: the buffers cost memory as bytes arrive, and large ones are reused).
+Inbound streams are admitted by `stream_server.StreamServer` (stream limits, tarpit); calls go out
+through `stream_client.StreamClient`.
 
 Messages of at least ``direct_threshold`` bytes (default 1 MiB) take the direct channel when both peers
 enable it (`p2pnode.transport.direct_server`, `p2pnode.transport.direct_client`): a ticket is asked for
@@ -44,9 +46,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hivemind.p2p import P2P, PeerID
-from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.p2p import P2P
 
 from p2pnode.errors import BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
@@ -70,12 +70,14 @@ from p2pnode.transport.direct_server import (
     DirectServer,
     first_ipv4,
 )
-from p2pnode.transport.framing import TLSIO, MessageIO, StreamIO, read_message, write_message
+from p2pnode.transport.framing import TLSIO, MessageIO, read_message
 from p2pnode.transport.inbound_limits import DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_PEER, InboundLimits
 from p2pnode.transport.rate import DEFAULT_GRACE_S, DEFAULT_MIN_RATE
 from p2pnode.transport.receive_buffers import DEFAULT_RECEIVE_POOL_BYTES, ReceiveBuffers
 from p2pnode.transport.request_server import RequestServer
-from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, STREAMS_PER_PEER, Tarpit
+from p2pnode.transport.stream_client import STREAM_ERRORS, StreamClient
+from p2pnode.transport.stream_server import StreamServer
+from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, Tarpit
 from p2pnode.transport.ticket import Ticket
 from p2pnode.transport.tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConnection
 
@@ -90,11 +92,6 @@ DIRECT_TICKET_METHOD = "_p2pnode.direct_ticket"
 DEFAULT_IDLE_TIMEOUT = 30.0
 #: Default longest wait for p2pd to register or remove the handler, in seconds.
 DEFAULT_CONTROL_TIMEOUT = 10.0
-#: Longest time a stream refused for the per-peer stream limit is drained before it closes, in seconds.
-BUSY_DRAIN_S = 1.0
-
-_STREAM_ERRORS = (asyncio.IncompleteReadError, ConnectionError, OSError, P2PDaemonError)
-
 
 class P2PTransport(Transport):
     """Request/response messaging over libp2p streams of hivemind's p2pd, with a direct TLS fast path.
@@ -170,7 +167,7 @@ class P2PTransport(Transport):
                  compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
                  tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
-        #: Refusals per peer; peers past their budget have their streams held (`_handle_stream`).
+        #: Refusals per peer; peers past their budget have their streams held (`StreamServer.handle`).
         self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
@@ -187,10 +184,10 @@ class P2PTransport(Transport):
         self._maddrs: list[str] = []
         self._started = False
         self._closed = False
-        #: Serving tasks (one per inbound stream), cancelled on shutdown.
-        self._serving: set[asyncio.Task[Any]] = set()
-        #: Writers of outbound calls in flight, closed on shutdown so that those calls fail promptly.
-        self._outbound: set[asyncio.StreamWriter] = set()
+        #: Admits inbound libp2p streams (stream limits, tarpit) and keeps their serving tasks.
+        self.streams = StreamServer(self.inbound, self.tarpit, self.requests, self.reject, idle_timeout)
+        #: The calling side of libp2p streams (and the streams of the calls in flight).
+        self.stream_client = StreamClient(p2p, handler_name, self._read_response)
         # Direct channel.
         self.direct_enabled = direct
         self.direct_threshold = direct_threshold
@@ -290,7 +287,7 @@ class P2PTransport(Transport):
             await self._direct.start(self._serve_direct)
             self.register(DIRECT_TICKET_METHOD, peer_pb2.Envelope, self._issue_ticket)
         async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
-            await self._p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
+            await self._p2p.add_binary_stream_handler(self.handler_name, self.streams.handle)
         self._started = True
 
     async def rebind(self, p2p: P2P) -> None:
@@ -305,12 +302,12 @@ class P2PTransport(Transport):
         if p2p.peer_id.to_base58() != self._peer_id:
             raise TransportError(f"cannot rebind to {p2p.peer_id}: this transport is {self._peer_id}")
         self._p2p = p2p
-        for writer in list(self._outbound):
-            writer.close()
+        self.stream_client.p2p = p2p
+        self.stream_client.close_all()
         if self._started and not self._closed:
             async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
                 self._maddrs = [str(a) for a in await p2p.get_visible_maddrs()]
-                await p2p.add_binary_stream_handler(self.handler_name, self._handle_stream)
+                await p2p.add_binary_stream_handler(self.handler_name, self.streams.handle)
 
     async def shutdown(self) -> None:
         """Stop serving, fail the calls in flight with `PeerUnreachable`, and stop p2pd if owned."""
@@ -320,19 +317,14 @@ class P2PTransport(Transport):
         if self._started and self._p2p.is_alive:
             # The daemon may already be gone (for example when the DHT stopped first): then there is
             # nothing to remove, and its socket errors are expected.
-            with contextlib.suppress(TimeoutError, *_STREAM_ERRORS):
+            with contextlib.suppress(TimeoutError, *STREAM_ERRORS):
                 async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
                     await self._p2p.remove_binary_stream_handler(self.handler_name)
-        for writer in list(self._outbound):
-            writer.close()
+        self.stream_client.close_all()
         self.direct_client.close()
         if self._direct is not None:
             await self._direct.shutdown()
-        tasks = [t for t in self._serving if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.streams.cancel_all()
         if self._owns_p2p:
             await self._p2p.shutdown()
 
@@ -341,45 +333,6 @@ class P2PTransport(Transport):
     def inflight_bytes(self) -> int:
         """Bytes of receive buffers reserved by inbound requests now."""
         return self.inbound.inflight_bytes
-
-    async def _handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        sender = info.peer_id.to_base58()
-        if self.inbound.streams_full:
-            # Beyond the total, a stream gets nothing but a close: answering a flood would cost more.
-            self.reject(sender, "busy", f"{self.inbound.streams} inbound streams are being served; the limit "
-                                        f"is {self.inbound.max_streams}")
-            writer.close()
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._serving.add(task)
-        mine = self.inbound.open_stream(sender)
-        io = StreamIO(reader, writer, self.idle_timeout)
-        try:
-            if self.tarpit.holds(sender):
-                # Past its refusal budget: nothing is read or answered; the stream waits, then closes.
-                self.reject(sender, "tarpit", f"refused more than {self.tarpit.max_refusals} times in "
-                                              f"{self.tarpit.window_s:g} s; streams held for {self.tarpit.hold_s:g} s")
-                if mine < self.inbound.max_streams_per_peer:
-                    await asyncio.sleep(self.tarpit.hold_s)
-            elif mine >= self.inbound.max_streams_per_peer:
-                message = (f"{mine} streams of this peer are being served; the limit is "
-                           f"{self.inbound.max_streams_per_peer}; retry later")
-                self.reject(sender, "busy", message)
-                self.tarpit.note(sender, STREAMS_PER_PEER)
-                await self.requests.answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S)
-            else:
-                await self.requests.serve_one(sender, io)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("unexpected error while serving a stream from %s", info.peer_id)
-        finally:
-            writer.close()
-            self.inbound.close_stream(sender)
-            if task is not None:
-                self._serving.discard(task)
 
     def reject(self, peer_id: str, reason: str, message: str) -> None:
         super().reject(peer_id, reason, message)
@@ -417,46 +370,7 @@ class P2PTransport(Transport):
                 return data
             self.direct_client.fallbacks += 1
             timeout = max(0.0, deadline - time.monotonic())
-        return await self._send_libp2p(peer_id, parts, timeout)
-
-    async def _send_libp2p(self, peer_id: str, parts: Sequence[memoryview], timeout: float) -> memoryview:
-        try:
-            pid = PeerID.from_base58(peer_id)
-        except ValueError as e:
-            raise PeerUnreachable(f"invalid peer id {peer_id!r}") from e
-        try:
-            _, reader, writer = await self._p2p.call_binary_stream_handler(pid, self.handler_name)
-        except _STREAM_ERRORS as e:
-            raise PeerUnreachable(f"cannot open a stream to {peer_id}: {e}") from e
-        self._outbound.add(writer)
-        try:
-            return await self._exchange_stream(peer_id, StreamIO(reader, writer, timeout), parts)
-        finally:
-            # Also runs when the base class cancels a timed-out call: closing the socket makes p2pd
-            # reset the libp2p stream, so the peer's handler stops too.
-            self._outbound.discard(writer)
-            writer.close()
-
-    async def _exchange_stream(self, peer_id: str, io: StreamIO, parts: Sequence[memoryview]) -> memoryview:
-        """Write a request and read its response on a libp2p stream.
-
-        The request is written by a separate task while the response is awaited, so that an early
-        refusal (for example ``oversized``, sent before the payload is read) reaches the caller as the
-        peer's error rather than as a broken pipe.
-        """
-        write_task = asyncio.create_task(write_message(io, parts))
-        try:
-            return await self._read_response(peer_id, io)
-        except asyncio.IncompleteReadError as e:
-            cause = _task_error(write_task) or e
-            raise PeerUnreachable(f"{peer_id} closed the stream before answering: {cause!r}") from e
-        except (ConnectionError, OSError) as e:
-            raise PeerUnreachable(f"stream to {peer_id} broke: {e!r}") from e
-        finally:
-            if not write_task.done():
-                write_task.cancel()
-            # Mark the outcome as retrieved: its errors are reported through the read side.
-            write_task.add_done_callback(_task_error)
+        return await self.stream_client.call(peer_id, parts, timeout)
 
     async def _read_response(self, peer_id: str, io: MessageIO) -> memoryview:
         try:
@@ -472,15 +386,9 @@ class P2PTransport(Transport):
         head = parts[0]
         inner = peer_pb2.Envelope.FromString(bytes(head[codec.HEADER.size:]))
         request = self.encode_request(peer_id, DIRECT_TICKET_METHOD, Message(inner))
-        reply = await self._send_libp2p(peer_id, request, timeout)
+        reply = await self.stream_client.call(peer_id, request, timeout)
         ticket = self.direct_client.read_ticket(peer_id, reply, self.max_message_bytes)
         if not isinstance(ticket, Ticket):
             return ticket  # None: use libp2p for this message; else the peer's refusal of it
         return await self.direct_client.send(peer_id, ticket, parts, timeout)
 
-
-def _task_error(task: asyncio.Task[Any]) -> BaseException | None:
-    """The exception of a finished task (None if it succeeded, was cancelled or is still running)."""
-    if not task.done() or task.cancelled():
-        return None
-    return task.exception()

@@ -16,12 +16,11 @@ from p2pnode.daemon.checkpoint import (
     CheckpointMismatch,
     CheckpointStore,
     CorruptCheckpoint,
-    capture,
     read,
-    restore,
 )
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.daemon.trainer_state import capture, restore
 from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport.clock import run_virtual

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pnode.daemon.checkpoint import CheckpointMismatch, CheckpointStore, capture, read, restore
+from p2pnode.daemon.checkpoint import CheckpointMismatch, CheckpointStore, read
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.daemon.trainer_state import capture, restore
 from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.protocols import LocalOuterState
 from p2pnode.transport.clock import run_virtual

@@ -392,7 +392,7 @@ async def test_a_full_key_keeps_its_honest_records_and_frees_room_as_junk_expire
             assert await held(dht, dirs[0].key) == 40
         # The honest peers re-store their own subkeys on the full key: always accepted.
         for d in dirs:
-            await d._store_record(d._info)  # type: ignore[arg-type]
+            await d.publisher.store(d.publisher.info)  # type: ignore[arg-type]
         assert sorted([await peer_ids(dirs[0]), await peer_ids(dirs[1])]) == sorted([[replicas[1]], [replicas[0]]])
         # A newcomer's record (stored at both replicas from outside) cannot get in while the key is full ...
         newcomer = junk_subkeys(1, 99)[0]

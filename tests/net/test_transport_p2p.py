@@ -193,7 +193,7 @@ async def test_timeout_closes_the_stream(pair: tuple[P2PTransport, P2PTransport]
     with pytest.raises(PeerUnreachable):
         await a.call(b.peer_id, "slow", Message(peer_pb2.Ping()), peer_pb2.Pong, timeout=0.5)
     assert time.monotonic() - start < 2.0
-    assert not a._outbound  # the timed-out call closed its stream
+    assert not a.stream_client.in_flight  # the timed-out call closed its stream
     assert a.stats.failed_calls == 1
 
 
@@ -353,7 +353,7 @@ async def test_direct_timeout_closes_the_connection(pair: tuple[P2PTransport, P2
         await a.call(b.peer_id, "slow", Message(peer_pb2.Ping(), {"x": torch.ones(500_000)}), peer_pb2.Pong,
                      timeout=0.5)
     assert time.monotonic() - start < 2.0
-    assert not a.direct_client.in_flight and not a._outbound
+    assert not a.direct_client.in_flight and not a.stream_client.in_flight
 
 
 async def test_falls_back_to_libp2p_when_direct_fails(pair: tuple[P2PTransport, P2PTransport]) -> None:

@@ -135,7 +135,7 @@ def test_a_momentum_pull_answered_with_a_model_is_refused_and_the_momentum_start
 
         rogue.register(BASE, peer_pb2.ModestBaseRequest, serve)
         core = _p(puller).core
-        got = await _p(puller).aggregator_role.get_base(agg)
+        got = await _p(puller).aggregator_role.versions.get_base(agg)
         assert got is bare and got.outer == {}
         assert puller.transport.stats.rejected["bad_shape"] == 1
         assert core.counters["outer_momentum_lost"] == 1 and core.counters["outer_pulls"] == 0
@@ -154,7 +154,7 @@ def test_the_momentum_is_pulled_from_the_sender_the_trainers_name() -> None:
                       if (b := _p(n).core.bases.get(bare.round)) is not None and b.outer and b.digest == bare.digest)
         agg.models["a-trainer"].base_sender = holder.peer_id
         core = _p(puller).core
-        got = await _p(puller).aggregator_role.get_base(agg)
+        got = await _p(puller).aggregator_role.versions.get_base(agg)
         want = _p(holder).core.bases[bare.round].outer
         assert got is bare and got.outer.keys() == want.keys()
         # ("steps" travels as shape (1,): the codec cannot view a 0-d tensor as bytes)

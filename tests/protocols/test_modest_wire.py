@@ -243,7 +243,7 @@ def test_a_bad_base_pull_is_refused_counted_once_and_the_next_contributor_serves
                 agg.models[peer] = Upload({}, base.digest, base.parent, 1.0)
             pulls = core.counters["base_pulls"]
             rejected = dict(puller.transport.stats.rejected)
-            got = await _p(puller).aggregator_role.get_base(agg)
+            got = await _p(puller).aggregator_role.versions.get_base(agg)
             counted = {k: v - rejected.get(k, 0) for k, v in puller.transport.stats.rejected.items()
                        if v != rejected.get(k, 0)}
             assert counted == {reason: 1}

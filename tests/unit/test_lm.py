@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from p2pnode.cli.main import cli
-from p2pnode.daemon.checkpoint import CheckpointStore, capture, restore
+from p2pnode.daemon.checkpoint import CheckpointStore
 from p2pnode.daemon.control import round_event
 from p2pnode.daemon.node import Node
 from p2pnode.daemon.node_status import metric_fields
 from p2pnode.daemon.settings import DaemonSettings
+from p2pnode.daemon.trainer_state import capture, restore
 from p2pnode.discovery.memory import MemoryRegistry
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.base import RoundReport

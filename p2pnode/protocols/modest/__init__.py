@@ -47,6 +47,7 @@ Map of the package (each module imports only those above it in this list, never 
 - `sampling`: `candidate_order`, `model_digest` (the ordering keys), and `Sampler` (pings).
 - `membership`: the view, JOIN/LEAVE advertisements, pings answered, directory reads.
 - `identity`: secagg identity keys read from signed directory records.
+- `versions`: held model versions served to other aggregators, and bases (with their momentum) pulled.
 - `trainer`: the trainer role (inbox, training, upload and resend, watch and relaunch).
 - `aggregator`: the aggregator role (collect, deadline and top-up, combine, send on, acknowledge).
 - `spread`: secure groups spread over the aggregators, and the exchange of their sums.

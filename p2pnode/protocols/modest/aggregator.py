@@ -8,7 +8,8 @@ acknowledges the trainers. A model that arrives after completion is ``late``.
 *Top-up* (our addition): an aggregator whose deadline passes with fewer than ``liveness_min`` models
 fetches the base model from a contributor and sends it to fresh live candidates, at most
 ``max_topups`` times; then it aggregates what it has rather than drop the round (a dropped round
-leaves no one with a newer model, and training would stop for good).
+leaves no one with a newer model, and training would stop for good). Fetching a base this node lacks,
+and serving the versions it holds, is `p2pnode.protocols.modest.versions`.
 
 With secure aggregation, `p2pnode.protocols.modest.secure` drives `AggregatorRole.complete` with the
 secure result instead of the models in the clear.
@@ -19,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
-from p2pnode.errors import AggregationError, BadMessage, TransportError
+from p2pnode.errors import AggregationError, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.base import ProtocolHooks, State
 from p2pnode.protocols.modest.combine import combine, combine_groups, combine_secure
@@ -38,10 +38,11 @@ from p2pnode.protocols.modest.state import (
     decoded,
     short,
 )
-from p2pnode.protocols.modest.wire import BASE, MODEL, OUTER_PREFIX, check_run, outer_tensors, split_model
+from p2pnode.protocols.modest.versions import Versions
+from p2pnode.protocols.modest.wire import MODEL, OUTER_PREFIX, outer_tensors
 from p2pnode.secagg import SecAggResult
 from p2pnode.transport import Message
-from p2pnode.transport.compression import CompressedTensor, compress_state, compress_state_exact, decompress
+from p2pnode.transport.compression import CompressedTensor, compress_state, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +63,8 @@ class AggregatorRole:
         self.sampler = sampler
         self.hooks = hooks
         self.offer = offer
-
-    async def on_base(self, sender: str, msg: Message[Any]) -> Message[Any]:
-        """Serve a model version this node holds (`ModestBaseRequest`) to an aggregator that lacks it."""
-        c = self.core
-        body: peer_pb2.ModestBaseRequest = msg.body
-        check_run(c.settings, sender, body)
-        base = c.bases.get(int(body.round))
-        if base is None or (body.digest and bytes(body.digest) != base.digest) or (body.outer_only and not base.outer):
-            return Message(peer_pb2.ModestBaseResponse(found=False, round=body.round))
-        reply = peer_pb2.ModestBaseResponse(found=True, round=body.round)
-        if body.outer_only:  # the puller holds the model: the momentum alone
-            return self.version_message(reply, {}, base.outer)
-        return self.version_message(reply, base.state, base.outer)
-
-    def version_message(self, body: Any, state: State, outer: State) -> Message[Any]:
-        """A message that carries a version this node holds (`state`) and its outer optimizer state, in the run's
-        format for models where that decodes to the held tensors bit for bit (`compress_state_exact`).
-
-        Every version of a lossy run is held as decoded (`complete`; version 0 from the start), so it
-        re-encodes to the same values: a base pull, a top-up or a relaunch then travels compressed, the
-        receiver holds exactly the sender's tensors (same digest, same momentum), and whatever would not
-        survive the round trip travels raw.
-        """
-        c = self.core
-        tensors = {**state, **outer_tensors(outer)}
-        if not c.model_compression.lossy:
-            return Message(body, tensors)
-        return Message(body, compressed=compress_state_exact(tensors, c.model_compression))
+        #: Serves held versions to other aggregators and pulls the bases this node lacks.
+        self.versions = Versions(core)
 
     async def receive_update(self, sender: str, round_: int, state: State, base_digest: bytes,
                              parent_digest: bytes, train_loss: float, *, secure: bool = False,
@@ -158,91 +133,12 @@ class AggregatorRole:
                 await self.complete(agg, degraded=True)
             return
 
-    async def get_base(self, agg: Aggregation) -> Base | None:
-        """Model ``index - 1`` (the contributors' start), from this node or pulled from a peer that holds it.
-
-        With an outer optimizer the base's momentum is held only where the version was built (its
-        aggregators) and where it was pulled to; trainers hold the model alone. So the pull asks the
-        peers the trainers name as their version's sender first (model and momentum), then the
-        contributors (model); a base held or pulled without its momentum gets it from those senders
-        (`outer_only`). When none of them answers, the outer step starts its momentum afresh from this
-        version (counted ``outer_momentum_lost``).
-        """
-        c = self.core
-        k = agg.index - 1
-        digest = agg.base_digest()
-        base = c.bases.get(k)
-        if base is not None and (base.digest == digest or not agg.models):
-            # (no models: an aborted secure aggregation whose trainers all vanished)
-            await self.ensure_outer(agg, base)
-            return base
-        senders = [p for p in agg.base_senders(digest) if p != c.me]
-        contributors = [p for p in sorted(agg.models)
-                        if p != c.me and agg.models[p].base_digest == digest and p not in senders]
-        for peer in senders + contributors:
-            got = await self.pull(peer, k, digest)
-            if got is None:
-                continue
-            model, outer = got
-            base = Base(k, digest, model, outer, agg.parent_digest(), 1, sender=peer)
-            c.bases[k] = base
-            c.counters["base_pulls"] += 1
-            await self.ensure_outer(agg, base)
-            return base
-        return None
-
-    def needs_outer(self, base: Base) -> bool:
-        """Whether the outer step from `base` lacks the momentum it should have (version 0 has none yet)."""
-        return self.core.settings.outer_lr is not None and base.round >= 1 and not base.outer
-
-    async def ensure_outer(self, agg: Aggregation, base: Base) -> None:
-        """Give `base` its outer momentum (pulled from the peers that sent the version), if it lacks it."""
-        c = self.core
-        if not self.needs_outer(base):
-            return
-        for peer in [p for p in agg.base_senders(base.digest) if p != c.me]:
-            got = await self.pull(peer, base.round, base.digest, outer_only=True)
-            if got is not None:
-                base.outer = got[1]
-                c.counters["outer_pulls"] += 1
-                return
-        c.counters["outer_momentum_lost"] += 1
-        logger.warning("%s: no peer sent the outer momentum of version %d; aggregation %d starts it afresh",
-                       c.me_short, base.round, agg.index)
-
-    async def pull(self, peer: str, k: int, digest: bytes, *, outer_only: bool = False) -> tuple[State, State] | None:
-        """Ask `peer` for version `k` (`digest`), or only its momentum (`outer_only`); None when it has not
-        got it, does not answer or sends something malformed (refused and counted)."""
-        c = self.core
-        s = c.settings
-        req = peer_pb2.ModestBaseRequest(run_id=s.run_id, config_hash=s.config_hash, round=k, digest=digest,
-                                         outer_only=outer_only)
-        try:
-            resp = await c.transport.call(peer, BASE, Message(req), peer_pb2.ModestBaseResponse,
-                                          timeout=s.exchange_timeout_s)
-        except BadMessage as e:  # a response that does not decode: `call` counted it under its reason
-            logger.info("%s: base pull from %s refused: %s", c.me_short, short(peer), e)
-            return None
-        except TransportError as e:
-            logger.info("%s: base pull from %s failed: %s", c.me_short, short(peer), e)
-            return None
-        if not resp.body.found:
-            return None
-        try:
-            model, outer = split_model(resp.tensors, c.spec, c.settings, outer_allowed=True, outer_only=outer_only)
-            if not outer_only and model_digest(model) != digest:
-                raise BadMessage(f"base model of round {k} does not match its digest", code="bad_shape")
-        except BadMessage as e:
-            c.transport.reject(peer, e.code, str(e))
-            return None
-        return model, outer
-
     async def topup(self, agg: Aggregation) -> bool:
         """Send the base model to fresh live candidates so that more trained models arrive."""
         c = self.core
         agg.topups += 1
         c.counters["topups"] += 1
-        base = await self.get_base(agg)
+        base = await self.versions.get_base(agg)
         if base is None or agg.state != "open":
             return False
         need = c.threshold() - len(agg.models)
@@ -286,7 +182,7 @@ class AggregatorRole:
                 if kept:
                     contributors, ignored = kept, [p for p in received if p in suspects]
         try:
-            base = await self.get_base(agg) if c.needs_base else None
+            base = await self.versions.get_base(agg) if c.needs_base else None
             if c.needs_base and base is None:
                 raise AggregationError(f"no contributor could send the base model of round {agg.index - 1}")
             if secure is not None:
@@ -319,7 +215,7 @@ class AggregatorRole:
             # Every holder of the version keeps it as decoded, so that its digest (the sample key, base pulls
             # and the trainers' updates relative to it) is the same everywhere. The outer optimizer's momentum
             # stays here (the next aggregators pull it), kept as decoded from the same format, so that a pull
-            # carries it compressed and every puller holds these very bits (`version_message`).
+            # carries it compressed and every puller holds these very bits (`Versions.message`).
             wire = compress_state(new_state, c.model_compression)
             new_state = decoded(wire)
             if outer_state:
@@ -423,9 +319,9 @@ class AggregatorRole:
         """Send version `round_` (and the view) to `targets`; return those that accepted it, in order.
 
         The model travels without the outer momentum `outer` (trainers do not need it; the aggregators of
-        the next version pull it from the peer that sent their trainers the version, `get_base`); this
+        the next version pull it from the peer that sent their trainers the version, `Versions.get_base`); this
         node's own trainer role gets it with the model. `wire`: `state` compressed, its decoded tensors
-        `state`; None: a version held (top-up, relaunch), which travels as `version_message` encodes it, so
+        `state`; None: a version held (top-up, relaunch), which travels as `Versions.message` encodes it, so
         that what arrives is bit for bit what this node holds and its digest never changes.
 
         With secure aggregation the message also names `targets` as the sample of `round_`, and
@@ -441,7 +337,7 @@ class AggregatorRole:
         body = peer_pb2.ModestModel(run_id=s.run_id, config_hash=s.config_hash, round=round_,
                                     round_estimate=c.round, view=c.view.to_proto(), parent_digest=parent,
                                     combined=combined, sample=sample, sample_key=key)
-        msg = Message(body, compressed=dict(wire)) if wire is not None else self.version_message(body, state, {})
+        msg = Message(body, compressed=dict(wire)) if wire is not None else self.versions.message(body, state, {})
 
         async def one(peer: str) -> bool:
             if peer == c.me:

@@ -173,7 +173,7 @@ class ModestProtocol:
         transport.register(MEMBERSHIP, peer_pb2.ModestAdvert, membership.on_membership)
         transport.register(MODEL, peer_pb2.ModestModel, self.trainer_role.on_model)
         transport.register(UPDATE, peer_pb2.ModestUpdate, self._on_update)
-        transport.register(BASE, peer_pb2.ModestBaseRequest, self.aggregator_role.on_base)
+        transport.register(BASE, peer_pb2.ModestBaseRequest, self.aggregator_role.versions.on_base)
         transport.register(GROUP_SUMS, peer_pb2.ModestGroupSums, self._on_group_sums)
 
     # -- secagg identity keys --------------------------------------------------------------------------

@@ -433,7 +433,7 @@ def initial_version(core: Core) -> State:
     Under a lossy model format it is kept as decoded from that format, as every later version is (the
     encoding is a deterministic function of the model's bytes, so every trainer of the first sample gets
     the same tensors and digest): base pulls, top-ups and relaunches of version 0 then travel compressed
-    too (`AggregatorRole.version_message`).
+    too (`Versions.message`).
     """
     state = core.trainer.state()
     if not core.model_compression.lossy:

@@ -1,0 +1,103 @@
+"""`StreamServer`: admits inbound libp2p streams within the stream limits and the tarpit.
+
+p2pd hands every inbound stream of the transport's handler to `StreamServer.handle`, which decides what
+the stream gets before any byte of it is read:
+
+- beyond ``max_streams`` streams at once (all peers), nothing but a close (``busy``): answering a flood
+  would cost more than it;
+- a peer in the tarpit (`tarpit.Tarpit`) has the stream held unread for ``hold_s``, then closed
+  (``tarpit``); streams beyond its per-peer limit are closed at once;
+- beyond ``max_streams_per_peer`` streams of one peer, a ``busy`` error answer, read for at most
+  `BUSY_DRAIN_S` (and counted towards the tarpit);
+- otherwise the stream's one request is served by `request_server.RequestServer`.
+
+The serving tasks are kept so that `cancel_all` (on shutdown) can stop them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+
+from p2pnode.transport.framing import StreamIO
+from p2pnode.transport.inbound_limits import InboundLimits
+from p2pnode.transport.refusals import RejectCallback
+from p2pnode.transport.request_server import RequestServer
+from p2pnode.transport.tarpit import STREAMS_PER_PEER, Tarpit
+
+logger = logging.getLogger(__name__)
+
+#: Longest time a stream refused for the per-peer stream limit is drained before it closes, in seconds.
+BUSY_DRAIN_S = 1.0
+
+
+class StreamServer:
+    """Admits or refuses inbound libp2p streams, then serves the admitted ones' requests.
+
+    :param inbound: the transport's receive budget and stream counts.
+    :param tarpit: the transport's per-peer refusal budget.
+    :param requests: serves one request on an admitted stream.
+    :param reject: counts a refusal (the transport's `Transport.reject`, which also tells the tarpit).
+    :param idle_timeout: longest wait for the next bytes of a request or for the caller to take the
+        response, in seconds.
+    """
+
+    def __init__(self, inbound: InboundLimits, tarpit: Tarpit, requests: RequestServer, reject: RejectCallback,
+                 idle_timeout: float) -> None:
+        self.inbound = inbound
+        self.tarpit = tarpit
+        self.requests = requests
+        self._reject = reject
+        self.idle_timeout = idle_timeout
+        #: Serving tasks (one per inbound stream), cancelled by `cancel_all`.
+        self.serving: set[asyncio.Task[Any]] = set()
+
+    async def handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve or refuse one inbound stream (the handler registered with p2pd); closes it at the end."""
+        sender = info.peer_id.to_base58()
+        if self.inbound.streams_full:
+            # Beyond the total, a stream gets nothing but a close: answering a flood would cost more.
+            self._reject(sender, "busy", f"{self.inbound.streams} inbound streams are being served; the limit "
+                                         f"is {self.inbound.max_streams}")
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.serving.add(task)
+        mine = self.inbound.open_stream(sender)
+        io = StreamIO(reader, writer, self.idle_timeout)
+        try:
+            if self.tarpit.holds(sender):
+                # Past its refusal budget: nothing is read or answered; the stream waits, then closes.
+                self._reject(sender, "tarpit", f"refused more than {self.tarpit.max_refusals} times in "
+                                               f"{self.tarpit.window_s:g} s; streams held for {self.tarpit.hold_s:g} s")
+                if mine < self.inbound.max_streams_per_peer:
+                    await asyncio.sleep(self.tarpit.hold_s)
+            elif mine >= self.inbound.max_streams_per_peer:
+                message = (f"{mine} streams of this peer are being served; the limit is "
+                           f"{self.inbound.max_streams_per_peer}; retry later")
+                self._reject(sender, "busy", message)
+                self.tarpit.note(sender, STREAMS_PER_PEER)
+                await self.requests.answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S)
+            else:
+                await self.requests.serve_one(sender, io)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("unexpected error while serving a stream from %s", info.peer_id)
+        finally:
+            writer.close()
+            self.inbound.close_stream(sender)
+            if task is not None:
+                self.serving.discard(task)
+
+    async def cancel_all(self) -> None:
+        """Cancel the serving tasks (except the caller's own) and wait for them to end."""
+        tasks = [t for t in self.serving if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
