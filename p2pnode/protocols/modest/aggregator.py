@@ -36,6 +36,7 @@ from p2pnode.protocols.modest.state import (
     Upload,
     Watch,
     decoded,
+    initial_version,
     short,
 )
 from p2pnode.protocols.modest.wire import BASE, MODEL, OUTER_PREFIX, check_run, outer_tensors, split_model
@@ -176,6 +177,16 @@ class AggregatorRole:
             # (no models: an aborted secure aggregation whose trainers all vanished)
             await self.ensure_outer(agg, base)
             return base
+        if k == 0 and base is None:
+            # Version 0 is the run's common initial model: this node may form it as the first sample did
+            # (`initial_version`), if its own model is still that one. Taken only when its digest is the one the
+            # trainers name, so a node that has trained since (or started from another model) pulls it.
+            local = {n: t.detach().clone() for n, t in initial_version(c).items()}
+            if model_digest(local) == digest:
+                base = Base(0, digest, local, {}, b"", 1)
+                c.bases[0] = base
+                c.counters["base_formed"] += 1
+                return base
         senders = [p for p in agg.base_senders(digest) if p != c.me]
         contributors = [p for p in sorted(agg.models)
                         if p != c.me and agg.models[p].base_digest == digest and p not in senders]
@@ -190,6 +201,26 @@ class AggregatorRole:
             await self.ensure_outer(agg, base)
             return base
         return None
+
+    async def next_aggregators(self, index: int, parent: bytes) -> list[str]:
+        """The aggregators of ``index + 1``, as its trainers will find them, to put first in version `index`'s
+        sample (`parent`: the digest of version ``index - 1``, which keys round ``index + 1``).
+
+        Where the aggregators need the base (`Core.needs_base`: uploads of ``model - base`` under a lossy
+        format, an outer optimizer, rules on updates), one that was not sent version `index` pulls it
+        (``modest.base``, a whole model). Sent the version as trainers, they hold it; the rest of the sample
+        is drawn as before. Trainers find the aggregators of ``index + 1`` by the same rule as always (the
+        first responsive peers of round ``index + 1``'s order), so nothing on the wire changes, and a peer
+        that finds other ones (another view, a peer that stopped answering) still gets the base by a pull.
+        Not with secure aggregation (its sample is checked against the candidate order, `WRONG_SAMPLE`) nor
+        with a fixed aggregator. Empty where not applied.
+        """
+        c = self.core
+        s = c.settings
+        if not c.needs_base or s.secagg is not None or c.server is not None:
+            return []
+        return await self.sampler.available(index + 1, min(s.aggregators, s.sample_size), c.key(index + 1, parent),
+                                            exclude=c.exclude())
 
     def needs_outer(self, base: Base) -> bool:
         """Whether the outer step from `base` lacks the momentum it should have (version 0 has none yet)."""
@@ -339,9 +370,11 @@ class AggregatorRole:
                 other.resolve(Result(False, "late"))
         c.view.flush_pending()  # a model send: pending joins enter the view
         key = c.key(index, grandparent)
+        holders = await self.next_aggregators(index, parent)
         # Spread groups: every aggregator of the version sends the sample in candidate order, so that its
         # members derive the same groups whichever aggregator's copy reaches them first.
-        sample = await self.sampler.available(index, s.sample_size, key, exclude=c.exclude(), ordered=c.spread)
+        sample = holders + await self.sampler.available(index, s.sample_size - len(holders), key,
+                                                        exclude=c.exclude(holders), ordered=c.spread)
         accepted = await self.push_model(sample, index, new_state, outer_state, parent=parent,
                                          combined=max(1, len(contributors)), sample_key=key, wire=wire)
         result = Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)
