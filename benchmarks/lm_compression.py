@@ -40,6 +40,10 @@ nodes' mean perplexity). ``B/node/round`` is the mean over rounds of the bytes o
 and ``sim s/round`` the simulator's virtual time per round (that bandwidth, 5 ms latency, 10 ms per local
 step), so compute is in it too. ``wall s`` is the real time of the run on this machine.
 
+Below (a), ``bytes by method`` splits each run's bytes by method (``<method> reply``: the answers), with
+the mean message size and its envelope (all but the tensor bytes: header, body, tensor specs), from the
+simulator's ``bytes_by_method``.
+
 The machine (CPU, cores, torch, load average) is printed first.
 """
 
@@ -99,6 +103,8 @@ class Case:
     wall_s: float = 0.0
     #: Per round: (round, validation loss or None, bytes sent by all nodes up to and including it).
     curve: list[tuple[int, float | None, int]] = field(default_factory=list)
+    #: The run's `bytes_by_method` (simulator results): {method: {messages, bytes, tensor_bytes, envelope_bytes}}.
+    by_method: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def uplink_s_per_round(self, mbps: float) -> float:
         """Seconds one node's sends of a round take on an uplink of `mbps` Mbit/s."""
@@ -153,6 +159,7 @@ def run_case(args: argparse.Namespace, topology: str, label: str, compression: s
     case.total_bytes = int(res["total_bytes"])
     case.bytes_per_node_per_round = float(res["bytes_per_node_per_round"] or 0.0)
     case.sim_s_per_round = rows[-1]["time_s"] / len(rows) if rows else 0.0
+    case.by_method = dict(res.get("bytes_by_method", {}))
     if res.get("stalled"):
         case.label += " (stalled)"
     return case
@@ -183,6 +190,28 @@ def compression_table(cases: list[Case], mbps: float) -> list[str]:
                      f"| {c.bytes_per_node_per_round:,.0f} | {c.total_bytes / 1e6:.2f} "
                      f"| {base.total_bytes / max(1, c.total_bytes):.2f}x | {c.uplink_s_per_round(mbps):.4f} "
                      f"| {c.sim_s_per_round:.3f} | {c.wall_s:.0f} |")
+    return lines
+
+
+def method_table(cases: list[Case]) -> list[str]:
+    """Where each run's bytes went: one row per (compression, method), largest first.
+
+    ``share`` is of that run's bytes by method (which count until shutdown, a little more than ``total MB``);
+    ``B/message`` the mean message size, ``envelope B/message`` what is not tensor bytes (header, body,
+    tensor specs); ``ratio`` = the ``none`` run's bytes of that method / this run's.
+    """
+    base = next((c for c in cases if c.compression == "none"), None)
+    lines = ["| compression | method | messages | MB | share | B/message | envelope B/message | tensor MB | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in cases:
+        total = sum(row["bytes"] for row in c.by_method.values()) or 1
+        for method, row in c.by_method.items():
+            n = max(1, row["messages"])
+            ref = base.by_method.get(method) if base is not None else None
+            ratio = f"{ref['bytes'] / row['bytes']:.2f}x" if ref and row["bytes"] else "-"
+            lines.append(f"| {c.label} | {method} | {row['messages']:,} | {row['bytes'] / 1e6:.3f} "
+                         f"| {100 * row['bytes'] / total:.1f} % | {row['bytes'] / n:,.0f} "
+                         f"| {row['envelope_bytes'] / n:,.0f} | {row['tensor_bytes'] / 1e6:.3f} | {ratio} |")
     return lines
 
 
@@ -270,6 +299,10 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
         if comp:
             say(f"(a) compression, H={args.h_small}, {comp[0].rounds} rounds\n")
             for line in compression_table(comp, args.bandwidth_mbps):
+                say(line)
+            say()
+            say("bytes by method (requests; \"<method> reply\": the answers)\n")
+            for line in method_table(comp):
                 say(line)
             say()
         small = large = None

@@ -83,6 +83,18 @@ def _bytes_sent(nodes: list[Node]) -> int:
     return sum(n.transport.stats.bytes_sent for n in nodes)
 
 
+def bytes_by_method(nodes: list[Node]) -> dict[str, dict[str, int]]:
+    """The nodes' `TrafficStats.method_dict` summed: ``{method: {"messages", "bytes", "tensor_bytes",
+    "envelope_bytes"}}``, largest ``bytes`` first."""
+    total: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        for method, row in node.transport.stats.method_dict().items():
+            into = total.setdefault(method, dict.fromkeys(row, 0))
+            for key, value in row.items():
+                into[key] += value
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1]["bytes"], kv[0])))
+
+
 async def _lockstep(cfg: SimConfig, nodes: list[Node], network: MemoryNetwork, churn: _Churn,
                     on_round: RoundCallback | None) -> dict[str, Any]:
     """gossip, dpsgd: every live node runs each round; the round ends when all of them are done.
@@ -334,6 +346,9 @@ async def _simulate(cfg: SimConfig, on_round: RoundCallback | None, on_event: Ev
         # Bytes one node sent in one round, the mean over the rounds' live nodes (rows: "bytes_per_node").
         "bytes_per_node_per_round": _mean([row["bytes_per_node"] for row in rounds]),
     }
+    # Where the bytes went, by method (requests, and "<method> reply" for the answers), over the nodes and
+    # the whole run: counted until shutdown, so a little more than "total_bytes" (sends after the last row).
+    result["bytes_by_method"] = bytes_by_method(nodes)
     if metric != "accuracy":  # image tasks keep the results layout they always had
         result["metric"] = metric
         result["higher_is_better"] = bool(task.higher_is_better)

@@ -81,6 +81,10 @@ for _name, _code in _ERROR_CODES.items():
     _ERROR_NAMES.setdefault(_code, _name)
 
 
+#: Suffix of the answers' entries in `TrafficStats.sent_by_method`.
+REPLY_SUFFIX = " reply"
+
+
 @dataclass
 class TrafficStats:
     """Counters of one transport. Bytes count whole encoded messages (envelopes and tensor bytes).
@@ -110,6 +114,23 @@ class TrafficStats:
     tensor_raw_bytes_sent: int = 0
     tensor_wire_bytes_received: int = 0
     tensor_raw_bytes_received: int = 0
+    #: Sent traffic by method: ``method`` for requests, ``method + REPLY_SUFFIX`` for the answers this node
+    #: gave (errors included). Each value is [messages, bytes, tensor bytes as they travelled]; bytes minus
+    #: tensor bytes is what the envelopes (headers, bodies, tensor specs) cost. Not part of `as_dict`; see
+    #: `method_dict`.
+    sent_by_method: dict[str, list[int]] = field(default_factory=dict)
+
+    def method_dict(self) -> dict[str, dict[str, int]]:
+        """`sent_by_method` by name: ``{method: {"messages", "bytes", "tensor_bytes", "envelope_bytes"}}``."""
+        return {m: {"messages": n, "bytes": b, "tensor_bytes": t, "envelope_bytes": b - t}
+                for m, (n, b, t) in sorted(self.sent_by_method.items())}
+
+    def _by_method(self, method: str, parts: Sequence[memoryview]) -> None:
+        size = codec.encoded_size(parts)
+        row = self.sent_by_method.setdefault(method, [0, 0, 0])
+        row[0] += 1
+        row[1] += size
+        row[2] += size - parts[0].nbytes
 
     def tensor_dict(self) -> dict[str, int]:
         """The ``tensor_*`` byte counters by name."""
@@ -321,6 +342,8 @@ class Transport(ABC):
             logger.exception("handler %s failed for a request from %s", clip(repr(method[:200])), peer_id[-8:])
             parts = self._error(method, "internal", f"{type(e).__name__}: {e}")
         self.stats.bytes_sent += codec.encoded_size(parts)
+        # A peer's method name is counted only when this node serves it (a made-up one would grow the map).
+        self.stats._by_method((method if method in self._routes else "?") + REPLY_SUFFIX, parts)
         return parts, ok
 
     @staticmethod
@@ -353,6 +376,7 @@ class Transport(ABC):
         self.stats.calls += 1
         self.stats.bytes_sent += size
         self.stats._sent(parts, raw)
+        self.stats._by_method(method, parts)
         try:
             data = await asyncio.wait_for(self._send(peer_id, method, parts, timeout), timeout)
             # On Python 3.11 `wait_for` returns the result, swallowing the cancellation, when the caller is

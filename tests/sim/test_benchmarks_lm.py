@@ -45,10 +45,16 @@ def test_lm_compression_tiny_run_tables_and_int8_bytes() -> None:
         assert diloco["large"]["rounds"] == 1 and diloco["large"]["outer_lr"] == args.outer_lr
         assert diloco["small"]["total_bytes"] == rows["none"]["total_bytes"]
         assert any(line.startswith(f"{topology}: int8 loss ratio") for line in entry["verdicts"])
+        # Bytes by method: uploads and versions carry the tensors; int8 shrinks them, not the envelopes.
+        by = {c["label"]: c["by_method"] for c in entry["compression"]}
+        method = "modest.update" if topology == "modest" else "gossip.exchange"
+        assert by["none"][method]["tensor_bytes"] > 3.5 * by["int8"][method]["tensor_bytes"] > 0
+        assert by["int8"][method]["envelope_bytes"] >= by["none"][method]["envelope_bytes"] > 0
     # Markdown tables: a header, a separator and one line per row, ratio columns included.
     header = next(line for line in text.splitlines() if line.startswith("| compression |"))
     assert "loss ratio" in header and "bytes ratio" in header and "uplink s/round @50 Mbit/s" in header
     assert "| int8 |" in text and "MB to reach L=" in text
+    assert "| int8 | modest.update |" in text and "| none | gossip.exchange reply |" in text
     dil = next(line for line in text.splitlines() if line.startswith("| run |"))
     assert "MB to reach L0=" in dil and "ratio at L0" in dil and "ratio at L " in dil
     assert len(dil.split("|")) == len(text.splitlines()[text.splitlines().index(dil) + 2].split("|"))

@@ -39,7 +39,14 @@ def test_same_seed_same_json_byte_for_byte(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
     data = json.loads(outs[0])
-    assert set(data) == {"config", "rounds", "final_accuracy", "total_bytes", "bytes_per_node_per_round"}
+    assert set(data) == {"config", "rounds", "final_accuracy", "total_bytes", "bytes_per_node_per_round",
+                         "bytes_by_method"}
+    # By method: gossip's exchanges and their answers, largest first; they count every send, until shutdown.
+    by_method = data["bytes_by_method"]
+    assert list(by_method)[:2] == ["gossip.exchange", "gossip.exchange reply"], by_method
+    assert sum(row["bytes"] for row in by_method.values()) >= data["total_bytes"]
+    assert all(row["bytes"] == row["tensor_bytes"] + row["envelope_bytes"] for row in by_method.values())
+    assert by_method["gossip.exchange"]["tensor_bytes"] > 0.9 * by_method["gossip.exchange"]["bytes"]
     assert set(data["rounds"][0]) == {"round", "time_s", "accuracy", "loss", "bytes", "bytes_per_node", "active_nodes",
                                       "participants"}
     # Bytes sent per round: all nodes' (bytes) and per live node (bytes_per_node), and their mean over the rounds.

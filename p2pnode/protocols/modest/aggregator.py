@@ -133,6 +133,26 @@ class AggregatorRole:
                 await self.complete(agg, degraded=True)
             return
 
+    async def next_aggregators(self, index: int, parent: bytes) -> list[str]:
+        """The aggregators of ``index + 1``, as its trainers will find them, to put first in version `index`'s
+        sample (`parent`: the digest of version ``index - 1``, which keys round ``index + 1``).
+
+        Where the aggregators need the base (`Core.needs_base`: uploads of ``model - base`` under a lossy
+        format, an outer optimizer, rules on updates), one that was not sent version `index` pulls it
+        (``modest.base``, a whole model). Sent the version as trainers, they hold it; the rest of the sample
+        is drawn as before. Trainers find the aggregators of ``index + 1`` by the same rule as always (the
+        first responsive peers of round ``index + 1``'s order), so nothing on the wire changes, and a peer
+        that finds other ones (another view, a peer that stopped answering) still gets the base by a pull.
+        Not with secure aggregation (its sample is checked against the candidate order, `WRONG_SAMPLE`) nor
+        with a fixed aggregator. Empty where not applied.
+        """
+        c = self.core
+        s = c.settings
+        if not c.needs_base or s.secagg is not None or c.server is not None:
+            return []
+        return await self.sampler.available(index + 1, min(s.aggregators, s.sample_size), c.key(index + 1, parent),
+                                            exclude=c.exclude())
+
     async def topup(self, agg: Aggregation) -> bool:
         """Send the base model to fresh live candidates so that more trained models arrive."""
         c = self.core
@@ -235,9 +255,11 @@ class AggregatorRole:
                 other.resolve(Result(False, "late"))
         c.view.flush_pending()  # a model send: pending joins enter the view
         key = c.key(index, grandparent)
+        holders = await self.next_aggregators(index, parent)
         # Spread groups: every aggregator of the version sends the sample in candidate order, so that its
         # members derive the same groups whichever aggregator's copy reaches them first.
-        sample = await self.sampler.available(index, s.sample_size, key, exclude=c.exclude(), ordered=c.spread)
+        sample = holders + await self.sampler.available(index, s.sample_size - len(holders), key,
+                                                        exclude=c.exclude(holders), ordered=c.spread)
         accepted = await self.push_model(sample, index, new_state, outer_state, parent=parent,
                                          combined=max(1, len(contributors)), sample_key=key, wire=wire)
         result = Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)

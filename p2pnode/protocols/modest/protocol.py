@@ -94,7 +94,8 @@ class ModestProtocol:
     this node's next secure round go silent from that stage on (fault injection for the simulator and the
     tests). `counters` (exported by `snapshot`) counts protocol events:
     ``aggregations``, ``topups``, ``relaunches``, ``resends``, ``late``, ``aborted``, ``degraded_rounds``,
-    ``base_pulls``; with secure aggregation also ``secagg_rounds`` (completed), ``secagg_aborted`` (below
+    ``base_pulls``, ``base_formed`` (version 0 formed from the initial model instead of pulled); with secure
+    aggregation also ``secagg_rounds`` (completed), ``secagg_aborted`` (below
     the threshold: not applied), ``secagg_refused`` (claims of a sample that `candidate_order` does not
     support, or from a peer outside it), ``secagg_no_sample`` (a model without a sample naming this node),
     ``secagg_competing_claims`` (an instance opened beside another of the same group, from a claim with

@@ -19,7 +19,7 @@ from p2pnode.errors import BadMessage, TransportError
 from p2pnode.proto import peer_pb2
 from p2pnode.protocols.base import State
 from p2pnode.protocols.modest.sampling import model_digest
-from p2pnode.protocols.modest.state import Aggregation, Base, Core, short
+from p2pnode.protocols.modest.state import Aggregation, Base, Core, initial_version, short
 from p2pnode.protocols.modest.wire import BASE, check_run, outer_tensors, split_model
 from p2pnode.transport import Message
 from p2pnode.transport.compression import compress_state_exact
@@ -83,6 +83,16 @@ class Versions:
             # (no models: an aborted secure aggregation whose trainers all vanished)
             await self.ensure_outer(agg, base)
             return base
+        if k == 0 and base is None:
+            # Version 0 is the run's common initial model: this node may form it as the first sample did
+            # (`initial_version`), if its own model is still that one. Taken only when its digest is the one the
+            # trainers name, so a node that has trained since (or started from another model) pulls it.
+            local = {n: t.detach().clone() for n, t in initial_version(c).items()}
+            if model_digest(local) == digest:
+                base = Base(0, digest, local, {}, b"", 1)
+                c.bases[0] = base
+                c.counters["base_formed"] += 1
+                return base
         senders = [p for p in agg.base_senders(digest) if p != c.me]
         contributors = [p for p in sorted(agg.models)
                         if p != c.me and agg.models[p].base_digest == digest and p not in senders]
