@@ -26,7 +26,7 @@ from netutil import NetworkGuard, start_p2p
 from p2pnode.config import NodeConfig
 from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
-from p2pnode.transport import codec
+from p2pnode.transport import codec, stream_server
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
@@ -586,6 +586,47 @@ async def test_identities_of_one_host_share_one_refusal_budget_and_the_held_stre
         finally:
             for s in sybils[1:]:
                 await s.shutdown()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_streams_refused_busy_stop_draining_when_their_peer_trips_the_tarpit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream beyond the peer's own stream limit is answered ``busy`` and drained; when the peer trips the
+    tarpit (streams beyond its limit count against its budget), the drains still running end at once."""
+    monkeypatch.setattr(stream_server, "BUSY_DRAIN_S", 10.0)  # long, so that "at once" is unmistakable
+    async with swarm(direct=False, max_streams_per_peer=2, idle_timeout=30.0, tarpit_refusals=3,
+                     tarpit_window_s=20.0, tarpit_hold_s=0.5, tarpit_host_refusals=0) as (victim, honest, raw):
+        flooder = raw.peer_id.to_base58()
+        stalled = [await open_stream(raw, victim) for _ in range(2)]
+        for _, writer in stalled:
+            writer.write(b"\x01\x00")  # half a header, then nothing: the two streams it may have are taken
+            await writer.drain()
+        await until(lambda: victim.inbound.streams_by_peer.get(flooder, 0) == 2)
+        draining = []
+        for _ in range(3):
+            reader, writer = await open_stream(raw, victim)
+            assert (await read_reply(reader)).error == peer_pb2.BUSY
+            draining.append((reader, writer))
+        # Within its budget of 3, the busy streams are drained: still open a second later.
+        await asyncio.sleep(1.0)
+        assert all(not r.at_eof() for r, _ in draining) and not victim.tarpit.holds(flooder)
+        # The fourth trips the tarpit: it is answered without a drain, and the three drains stop.
+        t0 = time.monotonic()
+        reader, writer = await open_stream(raw, victim)
+        assert (await read_reply(reader)).error == peer_pb2.BUSY
+        draining.append((reader, writer))
+        async with asyncio.timeout(5.0):
+            for r, _ in draining:
+                assert await r.read() == b""
+        closed_after = time.monotonic() - t0
+        assert victim.tarpit.holds(flooder) and victim.tarpit.trips == 1 and victim.stats.rejected["busy"] == 4
+        assert closed_after < 3.0, closed_after  # not the 10 s of a drain
+        for _, w in [*stalled, *draining]:
+            w.close()
+        await until(lambda: not victim.inbound.streams_by_peer.get(flooder))
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=4)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 4
 
 
 def envelope_with_method_last(method: str) -> bytes:
