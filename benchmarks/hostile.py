@@ -40,7 +40,9 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
   as soon as the last one is answered or closed;
 - ``sybil-flood``: the same 32 streams spread over `SYBIL_IDENTITIES` (16) identities (16 bare p2pds of the
   attacker's process on one host, 2 streams each), so that no identity is past its own refusal budget
-  before the others have spent theirs.
+  before the others have spent theirs;
+- ``sybil-idle``: a control, not an attack: the same 16 identities connect and send nothing (what 16
+  idle libp2p connections and their daemons cost; nothing is refused, so it shows as ``uncounted``).
 
 The attacker runs on the nodes' machine, so part of what it costs the rounds is only its own CPU. Right
 after each attack window a ``burn`` window of the same length runs a process that burns the CPU time the
@@ -107,7 +109,7 @@ DHT_START_TIMEOUT_S = 60.0
 #: Targets (see the module docstring).
 MIN_ROUNDS_X = 0.8
 MAX_RSS_MIB = 256.0
-ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel", "sybil-flood")
+ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel", "sybil-flood", "sybil-idle")
 #: Streams the ``flood-parallel`` attacker keeps open at once (also the ``sybil-flood`` one, all identities).
 PARALLEL_STREAMS = 32
 #: Identities (bare p2pds) of the ``sybil-flood`` attacker.
@@ -434,9 +436,14 @@ async def attack_sybil_flood(client: Client, deadline: float) -> None:
                            for i in range(PARALLEL_STREAMS)))
 
 
+async def attack_sybil_idle(client: Client, deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
                                    "replay": attack_replay, "slow": attack_slow, "flood": attack_flood,
-                                   "flood-parallel": attack_flood_parallel, "sybil-flood": attack_sybil_flood}
+                                   "flood-parallel": attack_flood_parallel, "sybil-flood": attack_sybil_flood,
+                                   "sybil-idle": attack_sybil_idle}
 
 
 async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
@@ -446,7 +453,7 @@ async def _attacker(name: str, target: Target, seconds: float, conn: Connection)
             client.outsider = await start_outsider(target)
         else:
             client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
-            if name == "sybil-flood":
+            if name in ("sybil-flood", "sybil-idle"):
                 client.sybils = list(await asyncio.gather(*(
                     P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
                     for _ in range(SYBIL_IDENTITIES - 1))))
