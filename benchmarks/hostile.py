@@ -37,7 +37,12 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 - ``slow``: two streams each announcing a message of about 1 GiB, then trickling 4 KiB/s;
 - ``flood``: requests with a 2 MB method name, back to back;
 - ``flood-parallel``: the same from `PARALLEL_STREAMS` (32) streams at once, each opening its next stream
-  as soon as the last one is answered or closed.
+  as soon as the last one is answered or closed;
+- ``sybil-flood``: the same 32 streams spread over `SYBIL_IDENTITIES` (16) identities (16 bare p2pds of the
+  attacker's process on one host, 2 streams each), so that no identity is past its own refusal budget
+  before the others have spent theirs;
+- ``sybil-idle``: a control, not an attack: the same 16 identities connect and send nothing (what 16
+  idle libp2p connections and their daemons cost; nothing is refused, so it shows as ``uncounted``).
 
 The attacker runs on the nodes' machine, so part of what it costs the rounds is only its own CPU. Right
 after each attack window a ``burn`` window of the same length runs a process that burns the CPU time the
@@ -67,7 +72,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -104,9 +109,11 @@ DHT_START_TIMEOUT_S = 60.0
 #: Targets (see the module docstring).
 MIN_ROUNDS_X = 0.8
 MAX_RSS_MIB = 256.0
-ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel")
-#: Streams the ``flood-parallel`` attacker keeps open at once.
+ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel", "sybil-flood", "sybil-idle")
+#: Streams the ``flood-parallel`` attacker keeps open at once (also the ``sybil-flood`` one, all identities).
 PARALLEL_STREAMS = 32
+#: Identities (bare p2pds) of the ``sybil-flood`` attacker.
+SYBIL_IDENTITIES = 16
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -328,6 +335,8 @@ class Client:
     target: Target
     outsider: hivemind.DHT | None = None
     raw: P2P | None = None
+    #: More identities, besides `raw` (``sybil-flood``).
+    sybils: list[P2P] = field(default_factory=list)
 
 
 Attack = Callable[[Client, float], Coroutine[Any, Any, None]]
@@ -408,8 +417,8 @@ async def attack_slow(client: Client, deadline: float) -> None:
     await asyncio.gather(slow_stream(), slow_stream())
 
 
-async def attack_flood(client: Client, deadline: float) -> None:
-    victim, raw = client.target.victim, client.raw
+async def attack_flood(client: Client, deadline: float, raw: P2P | None = None) -> None:
+    victim, raw = client.target.victim, raw or client.raw
     assert raw is not None
     while time.monotonic() < deadline:
         frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))  # a fresh nonce each
@@ -421,9 +430,20 @@ async def attack_flood_parallel(client: Client, deadline: float) -> None:
     await asyncio.gather(*(attack_flood(client, deadline) for _ in range(PARALLEL_STREAMS)))
 
 
+async def attack_sybil_flood(client: Client, deadline: float) -> None:
+    identities = [client.raw, *client.sybils]
+    await asyncio.gather(*(attack_flood(client, deadline, identities[i % len(identities)])
+                           for i in range(PARALLEL_STREAMS)))
+
+
+async def attack_sybil_idle(client: Client, deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
                                    "replay": attack_replay, "slow": attack_slow, "flood": attack_flood,
-                                   "flood-parallel": attack_flood_parallel}
+                                   "flood-parallel": attack_flood_parallel, "sybil-flood": attack_sybil_flood,
+                                   "sybil-idle": attack_sybil_idle}
 
 
 async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
@@ -433,11 +453,17 @@ async def _attacker(name: str, target: Target, seconds: float, conn: Connection)
             client.outsider = await start_outsider(target)
         else:
             client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
+            if name in ("sybil-flood", "sybil-idle"):
+                client.sybils = list(await asyncio.gather(*(
+                    P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
+                    for _ in range(SYBIL_IDENTITIES - 1))))
         conn.send("ready")
         await ATTACK_FUNCS[name](client, time.monotonic() + seconds)
     finally:
         if client.outsider is not None:
             await asyncio.to_thread(client.outsider.shutdown)
+        for sybil in client.sybils:
+            await sybil.shutdown()
         if client.raw is not None:
             await client.raw.shutdown()
 

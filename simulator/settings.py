@@ -50,7 +50,7 @@ NO_EFFECT = ("host", "port", "initial_peers", "directory_read_interval_s", "max_
              "direct_connect_timeout_s", "direct_max_connections", "direct_max_pending",
              "direct_max_connections_per_peer", "direct_max_tickets_per_peer", "direct_max_tickets",
              "direct_handshake_timeout_s", "directory_max_subkeys", "tarpit_refusals", "tarpit_window_s",
-             "tarpit_hold_s")
+             "tarpit_hold_s", "tarpit_host_refusals", "tarpit_max_held")
 #: Run id of a simulated run whose ``run_id`` is left at the daemon's default: ``sim-<seed>``.
 SIM_RUN_ID = "sim-{seed}"
 

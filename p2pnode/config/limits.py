@@ -94,6 +94,19 @@ class LimitSettings:
     tarpit_hold_s: float = setting(
         default=5.0, section="limits",
         help="Seconds each stream of a peer past its refusal budget is held unread before it is closed.")
+    #: The same budget per remote host (the IP of a stream's multiaddr; an IPv6 address by its /64): past
+    #: `tarpit_host_refusals` (default 40; 0: off) within `tarpit_window_s`, a peer of that host is held at
+    #: its first refusal, so that identities of one host share one budget (peers of the host that are not
+    #: refused are untouched). At most `tarpit_max_held` streams (default None: max_streams / 4) are held at
+    #: once; a tarpitted peer's streams beyond that are closed at once (``tarpit_full``).
+    tarpit_host_refusals: int = setting(
+        default=40, section="limits",
+        help="Refusals of all peers of one remote host (IP; IPv6 by /64) allowed within --tarpit-window "
+             "before each of its peers is held at its first refusal (0: off).")
+    tarpit_max_held: int | None = setting(
+        default=None, section="limits",
+        help="Most streams the refusal budget holds at once, all peers together; beyond it a held peer's "
+             "streams are closed at once [max_streams / 4].")
 
     def transport_limits(self) -> dict[str, Any]:
         """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
@@ -110,7 +123,8 @@ class LimitSettings:
                 "direct_max_tickets": self.direct_max_tickets,
                 "direct_handshake_timeout": self.direct_handshake_timeout_s,
                 "tarpit_refusals": self.tarpit_refusals, "tarpit_window_s": self.tarpit_window_s,
-                "tarpit_hold_s": self.tarpit_hold_s}
+                "tarpit_hold_s": self.tarpit_hold_s, "tarpit_host_refusals": self.tarpit_host_refusals,
+                "tarpit_max_held": self.tarpit_max_held}
 
     def _validate_limits(self) -> None:
         for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold",
@@ -124,9 +138,11 @@ class LimitSettings:
                 raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
                                   "else no message of the largest size could ever be received")
         for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s", "tarpit_refusals",
-                    "tarpit_hold_s"):
+                    "tarpit_hold_s", "tarpit_host_refusals"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.tarpit_max_held is not None and self.tarpit_max_held < 0:
+            raise ConfigError(f"tarpit_max_held={self.tarpit_max_held}: must be >= 0 (or unset)")
         if not self.tarpit_window_s > 0:
             raise ConfigError(f"tarpit_window_s={self.tarpit_window_s}: must be > 0")
         if not self.direct_connect_timeout_s > 0:

@@ -30,7 +30,11 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
 - a peer refused more than ``tarpit_refusals`` times within ``tarpit_window_s`` (wire refusals and streams
   beyond its stream limit, see `tarpit.Tarpit`; default 20 per 10 s) has its streams held unread for
   ``tarpit_hold_s`` (default 5 s), then closed, until ``tarpit_window_s`` after that refusal (``tarpit``);
-  held streams count against ``max_streams_per_peer``, and its streams beyond that limit are closed at once.
+  held streams count against ``max_streams_per_peer``, and its streams beyond that limit are closed at once;
+  refusals are also counted per remote host (the IP of the stream's multiaddr): past ``tarpit_host_refusals``
+  (default 40) a host's peers are held at their first refusal, so sybils of one host share one budget; at
+  most ``tarpit_max_held`` streams (default a quarter of ``max_streams``) are held at once, all peers
+  together, and a tarpitted peer's streams beyond that are closed at once (``tarpit_full``).
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -77,7 +81,14 @@ from p2pnode.transport.receive_buffers import DEFAULT_RECEIVE_POOL_BYTES, Receiv
 from p2pnode.transport.request_server import RequestServer
 from p2pnode.transport.stream_client import STREAM_ERRORS, StreamClient
 from p2pnode.transport.stream_server import StreamServer
-from p2pnode.transport.tarpit import DEFAULT_HOLD_S, DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, Tarpit
+from p2pnode.transport.tarpit import (
+    DEFAULT_HOLD_S,
+    DEFAULT_MAX_HOST_REFUSALS,
+    DEFAULT_MAX_REFUSALS,
+    DEFAULT_WINDOW_S,
+    STREAMS_PER_PEER,
+    Tarpit,
+)
 from p2pnode.transport.ticket import Ticket
 from p2pnode.transport.tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConnection
 
@@ -146,6 +157,11 @@ class P2PTransport(Transport):
     :param tarpit_window_s: the window, and the penalty, in seconds (default 10).
     :param tarpit_hold_s: how long each stream of a peer in the tarpit is held unread before it is
         closed, in seconds (default 5).
+    :param tarpit_host_refusals: refusals of all peers of one remote host allowed within `tarpit_window_s`
+        (default 40; 0: no per-host count); past it, each peer of that host is put in the tarpit by its
+        first refusal, for `tarpit_window_s`.
+    :param tarpit_max_held: most streams held by the tarpit at once, all peers together (default None: a
+        quarter of `max_streams`); a tarpitted peer's stream beyond it is closed at once (``tarpit_full``).
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
@@ -165,10 +181,11 @@ class P2PTransport(Transport):
                  max_streams: int = DEFAULT_MAX_STREAMS, max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
                  min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
                  compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
-                 tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S) -> None:
+                 tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S,
+                 tarpit_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS, tarpit_max_held: int | None = None) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
-        #: Refusals per peer; peers past their budget have their streams held (`StreamServer.handle`).
-        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s)
+        #: Refusals per peer and per host; peers past their budget have their streams held (`StreamServer.handle`).
+        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s, max_host_refusals=tarpit_host_refusals)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
         self._peer_id: str = p2p.peer_id.to_base58()
@@ -185,7 +202,8 @@ class P2PTransport(Transport):
         self._started = False
         self._closed = False
         #: Admits inbound libp2p streams (stream limits, tarpit) and keeps their serving tasks.
-        self.streams = StreamServer(self.inbound, self.tarpit, self.requests, self.reject, idle_timeout)
+        self.streams = StreamServer(self.inbound, self.tarpit, self.requests, self.reject, idle_timeout,
+                                    max_held=max_streams // 4 if tarpit_max_held is None else tarpit_max_held)
         #: The calling side of libp2p streams (and the streams of the calls in flight).
         self.stream_client = StreamClient(p2p, handler_name, self._read_response)
         # Direct channel.
@@ -335,8 +353,12 @@ class P2PTransport(Transport):
         return self.inbound.inflight_bytes
 
     def reject(self, peer_id: str, reason: str, message: str) -> None:
-        super().reject(peer_id, reason, message)
-        self.tarpit.note(peer_id, reason)
+        if reason != STREAMS_PER_PEER:
+            # (``streams_per_peer`` is no refusal of its own: the stream was counted as ``busy`` already.)
+            super().reject(peer_id, reason, message)
+        if self.tarpit.note(peer_id, reason):
+            # Past its budget: its streams refused for its stream limit stop draining now, not in a second.
+            self.streams.stop_drains(peer_id)
 
     async def _serve_direct(self, sender: str, conn: TLSConnection) -> bool:
         return await self.requests.serve_one(sender, TLSIO(conn, self.idle_timeout))

@@ -33,18 +33,40 @@ protocols' verdicts on content (``stale``, ``wrong_run``, ``bad_shape``, ``non_f
 correct peer in another state or run can earn every round; the robust rules, not the transport, deal
 with lying peers. Memory is bounded: at most `MAX_TRACKED` peers are remembered (least recently refused
 forgotten first), each with at most ``max_refusals + 1`` times.
+
+Sybils: identities are free, so k identities would get k budgets. Refusals are therefore also counted per
+remote host (`host_key`: the IP of the stream's remote multiaddr as p2pd reports it; an IPv6 address by
+its /64, which one machine is usually given whole; a relayed stream by its relay's address), over the same
+window, against ``max_host_refusals`` (default `DEFAULT_MAX_HOST_REFUSALS`, 40, twice a peer's budget).
+A host past it is *hot* for ``window_s``, and while it is hot a peer from it is put in the tarpit by its
+first counted refusal instead of its 21st. The host's peers that are not refused are not touched: the host
+is never held as a whole. That is the choice that keeps honest peers behind one NAT, behind one relay, or
+all on 127.0.0.1 (tests, one machine's benchmarks) from paying for a bad neighbour: a shared address only
+costs a peer the slack of its own budget, and an honest peer of this version is not refused for the
+counted reasons at all. (A peer whose broken link earns it a ``truncated`` while a neighbour floods is held
+for one window: the price of the shared address.) k sybils of one host then get about
+``max_host_refusals + k`` refusals per window together, not ``k x max_refusals``; identities spread over
+many hosts are beyond a per-host count (admission is the defence, docs/security.md). The transport caps
+the streams it holds at once as well (``tarpit_max_held``), so that many tarpitted identities cannot tie
+up the node's stream total; past it their new streams are closed at once (``tarpit_full``).
 """
+
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import time
 from collections.abc import Callable
+from typing import Any
 
 #: Default most counted refusals of one peer within `DEFAULT_WINDOW_S` before its streams are held.
 DEFAULT_MAX_REFUSALS = 20
 #: Default length of the sliding window, and of the penalty, in seconds.
 DEFAULT_WINDOW_S = 10.0
+#: Default most counted refusals of all peers of one remote host within the window before the host is hot
+#: (its peers are then held at their first counted refusal); twice `DEFAULT_MAX_REFUSALS`.
+DEFAULT_MAX_HOST_REFUSALS = 40
 #: Default time a stream of a tarpitted peer is held (not read, not answered) before it is closed, in s.
 DEFAULT_HOLD_S = 5.0
 #: Most peers whose refusals (and penalties) are remembered.
@@ -59,8 +81,50 @@ COUNTED_REASONS = frozenset({"unknown_method", "malformed", "oversized", "not_ad
                              "stale_clock", "no_nonce", "too_slow", "truncated", STREAMS_PER_PEER})
 
 
+def host_key(maddr: str) -> str | None:
+    """The remote host of a stream's multiaddr, as `Tarpit` counts it, or None when it names no IP.
+
+    ``/ip4/A/...``: ``A``; ``/ip6/A/...``: the /64 network of ``A`` (``A::/64``); for a relayed address
+    (``.../p2p-circuit...``) that is the relay's IP, the address p2pd reports. Anything else (DNS names,
+    unix sockets, garbage): None, and only the per-peer budget applies.
+    """
+    parts = maddr.split("/")
+    for i, proto in enumerate(parts[:-1]):
+        if proto not in ("ip4", "ip6"):
+            continue
+        try:
+            ip = ipaddress.ip_address(parts[i + 1])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+    return None
+
+
+class _Window:
+    """Times of counted refusals within a sliding window (at most `limit + 1` kept)."""
+
+    def __init__(self, limit: int) -> None:
+        self.times: collections.deque[float] = collections.deque(maxlen=limit + 1)
+
+    def add(self, now: float, window_s: float) -> int:
+        """Count one at `now`; return how many lie within `window_s` of it."""
+        self.times.append(now)
+        while self.times and now - self.times[0] > window_s:
+            self.times.popleft()
+        return len(self.times)
+
+
+def _remember(table: collections.OrderedDict[str, Any], key: str, value: Any) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > MAX_TRACKED:
+        table.popitem(last=False)
+
+
 class Tarpit:
-    """Refusals per peer over a sliding window, and the peers whose streams are held for exceeding them.
+    """Refusals per peer and per remote host over a sliding window, and the peers held for exceeding them.
 
     Args:
         max_refusals: counted refusals of one peer allowed within `window_s` (default 20); the next one
@@ -68,55 +132,93 @@ class Tarpit:
         window_s: length of the window, and of a penalty, in seconds (default 10).
         hold_s: how long the transport holds each stream of a tarpitted peer before closing it, in seconds
             (default 5).
+        max_host_refusals: counted refusals of all peers of one host (`host_key`) allowed within
+            `window_s` (default 40); past it the host is hot for `window_s`, and a peer of a hot host is put
+            in the tarpit by its first counted refusal. 0: no per-host count.
         clock: seconds, monotonic (default `time.monotonic`; tests pass a fake one).
         counted: the reasons that count (default `COUNTED_REASONS`).
     """
 
     def __init__(self, max_refusals: int = DEFAULT_MAX_REFUSALS, window_s: float = DEFAULT_WINDOW_S,
-                 hold_s: float = DEFAULT_HOLD_S, *, clock: Callable[[], float] = time.monotonic,
-                 counted: frozenset[str] = COUNTED_REASONS) -> None:
-        if max_refusals < 0 or window_s <= 0 or hold_s < 0:
-            raise ValueError(f"tarpit: need max_refusals >= 0, window_s > 0, hold_s >= 0; got {max_refusals}, "
-                             f"{window_s}, {hold_s}")
+                 hold_s: float = DEFAULT_HOLD_S, *, max_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS,
+                 clock: Callable[[], float] = time.monotonic, counted: frozenset[str] = COUNTED_REASONS) -> None:
+        if max_refusals < 0 or window_s <= 0 or hold_s < 0 or max_host_refusals < 0:
+            raise ValueError(f"tarpit: need max_refusals >= 0, window_s > 0, hold_s >= 0, max_host_refusals >= 0; "
+                             f"got {max_refusals}, {window_s}, {hold_s}, {max_host_refusals}")
         self.max_refusals = max_refusals
         self.window_s = window_s
         self.hold_s = hold_s
+        self.max_host_refusals = max_host_refusals
         self.clock = clock
         self.counted = counted
-        self._recent: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, _Window] = collections.OrderedDict()
         self._until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        #: Per host: its refusals, and until when it is hot.
+        self._host_recent: collections.OrderedDict[str, _Window] = collections.OrderedDict()
+        self._host_until: collections.OrderedDict[str, float] = collections.OrderedDict()
+        #: The host each peer's last stream came from (`seen`).
+        self._host_of: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: Times a peer was put in the tarpit, in total.
         self.trips = 0
+        #: Of those, trips by a peer's first refusals while its host was hot (below its own budget).
+        self.host_trips = 0
+        #: Times a host became hot, in total.
+        self.hot_hosts = 0
 
     @property
     def enabled(self) -> bool:
         """Whether the tarpit is on (`max_refusals` > 0)."""
         return self.max_refusals > 0
 
+    def seen(self, peer_id: str, host: str | None) -> None:
+        """Note that `peer_id`'s latest stream came from `host` (`host_key`; None: unknown, forgotten)."""
+        if host is None:
+            self._host_of.pop(peer_id, None)
+        elif self._host_of.get(peer_id) != host:
+            _remember(self._host_of, peer_id, host)
+
+    def host_of(self, peer_id: str) -> str | None:
+        """The host `peer_id`'s latest stream came from, if known."""
+        return self._host_of.get(peer_id)
+
     def note(self, peer_id: str, reason: str) -> bool:
-        """Count one refusal of `peer_id` for `reason`; return True when it put the peer in the tarpit."""
+        """Count one refusal of `peer_id` (and of its host, see `seen`) for `reason`; return True when it
+        put the peer in the tarpit."""
         if not self.enabled or reason not in self.counted:
             return False
         now = self.clock()
         times = self._recent.get(peer_id)
         if times is None:
-            times = self._recent[peer_id] = collections.deque(maxlen=self.max_refusals + 1)
-            while len(self._recent) > MAX_TRACKED:
-                self._recent.popitem(last=False)
+            times = _Window(self.max_refusals)
+            _remember(self._recent, peer_id, times)
         self._recent.move_to_end(peer_id)
-        times.append(now)
-        while times and now - times[0] > self.window_s:
-            times.popleft()
-        if len(times) <= self.max_refusals:
+        over = times.add(now, self.window_s) > self.max_refusals
+        host = self._host_of.get(peer_id)
+        if host is not None and self.max_host_refusals > 0:
+            hot = self._host_until.get(host, 0.0) > now
+            if not hot:
+                counts = self._host_recent.get(host)
+                if counts is None:
+                    counts = _Window(self.max_host_refusals)
+                    _remember(self._host_recent, host, counts)
+                self._host_recent.move_to_end(host)
+                if counts.add(now, self.window_s) > self.max_host_refusals:
+                    # The host is hot for a window: from now on each of its peers is held at its first
+                    # counted refusal (this one included); its count starts again when that ends.
+                    counts.times.clear()
+                    _remember(self._host_until, host, now + self.window_s)
+                    self.hot_hosts += 1
+                    hot = True
+            if hot and not over:
+                over = True
+                self.host_trips += 1
+        if not over:
             return False
         # Over the budget: the penalty runs for a window from now; the count starts again from zero, so a
         # peer that goes on being refused (on a path the tarpit does not hold) extends it only once it is
         # past the budget again.
-        times.clear()
-        self._until[peer_id] = now + self.window_s
-        self._until.move_to_end(peer_id)
-        while len(self._until) > MAX_TRACKED:
-            self._until.popitem(last=False)
+        times.times.clear()
+        _remember(self._until, peer_id, now + self.window_s)
         self.trips += 1
         return True
 
@@ -129,6 +231,10 @@ class Tarpit:
             del self._until[peer_id]
             return False
         return True
+
+    def hot(self, host: str) -> bool:
+        """Whether `host` is past its budget now (its peers are held at their first counted refusal)."""
+        return self._host_until.get(host, 0.0) > self.clock()
 
     def held_peers(self) -> int:
         """Peers in the tarpit now."""

@@ -304,6 +304,10 @@ def test_limits_are_validated() -> None:
         NodeConfig(tarpit_window_s=0).validate()
     with pytest.raises(ConfigError, match="tarpit_refusals=-1"):
         NodeConfig(tarpit_refusals=-1).validate()
+    with pytest.raises(ConfigError, match="tarpit_host_refusals=-1"):
+        NodeConfig(tarpit_host_refusals=-1).validate()
+    with pytest.raises(ConfigError, match="tarpit_max_held=-1"):
+        NodeConfig(tarpit_max_held=-1).validate()
 
 
 def test_sim_config_is_a_node_config_plus_the_simulators_sections() -> None:

@@ -26,7 +26,7 @@ from netutil import NetworkGuard, start_p2p
 from p2pnode.config import NodeConfig
 from p2pnode.errors import BadMessage, RemoteError
 from p2pnode.proto import peer_pb2
-from p2pnode.transport import codec
+from p2pnode.transport import codec, stream_server
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.clock import run_virtual
 from p2pnode.transport.codec import Message
@@ -525,6 +525,108 @@ async def test_a_flooder_past_its_refusal_budget_is_held_and_honest_peers_are_no
         env = await send_reading(raw, victim, codec.join(codec.encode("no.such.method", peer_pb2.Ping())))
         assert env is not None and env.error == peer_pb2.UNKNOWN_METHOD
         assert victim.stats.rejected["unknown_method"] == budget + 2 and victim.tarpit.trips == 1
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+async def test_identities_of_one_host_share_one_refusal_budget_and_the_held_streams_are_capped() -> None:
+    """k outside identities on one host (bare p2pds on 127.0.0.1, like the honest peer) flood in turn, each
+    under its own budget: together they get the host's budget plus one refusal each before every one of
+    them is held (not k budgets); at most `tarpit_max_held` of their streams are held at once, the others
+    are closed at once (``tarpit_full``); the honest peer on the same host is never held and its calls
+    keep their usual time."""
+    k, budget, host_budget, max_held, hold_s, window_s = 5, 5, 8, 3, 2.0, 20.0
+    async with swarm(direct=False, tarpit_refusals=budget, tarpit_window_s=window_s, tarpit_hold_s=hold_s,
+                     tarpit_host_refusals=host_budget, tarpit_max_held=max_held) as (victim, honest, raw):
+        sybils = [raw, *await asyncio.gather(*(start_p2p(victim.addresses()) for _ in range(k - 1)))]
+        try:
+            ids = [s.peer_id.to_base58() for s in sybils]
+            frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
+            usual = []
+            for _ in range(3):
+                start = time.monotonic()
+                await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, 10.0)
+                usual.append(time.monotonic() - start)
+            t0 = time.monotonic()
+            # Round robin: no identity gets near its own budget of 5 before the host's 8 are spent.
+            for i in range(3 * k):
+                env = await send_reading(sybils[i % k], victim, frame)
+                # Refused with the reason (or the stream reset overtook it), or held and closed unanswered.
+                assert env is None or env.error == peer_pb2.UNKNOWN_METHOD
+            assert victim.tarpit.hot("127.0.0.1") and victim.tarpit.hot_hosts == 1
+            assert all(victim.tarpit.holds(p) for p in ids)
+            # host_budget + 1 trips the host (and the identity that earned it), then one each for the others:
+            # 8 + 1 + 4 = 13 refusals, where k budgets would have allowed k x (budget + 1) = 30.
+            refused = victim.stats.rejected["unknown_method"]
+            assert refused == host_budget + k, refused
+            assert victim.tarpit.trips == k and victim.tarpit.host_trips == k
+            assert victim.stats.rejected["tarpit"] == 3 * k - refused
+            assert not victim.tarpit.holds(honest.peer_id)
+
+            # All of them at once, 2 streams each: at most max_held are held, the rest closed at once.
+            before = victim.stats.rejected["tarpit"] + victim.stats.rejected["tarpit_full"]
+            streams = [await open_stream(s, victim) for s in sybils for _ in range(2)]
+            await until(lambda: victim.stats.rejected["tarpit"] + victim.stats.rejected["tarpit_full"]
+                        == before + 2 * k)
+            assert victim.streams.held <= max_held and victim.stats.rejected["tarpit_full"] >= 2 * k - max_held
+            # The honest neighbour on the same host is served in its usual time meanwhile.
+            during = []
+            for _ in range(3):
+                start = time.monotonic()
+                reply = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=2)), peer_pb2.Pong,
+                                          10.0)
+                during.append(time.monotonic() - start)
+                assert reply.body.round == 2
+            assert max(during) < max(usual) + 1.0, (during, usual)
+            assert victim.stats.rejected["unknown_method"] == refused  # nothing of a held stream was read
+            assert not victim.tarpit.holds(honest.peer_id)
+            for _, writer in streams:
+                writer.close()
+            assert time.monotonic() - t0 < window_s, "the machine is too slow for this test's window"
+        finally:
+            for s in sybils[1:]:
+                await s.shutdown()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(90)
+async def test_streams_refused_busy_stop_draining_when_their_peer_trips_the_tarpit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream beyond the peer's own stream limit is answered ``busy`` and drained; when the peer trips the
+    tarpit (streams beyond its limit count against its budget), the drains still running end at once."""
+    monkeypatch.setattr(stream_server, "BUSY_DRAIN_S", 10.0)  # long, so that "at once" is unmistakable
+    async with swarm(direct=False, max_streams_per_peer=2, idle_timeout=30.0, tarpit_refusals=3,
+                     tarpit_window_s=20.0, tarpit_hold_s=0.5, tarpit_host_refusals=0) as (victim, honest, raw):
+        flooder = raw.peer_id.to_base58()
+        stalled = [await open_stream(raw, victim) for _ in range(2)]
+        for _, writer in stalled:
+            writer.write(b"\x01\x00")  # half a header, then nothing: the two streams it may have are taken
+            await writer.drain()
+        await until(lambda: victim.inbound.streams_by_peer.get(flooder, 0) == 2)
+        draining = []
+        for _ in range(3):
+            reader, writer = await open_stream(raw, victim)
+            assert (await read_reply(reader)).error == peer_pb2.BUSY
+            draining.append((reader, writer))
+        # Within its budget of 3, the busy streams are drained: still open a second later.
+        await asyncio.sleep(1.0)
+        assert all(not r.at_eof() for r, _ in draining) and not victim.tarpit.holds(flooder)
+        # The fourth trips the tarpit: it is answered without a drain, and the three drains stop.
+        t0 = time.monotonic()
+        reader, writer = await open_stream(raw, victim)
+        assert (await read_reply(reader)).error == peer_pb2.BUSY
+        draining.append((reader, writer))
+        async with asyncio.timeout(5.0):
+            for r, _ in draining:
+                assert await r.read() == b""
+        closed_after = time.monotonic() - t0
+        assert victim.tarpit.holds(flooder) and victim.tarpit.trips == 1 and victim.stats.rejected["busy"] == 4
+        assert closed_after < 3.0, closed_after  # not the 10 s of a drain
+        for _, w in [*stalled, *draining]:
+            w.close()
+        await until(lambda: not victim.inbound.streams_by_peer.get(flooder))
+        ok = await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=4)), peer_pb2.Pong, timeout=10)
+        assert ok.body.round == 4
 
 
 def envelope_with_method_last(method: str) -> bytes:

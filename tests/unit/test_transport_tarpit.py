@@ -8,10 +8,12 @@ from p2pnode.transport import tarpit as tarpit_module
 from p2pnode.transport.tarpit import (
     COUNTED_REASONS,
     DEFAULT_HOLD_S,
+    DEFAULT_MAX_HOST_REFUSALS,
     DEFAULT_MAX_REFUSALS,
     DEFAULT_WINDOW_S,
     STREAMS_PER_PEER,
     Tarpit,
+    host_key,
 )
 
 
@@ -95,10 +97,86 @@ def test_memory_is_bounded_by_the_peers_tracked(monkeypatch: pytest.MonkeyPatch)
         pit.note(f"sybil-{i}", "not_admitted")
     assert len(pit._recent) == 50 and len(pit._until) == 50 and pit.trips == 500
     assert pit.holds("sybil-499") and not pit.holds("sybil-0")  # the oldest were forgotten
-    assert all(len(times) <= 2 for times in pit._recent.values())
+    assert all(len(window.times) <= 2 for window in pit._recent.values())
 
 
 def test_defaults() -> None:
     pit = Tarpit()
     assert (pit.max_refusals, pit.window_s, pit.hold_s) == (DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, DEFAULT_HOLD_S)
     assert (DEFAULT_MAX_REFUSALS, DEFAULT_WINDOW_S, DEFAULT_HOLD_S) == (20, 10.0, 5.0)
+
+
+def test_host_key_of_multiaddrs() -> None:
+    assert host_key("/ip4/203.0.113.7/tcp/4001") == "203.0.113.7"
+    assert host_key("/ip4/127.0.0.1/tcp/31337") == "127.0.0.1"
+    assert host_key("/ip6/2001:db8:1:2:3:4:5:6/udp/4001/quic") == "2001:db8:1:2::/64"
+    assert host_key("/ip6/2001:db8:1:2:ffff::9/tcp/1") == "2001:db8:1:2::/64"  # same /64: same host
+    assert host_key("/ip6/::ffff:198.51.100.3/tcp/1") == "198.51.100.3"
+    assert host_key("/ip4/198.51.100.9/tcp/4001/p2p/QmRelay/p2p-circuit") == "198.51.100.9"  # the relay
+    assert host_key("/dns4/example.org/tcp/4001") is None
+    assert host_key("/ip4/not-an-ip/tcp/1") is None and host_key("") is None
+
+
+def test_sybils_of_one_host_share_its_budget_and_its_clean_peers_are_not_held() -> None:
+    clock = FakeClock()
+    pit = Tarpit(20, 10.0, 5.0, max_host_refusals=40, clock=clock)
+    sybils = [f"sybil-{i}" for i in range(16)]
+    for peer in [*sybils, "honest-neighbour"]:
+        pit.seen(peer, "203.0.113.7")
+    pit.seen("elsewhere", "198.51.100.1")
+    # 16 identities, each well under its own budget of 20, round robin: 40 refusals pass, the 41st
+    # makes the host hot and trips the sybil that earned it.
+    refused = 0
+    while not pit.hot("203.0.113.7"):
+        pit.note(sybils[refused % 16], "unknown_method")
+        refused += 1
+        clock.now += 0.01
+    assert refused == 41 and pit.hot_hosts == 1 and pit.trips == 1 and pit.host_trips == 1
+    # Every other sybil is held at its next refusal: 41 + 15 refusals in all, not 16 x 21 = 336.
+    for peer in sybils:
+        if not pit.holds(peer):
+            assert pit.note(peer, "unknown_method") is True
+            refused += 1
+    assert refused == 56 and all(pit.holds(p) for p in sybils) and pit.trips == 16
+    # The neighbour that is not refused is not held; nor is another host's peer, which keeps its 20.
+    assert not pit.holds("honest-neighbour") and not pit.hot("198.51.100.1")
+    for _ in range(20):
+        assert not pit.note("elsewhere", "unknown_method")
+    assert not pit.holds("elsewhere")
+    # Reasons that are not counted do not count against the host either.
+    for _ in range(100):
+        pit.note("honest-neighbour", "busy")
+    assert not pit.holds("honest-neighbour")
+    # One window after it became hot, the host's peers get their own budget again.
+    clock.now += 10.01
+    assert not pit.hot("203.0.113.7") and not pit.holds("sybil-0")
+    assert not any(pit.note("honest-neighbour", "truncated") for _ in range(20))
+
+
+def test_a_peer_of_unknown_host_and_a_host_budget_of_zero_keep_the_per_peer_budget() -> None:
+    clock = FakeClock()
+    pit = Tarpit(20, 10.0, 5.0, max_host_refusals=0, clock=clock)
+    for i in range(50):
+        pit.seen(f"s{i}", "203.0.113.7")
+        assert not pit.note(f"s{i}", "malformed")
+    assert pit.hot_hosts == 0 and pit.trips == 0
+    pit = Tarpit(20, 10.0, 5.0, clock=clock)
+    pit.seen("p", "203.0.113.7")
+    pit.seen("p", None)  # its latest stream named no IP: the host is forgotten
+    assert pit.host_of("p") is None
+    assert [pit.note("p", "malformed") for _ in range(21)] == [False] * 20 + [True]
+    with pytest.raises(ValueError, match="max_host_refusals >= 0"):
+        Tarpit(20, 10.0, 5.0, max_host_refusals=-1)
+    assert DEFAULT_MAX_HOST_REFUSALS == 2 * DEFAULT_MAX_REFUSALS == Tarpit().max_host_refusals
+
+
+def test_host_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tarpit_module, "MAX_TRACKED", 50)
+    pit, _ = make(max_refusals=20)
+    pit.max_host_refusals = 1
+    for i in range(500):
+        pit.seen(f"p{i}", f"10.0.{i // 256}.{i % 256}")
+        pit.note(f"p{i}", "malformed")
+        pit.note(f"p{i}", "malformed")
+    assert len(pit._host_of) == 50 and len(pit._host_recent) == 50 and len(pit._host_until) == 50
+    assert pit.hot_hosts == 500 and pit.host_trips == 500
