@@ -31,6 +31,12 @@ not get there); ``MB to reach L``: the same at L, the larger of the two final lo
 ``--diloco-compressions`` (default ``int8``) adds an H large row per format with the pseudo-gradients
 compressed (modest: the uploaded updates, with error feedback, and the versions; gossip: the models the
 receivers form them from), against the same uncompressed H small baseline; each gets its verdict.
+``--diloco-warmup-steps`` (comma-separated, default 100; quick 10; 0: none) adds, for each S, the
+synchronisation warm-up rows (``--sync-warmup-steps``): H large whose first S local steps run in rounds of
+``--diloco-warmup-local-steps`` (default H small), uncompressed and in each ``--diloco-compressions``
+format; then those formats get no row without the warm-up. A warm-up run has ``S / H0 + (steps - S) / H``
+rounds, so it sends more than H large alone: uncompressed it cannot reach 10x fewer bytes than H small
+unless ``S / H0`` is small against ``steps / H small``.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
