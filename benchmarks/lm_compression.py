@@ -31,6 +31,12 @@ not get there); ``MB to reach L``: the same at L, the larger of the two final lo
 ``--diloco-compressions`` (default ``int8``) adds an H large row per format with the pseudo-gradients
 compressed (modest: the uploaded updates, with error feedback, and the versions; gossip: the models the
 receivers form them from), against the same uncompressed H small baseline; each gets its verdict.
+``--diloco-warmup-steps`` (comma-separated, default 100; quick 10; 0: none) adds, for each S, the
+synchronisation warm-up rows (``--sync-warmup-steps``): H large whose first S local steps run in rounds of
+``--diloco-warmup-local-steps`` (default H small), uncompressed and in each ``--diloco-compressions``
+format; then those formats get no row without the warm-up. A warm-up run has ``S / H0 + (steps - S) / H``
+rounds, so it sends more than H large alone: uncompressed it cannot reach 10x fewer bytes than H small
+unless ``S / H0`` is small against ``steps / H small``.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
@@ -67,6 +73,7 @@ if ROOT not in sys.path:
 
 from benchmarks.machine import cpu_model  # noqa: E402
 from p2pnode.errors import ConfigError  # noqa: E402
+from p2pnode.training.round_schedule import RoundSchedule  # noqa: E402
 from p2pnode.transport.compression import check_combination, parse_compression  # noqa: E402
 from simulator import SimConfig, run_simulation  # noqa: E402
 
@@ -95,6 +102,9 @@ class Case:
     local_steps: int
     rounds: int
     outer_lr: float | None
+    #: Synchronisation warm-up: local steps run in rounds of `warmup_local_steps` first (0: none).
+    warmup_steps: int = 0
+    warmup_local_steps: int | None = None
     val_loss: float = math.nan
     perplexity: float = math.nan
     total_bytes: int = 0
@@ -130,23 +140,28 @@ def warmup_of(args: argparse.Namespace, steps: int) -> int:
 
 
 def run_case(args: argparse.Namespace, topology: str, label: str, compression: str, local_steps: int,
-             outer_lr: float | None, steps: int | None = None) -> Case:
+             outer_lr: float | None, steps: int | None = None, sync_warmup: tuple[int, int] | None = None) -> Case:
     """Simulate one configuration (see the module docstring) and collect its figures.
 
-    `steps`: local steps over the run (default ``--steps``); the schedule is fitted to it.
+    `steps`: local steps over the run (default ``--steps``); the schedule is fitted to it. `sync_warmup`:
+    (warm-up local steps S, local steps of a warm-up round H0), the synchronisation warm-up (None: none).
     """
     steps = args.steps if steps is None else steps
-    rounds = max(1, steps // local_steps)
+    sync_steps, sync_h = sync_warmup if sync_warmup is not None else (0, None)
+    rounds = max(1, RoundSchedule(local_steps, sync_steps, sync_h).rounds_for(steps)) if sync_steps else max(
+        1, steps // local_steps)
     warmup = warmup_of(args, steps)
     cfg = SimConfig.of(
         nodes=args.nodes, task="tiny-lm", topology=topology, rounds=rounds, seed=args.seed,
         task_options={"size": args.size, "eval_windows": args.eval_windows, "warmup_steps": warmup,
                       "total_steps": steps},
         local_steps=local_steps, batch_size=args.batch_size, lr=args.lr, bandwidth_mbps=args.bandwidth_mbps,
-        compression=compression, outer_lr=outer_lr, outer_momentum=args.outer_momentum)
+        compression=compression, outer_lr=outer_lr, outer_momentum=args.outer_momentum,
+        sync_warmup_steps=sync_steps, sync_warmup_local_steps=sync_h)
     t0 = time.perf_counter()
     res = run_simulation(cfg)
-    case = Case(topology, label, compression, local_steps, rounds, outer_lr, wall_s=time.perf_counter() - t0)
+    case = Case(topology, label, compression, local_steps, rounds, outer_lr, sync_steps, sync_h,
+                wall_s=time.perf_counter() - t0)
     rows = res["rounds"]
     sent = 0
     for row in rows:
@@ -258,6 +273,8 @@ def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | 
         if small is None:
             break
         name = f"H={run.local_steps} + outer" + (f" ({run.compression})" if run.compression != "none" else "")
+        if run.warmup_steps:
+            name += f" after {run.warmup_steps} steps at H={run.warmup_local_steps}"
         reach = run.bytes_to_reach(small.val_loss)
         if reach is None:
             out.append(f"{topology}: {name} does not reach H={small.local_steps}'s loss "
@@ -317,9 +334,18 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
                 small = run_case(args, topology, label, "none", args.h_small, None, steps)
             label_large = f"H={args.h_large} + outer (lr {args.outer_lr:g}, Nesterov {args.outer_momentum:g})"
             large = run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps)
+            formats = [fmt for fmt in args.diloco_compressions if fmt != "none" and allowed(fmt, topology)]
             # The pseudo-gradients (modest: uploads; gossip: the models they are formed from) in a lossy format.
             more = [run_case(args, topology, f"{label_large}, {fmt}", fmt, args.h_large, args.outer_lr, steps)
-                    for fmt in args.diloco_compressions if fmt != "none" and allowed(fmt, topology)]
+                    for fmt in formats if not args.diloco_warmups]
+            # The synchronisation warm-up: the first S steps in rounds of H0, then H large; uncompressed and
+            # in each format.
+            h0 = args.diloco_warmup_local_steps
+            for s0 in args.diloco_warmups:
+                more += [run_case(args, topology, f"{label_large}, warm-up {s0} steps at H={h0}"
+                                  + (f", {fmt}" if fmt != "none" else ""), fmt, args.h_large, args.outer_lr, steps,
+                                  sync_warmup=(s0, h0))
+                         for fmt in ["none", *formats]]
             say(f"(b) DiLoCo, {steps} local steps each (warm-up {warmup_of(args, steps)}, cosine to {steps})\n")
             table, target = diloco_table(small, large, args.bandwidth_mbps, more)
             for line in table:
@@ -357,6 +383,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diloco-compressions", default="int8",
                     help="comma-separated formats of further H-large rows in (b), against the same uncompressed "
                          "H-small baseline (default int8, OpenDiLoCo's practice; empty: none)")
+    ap.add_argument("--diloco-warmup-steps", default=None,
+                    help="comma-separated synchronisation warm-ups of (b): for each S, H-large rows (uncompressed and "
+                         "each --diloco-compressions) whose first S local steps run in rounds of "
+                         "--diloco-warmup-local-steps (default 100; quick 10; 0 or empty: none, and then the "
+                         "--diloco-compressions rows run without warm-up)")
+    ap.add_argument("--diloco-warmup-local-steps", type=int, default=None,
+                    help="local steps per round during the warm-up (default --h-small)")
     ap.add_argument("--diloco-steps", type=int, default=None,
                     help="local steps per trainer of (b) (default --steps; longer runs its own H-small baseline)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per local step (default 8)")
@@ -367,14 +400,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
-    quick = {"nodes": 8, "steps": 100, "h_small": 5, "h_large": 50, "eval_windows": 16}
-    full = {"nodes": 16, "steps": 400, "h_small": 10, "h_large": 100, "eval_windows": 32}
+    quick = {"nodes": 8, "steps": 100, "h_small": 5, "h_large": 50, "eval_windows": 16, "diloco_warmup_steps": "10"}
+    full = {"nodes": 16, "steps": 400, "h_small": 10, "h_large": 100, "eval_windows": 32, "diloco_warmup_steps": "100"}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.topologies = [t for t in args.topologies.split(",") if t]
     args.compressions = [c for c in args.compressions.split(",") if c]
     args.diloco_compressions = [c for c in args.diloco_compressions.split(",") if c]
+    try:
+        args.diloco_warmups = [int(v) for v in args.diloco_warmup_steps.split(",") if v and int(v) > 0]
+    except ValueError:
+        ap.error(f"--diloco-warmup-steps: comma-separated integers, got {args.diloco_warmup_steps!r}")
+    if args.diloco_warmup_local_steps is None:
+        args.diloco_warmup_local_steps = args.h_small
+    if args.diloco_warmup_local_steps < 1:
+        ap.error("need --diloco-warmup-local-steps >= 1")
     if args.diloco_steps is None:
         args.diloco_steps = args.steps
     if args.h_small < 1 or args.h_large < 1 or min(args.steps, args.diloco_steps) < max(args.h_small, args.h_large):

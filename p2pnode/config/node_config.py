@@ -48,10 +48,15 @@ class NodeConfig(LimitSettings, DpsgdSettings, AdmissionSettings, ByzantineSetti
             raise ConfigError(f"shard={index}/{count}: need 0 <= index < count")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(f"alpha={self.alpha}: must be > 0 (or unset for IID)")
-        for key in ("local_steps", "batch_size"):
+        for key in ("local_steps", "batch_size", "sync_warmup_local_steps"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"{key}={v}: must be >= 1")
+        if self.sync_warmup_steps < 0:
+            raise ConfigError(f"sync_warmup_steps={self.sync_warmup_steps}: must be >= 0 (0: no warm-up)")
+        if self.sync_warmup_steps > 0 and self.sync_warmup_local_steps is None:
+            raise ConfigError(f"sync_warmup_steps={self.sync_warmup_steps} needs sync_warmup_local_steps "
+                              "(the local steps of a warm-up round)")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr={self.lr}: must be > 0")
         if self.rounds is not None and self.rounds < 0:

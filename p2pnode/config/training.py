@@ -15,7 +15,7 @@ class TrainingSettings:
     """Section ``training``: task, topology, aggregation rule and the local training schedule.
 
     Run-wide (hashed into `NodeConfig.config_hash`): `task`, `task_options`, `topology`, `rule`, `rule_params`,
-    `model_seed_mode`. The rest is local to the node.
+    `model_seed_mode`, and the synchronisation warm-up when set. The rest is local to the node.
     """
 
     #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
@@ -55,6 +55,21 @@ class TrainingSettings:
     #: Local SGD steps per round; None takes the task's default.
     local_steps: int | None = setting(
         default=None, section="training", help="Local SGD steps per round [task default].")
+    #: Synchronisation warm-up (`p2pnode.training.round_schedule`): the first ``sync_warmup_steps`` local
+    #: steps of the run go in rounds of ``sync_warmup_local_steps`` each, then rounds of `local_steps`
+    #: (DiLoCo: frequent merges while the model moves fast, rare ones later). 0 (default): no warm-up. Not
+    #: the learning-rate warm-up of a task (``--task-option warmup_steps=``). Run-wide: every peer must agree
+    #: on the length of each round; hashed only when set, so that runs without it keep their hash.
+    sync_warmup_steps: int = setting(
+        default=0, section="training",
+        help="Synchronisation warm-up: the first N local steps of the run train in rounds of "
+             "--sync-warmup-local-steps, then rounds of --local-steps (0: none); run-wide.",
+        hashed=True, hash_when="sync_warmup_steps", metavar="N")
+    #: Local steps of a warm-up round (>= 1); needed when `sync_warmup_steps` > 0.
+    sync_warmup_local_steps: int | None = setting(
+        default=None, section="training",
+        help="Local SGD steps per round during the synchronisation warm-up (needed with --sync-warmup-steps).",
+        hashed=True, hash_when="sync_warmup_steps", metavar="H0")
     #: Learning rate and batch size; None takes the task's default.
     lr: float | None = setting(default=None, section="training", help="Learning rate [task default].")
     batch_size: int | None = setting(default=None, section="training", help="Batch size [task default].")

@@ -62,6 +62,7 @@ from p2pnode.protocols.base import (
     merged_fraction,
 )
 from p2pnode.protocols.compute import Compute
+from p2pnode.training.round_schedule import RoundSchedule
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -164,6 +165,9 @@ class DpsgdSettings:
     :param run_id: the run; requests from other runs are refused (``wrong_run``).
     :param config_hash: hash of the run-wide config.
     :param local_steps: minibatch steps per round.
+    :param sync_warmup_steps: local steps of the run trained in warm-up rounds of `sync_warmup_local_steps`
+        each (default 0: none; `RoundSchedule`).
+    :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param graph: ``exponential`` (default) or ``regular``.
     :param degree: degree of the ``regular`` graph (default 4).
     :param seed: seed of the ``regular`` graph (the run's seed).
@@ -181,6 +185,8 @@ class DpsgdSettings:
     run_id: str
     config_hash: str
     local_steps: int
+    sync_warmup_steps: int = 0
+    sync_warmup_local_steps: int | None = None
     graph: str = "exponential"
     degree: int = 4
     seed: int = 0
@@ -192,6 +198,11 @@ class DpsgdSettings:
     outer_lr: float | None = None
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
+
+    @property
+    def schedule(self) -> RoundSchedule:
+        """Local steps of each round: the warm-up's, then `local_steps` (`RoundSchedule`)."""
+        return RoundSchedule(self.local_steps, self.sync_warmup_steps, self.sync_warmup_local_steps)
 
 
 class DpsgdProtocol:
@@ -217,6 +228,7 @@ class DpsgdProtocol:
         self.compression = check_combination(compression if compression is not None else transport.compression,
                                              payload="models")
         self.settings = settings
+        self._schedule = settings.schedule  # raises ValueError for counts out of range
         self.transport = transport
         self.directory = directory
         self.trainer = trainer
@@ -324,11 +336,15 @@ class DpsgdProtocol:
         # For an undone merge (the quorum): the outer momentum before this round (a copy).
         pre_outer = self.outer.state_dict() if self.outer is not None and self.keep_pre_merge else None
 
+        # This round's local steps: the warm-up's short rounds first (a function of the round number, which
+        # a checkpoint or a state sync restores), then local_steps.
+        steps = self._schedule.steps(self.round)
+
         def train() -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
             start = self.trainer.state() if keep_start else None
-            return self.trainer.train(s.local_steps), self.trainer.state(), start
+            return self.trainer.train(steps), self.trainer.state(), start
 
-        train_loss, own, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        train_loss, own, start = await self.compute.run(train, cost_s=s.step_cost_s * steps)
         sent = own
         if start is not None:
             if on_trained is not None:

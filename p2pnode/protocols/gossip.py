@@ -66,6 +66,7 @@ from p2pnode.protocols.base import (
 )
 from p2pnode.protocols.compute import Compute
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD, SuspicionTracker
+from p2pnode.training.round_schedule import RoundSchedule
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Message, Transport
 from p2pnode.transport.codec import check_tensors
@@ -102,6 +103,9 @@ class GossipSettings:
     :param run_id: the run; requests from other runs are refused (``wrong_run``).
     :param config_hash: hash of the run-wide config; requests with another hash are refused.
     :param local_steps: minibatch steps per round.
+    :param sync_warmup_steps: local steps of the run trained in warm-up rounds of `sync_warmup_local_steps`
+        each (default 0: none; `RoundSchedule`).
+    :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param rule: aggregation rule for the merge (default ``mean``).
     :param rule_params: extra parameters of the rule.
     :param exchange_timeout_s: time allowed for one exchange, in seconds (default 30).
@@ -125,6 +129,8 @@ class GossipSettings:
     run_id: str
     config_hash: str
     local_steps: int
+    sync_warmup_steps: int = 0
+    sync_warmup_local_steps: int | None = None
     rule: str = "mean"
     rule_params: dict[str, Any] = field(default_factory=dict)
     exchange_timeout_s: float = 30.0
@@ -145,6 +151,11 @@ class GossipSettings:
     def window(self) -> int:
         """The robust window in effect (see `robust_window`)."""
         return self.robust_window if self.robust_window is not None else default_window(self.rule, self.rule_params)
+
+    @property
+    def schedule(self) -> RoundSchedule:
+        """Local steps of each round: the warm-up's, then `local_steps` (`RoundSchedule`)."""
+        return RoundSchedule(self.local_steps, self.sync_warmup_steps, self.sync_warmup_local_steps)
 
 
 class GossipProtocol:
@@ -169,6 +180,7 @@ class GossipProtocol:
         self.compression = check_combination(compression if compression is not None else transport.compression,
                                              payload="models")
         self.settings = settings
+        self._schedule = settings.schedule  # raises ValueError for counts out of range
         self.transport = transport
         self.directory = directory
         self.trainer = trainer
@@ -343,12 +355,16 @@ class GossipProtocol:
         attacker = self.hooks.attacker
         attacking = attacker is not None and attacker.model_attack
 
+        # This round's local steps: the warm-up's short rounds first (a function of the round number, which
+        # a checkpoint or a state sync restores), then local_steps.
+        steps = self._schedule.steps(self.round)
+
         def train() -> tuple[float, State]:
             # The start model: reference of the updates (direction rules, forging, the suspicion's direction term).
             start = self.trainer.state()
-            return self.trainer.train(s.local_steps), start
+            return self.trainer.train(steps), start
 
-        train_loss, start = await self.compute.run(train, cost_s=s.step_cost_s * s.local_steps)
+        train_loss, start = await self.compute.run(train, cost_s=s.step_cost_s * steps)
         trained = self.trainer.state()
         if not attacking:
             # Peers get the model as just trained (gossip learning sends the updated model). Serving the model

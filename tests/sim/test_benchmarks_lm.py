@@ -64,7 +64,7 @@ def test_lm_compression_longer_diloco_runs_its_own_baseline() -> None:
     bench = _bench()
     args = bench.parse_args(["--nodes", "4", "--steps", "10", "--diloco-steps", "20", "--h-small", "5",
                              "--h-large", "10", "--eval-windows", "2", "--batch-size", "2", "--topologies", "gossip",
-                             "--compressions", ""])
+                             "--compressions", "", "--diloco-warmup-steps", "10", "--diloco-compressions", ""])
     out = io.StringIO()
     entry = bench.run_benchmark(args, out=out)["topologies"]["gossip"]
     assert entry["compression"] == [] and "(a) compression" not in out.getvalue()
@@ -73,5 +73,11 @@ def test_lm_compression_longer_diloco_runs_its_own_baseline() -> None:
     # gossip: every node sends its model every round, so H = 10 sends half the bytes of H = 5.
     assert large["total_bytes"] == pytest.approx(small["total_bytes"] / 2, rel=0.01)
     assert "(b) DiLoCo, 20 local steps each (warm-up 2, cosine to 20)" in out.getvalue()
+    # The synchronisation warm-up: 10 steps in rounds of 5 (--h-small), then one round of 10; 3/4 of the bytes.
+    (warm,) = entry["diloco"]["more"]
+    assert (warm["rounds"], warm["warmup_steps"], warm["warmup_local_steps"]) == (3, 10, 5)
+    assert warm["total_bytes"] == pytest.approx(small["total_bytes"] * 3 / 4, rel=0.01)
+    assert warm["label"].endswith("warm-up 10 steps at H=5")
+    assert any("after 10 steps at H=5" in line for line in entry["verdicts"])
     verdict = entry["verdicts"][0]
     assert verdict.startswith("gossip: H=10 + outer ")

@@ -10,6 +10,7 @@ from typing import Any
 from p2pnode.protocols.suspicion import DEFAULT_DECAY, DEFAULT_THRESHOLD
 from p2pnode.secagg import SecAggSettings
 from p2pnode.secagg.groups import DEFAULT_MIN_GROUP
+from p2pnode.training.round_schedule import RoundSchedule
 
 
 @dataclass
@@ -21,6 +22,9 @@ class ModestSettings:
     :param run_id: the run; requests from other runs are refused (``wrong_run``).
     :param config_hash: hash of the run-wide config; requests with another hash are refused.
     :param local_steps: minibatch steps per training (the authors: one local epoch, batch 20).
+    :param sync_warmup_steps: local steps of the run trained in warm-up rounds of `sync_warmup_local_steps`
+        each (default 0: none; `RoundSchedule`).
+    :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param sample_size: ``s``, trainers per round (default 10).
     :param aggregators: ``a``, aggregators per round (default 1).
     :param success_fraction: ``sf``; an aggregator completes with ``floor(sf * s)`` models (default 1.0).
@@ -75,6 +79,8 @@ class ModestSettings:
     run_id: str
     config_hash: str
     local_steps: int
+    sync_warmup_steps: int = 0
+    sync_warmup_local_steps: int | None = None
     sample_size: int = 10
     aggregators: int = 1
     success_fraction: float = 1.0
@@ -112,6 +118,11 @@ class ModestSettings:
     def threshold(self) -> int:
         """Models an aggregator waits for: ``max(1, floor(sf * s))``."""
         return max(1, math.floor(self.success_fraction * self.sample_size + 1e-9))
+
+    @property
+    def schedule(self) -> RoundSchedule:
+        """Local steps of the training of each version: the warm-up's, then `local_steps` (`RoundSchedule`)."""
+        return RoundSchedule(self.local_steps, self.sync_warmup_steps, self.sync_warmup_local_steps)
 
 
 def fl_settings(settings: ModestSettings) -> ModestSettings:

@@ -115,20 +115,24 @@ class TrainerRole:
         return Message(peer_pb2.ModestModelAck(accepted=accepted, round_estimate=c.round))
 
     async def train(self, inc: Incoming) -> tuple[float, State]:
-        """Train `local_steps` on the model `inc` carries; return (mean loss, trained state)."""
+        """Train version ``k = inc.round`` for its local steps (``local_steps``, or the warm-up's during the
+        synchronisation warm-up); return (mean loss, trained state)."""
         c = self.core
         s = c.settings
+        schedule = s.schedule
+        steps = schedule.steps(inc.round)
 
         def work() -> tuple[float, State]:
             # Load and train in one job: nothing (an aggregator's evaluation) may swap the model between.
             c.load_model(inc.state)
-            # Version k starts at local step k * H of the swarm, whatever this node trained before: the
-            # inner learning-rate schedule follows the versions, not the node's own (lagging) step count.
-            c.trainer.align_schedule(inc.round * s.local_steps)
-            loss = c.trainer.train(s.local_steps)
+            # Version k starts at the swarm's local step `start_step(k)` (k * H without a warm-up), whatever
+            # this node trained before: the inner learning-rate schedule follows the versions, not the node's
+            # own (lagging) step count.
+            c.trainer.align_schedule(schedule.start_step(inc.round))
+            loss = c.trainer.train(steps)
             return loss, c.trainer.state()
 
-        result = await c.compute.run(work, cost_s=s.step_cost_s * s.local_steps)
+        result = await c.compute.run(work, cost_s=s.step_cost_s * steps)
         c.model_round = max(c.model_round, inc.round)
         c.held_combined = inc.combined
         return result
