@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from p2pnode.cli.main import cli
 from p2pnode.config import NodeConfig
-from p2pnode.daemon.checkpoint import capture, restore
+from p2pnode.daemon.trainer_state import capture, restore
 from p2pnode.errors import ConfigError
 from p2pnode.protocols.modest import ModestProtocol
 from p2pnode.protocols.modest.state import Incoming
