@@ -112,15 +112,16 @@ def max_state_diff(a: Mapping[str, torch.Tensor] | None, b: Mapping[str, torch.T
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120.0, settle_s: float = 1.0) -> None:
+async def run_rounds_until(nodes: Iterable[Node], done: asyncio.Event, *, timeout_s: float = 120.0,
+                           settle_s: float = 0.0) -> None:
     """Run every node's rounds until `done` is set (or `timeout_s` seconds), `settle_s` seconds more (late
-    messages of the last round), then shut every node down."""
+    messages of the last round), then cancel the round loops; the nodes stay up."""
 
     async def loop(node: Node) -> None:
         while True:
             await node.run_round()
 
-    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
+    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout_s)
@@ -129,6 +130,13 @@ async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_until(group: Group, done: asyncio.Event, *, timeout_s: float = 120.0, settle_s: float = 1.0) -> None:
+    """`run_rounds_until` (settling `settle_s` seconds), then shut every node down."""
+    try:
+        await run_rounds_until(group.nodes, done, timeout_s=timeout_s, settle_s=settle_s)
+    finally:
         await shutdown_nodes(group.nodes)
 
 

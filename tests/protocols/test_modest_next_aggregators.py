@@ -11,14 +11,13 @@ before.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from p2pnode.daemon.node import Node
 from p2pnode.protocols.modest import ModestProtocol
 from p2pnode.protocols.modest.state import AggregationEvent
 from p2pnode.transport.clock import run_virtual
-from simutil import running_group
+from simutil import run_rounds_until, running_group
 
 SETTINGS: dict[str, Any] = {"topology": "modest", "sample_size": 3, "aggregation_timeout_s": 5.0,
                             "idle_timeout_s": 5.0, "ping_timeout_s": 2.0, "local_steps": 2}
@@ -46,16 +45,7 @@ def _run(compression: str, versions: int = 8) -> tuple[list[AggregationEvent], i
             for n in group.nodes:
                 _p(n).hooks.on_aggregate = on_aggregate
 
-            async def loop(node: Node) -> None:
-                while True:
-                    await node.run_round()
-
-            tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 300.0)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await run_rounds_until(group.nodes, done, timeout_s=300.0)
             out["events"] = events
             out["pulls"] = sum(_p(n).core.counters["base_pulls"] for n in group.nodes)
             out["formed"] = sum(_p(n).core.counters["base_formed"] for n in group.nodes)

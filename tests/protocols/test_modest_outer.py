@@ -5,7 +5,6 @@ version (docs/protocols.md, "DiLoCo on each topology")."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from p2pnode.protocols.modest.wire import outer_tensors
 from p2pnode.transport import Message
 from p2pnode.transport.clock import run_virtual
 from simulator import SimConfig, run_simulation
-from simutil import Group, make_group, memory_node
+from simutil import Group, make_group, memory_node, run_rounds_until
 
 SETTINGS: dict[str, Any] = {"topology": "modest", "sample_size": 4, "aggregation_timeout_s": 5.0,
                             "idle_timeout_s": 5.0, "ping_timeout_s": 2.0, "local_steps": 5, "outer_lr": 0.7,
@@ -42,16 +41,7 @@ async def _rounds(nodes: list[Node], versions: int, events: list[AggregationEven
     for n in nodes:
         _p(n).hooks.on_aggregate = on_aggregate
 
-    async def loop(node: Node) -> None:
-        while True:
-            await node.run_round()
-
-    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in nodes]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), 120.0)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await run_rounds_until(nodes, done, timeout_s=120.0)
 
 
 def _check_momentum(nodes: list[Node], events: list[AggregationEvent]) -> None:

@@ -9,7 +9,6 @@ and the puller goes on to the next contributor (docs/compression.md, "What trave
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from typing import Any
 
@@ -32,7 +31,7 @@ from p2pnode.transport.compression import (
     decompress,
     parse_compression,
 )
-from simutil import Group, running_group
+from simutil import Group, run_rounds_until, running_group
 
 SETTINGS: dict[str, Any] = {"topology": "modest", "sample_size": 4, "aggregation_timeout_s": 5.0,
                             "idle_timeout_s": 5.0, "ping_timeout_s": 2.0, "local_steps": 5, "outer_lr": 0.7,
@@ -65,16 +64,7 @@ async def _rounds(group: Group, versions: int) -> None:
     for n in group.nodes:
         _p(n).hooks.on_aggregate = on_aggregate
 
-    async def loop(node: Node) -> None:
-        while True:
-            await node.run_round()
-
-    tasks = [asyncio.get_running_loop().create_task(loop(n)) for n in group.nodes]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), 120.0)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await run_rounds_until(group.nodes, done, timeout_s=120.0)
 
 
 def _int8_bytes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
