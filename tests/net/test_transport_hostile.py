@@ -111,6 +111,16 @@ async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def call_times(honest: P2PTransport, victim: P2PTransport, count: int = 3) -> list[float]:
+    """Seconds each of `count` echo calls from `honest` to `victim` takes, one after another."""
+    times = []
+    for _ in range(count):
+        start = time.monotonic()
+        await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, 10.0)
+        times.append(time.monotonic() - start)
+    return times
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -471,11 +481,7 @@ async def test_a_flooder_past_its_refusal_budget_is_held_and_honest_peers_are_no
                      max_streams_per_peer=4) as (victim, honest, raw):
         flooder = raw.peer_id.to_base58()
         frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
-        usual = []
-        for _ in range(3):
-            start = time.monotonic()
-            await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, 10.0)
-            usual.append(time.monotonic() - start)
+        usual = await call_times(honest, victim)
         # Within the budget and the one refusal past it: refused at once with the reason.
         t0 = time.monotonic()
         for _ in range(budget + 1):
@@ -542,11 +548,7 @@ async def test_identities_of_one_host_share_one_refusal_budget_and_the_held_stre
         try:
             ids = [s.peer_id.to_base58() for s in sybils]
             frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
-            usual = []
-            for _ in range(3):
-                start = time.monotonic()
-                await honest.call(victim.peer_id, "echo", Message(peer_pb2.Ping(round=1)), peer_pb2.Pong, 10.0)
-                usual.append(time.monotonic() - start)
+            usual = await call_times(honest, victim)
             t0 = time.monotonic()
             # Round robin: no identity gets near its own budget of 5 before the host's 8 are spent.
             for i in range(3 * k):
