@@ -170,6 +170,8 @@ class ConnectionGuard:
             (default 30).
         admission: returns whether the node runs under admission (``secret`` or ``allowlist``).
         clock: seconds, monotonic (default `time.monotonic`).
+        on_drop: told the peer id of each peer dropped (the transport ends the holds of its streams in the
+            tarpit: they died with its connection).
 
     The node sets `members` (its directory view), `dht_peers` (its DHT routing table) and `bootstrap`.
     """
@@ -177,7 +179,8 @@ class ConnectionGuard:
     def __init__(self, p2p: Callable[[], P2P], reject: RejectCallback, tarpit: Tarpit, *,
                  interval_s: float = DEFAULT_INTERVAL_S, max_per_host: int = DEFAULT_MAX_PER_HOST,
                  max_outsiders: int = DEFAULT_MAX_OUTSIDERS, admission_grace_s: float = DEFAULT_ADMISSION_GRACE_S,
-                 admission: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.monotonic) -> None:
+                 admission: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.monotonic,
+                 on_drop: Callable[[str], None] | None = None) -> None:
         if interval_s < 0 or max_per_host < 0 or max_outsiders < 0 or admission_grace_s < 0:
             raise ValueError(f"connection guard: need interval_s, max_per_host, max_outsiders, admission_grace_s "
                              f">= 0; got {interval_s}, {max_per_host}, {max_outsiders}, {admission_grace_s}")
@@ -190,6 +193,7 @@ class ConnectionGuard:
         self.admission_grace_s = admission_grace_s
         self._admission = admission
         self.clock = clock
+        self._on_drop = on_drop
         #: Peer ids of the run's directory view (set by the node; None: no directory).
         self.members: Callable[[], Iterable[str]] | None = None
         #: Peer ids of the DHT's routing table (set by the node; None: no DHT of its own).
@@ -278,6 +282,8 @@ class ConnectionGuard:
                 await p2p._client.disconnect(PeerID.from_base58(drop.peer_id))
         except Exception as e:  # gone already, or p2pd restarting: the next sweep sees what is left
             logger.debug("connection guard: could not disconnect %s: %r", drop.peer_id[-8:], e)
+        if self._on_drop is not None:
+            self._on_drop(drop.peer_id)
 
     async def _run(self) -> None:
         while True:

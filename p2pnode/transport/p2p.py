@@ -234,7 +234,8 @@ class P2PTransport(Transport):
         self.guard = ConnectionGuard(lambda: self._p2p, self.reject, self.tarpit, interval_s=conn_guard_interval_s,
                                      max_per_host=conn_max_per_host, max_outsiders=conn_max_outsiders,
                                      admission_grace_s=conn_admission_grace_s,
-                                     admission=lambda: self.admission is not None)
+                                     admission=lambda: self.admission is not None,
+                                     on_drop=self.streams.release_holds)
         #: The calling side of libp2p streams (and the streams of the calls in flight).
         self.stream_client = StreamClient(p2p, handler_name, self._read_response)
         # Direct channel.

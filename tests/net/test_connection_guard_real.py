@@ -8,14 +8,15 @@ import asyncio
 import time
 from typing import Any
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from netutil import NetworkGuard, start_p2p
 from p2pnode.proto import peer_pb2
+from p2pnode.transport import codec
 from p2pnode.transport.admission import Admission, derive_key
 from p2pnode.transport.codec import Message
 from p2pnode.transport.connection_guard import HOST_CAP, NOT_ADMITTED
-from p2pnode.transport.p2p import P2PTransport
+from p2pnode.transport.p2p import RPC_HANDLER, P2PTransport
 
 #: Sweep interval of the tests' guards, in seconds (the default is 5 s).
 SWEEP_S = 0.2
@@ -103,5 +104,58 @@ async def test_under_admission_a_peer_that_never_proves_admission_is_disconnecte
             if raw is not None:
                 await raw.shutdown()
             await honest.shutdown()
+            await victim.shutdown()
+    assert not guard.leaked_processes and not guard.leaked_sockets, guard
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_dropped_peer_in_the_tarpit_has_its_held_streams_released_and_is_held_again() -> None:
+    """The held streams of a dropped peer died with its connection: their places in the tarpit's cap are
+    given back, so the streams it opens after dialing again are held again (not closed at once)."""
+    with NetworkGuard() as guard:
+        # Sweeps by hand (interval 0); the peer is refused without a proof and dropped at the first sweep.
+        victim = await P2PTransport.create(conn_guard_interval_s=0, conn_admission_grace_s=0, tarpit_refusals=3,
+                                           tarpit_hold_s=30.0, tarpit_max_held=2)
+        raw: P2P | None = None
+        try:
+            victim.admission = Admission(derive_key(b"correct horse battery staple 42", "run"))
+            victim.register("echo", peer_pb2.Ping, echo)
+            raw = await start_p2p(victim.addresses())
+            flooder = raw.peer_id.to_base58()
+            frame = codec.join(codec.encode("echo", peer_pb2.Ping(round=1)))
+            writers = []
+
+            async def send() -> None:
+                _, _, writer = await raw.call_binary_stream_handler(PeerID.from_base58(victim.peer_id), RPC_HANDLER)
+                writer.write(frame)
+                await writer.drain()
+                writers.append(writer)
+
+            for _ in range(4):
+                await send()
+            await until(lambda: victim.tarpit.holds(flooder))
+            for _ in range(2):
+                await send()
+            await until(lambda: victim.streams.held == 2)
+            drops = await victim.guard.sweep()
+            assert [(d.peer_id, d.reason) for d in drops] == [(flooder, NOT_ADMITTED)]
+            assert victim.stats.rejected[NOT_ADMITTED] == 1
+            await until(lambda: victim.streams.held == 0)
+            # It dials again: its new streams are held again, none closed for a full tarpit.
+            for _ in range(2):
+                await send()
+            await until(lambda: victim.streams.held == 2)
+            assert victim.stats.rejected["tarpit_full"] == 0
+            for writer in writers:
+                writer.close()
+        finally:
+            if raw is not None:
+                await raw.shutdown()
             await victim.shutdown()
     assert not guard.leaked_processes and not guard.leaked_sockets, guard
