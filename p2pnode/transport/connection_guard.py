@@ -28,6 +28,13 @@ then peers it dropped before, then the newest: a flooding host loses its connect
 and a peer that was there first keeps its place. A dropped peer may dial again (p2pd lets it); it is
 dropped again by the next sweep, so an idle sybil keeps at most a few seconds of connection per interval.
 
+A dropped peer's streams that the tarpit holds died with its connection; the transport releases their
+places (`stream_server.StreamServer.release_holds`), so that what the peer opens after dialing again is held
+again: with the dead streams still counted, the tarpit's cap of held streams would be full and its new
+streams closed at once, which lets a flooder loop faster than a hold does. For the same reason a hot host's
+outsiders are not closed at once at their next stream: a held stream makes the attacker wait, a closed one
+lets it open the next.
+
 Which peers the DHT needs: hivemind's DHT routes through the peers of its routing table (k-buckets of 20),
 which holds DHT *servers* that answered or sent DHT requests, of this run or of other runs sharing the DHT.
 They are exempt whether or not they are admitted, so the guard never breaks DHT routing or replication;
