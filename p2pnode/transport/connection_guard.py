@@ -39,8 +39,9 @@ Which peers the DHT needs: hivemind's DHT routes through the peers of its routin
 which holds DHT *servers* that answered or sent DHT requests, of this run or of other runs sharing the DHT.
 They are exempt whether or not they are admitted, so the guard never breaks DHT routing or replication;
 the table is bounded by hivemind (its bucket size), so that exemption is bounded too. Not exempt: client-mode
-DHTs (they never enter the table; an outside reader of an open run's DHT just counts as an outsider) and
-bare libp2p identities that never speak DHT.
+DHTs (they never enter the table; an outside reader of an open run's DHT just counts as an outsider),
+bare libp2p identities that never speak hivemind's DHT, and peers that only p2pd's own libp2p DHT (which
+finds peers' addresses) connected: the run's nodes are known anyway, so routing among them is untouched.
 
 The classification and the caps are pure (`plan_drops`); `ConnectionGuard` adds the bookkeeping (who is
 known, since when a peer is connected), the periodic sweep and the disconnects. It belongs to the real
