@@ -41,8 +41,9 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 - ``sybil-flood``: the same 32 streams spread over `SYBIL_IDENTITIES` (16) identities (16 bare p2pds of the
   attacker's process on one host, 2 streams each), so that no identity is past its own refusal budget
   before the others have spent theirs;
-- ``sybil-idle``: a control, not an attack: the same 16 identities connect and send nothing (what 16
-  idle libp2p connections and their daemons cost; nothing is refused, so it shows as ``uncounted``).
+- ``sybil-idle``: the same 16 identities connect and send nothing (what 16 idle libp2p connections and
+  their daemons cost; nothing is refused: the nodes' connection guards drop all but 4 of them per node,
+  counted as ``conn_host_cap``, and a tree without the guard shows it as ``uncounted``).
 
 The attacker runs on the nodes' machine, so part of what it costs the rounds is only its own CPU. Right
 after each attack window a ``burn`` window of the same length runs a process that burns the CPU time the

@@ -107,6 +107,27 @@ class LimitSettings:
         default=None, section="limits",
         help="Most streams the refusal budget holds at once, all peers together; beyond it a held peer's "
              "streams are closed at once [max_streams / 4].")
+    #: Connection guard (`p2pnode.transport.connection_guard`): every `conn_guard_interval_s` (default 5 s;
+    #: 0: off) p2pd's connections are listed, and peers the node does not know (not in the directory view,
+    #: the DHT's routing table or the bootstrap list, not served or called in the last 10 min) are
+    #: disconnected beyond `conn_max_per_host` of one remote host (default 4; IPv6 by /64; 0: no cap) and
+    #: `conn_max_outsiders` in all (default 64; 0: no cap); under admission (secret, allowlist) also one still
+    #: unknown `conn_admission_grace_s` (default 30 s) after it connected. Known peers are never counted.
+    conn_guard_interval_s: float = setting(
+        default=5.0, section="limits",
+        help="Seconds between two sweeps of the libp2p connections by the connection guard (0: off).")
+    conn_max_per_host: int = setting(
+        default=4, section="limits",
+        help="Most connected peers of one remote host (IP; IPv6 by /64) that the node does not know (not in "
+             "its directory, DHT routing table or bootstrap list, not served lately); beyond it they are "
+             "disconnected (0: no cap).")
+    conn_max_outsiders: int = setting(
+        default=64, section="limits",
+        help="Most connected peers that the node does not know, all hosts together (0: no cap).")
+    conn_admission_grace_s: float = setting(
+        default=30.0, section="limits",
+        help="Under admission: seconds a connected peer may stay unknown (no proved request, not in the "
+             "directory or the DHT's routing table) before it is disconnected.")
 
     def transport_limits(self) -> dict[str, Any]:
         """The keyword arguments of `P2PTransport` that the ``limits`` section sets."""
@@ -124,7 +145,9 @@ class LimitSettings:
                 "direct_handshake_timeout": self.direct_handshake_timeout_s,
                 "tarpit_refusals": self.tarpit_refusals, "tarpit_window_s": self.tarpit_window_s,
                 "tarpit_hold_s": self.tarpit_hold_s, "tarpit_host_refusals": self.tarpit_host_refusals,
-                "tarpit_max_held": self.tarpit_max_held}
+                "tarpit_max_held": self.tarpit_max_held, "conn_guard_interval_s": self.conn_guard_interval_s,
+                "conn_max_per_host": self.conn_max_per_host, "conn_max_outsiders": self.conn_max_outsiders,
+                "conn_admission_grace_s": self.conn_admission_grace_s}
 
     def _validate_limits(self) -> None:
         for key in ("max_message_bytes", "max_streams", "max_streams_per_peer", "direct_threshold",
@@ -138,7 +161,8 @@ class LimitSettings:
                 raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
                                   "else no message of the largest size could ever be received")
         for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s", "tarpit_refusals",
-                    "tarpit_hold_s", "tarpit_host_refusals"):
+                    "tarpit_hold_s", "tarpit_host_refusals", "conn_guard_interval_s", "conn_max_per_host",
+                    "conn_max_outsiders", "conn_admission_grace_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if self.tarpit_max_held is not None and self.tarpit_max_held < 0:

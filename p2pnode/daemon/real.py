@@ -132,6 +132,11 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
         if admission is not None:
             logger.info("admission %s: only admitted peers are served and used", config.admission)
         directory_box.append(directory)
+        # The connection guard never drops the run's members, its DHT's routing peers or its bootstrap peers.
+        guard = p2p_transport.guard
+        guard.members = lambda: [p.peer_id for p in directory.last_peers]
+        guard.dht_peers = directory.routing_peers
+        guard.bootstrap = frozenset(_bootstrap_ids(config.initial_peers))
     except BaseException:
         await supervisor.close()
         if lock is not None:
@@ -181,6 +186,12 @@ async def create_real_node(config: NodeConfig, settings: DaemonSettings | None =
 
     supervisor.on_restart(rejoin)
     return node
+
+
+def _bootstrap_ids(maddrs: Sequence[str]) -> list[str]:
+    """The peer ids named by ``/p2p/<id>`` in bootstrap multiaddrs (those without one are skipped)."""
+    parts = [m.rstrip("/").split("/") for m in maddrs]
+    return [p[-1] for p in parts if len(p) >= 2 and p[-2] in ("p2p", "ipfs")]
 
 
 def _peer_hints(directory_box: Sequence[DHTDirectory]) -> list[str]:

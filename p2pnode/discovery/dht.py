@@ -85,7 +85,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from p2pnode.discovery import msgpack_guard
 from p2pnode.discovery.base import PeerDirectory, PeerInfo
-from p2pnode.discovery.dht_process import add_validator, dht_peer_id, dht_refusals, wait_for_dht
+from p2pnode.discovery.dht_process import add_validator, dht_peer_id, dht_refusals, routing_peers, wait_for_dht
 from p2pnode.discovery.quota import DEFAULT_MAX_SUBKEYS
 from p2pnode.discovery.record_publisher import RecordPublisher
 from p2pnode.discovery.record_reader import RecordReader
@@ -211,6 +211,16 @@ class DHTDirectory(PeerDirectory):
                                    self.request_timeout)
             self._peer_id = str(pid)
         return self._peer_id
+
+    async def routing_peers(self) -> list[str]:
+        """The peer ids (base58) of the DHT's routing table, asked from the DHT process (the peers whose
+        connections hivemind's routing needs; see `p2pnode.transport.connection_guard`).
+
+        :raises TimeoutError: no answer within ``request_timeout``.
+        :raises ConnectionError: the DHT process died.
+        """
+        return list(await self._wait(self.dht.run_coroutine(routing_peers, return_future=True), "routing table",
+                                     self.request_timeout))
 
     async def subkey(self) -> str:
         """The subkey of this node's record: its peer id, plus the owner key when records are signed."""

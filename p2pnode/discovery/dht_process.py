@@ -62,6 +62,12 @@ async def dht_peer_id(_dht: hivemind.DHT, node: Any) -> str:
     return str(node.peer_id.to_base58())
 
 
+async def routing_peers(_dht: hivemind.DHT, node: Any) -> list[str]:
+    """Runs inside the DHT process: the base58 peer ids of the node's routing table (the DHT servers it
+    routes through, replacements included)."""
+    return [str(peer.to_base58()) for peer in node.protocol.routing_table.peer_id_to_uid]
+
+
 def process_alive(dht: hivemind.DHT) -> bool:
     """Whether the process of `dht` runs (True when this process cannot tell: not its parent)."""
     try:

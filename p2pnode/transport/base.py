@@ -103,7 +103,8 @@ class TrafficStats:
     #: ``replayed``, ``stale_clock``, ``no_nonce``, ``busy``, ``too_slow``, ``truncated``,
     #: ``bad_token``, ``handshake_timeout``, ``bad_compression``, ``bad_blocks``, ``bad_scale``,
     #: ``bad_index``, ``tarpit`` (the real transport: streams of a peer past its refusal budget, held
-    #: unread, see `tarpit`), ...).
+    #: unread, see `tarpit`), ``conn_host_cap`` / ``conn_total_cap`` / ``conn_not_admitted`` (the real transport:
+    #: libp2p connections of unknown peers dropped, see `connection_guard`), ...).
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Bytes of refused requests that were read before the refusal (libp2p streams: the header and what
     #: of the envelope was needed to refuse it), and bytes read and dropped after refusals

@@ -34,7 +34,13 @@ Limits against hostile peers (each refusal is counted in ``stats.rejected`` unde
   refusals are also counted per remote host (the IP of the stream's multiaddr): past ``tarpit_host_refusals``
   (default 40) a host's peers are held at their first refusal, so sybils of one host share one budget; at
   most ``tarpit_max_held`` streams (default a quarter of ``max_streams``) are held at once, all peers
-  together, and a tarpitted peer's streams beyond that are closed at once (``tarpit_full``).
+  together, and a tarpitted peer's streams beyond that are closed at once (``tarpit_full``);
+- every ``conn_guard_interval_s`` (default 5 s) the connections of p2pd are swept
+  (`connection_guard.ConnectionGuard`): peers the node does not know (not in its directory view, DHT
+  routing table or bootstrap list, not served or called lately) beyond ``conn_max_per_host`` of one remote
+  host (default 4) or ``conn_max_outsiders`` in total (default 64) are disconnected (``conn_host_cap``,
+  ``conn_total_cap``), and under admission so is one still unknown ``conn_admission_grace_s`` (default
+  30 s) after it connected (``conn_not_admitted``).
 
 The peer id is the libp2p id (base58) of the underlying p2pd; a node passes the `P2P` replica of its DHT
 (``await dht.replicate_p2p()``) so that its RPC handlers and its DHT records share one identity.
@@ -58,6 +64,13 @@ from p2pnode.transport import codec
 from p2pnode.transport.base import Transport
 from p2pnode.transport.codec import Message
 from p2pnode.transport.compression import Compression
+from p2pnode.transport.connection_guard import (
+    DEFAULT_ADMISSION_GRACE_S,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_OUTSIDERS,
+    DEFAULT_MAX_PER_HOST,
+    ConnectionGuard,
+)
 from p2pnode.transport.direct_client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DIRECT_RETRY,
@@ -162,6 +175,15 @@ class P2PTransport(Transport):
         first refusal, for `tarpit_window_s`.
     :param tarpit_max_held: most streams held by the tarpit at once, all peers together (default None: a
         quarter of `max_streams`); a tarpitted peer's stream beyond it is closed at once (``tarpit_full``).
+    :param conn_guard_interval_s: time between two sweeps of p2pd's connections by the connection guard
+        (`connection_guard.ConnectionGuard`), in seconds (default 5; 0: no guard).
+    :param conn_max_per_host: most connected peers of one remote host that the node does not know (default
+        4; 0: no cap); beyond it the newest are disconnected (``conn_host_cap``).
+    :param conn_max_outsiders: most connected peers the node does not know, all hosts together (default 64;
+        0: no cap; ``conn_total_cap``).
+    :param conn_admission_grace_s: under admission, how long a peer may stay connected without being known
+        (a proved request, the directory, the DHT's routing table), in seconds (default 30;
+        ``conn_not_admitted``).
     """
 
     def __init__(self, p2p: P2P, *, owns_p2p: bool = False,
@@ -182,7 +204,10 @@ class P2PTransport(Transport):
                  min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
                  compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
                  tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S,
-                 tarpit_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS, tarpit_max_held: int | None = None) -> None:
+                 tarpit_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS, tarpit_max_held: int | None = None,
+                 conn_guard_interval_s: float = DEFAULT_INTERVAL_S, conn_max_per_host: int = DEFAULT_MAX_PER_HOST,
+                 conn_max_outsiders: int = DEFAULT_MAX_OUTSIDERS,
+                 conn_admission_grace_s: float = DEFAULT_ADMISSION_GRACE_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
         #: Refusals per peer and per host; peers past their budget have their streams held (`StreamServer.handle`).
         self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s, max_host_refusals=tarpit_host_refusals)
@@ -204,6 +229,13 @@ class P2PTransport(Transport):
         #: Admits inbound libp2p streams (stream limits, tarpit) and keeps their serving tasks.
         self.streams = StreamServer(self.inbound, self.tarpit, self.requests, self.reject, idle_timeout,
                                     max_held=max_streams // 4 if tarpit_max_held is None else tarpit_max_held)
+        #: Disconnects the peers the node does not know beyond the connection caps (started with the
+        #: transport; the node tells it its directory, DHT and bootstrap peers).
+        self.guard = ConnectionGuard(lambda: self._p2p, self.reject, self.tarpit, interval_s=conn_guard_interval_s,
+                                     max_per_host=conn_max_per_host, max_outsiders=conn_max_outsiders,
+                                     admission_grace_s=conn_admission_grace_s,
+                                     admission=lambda: self.admission is not None,
+                                     on_drop=self.streams.release_holds)
         #: The calling side of libp2p streams (and the streams of the calls in flight).
         self.stream_client = StreamClient(p2p, handler_name, self._read_response)
         # Direct channel.
@@ -307,6 +339,7 @@ class P2PTransport(Transport):
         async with asyncio.timeout(DEFAULT_CONTROL_TIMEOUT):
             await self._p2p.add_binary_stream_handler(self.handler_name, self.streams.handle)
         self._started = True
+        self.guard.start()
 
     async def rebind(self, p2p: P2P) -> None:
         """Move to `p2p`, a new libp2p daemon of the same identity (the old one died and was restarted).
@@ -332,6 +365,7 @@ class P2PTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        await self.guard.stop()
         if self._started and self._p2p.is_alive:
             # The daemon may already be gone (for example when the DHT stopped first): then there is
             # nothing to remove, and its socket errors are expected.
@@ -360,6 +394,14 @@ class P2PTransport(Transport):
             # Past its budget: its streams refused for its stream limit stop draining now, not in a second.
             self.streams.stop_drains(peer_id)
 
+    async def _dispatch_checked(self, peer_id: str, data: bytes | bytearray | memoryview, *, admitted: bool = False
+                                ) -> tuple[list[memoryview], bool]:
+        parts, ok = await super()._dispatch_checked(peer_id, data, admitted=admitted)
+        if ok:
+            # Its request passed the admission, replay and method checks: a peer of the run.
+            self.guard.note_known(peer_id)
+        return parts, ok
+
     async def _serve_direct(self, sender: str, conn: TLSConnection) -> bool:
         return await self.requests.serve_one(sender, TLSIO(conn, self.idle_timeout))
 
@@ -384,6 +426,7 @@ class P2PTransport(Transport):
                     ) -> bytes | bytearray | memoryview:
         if self._closed:
             raise PeerUnreachable(f"cannot call {peer_id}: this transport is shut down")
+        self.guard.note_known(peer_id)
         if (self.direct_enabled and codec.encoded_size(parts) >= self.direct_threshold
                 and self.direct_client.reachable(peer_id)):
             deadline = time.monotonic() + timeout

@@ -64,6 +64,8 @@ class StreamServer:
         self.held = 0
         #: Per peer: the drains of its streams refused for its stream limit (`stop_drains` cancels them).
         self._busy_drains: dict[str, set[asyncio.Future[None]]] = {}
+        #: Per peer: the holds of its streams in the tarpit (`release_holds` ends them).
+        self._holds: dict[str, set[asyncio.Future[None]]] = {}
 
     async def handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve or refuse one inbound stream (the handler registered with p2pd); closes it at the end."""
@@ -109,9 +111,16 @@ class StreamServer:
         if mine >= self.inbound.max_streams_per_peer:
             return
         self.held += 1
+        hold = asyncio.ensure_future(asyncio.sleep(self.tarpit.hold_s))
+        holds = self._holds.setdefault(sender, set())
+        holds.add(hold)
         try:
-            await asyncio.sleep(self.tarpit.hold_s)
+            await asyncio.wait({hold})  # also ends when `release_holds` cancels it
         finally:
+            hold.cancel()
+            holds.discard(hold)
+            if not holds:
+                self._holds.pop(sender, None)
             self.held -= 1
 
     async def _refuse_busy(self, sender: str, mine: int, io: StreamIO) -> None:
@@ -135,6 +144,14 @@ class StreamServer:
             drains.discard(drain)
             if not drains:
                 self._busy_drains.pop(sender, None)
+
+    def release_holds(self, peer_id: str) -> None:
+        """End the holds of `peer_id`'s streams now: its connection was dropped (`connection_guard`), so
+        they are dead, and their places in ``max_held`` go to its (or others') next streams, which are
+        held again while it is in the tarpit; otherwise a peer that dials again would find the tarpit full
+        of its dead streams and have its new ones closed at once, and loop faster than when held."""
+        for hold in self._holds.get(peer_id, ()):
+            hold.cancel()
 
     def stop_drains(self, peer_id: str) -> None:
         """Stop draining `peer_id`'s streams refused for its stream limit (it has just tripped the tarpit)."""

@@ -305,6 +305,10 @@ def test_limits_are_validated() -> None:
         NodeConfig(tarpit_window_s=0).validate()
     with pytest.raises(ConfigError, match="tarpit_refusals=-1"):
         NodeConfig(tarpit_refusals=-1).validate()
+    with pytest.raises(ConfigError, match="conn_max_per_host=-1"):
+        NodeConfig(conn_max_per_host=-1).validate()
+    with pytest.raises(ConfigError, match="conn_admission_grace_s=-1"):
+        NodeConfig(conn_admission_grace_s=-1).validate()
     with pytest.raises(ConfigError, match="tarpit_host_refusals=-1"):
         NodeConfig(tarpit_host_refusals=-1).validate()
     with pytest.raises(ConfigError, match="tarpit_max_held=-1"):

@@ -180,6 +180,13 @@ async def test_killed_dht_process_is_reported_restarted_with_the_same_peer_id_an
                 await asyncio.sleep(0.05)
             report = await b.run_round()  # and the peer reaches the restarted node
             assert report.combined >= 2, report
+            # The connection guard sweeps the new p2pd, where the peer is known (its directory record and the
+            # DHT's routing table): nothing is dropped.
+            conn_guard: Any = a.transport.guard
+            sweeps = conn_guard.sweeps
+            assert await conn_guard.sweep() == []
+            assert conn_guard.sweeps == sweeps + 1 and conn_guard.known(b.peer_id) and conn_guard.outsiders == 0
+            assert b.peer_id in conn_guard._members_view and b.peer_id in conn_guard._dht_view
         finally:
             if runner is not None:
                 a_node = nodes[0]

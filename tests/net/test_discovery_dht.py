@@ -76,6 +76,17 @@ async def test_peer_ids_match_the_identity_keys(swarm: list[tuple[hivemind.DHT, 
         assert peer_id_of_public_key(ssh_key) == dht.peer_id.to_base58()
 
 
+async def test_routing_peers_are_the_other_dht_nodes(swarm: list[tuple[hivemind.DHT, dict]]) -> None:
+    # What the connection guard exempts as the DHT's own peers: the others of the swarm, never itself.
+    dirs = directories(swarm, run_id())
+    try:
+        ids = [dht.peer_id.to_base58() for dht, _ in swarm]
+        peers = set(await dirs[0].routing_peers())
+        assert peers == set(ids[1:])
+    finally:
+        await shutdown_all(dirs)
+
+
 @pytest.mark.parametrize("signed", [True, False])
 async def test_each_peer_sees_the_other_two(swarm: list[tuple[hivemind.DHT, dict]], signed: bool) -> None:
     dirs = directories(swarm, run_id(), signed=signed)
