@@ -165,6 +165,16 @@ class NodeConfig(LimitSettings, DpsgdSettings, AdmissionSettings, ByzantineSetti
             raise ConfigError(f"compression={self.compression!r}: {e}{why}") from None
         # The canonical text (``INT8`` and ``int8:1024`` are ``int8``): peers that mean the same format hash alike.
         self.compression = str(c)
+        from p2pnode.transport.compression import AUTO, model_format  # local: a leaf module
+
+        try:
+            m = model_format(c, self.model_compression)
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("model_compression") else f"model_compression: {e}") from None
+        if self.model_compression.strip().lower() != AUTO:
+            self.model_compression = str(m)
+        else:
+            self.model_compression = AUTO
 
     def _validate_secagg(self) -> None:
         if not self.secagg:

@@ -100,9 +100,18 @@ class DilocoSettings:
     #: Wire format of the exchanged tensors (`p2pnode.transport.compression`): ``none`` (default), ``fp16``,
     #: ``bf16``, ``int8[:<block>]`` or ``topk:<fraction>``. Run-wide: hashed when not ``none``. gossip and
     #: dpsgd send whole models (topk refused); modest and fl send updates from trainers (with error feedback,
-    #: topk allowed) and models from aggregators (topk: those travel raw). Not with secagg (lossy).
+    #: topk allowed) and models from aggregators (in `model_compression`). Not with secagg (lossy).
     compression: str = setting(
         default="none", section="diloco",
         help="Wire compression of exchanged tensors: none, fp16, bf16, int8[:BLOCK] or topk:FRACTION (topk: modest/fl "
              "trainer updates only); run-wide.",
         hashed=True, hash_when="compression", metavar="FORMAT")
+    #: Wire format of the whole models that modest/fl aggregators send (versions, top-ups, base pulls):
+    #: ``auto`` (default: the run's `compression`, int8 under topk, which fits updates only), ``none``,
+    #: ``fp16``, ``bf16`` or ``int8[:<block>]``. Every holder keeps a version as decoded, so digests agree
+    #: whatever the format. Run-wide: hashed when not ``auto``.
+    model_compression: str = setting(
+        default="auto", section="diloco",
+        help="modest/fl: wire format of the models aggregators send: auto (the run's compression; int8 under "
+             "topk), none, fp16, bf16 or int8[:BLOCK]; run-wide.",
+        hashed=True, topologies=("modest", "fl"), hash_when="model_compression", metavar="FORMAT")

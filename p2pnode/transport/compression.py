@@ -55,6 +55,7 @@ __all__ = [
     "compress_state",
     "compress_state_exact",
     "decompress",
+    "model_format",
     "parse_compression",
 ]
 
@@ -159,6 +160,31 @@ def parse_compression(spec: str | Compression | None) -> Compression:
         return Compression(kind)
     except ValueError as e:
         raise ValueError(f"invalid compression {spec!r}: {e}") from e
+
+
+#: `model_format`'s default choice: the run's format, int8 under a sparse one.
+AUTO = "auto"
+
+
+def model_format(run: Compression | str | None, choice: str | None = AUTO) -> Compression:
+    """The wire format of whole models where a run's exchanges also carry them (modest and fl versions,
+    top-ups, base pulls), given the run's format `run` and the choice of ``model_compression``.
+
+    ``auto`` (default; None too): the run's format when it is dense (none, fp16, bf16, int8); under a sparse
+    one (topk), which fits updates only, int8 with the default block: a run that sparsifies its uploads to
+    save bytes would otherwise send every version as a raw float32 model, half of its traffic or more.
+    Anything else: that dense format, whatever the run's (``none`` keeps versions raw).
+
+    Raises `ValueError`: an unparsable choice, or a sparse one (a version is a whole model).
+    """
+    run_c = parse_compression(run)
+    if choice is None or choice.strip().lower() == AUTO:
+        return Compression("int8") if run_c.sparse else run_c
+    c = parse_compression(choice)
+    if c.sparse:
+        raise ValueError(f"model_compression={c} keeps only a fraction of each tensor, and a version is a whole "
+                         f"model; use none, fp16, bf16, int8[:BLOCK] or auto")
+    return c
 
 
 def check_combination(compression: Compression | str | None, *, secagg: bool = False,

@@ -46,7 +46,14 @@ costs a peer the slack of its own budget, and an honest peer of this version is 
 counted reasons at all. (A peer whose broken link earns it a ``truncated`` while a neighbour floods is held
 for one window: the price of the shared address.) k sybils of one host then get about
 ``max_host_refusals + k`` refusals per window together, not ``k x max_refusals``; identities spread over
-many hosts are beyond a per-host count (admission is the defence, docs/security.md). The transport caps
+many hosts are beyond a per-host count, so the node counts all its refusals too: past
+``max_node_refusals`` (default `DEFAULT_MAX_NODE_REFUSALS`, 200, five hosts' budgets) within the window the
+node is *alarmed* for ``window_s``, and while it is, a peer that is not known to it (`exempt`: members of the
+run's directory, peers it served or called; the transport's connection guard decides) is put in the tarpit
+by its first counted refusal, wherever it comes from. Known peers keep their own budget then, so a botnet
+cannot get the run's members held; k identities over any number of hosts get about
+``max_node_refusals + k`` refusals per window together (admission is still the defence that lets them
+reach none, docs/security.md). The transport caps
 the streams it holds at once as well (``tarpit_max_held``), so that many tarpitted identities cannot tie
 up the node's stream total; past it their new streams are closed at once (``tarpit_full``).
 """
@@ -67,6 +74,9 @@ DEFAULT_WINDOW_S = 10.0
 #: Default most counted refusals of all peers of one remote host within the window before the host is hot
 #: (its peers are then held at their first counted refusal); twice `DEFAULT_MAX_REFUSALS`.
 DEFAULT_MAX_HOST_REFUSALS = 40
+#: Default most counted refusals of all peers together within the window before the node is alarmed (peers
+#: not known to it are then held at their first counted refusal); five times `DEFAULT_MAX_HOST_REFUSALS`.
+DEFAULT_MAX_NODE_REFUSALS = 200
 #: Default time a stream of a tarpitted peer is held (not read, not answered) before it is closed, in s.
 DEFAULT_HOLD_S = 5.0
 #: Most peers whose refusals (and penalties) are remembered.
@@ -135,20 +145,31 @@ class Tarpit:
         max_host_refusals: counted refusals of all peers of one host (`host_key`) allowed within
             `window_s` (default 40); past it the host is hot for `window_s`, and a peer of a hot host is put
             in the tarpit by its first counted refusal. 0: no per-host count.
+        max_node_refusals: counted refusals of all peers together allowed within `window_s` (default 200);
+            past it the node is alarmed for `window_s`, and a peer that `exempt` does not name is put in the
+            tarpit by its first counted refusal. 0: no node-wide count.
+        exempt: whether a peer is known to the node (a run member, a peer it served or called): such a peer
+            keeps its own budget while the node is alarmed (default: nobody is exempt). Hot hosts still
+            apply to it.
         clock: seconds, monotonic (default `time.monotonic`; tests pass a fake one).
         counted: the reasons that count (default `COUNTED_REASONS`).
     """
 
     def __init__(self, max_refusals: int = DEFAULT_MAX_REFUSALS, window_s: float = DEFAULT_WINDOW_S,
                  hold_s: float = DEFAULT_HOLD_S, *, max_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS,
+                 max_node_refusals: int = DEFAULT_MAX_NODE_REFUSALS, exempt: Callable[[str], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic, counted: frozenset[str] = COUNTED_REASONS) -> None:
-        if max_refusals < 0 or window_s <= 0 or hold_s < 0 or max_host_refusals < 0:
-            raise ValueError(f"tarpit: need max_refusals >= 0, window_s > 0, hold_s >= 0, max_host_refusals >= 0; "
-                             f"got {max_refusals}, {window_s}, {hold_s}, {max_host_refusals}")
+        if max_refusals < 0 or window_s <= 0 or hold_s < 0 or max_host_refusals < 0 or max_node_refusals < 0:
+            raise ValueError(f"tarpit: need max_refusals >= 0, window_s > 0, hold_s >= 0, max_host_refusals >= 0, "
+                             f"max_node_refusals >= 0; got {max_refusals}, {window_s}, {hold_s}, {max_host_refusals}, "
+                             f"{max_node_refusals}")
         self.max_refusals = max_refusals
         self.window_s = window_s
         self.hold_s = hold_s
         self.max_host_refusals = max_host_refusals
+        self.max_node_refusals = max_node_refusals
+        #: Whether a peer is known to the node (exempt from the node-wide alarm); the transport may set it later.
+        self.exempt: Callable[[str], bool] = exempt or (lambda peer_id: False)
         self.clock = clock
         self.counted = counted
         self._recent: collections.OrderedDict[str, _Window] = collections.OrderedDict()
@@ -164,6 +185,13 @@ class Tarpit:
         self.host_trips = 0
         #: Times a host became hot, in total.
         self.hot_hosts = 0
+        #: All peers' refusals, and until when the node is alarmed.
+        self._node_recent = _Window(max_node_refusals)
+        self._node_until = 0.0
+        #: Times the node was alarmed, in total.
+        self.alarms = 0
+        #: Trips by a peer's first refusals while the node was alarmed (below its own and its host's budget).
+        self.alarm_trips = 0
 
     @property
     def enabled(self) -> bool:
@@ -212,6 +240,18 @@ class Tarpit:
             if hot and not over:
                 over = True
                 self.host_trips += 1
+        if self.max_node_refusals > 0:
+            alarmed = self._node_until > now
+            if not alarmed and self._node_recent.add(now, self.window_s) > self.max_node_refusals:
+                # The node is alarmed for a window: peers it does not know are held at their first counted
+                # refusal (this one included); the count starts again when that ends.
+                self._node_recent.times.clear()
+                self._node_until = now + self.window_s
+                self.alarms += 1
+                alarmed = True
+            if alarmed and not over and not self.exempt(peer_id):
+                over = True
+                self.alarm_trips += 1
         if not over:
             return False
         # Over the budget: the penalty runs for a window from now; the count starts again from zero, so a
@@ -235,6 +275,10 @@ class Tarpit:
     def hot(self, host: str) -> bool:
         """Whether `host` is past its budget now (its peers are held at their first counted refusal)."""
         return self._host_until.get(host, 0.0) > self.clock()
+
+    def alarmed(self) -> bool:
+        """Whether the node is past its node-wide budget now (unknown peers are held at their first refusal)."""
+        return self._node_until > self.clock()
 
     def held_peers(self) -> int:
         """Peers in the tarpit now."""

@@ -238,8 +238,9 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     outer = {"outer_lr": "outer_lr", "outer_momentum": "outer_lr", "outer_nesterov": "outer_lr"}
     always = {"compression": "compression", "task_options": "task_options",
               "sync_warmup_steps": "sync_warmup_steps", "sync_warmup_local_steps": "sync_warmup_steps"}
+    versions = {"model_compression": "model_compression"}  # modest/fl only: the format of the versions
     assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, **always}, "dpsgd": {**outer, **always},
-                                    "modest": always, "fl": always}
+                                    "modest": {**always, **versions}, "fl": {**always, **versions}}
     assert set(SECAGG_RUN_KEYS) == {"secagg", "secagg_neighbours", "secagg_threshold", "secagg_clip"}
     for kw, expected in KNOWN_HASHES:
         assert NodeConfig(**kw).config_hash == expected, kw

@@ -79,3 +79,35 @@ def test_uncompressed_mean_samples_by_the_order_alone() -> None:
     held = _held_by_next_aggregator(events)
     assert len(held) >= 7 and not all(held), held
     assert pulls == 0 and formed == 0
+
+
+def test_the_next_aggregators_cost_no_extra_ping_round_trip() -> None:
+    # Looking up the aggregators of k + 1 and the rest of k's sample ping at once: choosing the sample
+    # takes one ping round trip (as without the next aggregators), not two in a row.
+    out: dict[str, float] = {}
+
+    async def main() -> None:
+        async with running_group(10, compression="int8", **SETTINGS) as group:
+            done = asyncio.Event()
+            for n in group.nodes:
+                _p(n).hooks.on_aggregate = lambda e: done.set()
+            await run_rounds_until(group.nodes, done, timeout_s=300.0)
+            role = _p(group.nodes[0]).aggregator_role
+            core = role.core
+            loop = asyncio.get_running_loop()
+            index, parent = core.completed_index + 1, b"p" * 32
+            key = core.key(index, b"g" * 32)
+            t0 = loop.time()
+            alone = await role.sampler.available(index, SETTINGS["sample_size"], key)
+            out["alone"] = loop.time() - t0
+            t0 = loop.time()
+            sample = await role.sample_with_next_aggregators(index, parent, key)
+            out["both"] = loop.time() - t0
+            holders = await role.next_aggregators(index, parent)
+            assert len(alone) == len(sample) == SETTINGS["sample_size"]
+            assert holders and sample[:len(holders)] == holders
+            assert len(set(sample)) == len(sample)
+
+    run_virtual(main())
+    assert out["alone"] > 0.0
+    assert out["both"] < 1.5 * out["alone"], out

@@ -24,6 +24,7 @@ from p2pnode.transport.compression import (
     compress_exact,
     compress_state,
     decompress,
+    model_format,
     parse_compression,
 )
 from p2pnode.transport.feedback import ErrorFeedback
@@ -217,6 +218,21 @@ def test_secure_aggregation_and_sparse_models_are_refused_with_a_reason() -> Non
         check_combination("int8", secagg=True)
     with pytest.raises(ConfigError, match="not whole models"):
         check_combination("topk:0.1", payload="models")
+
+
+def test_the_versions_format_follows_the_run_and_is_int8_under_topk() -> None:
+    assert model_format("none") == Compression()
+    assert model_format("fp16") == Compression("fp16")
+    assert model_format("int8:256") == Compression("int8", block_size=256)
+    assert model_format("topk:0.01") == Compression("int8", block_size=DEFAULT_BLOCK_SIZE)
+    assert model_format("topk:0.01", None) == model_format("topk:0.01", " AUTO ")
+    # An explicit choice wins, whatever the run's format.
+    assert model_format("topk:0.01", "none") == Compression()
+    assert model_format("none", "bf16") == Compression("bf16")
+    with pytest.raises(ValueError, match="a version is a whole model"):
+        model_format("int8", "topk:0.5")
+    with pytest.raises(ValueError, match="invalid compression 'int9'"):
+        model_format("none", "int9")
 
 
 # -- limits and bad input ---------------------------------------------------------------------------------

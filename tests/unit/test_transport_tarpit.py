@@ -9,6 +9,7 @@ from p2pnode.transport.tarpit import (
     COUNTED_REASONS,
     DEFAULT_HOLD_S,
     DEFAULT_MAX_HOST_REFUSALS,
+    DEFAULT_MAX_NODE_REFUSALS,
     DEFAULT_MAX_REFUSALS,
     DEFAULT_WINDOW_S,
     STREAMS_PER_PEER,
@@ -92,6 +93,7 @@ def test_zero_turns_it_off_and_bad_settings_are_refused() -> None:
 def test_memory_is_bounded_by_the_peers_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tarpit_module, "MAX_TRACKED", 50)
     pit, _ = make(max_refusals=1)
+    pit.max_node_refusals = 0  # the per-peer tables alone (the node-wide alarm would trip each at its first)
     for i in range(500):
         pit.note(f"sybil-{i}", "not_admitted")
         pit.note(f"sybil-{i}", "not_admitted")
@@ -180,3 +182,47 @@ def test_host_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         pit.note(f"p{i}", "malformed")
     assert len(pit._host_of) == 50 and len(pit._host_recent) == 50 and len(pit._host_until) == 50
     assert pit.hot_hosts == 500 and pit.host_trips == 500
+
+
+def test_identities_over_many_hosts_alarm_the_node_and_its_known_peers_keep_their_budget() -> None:
+    clock = FakeClock()
+    members = {"member-a", "member-b"}
+    pit = Tarpit(20, 10.0, 5.0, max_host_refusals=40, max_node_refusals=200, exempt=members.__contains__,
+                 clock=clock)
+    bots = [f"bot-{i}" for i in range(300)]
+    for i, peer in enumerate(bots):
+        pit.seen(peer, f"10.0.{i // 256}.{i % 256}")  # one host each: no host ever gets hot
+    for peer in members:
+        pit.seen(peer, "192.0.2.1")
+    # 300 identities of 300 hosts, one refusal each round robin: 200 pass, the 201st alarms the node and
+    # trips the bot that earned it; every other bot is held at its next refusal: 200 + 100 in all in the
+    # first pass, then the first 200 bots once more, not 300 x 21 = 6,300.
+    refused = 0
+    for peer in bots:
+        pit.note(peer, "unknown_method")
+        refused += 1
+        clock.now += 0.001
+    assert pit.alarmed() and pit.alarms == 1 and pit.hot_hosts == 0
+    assert pit.trips == 100 and pit.alarm_trips == 100
+    for peer in bots:
+        if not pit.holds(peer):
+            assert pit.note(peer, "unknown_method") is True
+            refused += 1
+    assert refused == 500 and all(pit.holds(p) for p in bots) and pit.trips == 300
+    # Members, known to the node, keep their own budget while it is alarmed: 20 refusals, held at the 21st.
+    assert [pit.note("member-a", "truncated") for _ in range(21)] == [False] * 20 + [True]
+    assert not pit.holds("member-b")
+    # One window later the alarm is over: an unknown peer gets its own budget again.
+    clock.now += 10.01
+    assert not pit.alarmed()
+    pit.seen("newcomer", "198.51.100.20")
+    assert not any(pit.note("newcomer", "malformed") for _ in range(20))
+    # 0 turns the node-wide count off; a negative one is refused.
+    off = Tarpit(20, 10.0, 5.0, max_node_refusals=0, clock=clock)
+    for i in range(500):
+        off.seen(f"b{i}", f"10.1.{i // 256}.{i % 256}")
+        assert not off.note(f"b{i}", "malformed")
+    assert off.alarms == 0 and off.trips == 0
+    with pytest.raises(ValueError, match="max_node_refusals >= 0"):
+        Tarpit(20, 10.0, 5.0, max_node_refusals=-1)
+    assert DEFAULT_MAX_NODE_REFUSALS == 5 * DEFAULT_MAX_HOST_REFUSALS == Tarpit().max_node_refusals

@@ -31,9 +31,9 @@ The aggregator of ``k-2`` could still grind its model's bytes to steer round ``k
 DiLoCo and compression. With ``outer_lr`` the aggregator of ``k+1`` steps the outer optimizer from
 version ``k`` (``theta0``) on the pseudo-gradient ``theta0 - rule(trained models)``; its momentum travels
 with the model. With a lossy ``compression`` trainers upload ``model - base`` with error feedback (topk
-allowed) and aggregators send each version compressed (raw under topk), keeping it as decoded so that
-every holder has the same digest; version 0 is held as decoded too, so base pulls, top-ups and relaunches
-re-encode a held version to the same values and travel compressed as well (`compress_exact`;
+allowed) and aggregators send each version in ``model_compression`` (int8 under topk by default), keeping
+it as decoded so that every holder has the same digest; version 0 is held as decoded too, so base pulls,
+top-ups and relaunches re-encode a held version to the same values and travel compressed as well (`compress_exact`;
 docs/protocols.md, docs/compression.md).
 
 Map of the package (each module imports only those above it in this list, never a sibling role):

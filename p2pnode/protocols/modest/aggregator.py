@@ -153,6 +153,23 @@ class AggregatorRole:
         return await self.sampler.available(index + 1, min(s.aggregators, s.sample_size), c.key(index + 1, parent),
                                             exclude=c.exclude())
 
+    async def sample_with_next_aggregators(self, index: int, parent: bytes, key: bytes) -> list[str]:
+        """Version `index`'s sample: the aggregators of ``index + 1`` first (`next_aggregators`), then the
+        first responsive candidates of round `index` under `key`, ``sample_size`` peers in all.
+
+        Both lookups ping at once, so that finding the next aggregators adds no ping round trip to the
+        version's critical path; the sample's lookup asks for a whole sample and the next aggregators are
+        taken out of it. Spread groups: every aggregator of the version sends the sample in candidate order,
+        so that its members derive the same groups whichever aggregator's copy reaches them first.
+        """
+        c = self.core
+        s = c.settings
+        holders, candidates = await asyncio.gather(
+            self.next_aggregators(index, parent),
+            self.sampler.available(index, s.sample_size, key, exclude=c.exclude(), ordered=c.spread))
+        taken = set(holders)
+        return holders + [p for p in candidates if p not in taken][:s.sample_size - len(holders)]
+
     async def topup(self, agg: Aggregation) -> bool:
         """Send the base model to fresh live candidates so that more trained models arrive."""
         c = self.core
@@ -255,11 +272,7 @@ class AggregatorRole:
                 other.resolve(Result(False, "late"))
         c.view.flush_pending()  # a model send: pending joins enter the view
         key = c.key(index, grandparent)
-        holders = await self.next_aggregators(index, parent)
-        # Spread groups: every aggregator of the version sends the sample in candidate order, so that its
-        # members derive the same groups whichever aggregator's copy reaches them first.
-        sample = holders + await self.sampler.available(index, s.sample_size - len(holders), key,
-                                                        exclude=c.exclude(holders), ordered=c.spread)
+        sample = await self.sample_with_next_aggregators(index, parent, key)
         accepted = await self.push_model(sample, index, new_state, outer_state, parent=parent,
                                          combined=max(1, len(contributors)), sample_key=key, wire=wire)
         result = Result(True, "aborted" if aborted is not None else "aggregated", contributors, accepted)

@@ -72,8 +72,11 @@ class ModestSettings:
     :param suspect_threshold: suspicion score above which a peer is a suspect (default 1.0).
     :param compression: the run's wire format (`p2pnode.transport.compression`; default ``none``). Lossy:
         trainers upload their update ``model - base`` with error feedback (any format, topk included) and
-        aggregators send each new version compressed (fp16, bf16, int8; under topk it travels raw), every
-        holder keeping the version as decoded so that digests agree. Not with `secagg`.
+        aggregators send each new version compressed (in `model_compression`), every holder keeping the
+        version as decoded so that digests agree. Not with `secagg`.
+    :param model_compression: the wire format of the versions aggregators send (and of top-ups and base
+        pulls), `p2pnode.transport.compression.model_format`: ``auto`` (default: `compression`, int8 under
+        topk), ``none``, ``fp16``, ``bf16`` or ``int8[:<block>]``.
     """
 
     run_id: str
@@ -113,6 +116,7 @@ class ModestSettings:
     exclude_suspects: bool = False
     suspect_threshold: float = DEFAULT_THRESHOLD
     compression: str = "none"
+    model_compression: str = "auto"
 
     @property
     def threshold(self) -> int:

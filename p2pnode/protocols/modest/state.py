@@ -32,11 +32,11 @@ from p2pnode.secagg.aggregator import SecAggAggregator
 from p2pnode.training.trainer import Trainer
 from p2pnode.transport import Transport
 from p2pnode.transport.compression import (
-    NONE,
     CompressedTensor,
     check_combination,
     compress_state,
     decompress,
+    model_format,
 )
 from p2pnode.transport.feedback import ErrorFeedback
 
@@ -299,8 +299,8 @@ class Core:
         self.upload_updates = self.compression.lossy and settings.secagg is None
         #: Error feedback of this node's uploads (one stream: each trainer's residual goes into its next update).
         self.feedback = ErrorFeedback(self.compression)
-        #: The format of the versions aggregators send: the run's, but raw under a sparse one (a whole model).
-        self.model_compression = NONE if self.compression.sparse else self.compression
+        #: The format of the versions aggregators send (`model_format`: by default the run's, int8 under topk).
+        self.model_compression = model_format(self.compression, settings.model_compression)
         # With secagg the mean of the updates is applied to the base model; so are uploaded updates.
         self.needs_base = (info.needs_updates or settings.outer_lr is not None or settings.secagg is not None
                            or self.upload_updates)
