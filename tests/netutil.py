@@ -148,9 +148,12 @@ class NetworkGuard:
                 os.remove(path)
 
 
-async def start_p2p(initial_peers: Sequence[str] = ()) -> P2P:
-    """Start a p2pd listening on 127.0.0.1 (optionally bootstrapped from `initial_peers`)."""
-    return await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=[LOOPBACK])
+async def start_p2p(initial_peers: Sequence[str] = (), host: str = "127.0.0.1") -> P2P:
+    """Start a p2pd listening on `host` (default 127.0.0.1; another loopback address such as 127.0.0.7 makes
+    it a different remote host to its peers: p2pd dials from its listening address), optionally
+    bootstrapped from `initial_peers`."""
+    maddrs = [LOOPBACK] if host == "127.0.0.1" else [f"/ip4/{host}/tcp/0"]
+    return await P2P.create(initial_peers=list(initial_peers) or None, host_maddrs=maddrs)
 
 
 def start_dht(**kwargs: object) -> hivemind.DHT:

@@ -103,6 +103,13 @@ class LimitSettings:
         default=40, section="limits",
         help="Refusals of all peers of one remote host (IP; IPv6 by /64) allowed within --tarpit-window "
              "before each of its peers is held at its first refusal (0: off).")
+    #: The same budget for the whole node: past `tarpit_node_refusals` (default 200; 0: off) refusals of all
+    #: peers within `tarpit_window_s`, each peer the node does not know (see the connection guard below) is
+    #: held at its first refusal for a window, wherever it connects from; known peers keep their own budget.
+    tarpit_node_refusals: int = setting(
+        default=200, section="limits",
+        help="Refusals of all peers together allowed within --tarpit-window before each peer the node does not "
+             "know (not in its directory, not served or called lately) is held at its first refusal (0: off).")
     tarpit_max_held: int | None = setting(
         default=None, section="limits",
         help="Most streams the refusal budget holds at once, all peers together; beyond it a held peer's "
@@ -145,7 +152,8 @@ class LimitSettings:
                 "direct_handshake_timeout": self.direct_handshake_timeout_s,
                 "tarpit_refusals": self.tarpit_refusals, "tarpit_window_s": self.tarpit_window_s,
                 "tarpit_hold_s": self.tarpit_hold_s, "tarpit_host_refusals": self.tarpit_host_refusals,
-                "tarpit_max_held": self.tarpit_max_held, "conn_guard_interval_s": self.conn_guard_interval_s,
+                "tarpit_node_refusals": self.tarpit_node_refusals, "tarpit_max_held": self.tarpit_max_held,
+                "conn_guard_interval_s": self.conn_guard_interval_s,
                 "conn_max_per_host": self.conn_max_per_host, "conn_max_outsiders": self.conn_max_outsiders,
                 "conn_admission_grace_s": self.conn_admission_grace_s}
 
@@ -161,8 +169,8 @@ class LimitSettings:
                 raise ConfigError(f"{key}={v}: must be >= max_message_bytes={self.max_message_bytes} (or unset), "
                                   "else no message of the largest size could ever be received")
         for key in ("min_receive_rate", "receive_grace_s", "receive_pool_bytes", "direct_retry_s", "tarpit_refusals",
-                    "tarpit_hold_s", "tarpit_host_refusals", "conn_guard_interval_s", "conn_max_per_host",
-                    "conn_max_outsiders", "conn_admission_grace_s"):
+                    "tarpit_hold_s", "tarpit_host_refusals", "tarpit_node_refusals", "conn_guard_interval_s",
+                    "conn_max_per_host", "conn_max_outsiders", "conn_admission_grace_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if self.tarpit_max_held is not None and self.tarpit_max_held < 0:

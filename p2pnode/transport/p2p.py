@@ -97,6 +97,7 @@ from p2pnode.transport.stream_server import StreamServer
 from p2pnode.transport.tarpit import (
     DEFAULT_HOLD_S,
     DEFAULT_MAX_HOST_REFUSALS,
+    DEFAULT_MAX_NODE_REFUSALS,
     DEFAULT_MAX_REFUSALS,
     DEFAULT_WINDOW_S,
     STREAMS_PER_PEER,
@@ -173,6 +174,9 @@ class P2PTransport(Transport):
     :param tarpit_host_refusals: refusals of all peers of one remote host allowed within `tarpit_window_s`
         (default 40; 0: no per-host count); past it, each peer of that host is put in the tarpit by its
         first refusal, for `tarpit_window_s`.
+    :param tarpit_node_refusals: refusals of all peers together allowed within `tarpit_window_s` (default 200;
+        0: no node-wide count); past it, each peer the connection guard does not know is put in the tarpit by
+        its first refusal, for `tarpit_window_s` (identities spread over many hosts).
     :param tarpit_max_held: most streams held by the tarpit at once, all peers together (default None: a
         quarter of `max_streams`); a tarpitted peer's stream beyond it is closed at once (``tarpit_full``).
     :param conn_guard_interval_s: time between two sweeps of p2pd's connections by the connection guard
@@ -204,13 +208,15 @@ class P2PTransport(Transport):
                  min_receive_rate: float = DEFAULT_MIN_RATE, receive_grace_s: float = DEFAULT_GRACE_S,
                  compression: Compression | str | None = None, tarpit_refusals: int = DEFAULT_MAX_REFUSALS,
                  tarpit_window_s: float = DEFAULT_WINDOW_S, tarpit_hold_s: float = DEFAULT_HOLD_S,
-                 tarpit_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS, tarpit_max_held: int | None = None,
+                 tarpit_host_refusals: int = DEFAULT_MAX_HOST_REFUSALS,
+                 tarpit_node_refusals: int = DEFAULT_MAX_NODE_REFUSALS, tarpit_max_held: int | None = None,
                  conn_guard_interval_s: float = DEFAULT_INTERVAL_S, conn_max_per_host: int = DEFAULT_MAX_PER_HOST,
                  conn_max_outsiders: int = DEFAULT_MAX_OUTSIDERS,
                  conn_admission_grace_s: float = DEFAULT_ADMISSION_GRACE_S) -> None:
         super().__init__(max_message_bytes=max_message_bytes, compression=compression)
         #: Refusals per peer and per host; peers past their budget have their streams held (`StreamServer.handle`).
-        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s, max_host_refusals=tarpit_host_refusals)
+        self.tarpit = Tarpit(tarpit_refusals, tarpit_window_s, tarpit_hold_s, max_host_refusals=tarpit_host_refusals,
+                             max_node_refusals=tarpit_node_refusals)
         self._p2p = p2p
         self._owns_p2p = owns_p2p
         self._peer_id: str = p2p.peer_id.to_base58()
@@ -236,6 +242,8 @@ class P2PTransport(Transport):
                                      admission_grace_s=conn_admission_grace_s,
                                      admission=lambda: self.admission is not None,
                                      on_drop=self.streams.release_holds)
+        # While the node is alarmed (past its node-wide refusal budget), the peers it knows keep their own.
+        self.tarpit.exempt = self.guard.known
         #: The calling side of libp2p streams (and the streams of the calls in flight).
         self.stream_client = StreamClient(p2p, handler_name, self._read_response)
         # Direct channel.

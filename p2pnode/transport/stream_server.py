@@ -106,7 +106,7 @@ class StreamServer:
                                                 f"limit is {self.max_held}); closed at once")
             return
         self._reject(sender, "tarpit", f"refused more than {self.tarpit.max_refusals} times in "
-                                       f"{self.tarpit.window_s:g} s (or its host was); streams held for "
+                                       f"{self.tarpit.window_s:g} s (or its host or the node was); streams held for "
                                        f"{self.tarpit.hold_s:g} s")
         if mine >= self.inbound.max_streams_per_peer:
             return

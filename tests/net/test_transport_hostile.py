@@ -591,6 +591,52 @@ async def test_identities_of_one_host_share_one_refusal_budget_and_the_held_stre
 
 
 @pytest.mark.network
+@pytest.mark.timeout(120)
+async def test_identities_of_many_hosts_alarm_the_node_and_its_known_peer_keeps_its_budget() -> None:
+    """k outside identities, each on a host of its own (bare p2pds on 127.0.0.2, 127.0.0.3, ...: loopback
+    addresses that the node sees as k remote hosts), flood in turn, each under its own and its host's budget:
+    together they get the node-wide budget plus one refusal each before every one of them is held; the
+    honest peer, known to the node (it was served), is not held by its own refusal meanwhile and its calls
+    keep their usual time."""
+    k, budget, host_budget, node_budget, hold_s, window_s = 6, 5, 8, 10, 2.0, 20.0
+    async with swarm(direct=False, tarpit_refusals=budget, tarpit_window_s=window_s, tarpit_hold_s=hold_s,
+                     tarpit_host_refusals=host_budget, tarpit_node_refusals=node_budget) as (victim, honest, _raw):
+        sybils = list(await asyncio.gather(*(start_p2p(victim.addresses(), host=f"127.0.0.{2 + i}")
+                                             for i in range(k))))
+        try:
+            ids = [s.peer_id.to_base58() for s in sybils]
+            frame = codec.join(codec.encode("m" * (2 * 1000 * 1000), peer_pb2.Ping()))
+            usual = await call_times(honest, victim)
+            assert victim.guard.known(honest.peer_id)
+            t0 = time.monotonic()
+            # Round robin: 3 refusals at most per identity and per host, under their budgets of 5 and 8.
+            for i in range(3 * k):
+                env = await send_reading(sybils[i % k], victim, frame)
+                assert env is None or env.error == peer_pb2.UNKNOWN_METHOD
+            hosts = {victim.tarpit.host_of(p) for p in ids}
+            assert hosts == {f"127.0.0.{2 + i}" for i in range(k)}
+            assert victim.tarpit.hot_hosts == 0 and victim.tarpit.alarms == 1 and victim.tarpit.alarmed()
+            assert all(victim.tarpit.holds(p) for p in ids)
+            # node_budget + 1 alarms the node (and trips the identity that earned it), then one each for the
+            # others: 10 + 1 + 5 = 16 refusals, where k budgets would have allowed k x (budget + 1) = 36.
+            refused = victim.stats.rejected["unknown_method"]
+            assert refused == node_budget + k, refused
+            assert victim.tarpit.trips == k and victim.tarpit.alarm_trips == k
+            assert victim.stats.rejected["tarpit"] == 3 * k - refused
+            # The known peer keeps its own budget while the node is alarmed: one refusal does not hold it.
+            with pytest.raises(RemoteError):
+                await honest.call(victim.peer_id, "no.such.method", Message(peer_pb2.Ping()), peer_pb2.Pong, 10.0)
+            assert victim.stats.rejected["unknown_method"] == refused + 1
+            assert not victim.tarpit.holds(honest.peer_id)
+            during = await call_times(honest, victim)
+            assert max(during) < max(usual) + 1.0, (during, usual)
+            assert time.monotonic() - t0 < window_s, "the machine is too slow for this test's window"
+        finally:
+            for s in sybils:
+                await s.shutdown()
+
+
+@pytest.mark.network
 @pytest.mark.timeout(90)
 async def test_streams_refused_busy_stop_draining_when_their_peer_trips_the_tarpit(
         monkeypatch: pytest.MonkeyPatch) -> None:
