@@ -41,6 +41,10 @@ transport ones from a bare p2pd against node 1, over raw libp2p streams of the n
 - ``sybil-flood``: the same 32 streams spread over `SYBIL_IDENTITIES` (16) identities (16 bare p2pds of the
   attacker's process on one host, 2 streams each), so that no identity is past its own refusal budget
   before the others have spent theirs;
+- ``sybil-hosts``: the same flood from 16 identities each on a host of its own (p2pds listening, and so
+  dialling, on the loopback addresses 127.0.0.2 to 127.0.0.17, which the nodes see as 16 remote hosts),
+  so that no identity and no host is past its own budget before the others have spent theirs: only the
+  node-wide budget (``tarpit_node_refusals``) binds them;
 - ``sybil-idle``: the same 16 identities connect and send nothing (what 16 idle libp2p connections and
   their daemons cost; nothing is refused: the nodes' connection guards drop all but 4 of them per node,
   counted as ``conn_host_cap``, and a tree without the guard shows it as ``uncounted``).
@@ -63,6 +67,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -110,7 +115,8 @@ DHT_START_TIMEOUT_S = 60.0
 #: Targets (see the module docstring).
 MIN_ROUNDS_X = 0.8
 MAX_RSS_MIB = 256.0
-ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel", "sybil-flood", "sybil-idle")
+ATTACKS = ("deep", "plain", "junk", "replay", "slow", "flood", "flood-parallel", "sybil-flood", "sybil-hosts",
+           "sybil-idle")
 #: Streams the ``flood-parallel`` attacker keeps open at once (also the ``sybil-flood`` one, all identities).
 PARALLEL_STREAMS = 32
 #: Identities (bare p2pds) of the ``sybil-flood`` attacker.
@@ -192,14 +198,14 @@ class Swarm:
 
 
 
-async def start_swarm(local_steps: int) -> Swarm:
+async def start_swarm(local_steps: int, options: dict[str, Any] | None = None) -> Swarm:
     settings = DaemonSettings.in_memory(cpu_threads=1)
     nodes: list[Node] = []
     for i in range(3):
         initial = [] if i == 0 else nodes[0].transport.addresses()[:1]
         config = NodeConfig(run_id=RUN_ID, seed=5, shard=(i, 3), device="cpu", initial_peers=initial,
                             task="digits-mlp", topology="gossip", exchange_timeout_s=10.0, announce_ttl_s=20.0,
-                            local_steps=local_steps, model_seed_mode="independent").validate()
+                            local_steps=local_steps, model_seed_mode="independent", **(options or {})).validate()
         node = await create_real_node(config, settings)
         nodes.append(node)
         await node.start()
@@ -437,6 +443,10 @@ async def attack_sybil_flood(client: Client, deadline: float) -> None:
                            for i in range(PARALLEL_STREAMS)))
 
 
+async def attack_sybil_hosts(client: Client, deadline: float) -> None:
+    await attack_sybil_flood(client, deadline)
+
+
 async def attack_sybil_idle(client: Client, deadline: float) -> None:
     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
@@ -444,7 +454,7 @@ async def attack_sybil_idle(client: Client, deadline: float) -> None:
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
                                    "replay": attack_replay, "slow": attack_slow, "flood": attack_flood,
                                    "flood-parallel": attack_flood_parallel, "sybil-flood": attack_sybil_flood,
-                                   "sybil-idle": attack_sybil_idle}
+                                   "sybil-hosts": attack_sybil_hosts, "sybil-idle": attack_sybil_idle}
 
 
 async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:
@@ -453,11 +463,13 @@ async def _attacker(name: str, target: Target, seconds: float, conn: Connection)
         if name in DHT_ATTACKS:
             client.outsider = await start_outsider(target)
         else:
-            client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
-            if name in ("sybil-flood", "sybil-idle"):
+            # sybil-hosts: identity i listens (and so dials) on 127.0.0.(2 + i), a remote host of its own.
+            hosts = ([f"/ip4/127.0.0.{2 + i}/tcp/0" for i in range(SYBIL_IDENTITIES)] if name == "sybil-hosts"
+                     else [LOOPBACK] * SYBIL_IDENTITIES)
+            client.raw = await P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[hosts[0]])
+            if name in ("sybil-flood", "sybil-hosts", "sybil-idle"):
                 client.sybils = list(await asyncio.gather(*(
-                    P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[LOOPBACK])
-                    for _ in range(SYBIL_IDENTITIES - 1))))
+                    P2P.create(initial_peers=target.transport_maddrs, host_maddrs=[host]) for host in hosts[1:])))
         conn.send("ready")
         await ATTACK_FUNCS[name](client, time.monotonic() + seconds)
     finally:
@@ -589,8 +601,9 @@ def machine() -> str:
             f"commit {commit()}")
 
 
-async def bench(seconds: float, attacks: list[str], local_steps: int, burn: bool = True) -> list[Row]:
-    swarm = await start_swarm(local_steps)
+async def bench(seconds: float, attacks: list[str], local_steps: int, burn: bool = True,
+                options: dict[str, Any] | None = None) -> list[Row]:
+    swarm = await start_swarm(local_steps, options)
     rows: list[Row] = []
     try:
         await window(swarm, 2.0, None)  # warm-up, not reported
@@ -654,14 +667,28 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {','.join(ATTACKS)}")
     parser.add_argument("--local-steps", type=int, default=5, help="local SGD steps per round (default 5)")
     parser.add_argument("--no-burn", action="store_true", help="skip the burn control window after each attack")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a node setting (a NodeConfig field, value parsed as JSON where it parses, e.g. "
+                             "tarpit_node_refusals=0); repeatable")
     args = parser.parse_args()
+    options: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     attacks = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in attacks if a not in ATTACK_FUNCS]
     if unknown:
         parser.error(f"unknown attacks {unknown}; choose from {','.join(ATTACKS)}")
     # The nodes log every (rate-limited) refusal as a warning: keep the table readable.
     logging.basicConfig(level=logging.ERROR)
-    rows = asyncio.run(bench(args.seconds, attacks, args.local_steps, burn=not args.no_burn))
+    if options:
+        print(f"node settings: {options}")
+    rows = asyncio.run(bench(args.seconds, attacks, args.local_steps, burn=not args.no_burn, options=options))
     sys.exit(0 if report(rows, args.seconds) else 1)
 
 

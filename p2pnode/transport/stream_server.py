@@ -66,6 +66,8 @@ class StreamServer:
         self._busy_drains: dict[str, set[asyncio.Future[None]]] = {}
         #: Per peer: the holds of its streams in the tarpit (`release_holds` ends them).
         self._holds: dict[str, set[asyncio.Future[None]]] = {}
+        #: Whether `cancel_all` is cancelling the serving tasks now.
+        self._cancelling = False
 
     async def handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve or refuse one inbound stream (the handler registered with p2pd); closes it at the end."""
@@ -90,6 +92,11 @@ class StreamServer:
             else:
                 await self.requests.serve_one(sender, io)
         except asyncio.CancelledError:
+            if self._cancelling:
+                # Stopped by `cancel_all` at shutdown. This task is the one asyncio's stream server made for
+                # the stream, which nothing awaits, and Python 3.11's callback on it logs a cancelled task as
+                # an error ("Exception in callback ... CancelledError"): end it normally instead.
+                return
             raise
         except Exception:
             logger.exception("unexpected error while serving a stream from %s", info.peer_id)
@@ -161,7 +168,11 @@ class StreamServer:
     async def cancel_all(self) -> None:
         """Cancel the serving tasks (except the caller's own) and wait for them to end."""
         tasks = [t for t in self.serving if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._cancelling = True
+        try:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._cancelling = False

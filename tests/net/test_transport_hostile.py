@@ -886,3 +886,20 @@ def test_seen_nonce_cache_is_bounded_and_a_flood_costs_only_the_flooder() -> Non
     # Old entries expire with the window.
     assert guard.check("late", b"z" * 16, 2000.0, 2000.0) is None
     assert len(guard) == 1
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+async def test_streams_open_at_shutdown_end_without_an_error_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Streams still being served when the node shuts down (here: outside streams that send nothing) are
+    stopped without asyncio logging their cancelled handler tasks as errors."""
+    async with swarm(direct=False) as (victim, _honest, raw):
+        streams = [await open_stream(raw, victim) for _ in range(3)]
+        await until(lambda: victim.inbound.streams_by_peer.get(raw.peer_id.to_base58(), 0) == 3)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            await victim.shutdown()
+            await asyncio.sleep(0.2)  # the stream server's callbacks run after the tasks end
+        for _, writer in streams:
+            writer.close()
+    errors = [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not errors, errors
