@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from hivemind.p2p import P2P, PeerID
 
 from p2pnode.transport.refusals import RejectCallback
-from p2pnode.transport.tarpit import Tarpit, host_key
+from p2pnode.transport.tarpit import Tarpit, host_key, remember
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,6 @@ def plan_drops(connections: Sequence[Connection], *, known: Callable[[str], bool
     return drops
 
 
-def _remember(table: collections.OrderedDict[str, float], key: str, value: float) -> None:
-    table[key] = value
-    table.move_to_end(key)
-    while len(table) > MAX_TRACKED:
-        table.popitem(last=False)
-
-
 class ConnectionGuard:
     """Sweeps a p2pd's connections and disconnects outsiders beyond the caps (see the module doc).
 
@@ -235,7 +228,7 @@ class ConnectionGuard:
 
     def note_known(self, peer_id: str) -> None:
         """`peer_id` was served (its request passed the checks) or called by this transport just now."""
-        _remember(self._recent, peer_id, self.clock())
+        remember(self._recent, peer_id, self.clock(), MAX_TRACKED)
 
     def known(self, peer_id: str) -> bool:
         """Whether `peer_id` is known (see the module doc): never dropped, never counted."""
@@ -267,7 +260,7 @@ class ConnectionGuard:
             host = next((h for h in (host_key(str(a)) for a in info.addrs) if h is not None), None)
             connections.append(Connection(peer, host))
             if peer not in self._first_seen:
-                _remember(self._first_seen, peer, now)
+                remember(self._first_seen, peer, now, MAX_TRACKED)
         self.sweeps += 1
         self.outsiders = len({c.peer_id for c in connections if not self.known(c.peer_id)})
         drops = plan_drops(connections, known=self.known, first_seen=self._first_seen, now=now,
@@ -280,7 +273,7 @@ class ConnectionGuard:
 
     async def _drop(self, p2p: P2P, drop: Drop) -> None:
         self.dropped[drop.reason] += 1
-        _remember(self._dropped_at, drop.peer_id, self.clock())
+        remember(self._dropped_at, drop.peer_id, self.clock(), MAX_TRACKED)
         why = {HOST_CAP: f"more than {self.max_per_host} unknown peers connected from host {drop.host}",
                TOTAL_CAP: f"more than {self.max_outsiders} unknown peers connected",
                NOT_ADMITTED: f"connected for {self.admission_grace_s:g} s without proving admission"}[drop.reason]

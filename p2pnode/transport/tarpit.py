@@ -126,10 +126,11 @@ class _Window:
         return len(self.times)
 
 
-def _remember(table: collections.OrderedDict[str, Any], key: str, value: Any) -> None:
+def remember(table: collections.OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
+    """Set ``table[key] = value`` as the most recent entry, and forget the least recent ones beyond `limit`."""
     table[key] = value
     table.move_to_end(key)
-    while len(table) > MAX_TRACKED:
+    while len(table) > limit:
         table.popitem(last=False)
 
 
@@ -203,7 +204,7 @@ class Tarpit:
         if host is None:
             self._host_of.pop(peer_id, None)
         elif self._host_of.get(peer_id) != host:
-            _remember(self._host_of, peer_id, host)
+            remember(self._host_of, peer_id, host, MAX_TRACKED)
 
     def host_of(self, peer_id: str) -> str | None:
         """The host `peer_id`'s latest stream came from, if known."""
@@ -218,7 +219,7 @@ class Tarpit:
         times = self._recent.get(peer_id)
         if times is None:
             times = _Window(self.max_refusals)
-            _remember(self._recent, peer_id, times)
+            remember(self._recent, peer_id, times, MAX_TRACKED)
         self._recent.move_to_end(peer_id)
         over = times.add(now, self.window_s) > self.max_refusals
         host = self._host_of.get(peer_id)
@@ -228,13 +229,13 @@ class Tarpit:
                 counts = self._host_recent.get(host)
                 if counts is None:
                     counts = _Window(self.max_host_refusals)
-                    _remember(self._host_recent, host, counts)
+                    remember(self._host_recent, host, counts, MAX_TRACKED)
                 self._host_recent.move_to_end(host)
                 if counts.add(now, self.window_s) > self.max_host_refusals:
                     # The host is hot for a window: from now on each of its peers is held at its first
                     # counted refusal (this one included); its count starts again when that ends.
                     counts.times.clear()
-                    _remember(self._host_until, host, now + self.window_s)
+                    remember(self._host_until, host, now + self.window_s, MAX_TRACKED)
                     self.hot_hosts += 1
                     hot = True
             if hot and not over:
@@ -258,7 +259,7 @@ class Tarpit:
         # peer that goes on being refused (on a path the tarpit does not hold) extends it only once it is
         # past the budget again.
         times.times.clear()
-        _remember(self._until, peer_id, now + self.window_s)
+        remember(self._until, peer_id, now + self.window_s, MAX_TRACKED)
         self.trips += 1
         return True
 
