@@ -239,19 +239,21 @@ def method_table(cases: list[Case]) -> list[str]:
     return lines
 
 
-def diloco_table(small: Case, large: Case, mbps: float, more: list[Case] | None = None) -> tuple[list[str], float]:
+def diloco_table(small: Case, large: Case | None, mbps: float, more: list[Case] | None = None
+                 ) -> tuple[list[str], float]:
     """(b): H small plain against H large + outer step, and the bytes each sends to reach two losses (`more`:
     further H large rows, e.g. int8 pseudo-gradients, against the same losses).
 
+    `large` None (``--no-diloco-large``): the first of `more` stands in for it in ``L``.
     ``L0`` is the H small run's final loss (the claim at equal loss: does H large reach it, and with how many
     bytes?); ``L`` the larger of the two final losses, which both runs reach. Returns the lines and ``L``.
     """
-    target = max(small.val_loss, large.val_loss)
+    runs = [small, *([large] if large is not None else []), *(more or [])]
+    target = max(c.val_loss for c in runs[:2])
     lines = [f"| run | rounds | val loss | ppl | loss ratio | total MB | bytes ratio "
              f"| MB to reach L0={small.val_loss:.4f} | ratio at L0 | MB to reach L={target:.4f} | ratio at L "
              f"| uplink s/round @{mbps:g} Mbit/s | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    runs = [small, large, *(more or [])]
     cells: list[list[str]] = [[] for _ in runs]
     for loss in (small.val_loss, target):
         reach_small = small.bytes_to_reach(loss)
@@ -344,7 +346,8 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
             else:  # (b) runs longer than (a), or (a) was skipped: its own baseline
                 small = run_case(args, topology, label, "none", args.h_small, None, steps)
             label_large = f"H={args.h_large} + outer (lr {args.outer_lr:g}, Nesterov {args.outer_momentum:g})"
-            large = run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps)
+            large = (None if args.no_diloco_large
+                     else run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps))
             formats = [fmt for fmt in args.diloco_compressions if fmt != "none" and allowed(fmt, topology)]
             # The pseudo-gradients (modest: uploads; gossip: the models they are formed from) in a lossy format.
             more = [run_case(args, topology, f"{label_large}, {fmt}", fmt, args.h_large, args.outer_lr, steps)
@@ -358,13 +361,14 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
                                       + (f" ({policy})" if policy != "outer" else "")
                                       + (f", {fmt}" if fmt != "none" else ""), fmt, args.h_large, args.outer_lr,
                                       steps, sync_warmup=(s0, h0), warmup_outer=policy)
-                             for fmt in ["none", *formats]]
+                             for fmt in ([] if args.no_diloco_warmup_none else ["none"]) + formats]
             say(f"(b) DiLoCo, {steps} local steps each (warm-up {warmup_of(args, steps)}, cosine to {steps})\n")
             table, target = diloco_table(small, large, args.bandwidth_mbps, more)
             for line in table:
                 say(line)
             say()
-            entry["diloco"] = {"small": asdict(small), "large": asdict(large), "common_loss": target,
+            entry["diloco"] = {"small": asdict(small), "large": asdict(large) if large is not None else None,
+                               "common_loss": target,
                                "more": [asdict(c) for c in more]}
         entry["verdicts"] = verdicts(topology, comp, small, large, more)
         for line in entry["verdicts"]:
@@ -406,6 +410,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diloco-warmup-outer", default="outer",
                     help="comma-separated --sync-warmup-outer policies of the warm-up rows, one set of rows each "
                          "(default outer: the outer step every round; reset, sgd, plain)")
+    ap.add_argument("--no-diloco-large", action="store_true",
+                    help="skip the H-large row without warm-up in (b) (e.g. when an earlier invocation ran it)")
+    ap.add_argument("--no-diloco-warmup-none", action="store_true",
+                    help="skip the uncompressed warm-up rows (only those in --diloco-compressions)")
     ap.add_argument("--diloco-steps", type=int, default=None,
                     help="local steps per trainer of (b) (default --steps; longer runs its own H-small baseline)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per local step (default 8)")
