@@ -34,9 +34,12 @@ receivers form them from), against the same uncompressed H small baseline; each 
 ``--diloco-warmup-steps`` (comma-separated, default 100; quick 10; 0: none) adds, for each S, the
 synchronisation warm-up rows (``--sync-warmup-steps``): H large whose first S local steps run in rounds of
 ``--diloco-warmup-local-steps`` (default H small), uncompressed and in each ``--diloco-compressions``
-format; then those formats get no row without the warm-up. A warm-up run has ``S / H0 + (steps - S) / H``
-rounds, so it sends more than H large alone: uncompressed it cannot reach 10x fewer bytes than H small
-unless ``S / H0`` is small against ``steps / H small``.
+format; then those formats get no row without the warm-up. ``--diloco-warmup-outer`` (comma-separated, default
+``outer``) repeats those rows for each ``--sync-warmup-outer`` policy: what the outer step does in the
+warm-up rounds (``outer``: the outer step every round; ``reset``: momentum reset after the warm-up;
+``sgd``: no momentum in the warm-up; ``plain``: the plain merge in the warm-up). A warm-up run has
+``S / H0 + (steps - S) / H`` rounds, so it sends more than H large alone: uncompressed it cannot reach 10x
+fewer bytes than H small unless ``S / H0`` is small against ``steps / H small``.
 
 Figures: ``val loss`` is ln(perplexity) of the last round's evaluation on the task's validation windows
 (``--eval-windows``, default 32; modest: the aggregator's evaluation of the new version; gossip: ln of the
@@ -72,6 +75,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run as a script from a checkout
 
 from benchmarks.machine import cpu_model  # noqa: E402
+from p2pnode.config.choices import SYNC_WARMUP_OUTER  # noqa: E402
 from p2pnode.errors import ConfigError  # noqa: E402
 from p2pnode.training.round_schedule import RoundSchedule  # noqa: E402
 from p2pnode.transport.compression import check_combination, parse_compression  # noqa: E402
@@ -105,6 +109,8 @@ class Case:
     #: Synchronisation warm-up: local steps run in rounds of `warmup_local_steps` first (0: none).
     warmup_steps: int = 0
     warmup_local_steps: int | None = None
+    #: What the outer step does in the warm-up rounds (``sync_warmup_outer``; default ``outer``).
+    warmup_outer: str = "outer"
     val_loss: float = math.nan
     perplexity: float = math.nan
     total_bytes: int = 0
@@ -140,11 +146,13 @@ def warmup_of(args: argparse.Namespace, steps: int) -> int:
 
 
 def run_case(args: argparse.Namespace, topology: str, label: str, compression: str, local_steps: int,
-             outer_lr: float | None, steps: int | None = None, sync_warmup: tuple[int, int] | None = None) -> Case:
+             outer_lr: float | None, steps: int | None = None, sync_warmup: tuple[int, int] | None = None,
+             warmup_outer: str = "outer") -> Case:
     """Simulate one configuration (see the module docstring) and collect its figures.
 
     `steps`: local steps over the run (default ``--steps``); the schedule is fitted to it. `sync_warmup`:
-    (warm-up local steps S, local steps of a warm-up round H0), the synchronisation warm-up (None: none).
+    (warm-up local steps S, local steps of a warm-up round H0), the synchronisation warm-up (None: none);
+    `warmup_outer`: what the outer step does in its rounds (``sync_warmup_outer``, default ``outer``).
     """
     steps = args.steps if steps is None else steps
     sync_steps, sync_h = sync_warmup if sync_warmup is not None else (0, None)
@@ -157,11 +165,12 @@ def run_case(args: argparse.Namespace, topology: str, label: str, compression: s
                       "total_steps": steps},
         local_steps=local_steps, batch_size=args.batch_size, lr=args.lr, bandwidth_mbps=args.bandwidth_mbps,
         compression=compression, outer_lr=outer_lr, outer_momentum=args.outer_momentum,
-        sync_warmup_steps=sync_steps, sync_warmup_local_steps=sync_h)
+        sync_warmup_steps=sync_steps, sync_warmup_local_steps=sync_h,
+        **({"sync_warmup_outer": warmup_outer} if sync_steps and warmup_outer != "outer" else {}))
     t0 = time.perf_counter()
     res = run_simulation(cfg)
     case = Case(topology, label, compression, local_steps, rounds, outer_lr, sync_steps, sync_h,
-                wall_s=time.perf_counter() - t0)
+                warmup_outer if sync_steps else "outer", wall_s=time.perf_counter() - t0)
     rows = res["rounds"]
     sent = 0
     for row in rows:
@@ -230,19 +239,21 @@ def method_table(cases: list[Case]) -> list[str]:
     return lines
 
 
-def diloco_table(small: Case, large: Case, mbps: float, more: list[Case] | None = None) -> tuple[list[str], float]:
+def diloco_table(small: Case, large: Case | None, mbps: float, more: list[Case] | None = None
+                 ) -> tuple[list[str], float]:
     """(b): H small plain against H large + outer step, and the bytes each sends to reach two losses (`more`:
     further H large rows, e.g. int8 pseudo-gradients, against the same losses).
 
+    `large` None (``--no-diloco-large``): the first of `more` stands in for it in ``L``.
     ``L0`` is the H small run's final loss (the claim at equal loss: does H large reach it, and with how many
     bytes?); ``L`` the larger of the two final losses, which both runs reach. Returns the lines and ``L``.
     """
-    target = max(small.val_loss, large.val_loss)
+    runs = [small, *([large] if large is not None else []), *(more or [])]
+    target = max(c.val_loss for c in runs[:2])
     lines = [f"| run | rounds | val loss | ppl | loss ratio | total MB | bytes ratio "
              f"| MB to reach L0={small.val_loss:.4f} | ratio at L0 | MB to reach L={target:.4f} | ratio at L "
              f"| uplink s/round @{mbps:g} Mbit/s | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    runs = [small, large, *(more or [])]
     cells: list[list[str]] = [[] for _ in runs]
     for loss in (small.val_loss, target):
         reach_small = small.bytes_to_reach(loss)
@@ -275,6 +286,8 @@ def verdicts(topology: str, comp: list[Case], small: Case | None, large: Case | 
         name = f"H={run.local_steps} + outer" + (f" ({run.compression})" if run.compression != "none" else "")
         if run.warmup_steps:
             name += f" after {run.warmup_steps} steps at H={run.warmup_local_steps}"
+            if run.warmup_outer != "outer":
+                name += f" ({run.warmup_outer} in the warm-up)"
         reach = run.bytes_to_reach(small.val_loss)
         if reach is None:
             out.append(f"{topology}: {name} does not reach H={small.local_steps}'s loss "
@@ -333,7 +346,8 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
             else:  # (b) runs longer than (a), or (a) was skipped: its own baseline
                 small = run_case(args, topology, label, "none", args.h_small, None, steps)
             label_large = f"H={args.h_large} + outer (lr {args.outer_lr:g}, Nesterov {args.outer_momentum:g})"
-            large = run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps)
+            large = (None if args.no_diloco_large
+                     else run_case(args, topology, label_large, "none", args.h_large, args.outer_lr, steps))
             formats = [fmt for fmt in args.diloco_compressions if fmt != "none" and allowed(fmt, topology)]
             # The pseudo-gradients (modest: uploads; gossip: the models they are formed from) in a lossy format.
             more = [run_case(args, topology, f"{label_large}, {fmt}", fmt, args.h_large, args.outer_lr, steps)
@@ -342,16 +356,19 @@ def run_benchmark(args: argparse.Namespace, out: Any = sys.stdout) -> dict[str, 
             # in each format.
             h0 = args.diloco_warmup_local_steps
             for s0 in args.diloco_warmups:
-                more += [run_case(args, topology, f"{label_large}, warm-up {s0} steps at H={h0}"
-                                  + (f", {fmt}" if fmt != "none" else ""), fmt, args.h_large, args.outer_lr, steps,
-                                  sync_warmup=(s0, h0))
-                         for fmt in ["none", *formats]]
+                for policy in args.diloco_warmup_outer:
+                    more += [run_case(args, topology, f"{label_large}, warm-up {s0} steps at H={h0}"
+                                      + (f" ({policy})" if policy != "outer" else "")
+                                      + (f", {fmt}" if fmt != "none" else ""), fmt, args.h_large, args.outer_lr,
+                                      steps, sync_warmup=(s0, h0), warmup_outer=policy)
+                             for fmt in ([] if args.no_diloco_warmup_none else ["none"]) + formats]
             say(f"(b) DiLoCo, {steps} local steps each (warm-up {warmup_of(args, steps)}, cosine to {steps})\n")
             table, target = diloco_table(small, large, args.bandwidth_mbps, more)
             for line in table:
                 say(line)
             say()
-            entry["diloco"] = {"small": asdict(small), "large": asdict(large), "common_loss": target,
+            entry["diloco"] = {"small": asdict(small), "large": asdict(large) if large is not None else None,
+                               "common_loss": target,
                                "more": [asdict(c) for c in more]}
         entry["verdicts"] = verdicts(topology, comp, small, large, more)
         for line in entry["verdicts"]:
@@ -390,6 +407,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "--diloco-compressions rows run without warm-up)")
     ap.add_argument("--diloco-warmup-local-steps", type=int, default=None,
                     help="local steps per round during the warm-up (default --h-small)")
+    ap.add_argument("--diloco-warmup-outer", default="outer",
+                    help="comma-separated --sync-warmup-outer policies of the warm-up rows, one set of rows each "
+                         "(default outer: the outer step every round; reset, sgd, plain)")
+    ap.add_argument("--no-diloco-large", action="store_true",
+                    help="skip the H-large row without warm-up in (b) (e.g. when an earlier invocation ran it)")
+    ap.add_argument("--no-diloco-warmup-none", action="store_true",
+                    help="skip the uncompressed warm-up rows (only those in --diloco-compressions)")
     ap.add_argument("--diloco-steps", type=int, default=None,
                     help="local steps per trainer of (b) (default --steps; longer runs its own H-small baseline)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per local step (default 8)")
@@ -412,6 +436,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.diloco_warmups = [int(v) for v in args.diloco_warmup_steps.split(",") if v and int(v) > 0]
     except ValueError:
         ap.error(f"--diloco-warmup-steps: comma-separated integers, got {args.diloco_warmup_steps!r}")
+    args.diloco_warmup_outer = [p for p in args.diloco_warmup_outer.split(",") if p] or ["outer"]
+    bad = [p for p in args.diloco_warmup_outer if p not in SYNC_WARMUP_OUTER]
+    if bad:
+        ap.error(f"--diloco-warmup-outer: {bad[0]!r} is none of {', '.join(SYNC_WARMUP_OUTER)}")
     if args.diloco_warmup_local_steps is None:
         args.diloco_warmup_local_steps = args.h_small
     if args.diloco_warmup_local_steps < 1:

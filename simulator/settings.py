@@ -373,7 +373,7 @@ RESULT_KEYS = frozenset({
     "exclude_suspects", "suspect_threshold"})
 #: Keys of `RESULT_KEYS` or newer ones written only when they are not at their default.
 _ONLY_WHEN_SET = ("record_variance", "secagg_groups", "secagg_min_group", "outer_momentum", "outer_nesterov",
-                  "sync_warmup_steps", "sync_warmup_local_steps",
+                  "sync_warmup_steps", "sync_warmup_local_steps", "sync_warmup_outer",
                   "compression", "admission", "run_secret", "outsiders")
 
 

@@ -9,7 +9,8 @@ Public API:
   `byzantine_target(rule, params)`: what a combination of p inputs tolerates and must tolerate.
 - `merge_states(rule, states, base, params, require_f=None)` (merge.py): one merge step, on updates
   relative to the base for the rules that need them; raises `AggregationError` for the caller's fallback.
-- `OuterOptimizer` (outer.py): DiLoCo-style Nesterov outer step on any rule's output.
+- `OuterOptimizer` (outer.py): DiLoCo-style Nesterov outer step on any rule's output;
+  `warmup_outer_step`: that step in the rounds of a synchronisation warm-up (`WARMUP_OUTER`).
 - `solve_flag`, `FlagSolution` (flag.py): the Flag Aggregator's solver on a Gram matrix.
 
 Modules: merge.py (the merge step), mean.py (weighted mean), robust.py (median, trimmed mean, Krum,
@@ -21,7 +22,13 @@ docs/aggregation.md.
 
 from p2pnode.aggregation.flag import FlagSolution, solve_flag
 from p2pnode.aggregation.merge import merge_states
-from p2pnode.aggregation.outer import OuterOptimizer, load_outer_state, outer_optimizer
+from p2pnode.aggregation.outer import (
+    WARMUP_OUTER,
+    OuterOptimizer,
+    load_outer_state,
+    outer_optimizer,
+    warmup_outer_step,
+)
 from p2pnode.aggregation.registry import (
     RuleInfo,
     aggregate,
@@ -34,6 +41,7 @@ from p2pnode.aggregation.registry import (
 )
 
 __all__ = [
+    "WARMUP_OUTER",
     "FlagSolution",
     "OuterOptimizer",
     "RuleInfo",
@@ -48,4 +56,5 @@ __all__ = [
     "rule_info",
     "solve_flag",
     "tolerance",
+    "warmup_outer_step",
 ]

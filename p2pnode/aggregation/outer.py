@@ -219,3 +219,34 @@ def load_outer_state(opt: OuterOptimizer | None, state: Mapping[str, torch.Tenso
         opt.load_state_dict(state)
     else:
         opt.reset()
+
+
+#: What the outer step does in the rounds of a synchronisation warm-up (`warmup_outer_step`, the run-wide
+#: ``sync_warmup_outer``): ``outer`` the run's outer step after every round, momentum carried over the switch
+#: (the default); ``reset`` the same, the momentum forgotten at the first round after the warm-up; ``sgd``
+#: the outer step with momentum 0 in warm-up rounds (the buffers start after it); ``plain`` the plain merge
+#: in warm-up rounds (what plain averaging at ``H0`` does), the outer step only after it.
+WARMUP_OUTER = ("outer", "reset", "sgd", "plain")
+
+
+def warmup_outer_step(opt: OuterOptimizer, start: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
+                      *, policy: str, warmup_round: bool, first_after: bool) -> dict[str, torch.Tensor]:
+    """The model after a round's merge with the outer optimizer `opt`, following the warm-up `policy`.
+
+    :param start: the round's start model (the pseudo-gradient's base).
+    :param merged: the rule's merge of the round's trained models.
+    :param policy: one of `WARMUP_OUTER`.
+    :param warmup_round: the round is one of the warm-up's short rounds.
+    :param first_after: the round is the first after the warm-up (``reset`` forgets the momentum before it).
+    :raises AggregationError: an unknown `policy`, or the outer step's own errors.
+    """
+    if policy not in WARMUP_OUTER:
+        raise AggregationError(f"sync_warmup_outer must be one of {', '.join(WARMUP_OUTER)}, got {policy!r}")
+    if warmup_round and policy == "plain":
+        return {k: v.clone() for k, v in merged.items()}
+    if warmup_round and policy == "sgd":
+        # A momentum-free step of its own: `opt`'s buffers and step count stay as they are.
+        return OuterOptimizer(lr=opt.lr, momentum=0.0).step_towards(start, merged)
+    if first_after and policy == "reset":
+        opt.reset()
+    return opt.step_towards(start, merged)

@@ -44,7 +44,8 @@ def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
 #: `NodeConfig` fields of `training_options` (the run-wide training setup that `sim` and `swarm` share with
 #: `run`); `swarm.FORWARDED` passes them on to each daemon.
 TRAINING_FIELDS = ("task", "task_options", "topology", "rule", "rule_params", "seed", "alpha", "local_steps",
-                   "sync_warmup_steps", "sync_warmup_local_steps", "lr", "batch_size", "model_seed_mode",
+                   "sync_warmup_steps", "sync_warmup_local_steps", "sync_warmup_outer", "lr", "batch_size",
+                   "model_seed_mode",
                    "sample_size", "aggregators", "success_fraction", "aggregation_timeout_s", "sample_key", "fl_server",
                    "outer_lr", "outer_momentum", "outer_nesterov", "compression", "secagg", "secagg_neighbours",
                    "secagg_threshold", "secagg_clip", "secagg_groups", "secagg_min_group", "dpsgd_graph",

@@ -7,3 +7,6 @@ SAMPLE_KEYS = ("model", "round")
 DPSGD_GRAPHS = ("exponential", "regular")
 #: Admission modes (`p2pnode.transport.admission`), the first one the default.
 ADMISSION_MODES = ("open", "secret", "allowlist")
+#: What the DiLoCo outer step does in the rounds of a synchronisation warm-up, the first the default
+#: (`p2pnode.aggregation.WARMUP_OUTER`, the same values).
+SYNC_WARMUP_OUTER = ("outer", "reset", "sgd", "plain")

@@ -12,7 +12,7 @@ from typing import Any
 
 from p2pnode.config.admission import AdmissionSettings
 from p2pnode.config.byzantine import ByzantineSettings
-from p2pnode.config.choices import DPSGD_GRAPHS, MODEL_TOPOLOGIES, SAMPLE_KEYS, TOPOLOGIES
+from p2pnode.config.choices import DPSGD_GRAPHS, MODEL_TOPOLOGIES, SAMPLE_KEYS, SYNC_WARMUP_OUTER, TOPOLOGIES
 from p2pnode.config.limits import LimitSettings
 from p2pnode.config.network import NetworkSettings
 from p2pnode.config.run import NodeSettings, RunSettings
@@ -57,6 +57,8 @@ class NodeConfig(LimitSettings, DpsgdSettings, AdmissionSettings, ByzantineSetti
         if self.sync_warmup_steps > 0 and self.sync_warmup_local_steps is None:
             raise ConfigError(f"sync_warmup_steps={self.sync_warmup_steps} needs sync_warmup_local_steps "
                               "(the local steps of a warm-up round)")
+        if self.sync_warmup_outer not in SYNC_WARMUP_OUTER:
+            raise ConfigError(f"sync_warmup_outer={self.sync_warmup_outer!r}; allowed: {', '.join(SYNC_WARMUP_OUTER)}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr={self.lr}: must be > 0")
         if self.rounds is not None and self.rounds < 0:

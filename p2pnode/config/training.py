@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pnode.config.choices import TOPOLOGIES
+from p2pnode.config.choices import SYNC_WARMUP_OUTER, TOPOLOGIES
 from p2pnode.config.schema import setting
 
 
@@ -15,7 +15,8 @@ class TrainingSettings:
     """Section ``training``: task, topology, aggregation rule and the local training schedule.
 
     Run-wide (hashed into `NodeConfig.config_hash`): `task`, `task_options`, `topology`, `rule`, `rule_params`,
-    `model_seed_mode`, and the synchronisation warm-up when set. The rest is local to the node.
+    `model_seed_mode`, and the synchronisation warm-up (and `sync_warmup_outer`) when set. The rest is local to
+    the node.
     """
 
     #: Task name (``digits-mlp``, ``cifar10-resnet18`` or ``package.module:factory``).
@@ -70,6 +71,20 @@ class TrainingSettings:
         default=None, section="training",
         help="Local SGD steps per round during the synchronisation warm-up (needed with --sync-warmup-steps).",
         hashed=True, hash_when="sync_warmup_steps", metavar="H0")
+    #: What the DiLoCo outer step (`outer_lr`) does in the warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`):
+    #: ``outer`` (default) the outer step after every round, momentum carried into the long rounds; ``reset``
+    #: the same, momentum reset at the first round after the warm-up; ``sgd`` the outer step with momentum 0
+    #: in warm-up rounds (momentum from the first long round on); ``plain`` the plain merge in warm-up rounds
+    #: (as plain averaging at H0), the outer step only in the long rounds. Every topology (gossip and dpsgd:
+    #: each node's step; modest and fl: the aggregator's step of a version trained in a warm-up round). No
+    #: effect without `outer_lr` or without a warm-up. Run-wide; hashed only when not ``outer``, so that runs
+    #: without it keep their hash.
+    sync_warmup_outer: str = setting(
+        default="outer", section="training",
+        help="DiLoCo during the synchronisation warm-up: outer (the outer step every round), reset (momentum "
+             "reset after the warm-up), sgd (outer step without momentum in warm-up rounds), plain (plain merge "
+             "in warm-up rounds); run-wide.",
+        hashed=True, hash_when="sync_warmup_outer", choices=SYNC_WARMUP_OUTER)
     #: Learning rate and batch size; None takes the task's default.
     lr: float | None = setting(default=None, section="training", help="Learning rate [task default].")
     batch_size: int | None = setting(default=None, section="training", help="Batch size [task default].")

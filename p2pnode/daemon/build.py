@@ -134,6 +134,7 @@ def build_protocol(config: NodeConfig, *, trainer: Trainer, transport: Transport
         dpsgd = DpsgdSettings(run_id=config.run_id, config_hash=config.config_hash, local_steps=local_steps,
                               sync_warmup_steps=config.sync_warmup_steps,
                               sync_warmup_local_steps=config.sync_warmup_local_steps,
+                              sync_warmup_outer=config.sync_warmup_outer,
                               graph=config.dpsgd_graph, degree=config.dpsgd_degree, seed=config.seed,
                               rule=config.rule, rule_params=dict(config.rule_params),
                               exchange_timeout_s=config.exchange_timeout_s, eval_every=config.eval_every,

@@ -47,7 +47,14 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import load_outer_state, merge_states, outer_optimizer, rule_info
+from p2pnode.aggregation import (
+    OuterOptimizer,
+    load_outer_state,
+    merge_states,
+    outer_optimizer,
+    rule_info,
+    warmup_outer_step,
+)
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, TransportError
 from p2pnode.proto import peer_pb2
@@ -168,6 +175,8 @@ class DpsgdSettings:
     :param sync_warmup_steps: local steps of the run trained in warm-up rounds of `sync_warmup_local_steps`
         each (default 0: none; `RoundSchedule`).
     :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
+    :param sync_warmup_outer: what the outer step does in warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`;
+        default ``outer``: the outer step every round).
     :param graph: ``exponential`` (default) or ``regular``.
     :param degree: degree of the ``regular`` graph (default 4).
     :param seed: seed of the ``regular`` graph (the run's seed).
@@ -187,6 +196,7 @@ class DpsgdSettings:
     local_steps: int
     sync_warmup_steps: int = 0
     sync_warmup_local_steps: int | None = None
+    sync_warmup_outer: str = "outer"
     graph: str = "exponential"
     degree: int = 4
     seed: int = 0
@@ -324,6 +334,13 @@ class DpsgdProtocol:
                 self.health.failed(p, r)
         return got
 
+    def _outer_step(self, outer: OuterOptimizer, start: State, merged: State) -> State:
+        """DiLoCo's step of this round (`self.round`, not yet advanced) from `start` towards `merged`, as the
+        warm-up policy has it (`sync_warmup_outer`)."""
+        w = self._schedule.warmup_rounds
+        return warmup_outer_step(outer, start, merged, policy=self.settings.sync_warmup_outer,
+                                 warmup_round=self.round < w, first_after=w > 0 and self.round == w)
+
     async def run_round(self) -> RoundReport:
         """Train, push to the out-neighbours, average with the in-neighbours' models, evaluate."""
         s = self.settings
@@ -379,7 +396,7 @@ class DpsgdProtocol:
                 if outer is not None:
                     # DiLoCo: pseudo-gradient theta0 - merged (the same weights over theta0 - x_j), outer step.
                     assert start is not None
-                    merged = outer.step_towards(start, merged)
+                    merged = self._outer_step(outer, start, merged)
                 self.trainer.load_state(merged)
                 return True
 
@@ -394,7 +411,7 @@ class DpsgdProtocol:
             assert start is not None
             theta0 = start
             # DiLoCo without a merge: the outer step on the own pseudo-gradient.
-            await self.compute.run(lambda: self.trainer.load_state(outer.step_towards(theta0, own)))
+            await self.compute.run(lambda: self.trainer.load_state(self._outer_step(outer, theta0, own)))
         # Drop what can no longer be used (older rounds), keep models pushed early for later rounds.
         for key in [k for k in self._inbox if k[0] <= self.round]:
             del self._inbox[key]

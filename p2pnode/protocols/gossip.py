@@ -49,7 +49,14 @@ from typing import Any
 
 import torch
 
-from p2pnode.aggregation import byzantine_target, load_outer_state, max_byzantine, merge_states, outer_optimizer
+from p2pnode.aggregation import (
+    byzantine_target,
+    load_outer_state,
+    max_byzantine,
+    merge_states,
+    outer_optimizer,
+    warmup_outer_step,
+)
 from p2pnode.discovery import PeerDirectory
 from p2pnode.errors import AggregationError, BadMessage, PeerUnreachable, TransportError
 from p2pnode.proto import peer_pb2
@@ -106,6 +113,8 @@ class GossipSettings:
     :param sync_warmup_steps: local steps of the run trained in warm-up rounds of `sync_warmup_local_steps`
         each (default 0: none; `RoundSchedule`).
     :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
+    :param sync_warmup_outer: what the outer step does in warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`;
+        default ``outer``: the outer step every round).
     :param rule: aggregation rule for the merge (default ``mean``).
     :param rule_params: extra parameters of the rule.
     :param exchange_timeout_s: time allowed for one exchange, in seconds (default 30).
@@ -131,6 +140,7 @@ class GossipSettings:
     local_steps: int
     sync_warmup_steps: int = 0
     sync_warmup_local_steps: int | None = None
+    sync_warmup_outer: str = "outer"
     rule: str = "mean"
     rule_params: dict[str, Any] = field(default_factory=dict)
     exchange_timeout_s: float = 30.0
@@ -308,7 +318,7 @@ class GossipProtocol:
         self._pre_merge = self._pre_outer = None
         if not received:
             if self.outer is not None:  # DiLoCo: the own pseudo-gradient alone
-                self.trainer.load_state(self.outer.step_towards(start, self.trainer.state()))
+                self.trainer.load_state(self._outer_step(start, self.trainer.state()))
             return
         s = self.settings
         if s.exclude_suspects:
@@ -341,13 +351,21 @@ class GossipProtocol:
                     self.trainer.load_state(merged)
         if self.outer is not None:
             # DiLoCo: pseudo-gradient theta0 - merged (the rule over theta0 - theta_j), then the outer step.
-            self.trainer.load_state(self.outer.step_towards(start, merged))
+            self.trainer.load_state(self._outer_step(start, merged))
         self.last_combined = 1 + len(senders)
         # Suspicion: the fresh models (suspects' included, so that a reformed peer can recover).
         scored = {p: received[p] for p in received if p in fresh}
         if scored:
             others = [own] + [received[p] for p in senders if p not in fresh]
             self.suspicion.observe_states(scored, merged, others=others, reference=start)
+
+    def _outer_step(self, start: State, merged: State) -> State:
+        """DiLoCo's step of this round (`self.round`, not yet advanced) from `start` towards `merged`, as the
+        warm-up policy has it (`sync_warmup_outer`)."""
+        assert self.outer is not None
+        w = self._schedule.warmup_rounds
+        return warmup_outer_step(self.outer, start, merged, policy=self.settings.sync_warmup_outer,
+                                 warmup_round=self.round < w, first_after=w > 0 and self.round == w)
 
     async def run_round(self) -> RoundReport:
         """Train, exchange with one random live peer, merge, evaluate; return the round's report."""

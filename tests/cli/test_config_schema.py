@@ -237,7 +237,8 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     # Hashed only when set (not at their default), so that runs without them keep their hash.
     outer = {"outer_lr": "outer_lr", "outer_momentum": "outer_lr", "outer_nesterov": "outer_lr"}
     always = {"compression": "compression", "task_options": "task_options",
-              "sync_warmup_steps": "sync_warmup_steps", "sync_warmup_local_steps": "sync_warmup_steps"}
+              "sync_warmup_steps": "sync_warmup_steps", "sync_warmup_local_steps": "sync_warmup_steps",
+              "sync_warmup_outer": "sync_warmup_outer"}
     versions = {"model_compression": "model_compression"}  # modest/fl only: the format of the versions
     assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, **always}, "dpsgd": {**outer, **always},
                                     "modest": {**always, **versions}, "fl": {**always, **versions}}

@@ -5,21 +5,28 @@ resumed node (docs/protocols.md, "DiLoCo on each topology")."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from p2pnode.cli.main import cli
 from p2pnode.config import NodeConfig
 from p2pnode.daemon.trainer_state import capture, restore
 from p2pnode.errors import ConfigError
+from p2pnode.protocols.base import State
+from p2pnode.protocols.dpsgd import DpsgdProtocol
+from p2pnode.protocols.gossip import GossipProtocol
 from p2pnode.protocols.modest import ModestProtocol
-from p2pnode.protocols.modest.state import Incoming
+from p2pnode.protocols.modest.combine import outer_step
+from p2pnode.protocols.modest.settings import ModestSettings
+from p2pnode.protocols.modest.state import Base, Incoming
 from p2pnode.transport.clock import run_virtual
 from simulator import SimConfig, run_simulation
-from simutil import running_group
+from simutil import max_state_diff, running_group
 
 # 4 warm-up steps in rounds of 2, then rounds of 6: rounds 0 and 1 train 2 steps, the others 6.
 WARMUP = {"local_steps": 6, "sync_warmup_steps": 4, "sync_warmup_local_steps": 2}
@@ -156,3 +163,67 @@ def test_warmup_from_flags_and_env(tmp_path: object) -> None:
     bad = CliRunner().invoke(cli, ["config", "show", "--sync-warmup-steps", "100"],
                              env={"P2PNODE_STATE_DIR": str(tmp_path)})
     assert bad.exit_code == 2 and "needs sync_warmup_local_steps" in bad.output
+
+
+def _models_and_outer_steps(topology: str, rounds: int, **kw: object) -> tuple[list[list[State]], list[int]]:
+    """Each node's model after each of `rounds` lockstep rounds of a 3-node group with `WARMUP`, and the
+    outer optimizer's step count of each node at the end (-1: none)."""
+    async def main() -> tuple[list[list[State]], list[int]]:
+        models: list[list[State]] = []
+        async with running_group(3, topology=topology, **WARMUP, **kw) as group:
+            for _ in range(rounds):
+                await asyncio.gather(*(n.run_round() for n in group.nodes))
+                models.append([n.trainer.state() for n in group.nodes])
+            protocols = [n.protocol for n in group.nodes]
+            assert all(isinstance(p, GossipProtocol | DpsgdProtocol) for p in protocols)
+            steps = [p.outer.steps if p.outer is not None else -1 for p in protocols  # type: ignore[union-attr]
+                     ]
+        return models, steps
+
+    return run_virtual(main())
+
+
+@pytest.mark.parametrize("topology", ["gossip", "dpsgd"])
+def test_plain_warmup_rounds_merge_as_without_outer_step_and_the_momentum_starts_after(topology: str) -> None:
+    outer = {"outer_lr": 0.7, "outer_momentum": 0.9}
+    none, no_steps = _models_and_outer_steps(topology, 3)
+    plain, plain_steps = _models_and_outer_steps(topology, 3, sync_warmup_outer="plain", **outer)
+    every, every_steps = _models_and_outer_steps(topology, 3, **outer)
+    reset, reset_steps = _models_and_outer_steps(topology, 3, sync_warmup_outer="reset", **outer)
+    diff = [max(max_state_diff(a, b) for a, b in zip(x, y, strict=True)) for x, y in zip(none, plain, strict=True)]
+    # The two warm-up rounds: the plain merge, bit for bit; the first long round takes the outer step.
+    assert diff[0] == 0.0 and diff[1] == 0.0 and diff[2] > 1e-4, diff
+    assert max_state_diff(every[0][0], plain[0][0]) > 1e-4  # the default steps in the warm-up too
+    # reset: the warm-up's outer steps as the default, the momentum forgotten at round 2.
+    assert max_state_diff(every[1][0], reset[1][0]) == 0.0 and max_state_diff(every[2][0], reset[2][0]) > 0.0
+    assert (no_steps, plain_steps, every_steps, reset_steps) == ([-1] * 3, [1] * 3, [3] * 3, [1] * 3)
+
+
+def test_modest_aggregator_merges_warmup_versions_plainly_and_steps_after() -> None:
+    settings = ModestSettings(run_id="r", config_hash="h", local_steps=6, sync_warmup_steps=4,
+                              sync_warmup_local_steps=2, outer_lr=1.0, outer_momentum=0.5, sync_warmup_outer="plain")
+    combined = {"w": torch.tensor([0.8])}
+    got = []
+    outer: State = {}
+    for k in range(4):  # versions 0 and 1 trained 2 steps (warm-up), 2 and 3 six
+        base = Base(k, b"", {"w": torch.tensor([1.0])}, outer, b"", 1)
+        new, outer = outer_step(combined, base, settings)
+        got.append((round(float(new["w"]), 6), int(outer["steps"]) if outer else 0))
+    # The plain merge (no momentum yet), then Nesterov 0.5 on the pseudo-gradient 0.2 from a fresh buffer.
+    assert got == [(0.8, 0), (0.8, 0), (0.7, 1), (0.65, 2)]
+    default = dataclasses.replace(settings, sync_warmup_outer="outer")
+    assert round(float(outer_step(combined, Base(0, b"", {"w": torch.tensor([1.0])}, {}, b"", 1), default)[0]["w"]),
+                 6) == 0.7
+
+
+def test_sync_warmup_outer_is_run_wide_when_set_and_checked() -> None:
+    for topology in ("gossip", "dpsgd", "modest", "fl"):
+        warm = {"topology": topology, "sync_warmup_steps": 100, "sync_warmup_local_steps": 10, "outer_lr": 1.0}
+        base = NodeConfig(**warm).config_hash  # type: ignore[arg-type]
+        assert NodeConfig(**warm, sync_warmup_outer="outer").config_hash == base  # type: ignore[arg-type]
+        hashes = {NodeConfig(**warm, sync_warmup_outer=p).config_hash  # type: ignore[arg-type]
+                  for p in ("reset", "sgd", "plain")}
+        assert len(hashes) == 3 and base not in hashes, topology
+    assert NodeConfig().config_hash == "89aabe327b865323"
+    with pytest.raises(ConfigError, match="sync_warmup_outer='nesterov'; allowed: outer, reset, sgd, plain"):
+        NodeConfig(sync_warmup_outer="nesterov").validate()

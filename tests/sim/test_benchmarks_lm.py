@@ -81,3 +81,25 @@ def test_lm_compression_longer_diloco_runs_its_own_baseline() -> None:
     assert any("after 10 steps at H=5" in line for line in entry["verdicts"])
     verdict = entry["verdicts"][0]
     assert verdict.startswith("gossip: H=10 + outer ")
+
+
+def test_lm_compression_warmup_rows_per_outer_policy_without_the_large_row() -> None:
+    bench = _bench()
+    args = bench.parse_args(["--nodes", "4", "--steps", "20", "--h-small", "5", "--h-large", "10",
+                             "--eval-windows", "2", "--batch-size", "2", "--topologies", "gossip",
+                             "--compressions", "", "--diloco-warmup-steps", "10", "--diloco-compressions", "int8",
+                             "--diloco-warmup-outer", "outer,plain", "--no-diloco-large",
+                             "--no-diloco-warmup-none"])
+    out = io.StringIO()
+    entry = bench.run_benchmark(args, out=out)["topologies"]["gossip"]
+    assert entry["diloco"]["large"] is None
+    rows = entry["diloco"]["more"]
+    assert [(r["warmup_outer"], r["compression"], r["rounds"]) for r in rows] == [("outer", "int8", 3),
+                                                                                 ("plain", "int8", 3)]
+    assert rows[1]["label"].endswith("warm-up 10 steps at H=5 (plain), int8")
+    # The same bytes (the same rounds and messages), not the same models: plain skips the outer step twice.
+    assert rows[1]["total_bytes"] == pytest.approx(rows[0]["total_bytes"], rel=0.01)
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]
+    assert any("(plain in the warm-up)" in line for line in entry["verdicts"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--diloco-warmup-outer", "nesterov"])

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from p2pnode.aggregation import OuterOptimizer, aggregate, aggregate_states
+from p2pnode.aggregation import WARMUP_OUTER, OuterOptimizer, aggregate, aggregate_states, warmup_outer_step
+from p2pnode.config.choices import SYNC_WARMUP_OUTER
 from p2pnode.errors import AggregationError
 
 
@@ -112,3 +113,57 @@ def test_low_precision_params_keep_their_dtype(dtype: torch.dtype) -> None:
     assert out.dtype == dtype
     assert torch.allclose(out.float(), torch.full((4,), 0.601), atol=1e-2)
     assert outer.state_dict()["momentum/_flat"].dtype == torch.float32
+
+
+# -- the outer step in a synchronisation warm-up (sync_warmup_outer) -------------------------------------------
+
+def _warm(policy: str, rounds: list[tuple[bool, bool]]) -> tuple[list[float], OuterOptimizer]:
+    """Models after `rounds` (warm-up round?, first after it?) of `warmup_outer_step`: start 1.0 each round,
+    merged 0.8 (pseudo-gradient 0.2), outer lr 1, Nesterov 0.5."""
+    opt = OuterOptimizer(lr=1.0, momentum=0.5)
+    out = []
+    for warmup_round, first_after in rounds:
+        new = warmup_outer_step(opt, {"w": torch.tensor([1.0])}, {"w": torch.tensor([0.8])}, policy=policy,
+                                warmup_round=warmup_round, first_after=first_after)
+        out.append(round(float(new["w"]), 6))
+    return out, opt
+
+
+# Two warm-up rounds, the first round after the warm-up, one more.
+ROUNDS = [(True, False), (True, False), (False, True), (False, False)]
+
+
+def test_outer_steps_every_round_and_carries_the_momentum_over_the_switch() -> None:
+    # Nesterov 0.5 on delta 0.2: buffers 0.2, 0.3, 0.35, 0.375; steps 0.3, 0.35, 0.375, 0.3875.
+    got, opt = _warm("outer", ROUNDS)
+    assert got == [0.7, 0.65, 0.625, 0.6125] and opt.steps == 4
+
+
+def test_reset_forgets_the_warmup_momentum_at_the_first_round_after_it() -> None:
+    got, opt = _warm("reset", ROUNDS)
+    assert got == [0.7, 0.65, 0.7, 0.65] and opt.steps == 2
+
+
+def test_sgd_and_plain_leave_the_momentum_to_the_rounds_after_the_warmup() -> None:
+    # sgd: 1 - lr * 0.2 in the warm-up; plain: the merge itself (the same at lr 1); then a fresh momentum.
+    for policy in ("sgd", "plain"):
+        got, opt = _warm(policy, ROUNDS)
+        assert got == [0.8, 0.8, 0.7, 0.65] and opt.steps == 2, policy
+    opt = OuterOptimizer(lr=0.5, momentum=0.9)
+    start, merged = {"w": torch.tensor([1.0])}, {"w": torch.tensor([0.8])}
+    sgd = warmup_outer_step(opt, start, merged, policy="sgd", warmup_round=True, first_after=False)
+    plain = warmup_outer_step(opt, start, merged, policy="plain", warmup_round=True, first_after=False)
+    assert float(sgd["w"]) == pytest.approx(0.9) and float(plain["w"]) == pytest.approx(0.8)
+    assert opt.steps == 0 and opt.state_dict().keys() == {"steps"}
+
+
+def test_outside_a_warmup_every_policy_is_the_outer_step() -> None:
+    for policy in WARMUP_OUTER:
+        got, _ = _warm(policy, [(False, False)] * 3)
+        assert got == [0.7, 0.65, 0.625], policy
+
+
+def test_an_unknown_warmup_policy_is_refused_and_the_config_knows_the_same_ones() -> None:
+    with pytest.raises(AggregationError, match="sync_warmup_outer must be one of outer, reset, sgd, plain"):
+        _warm("nesterov", [(True, False)])
+    assert WARMUP_OUTER == SYNC_WARMUP_OUTER

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from p2pnode.aggregation import OuterOptimizer, aggregate_states, merge_states
+from p2pnode.aggregation import OuterOptimizer, aggregate_states, merge_states, warmup_outer_step
 from p2pnode.errors import AggregationError
 from p2pnode.protocols.base import State
 from p2pnode.protocols.modest.settings import ModestSettings
@@ -50,7 +50,10 @@ def outer_step(combined: State, base: Base | None, settings: ModestSettings) -> 
         return combined, {}
     opt = OuterOptimizer(lr=s.outer_lr, momentum=s.outer_momentum, nesterov=s.outer_nesterov)
     opt.load_state_dict(base.outer)
-    combined = opt.step_towards(base.state, combined)
+    # The trainers trained `base` for the length of round `base.round` (the warm-up's or local_steps).
+    w = s.schedule.warmup_rounds
+    combined = warmup_outer_step(opt, base.state, combined, policy=s.sync_warmup_outer,
+                                 warmup_round=base.round < w, first_after=w > 0 and base.round == w)
     return combined, opt.state_dict()
 
 
