@@ -72,19 +72,21 @@ class TrainingSettings:
         help="Local SGD steps per round during the synchronisation warm-up (needed with --sync-warmup-steps).",
         hashed=True, hash_when="sync_warmup_steps", metavar="H0")
     #: What the DiLoCo outer step (`outer_lr`) does in the warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`):
-    #: ``outer`` (default) the outer step after every round, momentum carried into the long rounds; ``reset``
+    #: ``outer`` the outer step after every round, momentum carried into the long rounds; ``reset``
     #: the same, momentum reset at the first round after the warm-up; ``sgd`` the outer step with momentum 0
     #: in warm-up rounds (momentum from the first long round on); ``plain`` the plain merge in warm-up rounds
-    #: (as plain averaging at H0), the outer step only in the long rounds. Every topology (gossip and dpsgd:
+    #: (as plain averaging at H0), the outer step only in the long rounds (default: on gossip the outer step
+    #: in the short pairwise rounds ends 8-13 % above plain averaging, and on modest it is seed-dependent;
+    #: docs/benchmarks.md, "The outer step in the warm-up"). Every topology (gossip and dpsgd:
     #: each node's step; modest and fl: the aggregator's step of a version trained in a warm-up round). No
-    #: effect without `outer_lr` or without a warm-up. Run-wide; hashed only when not ``outer``, so that runs
-    #: without it keep their hash.
+    #: effect without `outer_lr` or without a warm-up. Run-wide; hashed with the warm-up (when
+    #: `sync_warmup_steps` > 0), so that runs without a warm-up keep their hash.
     sync_warmup_outer: str = setting(
-        default="outer", section="training",
-        help="DiLoCo during the synchronisation warm-up: outer (the outer step every round), reset (momentum "
-             "reset after the warm-up), sgd (outer step without momentum in warm-up rounds), plain (plain merge "
-             "in warm-up rounds); run-wide.",
-        hashed=True, hash_when="sync_warmup_outer", choices=SYNC_WARMUP_OUTER)
+        default="plain", section="training",
+        help="DiLoCo during the synchronisation warm-up: plain (plain merge in warm-up rounds, the outer step "
+             "after), outer (the outer step every round), reset (momentum reset after the warm-up), sgd (outer "
+             "step without momentum in warm-up rounds); run-wide.",
+        hashed=True, hash_when="sync_warmup_steps", choices=SYNC_WARMUP_OUTER)
     #: Learning rate and batch size; None takes the task's default.
     lr: float | None = setting(default=None, section="training", help="Learning rate [task default].")
     batch_size: int | None = setting(default=None, section="training", help="Batch size [task default].")

@@ -176,7 +176,7 @@ class DpsgdSettings:
         each (default 0: none; `RoundSchedule`).
     :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param sync_warmup_outer: what the outer step does in warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`;
-        default ``outer``: the outer step every round).
+        default ``plain``: the plain merge in warm-up rounds, the outer step after them).
     :param graph: ``exponential`` (default) or ``regular``.
     :param degree: degree of the ``regular`` graph (default 4).
     :param seed: seed of the ``regular`` graph (the run's seed).
@@ -196,7 +196,7 @@ class DpsgdSettings:
     local_steps: int
     sync_warmup_steps: int = 0
     sync_warmup_local_steps: int | None = None
-    sync_warmup_outer: str = "outer"
+    sync_warmup_outer: str = "plain"
     graph: str = "exponential"
     degree: int = 4
     seed: int = 0

@@ -114,7 +114,7 @@ class GossipSettings:
         each (default 0: none; `RoundSchedule`).
     :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param sync_warmup_outer: what the outer step does in warm-up rounds (`p2pnode.aggregation.WARMUP_OUTER`;
-        default ``outer``: the outer step every round).
+        default ``plain``: the plain merge in warm-up rounds, the outer step after them).
     :param rule: aggregation rule for the merge (default ``mean``).
     :param rule_params: extra parameters of the rule.
     :param exchange_timeout_s: time allowed for one exchange, in seconds (default 30).
@@ -140,7 +140,7 @@ class GossipSettings:
     local_steps: int
     sync_warmup_steps: int = 0
     sync_warmup_local_steps: int | None = None
-    sync_warmup_outer: str = "outer"
+    sync_warmup_outer: str = "plain"
     rule: str = "mean"
     rule_params: dict[str, Any] = field(default_factory=dict)
     exchange_timeout_s: float = 30.0

@@ -238,7 +238,7 @@ def test_hashed_keys_come_from_the_schema_and_old_hashes_stay() -> None:
     outer = {"outer_lr": "outer_lr", "outer_momentum": "outer_lr", "outer_nesterov": "outer_lr"}
     always = {"compression": "compression", "task_options": "task_options",
               "sync_warmup_steps": "sync_warmup_steps", "sync_warmup_local_steps": "sync_warmup_steps",
-              "sync_warmup_outer": "sync_warmup_outer"}
+              "sync_warmup_outer": "sync_warmup_steps"}
     versions = {"model_compression": "model_compression"}  # modest/fl only: the format of the versions
     assert CONDITIONAL_RUN_KEYS == {"gossip": {**outer, **always}, "dpsgd": {**outer, **always},
                                     "modest": {**always, **versions}, "fl": {**always, **versions}}

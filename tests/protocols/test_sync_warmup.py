@@ -187,21 +187,21 @@ def _models_and_outer_steps(topology: str, rounds: int, **kw: object) -> tuple[l
 def test_plain_warmup_rounds_merge_as_without_outer_step_and_the_momentum_starts_after(topology: str) -> None:
     outer = {"outer_lr": 0.7, "outer_momentum": 0.9}
     none, no_steps = _models_and_outer_steps(topology, 3)
-    plain, plain_steps = _models_and_outer_steps(topology, 3, sync_warmup_outer="plain", **outer)
-    every, every_steps = _models_and_outer_steps(topology, 3, **outer)
+    plain, plain_steps = _models_and_outer_steps(topology, 3, **outer)  # the default
+    every, every_steps = _models_and_outer_steps(topology, 3, sync_warmup_outer="outer", **outer)
     reset, reset_steps = _models_and_outer_steps(topology, 3, sync_warmup_outer="reset", **outer)
     diff = [max(max_state_diff(a, b) for a, b in zip(x, y, strict=True)) for x, y in zip(none, plain, strict=True)]
     # The two warm-up rounds: the plain merge, bit for bit; the first long round takes the outer step.
     assert diff[0] == 0.0 and diff[1] == 0.0 and diff[2] > 1e-4, diff
-    assert max_state_diff(every[0][0], plain[0][0]) > 1e-4  # the default steps in the warm-up too
-    # reset: the warm-up's outer steps as the default, the momentum forgotten at round 2.
+    assert max_state_diff(every[0][0], plain[0][0]) > 1e-4  # ``outer`` steps in the warm-up too
+    # reset: the warm-up's outer steps as ``outer``, the momentum forgotten at round 2.
     assert max_state_diff(every[1][0], reset[1][0]) == 0.0 and max_state_diff(every[2][0], reset[2][0]) > 0.0
     assert (no_steps, plain_steps, every_steps, reset_steps) == ([-1] * 3, [1] * 3, [3] * 3, [1] * 3)
 
 
 def test_modest_aggregator_merges_warmup_versions_plainly_and_steps_after() -> None:
     settings = ModestSettings(run_id="r", config_hash="h", local_steps=6, sync_warmup_steps=4,
-                              sync_warmup_local_steps=2, outer_lr=1.0, outer_momentum=0.5, sync_warmup_outer="plain")
+                              sync_warmup_local_steps=2, outer_lr=1.0, outer_momentum=0.5)  # plain: the default
     combined = {"w": torch.tensor([0.8])}
     got = []
     outer: State = {}
@@ -211,8 +211,8 @@ def test_modest_aggregator_merges_warmup_versions_plainly_and_steps_after() -> N
         got.append((round(float(new["w"]), 6), int(outer["steps"]) if outer else 0))
     # The plain merge (no momentum yet), then Nesterov 0.5 on the pseudo-gradient 0.2 from a fresh buffer.
     assert got == [(0.8, 0), (0.8, 0), (0.7, 1), (0.65, 2)]
-    default = dataclasses.replace(settings, sync_warmup_outer="outer")
-    assert round(float(outer_step(combined, Base(0, b"", {"w": torch.tensor([1.0])}, {}, b"", 1), default)[0]["w"]),
+    every = dataclasses.replace(settings, sync_warmup_outer="outer")
+    assert round(float(outer_step(combined, Base(0, b"", {"w": torch.tensor([1.0])}, {}, b"", 1), every)[0]["w"]),
                  6) == 0.7
 
 
@@ -220,10 +220,12 @@ def test_sync_warmup_outer_is_run_wide_when_set_and_checked() -> None:
     for topology in ("gossip", "dpsgd", "modest", "fl"):
         warm = {"topology": topology, "sync_warmup_steps": 100, "sync_warmup_local_steps": 10, "outer_lr": 1.0}
         base = NodeConfig(**warm).config_hash  # type: ignore[arg-type]
-        assert NodeConfig(**warm, sync_warmup_outer="outer").config_hash == base  # type: ignore[arg-type]
+        assert NodeConfig(**warm, sync_warmup_outer="plain").config_hash == base  # type: ignore[arg-type]
         hashes = {NodeConfig(**warm, sync_warmup_outer=p).config_hash  # type: ignore[arg-type]
-                  for p in ("reset", "sgd", "plain")}
+                  for p in ("reset", "sgd", "outer")}
         assert len(hashes) == 3 and base not in hashes, topology
+    # Without a warm-up the policy is not hashed: those runs keep their hash whatever it says.
     assert NodeConfig().config_hash == "89aabe327b865323"
+    assert NodeConfig(sync_warmup_outer="outer").config_hash == "89aabe327b865323"
     with pytest.raises(ConfigError, match="sync_warmup_outer='nesterov'; allowed: outer, reset, sgd, plain"):
         NodeConfig(sync_warmup_outer="nesterov").validate()

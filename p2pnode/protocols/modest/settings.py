@@ -26,7 +26,8 @@ class ModestSettings:
         each (default 0: none; `RoundSchedule`).
     :param sync_warmup_local_steps: local steps of a warm-up round (default None: no warm-up).
     :param sync_warmup_outer: what the aggregator's outer step does for a version trained in a warm-up round
-        (`p2pnode.aggregation.WARMUP_OUTER`; default ``outer``: the outer step every version).
+        (`p2pnode.aggregation.WARMUP_OUTER`; default ``plain``: the plain merge for warm-up versions, the
+        outer step after them).
     :param sample_size: ``s``, trainers per round (default 10).
     :param aggregators: ``a``, aggregators per round (default 1).
     :param success_fraction: ``sf``; an aggregator completes with ``floor(sf * s)`` models (default 1.0).
@@ -86,7 +87,7 @@ class ModestSettings:
     local_steps: int
     sync_warmup_steps: int = 0
     sync_warmup_local_steps: int | None = None
-    sync_warmup_outer: str = "outer"
+    sync_warmup_outer: str = "plain"
     sample_size: int = 10
     aggregators: int = 1
     success_fraction: float = 1.0
