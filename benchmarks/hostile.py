@@ -443,10 +443,6 @@ async def attack_sybil_flood(client: Client, deadline: float) -> None:
                            for i in range(PARALLEL_STREAMS)))
 
 
-async def attack_sybil_hosts(client: Client, deadline: float) -> None:
-    await attack_sybil_flood(client, deadline)
-
-
 async def attack_sybil_idle(client: Client, deadline: float) -> None:
     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
@@ -454,7 +450,7 @@ async def attack_sybil_idle(client: Client, deadline: float) -> None:
 ATTACK_FUNCS: dict[str, Attack] = {"deep": attack_deep, "plain": attack_plain, "junk": attack_junk,
                                    "replay": attack_replay, "slow": attack_slow, "flood": attack_flood,
                                    "flood-parallel": attack_flood_parallel, "sybil-flood": attack_sybil_flood,
-                                   "sybil-hosts": attack_sybil_hosts, "sybil-idle": attack_sybil_idle}
+                                   "sybil-hosts": attack_sybil_flood, "sybil-idle": attack_sybil_idle}
 
 
 async def _attacker(name: str, target: Target, seconds: float, conn: Connection) -> None:

@@ -118,16 +118,10 @@ class StreamServer:
         if mine >= self.inbound.max_streams_per_peer:
             return
         self.held += 1
-        hold = asyncio.ensure_future(asyncio.sleep(self.tarpit.hold_s))
-        holds = self._holds.setdefault(sender, set())
-        holds.add(hold)
         try:
-            await asyncio.wait({hold})  # also ends when `release_holds` cancels it
+            # Also ends when `release_holds` cancels it.
+            await _wait_tracked(self._holds, sender, asyncio.ensure_future(asyncio.sleep(self.tarpit.hold_s)))
         finally:
-            hold.cancel()
-            holds.discard(hold)
-            if not holds:
-                self._holds.pop(sender, None)
             self.held -= 1
 
     async def _refuse_busy(self, sender: str, mine: int, io: StreamIO) -> None:
@@ -142,28 +136,18 @@ class StreamServer:
             await self.requests.answer_error(io, "busy", message, drain_s=0.0)
             return
         drain = asyncio.ensure_future(self.requests.answer_error(io, "busy", message, drain_s=BUSY_DRAIN_S))
-        drains = self._busy_drains.setdefault(sender, set())
-        drains.add(drain)
-        try:
-            await asyncio.wait({drain})  # also ends when `stop_drains` cancels it
-        finally:
-            drain.cancel()
-            drains.discard(drain)
-            if not drains:
-                self._busy_drains.pop(sender, None)
+        await _wait_tracked(self._busy_drains, sender, drain)  # also ends when `stop_drains` cancels it
 
     def release_holds(self, peer_id: str) -> None:
         """End the holds of `peer_id`'s streams now: its connection was dropped (`connection_guard`), so
         they are dead, and their places in ``max_held`` go to its (or others') next streams, which are
         held again while it is in the tarpit; otherwise a peer that dials again would find the tarpit full
         of its dead streams and have its new ones closed at once, and loop faster than when held."""
-        for hold in self._holds.get(peer_id, ()):
-            hold.cancel()
+        _cancel_tracked(self._holds, peer_id)
 
     def stop_drains(self, peer_id: str) -> None:
         """Stop draining `peer_id`'s streams refused for its stream limit (it has just tripped the tarpit)."""
-        for drain in self._busy_drains.get(peer_id, ()):
-            drain.cancel()
+        _cancel_tracked(self._busy_drains, peer_id)
 
     async def cancel_all(self) -> None:
         """Cancel the serving tasks (except the caller's own) and wait for them to end."""
@@ -176,3 +160,23 @@ class StreamServer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._cancelling = False
+
+
+async def _wait_tracked(table: dict[str, set[asyncio.Future[None]]], peer_id: str, fut: asyncio.Future[None]) -> None:
+    """Wait for `fut` (cancelled on the way out), listed under ``table[peer_id]`` meanwhile so that
+    `_cancel_tracked` can end it early; the peer's entry goes when its last future does."""
+    futs = table.setdefault(peer_id, set())
+    futs.add(fut)
+    try:
+        await asyncio.wait({fut})
+    finally:
+        fut.cancel()
+        futs.discard(fut)
+        if not futs:
+            table.pop(peer_id, None)
+
+
+def _cancel_tracked(table: dict[str, set[asyncio.Future[None]]], peer_id: str) -> None:
+    """Cancel the futures `_wait_tracked` is waiting for under ``table[peer_id]``."""
+    for fut in table.get(peer_id, ()):
+        fut.cancel()
