@@ -172,11 +172,8 @@ class NodeConfig(LimitSettings, DpsgdSettings, AdmissionSettings, ByzantineSetti
         try:
             m = model_format(c, self.model_compression)
         except ValueError as e:
-            raise ConfigError(str(e) if str(e).startswith("model_compression") else f"model_compression: {e}") from None
-        if self.model_compression.strip().lower() != AUTO:
-            self.model_compression = str(m)
-        else:
-            self.model_compression = AUTO
+            raise ConfigError(str(e)) from None
+        self.model_compression = AUTO if self.model_compression.strip().lower() == AUTO else str(m)
 
     def _validate_secagg(self) -> None:
         if not self.secagg:

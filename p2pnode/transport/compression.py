@@ -175,12 +175,16 @@ def model_format(run: Compression | str | None, choice: str | None = AUTO) -> Co
     save bytes would otherwise send every version as a raw float32 model, half of its traffic or more.
     Anything else: that dense format, whatever the run's (``none`` keeps versions raw).
 
-    Raises `ValueError`: an unparsable choice, or a sparse one (a version is a whole model).
+    Raises `ValueError` (its message naming ``model_compression``): an unparsable choice, or a sparse one
+    (a version is a whole model).
     """
     run_c = parse_compression(run)
     if choice is None or choice.strip().lower() == AUTO:
         return Compression("int8") if run_c.sparse else run_c
-    c = parse_compression(choice)
+    try:
+        c = parse_compression(choice)
+    except ValueError as e:
+        raise ValueError(f"model_compression: {e}") from None
     if c.sparse:
         raise ValueError(f"model_compression={c} keeps only a fraction of each tensor, and a version is a whole "
                          f"model; use none, fp16, bf16, int8[:BLOCK] or auto")
